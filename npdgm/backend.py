@@ -1,0 +1,152 @@
+"""Which array module runs the math: NumPy (CPU) or CuPy (GPU).
+
+One place says three things: the array module (``xp``), the default float dtype
+(float32; float64 for gradient checks) and how random numbers are made (explicit,
+seeded ``Generator`` objects). Kernels never import numpy themselves: they ask
+:func:`array_module` for the module of the arrays they were given, so the CuPy path
+runs the very same lines.
+
+    >>> import npdgm
+    >>> npdgm.set_backend("numpy")          # or "cupy", or NPDGM_BACKEND=cupy
+    >>> xp = npdgm.backend.xp()             # numpy
+    >>> rng = npdgm.backend.rng(0)          # numpy.random.Generator on this backend
+"""
+from __future__ import annotations
+
+import os
+
+import numpy
+
+BACKENDS = ("numpy", "cupy")
+DTYPES = ("float32", "float64")
+
+_state = {"name": "numpy", "xp": numpy, "dtype": numpy.dtype("float32")}
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here (unknown name, CuPy missing, no GPU)."""
+
+
+def _load_cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise BackendError(
+            "backend 'cupy' needs the CuPy package, which is not installed "
+            "(pip install 'npdgm[gpu]' or a cupy-cudaXXx wheel matching your CUDA)"
+        ) from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # pragma: no cover - depends on the machine
+        raise BackendError(f"backend 'cupy': CuPy is installed but no CUDA GPU is visible ({e})") from e
+    if n < 1:  # pragma: no cover
+        raise BackendError("backend 'cupy': CuPy is installed but no CUDA GPU is visible")
+    return cupy
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        _load_cupy()
+        return True
+    except BackendError:
+        return False
+
+
+def set_backend(name: str) -> None:
+    """Select the array module for new arrays: ``"numpy"`` or ``"cupy"``."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _state["xp"] = numpy if name == "numpy" else _load_cupy()
+    _state["name"] = name
+
+
+def get_backend() -> str:
+    """Name of the current backend."""
+    return _state["name"]
+
+
+def xp():
+    """The current array module (numpy or cupy)."""
+    return _state["xp"]
+
+
+def set_dtype(dtype) -> None:
+    """Default float dtype of new parameters and data: float32 (default) or float64."""
+    d = numpy.dtype(dtype)
+    if d.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {d.name!r}")
+    _state["dtype"] = d
+
+
+def get_dtype():
+    """The current default float dtype."""
+    return _state["dtype"]
+
+
+class use:
+    """Context manager: ``with backend.use("numpy", "float64"): ...`` restores the old setting."""
+
+    def __init__(self, name=None, dtype=None):
+        self.name, self.dtype = name, dtype
+
+    def __enter__(self):
+        self._old = (_state["name"], _state["dtype"])
+        if self.name is not None:
+            set_backend(self.name)
+        if self.dtype is not None:
+            set_dtype(self.dtype)
+        return self
+
+    def __exit__(self, *exc):
+        set_backend(self._old[0])
+        _state["dtype"] = self._old[1]
+
+
+def array_module(*arrays):
+    """numpy or cupy, whichever the given arrays live in (numpy for plain Python values)."""
+    for a in arrays:
+        mod = type(a).__module__
+        if mod.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return numpy
+
+
+def rng(seed=None):
+    """A seeded random Generator on the current backend (same seed, same numbers)."""
+    return _state["xp"].random.default_rng(seed)
+
+
+def to_host(a):
+    """Copy an array to a NumPy array on the host (no copy for NumPy input)."""
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    return numpy.asarray(a)
+
+
+def to_device(a, dtype=None):
+    """Move a host array onto the current backend, optionally casting."""
+    x = _state["xp"].asarray(a)
+    return x.astype(dtype, copy=False) if dtype is not None else x
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (no-op on NumPy); use before reading a timer."""
+    if _state["name"] == "cupy":
+        _state["xp"].cuda.get_current_stream().synchronize()
+
+
+def check_finite(name: str, a) -> None:
+    """Raise ValueError naming ``name`` when ``a`` holds NaN or inf."""
+    m = array_module(a)
+    if not bool(m.isfinite(a).all()):
+        n_nan = int(m.isnan(a).sum())
+        n_inf = int(m.isinf(a).sum())
+        raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} inf)")
+
+
+_env = os.environ.get("NPDGM_BACKEND")
+if _env:
+    set_backend(_env.strip().lower())

@@ -1,0 +1,1 @@
+"""CLI subcommands of each model family: ``register(commands, train_commands)`` adds them."""

@@ -1,0 +1,13 @@
+"""Pure forward/backward pairs. No state, no classes: arrays in, arrays out.
+
+Every ``*_backward`` docstring states the derivative it computes; ``npdgm gradcheck``
+checks each one against float64 central differences.
+"""
+from .activations import (ACTIVATIONS, elu_backward, elu_forward, get_activation, leaky_relu_backward,
+                          leaky_relu_forward, relu_backward, relu_forward, sigmoid_backward, sigmoid_forward,
+                          softplus_backward, softplus_forward, tanh_backward, tanh_forward)
+from .gaussian import (kl_std_normal_backward, kl_std_normal_forward, reparameterize_backward,
+                       reparameterize_forward)
+from .linear import linear_backward, linear_forward
+from .losses import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
+                     logsumexp_backward, logsumexp_forward, mse_backward, mse_forward)

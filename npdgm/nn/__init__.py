@@ -1,0 +1,3 @@
+"""Modules: stateful wrappers around the kernels (forward caches, backward accumulates grads)."""
+from .layers import INITS, MLP, Activation, Linear, Sequential, init_weight
+from .module import Module, Parameter

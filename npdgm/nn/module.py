@@ -1,0 +1,145 @@
+"""Parameter and Module: named parameters, a forward cache, a backward that accumulates grads.
+
+A module's ``forward(x)`` stores what its ``backward`` needs; ``backward(dy)`` returns dx
+and adds the parameter gradients into ``p.grad``. After :meth:`Module.flatten` every
+parameter (and every gradient) is a view into one contiguous buffer, ``flat_params`` /
+``flat_grads``: the optimizer updates one array, zero_grad is one fill, a checkpoint is
+one array plus :meth:`Module.layout`.
+"""
+from __future__ import annotations
+
+import numpy
+
+from .. import backend
+
+
+class Parameter:
+    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = backend.array_module(data).zeros_like(data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: parameters and child modules assigned as attributes are registered by name."""
+
+    def __init__(self):
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "flat_params", None)
+        object.__setattr__(self, "flat_grads", None)
+
+    def __setattr__(self, name, value):
+        if "_params" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        if isinstance(value, Parameter):
+            self._params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    # -- parameters -------------------------------------------------------------------------
+    def named_parameters(self, prefix=""):
+        """Yield (dotted name, Parameter) in registration order, children after own params."""
+        for name, p in self._params.items():
+            yield prefix + name, p
+        for mname, m in self._modules.items():
+            yield from m.named_parameters(prefix + mname + ".")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    @property
+    def params(self):
+        """{name: value array} (views; writing into them changes the model)."""
+        return {n: p.data for n, p in self.named_parameters()}
+
+    @property
+    def grads(self):
+        """{name: gradient array} of the same layout as :attr:`params`."""
+        return {n: p.grad for n, p in self.named_parameters()}
+
+    def num_parameters(self) -> int:
+        return sum(int(p.data.size) for p in self.parameters())
+
+    def zero_grad(self):
+        if self.flat_grads is not None:
+            self.flat_grads.fill(0)
+        else:
+            for p in self.parameters():
+                p.grad.fill(0)
+
+    def layout(self):
+        """[(name, shape, offset)] of every parameter in the flat buffer (element offsets)."""
+        out, off = [], 0
+        for n, p in self.named_parameters():
+            out.append((n, tuple(p.data.shape), off))
+            off += int(p.data.size)
+        return out
+
+    def flatten(self):
+        """Move every parameter and gradient into one contiguous buffer each (views keep their names)."""
+        ps = self.parameters()
+        if not ps:
+            return self
+        xp = backend.array_module(ps[0].data)
+        dtype = ps[0].data.dtype
+        total = sum(int(p.data.size) for p in ps)
+        flat, gflat = xp.empty(total, dtype=dtype), xp.zeros(total, dtype=dtype)
+        off = 0
+        for p in ps:
+            if p.data.dtype != dtype:
+                raise TypeError(f"cannot flatten parameters of mixed dtypes ({p.data.dtype} vs {dtype})")
+            n = int(p.data.size)
+            view = flat[off:off + n].reshape(p.data.shape)
+            view[...] = p.data
+            p.data = view
+            p.grad = gflat[off:off + n].reshape(p.data.shape)
+            off += n
+        object.__setattr__(self, "flat_params", flat)
+        object.__setattr__(self, "flat_grads", gflat)
+        return self
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self):
+        """{name: host NumPy copy of the parameter}."""
+        return {n: backend.to_host(p.data).copy() for n, p in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        """Copy values in by name; every name, shape and dtype must match exactly."""
+        own = dict(self.named_parameters())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"state dict does not match the model: missing {missing}, unexpected {unexpected}")
+        for n, p in own.items():
+            v = state[n]
+            if tuple(v.shape) != tuple(p.data.shape):
+                raise ValueError(f"state dict entry {n!r} has shape {tuple(v.shape)}, model expects {p.data.shape}")
+            if numpy.dtype(v.dtype) != numpy.dtype(p.data.dtype):
+                raise TypeError(f"state dict entry {n!r} has dtype {v.dtype}, model expects {p.data.dtype}")
+            p.data[...] = backend.array_module(p.data).asarray(v)
+        return self
+
+    # -- forward / backward -----------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy, need_dx=True):
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.num_parameters()} parameters)"

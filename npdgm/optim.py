@@ -1,0 +1,161 @@
+"""Optimizers updating parameters in place, with PyTorch's update formulas.
+
+An optimizer is built from a Module (it uses the module's flat parameter/gradient buffers,
+flattening the module if needed) or from a list of Parameters. Updates on NumPy are done in
+cache-sized chunks with preallocated scratch, so each state array streams through memory once.
+"""
+from __future__ import annotations
+
+import math
+
+from . import backend
+from .nn.module import Module, Parameter
+
+CHUNK = 1 << 15  # elements per cache block (128 KiB of float32 per array)
+
+
+def _pairs(params):
+    """[(value, grad)] arrays the optimizer updates."""
+    if isinstance(params, Module):
+        if params.flat_params is None:
+            params.flatten()
+        return [(params.flat_params, params.flat_grads)] if params.flat_params is not None else []
+    params = list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, Parameter):
+            raise TypeError(f"params[{i}] is {type(p).__name__}, expected a Parameter (or pass a Module)")
+    return [(p.data, p.grad) for p in params]
+
+
+def _chunks(n, chunk):
+    for s in range(0, n, chunk):
+        yield s, min(n, s + chunk)
+
+
+class Optimizer:
+    def __init__(self, params, lr):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.pairs = _pairs(params)
+        if not self.pairs:
+            raise ValueError("optimizer got no parameters")
+        self.lr = float(lr)
+        self.t = 0
+        xp = backend.array_module(self.pairs[0][0])
+        self._tmp = [xp.empty(min(CHUNK, p.size), dtype=p.dtype) for p, _ in self.pairs]
+
+    def zero_grad(self):
+        for _, g in self.pairs:
+            g.fill(0)
+
+    def state_dict(self):
+        """Step count and state arrays (host copies), for checkpoints."""
+        return {"t": self.t, **{f"{k}.{i}": backend.to_host(a).copy()
+                                for k, arrs in self._state().items() for i, a in enumerate(arrs)}}
+
+    def load_state_dict(self, state):
+        self.t = int(state["t"])
+        for k, arrs in self._state().items():
+            for i, a in enumerate(arrs):
+                v = state[f"{k}.{i}"]
+                if tuple(v.shape) != tuple(a.shape):
+                    raise ValueError(f"optimizer state {k}.{i} has shape {tuple(v.shape)}, expected {a.shape}")
+                a[...] = backend.array_module(a).asarray(v)
+
+    def _state(self):
+        return {}
+
+
+class SGD(Optimizer):
+    """PyTorch SGD: g += wd * p;  buf = momentum * buf + (1 - dampening) * g (buf = g at step 1);
+    p -= lr * (g + momentum * buf if nesterov else buf)."""
+
+    def __init__(self, params, lr=1e-2, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+        super().__init__(params, lr)
+        self.momentum, self.dampening, self.wd, self.nesterov = momentum, dampening, weight_decay, nesterov
+        self.buf = [backend.array_module(p).zeros_like(p) for p, _ in self.pairs] if momentum else []
+
+    def _state(self):
+        return {"buf": self.buf}
+
+    def step(self):
+        self.t += 1
+        for i, (p, g) in enumerate(self.pairs):
+            d = g + self.wd * p if self.wd else g
+            if self.momentum:
+                b = self.buf[i]
+                if self.t == 1:
+                    b[...] = d
+                else:
+                    b *= self.momentum
+                    b += (1 - self.dampening) * d
+                d = d + self.momentum * b if self.nesterov else b
+            p -= self.lr * d
+
+
+class Adam(Optimizer):
+    """PyTorch Adam (and AdamW with ``decoupled=True``).
+
+    g  <- g + wd * p                 (Adam: L2 penalty in the gradient)
+    p  <- p * (1 - lr * wd)          (AdamW: decoupled decay, instead of the line above)
+    m  <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    p  <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+        super().__init__(params, lr)
+        b1, b2 = betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        self.b1, self.b2, self.eps, self.wd, self.decoupled = float(b1), float(b2), float(eps), weight_decay, decoupled
+        xp = backend.array_module(self.pairs[0][0])
+        self.m = [xp.zeros_like(p) for p, _ in self.pairs]
+        self.v = [xp.zeros_like(p) for p, _ in self.pairs]
+
+    def _state(self):
+        return {"m": self.m, "v": self.v}
+
+    def step(self):
+        self.t += 1
+        b1, b2, lr, wd = self.b1, self.b2, self.lr, self.wd
+        step_size = lr / (1 - b1 ** self.t)
+        inv_bc2 = 1.0 / math.sqrt(1 - b2 ** self.t)
+        for (p, g), m, v, tmp in zip(self.pairs, self.m, self.v, self._tmp):
+            xp = backend.array_module(p)
+            for s, e in _chunks(p.size, CHUNK):
+                pc, gc, mc, vc, t = p[s:e], g[s:e], m[s:e], v[s:e], tmp[:e - s]
+                if wd and self.decoupled:
+                    pc *= 1 - lr * wd
+                elif wd:
+                    gc = gc + wd * pc
+                mc *= b1
+                xp.multiply(gc, 1 - b1, out=t)
+                mc += t
+                vc *= b2
+                xp.multiply(gc, gc, out=t)
+                t *= 1 - b2
+                vc += t
+                xp.sqrt(vc, out=t)
+                t *= inv_bc2
+                t += self.eps
+                xp.divide(mc, t, out=t)
+                t *= step_size
+                pc -= t
+
+
+def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    """Adam with decoupled weight decay (PyTorch's AdamW defaults)."""
+    return Adam(params, lr, betas, eps, weight_decay, decoupled=True)
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale gradients in place so their global L2 norm is at most ``max_norm`` (PyTorch's rule:
+    coef = max_norm / (norm + 1e-6), applied when < 1). Returns the norm before clipping."""
+    grads = [g for _, g in _pairs(params)]
+    xp = backend.array_module(grads[0])
+    norm = math.sqrt(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in grads))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g *= coef
+    return norm

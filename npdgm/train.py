@@ -1,0 +1,150 @@
+"""The training loop every model shares: batches, progress bar, evaluation, metrics log,
+atomic checkpoints and bit-for-bit resume.
+
+A run directory holds
+    checkpoint.npz   model weights + optimizer state + host RNG state + epoch (atomic)
+    metrics.jsonl    one JSON object per finished epoch
+    *.png            figures written by the model's command
+
+All randomness of a run (shuffling and every noise array) comes from one host NumPy
+Generator whose state is checkpointed, so ``--resume`` continues exactly where the run
+stopped, and the NumPy and CuPy backends see the same noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import backend
+from .io import CheckpointError, load_arrays, save_model
+
+
+def rng_state_json(rng):
+    return json.dumps(rng.bit_generator.state)
+
+
+def rng_from_json(s):
+    state = json.loads(s)
+    bg = getattr(np.random, state["bit_generator"])()
+    bg.state = state
+    return np.random.Generator(bg)
+
+
+def save_checkpoint(out, model, optimizer, rng, epoch, run_meta):
+    """Write RUNDIR/checkpoint.npz atomically: model, optimizer state, RNG state, epoch."""
+    extra = {f"opt/{k}": v for k, v in optimizer.state_dict().items() if k != "t"}
+    meta = {"epoch": epoch, "opt_t": optimizer.t, "rng": rng_state_json(rng), "run": run_meta}
+    save_model(model, os.path.join(out, "checkpoint.npz"), extra, meta)
+
+
+def restore_checkpoint(out, optimizer):
+    """Load optimizer state from RUNDIR/checkpoint.npz; returns (rng, epoch)."""
+    arrays, meta = load_arrays(out)
+    state = {k[len("opt/"):]: v for k, v in arrays.items() if k.startswith("opt/")}
+    state["t"] = meta.get("opt_t", 0)
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{out}: optimizer state does not match the model: {e}") from e
+    return rng_from_json(meta["rng"]), int(meta["epoch"])
+
+
+def read_metrics(out):
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(out, epoch):
+    """Keep only the records of epochs <= ``epoch`` (those the checkpoint has seen)."""
+    keep = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(out, "metrics.jsonl"),
+                       lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evaluate=None, start_epoch=0,
+        run_meta=None, progress=True, log=print, clip=None):
+    """Train for epochs ``start_epoch + 1 .. epochs``.
+
+    step(xb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
+                     (the loop zeroes them before and runs ``optimizer.step()`` after).
+    evaluate(epoch) -> dict of floats (test metrics), optional.
+    Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact.
+    """
+    from .optim import clip_grad_norm
+
+    n = int(train_x.shape[0])
+    if n == 0:
+        raise ValueError("training set is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    os.makedirs(out, exist_ok=True)
+    if start_epoch:
+        _truncate_metrics(out, start_epoch)
+    else:
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
+    xp = backend.array_module(train_x)
+    nb = math.ceil(n / batch_size)
+    records, step_count = [], start_epoch * nb
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            t0 = time.perf_counter()
+            perm = rng.permutation(n)
+            bar = _progress(nb, f"epoch {epoch}/{epochs}", progress)
+            sums = {}
+            for i in range(nb):
+                idx = perm[i * batch_size:(i + 1) * batch_size]
+                xb = train_x[xp.asarray(idx)] if xp is not np else train_x[idx]
+                model.zero_grad()
+                terms = step(xb, rng)
+                if clip:
+                    clip_grad_norm(model, clip)
+                optimizer.step()
+                step_count += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if bar is not None:
+                    bar.update(1)
+                if i % 50 == 0 or i == nb - 1:
+                    loss = float(terms["loss"])
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {loss} at epoch {epoch}, batch {i}; the last checkpoint in {out} "
+                            f"(epoch {epoch - 1}) is intact: lower the learning rate or add --clip")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+            if bar is not None:
+                bar.close()
+            rec = {"epoch": epoch, "step": step_count, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
+            rec["train_seconds"] = round(time.perf_counter() - t0, 3)
+            if evaluate is not None:
+                rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
+            records.append(rec)
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            save_checkpoint(out, model, optimizer, rng, epoch, run_meta or {})
+            log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: the checkpoint in {out} holds the last finished epoch; "
+            f"continue with --resume {out}")
+        raise
+    return records
