@@ -129,14 +129,16 @@ def binarize(x, rng=None):
 
 
 def dequantize(x, rng, levels=256):
-    """Uniform dequantization of 8-bit data scaled to [0, 1]:  y = (x * 255 + u) / 256, u ~ U(0, 1).
-    Then y lies in [0, 1) and a density on y gives log p(x) >= log p(y) - D log 256."""
+    """Uniform dequantization of 8-bit data scaled to [0, 1]:  y = (k + u) / 256 with k = round(255 x)
+    and u ~ U(0, 1), clipped below 1 against float rounding. A density on y then bounds the discrete
+    likelihood: log P(k) >= log p(y) - D log 256."""
     check_unit_interval("x", x)
     from .backend import array_module
 
     xp = array_module(x)
     u = xp.asarray(rng.random(x.shape, dtype=np.float32), dtype=x.dtype)
-    return (x * (levels - 1) + u) / levels
+    y = (xp.rint(x * (levels - 1)) + u) / levels
+    return xp.minimum(y, np.nextafter(x.dtype.type(1), x.dtype.type(0)), out=y)
 
 
 # -- 2-D toy densities -------------------------------------------------------------------------

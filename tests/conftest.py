@@ -1,0 +1,40 @@
+import os
+
+import numpy as np
+import pytest
+
+SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def f64():
+    """Run the test with float64 as the default dtype on NumPy."""
+    from npdgm import backend
+
+    with backend.use("numpy", "float64"):
+        yield
+
+
+@pytest.fixture
+def shared_mnist():
+    """Directory of the full MNIST IDX files, or skip when this checkout has no ../shared beside it."""
+    if not os.path.isdir(SHARED_MNIST):
+        pytest.skip("../shared/data/mnist not present")
+    return SHARED_MNIST
+
+
+@pytest.fixture
+def cupy():
+    """The cupy module, or skip when CuPy or a visible GPU is missing."""
+    from npdgm import backend
+
+    if not backend.cupy_available():
+        pytest.skip("CuPy with a visible GPU is not available")
+    import cupy
+
+    return cupy

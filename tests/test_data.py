@@ -1,0 +1,110 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from npdgm import data
+
+
+def _write_idx(path, arr, magic_type=0x08):
+    header = bytes([0, 0, magic_type, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _fake_mnist(d, n_train=6, n_test=4, n_labels=None):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        _write_idx(os.path.join(d, data.FILES[(split, "images")] + ".gz"), rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(os.path.join(d, data.FILES[(split, "labels")]), rng.integers(0, 10, n_labels or n))
+
+
+def test_reads_gz_and_raw_and_scales(tmp_path):
+    _fake_mnist(str(tmp_path))
+    x, y = data.load_mnist("train", str(tmp_path))
+    assert x.shape == (6, 784) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    assert y.dtype == np.int64 and y.shape == (6,)
+
+
+def test_bundled_subset_is_real_balanced_mnist(monkeypatch):
+    monkeypatch.delenv("NPDGM_DATA", raising=False)
+    x, y = data.load_mnist("train")
+    xt, yt = data.load_mnist("test")
+    assert x.shape == (10_000, 784) and xt.shape == (2_000, 784)
+    assert np.array_equal(np.bincount(y), [1000] * 10) and np.array_equal(np.bincount(yt), [200] * 10)
+    assert abs(x.mean() - 0.1307) < 0.005  # MNIST's published pixel mean
+
+
+def test_full_mnist_from_shared(shared_mnist):
+    x, y = data.load_mnist("test", shared_mnist)
+    assert x.shape == (10_000, 784) and np.bincount(y).sum() == 10_000
+
+
+def test_env_variable_points_at_a_directory(tmp_path, monkeypatch):
+    _fake_mnist(str(tmp_path))
+    monkeypatch.setenv("NPDGM_DATA", str(tmp_path))
+    assert data.load_mnist("test")[0].shape == (4, 784)
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    d = str(tmp_path)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_mnist("train", os.path.join(d, "nope"))
+    with pytest.raises(data.DataError, match="has no train-images-idx3-ubyte"):
+        data.load_mnist("train", d)
+    _fake_mnist(d, n_labels=5)
+    with pytest.raises(data.DataError, match="6 images but 5 labels"):
+        data.load_mnist("train", d)
+    p = os.path.join(d, "bad")
+    open(p, "wb").write(b"\x00\x00\x0d\x01abcd")
+    with pytest.raises(data.DataError, match="not an unsigned-byte IDX"):
+        data.read_idx(p)
+    _write_idx(p, np.zeros((3, 4)))
+    open(p, "ab").write(b"x")
+    with pytest.raises(data.DataError, match="should hold 12 bytes"):
+        data.read_idx(p)
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[:10])
+    with pytest.raises(data.DataError, match="truncated"):
+        data.read_idx(p)
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_mnist("valid", d)
+
+
+def test_binarize_and_dequantize():
+    rng = np.random.default_rng(0)
+    x = np.full((1000, 4), 0.3, np.float32)
+    assert abs(data.binarize(x, rng).mean() - 0.3) < 0.02
+    assert not data.binarize(x).any()
+    k = np.arange(256, dtype=np.float32)[None, :] / 255
+    y = data.dequantize(np.repeat(k, 50, 0), rng)
+    assert (y >= 0).all() and (y < 1).all()
+    level = np.floor(y * 256) - np.arange(256)[None, :]
+    assert np.abs(level).max() <= 1 and (level == 0).mean() > 0.999  # float32 rounding may touch k + 1
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        data.dequantize(k * 255, rng)
+    with pytest.raises(ValueError, match="non-finite"):
+        data.binarize(np.array([[np.nan]]))
+
+
+@pytest.mark.parametrize("name", data.TOYS)
+def test_toys_are_seeded_2d(name):
+    a = data.make_toy2d(name, 500, np.random.default_rng(3))
+    b = data.make_toy2d(name, 500, np.random.default_rng(3))
+    assert a.shape == (500, 2) and np.array_equal(a, b) and np.isfinite(a).all()
+    assert np.abs(a.mean(0)).max() < 0.5 and 0.5 < a.std(0).min() < 3
+
+
+def test_unknown_toy():
+    with pytest.raises(ValueError, match="unknown 2-D dataset 'swiss'"):
+        data.make_toy2d("swiss", 10, np.random.default_rng(0))
+
+
+def test_subset_builder_is_reproducible(tmp_path):
+    _fake_mnist(str(tmp_path), n_train=40, n_test=20)
+    a = data.build_subset(str(tmp_path), str(tmp_path / "a.npz"), n_train=10, n_test=10, seed=1)
+    b = data.build_subset(str(tmp_path), str(tmp_path / "b.npz"), n_train=10, n_test=10, seed=1)
+    with np.load(a) as za, np.load(b) as zb:
+        for k in za.files:
+            assert np.array_equal(za[k], zb[k])

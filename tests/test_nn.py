@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+
+from npdgm import backend
+from npdgm.nn import MLP, Activation, Linear, Module, Parameter, Sequential, init_weight
+
+
+def test_linear_init_and_layout(f64):
+    lin = Linear(784, 400, rng=0)
+    k = 1 / np.sqrt(784)
+    assert lin.W.data.shape == (784, 400) and np.abs(lin.W.data).max() <= k
+    assert abs(lin.W.data.std() - k / np.sqrt(3)) < 1e-3  # U(-k, k) has std k / sqrt 3
+    assert lin.W.data.dtype == np.float64
+
+
+@pytest.mark.parametrize("init, std", [("xavier_normal", np.sqrt(2 / 700)), ("kaiming_normal", np.sqrt(2 / 400)),
+                                       ("xavier_uniform", np.sqrt(6 / 700) / np.sqrt(3))])
+def test_named_inits_have_their_variance(init, std):
+    W, b = init_weight(np.random.default_rng(0), 400, 300, init)
+    assert abs(W.std() / std - 1) < 0.02 and not b.any()
+
+
+def test_same_seed_same_weights_on_float32_default():
+    a, b = MLP(5, [7], 3, rng=11), MLP(5, [7], 3, rng=11)
+    for (n, x), (_, y) in zip(a.params.items(), b.params.items()):
+        assert x.dtype == np.float32 and np.array_equal(x, y), n
+
+
+def test_mlp_names_like_torch_and_flatten_keeps_values():
+    m = MLP(4, [6, 5], 3, activation="tanh", rng=0)
+    assert list(m.params) == ["0.W", "0.b", "2.W", "2.b", "4.W", "4.b"]
+    before = {k: v.copy() for k, v in m.params.items()}
+    m.flatten()
+    assert m.flat_params.size == m.num_parameters() == 4 * 6 + 6 + 6 * 5 + 5 + 5 * 3 + 3
+    for k, v in m.params.items():
+        assert np.array_equal(v, before[k]) and np.shares_memory(v, m.flat_params)
+    assert [(n, s) for n, s, _ in m.layout()] == [(k, v.shape) for k, v in before.items()]
+    m.grads["2.W"][...] = 1
+    m.zero_grad()
+    assert not m.flat_grads.any()
+
+
+def test_backward_accumulates(f64, rng):
+    m = MLP(3, [4], 2, rng=0)
+    x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    m.forward(x)
+    m.backward(dy)
+    once = {k: v.copy() for k, v in m.grads.items()}
+    m.forward(x)
+    m.backward(dy)
+    for k, v in m.grads.items():
+        np.testing.assert_allclose(v, 2 * once[k])
+
+
+def test_first_layer_can_skip_dx(f64, rng):
+    m = MLP(3, [4], 2, rng=0)
+    m.forward(rng.standard_normal((5, 3)))
+    assert m.backward(rng.standard_normal((5, 2)), need_dx=False) is None
+
+
+def test_state_dict_round_trip_and_checks():
+    a, b = MLP(4, [6], 3, rng=0), MLP(4, [6], 3, rng=1)
+    b.load_state_dict(a.state_dict())
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k])
+    sd = a.state_dict()
+    with pytest.raises(KeyError, match=r"missing \['2.b'\]"):
+        b.load_state_dict({k: v for k, v in sd.items() if k != "2.b"})
+    with pytest.raises(ValueError, match=r"'0.W' has shape \(3, 6\), model expects \(4, 6\)"):
+        b.load_state_dict({**sd, "0.W": np.zeros((3, 6), np.float32)})
+    with pytest.raises(TypeError, match="'0.W' has dtype float64, model expects float32"):
+        b.load_state_dict({**sd, "0.W": sd["0.W"].astype(np.float64)})
+
+
+def test_bad_module_input():
+    lin = Linear(4, 3, rng=0)
+    with pytest.raises(ValueError, match=r"Linear\(4, 3\) expects input of shape \(batch, 4\), got \(2, 5\)"):
+        lin.forward(np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        MLP(4, [3], 2, activation="gelu")
+    with pytest.raises(ValueError, match="unknown init 'he'"):
+        Linear(4, 3, init="he")
+    with pytest.raises(TypeError, match="Sequential item 1 is int"):
+        Sequential(Activation("relu"), 3)
+
+
+def test_module_subclass_must_call_super_init():
+    class Bad(Module):
+        def __init__(self):
+            self.w = Parameter(np.zeros(2))
+
+    with pytest.raises(RuntimeError, match="must call super"):
+        Bad()
+
+
+def test_float64_override():
+    with backend.use(dtype="float64"):
+        assert Linear(2, 2, rng=0).W.data.dtype == np.float64
