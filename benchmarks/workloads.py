@@ -1,0 +1,243 @@
+"""The three benchmark workloads, identical in every backend (float32, Adam lr 1e-3).
+
+    vae        784-400-20 ReLU encoder/decoder, Bernoulli decoder + closed-form KL, batch 128
+    nice       784 dims, 4 additive couplings, coupling MLP 392-1000x5(ReLU)-392, diagonal
+               scaling, logistic prior, batch 200
+    realnvp2d  2-D, 8 affine couplings, s/t MLP 1-256-256-2, tanh-bounded scale, Gaussian prior,
+               batch 512
+
+A workload builds a *runner* per backend: ``runner.step()`` is one full training step
+(zero grads, forward, backward, Adam update) on the next pre-built batch; ``runner.loss()`` is
+the loss of the last step (a host float, read outside the timed region). The npdgm runner calls
+the library model's own ``loss_and_grad`` and ``npdgm.optim.Adam``; the torch runner calls the
+eager mirror in :mod:`benchmarks.torch_models` with ``torch.optim.Adam``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LR = 1e-3
+N_BATCHES = 4  # distinct batches cycled through (same data for every backend)
+
+
+class Workload:
+    name = ""
+    batch = 0
+    description = ""
+
+    def layers(self):
+        """[(in, out, need_dx)] of every Linear layer in one step (for the GEMM floor)."""
+        raise NotImplementedError
+
+    def data(self, n, seed=0):
+        """(n, D) float32 host array of training data."""
+        raise NotImplementedError
+
+    def noise_shape(self, batch):
+        """Shape of the per-step noise array (None when the loss takes no noise)."""
+        return None
+
+    def build_npdgm(self, seed):
+        """The library model (float32, current backend) for this workload."""
+        raise NotImplementedError
+
+    def build_torch(self, seed):
+        raise NotImplementedError
+
+    def torch_loss(self, model, x, eps):
+        return model.loss(x, eps) if eps is not None else model.loss(x)
+
+    def batches(self, batch, seed=0):
+        """``N_BATCHES`` host float32 batches of ``batch`` rows (rows repeat when data runs out)."""
+        x = self.data(max(batch * N_BATCHES, 1), seed)
+        return [np.ascontiguousarray(x[i * batch:(i + 1) * batch]) for i in range(N_BATCHES)]
+
+
+def _mnist(n, seed):
+    from npdgm.data import load_mnist
+
+    x, _ = load_mnist("train", limit=min(n, 10_000))
+    if x.shape[0] < n:
+        x = np.concatenate([x] * (n // x.shape[0] + 1))[:n]
+    return x.astype(np.float32)
+
+
+class VAEWorkload(Workload):
+    name, batch = "vae", 128
+    description = "VAE 784-400-20 ReLU, Bernoulli decoder (BCE from logits) + closed-form KL"
+    x_dim, hidden, z_dim = 784, 400, 20
+
+    def layers(self):
+        X, H, Z = self.x_dim, self.hidden, self.z_dim
+        return [(X, H, False), (H, 2 * Z, True), (Z, H, True), (H, X, True)]
+
+    def data(self, n, seed=0):
+        return _mnist(n, seed)
+
+    def noise_shape(self, batch):
+        return (batch, self.z_dim)
+
+    def build_npdgm(self, seed):
+        from .npdgm_models import build_vae
+
+        return build_vae(self.x_dim, self.hidden, self.z_dim, seed)
+
+    def build_torch(self, seed):
+        from .torch_models import VAE
+
+        return VAE(self.x_dim, (self.hidden,), self.z_dim)
+
+
+class NICEWorkload(Workload):
+    name, batch = "nice", 200
+    description = "NICE 784-d, 4 additive couplings, MLP 392-1000x5-392 ReLU, diagonal scaling, logistic prior"
+    dim, n_couplings, hidden, n_hidden = 784, 4, 1000, 5
+
+    def layers(self):
+        half, H = self.dim // 2, self.hidden
+        out = []
+        for i in range(self.n_couplings):
+            sizes = [half, *[H] * self.n_hidden, self.dim - half]
+            for j in range(len(sizes) - 1):
+                out.append((sizes[j], sizes[j + 1], not (i == 0 and j == 0)))
+        return out
+
+    def data(self, n, seed=0):
+        rng = np.random.default_rng(seed)
+        x = _mnist(n, seed)
+        return ((x * 255 + rng.uniform(0, 1, x.shape)) / 256).astype(np.float32)  # dequantized
+
+    def build_npdgm(self, seed):
+        from .npdgm_models import build_nice
+
+        return build_nice(self.dim, self.n_couplings, self.hidden, self.n_hidden, seed)
+
+    def build_torch(self, seed):
+        from .torch_models import NICE
+
+        return NICE(self.dim, self.n_couplings, self.hidden, self.n_hidden)
+
+
+class RealNVP2dWorkload(Workload):
+    name, batch = "realnvp2d", 512
+    description = "RealNVP 2-d, 8 affine couplings, s/t MLP 1-256-256-2, tanh-bounded scale, Gaussian prior"
+    n_couplings, hidden = 8, 256
+
+    def layers(self):
+        H = self.hidden
+        out = []
+        for i in range(self.n_couplings):
+            out += [(1, H, i > 0), (H, H, True), (H, 2, True)]
+        return out
+
+    def data(self, n, seed=0):
+        from npdgm.data import make_toy2d
+
+        return np.asarray(make_toy2d("moons", n, np.random.default_rng(seed)), dtype=np.float32)
+
+    def build_npdgm(self, seed):
+        from .npdgm_models import build_realnvp2d
+
+        return build_realnvp2d(self.n_couplings, self.hidden, seed)
+
+    def build_torch(self, seed):
+        from .torch_models import RealNVP2d
+
+        return RealNVP2d(self.n_couplings, self.hidden)
+
+
+WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload())}
+
+
+def get_workload(name):
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; expected one of {sorted(WORKLOADS)}") from None
+
+
+# -- runners ------------------------------------------------------------------------------------
+class NpdgmRunner:
+    """One training step of the library model: zero grads, loss_and_grad, Adam step."""
+
+    def __init__(self, workload, batch, backend="numpy", seed=0):
+        import npdgm
+        from npdgm import backend as B
+        from npdgm.optim import Adam
+
+        B.set_backend(backend)
+        B.set_dtype("float32")
+        self.xp = B.xp()
+        self.sync = B.synchronize
+        self.model = workload.build_npdgm(seed)
+        self.opt = Adam(self.model, lr=LR)
+        self.batches = [B.to_device(b) for b in workload.batches(batch, seed)]
+        shape = workload.noise_shape(batch)
+        self.noise_rng = np.random.default_rng(seed + 1)
+        self.noise_shape = shape
+        self.i = 0
+        self._loss = None
+        self._npdgm = npdgm
+
+    def step(self):
+        from npdgm import backend as B
+
+        x = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        m = self.model
+        m.zero_grad()
+        if self.noise_shape is None:
+            self._loss = m.loss_and_grad(x)
+        else:
+            eps = B.to_device(self.noise_rng.standard_normal(self.noise_shape, dtype=np.float32))
+            self._loss = m.loss_and_grad(x, eps)
+        self.opt.step()
+
+    def loss(self):
+        return float(self._loss)
+
+    def num_parameters(self):
+        return self.model.num_parameters()
+
+
+class TorchRunner:
+    """The same step in eager PyTorch with torch.optim.Adam (optionally torch.compile'd loss)."""
+
+    def __init__(self, workload, batch, device="cpu", seed=0, compile=False):
+        import torch
+
+        torch.manual_seed(seed)
+        self.torch, self.device, self.workload = torch, device, workload
+        self.model = workload.build_torch(seed).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+        self.batches = [torch.as_tensor(b, device=device) for b in workload.batches(batch, seed)]
+        self.noise_shape = workload.noise_shape(batch)
+        self.gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self.loss_fn = lambda x, eps: workload.torch_loss(self.model, x, eps)
+        if compile:
+            self.loss_fn = torch.compile(self.loss_fn)
+        self.i = 0
+        self._loss = None
+        if device == "cuda":
+            self.sync = torch.cuda.synchronize
+        else:
+            self.sync = lambda: None
+
+    def step(self):
+        torch = self.torch
+        x = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        eps = None
+        if self.noise_shape is not None:
+            eps = torch.randn(self.noise_shape, generator=self.gen, device=self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(x, eps)
+        loss.backward()
+        self.opt.step()
+        self._loss = loss.detach()
+
+    def loss(self):
+        return float(self._loss)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.model.parameters())
