@@ -1,0 +1,326 @@
+"""``npdgm train vae``, ``npdgm sample RUNDIR``, ``npdgm impute RUNDIR``.
+
+    npdgm train vae                                    # bundled 10k/2k MNIST subset, offline
+    npdgm train vae --data ../shared/data/mnist --epochs 10 --out runs/vae-full
+    npdgm train vae --resume runs/vae-full --epochs 20 # continue bit-for-bit to epoch 20
+    npdgm sample runs/vae-full --n 100
+    npdgm impute runs/vae-full --rows 10 18
+
+A run directory gets checkpoint.npz, metrics.jsonl (one JSON object per epoch: train_* averaged over
+the epoch's batches, test_* on the test set), summary.json (final test -ELBO, the IWAE estimate of
+log p(x), imputation errors) and the figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from .. import backend
+from ..cli import add_train_args, default_out, setup_backend
+
+DEFAULT_EPOCHS = 10
+MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
+RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
+            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "dtype")
+
+
+def _add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--z-dim", type=int, default=20, help="latent size (default 20; 2 adds the latent figures)")
+    g.add_argument("--hidden", type=int, nargs="+", default=[400], metavar="H",
+                   help="encoder hidden sizes; the decoder uses them reversed (default 400)")
+    g.add_argument("--activation", default="relu",
+                   choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
+    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
+                   help="decoder p(x|z): bernoulli (BCE from logits) or gaussian (default bernoulli)")
+    g.add_argument("--sigma", type=float, default=None,
+                   help="gaussian: fixed decoder std (the MSE form); omit to learn a per-pixel log-variance")
+    g.add_argument("--n-samples", type=int, default=1, help="noise samples per image in the loss (default 1)")
+    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (default 1)")
+    g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
+    d = p.add_argument_group("data and evaluation")
+    d.add_argument("--data", default=None, metavar="DIR",
+                   help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
+    d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
+                   help="none: grey levels in [0, 1] (PyTorch example); static: x > 0.5; dynamic: a new "
+                        "Bernoulli(x) draw per batch (test set drawn once)")
+    d.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    d.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    d.add_argument("--iwae-k", type=int, default=100, help="importance samples for log p(x) at the end (default 100)")
+    d.add_argument("--iwae-n", type=int, default=1000,
+                   help="test images for the IWAE estimate (default 1000; 0 skips it)")
+    d.add_argument("--impute-rows", type=int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
+                   help="image rows [START, STOP) hidden for the imputation check (default 10 18)")
+    d.add_argument("--impute-steps", type=int, default=50, help="encode/decode iterations (default 50)")
+
+
+def register(commands, train_commands):
+    p = train_commands.add_parser(
+        "vae", help="variational autoencoder on MNIST",
+        description="Train a VAE (Gaussian encoder, Bernoulli or Gaussian decoder) on MNIST with hand-written "
+                    "gradients. Loss = -ELBO in nats per image (summed over pixels, averaged over the batch).")
+    _add_model_args(p)
+    add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
+    p.set_defaults(func=cmd_train, epochs=None)  # None: DEFAULT_EPOCHS, or the stored value on --resume
+
+    if "sample" not in commands.choices:
+        s = commands.add_parser("sample", help="images from a trained VAE run (prior samples)")
+        s.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
+        s.add_argument("--n", type=int, default=100, help="number of images (default 100)")
+        s.add_argument("--nrow", type=int, default=10, help="images per row (default 10)")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
+        s.add_argument("--out", default=None, help="PNG path (default RUNDIR/samples-seed<S>.png)")
+        s.add_argument("--npy", default=None, help="also save the images as a .npy array here")
+        s.add_argument("--backend", choices=backend.BACKENDS, default=None)
+        s.set_defaults(func=cmd_sample)
+    if "impute" not in commands.choices:
+        i = commands.add_parser("impute", help="fill hidden rows of test digits with a trained VAE")
+        i.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
+        i.add_argument("--data", default=None, metavar="DIR", help="MNIST directory (default: the run's data)")
+        i.add_argument("--rows", type=int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
+                       help="image rows [START, STOP) to hide (default 10 18)")
+        i.add_argument("--steps", type=int, default=50, help="encode/decode iterations (default 50)")
+        i.add_argument("--n", type=int, default=1000, help="test images for the error (default 1000)")
+        i.add_argument("--show", type=int, default=10, help="images in the figure (default 10)")
+        i.add_argument("--out", default=None, help="PNG path (default RUNDIR/imputation.png)")
+        i.add_argument("--backend", choices=backend.BACKENDS, default=None)
+        i.set_defaults(func=cmd_impute)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def row_mask(n, rows, side=28):
+    """(n, side*side) boolean mask, True on image rows [start, stop)."""
+    start, stop = rows
+    if not (0 <= start < stop <= side):
+        raise ValueError(f"rows must satisfy 0 <= START < STOP <= {side}, got {start} {stop}")
+    m = np.zeros((side, side), dtype=bool)
+    m[start:stop] = True
+    return np.broadcast_to(m.ravel(), (n, side * side)).copy()
+
+
+def imputation_errors(model, x, mean_image, rows, steps):
+    """Impute rows [start, stop) of every image in x; mean squared error per missing pixel of the VAE
+    and of the mean-image baseline. Returns (metrics dict, masked, imputed) (host arrays)."""
+    mask = row_mask(len(x), rows)
+    xd = backend.to_device(x, model.dtype)
+    imputed = backend.to_host(model.impute(xd, backend.to_device(mask), steps=steps,
+                                           fill=backend.to_device(mean_image, model.dtype)))
+    miss = mask
+    err = lambda y: float(np.mean((np.asarray(y, np.float64)[miss] - np.asarray(x, np.float64)[miss]) ** 2))
+    base = np.broadcast_to(mean_image, x.shape)
+    metrics = {"impute_rows": list(rows), "impute_steps": int(steps), "impute_n": int(len(x)),
+               "impute_mse_vae": err(imputed), "impute_mse_mean_image": err(base),
+               "impute_mse_zero_fill": err(np.zeros_like(x))}
+    masked = np.where(mask, 0.5, x)
+    return metrics, masked, imputed
+
+
+def _load_data(data, split, limit, binarize, seed):
+    from ..data import binarize as _binarize
+    from ..data import load_mnist
+
+    x, y = load_mnist(split, data, limit=limit)
+    if binarize == "static":
+        x = _binarize(x)
+    elif binarize == "dynamic" and split == "test":
+        x = _binarize(x, np.random.default_rng([seed, 7]))  # test set drawn once, fixed
+    return x, y
+
+
+def evaluate_nelbo(model, x, seed, batch=1000):
+    """Test -ELBO (and its terms) averaged over x, with fixed noise (rng seeded by ``seed``)."""
+    rng = np.random.default_rng([seed, 1])
+    sums, n = {"nelbo": 0.0, "recon": 0.0, "kl": 0.0}, len(x)
+    for s in range(0, n, batch):
+        xb = x[s:s + batch]
+        eps = backend.to_device(rng.standard_normal((1, len(xb), model.z_dim), dtype=np.float32), model.dtype)
+        _, t = model.loss(xb, eps)  # one noise sample per image whatever n_samples is
+        for key in sums:
+            sums[key] += float(t[key]) * len(xb)
+    return {k: v / n for k, v in sums.items()}
+
+
+def iwae(model, x, k, seed, batch=100):
+    """Mean IWAE estimate of log p(x) over x (nats per image), fixed noise."""
+    rng = np.random.default_rng([seed, 2])
+    tot = 0.0
+    for s in range(0, len(x), batch):
+        tot += float(backend.to_host(model.log_likelihood(x[s:s + batch], k, rng=rng)).sum())
+    return tot / len(x)
+
+
+def _write_json(path, obj):
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+# -- npdgm train vae ------------------------------------------------------------------------------
+def cmd_train(args):
+    from .. import optim, train
+    from ..io import load_arrays, model_from_arrays
+    from ..models.vae import VAE
+
+    setup_backend(args)
+    if args.resume:
+        arrays, meta = load_arrays(args.resume)
+        if meta.get("kind") != "vae":
+            raise ValueError(f"--resume {args.resume}: the checkpoint holds a {meta.get('kind')!r} model, not a vae")
+        stored = meta.get("run", {}).get("args", {})
+        epochs = args.epochs if args.epochs is not None else stored.get("epochs", DEFAULT_EPOCHS)
+        run = dict(stored, epochs=epochs)
+        backend.set_dtype(meta.get("dtype", "float32"))
+        model = model_from_arrays(arrays, meta, args.resume)
+        out = args.resume
+    else:
+        run = {k: getattr(args, k) for k in RUN_KEYS}
+        run["epochs"] = DEFAULT_EPOCHS if args.epochs is None else args.epochs
+        cfg = {k: getattr(args, k) for k in MODEL_KEYS}
+        model = VAE(x_dim=784, seed=args.seed, **cfg)
+        out = args.out or default_out("vae")
+    for k, lo in (("epochs", 0), ("batch_size", 1), ("iwae_k", 1), ("iwae_n", 0), ("impute_steps", 0)):
+        if run[k] < lo:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
+    if run["lr"] <= 0:
+        raise ValueError(f"--lr must be positive, got {run['lr']}")
+    row_mask(1, run["impute_rows"])
+
+    seed = run["seed"]
+    x_tr, _ = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
+    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    train_x = model.check_x(x_tr, "training images")   # validated once, before any training
+    test_x = model.check_x(x_te, "test images")
+    mean_image = x_tr.mean(axis=0)
+
+    opt = optim.Adam(model, lr=run["lr"])
+    if args.resume:
+        rng, start = train.restore_checkpoint(out, opt)
+    else:
+        rng, start = np.random.default_rng(seed), 0
+    os.makedirs(out, exist_ok=True)
+    print(f"vae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
+          f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
+
+    dtype, K, Z, dynamic = model.dtype, model.n_samples, model.z_dim, run["binarize"] == "dynamic"
+
+    def step(xb, rng):
+        if dynamic:
+            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
+        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
+        _, t = model.loss_and_grad(xb, eps, check=False)
+        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+
+    records = train.fit(model, opt, train_x, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
+                        step=step, evaluate=lambda e: evaluate_nelbo(model, test_x, seed), start_epoch=start,
+                        run_meta={"args": run}, progress=not args.no_progress, clip=run["clip"])
+    records = train.read_metrics(out)
+
+    summary = {"epochs": run["epochs"], "test_n": len(test_x)}
+    if records:
+        summary["test_nelbo"] = records[-1].get("test_nelbo")
+    n_iw = min(run["iwae_n"], len(test_x))
+    if n_iw:
+        summary.update(iwae_k=run["iwae_k"], iwae_n=n_iw,
+                       test_nelbo_iwae_subset=evaluate_nelbo(model, test_x[:n_iw], seed)["nelbo"])
+        summary["test_iwae_logpx"] = iwae(model, test_x[:n_iw], run["iwae_k"], seed)
+        summary["test_iwae_nll"] = -summary["test_iwae_logpx"]
+        print(f"test -ELBO {summary['test_nelbo_iwae_subset']:.3f}   IWAE -log p(x) (k={run['iwae_k']}) "
+              f"{summary['test_iwae_nll']:.3f}  nats/image on {n_iw} test images", flush=True)
+    n_imp = min(1000, len(x_te))
+    imp, masked, imputed = imputation_errors(model, x_te[:n_imp], mean_image, run["impute_rows"], run["impute_steps"])
+    summary.update(imp)
+    print(f"imputation, rows {run['impute_rows']}: MSE per missing pixel  VAE {imp['impute_mse_vae']:.4f}  "
+          f"mean image {imp['impute_mse_mean_image']:.4f}  zero fill {imp['impute_mse_zero_fill']:.4f}", flush=True)
+    _write_json(os.path.join(out, "summary.json"), summary)
+
+    if not args.no_plots:
+        from ..plots import vae as P
+
+        P.curves(records, os.path.join(out, "curves.png"), summary)
+        P.reconstructions(model, x_te[:20], os.path.join(out, "reconstructions.png"))
+        P.samples(model, os.path.join(out, "samples.png"), rng=seed)
+        a, b = _pairs(y_te)
+        P.interpolation(model, x_te[a], x_te[b], os.path.join(out, "interpolation.png"))
+        P.imputation(x_te[:10], masked[:10], imputed[:10], os.path.join(out, "imputation.png"),
+                     title=f"imputation of rows {run['impute_rows'][0]}-{run['impute_rows'][1] - 1} "
+                           f"({run['impute_steps']} encode/decode steps)")
+        if model.z_dim == 2:
+            P.latent_scatter(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent.png"))
+            P.manifold(model, os.path.join(out, "manifold.png"))
+        print(f"figures in {out}", flush=True)
+    return 0
+
+
+def _pairs(labels, n=5):
+    """Indices (a, b) of n pairs of test digits of different classes (the first image of each class)."""
+    firsts = {}
+    for i, c in enumerate(np.asarray(labels)):
+        firsts.setdefault(int(c), i)
+    classes = sorted(firsts)
+    nc = len(classes)
+    if nc < 2:
+        idx = list(range(min(2 * n, len(labels))))
+        return idx[0::2], idx[1::2]
+    return ([firsts[classes[i % nc]] for i in range(n)], [firsts[classes[(i + nc // 2) % nc]] for i in range(n)])
+
+
+# -- npdgm sample / npdgm impute ------------------------------------------------------------------
+def _load_vae(path):
+    from ..io import load_arrays, model_from_arrays
+
+    arrays, meta = load_arrays(path)
+    if meta.get("kind") != "vae":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} model; this command handles vae runs")
+    return model_from_arrays(arrays, meta, os.fspath(path)), meta
+
+
+def _rundir(path):
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def cmd_sample(args):
+    setup_backend(args)
+    if args.n < 1 or args.nrow < 1:
+        raise ValueError(f"--n and --nrow must be >= 1, got {args.n} and {args.nrow}")
+    model, _ = _load_vae(args.rundir)
+    from ..plots import save_image_grid
+
+    x = backend.to_host(model.sample(args.n, rng=np.random.default_rng(args.seed), mean=not args.draw))
+    out = args.out or os.path.join(_rundir(args.rundir), f"samples-seed{args.seed}.png")
+    save_image_grid(np.asarray(x, np.float64), out, nrow=args.nrow,
+                    title=f"{args.n} samples" + (" (x ~ p(x|z))" if args.draw else " (E[x|z])"))
+    if args.npy:
+        np.save(args.npy, x)
+    print(out)
+    return 0
+
+
+def cmd_impute(args):
+    setup_backend(args)
+    if args.n < 1 or args.show < 0 or args.steps < 0:
+        raise ValueError("--n must be >= 1, --show and --steps >= 0")
+    row_mask(1, args.rows)
+    model, meta = _load_vae(args.rundir)
+    run = meta.get("run", {}).get("args", {})
+    data = args.data or run.get("data")
+    binz, seed = run.get("binarize", "none"), run.get("seed", 0)
+    x_tr, _ = _load_data(data, "train", run.get("train_limit"), binz, seed)
+    x_te, _ = _load_data(data, "test", None, binz, seed)
+    x = x_te[:args.n]
+    m, masked, imputed = imputation_errors(model, x, x_tr.mean(axis=0), args.rows, args.steps)
+    print(f"imputation of rows {args.rows[0]}..{args.rows[1] - 1} on {len(x)} test images, {args.steps} steps: "
+          f"MSE per missing pixel  VAE {m['impute_mse_vae']:.4f}  mean image {m['impute_mse_mean_image']:.4f}  "
+          f"zero fill {m['impute_mse_zero_fill']:.4f}")
+    if args.show:
+        from ..plots import vae as P
+
+        out = args.out or os.path.join(_rundir(args.rundir), "imputation.png")
+        k = min(args.show, len(x))
+        P.imputation(x[:k], masked[:k], imputed[:k], out,
+                     title=f"imputation of rows {args.rows[0]}-{args.rows[1] - 1} ({args.steps} steps)")
+        print(out)
+    return 0

@@ -1,0 +1,115 @@
+"""VAE figures (PNG, Agg): reconstructions, prior samples, curves, interpolation, 2-D latent
+scatter and decoded manifold (seed 002, 2.1.2), imputation rows (seed 002, 2.1.3).
+
+Every function takes a trained :class:`npdgm.VAE` and host or device arrays and returns the path.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import to_host
+from . import _save, pyplot, save_image_grid
+
+
+def _h(a):
+    return np.asarray(to_host(a), dtype=np.float64)
+
+
+def reconstructions(model, x, path, n=10, pairs=2):
+    """Rows alternate input / reconstruction E[x | z = mu(x)] for ``pairs`` rows of ``n`` images."""
+    x = _h(x)[:n * pairs]
+    rec = _h(model.reconstruct(x))
+    rows, labels = [], []
+    for p in range(pairs):
+        rows += [x[p * n:(p + 1) * n], rec[p * n:(p + 1) * n]]
+        labels += ["input", "output"]
+    return save_image_grid(np.concatenate(rows), path, nrow=n, title="reconstructions", row_labels=labels)
+
+
+def samples(model, path, n=100, nrow=10, rng=0, mean=True):
+    """A grid of images decoded from z ~ N(0, I) (E[x|z] when ``mean``, else draws x ~ p(x|z))."""
+    x = _h(model.sample(n, rng=rng, mean=mean))
+    title = "samples from the prior" + ("  (E[x|z])" if mean else "  (x ~ p(x|z))")
+    return save_image_grid(x, path, nrow=nrow, title=title)
+
+
+def interpolation(model, xa, xb, path, steps=10):
+    """For each pair (xa[i], xb[i]): the input a, decodings of (1-t) mu(a) + t mu(b) for t in
+    [0, 1] (``steps`` values), the input b; one row per pair."""
+    xa, xb = _h(xa), _h(xb)
+    mua, mub = _h(model.encode(xa)[0]), _h(model.encode(xb)[0])
+    t = np.linspace(0, 1, steps)
+    rows = []
+    for i in range(len(xa)):
+        z = (1 - t)[:, None] * mua[i] + t[:, None] * mub[i]
+        rows += [xa[i:i + 1], _h(model.decode(z)), xb[i:i + 1]]
+    return save_image_grid(np.concatenate(rows), path, nrow=steps + 2,
+                           title="latent interpolation (ends: the two inputs)")
+
+
+def latent_scatter(model, x, labels, path, title="encoded test digits: mu(x)"):
+    """2-D latent: scatter of mu(x) coloured by digit label."""
+    if model.z_dim != 2:
+        raise ValueError(f"latent_scatter needs a 2-D latent, this VAE has z_dim={model.z_dim}")
+    plt = pyplot()
+    mu = _h(model.encode(x)[0])
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    sc = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=4, alpha=0.8, vmin=-0.5, vmax=9.5)
+    fig.colorbar(sc, ax=ax, ticks=range(10), label="digit")
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def manifold(model, path, n=20, lo=0.05, hi=0.95):
+    """2-D latent: decoded images on an n x n grid of z = (Phi^-1(u1), Phi^-1(u2)), u in [lo, hi]
+    (Gaussian quantiles, as in Kingma & Welling's figure)."""
+    if model.z_dim != 2:
+        raise ValueError(f"manifold needs a 2-D latent, this VAE has z_dim={model.z_dim}")
+    from scipy.stats import norm
+
+    g = norm.ppf(np.linspace(lo, hi, n))
+    z = np.array([[a, b] for b in g[::-1] for a in g])  # rows: z2 from high to low; cols: z1
+    return save_image_grid(_h(model.decode(z)), path, nrow=n,
+                           title=f"decoded manifold, z on Gaussian quantiles [{lo}, {hi}]")
+
+
+def imputation(original, masked, imputed, path, title="imputation"):
+    """Rows: original, masked (missing pixels shown mid-grey), imputed."""
+    o, m, i = _h(original), _h(masked), _h(imputed)
+    return save_image_grid(np.concatenate([o, m, i]), path, nrow=len(o), title=title,
+                           row_labels=["original", "masked", "imputed"])
+
+
+def curves(records, path, summary=None):
+    """Left: train / test -ELBO per epoch (and the final IWAE -log p(x) estimate when given).
+    Right: test reconstruction and KL terms."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [r["epoch"] for r in records]
+    for key, lab in [("train_nelbo", "train -ELBO"), ("test_nelbo", "test -ELBO")]:
+        pts = [(r["epoch"], r[key]) for r in records if key in r]
+        if pts:
+            a.plot(*zip(*pts), marker="o", label=lab)
+    if summary and "test_iwae_nll" in summary and ep:
+        a.plot([ep[-1]], [summary["test_iwae_nll"]], marker="*", ms=12, ls="",
+               label=f"test -log p(x), IWAE k={summary['iwae_k']} (n={summary['iwae_n']})")
+    a.set_xlabel("epoch")
+    a.set_ylabel("nats per image")
+    a.set_title("negative ELBO")
+    a.grid(alpha=0.3)
+    a.legend()
+    for key, lab in [("test_recon", "test reconstruction"), ("test_kl", "test KL"),
+                     ("train_recon", "train reconstruction"), ("train_kl", "train KL")]:
+        pts = [(r["epoch"], r[key]) for r in records if key in r]
+        if pts:
+            b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
+    b.set_xlabel("epoch")
+    b.set_ylabel("nats per image")
+    b.set_title("the two terms")
+    b.grid(alpha=0.3)
+    b.legend()
+    return _save(fig, path)
