@@ -11,3 +11,10 @@ from .gaussian import (kl_std_normal_backward, kl_std_normal_forward, reparamete
 from .linear import linear_backward, linear_forward
 from .losses import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
                      logsumexp_backward, logsumexp_forward, mse_backward, mse_forward)
+from .coupling import (PRIORS, SCALE_CLAMPS, affine_coupling_backward, affine_coupling_forward,
+                       affine_coupling_inverse, affine_coupling_inverse_backward, diag_scale_backward,
+                       diag_scale_forward, diag_scale_inverse, diag_scale_inverse_backward,
+                       gaussian_logprob_backward, gaussian_logprob_forward, logistic_logprob_backward,
+                       logistic_logprob_forward, logit_backward, logit_forward, logit_inverse,
+                       logit_inverse_backward, prior_logprob, prior_noise, scale_clamp_backward,
+                       scale_clamp_forward)
