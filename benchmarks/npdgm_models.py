@@ -7,6 +7,7 @@ Every model exposes ``loss_and_grad(x[, eps]) -> loss`` (batch mean; grads accum
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -144,7 +145,34 @@ class ProtoRealNVP2d(Model):
 
 # -- builders -----------------------------------------------------------------------------------
 def build_vae(x_dim, hidden, z_dim, seed):
-    return ProtoVAE(x_dim, hidden, z_dim, seed)
+    try:
+        from npdgm.models.vae import VAE
+    except ImportError:
+        return ProtoVAE(x_dim, hidden, z_dim, seed)
+    return VAE(x_dim=x_dim, hidden=(hidden,), z_dim=z_dim, activation="relu", likelihood="bernoulli", seed=seed)
+
+
+def loss_and_grad(model, x, eps=None, zero_grad=True):
+    """One forward + backward of ``model``; returns the loss (a 0-d array). Grads are zeroed first
+    (``zero_grad=False``: the caller zeroed them, the profile times that separately).
+
+    Library models are called as the trainer calls them: ``loss_and_grad(x[, eps], check=False)``
+    (data validated once up front, not every step) returning ``(loss, terms)``."""
+    args = (x,) if eps is None else (x, eps)
+    if getattr(model, "prototype", False):
+        if zero_grad:
+            model.zero_grad()
+        return model.loss_and_grad(*args)
+    kw = {}
+    params = inspect.signature(model.loss_and_grad).parameters
+    if "check" in params:
+        kw["check"] = False
+    if "zero_grad" in params:
+        kw["zero_grad"] = zero_grad
+    elif zero_grad:
+        model.zero_grad()
+    out = model.loss_and_grad(*args, **kw)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def build_nice(dim, n_couplings, hidden, n_hidden, seed):

@@ -24,6 +24,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
     from npdgm import backend as B
     from npdgm.nn import layers
 
+    from .npdgm_models import loss_and_grad
     from .workloads import NpdgmRunner, get_workload
 
     w = get_workload(workload)
@@ -59,7 +60,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
             r.model.zero_grad()
             sync()
             t1 = time.perf_counter()
-            r.model.loss_and_grad(x) if eps is None else r.model.loss_and_grad(x, eps)
+            loss_and_grad(r.model, x, eps, zero_grad=False)
             sync()
             t2 = time.perf_counter()
             r.opt.step()

@@ -161,7 +161,6 @@ class NpdgmRunner:
     """One training step of the library model: zero grads, loss_and_grad, Adam step."""
 
     def __init__(self, workload, batch, backend="numpy", seed=0):
-        import npdgm
         from npdgm import backend as B
         from npdgm.optim import Adam
 
@@ -177,20 +176,19 @@ class NpdgmRunner:
         self.noise_shape = shape
         self.i = 0
         self._loss = None
-        self._npdgm = npdgm
+        from .npdgm_models import loss_and_grad
+
+        self._loss_and_grad = loss_and_grad
 
     def step(self):
         from npdgm import backend as B
 
         x = self.batches[self.i % len(self.batches)]
         self.i += 1
-        m = self.model
-        m.zero_grad()
-        if self.noise_shape is None:
-            self._loss = m.loss_and_grad(x)
-        else:
+        eps = None
+        if self.noise_shape is not None:
             eps = B.to_device(self.noise_rng.standard_normal(self.noise_shape, dtype=np.float32))
-            self._loss = m.loss_and_grad(x, eps)
+        self._loss = self._loss_and_grad(self.model, x, eps)
         self.opt.step()
 
     def loss(self):

@@ -1,0 +1,183 @@
+"""The benchmark suite: workloads compute the library models' losses, the torch peers are the same
+models, the JSON output has every field, GPU-only paths skip cleanly without CuPy.
+(Benchmarks are not timed here.)"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the benchmarks package beside npdgm/
+
+import numpy as np
+import pytest
+
+from benchmarks import gemm, harness, run, workloads
+from benchmarks.npdgm_models import impl_of, loss_and_grad
+from npdgm import backend
+
+
+def small(name, **attrs):
+    """A workload of the same kind with reduced sizes (fast, same code path)."""
+    w = type(workloads.get_workload(name))()
+    for k, v in attrs.items():
+        setattr(w, k, v)
+    return w
+
+
+SMALL = {
+    "vae": dict(x_dim=784, hidden=32, z_dim=4),
+    "nice": dict(dim=784, hidden=24, n_hidden=2),
+    "realnvp2d": dict(hidden=16),
+}
+
+
+def _linears(model):
+    """Every npdgm Linear of ``model`` in registration (= forward) order."""
+    from npdgm.nn.layers import Linear
+
+    out = []
+
+    def walk(m):
+        if isinstance(m, Linear):
+            out.append(m)
+        for c in m._modules.values():
+            walk(c)
+    walk(model)
+    return out
+
+
+@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d"])
+def test_runner_step_is_library_loss_and_adam(name):
+    """One benchmark step = the library model's loss on that batch, then exactly one Adam update."""
+    w = small(name, **SMALL[name])
+    r = workloads.NpdgmRunner(w, batch=8, backend="numpy", seed=3)
+    ref = w.build_npdgm(3)                       # same seed -> same initial weights
+    np.testing.assert_array_equal(ref.flat_params, r.model.flat_params)
+    x = r.batches[0]
+    eps = None
+    if w.noise_shape(8) is not None:
+        eps = np.random.default_rng(4).standard_normal(w.noise_shape(8), dtype=np.float32)  # runner's rng: seed+1
+    r.step()
+    want = float(loss_and_grad(ref, x, eps))
+    if impl_of(ref) == "library" and hasattr(ref, "loss"):
+        direct = ref.loss(x, eps) if eps is not None else ref.loss(x)
+        direct = direct[0] if isinstance(direct, tuple) else direct
+        assert float(direct) == pytest.approx(want, rel=1e-6)
+    assert r.loss() == pytest.approx(want, rel=1e-6)
+    from npdgm.optim import Adam
+
+    opt = Adam(ref, lr=workloads.LR)
+    opt.step()
+    np.testing.assert_allclose(r.model.flat_params, ref.flat_params, rtol=0, atol=1e-7)
+    assert r.model.flat_params.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d"])
+def test_torch_peer_is_the_same_model(name):
+    """With npdgm's weights loaded, the eager PyTorch mirror gives the same loss and gradients (float64)."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_models as T
+
+    w = small(name, **SMALL[name])
+    with backend.use("numpy", "float64"):
+        model = w.build_npdgm(5)
+        rng = np.random.default_rng(6)
+        model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.05
+        x = w.batches(6, seed=1)[0].astype(np.float64)
+        eps = rng.standard_normal(w.noise_shape(6)) if w.noise_shape(6) is not None else None
+        loss = float(loss_and_grad(model, x, eps))
+        tm = w.build_torch(5).double()
+        T.load_linear_stack(tm, [(m.W.data, m.b.data) for m in _linears(model)])
+        extra = {n: p for n, p in model.params.items() if p.ndim == 1 and not n.endswith(".b")}
+        for n, v in extra.items():                    # NICE's diagonal log-scale
+            dict(tm.named_parameters())["log_scale"].data.copy_(torch.as_tensor(v))
+        tl = w.torch_loss(tm, torch.as_tensor(x), None if eps is None else torch.as_tensor(eps))
+        tl.backward()
+    assert tl.item() == pytest.approx(loss, rel=1e-10)
+    for ours, theirs in zip(_linears(model), T.linears(tm)):
+        np.testing.assert_allclose(theirs.weight.grad.numpy().T, ours.W.grad, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(theirs.bias.grad.numpy(), ours.b.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_gemm_products_and_floor():
+    c = gemm.linear_products(4, [(5, 3, False), (3, 2, True)])
+    assert c == {(4, 5, 3, "NN"): 1, (5, 4, 3, "TN"): 1, (4, 3, 2, "NN"): 1, (4, 2, 3, "NT"): 1, (3, 4, 2, "TN"): 1}
+    f = gemm.gemm_floor(c, np, repeats=1, target_s=0.001)
+    assert f["floor_ms"] > 0 and len(f["products"]) == 5
+    assert f["gflop_per_step"] == pytest.approx(2 * (4 * 5 * 3 * 2 + 4 * 3 * 2 * 3) / 1e9)
+    # VAE: the first layer's input is data, so it has no dx product
+    vae = gemm.linear_products(128, workloads.get_workload("vae").layers())
+    assert (128, 400, 784, "NT") not in vae and (128, 784, 400, "NN") in vae
+
+
+def test_time_steps_counts_and_validates():
+    calls = []
+    t = harness.time_steps(lambda: calls.append(1), warmup=2, repeats=3, steps=4)
+    assert len(calls) == 2 + 3 * 4 and len(t["blocks_ms"]) == 3
+    assert t["ms_min"] <= t["ms_per_step"] <= t["ms_max"]
+    with pytest.raises(ValueError, match="warmup"):
+        harness.time_steps(lambda: None, warmup=0)
+
+
+def test_peak_rss_and_machine_info():
+    assert harness.peak_rss_mb() > 0
+    info = harness.machine_info()
+    for k in ("cpu", "cpu_count", "numpy", "blas", "env"):
+        assert k in info
+
+
+def _tiny_args(tmp_path, *extra):
+    return ["--workloads", "realnvp2d", "--batch", "8", "--steps", "1", "--repeats", "1", "--warmup", "1",
+            "--json", str(tmp_path / "out.json"), "--md", str(tmp_path / "out.md"), *extra]
+
+
+def test_json_has_every_field(tmp_path, capsys):
+    assert run.main(_tiny_args(tmp_path, "--no-isolate", "--backends", "numpy,torch,cupy", "--threads", "1")) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    for k in run.RESULT_FIELDS:
+        assert k in out, k
+    assert out["results"], "no rows"
+    backends = {r["backend"] for r in out["results"]}
+    assert "npdgm-numpy" in backends
+    for r in out["results"]:
+        for k in run.ROW_FIELDS:
+            assert k in r, k
+        assert r["ms_per_step"] > 0 and r["samples_per_s"] > 0 and r["floor_ms"] > 0 and r["x_floor"] > 0
+        assert r["threads"] == 1 and r["device"] == "cpu"
+        assert np.isfinite(r["loss"])
+    if "torch-eager" in backends:
+        assert all(r["x_torch"] is not None for r in out["results"])
+    assert out["floors"][0]["products"]
+    assert "| realnvp2d | npdgm-numpy |" in (tmp_path / "out.md").read_text()
+    if not backend.cupy_available():
+        assert any("cupy" in n for n in out["skipped"])
+        assert not any("cupy" in b or "cuda" in b for b in backends)
+
+
+def test_isolated_point_and_sweep_plot(tmp_path):
+    """Each point in its own process; --sweep writes a plot with every batch."""
+    args = _tiny_args(tmp_path, "--backends", "numpy", "--threads", "1", "--no-floor", "--plot",
+                      str(tmp_path / "sweep.png"))
+    args.remove("--batch")
+    args.remove("8")
+    assert run.main(args + ["--sweep", "--sweep-batches", "8,16"]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert sorted(r["batch"] for r in out["results"]) == [8, 16]
+    assert all(r["peak_rss_mb"] > 0 for r in out["results"])
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown workload"):
+        run.plan(run.parse_args(["--workloads", "gan"]))
+    with pytest.raises(ValueError, match="unknown backend"):
+        run.plan(run.parse_args(["--backends", "jax"]))
+    with pytest.raises(SystemExit):
+        run.parse_args(["--threads", "0"])
+
+
+def test_gpu_rows_skip_without_cupy():
+    if backend.cupy_available():
+        pytest.skip("a GPU is visible: the GPU rows run instead")
+    points, floors, notes = run.plan(run.parse_args(["--backends", "cupy", "--workloads", "vae"]))
+    assert points == [] and floors == []
+    assert any("CuPy" in n for n in notes)
