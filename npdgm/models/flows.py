@@ -190,7 +190,7 @@ class AdditiveCoupling(_Coupling):
     """NICE coupling:  y_a = x_a,  y_b = x_b + m(x_a);  log|det| = 0 (unit triangular Jacobian).
 
     m is an MLP na -> hidden... -> nb. Backward:  dx_b = dy_b,  dx_a = dy_a + J_m^T dy_b.
-    Inverse:  x_b = y_b - m(y_a);  its backward: dy_b = dx_b,  dy_a = dx_a - J_m^T dx_b.
+    Inverse:  x_b = y_b - m(y_a);  its backward: dy_b = dx_b,  dy_a = dx_a + J_m^T (-dx_b).
     """
 
     def __init__(self, dim, mask="half", parity=0, hidden=(1000, 1000, 1000, 1000, 1000), activation="relu",
@@ -225,10 +225,10 @@ class AdditiveCoupling(_Coupling):
         return (x, backend.array_module(y).zeros(y.shape[0], dtype=y.dtype)) if logdet else x
 
     def inverse_backward(self, dx, dlogdet=None):
-        """dy_b = dx_b;  dy_a = dx_a - m'(y_a)^T dx_b."""
+        """dy_b = dx_b;  dy_a = dx_a + m'(y_a)^T (-dx_b)  (m's parameters receive the upstream gradient -dx_b)."""
         self._need("inverse")
         dxa, dxb = self._split(dx)
-        dya = dxa - self.net.backward(dxb)
+        dya = dxa + self.net.backward(-dxb)
         return self._merge(dya, dxb)
 
 
@@ -708,3 +708,96 @@ def realnvp(dim=784, n_couplings=8, hidden=(512, 512), mask="checkerboard", imag
         layers.append(AffineCoupling(dim, mask, i % 2, hidden, activation, scale, scale_bound, image_shape=shape,
                                      seed=seed * 1000 + i))
     return Flow(layers, prior=prior, checked=checked)
+
+
+# -- float64 gradient checks for ``npdgm gradcheck`` ------------------------------------------------
+def _flow_grad_report(flow, x, rng):
+    """Finite differences of loss_and_grad (every parameter and x) and of the inverse pass
+    L = sum(f^-1(z) * w) + sum(logdet_inv * v) (every parameter and z)."""
+    from ..gradcheck import check
+
+    flow.forward(x)  # ActNorm data-dependent init happens here, before the check
+    for layer in flow.layers:  # move the parameters off their initial values
+        for p in layer.parameters():
+            if p.data.ndim == 1 and not isinstance(layer, (AdditiveCoupling, AffineCoupling)):
+                p.data += 0.3 * rng.standard_normal(p.data.shape)
+    flow.loss_and_grad(x)
+    analytic = {n: g.copy() for n, g in flow.grads.items()}
+    z, ld = flow.forward(x)
+    dlp = np.full(x.shape[0], -1.0 / x.shape[0])
+    flow.zero_grad()
+    analytic["x"] = flow.backward(flow._prior_b(dlp, z), dlp)
+    rep = check(lambda: -flow.log_prob(x).mean(), {**flow.params, "x": x}, analytic)
+    rep = {f"loss:{k}": v for k, v in rep.items()}
+
+    zz = rng.standard_normal(x.shape) * 0.8
+    w, v = rng.standard_normal(x.shape), rng.standard_normal(x.shape[0])
+    flow.zero_grad()
+    flow.inverse(zz, logdet=True)
+    dz = flow.inverse_backward(w, v)
+    analytic = {n: g.copy() for n, g in flow.grads.items()}
+    analytic["z"] = dz
+
+    def inv_loss():
+        xx, ldi = flow.inverse(zz, logdet=True)
+        return np.sum(xx * w) + np.sum(ldi * v)
+
+    rep.update({f"inverse:{k}": val for k, val in check(inv_loss, {**flow.params, "z": zz}, analytic).items()})
+    return rep
+
+
+def _register_flow_checks():
+    from ..gradcheck import register
+
+    def unit(rng, n, d):
+        return rng.uniform(0.05, 0.95, (n, d))
+
+    cases = {
+        "additive": lambda rng: (Flow([AdditiveCoupling(4, "half", 0, [6], "tanh", seed=1),
+                                       AdditiveCoupling(4, "half", 1, [5, 5], "softplus", seed=2), Scaling(4)],
+                                      prior="logistic"), rng.standard_normal((5, 4))),
+        "affine-tanh": lambda rng: (Flow([AffineCoupling(3, "half", 0, [6], "tanh", "tanh", 1.5, seed=3),
+                                          AffineCoupling(3, "half", 1, [6], "elu", "tanh", 1.0, seed=4)]),
+                                    rng.standard_normal((5, 3))),
+        "affine-atan": lambda rng: (Flow([AffineCoupling(4, "alternate", 0, [6], "tanh", "atan", 2.0, seed=5)]),
+                                    rng.standard_normal((4, 4))),
+        "affine-none": lambda rng: (Flow([AffineCoupling(2, "half", 1, [5], "softplus", "none", seed=6)]),
+                                    rng.standard_normal((4, 2))),
+        "actnorm": lambda rng: (Flow([ActNorm(3), Permutation(3, "random", 1), ActNorm(3)]),
+                                rng.standard_normal((6, 3)) * 2 + 1),
+        "mixed": lambda rng: (Flow([LogitTransform(6, 0.05), ActNorm(6),
+                                    AffineCoupling(6, "checkerboard", 0, [5], "tanh", image_shape=(2, 3), seed=7),
+                                    Permutation(6, "reverse"),
+                                    AdditiveCoupling(6, [1, 0, 0, 1, 1, 0], 0, [5], "tanh", seed=8),
+                                    AffineCoupling(6, "channel", 1, [4], "softplus", image_shape=(2, 1, 3), seed=9),
+                                    Scaling(6)], prior="logistic"), unit(rng, 4, 6)),
+    }
+    for tag, make in cases.items():
+        def fn(rng, make=make):
+            flow, x = make(rng)
+            return _flow_grad_report(flow, x, rng)
+        register(f"model.flow[{tag}]")(fn)
+
+    def kernel_checks(rng):
+        from ..gradcheck import check
+
+        rep = {}
+        z = rng.standard_normal((5, 4)) * 3
+        dl = rng.standard_normal(5)
+        for name in C.PRIORS:
+            f, b = C.prior_logprob(name)
+            rep.update({f"{name}:{k}": v for k, v in
+                        check(lambda: np.sum(f(z) * dl), {"z": z}, {"z": b(dl, z)}).items()})
+        raw = rng.standard_normal((5, 4)) * 3
+        ds = rng.standard_normal((5, 4))
+        for kind in C.SCALE_CLAMPS:
+            s = C.scale_clamp_forward(raw, kind, 1.7)
+            g = C.scale_clamp_backward(ds, raw, s, kind, 1.7)
+            rep[f"clamp-{kind}:raw"] = check(lambda: np.sum(C.scale_clamp_forward(raw, kind, 1.7) * ds),
+                                             {"raw": raw}, {"raw": g})["raw"]
+        return rep
+
+    register("kernel.flow_priors_clamps")(kernel_checks)
+
+
+_register_flow_checks()
