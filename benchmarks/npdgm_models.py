@@ -175,9 +175,26 @@ def loss_and_grad(model, x, eps=None, zero_grad=True):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _flows():
+    try:
+        from npdgm.models import flows
+    except ImportError:
+        return None
+    return flows
+
+
 def build_nice(dim, n_couplings, hidden, n_hidden, seed):
-    return ProtoNICE(dim, n_couplings, hidden, n_hidden, seed)
+    flows = _flows()
+    if flows is None:
+        return ProtoNICE(dim, n_couplings, hidden, n_hidden, seed)
+    # checked="off": no per-step host sync for the NaN diagnosis (the flows' benchmark mode)
+    return flows.nice(dim=dim, n_couplings=n_couplings, hidden=hidden, n_hidden=n_hidden, prior="logistic",
+                      seed=seed, checked="off")
 
 
 def build_realnvp2d(n_couplings, hidden, seed):
-    return ProtoRealNVP2d(n_couplings, hidden, seed)
+    flows = _flows()
+    if flows is None:
+        return ProtoRealNVP2d(n_couplings, hidden, seed)
+    return flows.realnvp2d(n_couplings=n_couplings, hidden=(hidden, hidden), scale="tanh", scale_bound=1.0,
+                           prior="gaussian", seed=seed, checked="off")
