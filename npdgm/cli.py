@@ -3,6 +3,7 @@
     npdgm gradcheck              check every kernel, module and model backward (float64)
     npdgm train <model> ...      train a model into a run directory (see npdgm train -h)
     npdgm info                   versions, backend, BLAS
+    npdgm export-reference DIR   reference vectors for ports; npdgm check-reference DIR re-checks them
 
 Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` through
 ``register(commands, train_commands)``.
@@ -80,6 +81,26 @@ def _cmd_info(args):
     return 0
 
 
+def _cmd_export_reference(args):
+    from .reference import export_reference
+
+    m = export_reference(args.outdir, args.dtype, args.seed)
+    print(f"wrote {len(m['cases'])} reference cases ({args.dtype}, seed {args.seed}) to {args.outdir}")
+    return 0
+
+
+def _cmd_check_reference(args):
+    from .reference import check_reference
+
+    rows = check_reference(args.outdir)
+    w = max(len(f"{c}:{t}") for c, t, _, _ in rows)
+    for case, tensor, err, ok in rows:
+        print(f"{case + ':' + tensor:<{w}}  {err:10.2e}  {'ok' if ok else 'MISMATCH'}")
+    bad = sum(not r[3] for r in rows)
+    print(f"{len(rows) - bad} tensors match, {bad} mismatch")
+    return 0 if bad == 0 else 1
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="npdgm", description="Deep generative models with hand-written gradients.")
     p.add_argument("--version", action="version", version=f"npdgm {__version__}")
@@ -89,6 +110,14 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_gradcheck)
     sub.add_parser("info", help="versions, backend and BLAS").set_defaults(func=_cmd_info)
+    e = sub.add_parser("export-reference", help="write reference inputs/outputs/gradients for porting")
+    e.add_argument("outdir")
+    e.add_argument("--dtype", choices=backend.DTYPES, default="float64")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_cmd_export_reference)
+    c = sub.add_parser("check-reference", help="re-run npdgm against a reference directory")
+    c.add_argument("outdir")
+    c.set_defaults(func=_cmd_check_reference)
     t = sub.add_parser("train", help="train a model (npdgm train -h lists them)")
     tsub = t.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name in COMMAND_MODULES:

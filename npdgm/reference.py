@@ -1,0 +1,220 @@
+"""Reference vectors for people porting npdgm's kernels and models to another framework.
+
+    npdgm export-reference OUTDIR [--dtype float64|float32] [--seed S]
+    npdgm check-reference OUTDIR
+
+``export-reference`` writes, for every registered case, ``OUTDIR/<case>.npz`` holding
+``input/<name>`` (inputs, parameters, noise and the upstream gradient ``input/dy``),
+``output/<name>`` and ``grad/<name>``, plus ``OUTDIR/manifest.json`` (names, shapes, dtypes,
+formulas, tolerances, npdgm version). The same seed writes identical files.
+``check-reference`` re-runs npdgm on the stored inputs and reports the max error of every
+output and gradient tensor: the check a port runs, and a regression test for npdgm itself.
+
+A case is ``make(rng, dtype) -> inputs`` and ``run(inputs) -> (outputs, grads)``; models
+register their own cases with :func:`register`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import numpy as np
+
+from . import __version__, backend
+from . import kernels as K
+
+CASES = {}  # name -> dict(make, run, formula)
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4}  # max |error| / max(1, |reference|) per tensor
+
+
+def register(name, formula, make):
+    """Decorator registering ``run(inputs) -> (outputs, grads)`` as case ``name``, whose inputs
+    come from ``make(rng, dtype) -> {name: array}`` (the upstream gradient is ``dy``)."""
+    def deco(run):
+        CASES[name] = {"make": make, "run": run, "formula": formula}
+        return run
+    return deco
+
+
+def _std(rng, dtype, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# -- kernel cases -----------------------------------------------------------------------------
+def _linear(rng, dt):
+    return {"x": _std(rng, dt, 8, 5), "W": _std(rng, dt, 5, 3), "b": _std(rng, dt, 3), "dy": _std(rng, dt, 8, 3)}
+
+
+@register("linear", "y = x @ W + b;  dx = dy @ W.T;  dW = x.T @ dy;  db = sum_B dy", _linear)
+def _(i):
+    dx, dW, db = K.linear_backward(i["dy"], i["x"], i["W"])
+    return {"y": K.linear_forward(i["x"], i["W"], i["b"])}, {"x": dx, "W": dW, "b": db}
+
+
+def _activation_case(name, formula):
+    f, df, needs = K.get_activation(name)
+
+    def make(rng, dt):
+        return {"x": _std(rng, dt, 8, 6, scale=3.0), "dy": _std(rng, dt, 8, 6)}
+
+    @register(name, formula, make)
+    def run(i):
+        y = f(i["x"])
+        return {"y": y}, {"x": df(i["dy"], y if needs == "y" else i["x"])}
+
+
+for _n, _f in [("relu", "y = max(x, 0);  dx = dy * [x > 0]"),
+               ("leaky_relu", "y = x if x > 0 else 0.01 x;  dx = dy * (1 if x > 0 else 0.01)"),
+               ("tanh", "y = tanh x;  dx = dy * (1 - y^2)"),
+               ("sigmoid", "y = 1 / (1 + e^-x);  dx = dy * y (1 - y)"),
+               ("softplus", "y = log(1 + e^x);  dx = dy * sigmoid(x)"),
+               ("elu", "y = x if x > 0 else e^x - 1;  dx = dy * (1 if x > 0 else e^x)")]:
+    _activation_case(_n, _f)
+
+
+def _bce(rng, dt):
+    return {"logits": _std(rng, dt, 8, 10, scale=5.0), "x": rng.uniform(0, 1, (8, 10)).astype(dt),
+            "dy": _std(rng, dt, 8)}
+
+
+@register("bernoulli_nll", "loss_b = sum_d softplus(l) - x l;  dl = dloss_b (sigmoid(l) - x)", _bce)
+def _(i):
+    return ({"loss": K.bernoulli_nll_forward(i["logits"], i["x"])},
+            {"logits": K.bernoulli_nll_backward(i["dy"], i["logits"], i["x"])})
+
+
+def _gauss(rng, dt):
+    return {"mu": _std(rng, dt, 8, 6), "x": _std(rng, dt, 8, 6), "logvar": _std(rng, dt, 6, scale=0.5),
+            "dy": _std(rng, dt, 8)}
+
+
+@register("gaussian_nll", "loss_b = 0.5 sum_d (x - mu)^2 e^-lv + lv + log 2pi;  "
+                          "dmu = dloss (mu - x) e^-lv;  dlv = sum_b dloss 0.5 (1 - (x - mu)^2 e^-lv)", _gauss)
+def _(i):
+    dmu, dlv = K.gaussian_nll_backward(i["dy"], i["mu"], i["x"], i["logvar"])
+    return {"loss": K.gaussian_nll_forward(i["mu"], i["x"], i["logvar"])}, {"mu": dmu, "logvar": dlv}
+
+
+def _mse(rng, dt):
+    return {"pred": _std(rng, dt, 8, 6), "target": _std(rng, dt, 8, 6), "dy": np.asarray(1.0, dt)}
+
+
+@register("mse", "loss = mean (p - t)^2;  dp = dloss 2 (p - t) / N", _mse)
+def _(i):
+    return {"loss": K.mse_forward(i["pred"], i["target"])}, {"pred": K.mse_backward(i["dy"], i["pred"], i["target"])}
+
+
+def _lse(rng, dt):
+    return {"a": _std(rng, dt, 8, 12, scale=10.0), "dy": _std(rng, dt, 8)}
+
+
+@register("logsumexp", "y = log sum_j e^a_j (axis 1);  da = dy softmax(a)", _lse)
+def _(i):
+    y = K.logsumexp_forward(i["a"], axis=1)
+    return {"y": y}, {"a": K.logsumexp_backward(i["dy"], i["a"], y, axis=1)}
+
+
+def _rep(rng, dt):
+    return {"mu": _std(rng, dt, 8, 4), "logvar": _std(rng, dt, 8, 4), "eps": _std(rng, dt, 8, 4),
+            "dy": _std(rng, dt, 8, 4)}
+
+
+@register("reparameterize", "z = mu + e^(lv/2) eps;  dmu = dz;  dlv = dz eps e^(lv/2) / 2", _rep)
+def _(i):
+    dmu, dlv = K.reparameterize_backward(i["dy"], i["logvar"], i["eps"])
+    return {"z": K.reparameterize_forward(i["mu"], i["logvar"], i["eps"])}, {"mu": dmu, "logvar": dlv}
+
+
+def _kl(rng, dt):
+    return {"mu": _std(rng, dt, 8, 4), "logvar": _std(rng, dt, 8, 4), "dy": _std(rng, dt, 8)}
+
+
+@register("kl_std_normal", "kl_b = 0.5 sum_j mu^2 + e^lv - 1 - lv;  dmu = dkl mu;  dlv = dkl (e^lv - 1) / 2", _kl)
+def _(i):
+    dmu, dlv = K.kl_std_normal_backward(i["dy"], i["mu"], i["logvar"])
+    return {"kl": K.kl_std_normal_forward(i["mu"], i["logvar"])}, {"mu": dmu, "logvar": dlv}
+
+
+def _adam(rng, dt):
+    return {"p": _std(rng, dt, 64), "g1": _std(rng, dt, 64), "g2": _std(rng, dt, 64), "g3": _std(rng, dt, 64)}
+
+
+@register("adam_step", "m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  "
+                       "p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps);  3 steps, lr=1e-2, betas=(0.9, 0.999)", _adam)
+def _(i):
+    from .nn.module import Parameter
+    from .optim import Adam
+
+    p = Parameter(i["p"].copy())
+    opt = Adam([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    for g in (i["g1"], i["g2"], i["g3"]):
+        p.grad[...] = g
+        opt.step()
+    return {"p": p.data, "m": opt.m[0], "v": opt.v[0]}, {}
+
+
+# -- export / check ---------------------------------------------------------------------------
+def _load_model_cases():
+    """Model packages register their own cases on import."""
+    from . import models  # noqa: F401
+
+
+def export_reference(outdir, dtype="float64", seed=0, names=None):
+    """Write every case's .npz and manifest.json into ``outdir``; returns the manifest."""
+    _load_model_cases()
+    dt = np.dtype(dtype)
+    if dt.name not in backend.DTYPES:
+        raise ValueError(f"dtype must be one of {backend.DTYPES}, got {dtype!r}")
+    os.makedirs(outdir, exist_ok=True)
+    manifest = {"npdgm_version": __version__, "dtype": dt.name, "seed": seed,
+                "tolerance": TOLERANCE[dt.name], "error": "max|npdgm - reference| / max(1, max|reference|)",
+                "cases": {}}
+    with backend.use("numpy", dt.name):
+        for name, case in sorted(CASES.items()):
+            if names and name not in names:
+                continue
+            inputs = case["make"](np.random.default_rng([seed, zlib.crc32(name.encode())]), dt)
+            outputs, grads = case["run"](inputs)
+            arrays = {**{f"input/{k}": v for k, v in inputs.items()},
+                      **{f"output/{k}": backend.to_host(v) for k, v in outputs.items()},
+                      **{f"grad/{k}": backend.to_host(v) for k, v in grads.items()}}
+            with open(os.path.join(outdir, f"{name}.npz"), "wb") as f:
+                np.savez(f, **arrays)
+            manifest["cases"][name] = {
+                "file": f"{name}.npz", "formula": case["formula"],
+                "tensors": {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
+                            for k, v in arrays.items()}}
+    with open(os.path.join(outdir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    return manifest
+
+
+def check_reference(outdir):
+    """Re-run npdgm on ``outdir``'s stored inputs; returns [(case, tensor, error, passed)]."""
+    _load_model_cases()
+    path = os.path.join(outdir, "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{outdir} has no manifest.json (write one with npdgm export-reference)")
+    with open(path) as f:
+        manifest = json.load(f)
+    tol, rows = manifest["tolerance"], []
+    with backend.use("numpy", manifest["dtype"]):
+        for name, entry in manifest["cases"].items():
+            if name not in CASES:
+                rows.append((name, "-", float("inf"), False))
+                continue
+            with np.load(os.path.join(outdir, entry["file"])) as z:
+                stored = {k: z[k] for k in z.files}
+            inputs = {k[len("input/"):]: v for k, v in stored.items() if k.startswith("input/")}
+            outputs, grads = CASES[name]["run"](inputs)
+            got = {**{f"output/{k}": v for k, v in outputs.items()}, **{f"grad/{k}": v for k, v in grads.items()}}
+            for key in sorted(k for k in stored if not k.startswith("input/")):
+                if key not in got:
+                    rows.append((name, key, float("inf"), False))
+                    continue
+                ref = stored[key].astype(np.float64)
+                err = float(np.max(np.abs(backend.to_host(got[key]) - ref), initial=0.0)) / max(
+                    1.0, float(np.max(np.abs(ref), initial=0.0)))
+                rows.append((name, key, err, err <= tol))
+    return rows
