@@ -69,9 +69,9 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
     (Gaussian quantiles, as in Kingma & Welling's figure)."""
     if model.z_dim != 2:
         raise ValueError(f"manifold needs a 2-D latent, this VAE has z_dim={model.z_dim}")
-    from scipy.stats import norm
+    from statistics import NormalDist
 
-    g = norm.ppf(np.linspace(lo, hi, n))
+    g = np.array([NormalDist().inv_cdf(u) for u in np.linspace(lo, hi, n)])
     z = np.array([[a, b] for b in g[::-1] for a in g])  # rows: z2 from high to low; cols: z1
     return save_image_grid(_h(model.decode(z)), path, nrow=n,
                            title=f"decoded manifold, z on Gaussian quantiles [{lo}, {hi}]")
