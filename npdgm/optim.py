@@ -7,11 +7,64 @@ cache-sized chunks with preallocated scratch, so each state array streams throug
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 from . import backend
 from .nn.module import Module, Parameter
 
-CHUNK = 1 << 15  # elements per cache block (128 KiB of float32 per array)
+CHUNK = 1 << 17  # elements per block: 512 KiB of float32 per array, 2.5 MiB for p, g, m, v + scratch
+# (fits L2+L3; measured on a 2-core Zen 4: 1<<17 beat 1<<15 by ~15% on 0.6M and 19M parameters,
+# fewer ufunc calls per step, see benchmarks/README.md)
+_threads = {"n": None, "pool": None}
+_pool_lock = threading.Lock()
+
+
+def set_num_threads(n=None):
+    """Threads for the chunked NumPy optimizer updates (NumPy's elementwise ufuncs are single-threaded
+    but release the GIL, so disjoint chunks of the flat buffer can be updated in parallel).
+    None: $NPDGM_NUM_THREADS, else $OMP_NUM_THREADS / $OPENBLAS_NUM_THREADS, else the CPU count."""
+    if n is None:
+        for k in ("NPDGM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            if os.environ.get(k, "").strip().isdigit():
+                n = int(os.environ[k])
+                break
+        else:
+            n = os.cpu_count() or 1
+    n = max(1, int(n))
+    with _pool_lock:
+        if _threads["pool"] is not None and n != _threads["n"]:
+            _threads["pool"].shutdown(wait=True)
+            _threads["pool"] = None
+        _threads["n"] = n
+    return n
+
+
+def get_num_threads():
+    return _threads["n"] if _threads["n"] is not None else set_num_threads()
+
+
+def _parallel(fn, spans):
+    """Run fn(span_index, span) for every span, on the shared thread pool when there are several."""
+    if len(spans) == 1:
+        fn(0, spans[0])
+        return
+    with _pool_lock:
+        if _threads["pool"] is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _threads["pool"] = ThreadPoolExecutor(max_workers=get_num_threads(), thread_name_prefix="npdgm-optim")
+        pool = _threads["pool"]
+    for f in [pool.submit(fn, i, sp) for i, sp in enumerate(spans)]:
+        f.result()
+
+
+def _spans(n, chunk, parts):
+    """Split [0, n) into at most ``parts`` contiguous spans of whole chunks (one per thread)."""
+    nchunks = -(-n // chunk)
+    parts = max(1, min(parts, nchunks))
+    per = -(-nchunks // parts)
+    return [(s * chunk, min(n, (s + per) * chunk)) for s in range(0, nchunks, per)]
 
 
 def _pairs(params):
@@ -41,8 +94,7 @@ class Optimizer:
             raise ValueError("optimizer got no parameters")
         self.lr = float(lr)
         self.t = 0
-        xp = backend.array_module(self.pairs[0][0])
-        self._tmp = [xp.empty(min(CHUNK, p.size), dtype=p.dtype) for p, _ in self.pairs]
+        self._tmp = {}  # (pair index, thread index) -> scratch of one chunk, made on first use
 
     def zero_grad(self):
         for _, g in self.pairs:
@@ -115,32 +167,53 @@ class Adam(Optimizer):
     def _state(self):
         return {"m": self.m, "v": self.v}
 
+    def scratch(self, i, k, p):
+        t = self._tmp.get((i, k))
+        if t is None:
+            t = self._tmp[(i, k)] = backend.array_module(p).empty(min(CHUNK, p.size), dtype=p.dtype)
+        return t
+
     def step(self):
+        """One update. On NumPy the flat buffer is walked in cache-sized chunks (each chunk's p, g, m,
+        v and one scratch stay in L2 while all the operations below run on them, so every array
+        streams through main memory once), split over :func:`get_num_threads` threads.
+
+            m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+            p <- p - a * m / (sqrt(v) + e),   a = lr sqrt(1 - b2^t) / (1 - b1^t),  e = eps sqrt(1 - b2^t)
+        (PyTorch's  lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)  with the bias corrections
+        folded into the two scalars.)"""
         self.t += 1
         b1, b2, lr, wd = self.b1, self.b2, self.lr, self.wd
-        step_size = lr / (1 - b1 ** self.t)
-        inv_bc2 = 1.0 / math.sqrt(1 - b2 ** self.t)
-        for (p, g), m, v, tmp in zip(self.pairs, self.m, self.v, self._tmp):
+        sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
+        step_size = lr * sqrt_bc2 / (1 - b1 ** self.t)
+        eps = self.eps * sqrt_bc2
+        for i, ((p, g), m, v) in enumerate(zip(self.pairs, self.m, self.v)):
             xp = backend.array_module(p)
-            for s, e in _chunks(p.size, CHUNK):
-                pc, gc, mc, vc, t = p[s:e], g[s:e], m[s:e], v[s:e], tmp[:e - s]
-                if wd and self.decoupled:
-                    pc *= 1 - lr * wd
-                elif wd:
-                    gc = gc + wd * pc
-                mc *= b1
-                xp.multiply(gc, 1 - b1, out=t)
-                mc += t
-                vc *= b2
-                xp.multiply(gc, gc, out=t)
-                t *= 1 - b2
-                vc += t
-                xp.sqrt(vc, out=t)
-                t *= inv_bc2
-                t += self.eps
-                xp.divide(mc, t, out=t)
-                t *= step_size
-                pc -= t
+
+            def span(k, se, p=p, g=g, m=m, v=v, i=i, xp=xp):
+                t_full = self.scratch(i, k, p)
+                for s, e in _chunks(se[1] - se[0], CHUNK):
+                    s, e = s + se[0], e + se[0]
+                    pc, gc, mc, vc, t = p[s:e], g[s:e], m[s:e], v[s:e], t_full[:e - s]
+                    if wd and self.decoupled:
+                        pc *= 1 - lr * wd
+                    elif wd:
+                        gc = gc + wd * pc
+                    mc *= b1
+                    xp.multiply(gc, 1 - b1, out=t)
+                    mc += t
+                    vc *= b2
+                    xp.multiply(gc, gc, out=t)
+                    t *= 1 - b2
+                    vc += t
+                    xp.sqrt(vc, out=t)
+                    t += eps
+                    xp.divide(mc, t, out=t)
+                    t *= step_size
+                    pc -= t
+
+            threads = get_num_threads() if xp.__name__ == "numpy" and p.size >= 4 * CHUNK else 1
+            _parallel(span, _spans(p.size, CHUNK, threads))
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):

@@ -181,3 +181,31 @@ def test_gpu_rows_skip_without_cupy():
     points, floors, notes = run.plan(run.parse_args(["--backends", "cupy", "--workloads", "vae"]))
     assert points == [] and floors == []
     assert any("CuPy" in n for n in notes)
+
+
+# -- engine speed paths: same numbers as the plain paths ----------------------------------------
+def test_threaded_chunked_adam_is_bitwise_the_single_thread_update():
+    from npdgm import optim
+    from npdgm.nn import Parameter
+
+    rng = np.random.default_rng(0)
+    n = 5 * optim.CHUNK + 123                      # several chunks, a ragged tail
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    out = []
+    old = optim.get_num_threads()
+    try:
+        for threads in (1, 3):
+            optim.set_num_threads(threads)
+            p = Parameter(p0.copy())
+            opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
+            for g in grads:
+                p.grad[...] = g
+                opt.step()
+            out.append(p.data.copy())
+    finally:
+        optim.set_num_threads(old)
+    np.testing.assert_array_equal(out[0], out[1])
+    spans = optim._spans(n, optim.CHUNK, 3)
+    assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) == 3
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
