@@ -158,6 +158,7 @@ def _(i):
 def _load_model_cases():
     """Model packages register their own cases on import."""
     from . import models  # noqa: F401
+    from . import reference_models  # noqa: F401  (whole-model and flow-layer cases)
 
 
 def export_reference(outdir, dtype="float64", seed=0, names=None):

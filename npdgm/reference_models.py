@@ -1,0 +1,336 @@
+"""Reference cases of whole models and flow layers (imported by :mod:`npdgm.reference`).
+
+Every case stores what a port needs to rebuild the computation without npdgm:
+
+    input/model     uint8 bytes of a JSON object {"kind", "config", "layout"}: the model class
+                    (``vae`` | ``flow`` | ``flow_layer`` | ...), its constructor config, and the
+                    parameter layout [[name, shape, offset], ...] in the flat buffer (C order,
+                    W of a Linear is (in, out)); decode with ``json.loads(a.tobytes())``
+    input/params    the flat parameter vector (every parameter is a slice of it, see layout)
+    input/x, ...    the batch; input/eps the standard-normal noise (samples, batch, z_dim)
+    output/<term>   loss terms (batch means, nats) and per-row values
+    grad/<name>     d loss / d parameter, one tensor per parameter name (same shape as the parameter)
+
+Dimensions are small on purpose (a few KB per case). The float64 set is committed in
+``tests/reference/models-f64`` and checked by ``tests/test_reference_models.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from . import backend
+from .kernels import coupling as C
+from .kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
+                      logsumexp_backward, logsumexp_forward, reparameterize_backward, reparameterize_forward)
+from .reference import CASES, register
+
+_BEFORE = set(CASES)
+
+# -- helpers --------------------------------------------------------------------------------------
+def _json_bytes(obj):
+    return np.frombuffer(json.dumps(obj, sort_keys=True).encode(), dtype=np.uint8).copy()
+
+
+def describe(kind, config, model):
+    """The ``input/model`` array: JSON {kind, config, layout} as uint8 bytes."""
+    layout = [[n, list(s), int(o)] for n, s, o in model.layout()]
+    return _json_bytes({"kind": kind, "config": config, "layout": layout})
+
+
+def _build(desc):
+    """Rebuild the model an ``input/model`` array describes (in the current backend dtype)."""
+    d = json.loads(np.asarray(desc, dtype=np.uint8).tobytes().decode())
+    kind, config = d["kind"], d["config"]
+    if kind == "flow_layer":
+        from .models.flows import build_layer
+
+        model = build_layer(config).flatten()
+    else:
+        from .io import MODELS
+        from . import models  # noqa: F401  (registers every kind)
+
+        if kind not in MODELS:
+            raise KeyError(f"reference case needs model kind {kind!r}, which this npdgm does not have")
+        model = MODELS[kind].from_config(config)
+    got = [[n, list(s), int(o)] for n, s, o in model.layout()]
+    if got != d["layout"]:
+        raise ValueError(f"the {kind} rebuilt from the stored config has layout {got}, the reference stores "
+                         f"{d['layout']}")
+    return model
+
+
+def _load_params(model, params):
+    if model.flat_params.shape != np.shape(params):
+        raise ValueError(f"params has shape {np.shape(params)}, the model's flat buffer {model.flat_params.shape}")
+    model.flat_params[...] = backend.to_device(np.asarray(params), model.flat_params.dtype)
+    if hasattr(model, "layers"):  # flows: stored parameters are already initialised (ActNorm)
+        for layer in model.layers:
+            if hasattr(layer, "initialized"):
+                layer.initialized = True
+    return model
+
+
+def _grads(model):
+    return {n: backend.to_host(g).copy() for n, g in model.grads.items()}
+
+
+def _make_model(build, dt, rng, scale=0.3):
+    """Build a model in dtype ``dt``, perturb its parameters (so biases and log-scales are not zero)."""
+    with backend.use("numpy", np.dtype(dt).name):
+        model = build()
+    if model.flat_params is None:  # a layer without parameters
+        return model, np.zeros(0, dtype=dt)
+    p = backend.to_host(model.flat_params).astype(np.float64)
+    p = p + rng.standard_normal(p.shape) * scale
+    return model, p.astype(dt)
+
+
+# -- VAE -----------------------------------------------------------------------------------------
+VAE_FORMULA = ("h = encoder(x) (MLP, W (in,out)); mu, logvar = h[:, :Z], h[:, Z:];  z_k = mu + exp(logvar/2) eps_k; "
+               "out = decoder(z_k);  recon = mean_b (1/K) sum_k NLL(x_b | out_bk) (summed over pixels);  "
+               "kl = mean_b 0.5 sum_j (mu^2 + e^logvar - 1 - logvar);  loss = recon + beta kl;  nelbo = recon + kl; "
+               "grad/<param> = d loss / d param")
+
+
+def _vae_make(cfg, B=4, K=2):
+    def make(rng, dt):
+        from .models.vae import VAE
+
+        model, p = _make_model(lambda: VAE(**cfg), dt, rng)
+        xd = cfg["x_dim"]
+        if cfg.get("likelihood", "bernoulli") == "bernoulli":
+            x = rng.uniform(0, 1, (B, xd))
+            x[0, :2] = (0.0, 1.0)
+        else:
+            x = rng.standard_normal((B, xd))
+        return {"model": describe("vae", model.config, model), "params": p, "x": x.astype(dt),
+                "eps": rng.standard_normal((K, B, cfg["z_dim"])).astype(dt)}
+    return make
+
+
+def _vae_run(i):
+    model = _load_params(_build(i["model"]), i["params"])
+    loss, terms = model.loss_and_grad(i["x"], i["eps"])
+    return {k: backend.to_host(v) for k, v in terms.items()}, _grads(model)
+
+
+VAE_BERNOULLI = dict(x_dim=6, hidden=[5], z_dim=3, activation="tanh", likelihood="bernoulli", beta=1.0, seed=1)
+VAE_GAUSSIAN = dict(x_dim=6, hidden=[5, 4], z_dim=2, activation="elu", likelihood="gaussian", sigma=None,
+                    beta=1.0, seed=2)
+register("vae_bernoulli", VAE_FORMULA + ";  NLL = sum_d softplus(out) - x out (Bernoulli logits)",
+         _vae_make(VAE_BERNOULLI))(_vae_run)
+register("vae_gaussian_learned", VAE_FORMULA + ";  NLL = 0.5 sum_d (x - out)^2 e^-logvar_x + logvar_x + log 2pi "
+         "(logvar_x a learned (x_dim,) parameter)", _vae_make(VAE_GAUSSIAN))(_vae_run)
+
+
+# -- IWAE --------------------------------------------------------------------------------------------
+def iwae_loss_and_grad(model, x, eps):
+    """The k-sample importance-weighted bound of a :class:`~npdgm.models.vae.VAE` and its gradient.
+
+        log w_kb = log p(x_b | z_kb) + log N(z_kb; 0, I) - log q(z_kb | x_b),   z_kb = mu_b + sigma_b eps_kb
+        iwae_b   = logsumexp_k log w_kb - log K            (the estimate VAE.log_likelihood returns)
+        loss     = -mean_b iwae_b
+
+    Backward (a_kb = softmax_k log w_kb, the normalised importance weights):
+        d loss / d log w_kb = -a_kb / B
+        log p(z) - log q(z|x) = -0.5 sum_j (z^2 - eps^2 - logvar)   (eps held fixed)
+        dz   = decoder.backward(d lpx) - dlogw z;     dlogvar += 0.5 sum_k dlogw   (per latent dim)
+        dmu, dlogvar += reparameterize_backward(dz, logvar, eps);  encoder.backward([dmu | dlogvar])
+    x (B, D), eps (K, B, Z). Fills ``model.grads``; returns (loss, iwae (B,)).
+    """
+    xp, B, Z, K = model.xp, x.shape[0], model.z_dim, eps.shape[0]
+    model.zero_grad()
+    h = model.encoder.forward(x)
+    mu, logvar = h[:, :Z], h[:, Z:]
+    z = reparameterize_forward(mu, logvar, eps)                                     # (K, B, Z)
+    out = model.decoder.forward(z.reshape(K * B, Z))
+    xt = xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
+    if model.likelihood == "bernoulli":
+        lpx = -bernoulli_nll_forward(out, xt)
+    else:
+        lpx = -gaussian_nll_forward(out, xt, model._logvar_x())
+    logw = lpx.reshape(K, B) - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)     # (K, B)
+    lse = logsumexp_forward(logw, axis=0)
+    iwae = lse - math.log(K)
+    loss = -iwae.mean()
+    dlogw = logsumexp_backward(xp.full(B, -1.0 / B, dtype=model.dtype), logw, lse, axis=0)   # (K, B)
+    d_nll = -dlogw.reshape(K * B)                         # d loss / d NLL rows
+    if model.likelihood == "bernoulli":
+        dout = bernoulli_nll_backward(d_nll, out, xt)
+    else:
+        dout, dlv_x = gaussian_nll_backward(d_nll, out, xt, model._logvar_x())
+        if model.learned_sigma:
+            model.logvar_x.grad += dlv_x
+    dz = model.decoder.backward(dout).reshape(K, B, Z) - dlogw[:, :, None] * z
+    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+    dlogvar += 0.5 * dlogw.sum(axis=0)[:, None]
+    model.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+    return loss, iwae
+
+
+def _iwae_run(i):
+    model = _load_params(_build(i["model"]), i["params"])
+    loss, iwae = iwae_loss_and_grad(model, i["x"], i["eps"])
+    return {"loss": backend.to_host(loss), "iwae": backend.to_host(iwae)}, _grads(model)
+
+
+register("vae_iwae", "log w_kb = log p(x_b|z_kb) + log N(z_kb; 0, I) - log q(z_kb|x_b), z_kb = mu_b + e^(logvar_b/2) "
+         "eps_kb;  iwae_b = logsumexp_k log w_kb - log K (= VAE.log_likelihood with this noise);  "
+         "loss = -mean_b iwae_b;  grad/<param> = d loss / d param",
+         _vae_make(dict(VAE_BERNOULLI, seed=3), B=3, K=5))(_iwae_run)
+
+
+# -- flows ---------------------------------------------------------------------------------------------
+FLOW_FORMULA = ("z, logdet = f(x) through the layers in order (config.layers specs);  "
+                "loss = -mean_b [log p_Z(z_b) + logdet_b];  grad/<param> = d loss / d param")
+
+
+def _flow_make(build, make_x):
+    def make(rng, dt):
+        model, p = _make_model(build, dt, rng)
+        return {"model": describe("flow", model.config, model), "params": p, "x": make_x(rng).astype(dt)}
+    return make
+
+
+def _flow_run(i):
+    model = _load_params(_build(i["model"]), i["params"])
+    loss = model.loss_and_grad(i["x"])
+    grads = _grads(model)
+    z, logdet = model.forward(i["x"])
+    return {"loss": backend.to_host(loss), "z": backend.to_host(z), "logdet": backend.to_host(logdet)}, grads
+
+
+def _nice():
+    from .models.flows import nice
+
+    return nice(dim=4, n_couplings=3, hidden=5, n_hidden=2, prior="logistic", seed=4)
+
+
+def _realnvp2d():
+    from .models.flows import realnvp2d
+
+    return realnvp2d(n_couplings=4, hidden=(6, 6), seed=5)
+
+
+register("nice", FLOW_FORMULA + ";  NICE: additive couplings y_b = x_b + m(x_a), final diagonal Scaling, "
+         "logistic prior", _flow_make(_nice, lambda rng: rng.standard_normal((5, 4))))(_flow_run)
+register("realnvp2d", FLOW_FORMULA + ";  RealNVP-2d: affine couplings y_b = x_b e^s + t, s = tanh(raw), "
+         "Gaussian prior", _flow_make(_realnvp2d, lambda rng: rng.standard_normal((6, 2))))(_flow_run)
+
+
+# -- single flow layers, forward and inverse ----------------------------------------------------------------
+def _layer_make(spec, direction, B=5):
+    def make(rng, dt):
+        from .models.flows import build_layer
+
+        model, p = _make_model(lambda: build_layer(spec).flatten(), dt, rng)
+        D = spec["dim"]
+        a = rng.uniform(0.05, 0.95, (B, D)) if spec["type"] == "LogitTransform" and direction == "forward" \
+            else rng.standard_normal((B, D))
+        name = "x" if direction == "forward" else "y"
+        up = "dy" if direction == "forward" else "dx"
+        out = {"model": describe("flow_layer", model.spec(), model), name: a.astype(dt),
+               up: rng.standard_normal((B, D)).astype(dt), "dlogdet": rng.standard_normal(B).astype(dt)}
+        if p.size:
+            out["params"] = p
+        return out
+    return make
+
+
+def _layer_forward_run(i):
+    layer = _build(i["model"])
+    if "params" in i:
+        _load_params(layer, i["params"])
+    y, ld = layer.forward(i["x"])
+    layer.zero_grad()
+    dx = layer.backward(i["dy"], i["dlogdet"])
+    return {"y": y, "logdet": ld}, {"x": dx, **_grads(layer)}
+
+
+def _layer_inverse_run(i):
+    layer = _build(i["model"])
+    if "params" in i:
+        _load_params(layer, i["params"])
+    x, ld = layer.inverse(i["y"], logdet=True)
+    layer.zero_grad()
+    dy = layer.inverse_backward(i["dx"], i["dlogdet"])
+    return {"x": x, "logdet_inv": ld}, {"y": dy, **_grads(layer)}
+
+
+LAYERS = {
+    "affine_coupling": (dict(type="AffineCoupling", dim=4, mask="half", parity=0, hidden=[5], activation="tanh",
+                             scale="tanh", scale_bound=1.5, image_shape=None, init="torch", seed=6),
+                        "(raw, t) = net(x_a); s = b tanh(raw / b); y_a = x_a; y_b = x_b e^s + t; logdet = sum s",
+                        "x_a = y_a; x_b = (y_b - t) e^-s; logdet_inv = -sum s"),
+    "affine_coupling_atan": (dict(type="AffineCoupling", dim=4, mask="alternate", parity=1, hidden=[5],
+                                  activation="softplus", scale="atan", scale_bound=2.0, image_shape=None,
+                                  init="torch", seed=7),
+                             "(raw, t) = net(x_a); s = (2b/pi) atan(raw / b); y_b = x_b e^s + t; logdet = sum s",
+                             "x_b = (y_b - t) e^-s; logdet_inv = -sum s"),
+    "additive_coupling": (dict(type="AdditiveCoupling", dim=4, mask="half", parity=1, hidden=[5],
+                               activation="tanh", image_shape=None, init="torch", seed=8),
+                          "y_a = x_a; y_b = x_b + m(x_a); logdet = 0", "x_b = y_b - m(y_a); logdet_inv = 0"),
+    "scaling": (dict(type="Scaling", dim=4), "y = x e^log_scale; logdet = sum log_scale",
+                "x = y e^-log_scale; logdet_inv = -sum log_scale"),
+    "logit_transform": (dict(type="LogitTransform", dim=4, alpha=0.05),
+                        "p = a + (1 - 2a) x; y = log p - log(1 - p); logdet = sum log(1 - 2a) - log p - log(1 - p)",
+                        "x = (sigmoid(y) - a) / (1 - 2a); logdet_inv = -logdet(x)"),
+}
+for _name, (_spec, _fwd, _inv) in LAYERS.items():
+    register(_name, _fwd + ";  upstream dy, dlogdet;  grad/x = dL/dx, grad/<param> = dL/dparam for "
+             "L = sum(y dy) + sum(logdet dlogdet)", _layer_make(_spec, "forward"))(_layer_forward_run)
+    register(_name + "_inverse", _inv + ";  upstream dx, dlogdet;  grad/y = dL/dy, grad/<param> = dL/dparam for "
+             "L = sum(x dx) + sum(logdet_inv dlogdet)", _layer_make(_spec, "inverse"))(_layer_inverse_run)
+
+
+# -- priors and scale clamps -----------------------------------------------------------------------
+def _prior_case(name, formula):
+    def make(rng, dt):
+        return {"z": (rng.standard_normal((6, 4)) * 3).astype(dt), "dy": rng.standard_normal(6).astype(dt)}
+
+    @register(f"prior_{name}", formula, make)
+    def run(i):
+        f, b = C.prior_logprob(name)
+        return {"logp": f(i["z"])}, {"z": b(i["dy"], i["z"])}
+
+
+_prior_case("gaussian", "logp_b = -0.5 sum_d (z^2 + log 2pi);  dz = -dlogp z")
+_prior_case("logistic", "logp_b = -sum_d (softplus(z) + softplus(-z));  dz = -dlogp tanh(z/2)")
+
+
+def _clamp_case(kind, formula, bound=1.7):
+    def make(rng, dt):
+        return {"raw": (rng.standard_normal((6, 4)) * 3).astype(dt), "dy": rng.standard_normal((6, 4)).astype(dt)}
+
+    @register(f"scale_clamp_{kind}", formula + f"  (b = {bound})", make)
+    def run(i):
+        s = C.scale_clamp_forward(i["raw"], kind, bound)
+        return {"s": s}, {"raw": C.scale_clamp_backward(i["dy"], i["raw"], s, kind, bound)}
+
+
+_clamp_case("tanh", "s = b tanh(raw / b);  draw = ds (1 - (s/b)^2)")
+_clamp_case("atan", "s = (2b/pi) atan(raw / b);  draw = ds (2/pi) / (1 + (raw/b)^2)")
+
+
+# -- models still being written (CVAE, M2): registered when their module exists ------------------------
+def _optional_model_cases():
+    import importlib
+
+    for mod in ("cvae", "m2"):
+        try:
+            m = importlib.import_module(f".models.{mod}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.models.{mod}":
+                raise
+            continue
+        hook = getattr(m, "reference_cases", None)
+        if hook is not None:
+            hook(register, describe)
+
+
+_optional_model_cases()
+
+CASE_NAMES = sorted(set(CASES) - _BEFORE)  # the cases this module (and the optional models) added
