@@ -229,7 +229,7 @@ def test_save_load_identical_loss(tmp_path, rng):
     assert isinstance(m2, npdgm.VAE) and m2.config == m.config and m2.dtype == np.float32
     assert float(m2.loss(x, eps)[0]) == float(m.loss(x, eps)[0])
     np.testing.assert_array_equal(m2.flat_params, m.flat_params)
-    assert "VAE" in npdgm.__all__ if hasattr(npdgm, "__all__") else npdgm.VAE is VAE
+    assert npdgm.VAE is VAE and "VAE" in npdgm.models.__all__
 
 
 def test_same_seed_same_weights_and_float64(f64):
