@@ -128,12 +128,10 @@ def run_point(spec):
         from .npdgm_models import impl_of
 
         impl = impl_of(r.model)
-        step = r.step
         if xp_name == "cupy" and spec.get("cuda_graph"):
-            from npdgm.kernels import fused
-
-            step = fused.graph_step(r.step, warmup=2)
+            r.enable_cuda_graph()
             impl += "+graph"
+        step = r.step
     else:
         import torch
 

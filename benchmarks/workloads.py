@@ -191,6 +191,32 @@ class NpdgmRunner:
         self._loss = self._loss_and_grad(self.model, x, eps)
         self.opt.step()
 
+    def enable_cuda_graph(self, warmup=2):
+        """Replace :meth:`step` by the replay of a captured CUDA graph of the same step (CuPy only):
+        the batch and the noise are copied into static device buffers, then one graph launch runs
+        forward, backward and the fused Adam update."""
+        from npdgm.kernels.fused import CudaGraphStep
+
+        def dev_step(x, *eps):
+            loss = self._loss_and_grad(self.model, x, eps[0] if eps else None)
+            self.opt.step()
+            return loss
+
+        def noise():
+            if self.noise_shape is None:
+                return ()
+            return (self.noise_rng.standard_normal(self.noise_shape, dtype=np.float32),)
+
+        graph = CudaGraphStep(dev_step, (self.batches[0], *noise()), optimizers=[self.opt], warmup=warmup)
+
+        def step():
+            x = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            self._loss = graph(x, *noise())
+
+        self.step = step
+        return self
+
     def loss(self):
         return float(self._loss)
 

@@ -95,6 +95,7 @@ class Optimizer:
         self.lr = float(lr)
         self.t = 0
         self._tmp = {}  # (pair index, thread index) -> scratch of one chunk, made on first use
+        self._t_dev = None  # device step counter of the fused CuPy Adam (CUDA-graph safe)
 
     def zero_grad(self):
         for _, g in self.pairs:
@@ -107,6 +108,7 @@ class Optimizer:
 
     def load_state_dict(self, state):
         self.t = int(state["t"])
+        self._t_dev = None
         for k, arrs in self._state().items():
             for i, a in enumerate(arrs):
                 v = state[f"{k}.{i}"]
@@ -167,10 +169,10 @@ class Adam(Optimizer):
     def _state(self):
         return {"m": self.m, "v": self.v}
 
-    def scratch(self, i, k, p):
+    def scratch(self, i, k, p, chunk):
         t = self._tmp.get((i, k))
         if t is None:
-            t = self._tmp[(i, k)] = backend.array_module(p).empty(min(CHUNK, p.size), dtype=p.dtype)
+            t = self._tmp[(i, k)] = backend.array_module(p).empty(min(chunk, p.size), dtype=p.dtype)
         return t
 
     def step(self):
@@ -181,18 +183,32 @@ class Adam(Optimizer):
             m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
             p <- p - a * m / (sqrt(v) + e),   a = lr sqrt(1 - b2^t) / (1 - b1^t),  e = eps sqrt(1 - b2^t)
         (PyTorch's  lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)  with the bias corrections
-        folded into the two scalars.)"""
+        folded into the two scalars.) On CuPy the whole update is one fused kernel
+        (``npdgm.kernels.fused``) whose step counter lives on the device, so a captured CUDA graph
+        of a training step replays with the right bias corrections."""
+        from .kernels import fused
+
         self.t += 1
+        if fused.on_gpu(self.pairs[0][0], self.pairs[0][1]):
+            xp = backend.array_module(self.pairs[0][0])
+            if self._t_dev is None:
+                self._t_dev = xp.full((), self.t - 1, dtype=xp.float64)
+            self._t_dev += 1
+            for (p, g), m, v in zip(self.pairs, self.m, self.v):
+                fused.adam_step(p, g, m, v, self._t_dev, self.lr, self.b1, self.b2, self.eps, self.wd,
+                                self.decoupled)
+            return
         b1, b2, lr, wd = self.b1, self.b2, self.lr, self.wd
         sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
         step_size = lr * sqrt_bc2 / (1 - b1 ** self.t)
         eps = self.eps * sqrt_bc2
         for i, ((p, g), m, v) in enumerate(zip(self.pairs, self.m, self.v)):
             xp = backend.array_module(p)
+            chunk = CHUNK if xp.__name__ == "numpy" else p.size  # GPU (fusion off): whole-array ops
 
-            def span(k, se, p=p, g=g, m=m, v=v, i=i, xp=xp):
-                t_full = self.scratch(i, k, p)
-                for s, e in _chunks(se[1] - se[0], CHUNK):
+            def span(k, se, p=p, g=g, m=m, v=v, i=i, xp=xp, chunk=chunk):
+                t_full = self.scratch(i, k, p, chunk)
+                for s, e in _chunks(se[1] - se[0], chunk):
                     s, e = s + se[0], e + se[0]
                     pc, gc, mc, vc, t = p[s:e], g[s:e], m[s:e], v[s:e], t_full[:e - s]
                     if wd and self.decoupled:
@@ -213,7 +229,7 @@ class Adam(Optimizer):
                     pc -= t
 
             threads = get_num_threads() if xp.__name__ == "numpy" and p.size >= 4 * CHUNK else 1
-            _parallel(span, _spans(p.size, CHUNK, threads))
+            _parallel(span, _spans(p.size, chunk, threads))
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):

@@ -3,6 +3,7 @@
 Each backward takes whichever of x or y makes f' cheapest and exact.
 """
 from ..backend import array_module
+from . import fused as _fused
 from ._check import check_same_shape
 
 
@@ -14,6 +15,8 @@ def relu_forward(x):
 def relu_backward(dy, y):
     """dx = dy * [x > 0]   (computed from y = relu(x): y > 0 iff x > 0; f'(0) := 0)."""
     check_same_shape("dy", dy, "y", y)
+    if _fused.on_gpu(dy, y):
+        return _fused.relu_backward(dy, y)
     return dy * (y > 0)
 
 
@@ -36,11 +39,15 @@ def tanh_forward(x):
 def tanh_backward(dy, y):
     """dx = dy * (1 - y^2),  y = tanh(x)."""
     check_same_shape("dy", dy, "y", y)
+    if _fused.on_gpu(dy, y):
+        return _fused.tanh_backward(dy, y)
     return dy * (1 - y * y)
 
 
 def sigmoid_forward(x):
     """y = 1 / (1 + exp(-x)), evaluated without overflow for large |x|."""
+    if _fused.on_gpu(x):
+        return _fused.sigmoid_forward(x)
     xp = array_module(x)
     e = xp.exp(-xp.abs(x))
     return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
@@ -49,11 +56,15 @@ def sigmoid_forward(x):
 def sigmoid_backward(dy, y):
     """dx = dy * y * (1 - y),  y = sigmoid(x)."""
     check_same_shape("dy", dy, "y", y)
+    if _fused.on_gpu(dy, y):
+        return _fused.sigmoid_backward(dy, y)
     return dy * y * (1 - y)
 
 
 def softplus_forward(x):
     """y = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))   (stable for all x)."""
+    if _fused.on_gpu(x):
+        return _fused.softplus_forward(x)
     xp = array_module(x)
     return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
 
@@ -61,6 +72,8 @@ def softplus_forward(x):
 def softplus_backward(dy, x):
     """dx = dy * sigmoid(x)."""
     check_same_shape("dy", dy, "x", x)
+    if _fused.on_gpu(dy, x):
+        return _fused.softplus_backward(dy, x)
     return dy * sigmoid_forward(x)
 
 

@@ -4,6 +4,7 @@
 import math
 
 from ..backend import array_module
+from . import fused as _fused
 from ._check import check_2d, check_same_shape
 from .activations import sigmoid_forward, softplus_forward
 
@@ -17,11 +18,15 @@ def bernoulli_nll_forward(logits, x):
     """
     check_2d("logits", logits)
     check_same_shape("logits", logits, "x", x)
+    if _fused.on_gpu(logits, x):
+        return _fused.bernoulli_nll_forward(logits, x)
     return (softplus_forward(logits) - x * logits).sum(axis=1)
 
 
 def bernoulli_nll_backward(dloss, logits, x):
     """dl = dloss[:, None] * (sigmoid(l) - x)."""
+    if _fused.on_gpu(dloss, logits, x):
+        return _fused.bernoulli_nll_backward(dloss, logits, x)
     return dloss[:, None] * (sigmoid_forward(logits) - x)
 
 
