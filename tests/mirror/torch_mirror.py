@@ -1,0 +1,237 @@
+"""npdgm's models written again in plain PyTorch autograd, as functions of a parameter dict.
+
+Nothing here imports npdgm: a model is rebuilt from the checkpoint manifest alone (``kind``,
+``config``, ``layout``; see docs/checkpoints.md and layout.py), so this file is what a port to PyTorch
+looks like. ``P`` maps npdgm's parameter names ("encoder.0.W", "3.net.2.b", ...) to tensors; a Linear
+computes ``x @ W + b`` with W stored (in, out) -- the transpose of ``torch.nn.Linear.weight``.
+
+    vae_terms(P, config, x, eps)    -> {"loss", "recon", "kl", "nelbo"}   VAE.loss_and_grad
+    vae_iwae(P, config, x, eps)     -> (B,) log p(x) estimates             VAE.log_likelihood
+    vae_decode(P, config, z)        -> E[x|z]                               VAE.decode
+    flow_forward(P, config, x)      -> (z, logdet)                          Flow.forward
+    flow_log_prob(P, config, x)     -> (B,)                                 Flow.log_prob (loss = -mean)
+    flow_inverse(P, config, z)      -> (x, logdet_inv)                      Flow.inverse(z, logdet=True)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# -- building blocks -----------------------------------------------------------------------------------
+def softplus(x):
+    return torch.logaddexp(x, torch.zeros_like(x))  # exact for every x (F.softplus switches to x above 20)
+
+
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": softplus,
+    "elu": F.elu,
+    "identity": lambda x: x,
+}
+
+
+def mlp(P, prefix, activation, x):
+    """npdgm.nn.MLP: Linear layers at Sequential indices 0, 2, 4, ... with ``activation`` between them."""
+    n = 0
+    while f"{prefix}.{2 * n}.W" in P:
+        n += 1
+    if n == 0:
+        raise KeyError(f"no Linear layers named {prefix}.0.W, {prefix}.2.W, ... in the parameters")
+    act = ACTIVATIONS[activation]
+    for k in range(n):
+        x = x @ P[f"{prefix}.{2 * k}.W"] + P[f"{prefix}.{2 * k}.b"]
+        if k < n - 1:
+            x = act(x)
+    return x
+
+
+# -- VAE -----------------------------------------------------------------------------------------------
+def vae_encode(P, cfg, x):
+    h = mlp(P, "encoder", cfg["activation"], x)
+    Z = cfg["z_dim"]
+    return h[:, :Z], h[:, Z:]
+
+
+def _nll_rows(P, cfg, out, x):
+    """-log p(x | decoder output) summed over pixels, one value per row."""
+    if cfg["likelihood"] == "bernoulli":
+        return (softplus(out) - x * out).sum(dim=1)
+    lv = P["logvar_x"] if cfg["sigma"] is None else torch.tensor(2 * math.log(cfg["sigma"]), dtype=out.dtype)
+    lv = lv.expand_as(out)
+    return 0.5 * ((x - out) ** 2 * torch.exp(-lv) + lv + LOG_2PI).sum(dim=1)
+
+
+def vae_terms(P, cfg, x, eps):
+    """The VAE training loss: eps (K, B, Z); recon and kl are batch means of per-image sums."""
+    mu, logvar = vae_encode(P, cfg, x)
+    K, B, Z = eps.shape
+    z = mu + torch.exp(0.5 * logvar) * eps
+    out = mlp(P, "decoder", cfg["activation"], z.reshape(K * B, Z))
+    recon = _nll_rows(P, cfg, out, x.repeat(K, 1)).mean()
+    kl = (0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar).sum(dim=1)).mean()
+    return {"loss": recon + cfg["beta"] * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
+
+
+def vae_iwae(P, cfg, x, eps):
+    """logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x)] - log K, eps (K, B, Z)."""
+    mu, logvar = vae_encode(P, cfg, x)
+    K, B, Z = eps.shape
+    z = mu + torch.exp(0.5 * logvar) * eps
+    out = mlp(P, "decoder", cfg["activation"], z.reshape(K * B, Z))
+    log_px = -_nll_rows(P, cfg, out, x.repeat(K, 1)).reshape(K, B)
+    log_pz = -0.5 * (z ** 2 + LOG_2PI).sum(dim=2)
+    log_qz = -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(dim=2)
+    return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(K)
+
+
+def vae_decode(P, cfg, z):
+    out = mlp(P, "decoder", cfg["activation"], z)
+    return torch.sigmoid(out) if cfg["likelihood"] == "bernoulli" else out
+
+
+# -- flows -----------------------------------------------------------------------------------------------
+def make_mask(spec):
+    """Bool (dim,) array, True = conditioning half, from a coupling layer's spec."""
+    dim, mask, parity = spec["dim"], spec["mask"], spec["parity"]
+    if mask == "half":
+        m = np.arange(dim) < dim // 2
+    elif mask == "alternate":
+        m = np.arange(dim) % 2 == 0
+    elif mask in ("checkerboard", "channel"):
+        shape = tuple(spec["image_shape"])
+        shape = (1, *shape) if len(shape) == 2 else shape
+        c, h, w = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+        m = (((h + w) % 2 == 0) if mask == "checkerboard" else (c < shape[0] // 2)).ravel()
+    else:
+        m = np.asarray(mask).astype(bool)
+    return ~m if parity == 1 else m
+
+
+class _Split:
+    def __init__(self, spec):
+        m = make_mask(spec)
+        self.ia = torch.from_numpy(np.flatnonzero(m))
+        self.ib = torch.from_numpy(np.flatnonzero(~m))
+        self.undo = torch.from_numpy(np.argsort(np.concatenate([np.flatnonzero(m), np.flatnonzero(~m)])))
+        self.nb = int((~m).sum())
+
+    def split(self, x):
+        return x[:, self.ia], x[:, self.ib]
+
+    def merge(self, a, b):
+        return torch.cat([a, b], dim=1)[:, self.undo]
+
+
+def _perm(spec):
+    if spec["kind"] == "reverse":
+        return np.arange(spec["dim"])[::-1].copy()
+    return np.random.default_rng(int(spec["seed"])).permutation(spec["dim"])
+
+
+def _clamp(raw, spec):
+    b = spec["scale_bound"]
+    if spec["scale"] == "tanh":
+        return b * torch.tanh(raw / b)
+    if spec["scale"] == "atan":
+        return (2 * b / math.pi) * torch.atan(raw / b)
+    return raw
+
+
+def _coupling_st(P, pre, spec, sp, a):
+    h = mlp(P, pre + "net", spec["activation"], a)
+    return _clamp(h[:, :sp.nb], spec), h[:, sp.nb:]
+
+
+def layer_forward(P, pre, spec, x):
+    """One layer x -> (y, log|det dy/dx| per row)."""
+    t = spec["type"]
+    zero = torch.zeros(x.shape[0], dtype=x.dtype)
+    if t == "AdditiveCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(x)
+        return sp.merge(a, b + mlp(P, pre + "net", spec["activation"], a)), zero
+    if t == "AffineCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(x)
+        s, sh = _coupling_st(P, pre, spec, sp, a)
+        return sp.merge(a, b * torch.exp(s) + sh), s.sum(dim=1)
+    if t == "Permutation":
+        return x[:, torch.from_numpy(_perm(spec))], zero
+    if t == "Scaling":
+        ls = P[pre + "log_scale"]
+        return x * torch.exp(ls), zero + ls.sum()
+    if t == "ActNorm":
+        ls = P[pre + "log_scale"]
+        return (x + P[pre + "loc"]) * torch.exp(ls), zero + ls.sum()
+    if t == "LogitTransform":
+        a = spec["alpha"]
+        p = a + (1 - 2 * a) * x
+        lp, l1p = torch.log(p), torch.log1p(-p)
+        return lp - l1p, (math.log(1 - 2 * a) - lp - l1p).sum(dim=1)
+    raise ValueError(f"unknown layer type {t!r}")
+
+
+def layer_inverse(P, pre, spec, y):
+    """One layer y -> (x, log|det dx/dy| per row)."""
+    t = spec["type"]
+    zero = torch.zeros(y.shape[0], dtype=y.dtype)
+    if t == "AdditiveCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(y)
+        return sp.merge(a, b - mlp(P, pre + "net", spec["activation"], a)), zero
+    if t == "AffineCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(y)
+        s, sh = _coupling_st(P, pre, spec, sp, a)
+        return sp.merge(a, (b - sh) * torch.exp(-s)), -s.sum(dim=1)
+    if t == "Permutation":
+        return y[:, torch.from_numpy(np.argsort(_perm(spec)))], zero
+    if t == "Scaling":
+        ls = P[pre + "log_scale"]
+        return y * torch.exp(-ls), zero - ls.sum()
+    if t == "ActNorm":
+        ls = P[pre + "log_scale"]
+        return y * torch.exp(-ls) - P[pre + "loc"], zero - ls.sum()
+    if t == "LogitTransform":
+        a = spec["alpha"]
+        ld = (F.logsigmoid(y) + F.logsigmoid(-y) - math.log(1 - 2 * a)).sum(dim=1)
+        return (torch.sigmoid(y) - a) / (1 - 2 * a), ld
+    raise ValueError(f"unknown layer type {t!r}")
+
+
+def prior_log_prob(name, z):
+    if name == "gaussian":
+        return -0.5 * (z ** 2 + LOG_2PI).sum(dim=1)
+    if name == "logistic":
+        return -(softplus(z) + softplus(-z)).sum(dim=1)
+    raise ValueError(f"unknown prior {name!r}")
+
+
+def flow_forward(P, cfg, x):
+    logdet = torch.zeros(x.shape[0], dtype=x.dtype)
+    for i, spec in enumerate(cfg["layers"]):
+        x, ld = layer_forward(P, f"{i}.", spec, x)
+        logdet = logdet + ld
+    return x, logdet
+
+
+def flow_log_prob(P, cfg, x):
+    z, logdet = flow_forward(P, cfg, x)
+    return prior_log_prob(cfg["prior"], z) + logdet
+
+
+def flow_inverse(P, cfg, z):
+    total = torch.zeros(z.shape[0], dtype=z.dtype)
+    for i in range(len(cfg["layers"]) - 1, -1, -1):
+        z, ld = layer_inverse(P, f"{i}.", cfg["layers"][i], z)
+        total = total + ld
+    return z, total
