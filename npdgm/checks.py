@@ -145,3 +145,40 @@ for _name in ("relu", "tanh", "elu", "softplus"):
     def _mlp(rng, _name=_name):
         return _module_check(MLP(4, [6, 5], 3, activation=_name, rng=rng), rng.standard_normal((7, 4)), rng)
     register(f"module.MLP[{_name}]")(_mlp)
+
+
+# -- categorical kernels (log-softmax, cross-entropy, entropy, expectation under softmax) ----------
+@register("kernel.softmax")
+def _(rng):
+    s = _awkward(rng, (5, 4))
+    dq = rng.standard_normal(s.shape)
+    ds = K.softmax_backward(dq, K.softmax_forward(s))
+    return check(lambda: np.sum(K.softmax_forward(s) * dq), {"logits": s}, {"logits": ds})
+
+
+@register("kernel.log_softmax")
+def _(rng):
+    s = _awkward(rng, (5, 4))
+    dy = rng.standard_normal(s.shape)
+    ds = K.log_softmax_backward(dy, K.log_softmax_forward(s))
+    return check(lambda: np.sum(K.log_softmax_forward(s) * dy), {"logits": s}, {"logits": ds})
+
+
+@register("kernel.softmax_ce")
+def _(rng):
+    s = _awkward(rng, (6, 5))
+    labels = rng.integers(0, 5, 6)
+    return kernel_check(lambda a: K.softmax_ce_forward(a, labels), lambda d, a: K.softmax_ce_backward(d, a, labels),
+                        {"logits": s}, rng)
+
+
+@register("kernel.softmax_entropy")
+def _(rng):
+    s = rng.standard_normal((6, 5)) * 3
+    return kernel_check(K.softmax_entropy_forward, K.softmax_entropy_backward, {"logits": s}, rng)
+
+
+@register("kernel.softmax_expectation")
+def _(rng):
+    s, v = rng.standard_normal((6, 5)) * 3, rng.standard_normal((6, 5)) * 10
+    return kernel_check(K.softmax_expectation_forward, K.softmax_expectation_backward, {"logits": s, "v": v}, rng)

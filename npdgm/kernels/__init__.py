@@ -18,3 +18,6 @@ from .coupling import (PRIORS, SCALE_CLAMPS, affine_coupling_backward, affine_co
                        logistic_logprob_forward, logit_backward, logit_forward, logit_inverse,
                        logit_inverse_backward, prior_logprob, prior_noise, scale_clamp_backward,
                        scale_clamp_forward)
+from .categorical import (log_softmax_backward, log_softmax_forward, softmax_backward, softmax_ce_backward,
+                          softmax_ce_forward, softmax_entropy_backward, softmax_entropy_forward,
+                          softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
