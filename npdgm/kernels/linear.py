@@ -17,9 +17,19 @@ def linear_forward(x, W, b, out=None):
     if b.shape != (W.shape[1],):
         raise ValueError(f"b must have shape ({W.shape[1]},), got {b.shape}")
     xp = array_module(x)
-    y = xp.matmul(x, W, out=out)
+    y = _matmul(xp, x, W, out)
     y += b
     return y
+
+
+def _matmul(xp, a, b, out=None):
+    """a @ b. When the inner dimension is 1 (a layer fed by one flow coordinate) OpenBLAS's sgemm
+    runs at ~1% of its peak (0.15 ms for (512, 1) @ (1, 256) on a Zen 4 core), so the product is
+    written as the outer product  a[:, 0] b[0, :]  (one broadcast multiply, 0.035 ms). Inner
+    dimensions >= 2 stay with BLAS (already fast there; broadcasting is slower)."""
+    if a.shape[1] != 1:
+        return xp.matmul(a, b, out=out)
+    return xp.multiply(a, b, out=out)
 
 
 def linear_backward(dy, x, W, need_dx=True):
@@ -32,5 +42,5 @@ def linear_backward(dy, x, W, need_dx=True):
     """
     if dy.shape != (x.shape[0], W.shape[1]):
         raise ValueError(f"dy must have shape {(x.shape[0], W.shape[1])}, got {dy.shape}")
-    dx = dy @ W.T if need_dx else None
+    dx = _matmul(array_module(dy), dy, W.T) if need_dx else None
     return dx, x.T @ dy, dy.sum(axis=0)
