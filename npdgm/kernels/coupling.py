@@ -115,7 +115,7 @@ def diag_scale_forward(x, log_scale):
     if log_scale.shape != (x.shape[1],):
         raise ValueError(f"log_scale must have shape ({x.shape[1]},), got {log_scale.shape}")
     y = x * xp.exp(log_scale)
-    return y, xp.full(x.shape[0], log_scale.sum(), dtype=x.dtype)
+    return y, xp.zeros(x.shape[0], dtype=x.dtype) + log_scale.sum()
 
 
 def diag_scale_backward(dy, dlogdet, x, log_scale):
@@ -132,7 +132,7 @@ def diag_scale_backward(dy, dlogdet, x, log_scale):
 def diag_scale_inverse(y, log_scale):
     """x = y * exp(-log_scale);  logdet_inv = -sum log_scale."""
     xp = array_module(y)
-    return y * xp.exp(-log_scale), xp.full(y.shape[0], -log_scale.sum(), dtype=y.dtype)
+    return y * xp.exp(-log_scale), xp.zeros(y.shape[0], dtype=y.dtype) - log_scale.sum()
 
 
 def diag_scale_inverse_backward(dx, dlogdet_inv, x, log_scale):

@@ -40,7 +40,8 @@ def flow2d_panels(flow, data, path, title=None, n_samples=None, seed=0, temperat
     axes[0].hist2d(data[:, 0], data[:, 1], bins=120, range=rng, cmap="magma")
     axes[0].set_title(f"data ({len(data)} points)")
     axes[1].imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
-    axes[1].contour(xs, ys, dens, levels=6, colors="white", linewidths=0.5, alpha=0.6)
+    axes[1].contour(xs, ys, dens, levels=dens.max() * np.array([0.02, 0.1, 0.3, 0.6, 0.9]), colors="white",
+                    linewidths=0.5, alpha=0.6)
     axes[1].set_title("learned density p(x)")
     axes[2].hist2d(samples[:, 0], samples[:, 1], bins=120, range=rng, cmap="magma")
     axes[2].set_title(f"samples x = f^-1(z) (T={temperature:g})")
