@@ -8,7 +8,7 @@ from .base import Model
 
 __all__ = ["Model"]
 
-for _name in ("vae", "flows", "gmm"):
+for _name in ("vae", "flows", "gmm", "cvae", "m2"):
     try:
         _mod = importlib.import_module(f".{_name}", __name__)
     except ModuleNotFoundError as _e:  # a model family not written yet

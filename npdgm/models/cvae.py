@@ -1,0 +1,391 @@
+"""Conditional VAE (Sohn et al. 2015; seed 002: conditional generation) with a hand-written backward.
+
+Model, for a label y in {0..C-1} given as a one-hot row e_y concatenated to the inputs:
+
+    q(z|x, y) = N(mu, diag exp(logvar)),  [mu | logvar] = encoder([x | e_y])    MLP x_dim + C -> hidden -> 2 z_dim
+    p(z)      = N(0, I)
+    p(x|z, y) = Bernoulli(sigmoid(f([z | e_y])))   (or Gaussian, as in :class:`npdgm.VAE`)
+                                                  decoder MLP z_dim + C -> reversed(hidden) -> x_dim
+
+Loss (:meth:`CVAE.loss_and_grad`), in nats per image like the VAE: summed over pixels and latent
+dimensions, averaged over the batch, with K = n_samples noise draws eps_k ~ N(0, I):
+
+    loss = mean_b [ (1/K) sum_k -log p(x_b | z_bk, y_b) ] + beta * mean_b KL(q(z|x_b, y_b) || N(0, I))
+
+(= -ELBO of log p(x|y) for beta = 1). The backward is the VAE's; the only new piece is the first
+layer of each network, ``[x | e_y] @ W + b = x @ W[:D] + W[D + y] + b``, whose gradient is
+
+    dW[:D] = x^T dA,   dW[D:] = e^T dA  (row y collects the rows of label y),   db = sum_b dA,
+    dx     = dA W[:D]^T
+
+(:class:`ConditionalMLP`). Written that way the encoder of every class can share the x-part
+``x @ W[:D]``, computed once (``forward_all``), which M2 (:mod:`npdgm.models.m2`) relies on.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from ..gradcheck import check, register
+from ..io import register_model
+from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
+                       kl_std_normal_backward, kl_std_normal_forward, linear_backward, reparameterize_backward,
+                       reparameterize_forward, sigmoid_forward)
+from ..kernels.activations import get_activation
+from ..nn import INITS, MLP, Parameter
+from .base import Model
+from .vae import LIKELIHOODS, _positive_int
+
+__all__ = ["CVAE", "ConditionalMLP", "check_labels", "one_hot"]
+
+
+def check_labels(y, n, num_classes, name="y"):
+    """Validate class labels and return them as an int64 host array of shape (n,).
+
+    TypeError unless integer-valued (bool and non-integer floats are refused); ValueError when the
+    count does not match the n images or a label lies outside [0, num_classes)."""
+    y = backend.to_host(y) if hasattr(y, "dtype") else np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class labels, got shape {y.shape}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} labels but there are {n} images; they must match")
+    if y.dtype.kind == "b" or y.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.dtype.kind == "f":
+        if not (np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+            bad = y[~(np.isfinite(y) & (y == np.round(y)))][:3]
+            raise TypeError(f"{name} must hold integer class labels, found non-integer values such as {bad.tolist()}")
+    y = y.astype(np.int64)
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        bad = y[(y < 0) | (y >= num_classes)][:3]
+        raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), found {bad.tolist()}")
+    return y
+
+
+def one_hot(y, num_classes, dtype, xp=np):
+    """(n, C) rows e_y on the backend of ``xp`` (y: host int array)."""
+    e = np.zeros((len(y), num_classes), dtype=dtype)
+    e[np.arange(len(y)), y] = 1
+    return xp.asarray(e)
+
+
+class ConditionalMLP(MLP):
+    """An MLP on ``[x | e]`` (x: (N, D) features, e: (N, C) one-hot or any class weights), first layer
+    split as ``x @ W[:D] + e @ W[D:] + b``. Same parameters and names as ``MLP(D + C, ...)``.
+
+    forward(x, e)     rows [x_n | e_n]                                   -> (N, out)
+    forward_all(x)    rows [x_b | e_c] for every class c (class-major:   -> (C * B, out)
+                      row c * B + b), the x-part computed once
+    backward(dy)      accumulates the parameter grads; returns dx (N, D) or (B, D) (for
+                      forward_all: summed over the classes).
+    """
+
+    def __init__(self, in_features, num_classes, hidden, out_features, **kw):
+        super().__init__(int(in_features) + int(num_classes), hidden, out_features, **kw)
+        self.d_in, self.num_classes = int(in_features), int(num_classes)
+        object.__setattr__(self, "_c", None)
+
+    def _first(self, x, e):
+        lin = self.layers[0]
+        D = self.d_in
+        if x.ndim != 2 or x.shape[1] != D:
+            raise ValueError(f"ConditionalMLP expects x of shape (batch, {D}), got {x.shape}")
+        a = x @ lin.W.data[:D] + lin.b.data
+        if e is None:                                       # every class: (C, B, H) -> (C B, H)
+            C, B = self.num_classes, x.shape[0]
+            a = (a[None] + lin.W.data[D:][:, None, :]).reshape(C * B, -1)
+        else:
+            a = a + e @ lin.W.data[D:]
+        return a
+
+    def _rest_forward(self, h):
+        for m in self.layers[1:]:
+            h = m.forward(h)
+        return h
+
+    def forward(self, x, e):
+        if e.shape != (x.shape[0], self.num_classes):
+            raise ValueError(f"class rows must have shape ({x.shape[0]}, {self.num_classes}), got {e.shape}")
+        object.__setattr__(self, "_c", (x, e))
+        return self._rest_forward(self._first(x, e))
+
+    def forward_all(self, x):
+        object.__setattr__(self, "_c", (x, None))
+        return self._rest_forward(self._first(x, None))
+
+    def backward(self, dy, need_dx=True):
+        """Rest of the layers as in Sequential; then the split first layer:
+        dW[:D] += x^T dA,  dW[D:] += e^T dA (forward_all: row c += sum_b dA_cb),  db += sum dA,
+        dx = dA W[:D]^T (forward_all: dA summed over c first)."""
+        for m in self.layers[:0:-1]:
+            dy = m.backward(dy)
+        x, e = self._c
+        lin, D = self.layers[0], self.d_in
+        if e is None:
+            dA3 = dy.reshape(self.num_classes, x.shape[0], -1)
+            lin.W.grad[D:] += dA3.sum(axis=1)
+            dy = dA3.sum(axis=0)
+        else:
+            lin.W.grad[D:] += e.T @ dy
+        dx, dW, db = linear_backward(dy, x, lin.W.data[:D], need_dx)
+        lin.W.grad[:D] += dW
+        lin.b.grad += db
+        return dx
+
+
+def _check_x(model, x, name="x"):
+    """The VAE's validation: 2-D (B, x_dim), non-empty, finite, real, [0, 1] for Bernoulli; returns a
+    model-dtype array on the model's backend."""
+    if not hasattr(x, "ndim"):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (batch, {model.x_dim}), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {x.shape}); need at least one row")
+    if x.shape[1] != model.x_dim:
+        raise ValueError(f"{name} has width {x.shape[1]} but this {model.kind} has x_dim={model.x_dim} "
+                         f"(shape {x.shape})")
+    if x.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
+    xp = model.xp
+    x = xp.asarray(x) if backend.array_module(x) is not xp else x
+    x = x.astype(model.dtype, copy=False)
+    backend.check_finite(name, x)
+    if model.likelihood == "bernoulli":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{name} must lie in [0, 1] for a Bernoulli decoder (found values in "
+                             f"[{lo:g}, {hi:g}]); scale pixels to [0, 1]")
+    return x
+
+
+def _draw(model, shape, rng):
+    """Standard normal noise in the model dtype/backend from a NumPy/CuPy Generator or int seed
+    (default: the model's own generator)."""
+    rng = model._noise if rng is None else rng
+    if isinstance(rng, (int, np.integer)):
+        rng = np.random.default_rng(int(rng))
+    eps = rng.standard_normal(shape, dtype=np.float32 if model.dtype == np.float32 else np.float64)
+    return model.xp.asarray(eps).astype(model.dtype, copy=False)
+
+
+def _as_noise(model, eps, shape, name="eps"):
+    if eps.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(eps.shape)}")
+    if eps.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {eps.dtype}")
+    xp = model.xp
+    eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
+    return eps.astype(model.dtype, copy=False)
+
+
+@register_model
+class CVAE(Model):
+    """Conditional VAE: encoder q(z|x, y), decoder p(x|z, y), y one-hot concatenated to the inputs.
+
+    Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
+    them reversed), z_dim, activation, likelihood ("bernoulli" | "gaussian"), sigma (Gaussian: fixed
+    std, or None to learn a per-pixel ``logvar_x``), n_samples (K), beta, seed, init.
+    Parameter names: ``encoder.{0,2,..}.W/b`` (encoder.0.W is (x_dim + C, hidden[0]): rows x_dim..
+    are the label rows), ``decoder.{0,2,..}.W/b`` (decoder.0.W is (z_dim + C, .)), [``logvar_x``].
+    """
+
+    kind = "cvae"
+
+    def __init__(self, x_dim=784, num_classes=10, hidden=(400,), z_dim=20, activation="relu",
+                 likelihood="bernoulli", sigma=None, n_samples=1, beta=1.0, seed=0, init="torch"):
+        x_dim = _positive_int("x_dim", x_dim)
+        num_classes = _positive_int("num_classes", num_classes)
+        z_dim = _positive_int("z_dim", z_dim)
+        if isinstance(hidden, (int, np.integer)):
+            hidden = (hidden,)
+        hidden = [_positive_int("hidden size", h) for h in hidden]
+        get_activation(activation)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        if sigma is not None:
+            if likelihood != "gaussian":
+                raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
+            if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+                raise ValueError(f"sigma must be a positive finite number or None (learned), got {sigma!r}")
+            sigma = float(sigma)
+        n_samples = _positive_int("n_samples", n_samples)
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+        seed = int(seed)
+        super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
+                         activation=activation, likelihood=likelihood, sigma=sigma, n_samples=n_samples,
+                         beta=float(beta), seed=seed, init=init)
+        self.x_dim, self.num_classes, self.z_dim, self.hidden = x_dim, num_classes, z_dim, hidden
+        self.likelihood, self.sigma, self.n_samples, self.beta = likelihood, sigma, n_samples, float(beta)
+        dtype = backend.get_dtype()
+        host = np.random.default_rng(seed)
+        self.encoder = ConditionalMLP(x_dim, num_classes, hidden, 2 * z_dim, activation=activation, init=init,
+                                      rng=host, dtype=dtype)
+        self.decoder = ConditionalMLP(z_dim, num_classes, hidden[::-1], x_dim, activation=activation, init=init,
+                                      rng=host, dtype=dtype)
+        if likelihood == "gaussian" and sigma is None:
+            self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
+        object.__setattr__(self, "_noise", backend.rng(seed))
+        self.flatten()
+
+    @property
+    def dtype(self):
+        return self.flat_params.dtype
+
+    @property
+    def xp(self):
+        return backend.array_module(self.flat_params)
+
+    @property
+    def learned_sigma(self):
+        return self.likelihood == "gaussian" and self.sigma is None
+
+    def _logvar_x(self):
+        if self.learned_sigma:
+            return self.logvar_x.data
+        return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
+
+    def check_x(self, x, name="x"):
+        return _check_x(self, x, name)
+
+    def check_y(self, y, n, name="y"):
+        return check_labels(y, n, self.num_classes, name)
+
+    def _onehot(self, y):
+        return one_hot(y, self.num_classes, self.dtype, self.xp)
+
+    def _eps(self, eps, B, rng):
+        if eps is None:
+            return _draw(self, (self.n_samples, B, self.z_dim), rng)
+        if getattr(eps, "ndim", None) == 2:
+            eps = eps[None]
+        if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (B, self.z_dim):
+            raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {B}, {self.z_dim}) with S >= 1 "
+                             f"(or ({B}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
+        return _as_noise(self, eps, eps.shape)
+
+    # -- the loss and its gradient -------------------------------------------------------------
+    def _forward(self, x, e, eps):
+        xp, B, Z, K = self.xp, x.shape[0], self.z_dim, eps.shape[0]
+        h = self.encoder.forward(x, e)
+        mu, logvar = h[:, :Z], h[:, Z:]
+        z = reparameterize_forward(mu, logvar, eps)                          # (K, B, Z)
+        ek = e if K == 1 else xp.broadcast_to(e, (K,) + e.shape).reshape(K * B, -1)
+        out = self.decoder.forward(z.reshape(K * B, Z), ek)                  # (K B, D)
+        xt = x if K == 1 else xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
+        if self.likelihood == "bernoulli":
+            rec_rows = bernoulli_nll_forward(out, xt)
+        else:
+            rec_rows = gaussian_nll_forward(out, xt, self._logvar_x())
+        kl_rows = kl_std_normal_forward(mu, logvar)
+        recon, kl = rec_rows.mean(), kl_rows.mean()
+        loss = recon + self.beta * kl
+        return loss, {"loss": loss, "recon": recon, "kl": kl, "nelbo": recon + kl}, (xt, mu, logvar, out)
+
+    def loss(self, x, y, eps=None, rng=None):
+        """Forward only: ``(loss, terms)`` as :meth:`loss_and_grad`."""
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        eps = self._eps(eps, x.shape[0], rng)
+        loss, terms, _ = self._forward(x, self._onehot(y), eps)
+        return loss, terms
+
+    def loss_and_grad(self, x, y, eps=None, rng=None, *, zero_grad=True, check=True):
+        """Batch-mean loss (nats per image) and its gradient w.r.t. every parameter.
+
+        x (B, x_dim) images; y (B,) integer labels in [0, num_classes); eps (S, B, z_dim) noise
+        (or (B, z_dim); None: n_samples draws from ``rng``, default the model's generator).
+        Returns ``(loss, terms)`` with terms {"loss", "recon", "kl", "nelbo"} (0-d arrays);
+        ``self.grads`` holds d loss / d param (zeroed first unless ``zero_grad=False``).
+        ``check=False`` skips validating x (y is always checked: it is cheap and host-side)."""
+        if check:
+            x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        eps = self._eps(eps, x.shape[0], rng)
+        loss, terms, (xt, mu, logvar, out) = self._forward(x, self._onehot(y), eps)
+        if zero_grad:
+            self.zero_grad()
+        xp, B, K, Z = self.xp, x.shape[0], eps.shape[0], self.z_dim
+        d_rows = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)
+        if self.likelihood == "bernoulli":
+            dout = bernoulli_nll_backward(d_rows, out, xt)
+        else:
+            dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
+            if self.learned_sigma:
+                self.logvar_x.grad += dlv_x
+        dz = self.decoder.backward(dout).reshape(K, B, Z)
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        if self.beta:
+            dmu_kl, dlv_kl = kl_std_normal_backward(xp.full(B, self.beta / B, dtype=self.dtype), mu, logvar)
+            dmu += dmu_kl
+            dlogvar += dlv_kl
+        self.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+        return loss, terms
+
+    # -- conditional generation ----------------------------------------------------------------
+    def encode(self, x, y):
+        """(mu, logvar) of q(z|x, y), each (B, z_dim)."""
+        x = self.check_x(x)
+        h = self.encoder.forward(x, self._onehot(self.check_y(y, x.shape[0])))
+        return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
+
+    def decode(self, z, y):
+        """E[x|z, y] (Bernoulli probabilities or the Gaussian mean), (n, x_dim)."""
+        xp = self.xp
+        if getattr(z, "ndim", None) != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(getattr(z, 'shape', ()))}")
+        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
+        out = self.decoder.forward(z, self._onehot(self.check_y(y, z.shape[0])))
+        return sigmoid_forward(out) if self.likelihood == "bernoulli" else out
+
+    def sample(self, y, rng=None):
+        """E[x|z, y] for z ~ N(0, I), one image per label in ``y`` (n,)."""
+        y = self.check_y(y, len(y))
+        if isinstance(rng, (int, np.integer)):
+            rng = np.random.default_rng(int(rng))
+        return self.decode(_draw(self, (len(y), self.z_dim), rng), y)
+
+    def class_grid(self, n_per_class=10, rng=0):
+        """(C * n, x_dim): row c holds n samples of class c, the same n prior draws z in every row
+        (so a column shows one 'style' under every label)."""
+        n = _positive_int("n_per_class", n_per_class)
+        if isinstance(rng, (int, np.integer)):
+            rng = np.random.default_rng(int(rng))
+        z = _draw(self, (n, self.z_dim), rng)
+        C = self.num_classes
+        zz = self.xp.broadcast_to(z, (C, n, self.z_dim)).reshape(C * n, self.z_dim)
+        return self.decode(zz, np.repeat(np.arange(C), n))
+
+    def style_transfer(self, x, y):
+        """Encode each x with its label (z = mu(x, y)), decode under every label: (B, C, x_dim)."""
+        mu, _ = self.encode(x, y)
+        B, C = mu.shape[0], self.num_classes
+        zz = self.xp.broadcast_to(mu[:, None], (B, C, self.z_dim)).reshape(B * C, self.z_dim)
+        return self.decode(zz, np.tile(np.arange(C), B)).reshape(B, C, self.x_dim)
+
+
+# -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
+def _cvae_check(rng, K=1, **kw):
+    model = CVAE(**{"x_dim": 7, "num_classes": 3, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K,
+                 seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    B = 5
+    x = rng.uniform(0, 1, (B, 7)) if model.likelihood == "bernoulli" else rng.standard_normal((B, 7))
+    y = np.array([0, 2, 1, 2, 0])
+    eps = rng.standard_normal((K, B, 3))
+    model.loss_and_grad(x, y, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, y, eps)[0]), model.params, analytic)
+
+
+for _tag, _kw in [
+    ("bernoulli,relu", dict(activation="relu")),
+    ("bernoulli,softplus,beta=0.5,K=2", dict(activation="softplus", beta=0.5, K=2)),
+    ("gaussian,learned,tanh", dict(activation="tanh", likelihood="gaussian", hidden=(6, 4))),
+]:
+    register(f"model.cvae[{_tag}]")(lambda rng, _kw=_kw: _cvae_check(rng, **_kw))
