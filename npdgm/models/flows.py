@@ -122,10 +122,21 @@ def _index(mask_bool):
     return idx
 
 
+_DEVICE_INDEX = {}  # (id of the host index array, array module name) -> (host array, device copy)
+
+
 def _dev_index(idx, x):
+    """``idx`` as an index on the device of ``x`` (slices as they are; index arrays copied once per device)."""
     if isinstance(idx, slice):
         return idx
-    return backend.array_module(x).asarray(idx)
+    xp = backend.array_module(x)
+    if xp is np:
+        return idx
+    key = (id(idx), xp.__name__)
+    hit = _DEVICE_INDEX.get(key)
+    if hit is None or hit[0] is not idx:
+        hit = _DEVICE_INDEX[key] = (idx, xp.asarray(idx))
+    return hit[1]
 
 
 def _check_input(name, x, dim):
@@ -323,7 +334,7 @@ class Permutation(FlowLayer):
         return {"type": "Permutation", "dim": self.dim, "kind": self.kind, "seed": self.seed}
 
     def _take(self, a, idx):
-        return a[:, backend.array_module(a).asarray(idx)]
+        return a[:, _dev_index(idx, a)]
 
     def forward(self, x):
         self._mode = "forward"
