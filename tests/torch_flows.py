@@ -93,6 +93,8 @@ def train(model, x_train, x_test, epochs, batch_size, lr, seed, dequant=False, l
             loss.backward()
             opt.step()
             tot += float(loss.detach())
+            if (i + 1) % 100 == 0:
+                log(f"  epoch {epoch} step {i + 1}/{nb}  loss {tot / (i + 1):.3f}  {time.perf_counter() - t0:.0f} s")
         rec = {"epoch": epoch, "step": epoch * nb, "train_loss": tot / nb, "train_seconds": time.perf_counter() - t0,
                "test_nll": test_nll(model, x_test)}
         if dequant:
