@@ -87,7 +87,7 @@ def register(commands, train_commands):
     # npdgm train flow2d
     p = train_commands.add_parser(
         "flow2d", help="RealNVP-style flow on a 2-D toy density",
-        description="Affine couplings on R^2 (coupling i conditions on coordinate i %% 2; s/t MLP 1 -> hidden -> 2, "
+        description="Affine couplings on R^2 (coupling i conditions on coordinate i % 2; s/t MLP 1 -> hidden -> 2, "
                     "bounded scale), standard Gaussian prior, trained on points drawn once from a seeded toy set.")
     p.add_argument("--dataset", choices=TOY_DATASETS, default="moons", help="default moons")
     g = _model_group(p)
