@@ -7,6 +7,7 @@ Every model exposes ``loss_and_grad(x[, eps]) -> loss`` (batch mean; grads accum
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -152,6 +153,11 @@ def build_vae(x_dim, hidden, z_dim, seed):
     return VAE(x_dim=x_dim, hidden=(hidden,), z_dim=z_dim, activation="relu", likelihood="bernoulli", seed=seed)
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(cls):
+    return frozenset(inspect.signature(cls.loss_and_grad).parameters)
+
+
 def loss_and_grad(model, x, eps=None, zero_grad=True):
     """One forward + backward of ``model``; returns the loss (a 0-d array). Grads are zeroed first
     (``zero_grad=False``: the caller zeroed them, the profile times that separately).
@@ -163,10 +169,8 @@ def loss_and_grad(model, x, eps=None, zero_grad=True):
         if zero_grad:
             model.zero_grad()
         return model.loss_and_grad(*args)
-    kw = {}
-    params = inspect.signature(model.loss_and_grad).parameters
-    if "check" in params:
-        kw["check"] = False
+    params = _signature(type(model))
+    kw = {"check": False} if "check" in params else {}
     if "zero_grad" in params:
         kw["zero_grad"] = zero_grad
     elif zero_grad:

@@ -45,12 +45,22 @@ def tanh_backward(dy, y):
 
 
 def sigmoid_forward(x):
-    """y = 1 / (1 + exp(-x)), evaluated without overflow for large |x|."""
+    """y = 1 / (1 + exp(-x)) = exp(min(x, 0)) / (1 + exp(-|x|)): both exponents are <= 0, so no
+    overflow for large |x| and no cancellation in either tail. (Written without ``where``: NumPy's
+    select branches per element and is ~10x slower on a random sign pattern.)"""
     if _fused.on_gpu(x):
         return _fused.sigmoid_forward(x)
     xp = array_module(x)
-    e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    if getattr(x, "ndim", 0) == 0:
+        return sigmoid_forward(xp.asarray(x).reshape(1))[0]
+    d = xp.abs(x)
+    xp.negative(d, out=d)
+    xp.exp(d, out=d)
+    d += 1                                  # 1 + exp(-|x|)
+    y = xp.minimum(x, 0)
+    xp.exp(y, out=y)                        # exp(min(x, 0))
+    y /= d
+    return y
 
 
 def sigmoid_backward(dy, y):
@@ -66,7 +76,14 @@ def softplus_forward(x):
     if _fused.on_gpu(x):
         return _fused.softplus_forward(x)
     xp = array_module(x)
-    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+    if getattr(x, "ndim", 0) == 0:
+        return softplus_forward(xp.asarray(x).reshape(1))[0]
+    y = xp.abs(x)                           # in place from here: one temporary, not four
+    xp.negative(y, out=y)
+    xp.exp(y, out=y)
+    xp.log1p(y, out=y)
+    y += xp.maximum(x, 0)
+    return y
 
 
 def softplus_backward(dy, x):

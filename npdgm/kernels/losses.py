@@ -20,14 +20,19 @@ def bernoulli_nll_forward(logits, x):
     check_same_shape("logits", logits, "x", x)
     if _fused.on_gpu(logits, x):
         return _fused.bernoulli_nll_forward(logits, x)
-    return (softplus_forward(logits) - x * logits).sum(axis=1)
+    nll = softplus_forward(logits)          # a fresh array: subtract in place
+    nll -= x * logits
+    return nll.sum(axis=1)
 
 
 def bernoulli_nll_backward(dloss, logits, x):
     """dl = dloss[:, None] * (sigmoid(l) - x)."""
     if _fused.on_gpu(dloss, logits, x):
         return _fused.bernoulli_nll_backward(dloss, logits, x)
-    return dloss[:, None] * (sigmoid_forward(logits) - x)
+    dl = sigmoid_forward(logits)            # a fresh array: finish in place
+    dl -= x
+    dl *= dloss[:, None]
+    return dl
 
 
 def gaussian_nll_forward(mu, x, logvar):
