@@ -48,7 +48,7 @@ from ..kernels import logsumexp_forward
 from ..nn.module import Parameter
 from .base import Model
 
-__all__ = ["GaussianMixture", "PCAGaussianMixture", "COVARIANCE_TYPES", "INITS"]
+__all__ = ["GaussianMixture", "PCAGaussianMixture", "COVARIANCE_TYPES", "INITS", "RESIDUALS"]
 
 COVARIANCE_TYPES = ("full", "diag", "spherical")
 INITS = ("kmeans", "k-means++", "random", "random_from_data")
@@ -271,15 +271,15 @@ class GaussianMixture(Model):
         N, D = x.shape
         out = xp.empty((N, self.n_components), dtype=x.dtype)
         for s, e in self._chunks(N):
-            diff = x[s:e, None, :] - mu[None]                       # (n, K, D)
+            diff = x[None, s:e, :] - mu[:, None, :]                # (K, n, D), contiguous per component
             if self.covariance_type == "full":
-                # y_k = diff_k P_k^T, batched over components: (K, n, D) @ (K, D, D)
-                y = xp.matmul(diff.transpose(1, 0, 2), c["P"].transpose(0, 2, 1))
+                # y_k = diff_k P_k^T, one batched GEMM over components: (K, n, D) @ (K, D, D)
+                y = xp.matmul(diff, c["P"].transpose(0, 2, 1))
                 maha = (y * y).sum(-1).T                            # (n, K)
             elif self.covariance_type == "diag":
-                maha = (diff * diff * c["prec"][None]).sum(-1)
+                maha = (diff * diff * c["prec"][:, None, :]).sum(-1).T
             else:
-                maha = (diff * diff).sum(-1) * c["prec"][None]
+                maha = (diff * diff).sum(-1).T * c["prec"][None]
             out[s:e] = -0.5 * (D * LOG_2PI + maha) + c["half_logdet"][None]
         return out
 
@@ -311,13 +311,13 @@ class GaussianMixture(Model):
         else:
             cov = xp.zeros((K, D), dtype=dt)
         for s, e in self._chunks(N):
-            diff = x[s:e, None, :] - means[None]                    # (n, K, D), centered at the new means
-            wdiff = diff * resp[s:e, :, None]
+            diff = x[None, s:e, :] - means[:, None, :]              # (K, n, D), centered at the new means
+            wdiff = diff * resp[s:e].T[:, :, None]
             if self.covariance_type == "full":
-                # sum_n r_nk diff_nk diff_nk^T, batched: (K, D, n) @ (K, n, D)
-                cov += xp.matmul(wdiff.transpose(1, 2, 0), diff.transpose(1, 0, 2))
+                # sum_n r_nk diff_nk diff_nk^T, one batched GEMM: (K, D, n) @ (K, n, D)
+                cov += xp.matmul(wdiff.transpose(0, 2, 1), diff)
             else:
-                cov += (wdiff * diff).sum(0)
+                cov += (wdiff * diff).sum(1)
         if self.covariance_type == "full":
             cov /= nk[:, None, None]
             idx = xp.arange(D)
@@ -499,10 +499,13 @@ def kmeans_plusplus(x, k, g):
     return x[xp.asarray(idx)].copy()
 
 
-def kmeans(x, centers, max_iter=100):
-    """Lloyd iterations from ``centers`` until the assignment stops changing; an empty cluster keeps its center."""
+def kmeans(x, centers, max_iter=100, tol=1e-4):
+    """Lloyd iterations from ``centers``: assign each point to its nearest center, move each center to the mean
+    of its points (an empty cluster keeps its center); stop when the assignment no longer changes or the
+    squared center shift falls below tol * (mean per-feature variance of x), as scikit-learn's KMeans."""
     xp = array_module(x)
     K = centers.shape[0]
+    thresh = tol * float(x.var(0).mean())
     labels = None
     for _ in range(max_iter):
         new = _nearest(x, centers)
@@ -512,50 +515,72 @@ def kmeans(x, centers, max_iter=100):
         onehot = xp.eye(K, dtype=x.dtype)[labels]                   # (N, K)
         counts = onehot.sum(0)
         sums = onehot.T @ x
-        centers = xp.where(counts[:, None] > 0, sums / xp.maximum(counts, 1)[:, None], centers)
+        moved = xp.where(counts[:, None] > 0, sums / xp.maximum(counts, 1)[:, None], centers)
+        shift = float(((moved - centers) ** 2).sum())
+        centers = moved
+        if shift <= thresh:
+            break
     return centers
 
 
 # -- the mixture on a PCA subspace, completed to a density on the full space ----------------------------------------
+RESIDUALS = ("full", "isotropic")
+
+
 @register_model
 class PCAGaussianMixture(Model):
-    """A GaussianMixture on the top ``pca_dim`` principal components, times an isotropic Gaussian on the
-    orthogonal complement, so that it is a proper density on the full D-dimensional space.
+    """A GaussianMixture on the top ``pca_dim`` principal components times a Gaussian on the orthogonal
+    complement, so that it is a proper density on the full D-dimensional space.
 
-    With the data mean m, an orthonormal basis V (D, d) of the top-d principal directions and its orthogonal
-    complement U (D, D-d), the map x -> (V^T (x - m), U^T (x - m)) is a rotation (Jacobian 1), so
+    With the data mean m, the eigenvectors of the sample covariance sorted by eigenvalue, V (D, d) the top d and
+    U (D, D-d) the rest, the map x -> (V^T (x - m), U^T (x - m)) is a rotation (Jacobian 1), so
 
-        log p(x) = log p_gmm(V^T (x - m)) + log N(r; 0, s2 I_(D-d)),   r = (I - V V^T)(x - m),
-        log N(r; 0, s2 I) = -(D-d)/2 log(2 pi s2) - |r|^2 / (2 s2),
+        log p(x) = log p_gmm(V^T (x - m)) + log p_res(x),
 
-    with s2 fitted by maximum likelihood: the mean squared residual per discarded dimension
-    (= the mean of the discarded eigenvalues of the sample covariance, as in probabilistic PCA).
-    ``score_samples`` returns this full-space log-density; ``score_samples_pca`` the mixture's log-density
-    in the d-dimensional PCA coordinates alone (not a density on the pixels).
+    residual "full":      p_res = prod_j N(u_j^T (x - m); 0, lambda_j)   (j over the discarded directions)
+                          = the maximum-likelihood Gaussian on the complement (its covariance is diagonal in U);
+    residual "isotropic": p_res = N(r; 0, s2 I_(D-d)), r = (I - V V^T)(x - m), s2 = mean of the discarded
+                          lambda_j (probabilistic PCA's noise model),
+          log p_res = -(D-d)/2 log(2 pi s2) - |r|^2 / (2 s2).
+
+    reg_covar is added to every lambda_j (and to s2) as it is to the mixture's covariances.
+    ``score_samples`` returns the full-space log-density; ``score_samples_pca`` the mixture's log-density in
+    the d PCA coordinates alone (a density on R^d, not on the pixels).
     """
 
     kind = "pca_gmm"
 
     def __init__(self, dim, pca_dim=50, n_components=10, covariance_type="full", reg_covar=1e-6, tol=1e-3,
-                 max_iter=100, init="kmeans", n_init=1, seed=0, fitted=False):
+                 max_iter=100, init="kmeans", n_init=1, seed=0, residual="full", fitted=False):
         for name, v in (("dim", dim), ("pca_dim", pca_dim)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if pca_dim > dim:
             raise ValueError(f"pca_dim={pca_dim} must be <= the data dimension {dim}")
+        if residual not in RESIDUALS:
+            raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
         super().__init__(dim=int(dim), pca_dim=int(pca_dim), n_components=n_components,
                          covariance_type=covariance_type, reg_covar=reg_covar, tol=tol, max_iter=max_iter, init=init,
-                         n_init=n_init, seed=seed, fitted=bool(fitted))
-        self.dim, self.pca_dim = int(dim), int(pca_dim)
+                         n_init=n_init, seed=seed, residual=residual, fitted=bool(fitted))
+        self.dim, self.pca_dim, self.residual = int(dim), int(pca_dim), residual
         xp, dt = backend.xp(), backend.get_dtype()
+        k = self.dim - self.pca_dim
         self.mean = Parameter(xp.zeros((self.dim,), dtype=dt))
-        self.components = Parameter(xp.zeros((self.dim, self.pca_dim), dtype=dt))   # V, orthonormal columns
-        self.residual_var = Parameter(xp.ones((1,), dtype=dt))                        # s2
+        self.components = Parameter(xp.zeros((self.dim, self.pca_dim), dtype=dt))      # V, orthonormal columns
+        if residual == "full":
+            self.complement = Parameter(xp.zeros((self.dim, k), dtype=dt))            # U
+            self.residual_var = Parameter(xp.ones((k,), dtype=dt))                     # lambda_j + reg_covar
+        else:
+            self.residual_var = Parameter(xp.ones((1,), dtype=dt))                     # s2
         self.gmm = GaussianMixture(n_components, covariance_type, reg_covar, tol, max_iter, init, n_init, seed,
                                    dim=self.pca_dim if fitted else None)
 
     def __repr__(self):
-        return f"PCAGaussianMixture(D={self.dim} -> {self.pca_dim}, {self.gmm!r})"
+        return f"PCAGaussianMixture(D={self.dim} -> {self.pca_dim}, {self.residual} residual, {self.gmm!r})"
+
+    def _require_fitted(self):
+        if not self.config["fitted"]:
+            raise ValueError("this PCAGaussianMixture is not fitted yet; call fit(x) first")
 
     def _check(self, x, name="x"):
         xp = array_module(x)
@@ -568,27 +593,30 @@ class PCAGaussianMixture(Model):
         return x
 
     def fit(self, x, rng=None, callback=None):
-        """PCA by SVD of the centered data, s2 from the residual, then EM on the projected data."""
+        """PCA by an eigendecomposition of the sample covariance, the residual Gaussian, then EM on V^T (x - m)."""
         x = self._check(x)
         xp = array_module(x)
         N = x.shape[0]
         if N < 2:
             raise ValueError(f"PCA needs at least 2 points, got {N}")
         d, D = self.pca_dim, self.dim
+        reg = self.gmm.reg_covar
         m = x.mean(0)
         xc = x - m
-        # right singular vectors of the centered data = eigenvectors of the sample covariance
-        _, s, vt = xp.linalg.svd(xc, full_matrices=False)
-        V = vt[:d].T.copy()
-        eig = s * s / N                                   # eigenvalues of the ML sample covariance
-        s2 = float(eig[d:].sum()) / (D - d) if d < D else 1.0
-        if d < D and not s2 > 0:
-            raise ValueError(f"the data has no variance outside its top {d} principal components "
-                             f"(residual variance {s2:g}); lower pca_dim")
+        lam, vecs = xp.linalg.eigh((xc.T @ xc) / N)         # ascending
+        lam, vecs = xp.maximum(lam[::-1], 0), vecs[:, ::-1]
         self.mean = Parameter(m.copy())
-        self.components = Parameter(V)
-        self.residual_var = Parameter(xp.asarray([s2], dtype=x.dtype))
-        self.gmm.fit(xc @ V, rng=rng, callback=callback)
+        self.components = Parameter(xp.ascontiguousarray(vecs[:, :d]))
+        if self.residual == "full":
+            self.complement = Parameter(xp.ascontiguousarray(vecs[:, d:]))
+            self.residual_var = Parameter(xp.ascontiguousarray(lam[d:]) + reg)
+        else:
+            s2 = (float(lam[d:].mean()) if d < D else 0.0) + reg
+            self.residual_var = Parameter(xp.asarray([s2], dtype=x.dtype))
+        if d < D and not bool((self.residual_var.data > 0).all()):
+            raise ValueError(f"the data has no variance outside its top {d} principal components; lower pca_dim "
+                             f"or raise reg_covar")
+        self.gmm.fit(xc @ self.components.data, rng=rng, callback=callback)
         self.config["fitted"] = True
         return self
 
@@ -599,48 +627,59 @@ class PCAGaussianMixture(Model):
 
     def score_samples_pca(self, x):
         """log p_gmm(V^T (x - m)) per point: a density on the d-dimensional PCA space only."""
+        self._require_fitted()
         return self.gmm.score_samples(self.project(x))
 
     def residual_logprob(self, x):
-        """log N((I - V V^T)(x - m); 0, s2 I_(D-d)) per point."""
+        """log p_res(x) per point: the Gaussian on the discarded directions (see the class docstring)."""
         x = self._check(x)
-        xc = x - self.mean.data
-        V = self.components.data
-        r = xc - (xc @ V) @ V.T
+        xp = array_module(x)
         k = self.dim - self.pca_dim
         if k == 0:
-            return array_module(x).zeros((x.shape[0],), dtype=x.dtype)
-        s2 = self.residual_var.data[0]
-        return -0.5 * k * (LOG_2PI + array_module(x).log(s2)) - 0.5 * (r * r).sum(1) / s2
+            return xp.zeros((x.shape[0],), dtype=x.dtype)
+        xc = x - self.mean.data
+        lam = self.residual_var.data
+        if self.residual == "full":
+            c = xc @ self.complement.data                    # (N, D-d) coordinates on U
+            return -0.5 * (k * LOG_2PI + xp.log(lam).sum()) - 0.5 * (c * c / lam).sum(1)
+        V = self.components.data
+        r = xc - (xc @ V) @ V.T
+        return -0.5 * k * (LOG_2PI + xp.log(lam[0])) - 0.5 * (r * r).sum(1) / lam[0]
 
     def score_samples(self, x):
         """log p(x_n) on the full D-dimensional space (nats)."""
-        if not self.config["fitted"]:
-            raise ValueError("this PCAGaussianMixture is not fitted yet; call fit(x) first")
+        self._require_fitted()
         return self.score_samples_pca(x) + self.residual_logprob(x)
 
     def score(self, x):
         return float(self.score_samples(x).mean())
 
     def sample(self, n, rng=None):
-        """x = m + V z + (I - V V^T) sqrt(s2) eps, z from the mixture, eps ~ N(0, I_D) (host Generator)."""
+        """x = m + V z + residual noise, z from the mixture; "full": U (sqrt(lambda) * eps), "isotropic":
+        (I - V V^T) sqrt(s2) eps with eps ~ N(0, I) (host Generator)."""
+        self._require_fitted()
         g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         z = self.gmm.sample(n, rng=g)
         xp = array_module(z)
         V = self.components.data
+        k = self.dim - self.pca_dim
+        x = self.mean.data + z @ V.T
+        if self.residual == "full":
+            eps = xp.asarray(g.standard_normal((int(n), k)), dtype=z.dtype)
+            return x + (eps * xp.sqrt(self.residual_var.data)) @ self.complement.data.T
         eps = xp.asarray(g.standard_normal((int(n), self.dim)), dtype=z.dtype) * xp.sqrt(self.residual_var.data[0])
-        return self.mean.data + z @ V.T + eps - (eps @ V) @ V.T
+        return x + eps - (eps @ V) @ V.T
 
     def n_parameters(self):
-        """Mixture parameters + mean (D) + basis (D d - d(d+1)/2 free, orthonormal) + s2 (1)."""
+        """Mixture + mean (D) + subspace (d (D-d)) + residual covariance ((D-d)(D-d+1)/2 "full" or 1)."""
         d, D = self.pca_dim, self.dim
-        return self.gmm.n_parameters() + D + (D * d - d * (d + 1) // 2) + 1
+        k = D - d
+        return self.gmm.n_parameters() + D + d * k + (k * (k + 1) // 2 if self.residual == "full" else 1)
 
     def save(self, path, extra_meta=None):
         from ..io import save_model
 
-        if not self.config["fitted"]:
-            raise ValueError("this PCAGaussianMixture is not fitted yet; call fit(x) first")
+        self._require_fitted()
         g = self.gmm
         save_model(self, path, extra_meta={"fit": {"history": g.history_, "n_iter": g.n_iter_,
                                                    "converged": g.converged_}, **(extra_meta or {})})
