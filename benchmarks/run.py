@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="capture the npdgm-cupy step as a CUDA graph")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPU (npdgm and torch)")
     p.add_argument("--no-isolate", action="store_true", help="run every point in this process")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the CPU backends and the GEMM floor of a point round-robin in one process "
+                        "(fair on a machine whose load changes; best with --threads 1)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--md", default=None, help="write the markdown table to this file")
     p.add_argument("--plot", default=None, help="log-log plot of ms/step and samples/s against batch")
@@ -105,16 +109,12 @@ def _device_name(gpu):
         return "gpu:" + torch.cuda.get_device_name(0)
 
 
-def run_point(spec):
-    """Time one (workload, backend, batch); returns a result row (dict)."""
+def _build(spec, backend):
+    """(runner, step, impl, gpu_kind) for one backend of a point."""
     from .workloads import NpdgmRunner, TorchRunner, get_workload
 
-    harness.set_threads(spec["threads"])
     w = get_workload(spec["workload"])
     batch = spec["batch"]
-    backend = spec["backend"]
-    harness.reset_peak_rss()
-    impl = backend
     gpu_kind = None
     if backend in ("npdgm-numpy", "npdgm-cupy"):
         xp_name = backend.split("-")[1]
@@ -131,28 +131,89 @@ def run_point(spec):
         if xp_name == "cupy" and spec.get("cuda_graph"):
             r.enable_cuda_graph()
             impl += "+graph"
-        step = r.step
-    else:
-        import torch
+        return r, r.step, impl, gpu_kind
+    import torch
 
-        torch.set_num_threads(spec["threads"])
-        device = "cuda" if backend.endswith("cuda") or backend == "torch-compile" else "cpu"
-        if device == "cuda":
-            gpu_kind = "torch-cuda"
-            torch.backends.cuda.matmul.allow_tf32 = bool(spec.get("tf32", False))
-        _gpu_peak_start(gpu_kind)
-        r = TorchRunner(w, batch, device, spec["seed"], compile=backend == "torch-compile")
-        step = r.step
-    t = harness.time_steps(step, r.sync, warmup=spec["warmup"], repeats=spec["repeats"], steps=spec["steps"],
-                           target_s=spec.get("target_s", 0.5))
+    torch.set_num_threads(spec["threads"])
+    device = "cuda" if backend.endswith("cuda") or backend == "torch-compile" else "cpu"
+    if device == "cuda":
+        gpu_kind = "torch-cuda"
+        torch.backends.cuda.matmul.allow_tf32 = bool(spec.get("tf32", False))
+    _gpu_peak_start(gpu_kind)
+    r = TorchRunner(w, batch, device, spec["seed"], compile=backend == "torch-compile")
+    return r, r.step, backend, gpu_kind
+
+
+def _row(spec, backend, r, t, impl, gpu_kind):
     ms = t["ms_per_step"]
-    return {"workload": w.name, "backend": backend, "impl": impl, "device": _device_name(gpu_kind is not None),
-            "threads": spec["threads"], "batch": batch, "ms_per_step": round(ms, 4),
-            "ms_min": round(t["ms_min"], 4), "ms_max": round(t["ms_max"], 4),
+    batch = spec["batch"]
+    return {"workload": spec["workload"], "backend": backend, "impl": impl,
+            "device": _device_name(gpu_kind is not None), "threads": spec["threads"], "batch": batch,
+            "ms_per_step": round(ms, 4), "ms_min": round(t["ms_min"], 4), "ms_max": round(t["ms_max"], 4),
             "samples_per_s": round(batch / ms * 1e3, 1), "floor_ms": None, "x_floor": None, "x_torch": None,
             "peak_rss_mb": round(harness.peak_rss_mb(), 1), "gpu_peak_mb": _gpu_peak_mb(gpu_kind),
             "loss": r.loss(), "params": r.num_parameters(), "steps_per_block": t["steps_per_block"],
             "repeats": t["repeats"], "blocks_ms": t["blocks_ms"]}
+
+
+def run_point(spec):
+    """Time one (workload, backend, batch); returns a result row (dict)."""
+    harness.set_threads(spec["threads"])
+    harness.reset_peak_rss()
+    r, step, impl, gpu_kind = _build(spec, spec["backend"])
+    t = harness.time_steps(step, r.sync, warmup=spec["warmup"], repeats=spec["repeats"], steps=spec["steps"],
+                           target_s=spec.get("target_s", 0.5))
+    return _row(spec, spec["backend"], r, t, impl, gpu_kind)
+
+
+def run_group(spec):
+    """``--interleave``: every CPU backend of one (workload, batch) and the CPU GEMM floor in one
+    process, timed round-robin (block 1 of each, then block 2 of each, ...), so a machine whose load
+    changes during the run slows all of them alike. Returns {"rows": [...], "floor": {...}}."""
+    from .gemm import linear_products
+    from .workloads import get_workload
+
+    import numpy
+
+    harness.set_threads(spec["threads"])
+    harness.reset_peak_rss()
+    built = [(b, *_build(spec, b)) for b in spec["backends"]]
+    prods = linear_products(spec["batch"], get_workload(spec["workload"]).layers())
+    from .gemm import _operands
+
+    rng = numpy.random.default_rng(0)
+    ops = [(_operands(numpy, m, k, n, lay, "float32", rng), c) for (m, k, n, lay), c in sorted(prods.items())]
+
+    def floor_step():
+        for (a, b, out), c in ops:
+            for _ in range(c):
+                numpy.matmul(a, b, out=out)
+
+    fns = [(b, step, r.sync) for b, r, step, _, _ in built] + [("floor", floor_step, lambda: None)]
+    steps = {}
+    for name, fn, sync in fns:                         # warm-up, and a block length per function
+        t = harness.time_steps(fn, sync, warmup=spec["warmup"], repeats=1, steps=spec["steps"],
+                               target_s=spec.get("target_s", 0.5))
+        steps[name] = t["steps_per_block"]
+    blocks = {name: [] for name, _, _ in fns}
+    for _ in range(spec["repeats"]):
+        for name, fn, sync in fns:
+            t = harness.time_steps(fn, sync, warmup=1, repeats=1, steps=steps[name])
+            blocks[name].append(t["ms_per_step"])
+
+    def summary(name):
+        b = blocks[name]
+        return {"ms_per_step": statistics.median(b), "ms_min": min(b), "ms_max": max(b),
+                "blocks_ms": [round(x, 4) for x in b], "steps_per_block": steps[name], "repeats": len(b)}
+
+    rows = [_row(spec, b, r, summary(b), impl, gk) for b, r, _, impl, gk in built]
+    fl = summary("floor")
+    floor = {"workload": spec["workload"], "device": "cpu", "batch": spec["batch"], "threads": spec["threads"],
+             "floor_ms": fl["ms_per_step"], "gflop_per_step": sum(2 * m * k * n * c for (m, k, n, _), c in
+                                                                 prods.items()) / 1e9,
+             "interleaved": True, "blocks_ms": fl["blocks_ms"], "products": []}
+    floor["gflops"] = floor["gflop_per_step"] / floor["floor_ms"] * 1e3
+    return {"rows": rows, "floor": floor}
 
 
 def run_floor(spec):
@@ -185,7 +246,7 @@ def run_profile(spec):
                         floor_ms=spec.get("floor_ms"))
 
 
-CHILD_KINDS = {"point": run_point, "floor": run_floor, "profile": run_profile}
+CHILD_KINDS = {"point": run_point, "floor": run_floor, "profile": run_profile, "group": run_group}
 
 
 def _call(spec, isolate):
@@ -352,6 +413,25 @@ def plot_sweep(rows, path):
     plt.close(fig)
 
 
+def _interleave(points, floors, isolate, rows, floor_rows):
+    """Run the CPU points as round-robin groups; returns the (GPU) points and floors left to run."""
+    groups, rest = {}, []
+    for p in points:
+        if p["backend"] in ("npdgm-numpy", "torch-eager"):
+            groups.setdefault((p["workload"], p["batch"]), []).append(p)
+        else:
+            rest.append(p)
+    for (w, batch), ps in groups.items():
+        spec = dict(ps[0], kind="group", backends=[p["backend"] for p in ps])
+        res = _call(spec, isolate)
+        rows.extend(res["rows"])
+        floor_rows.append(res["floor"])
+        for r in res["rows"]:
+            print(f"{r['workload']:10s} {r['backend']:17s} batch {r['batch']:5d}: {r['ms_per_step']:.3f} ms/step "
+                  f"[{r['ms_min']:.3f}..{r['ms_max']:.3f}]  (floor {res['floor']['floor_ms']:.3f})", file=sys.stderr)
+    return rest, [f for f in floors if f["device"] != "cpu"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
@@ -364,13 +444,14 @@ def main(argv=None):
     for n in notes:
         print("note:", n, file=sys.stderr)
     t0 = time.time()
-    floor_rows = []
+    floor_rows, rows = [], []
+    if args.interleave:
+        points, floors = _interleave(points, floors, isolate, rows, floor_rows)
     for spec in floors:
         f = _call(spec, isolate)
         floor_rows.append(f)
         print(f"floor {f['workload']:10s} {f['device']} batch {f['batch']:5d}: {f['floor_ms']:.3f} ms "
               f"({f['gflops']:.1f} GFLOP/s)", file=sys.stderr)
-    rows = []
     for spec in points:
         r = _call(spec, isolate)
         rows.append(r)
