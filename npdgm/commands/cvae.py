@@ -1,0 +1,163 @@
+"""``npdgm train cvae``: conditional VAE on MNIST (labels as one-hot inputs to encoder and decoder).
+
+    npdgm train cvae                                         # bundled 10k/2k MNIST subset, offline
+    npdgm train cvae --data ../shared/data/mnist --epochs 10 --out runs/cvae-full
+    npdgm train cvae --resume runs/cvae-full --epochs 20     # continue bit-for-bit
+
+The run directory gets checkpoint.npz, metrics.jsonl (train_* over the epoch's batches, test_* on the
+test set with its labels: -ELBO of log p(x|y) in nats per image), summary.json and the figures:
+curves.png, classes.png (one row per digit class sampled from the prior) and style_transfer.png
+(a test digit encoded with its label and decoded under every label).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import backend
+from ..cli import add_train_args, default_out, setup_backend
+from .vae import _load_data, _write_json
+
+DEFAULT_EPOCHS = 10
+MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
+RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype")
+
+
+def add_data_args(p, binarize="none"):
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=None, metavar="DIR",
+                   help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
+    d.add_argument("--binarize", choices=["none", "static", "dynamic"], default=binarize,
+                   help="none: grey levels in [0, 1]; static: x > 0.5; dynamic: a new Bernoulli(x) draw per "
+                        f"batch (test set drawn once) (default {binarize})")
+    d.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
+    d.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+
+
+def register(commands, train_commands):
+    p = train_commands.add_parser(
+        "cvae", help="conditional VAE on MNIST (sample a chosen digit)",
+        description="Train a conditional VAE q(z|x,y), p(x|z,y) on MNIST with hand-written gradients; the label "
+                    "enters both networks as a one-hot vector. Loss = -ELBO of log p(x|y) in nats per image.")
+    g = p.add_argument_group("model")
+    g.add_argument("--z-dim", type=int, default=20, help="latent size (default 20)")
+    g.add_argument("--hidden", type=int, nargs="+", default=[400], metavar="H",
+                   help="encoder hidden sizes; the decoder uses them reversed (default 400)")
+    g.add_argument("--activation", default="relu",
+                   choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
+    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
+                   help="decoder p(x|z,y) (default bernoulli)")
+    g.add_argument("--sigma", type=float, default=None,
+                   help="gaussian: fixed decoder std; omit to learn a per-pixel log-variance")
+    g.add_argument("--n-samples", type=int, default=1, help="noise samples per image in the loss (default 1)")
+    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (default 1)")
+    g.add_argument("--init", default="torch", help="weight init (default torch)")
+    add_data_args(p)
+    add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
+    p.set_defaults(func=cmd_train, epochs=None)
+
+
+def resume_or_new(args, kind, run_keys, default_epochs, build):
+    """(model, run dict, out dir) for a new run or ``--resume`` (stored options reused, --epochs may
+    be raised)."""
+    from ..io import load_arrays, model_from_arrays
+
+    if args.resume:
+        arrays, meta = load_arrays(args.resume)
+        if meta.get("kind") != kind:
+            raise ValueError(f"--resume {args.resume}: the checkpoint holds a {meta.get('kind')!r} model, "
+                             f"not a {kind}")
+        stored = meta.get("run", {}).get("args", {})
+        epochs = args.epochs if args.epochs is not None else stored.get("epochs", default_epochs)
+        run = dict(stored, epochs=epochs)
+        backend.set_dtype(meta.get("dtype", "float32"))
+        return model_from_arrays(arrays, meta, args.resume), run, args.resume
+    run = {k: getattr(args, k) for k in run_keys}
+    run["epochs"] = default_epochs if args.epochs is None else args.epochs
+    return build(), run, args.out or default_out(kind)
+
+
+def check_run(run):
+    for k, lo in (("epochs", 0), ("batch_size", 1)):
+        if run[k] < lo:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
+    if not run["lr"] > 0:
+        raise ValueError(f"--lr must be positive, got {run['lr']}")
+
+
+def first_of_each_class(labels, num_classes=10):
+    """Index of the first example of every class present (in class order)."""
+    firsts = {}
+    for i, c in enumerate(np.asarray(labels)):
+        firsts.setdefault(int(c), i)
+    return [firsts[c] for c in range(num_classes) if c in firsts]
+
+
+def evaluate_cvae(model, x, y, seed, batch=1000):
+    """Test -ELBO of log p(x|y) (and its terms) averaged over x with fixed noise."""
+    rng = np.random.default_rng([seed, 1])
+    sums, n = {"nelbo": 0.0, "recon": 0.0, "kl": 0.0}, len(x)
+    for s in range(0, n, batch):
+        xb, yb = x[s:s + batch], y[s:s + batch]
+        eps = backend.to_device(rng.standard_normal((1, len(xb), model.z_dim), dtype=np.float32), model.dtype)
+        _, t = model.loss(xb, yb, eps)
+        for k in sums:
+            sums[k] += float(t[k]) * len(xb)
+    return {k: v / n for k, v in sums.items()}
+
+
+def cmd_train(args):
+    from .. import optim, train
+    from ..models.cvae import CVAE
+
+    setup_backend(args)
+    model, run, out = resume_or_new(
+        args, "cvae", RUN_KEYS, DEFAULT_EPOCHS,
+        lambda: CVAE(x_dim=784, num_classes=10, seed=args.seed, **{k: getattr(args, k) for k in MODEL_KEYS}))
+    check_run(run)
+    seed = run["seed"]
+    x_tr, y_tr = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
+    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    train_x = model.check_x(x_tr, "training images")
+    test_x = model.check_x(x_te, "test images")
+    y_tr = model.check_y(y_tr, len(x_tr), "training labels")
+    y_te = model.check_y(y_te, len(x_te), "test labels")
+
+    opt = optim.Adam(model, lr=run["lr"])
+    rng, start = train.restore_checkpoint(out, opt) if args.resume else (np.random.default_rng(seed), 0)
+    os.makedirs(out, exist_ok=True)
+    print(f"cvae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
+          f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
+    dtype, K, Z, dynamic = model.dtype, model.n_samples, model.z_dim, run["binarize"] == "dynamic"
+    xp = model.xp
+
+    def step(ib, rng):                       # ib: (B, 1) row indices (fit shuffles the index column)
+        idx = backend.to_host(ib[:, 0])
+        xb = train_x[xp.asarray(idx)] if xp is not np else train_x[idx]
+        if dynamic:
+            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
+        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
+        _, t = model.loss_and_grad(xb, y_tr[idx], eps, check=False)
+        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+
+    index = np.arange(len(train_x))[:, None]
+    train.fit(model, opt, index, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng, step=step,
+              evaluate=lambda e: evaluate_cvae(model, test_x, y_te, seed), start_epoch=start,
+              run_meta={"args": run}, progress=not args.no_progress, clip=run["clip"])
+    records = train.read_metrics(out)
+    summary = {"epochs": run["epochs"], "test_n": len(test_x)}
+    if records:
+        summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})
+        print(f"test -ELBO of log p(x|y): {summary['test_nelbo']:.3f} nats/image", flush=True)
+    _write_json(os.path.join(out, "summary.json"), summary)
+    if not args.no_plots:
+        from ..plots import cvae as PC
+        from ..plots import vae as PV
+
+        PV.curves(records, os.path.join(out, "curves.png"))
+        PC.class_grid(model, os.path.join(out, "classes.png"), rng=seed)
+        idx = first_of_each_class(y_te)
+        PC.style_transfer(model, x_te[idx], y_te[idx], os.path.join(out, "style_transfer.png"))
+        print(f"figures in {out}", flush=True)
+    return 0

@@ -1,0 +1,261 @@
+"""``npdgm train m2``: the semi-supervised VAE M2 (Kingma et al. 2014) with a few labels.
+
+    npdgm train m2 --labels 100                                   # bundled 10k/2k subset, offline
+    npdgm train m2 --labels 100 --data ../shared/data/mnist --epochs 30 --out runs/m2-100
+    npdgm train m2 --resume runs/m2-100 --epochs 60               # continue bit-for-bit
+
+``--labels N`` keeps the labels of N training images, N/10 per class (seeded by --seed); every
+training image is used as unlabelled data. Each step takes --batch-size unlabelled images (an epoch is
+one pass over them) and --labelled-batch labelled images drawn with replacement from the N (resampled
+every step). Inputs are binarized dynamically by default (a fresh Bernoulli(x) draw each time an image
+is used; the test set is drawn once).
+
+Before training, a baseline is trained in the same run: the same classifier architecture on the N
+labelled images alone (cross-entropy, Adam, the same input binarization), and its test error is kept in
+baseline.json / summary.json and drawn in curves.png beside M2's test error per epoch.
+
+metrics.jsonl per epoch: train_* averaged over the epoch's steps (labelled = mean -ELBO(x, y),
+ce, unlabelled = mean U(x), entropy, acc_l), test_error (classifier on every test image),
+test_nelbo_xy (mean -ELBO(x, y) with the true labels) and test_nelbo_x (mean U(x) >= -log p(x)) on
+--eval-n test images, in nats per image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from .. import backend
+from ..cli import add_train_args, setup_backend
+from .cvae import add_data_args, check_run, first_of_each_class, resume_or_new
+from .vae import _load_data, _write_json
+
+DEFAULT_EPOCHS = 10
+RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype",
+            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr")
+
+
+def register(commands, train_commands):
+    p = train_commands.add_parser(
+        "m2", help="semi-supervised VAE M2 on MNIST with few labels",
+        description="Train M2 (Kingma et al. 2014): classifier q(y|x), q(z|x,y), p(x|y,z), uniform p(y); labelled "
+                    "loss -ELBO(x,y) + alpha CE, unlabelled loss sum_y q(y|x) (-ELBO(x,y)) - H(q(y|x)) summed over "
+                    "all classes exactly. Reports the test classification error each epoch and a labelled-only "
+                    "baseline classifier.")
+    g = p.add_argument_group("model")
+    g.add_argument("--labels", type=int, default=100,
+                   help="number of labelled training images, balanced over the 10 classes (default 100)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="weight of the labelled cross-entropy (default 0.1 * N_train / N_labels, the paper's "
+                        "alpha = 0.1 N for per-example losses)")
+    g.add_argument("--z-dim", type=int, default=50, help="latent size (default 50, as in the paper)")
+    g.add_argument("--hidden", type=int, nargs="+", default=[500], metavar="H",
+                   help="encoder hidden sizes, decoder reversed (default 500, as in the paper)")
+    g.add_argument("--classifier-hidden", type=int, nargs="+", default=None, metavar="H",
+                   help="classifier hidden sizes (default: --hidden)")
+    g.add_argument("--activation", default="softplus",
+                   choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default softplus")
+    g.add_argument("--init", default="torch", help="weight init (default torch)")
+    g.add_argument("--labelled-batch", type=int, default=None,
+                   help="labelled images per step, drawn with replacement (default: --batch-size)")
+    e = p.add_argument_group("evaluation and baseline")
+    e.add_argument("--eval-n", type=int, default=2000,
+                   help="test images for the per-epoch ELBO terms (default 2000; the error uses all)")
+    e.add_argument("--baseline-steps", type=int, default=1000,
+                   help="full-batch Adam steps of the labelled-only classifier (default 1000; 0 skips it)")
+    e.add_argument("--baseline-lr", type=float, default=1e-3, help="its learning rate (default 1e-3)")
+    add_data_args(p, binarize="dynamic")
+    add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=100, lr=3e-4)
+    p.set_defaults(func=cmd_train, epochs=None)
+
+
+def balanced_labels(y, n, num_classes=10, seed=0):
+    """Indices of n training examples, n / num_classes of each class, drawn without replacement
+    (seeded); sorted. ValueError when n is not a positive multiple of num_classes, exceeds the
+    data, or a class has too few examples."""
+    y = np.asarray(y)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"--labels must be a positive integer, got {n!r}")
+    if n > len(y):
+        raise ValueError(f"--labels {n} exceeds the {len(y)} training images")
+    if n % num_classes:
+        raise ValueError(f"--labels {n} cannot be balanced over {num_classes} classes; use a multiple of "
+                         f"{num_classes} (e.g. {max(num_classes, n - n % num_classes)})")
+    per = n // num_classes
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(y == c)
+        if len(pool) < per:
+            raise ValueError(f"--labels {n} needs {per} images of class {c} but the training set has {len(pool)}")
+        out.append(rng.choice(pool, per, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def _binarizer(kind, dtype):
+    if kind != "dynamic":
+        return lambda xb, rng: xb
+    return lambda xb, rng: (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
+
+
+def train_baseline(model_cfg, x_l, y_l, x_te, y_te, steps, lr, binarize, seed, log=print):
+    """The M2 classifier architecture trained on the labelled images alone (full batch, cross-entropy,
+    Adam). Returns {"baseline_test_error", "baseline_train_error", "baseline_steps", ...}."""
+    from .. import optim
+    from ..kernels import softmax_ce_backward, softmax_ce_forward
+    from ..models.m2 import M2
+
+    t0 = time.perf_counter()
+    clf = M2(**dict(model_cfg, seed=model_cfg["seed"] + 1)).classifier  # same architecture, other init
+    clf.flatten()
+    opt = optim.Adam(clf, lr=lr)
+    rng = np.random.default_rng([seed, 13])
+    dtype = clf.flat_params.dtype
+    xp = backend.array_module(clf.flat_params)
+    bin_ = _binarizer(binarize, dtype)
+    yd = xp.asarray(y_l)
+    w = xp.full(len(y_l), 1.0 / len(y_l), dtype=dtype)
+    for i in range(steps):
+        clf.zero_grad()
+        s = clf.forward(bin_(x_l, rng))
+        clf.backward(softmax_ce_backward(w, s, yd), need_dx=False)
+        opt.step()
+    def err(x, y):
+        pred = xp.concatenate([clf.forward(x[i:i + 2000]).argmax(axis=1) for i in range(0, len(x), 2000)])
+        return float((backend.to_host(pred) != y).mean())
+    ce = float(softmax_ce_forward(clf.forward(x_l), yd).mean())
+    res = {"baseline_test_error": err(x_te, y_te), "baseline_train_error": err(x_l, y_l), "baseline_train_ce": ce,
+           "baseline_steps": steps, "baseline_lr": lr, "baseline_seconds": round(time.perf_counter() - t0, 1)}
+    log(f"baseline (classifier on the {len(y_l)} labelled images alone, {steps} steps): test error "
+        f"{res['baseline_test_error']:.4f}  train error {res['baseline_train_error']:.4f}")
+    return res
+
+
+def evaluate_m2(model, x_te, y_te, n_eval, seed, batch=500):
+    """test_error on all of x_te; test_nelbo_xy / test_nelbo_x on the first n_eval, fixed noise."""
+    res = {"error": model.error_rate(x_te, y_te)}
+    if n_eval:
+        rng = np.random.default_rng([seed, 1])
+        sxy = sx = 0.0
+        C, Z = model.num_classes, model.z_dim
+        for s in range(0, n_eval, batch):
+            xb, yb = x_te[s:min(s + batch, n_eval)], y_te[s:min(s + batch, n_eval)]
+            e1 = backend.to_device(rng.standard_normal((len(xb), Z), dtype=np.float32), model.dtype)
+            e2 = backend.to_device(rng.standard_normal((C, len(xb), Z), dtype=np.float32), model.dtype)
+            sxy += float(model.nelbo(xb, yb, eps=e1).sum())
+            sx += float(model.nelbo(xb, eps=e2).sum())
+        res.update(nelbo_xy=sxy / n_eval, nelbo_x=sx / n_eval)
+    return res
+
+
+def cmd_train(args):
+    from .. import optim, train
+    from ..models.m2 import M2
+
+    setup_backend(args)
+    if not args.resume:       # data-dependent defaults, fixed into the run before the model is built
+        if args.labelled_batch is None:
+            args.labelled_batch = args.batch_size
+    run_probe = args.resume is None
+    seed = args.seed
+    data, train_limit = args.data, args.train_limit
+    if args.resume:
+        from ..io import load_arrays
+
+        stored = load_arrays(args.resume)[1].get("run", {}).get("args", {})
+        data, train_limit, seed = stored.get("data"), stored.get("train_limit"), stored.get("seed", 0)
+    x_tr, y_tr = _load_data(data, "train", train_limit, "none", seed)
+    alpha = args.alpha
+    if run_probe:
+        lab = balanced_labels(y_tr, args.labels, 10, seed)
+        if alpha is None:
+            alpha = 0.1 * len(x_tr) / args.labels
+
+    def build():
+        return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
+                  classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=alpha, seed=args.seed,
+                  init=args.init)
+
+    model, run, out = resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, build)
+    check_run(run)
+    for k, lo in (("labelled_batch", 1), ("eval_n", 0), ("baseline_steps", 0)):
+        if run[k] < lo:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
+    lab = balanced_labels(y_tr, run["labels"], 10, seed)
+    if run["binarize"] == "static":
+        from ..data import binarize
+
+        x_tr = binarize(x_tr)
+    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    train_x = model.check_x(x_tr, "training images")
+    test_x = model.check_x(x_te, "test images")
+    y_te = model.check_y(y_te, len(x_te), "test labels")
+    y_lab = model.check_y(y_tr[lab], len(lab), "labels")
+    x_lab = train_x[model.xp.asarray(lab)] if model.xp is not np else train_x[lab]
+    n_eval = min(run["eval_n"], len(test_x))
+
+    opt = optim.Adam(model, lr=run["lr"])
+    rng, start = train.restore_checkpoint(out, opt) if args.resume else (np.random.default_rng(seed), 0)
+    os.makedirs(out, exist_ok=True)
+    print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(lab)} "
+          f"({len(lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
+          flush=True)
+
+    base_path = os.path.join(out, "baseline.json")
+    if os.path.exists(base_path):
+        with open(base_path) as f:
+            baseline = json.load(f)
+    elif run["baseline_steps"]:
+        baseline = train_baseline(model.config, x_lab, y_lab, test_x, y_te, run["baseline_steps"],
+                                  run["baseline_lr"], run["binarize"], seed)
+        _write_json(base_path, baseline)
+    else:
+        baseline = {}
+
+    dtype, Z, C, BL = model.dtype, model.z_dim, model.num_classes, run["labelled_batch"]
+    bin_ = _binarizer(run["binarize"], dtype)
+    xp = model.xp
+
+    def step(xb, rng):
+        li = rng.integers(0, len(lab), BL)
+        xl = bin_(x_lab[xp.asarray(li)] if xp is not np else x_lab[li], rng)
+        xu = bin_(xb, rng)
+        eps_l = backend.to_device(rng.standard_normal((BL, Z), dtype=np.float32), dtype)
+        eps_u = backend.to_device(rng.standard_normal((C, xu.shape[0], Z), dtype=np.float32), dtype)
+        _, t = model.loss_and_grad(xl, y_lab[li], xu, eps_l, eps_u, check=False)
+        return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
+
+    def evaluate(epoch):
+        r = evaluate_m2(model, test_x, y_te, n_eval, seed)
+        print(f"epoch {epoch}: test error {r['error']:.4f}" +
+              (f"  (baseline {baseline['baseline_test_error']:.4f})" if baseline else "") +
+              (f"  test -ELBO(x,y) {r['nelbo_xy']:.2f}  U(x) {r['nelbo_x']:.2f}" if n_eval else ""), flush=True)
+        return r
+
+    train.fit(model, opt, train_x, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng, step=step,
+              evaluate=evaluate, start_epoch=start, run_meta={"args": run}, progress=not args.no_progress,
+              clip=run["clip"])
+    records = train.read_metrics(out)
+    summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha": model.alpha, "test_n": len(test_x),
+               **baseline}
+    if records:
+        last = records[-1]
+        summary.update(test_error=last.get("test_error"), test_nelbo_xy=last.get("test_nelbo_xy"),
+                       test_nelbo_x=last.get("test_nelbo_x"), eval_n=n_eval,
+                       seconds_per_epoch=float(np.median([r["train_seconds"] for r in records])))
+        print(f"M2 test error {summary['test_error']:.4f}" +
+              (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
+    _write_json(os.path.join(out, "summary.json"), summary)
+    if not args.no_plots:
+        from ..plots import cvae as PC
+        from ..plots import m2 as PM
+
+        PM.curves(records, os.path.join(out, "curves.png"), baseline)
+        PC.class_grid(model, os.path.join(out, "classes.png"), rng=seed)
+        idx = first_of_each_class(y_te)
+        PC.style_transfer(model, x_te[idx], y_te[idx], os.path.join(out, "style_transfer.png"),
+                          title="analogies: test digit encoded with its label, decoded under labels 0..9")
+        print(f"figures in {out}", flush=True)
+    return 0

@@ -1,0 +1,34 @@
+"""M2 training curves (PNG, Agg): test classification error per epoch beside the labelled-only
+baseline, and the bounds (test -ELBO(x, y), U(x); train labelled / unlabelled losses)."""
+from __future__ import annotations
+
+from . import _save, pyplot
+
+
+def curves(records, path, baseline=None):
+    """Left: test error of M2's classifier per epoch (percent), the baseline as a horizontal line.
+    Right: nats per image: test -ELBO(x, y), test U(x) (>= -log p(x)), train labelled / unlabelled."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    pts = [(r["epoch"], 100 * r["test_error"]) for r in records if "test_error" in r]
+    if pts:
+        a.plot(*zip(*pts), marker="o", label="M2 classifier q(y|x)")
+    if baseline and "baseline_test_error" in baseline:
+        a.axhline(100 * baseline["baseline_test_error"], color="C3", ls="--",
+                  label=f"labelled-only baseline ({100 * baseline['baseline_test_error']:.1f}%)")
+    a.set_xlabel("epoch")
+    a.set_ylabel("test error (%)")
+    a.set_title("classification error")
+    a.grid(alpha=0.3)
+    a.legend()
+    for key, lab in [("test_nelbo_xy", "test -ELBO(x, y)"), ("test_nelbo_x", "test U(x)"),
+                     ("train_labelled", "train -ELBO(x, y) (labelled)"), ("train_unlabelled", "train U(x)")]:
+        pts = [(r["epoch"], r[key]) for r in records if key in r]
+        if pts:
+            b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
+    b.set_xlabel("epoch")
+    b.set_ylabel("nats per image")
+    b.set_title("bounds")
+    b.grid(alpha=0.3)
+    b.legend()
+    return _save(fig, path)
