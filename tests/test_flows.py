@@ -311,6 +311,9 @@ def test_bad_input_is_reported(f64):
         F.Flow([F.Scaling(2), F.Scaling(3)])
     with pytest.raises(ValueError, match="scale clamp"):
         F.AffineCoupling(2, scale="sigmoid")
+    nice = F.nice(4, 2, 4, 1, logit=True)
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match=r"layer 0 \(LogitTransform\).*\[0, 1\]"):
+        nice.loss_and_grad(np.array([[0.2, 1.5, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]))
     from npdgm.data import dequantize
 
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

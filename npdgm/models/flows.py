@@ -572,6 +572,8 @@ class Flow(Model):
         if isinstance(layer, AffineCoupling):
             extra = (f"; its scale clamp is {layer.scale!r}" +
                      (" (unbounded: exp(s) overflowed, use scale='tanh')" if layer.scale == "none" else ""))
+        elif isinstance(layer, LogitTransform):
+            extra = "; LogitTransform expects data in [0, 1]"
         if not bool(xp.isfinite(inp).all()):
             detail = "its input already held non-finite values"
         else:
