@@ -1,6 +1,7 @@
 """Where one npdgm training step spends its time: matmul vs elementwise vs optimizer.
 
-The step is split by wall-clock timers around its phases (warm steps, median over steps):
+The step is split by wall-clock timers around its phases (warm steps, mean over steps, so the
+parts add up to the step):
     zero_grad        model.zero_grad()
     loss_and_grad    forward + backward; inside it, every Linear layer's forward/backward is timed
                      (matmul + bias add + grad accumulation = "linear layers"); the rest is
@@ -73,7 +74,8 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
             rec["step"].append(t3 - t0)
     finally:
         layers.Linear.forward, layers.Linear.backward = orig_f, orig_b
-    med = {k: statistics.median(v) * 1e3 for k, v in rec.items()}
+    # means, not medians: the parts of a step add up to the step exactly
+    med = {k: statistics.fmean(v) * 1e3 for k, v in rec.items()}
     return {"workload": w.name, "backend": f"npdgm-{backend}", "batch": batch, "step_ms": med["step"],
             "zero_grad_ms": med["zero_grad"], "loss_and_grad_ms": med["loss_and_grad"], "linear_ms": med["linear"],
             "elementwise_ms": med["loss_and_grad"] - med["linear"], "optimizer_ms": med["optimizer"],

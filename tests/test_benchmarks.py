@@ -328,3 +328,17 @@ def test_gpu_only_paths_are_inert_without_cupy():
             workloads.NpdgmRunner(small("vae", **SMALL["vae"]), batch=4, backend="cupy")
     finally:
         backend.set_backend("numpy")
+
+
+def test_interleaved_group_and_profile(tmp_path):
+    """--interleave: backends and the floor timed round-robin in one process; --profile splits a step."""
+    assert run.main(_tiny_args(tmp_path, "--no-isolate", "--backends", "numpy,torch", "--threads", "1",
+                               "--interleave", "--repeats", "2", "--profile")) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert {r["backend"] for r in out["results"]} >= {"npdgm-numpy"}
+    assert all(len(r["blocks_ms"]) == 2 and r["x_floor"] > 0 for r in out["results"])
+    assert out["floors"][0]["interleaved"] and out["floors"][0]["floor_ms"] > 0
+    (prof,) = out["profile"]
+    parts = prof["zero_grad_ms"] + prof["linear_ms"] + prof["elementwise_ms"] + prof["optimizer_ms"]
+    assert parts == pytest.approx(prof["step_ms"], rel=0.05)
+    assert prof["linear_ms"] > 0 and prof["optimizer_ms"] > 0
