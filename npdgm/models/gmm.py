@@ -479,23 +479,29 @@ def _nearest(x, centers):
     return _sqdist(x, centers).argmin(1)
 
 
-def kmeans_plusplus(x, k, g):
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): the first center uniformly from the data, each next
-    one drawn with probability proportional to the squared distance to the nearest chosen center."""
+def kmeans_plusplus(x, k, g, n_trials=None):
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; the greedy variant scikit-learn uses): the first
+    center uniformly from the data; for each next one draw ``n_trials`` (default 2 + floor(ln k)) candidates with
+    probability proportional to the squared distance to the nearest chosen center, and keep the candidate that
+    lowers the total squared distance sum_n min_c |x_n - c|^2 the most."""
     xp = array_module(x)
     N = x.shape[0]
+    n_trials = n_trials or 2 + int(math.log(k))
     idx = [int(g.integers(N))]
     d2 = _sqdist(x, x[idx[0]][None])[:, 0]
     for _ in range(1, k):
         p = np.asarray(backend.to_host(d2), dtype=np.float64)
         tot = p.sum()
-        if not tot > 0:  # all remaining points coincide with chosen centers: pick an unused one
+        if not tot > 0:  # every point coincides with a chosen center: take unused points
             rest = np.setdiff1d(np.arange(N), idx)
             j = int(g.choice(rest))
-        else:
-            j = int(g.choice(N, p=p / tot))
-        idx.append(j)
-        d2 = xp.minimum(d2, _sqdist(x, x[j][None])[:, 0])
+            idx.append(j)
+            continue
+        cand = g.choice(N, size=n_trials, p=p / tot)
+        dc = xp.minimum(d2[:, None], _sqdist(x, x[xp.asarray(cand)]))     # (N, trials)
+        best = int(backend.to_host(dc.sum(0)).argmin())
+        idx.append(int(cand[best]))
+        d2 = dc[:, best]
     return x[xp.asarray(idx)].copy()
 
 
