@@ -14,6 +14,18 @@ import npdgm
 from npdgm.models import GaussianMixture, PCAGaussianMixture
 
 COV_TYPES = ("full", "diag", "spherical")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """These small GEMMs run fastest on one BLAS thread (and do not fight the other test files for cores)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
 INITS = ("kmeans", "k-means++", "random", "random_from_data")
 
 
