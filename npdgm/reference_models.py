@@ -315,22 +315,61 @@ _clamp_case("tanh", "s = b tanh(raw / b);  draw = ds (1 - (s/b)^2)")
 _clamp_case("atan", "s = (2b/pi) atan(raw / b);  draw = ds (2/pi) / (1 + (raw/b)^2)")
 
 
-# -- models still being written (CVAE, M2): registered when their module exists ------------------------
-def _optional_model_cases():
-    import importlib
+# -- CVAE and M2 (registered when their modules exist) ---------------------------------------------
+def _have(mod):
+    import importlib.util
 
-    for mod in ("cvae", "m2"):
-        try:
-            m = importlib.import_module(f".models.{mod}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.models.{mod}":
-                raise
-            continue
-        hook = getattr(m, "reference_cases", None)
-        if hook is not None:
-            hook(register, describe)
+    return importlib.util.find_spec(f"{__package__}.models.{mod}") is not None
 
 
-_optional_model_cases()
+CVAE_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, activation="tanh", likelihood="bernoulli", beta=1.0,
+                seed=9)
+M2_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, classifier_hidden=[4], activation="softplus", alpha=2.5,
+              seed=10)
+
+
+def _cvae_make(rng, dt):
+    from .models.cvae import CVAE
+
+    model, p = _make_model(lambda: CVAE(**CVAE_CFG), dt, rng)
+    B, K = 4, 2
+    return {"model": describe("cvae", model.config, model), "params": p,
+            "x": rng.uniform(0, 1, (B, CVAE_CFG["x_dim"])).astype(dt), "y": np.array([0, 2, 1, 2], dtype=np.int64),
+            "eps": rng.standard_normal((K, B, CVAE_CFG["z_dim"])).astype(dt)}
+
+
+def _cvae_run(i):
+    model = _load_params(_build(i["model"]), i["params"])
+    loss, terms = model.loss_and_grad(i["x"], i["y"], i["eps"])
+    return {k: backend.to_host(v) for k, v in terms.items()}, _grads(model)
+
+
+def _m2_make(rng, dt):
+    from .models.m2 import M2
+
+    model, p = _make_model(lambda: M2(**M2_CFG), dt, rng)
+    C, Z, D = M2_CFG["num_classes"], M2_CFG["z_dim"], M2_CFG["x_dim"]
+    return {"model": describe("m2", model.config, model), "params": p,
+            "x_l": rng.uniform(0, 1, (4, D)).astype(dt), "y_l": np.array([0, 2, 1, 2], dtype=np.int64),
+            "x_u": rng.uniform(0, 1, (3, D)).astype(dt), "eps_l": rng.standard_normal((4, Z)).astype(dt),
+            "eps_u": rng.standard_normal((C, 3, Z)).astype(dt)}
+
+
+def _m2_run(i):
+    model = _load_params(_build(i["model"]), i["params"])
+    loss, terms = model.loss_and_grad(i["x_l"], i["y_l"], i["x_u"], i["eps_l"], i["eps_u"])
+    return {k: backend.to_host(v) for k, v in terms.items()}, _grads(model)
+
+
+if _have("cvae"):
+    register("cvae", VAE_FORMULA.replace("encoder(x)", "encoder([x | onehot(y)])").replace(
+        "decoder(z_k)", "decoder([z_k | onehot(y)])") + ";  NLL = sum_d softplus(out) - x out", _cvae_make)(_cvae_run)
+if _have("m2"):
+    register("m2", "L(x, y) = NLL(x | decoder([z | e_y])) + KL(q(z|x, y) || N(0, I)) + log C, z = mu + e^(lv/2) eps, "
+             "[mu | lv] = encoder([x | e_y]);  q(y|x) = softmax(classifier(x));  "
+             "U(x) = sum_c q(c|x) L(x, c) - H(q(.|x)) with eps_u[c] for class c;  "
+             "loss = mean_l L(x_l, y_l) + alpha mean_l CE(q(.|x_l), y_l) + mean_u U(x_u);  "
+             "grad/<param> = d loss / d param", _m2_make)(_m2_run)
+
 
 CASE_NAMES = sorted(set(CASES) - _BEFORE)  # the cases this module (and the optional models) added

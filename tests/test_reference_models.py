@@ -18,7 +18,7 @@ from npdgm.reference import CASES, check_reference, export_reference
 
 COMMITTED = os.path.join(os.path.dirname(__file__), "reference", "models-f64")
 EXPECTED = {"vae_bernoulli", "vae_gaussian_learned", "vae_iwae", "nice", "realnvp2d", "affine_coupling",
-            "affine_coupling_inverse", "prior_gaussian", "prior_logistic"}
+            "affine_coupling_inverse", "prior_gaussian", "prior_logistic", "cvae", "m2"}
 
 
 def test_committed_model_reference_still_matches():
@@ -33,7 +33,7 @@ def test_model_cases_store_config_layout_and_every_parameter_gradient():
         manifest = json.load(f)
     assert sum(os.path.getsize(os.path.join(COMMITTED, e["file"])) for e in manifest["cases"].values()) < 400_000
     for name in ("vae_bernoulli", "vae_gaussian_learned", "vae_iwae", "nice", "realnvp2d", "affine_coupling",
-                 "affine_coupling_inverse"):
+                 "affine_coupling_inverse", "cvae", "m2"):
         with np.load(os.path.join(COMMITTED, f"{name}.npz")) as z:
             desc = json.loads(z["input/model"].tobytes())
             params = z["input/params"]
@@ -50,12 +50,12 @@ def test_model_cases_store_config_layout_and_every_parameter_gradient():
 
 
 def test_model_export_is_deterministic_and_float32_within_tolerance(tmp_path):
-    names = ["vae_bernoulli", "realnvp2d", "affine_coupling_inverse"]
+    names = ["vae_bernoulli", "realnvp2d", "affine_coupling_inverse", "m2"]
     export_reference(tmp_path / "a", seed=5, names=names)
     export_reference(tmp_path / "b", seed=5, names=names)
     for n in names:
         assert (tmp_path / "a" / f"{n}.npz").read_bytes() == (tmp_path / "b" / f"{n}.npz").read_bytes()
-    export_reference(tmp_path / "f32", dtype="float32", names=names + ["vae_iwae", "nice"])
+    export_reference(tmp_path / "f32", dtype="float32", names=names + ["vae_iwae", "nice", "cvae"])
     assert all(ok for *_, ok in check_reference(tmp_path / "f32"))
 
 

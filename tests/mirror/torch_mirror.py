@@ -235,3 +235,47 @@ def flow_inverse(P, cfg, z):
         z, ld = layer_inverse(P, f"{i}.", cfg["layers"][i], z)
         total = total + ld
     return z, total
+
+
+# -- CVAE and M2: the label enters as a one-hot row concatenated to the encoder and decoder inputs ----------
+def one_hot(y, C, dtype=torch.float64):
+    return F.one_hot(torch.as_tensor(y), C).to(dtype)
+
+
+def _elbo_rows(P, cfg, x, e, eps):
+    """Per-row recon NLL and KL for q(z|x, y), p(x|z, y) with class rows e; eps (K, B, Z)."""
+    h = mlp(P, "encoder", cfg["activation"], torch.cat([x, e], dim=1))
+    Z = cfg["z_dim"]
+    mu, logvar = h[:, :Z], h[:, Z:]
+    K, B, _ = eps.shape
+    z = (mu + torch.exp(0.5 * logvar) * eps).reshape(K * B, Z)
+    out = mlp(P, "decoder", cfg["activation"], torch.cat([z, e.repeat(K, 1)], dim=1))
+    rec = _nll_rows(P, cfg, out, x.repeat(K, 1))
+    kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar).sum(dim=1)
+    return rec, kl
+
+
+def cvae_terms(P, cfg, x, y, eps):
+    """CVAE.loss_and_grad: the VAE loss with [x | e_y] into the encoder and [z | e_y] into the decoder."""
+    rec, kl = _elbo_rows(P, cfg, x, one_hot(y, cfg["num_classes"], x.dtype), eps)
+    recon, kl = rec.mean(), kl.mean()
+    return {"loss": recon + cfg["beta"] * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
+
+
+def m2_terms(P, cfg, x_l, y_l, x_u, eps_l, eps_u):
+    """M2.loss_and_grad: mean L(x_l, y_l) + alpha mean CE + mean U(x_u), L = -ELBO(x, y) + log C,
+    U(x) = sum_c q(c|x) L(x, c) - H(q(.|x)); eps_l (B_l, Z), eps_u (C, B_u, Z) (class c uses eps_u[c])."""
+    C = cfg["num_classes"]
+    cfg = dict(cfg, likelihood="bernoulli")
+    rec, kl = _elbo_rows(P, cfg, x_l, one_hot(y_l, C, x_l.dtype), eps_l[None])
+    L = rec + kl + math.log(C)
+    s_l = mlp(P, "classifier", cfg["activation"], x_l)
+    ce = F.cross_entropy(s_l, torch.as_tensor(y_l), reduction="none")
+    Lu = torch.stack([sum(_elbo_rows(P, cfg, x_u, one_hot([c] * x_u.shape[0], C, x_u.dtype), eps_u[c][None]))
+                      for c in range(C)], dim=1) + math.log(C)                      # (B_u, C)
+    logq = torch.log_softmax(mlp(P, "classifier", cfg["activation"], x_u), dim=1)
+    H = -(logq.exp() * logq).sum(dim=1)
+    U = (logq.exp() * Lu).sum(dim=1) - H
+    loss = L.mean() + cfg["alpha"] * ce.mean() + U.mean()
+    return {"loss": loss, "labelled": L.mean(), "ce": ce.mean(), "recon_l": rec.mean(), "kl_l": kl.mean(),
+            "unlabelled": U.mean(), "entropy": H.mean()}
