@@ -444,6 +444,10 @@ def main(argv=None):
     for n in notes:
         print("note:", n, file=sys.stderr)
     t0 = time.time()
+    try:
+        load0 = round(os.getloadavg()[0], 2)
+    except OSError:
+        load0 = None
     floor_rows, rows = [], []
     if args.interleave:
         points, floors = _interleave(points, floors, isolate, rows, floor_rows)
@@ -470,6 +474,7 @@ def main(argv=None):
     from . import harness as H
 
     machine = H.machine_info()
+    machine["loadavg_1m_start"] = load0
     table = markdown_table(rows)
     ptable = profile_table(profiles)
     print(table)
@@ -486,7 +491,8 @@ def main(argv=None):
     if args.md:
         with open(args.md, "w") as f:
             f.write(f"Machine: {machine['cpu']}, {machine['cpu_count']} cores, threads={args.threads}; "
-                    f"numpy {machine['numpy']}, torch {machine.get('torch')}\n\n{table}\n")
+                    f"numpy {machine['numpy']}, torch {machine.get('torch')}; load average "
+                    f"{machine.get('loadavg_1m_start')} -> {machine.get('loadavg_1m')}\n\n{table}\n")
             if ptable:
                 f.write("\n" + ptable + "\n")
             for n in notes:
