@@ -18,6 +18,19 @@ from npdgm.nn import MLP
 TOL = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """These tests multiply small matrices; on a loaded 2-core machine OpenBLAS's two threads wait on
+    each other (measured 10x slower than one thread), so run them single-threaded when possible."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
 def test_categorical_kernel_gradchecks_registered_and_pass():
     import npdgm.checks  # noqa: F401  (registers the kernel checks)
 
