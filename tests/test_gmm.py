@@ -64,7 +64,7 @@ def brute_logpdf(gm, x):
     return (mx + np.log(np.exp(lp - mx).sum(1, keepdims=True)))[:, 0]
 
 
-# -- EM never lowers the log-likelihood ---------------------------------------------------------------
+# -- EM never lowers the log-likelihood -------------------------------------------------------------------------------
 @pytest.mark.parametrize("ct", COV_TYPES)
 @pytest.mark.parametrize("init", INITS)
 def test_log_likelihood_never_decreases(ct, init):
@@ -90,7 +90,7 @@ def test_stops_at_tol_and_converged_flag():
     assert not gm.converged_ and gm.n_iter_ == 3
 
 
-# -- recovers a known mixture -----------------------------------------------------------------------------------
+# -- recovers a known mixture -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ct", COV_TYPES)
 def test_recovers_known_mixture(ct):
     g = np.random.default_rng(7)
@@ -115,7 +115,7 @@ def test_recovers_known_mixture(ct):
     assert (gm.predict(x) == np.array(order)[lab]).mean() > 0.99
 
 
-# -- one EM step in 1-D, computed by hand -------------------------------------------------------------------------
+# -- one EM step in 1-D, computed by hand -----------------------------------------------------------------------------
 def test_one_em_step_1d_by_hand():
     xs = [-2.0, -1.0, 0.0, 1.0, 3.0]
     w, m, v = [0.4, 0.6], [-1.0, 1.5], [1.0, 2.0]
@@ -151,7 +151,7 @@ def test_one_em_step_1d_by_hand():
     np.testing.assert_array_equal(gm.predict(x), r1.argmax(1))
 
 
-# -- densities, criteria ---------------------------------------------------------------------------------------------
+# -- densities, criteria ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ct", COV_TYPES)
 def test_score_samples_matches_scipy(ct):
     x = blobs(600, 3, 3, seed=5)
@@ -184,7 +184,7 @@ def test_far_points_do_not_underflow():
     np.testing.assert_allclose(gm.predict_proba(far).sum(1), 1)
 
 
-# -- scikit-learn agreement ----------------------------------------------------------------------------------------------
+# -- scikit-learn agreement -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ct", COV_TYPES)
 def test_agrees_with_sklearn(ct):
     skm = pytest.importorskip("sklearn.mixture")
@@ -210,7 +210,7 @@ def test_agrees_with_sklearn(ct):
     assert ours.score(x) == pytest.approx(sk.score(x), abs=1e-6)
 
 
-# -- sampling ---------------------------------------------------------------------------------------------------------------
+# -- sampling ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("ct", COV_TYPES)
 def test_sample_moments_and_labels(ct):
     gm = GaussianMixture(3, ct, seed=0).fit(blobs(900, 2, 3, seed=9))
@@ -231,7 +231,7 @@ def test_sample_moments_and_labels(ct):
     np.testing.assert_array_equal(gm.sample(10, rng=3), gm.sample(10, rng=3))
 
 
-# -- determinism, dtype, persistence -------------------------------------------------------------------------------------------------
+# -- determinism, dtype, persistence ----------------------------------------------------------------------------------
 def test_seeded_and_n_init_keeps_the_best():
     x = blobs(800, 2, 5, seed=12)
     a = GaussianMixture(5, init="k-means++", seed=4).fit(x)
@@ -271,7 +271,7 @@ def test_save_load_round_trip(tmp_path, ct):
         GaussianMixture(2).save(tmp_path / "x.npz")
 
 
-# -- the PCA mixture: a proper density on the full space -------------------------------------------------------------------------
+# -- the PCA mixture: a proper density on the full space --------------------------------------------------------------
 def _low_rank_data(n, D, seed):
     g = np.random.default_rng(seed)
     A = g.normal(0, 1, (D, D)) * np.linspace(2, 0.05, D)[None]
@@ -302,12 +302,14 @@ def test_pca_mixture_with_one_component_is_the_gaussian_it_should_be(residual):
 
 def test_pca_mixture_save_load_and_pca_space_score(tmp_path):
     x = _low_rank_data(1500, 8, seed=17)
-    m = PCAGaussianMixture(8, 3, n_components=2, seed=0).fit(x)
+    m = PCAGaussianMixture(8, 3, n_components=2, seed=0, residual_reg=1e-3).fit(x)
+    lam = np.linalg.eigvalsh(np.cov(x.T, bias=True))[::-1]
+    np.testing.assert_allclose(m.residual_var.data, lam[3:] + 1e-3, rtol=1e-10)   # the floor is added
     np.testing.assert_allclose(m.score_samples_pca(x), m.gmm.score_samples((x - x.mean(0)) @ m.components.data))
     np.testing.assert_allclose(m.score_samples(x), m.score_samples_pca(x) + m.residual_logprob(x))
     m.save(tmp_path / "p.npz")
     back = npdgm.load(tmp_path / "p.npz")
-    assert isinstance(back, PCAGaussianMixture) and back.residual == "full"
+    assert isinstance(back, PCAGaussianMixture) and back.residual == "full" and back.residual_reg == 1e-3
     np.testing.assert_array_equal(back.score_samples(x), m.score_samples(x))
     with pytest.raises(ValueError, match="not fitted"):
         PCAGaussianMixture(8, 3).score_samples(x)
@@ -315,11 +317,13 @@ def test_pca_mixture_save_load_and_pca_space_score(tmp_path):
         PCAGaussianMixture(8, 9)
     with pytest.raises(ValueError, match="residual"):
         PCAGaussianMixture(8, 3, residual="diag")
+    with pytest.raises(ValueError, match="residual_reg"):
+        PCAGaussianMixture(8, 3, residual_reg=-1.0)
     with pytest.raises(ValueError, match=r"shape \(n_points, 8\)"):
         m.score_samples(x[:, :5])
 
 
-# -- bad input -------------------------------------------------------------------------------------------------------------------------
+# -- bad input --------------------------------------------------------------------------------------------------------
 def test_bad_input():
     x = blobs(50, 2, 2, seed=18)
     with pytest.raises(ValueError, match="n_components=60 is larger than the number of points"):
@@ -385,7 +389,7 @@ def test_singular_initial_covariance_is_reported():
                                             covariances_init=np.stack([np.eye(2), np.ones((2, 2))]))
 
 
-# -- GPU (skipped without CuPy and a GPU) ---------------------------------------------------------------------------------------------
+# -- GPU (skipped without CuPy and a GPU) -----------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("ct", COV_TYPES)
 def test_cupy_matches_numpy(cupy, ct):
@@ -398,7 +402,7 @@ def test_cupy_matches_numpy(cupy, ct):
     np.testing.assert_allclose(cupy.asnumpy(b.sample(50, rng=2)), a.sample(50, rng=2), rtol=1e-8, atol=1e-10)
 
 
-# -- the command line --------------------------------------------------------------------------------------------------------------------
+# -- the command line -------------------------------------------------------------------------------------------------
 def _metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
