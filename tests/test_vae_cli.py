@@ -9,7 +9,8 @@ import npdgm
 from npdgm import cli, io, train
 
 TINY = ["--train-limit", "300", "--test-limit", "100", "--hidden", "32", "--batch-size", "64",
-        "--iwae-n", "20", "--iwae-k", "5", "--impute-steps", "3", "--no-progress"]
+        "--iwae-n", "20", "--iwae-k", "5", "--impute-steps", "3", "--impute-k", "10", "--impute-n", "50",
+        "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_train_writes_run_directory(run2d, capsys):
     s = json.load(open(os.path.join(run2d, "summary.json")))
     assert s["iwae_k"] == 5 and s["iwae_n"] == 20 and s["test_iwae_nll"] == -s["test_iwae_logpx"]
     assert s["test_iwae_nll"] < s["test_nelbo_iwae_subset"]   # IWAE bound is tighter than the ELBO
-    assert {"impute_mse_vae", "impute_mse_mean_image"} <= set(s)
+    assert {"impute_mse_vae", "impute_mse_vae_cond_mean", "impute_mse_mean_image"} <= set(s)
     m = npdgm.load(run2d)
     assert isinstance(m, npdgm.VAE) and m.z_dim == 2 and m.config["hidden"] == [32]
 
@@ -44,7 +45,7 @@ def test_sample_and_impute_commands(run2d, tmp_path, capsys):
     png = str(tmp_path / "imp.png")
     assert cli.main(["impute", run2d, "--n", "30", "--rows", "5", "12", "--steps", "2", "--out", png]) == 0
     out = capsys.readouterr().out
-    assert "mean image" in out and os.path.exists(png)
+    assert "mean image" in out and "E[x_miss|x_obs] (k=100)" in out and os.path.exists(png)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -24,7 +24,7 @@ from ..cli import add_train_args, default_out, setup_backend
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
-            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "dtype")
+            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype")
 
 
 def _add_model_args(p):
@@ -55,6 +55,9 @@ def _add_model_args(p):
     d.add_argument("--impute-rows", type=int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
                    help="image rows [START, STOP) hidden for the imputation check (default 10 18)")
     d.add_argument("--impute-steps", type=int, default=50, help="encode/decode iterations (default 50)")
+    d.add_argument("--impute-k", type=int, default=100,
+                   help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
+    d.add_argument("--impute-n", type=int, default=500, help="test images for the imputation errors (default 500)")
 
 
 def register(commands, train_commands):
@@ -84,6 +87,8 @@ def register(commands, train_commands):
         i.add_argument("--rows", type=int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
                        help="image rows [START, STOP) to hide (default 10 18)")
         i.add_argument("--steps", type=int, default=50, help="encode/decode iterations (default 50)")
+        i.add_argument("--k", type=int, default=100,
+                       help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
         i.add_argument("--n", type=int, default=1000, help="test images for the error (default 1000)")
         i.add_argument("--show", type=int, default=10, help="images in the figure (default 10)")
         i.add_argument("--out", default=None, help="PNG path (default RUNDIR/imputation.png)")
@@ -102,21 +107,35 @@ def row_mask(n, rows, side=28):
     return np.broadcast_to(m.ravel(), (n, side * side)).copy()
 
 
-def imputation_errors(model, x, mean_image, rows, steps):
-    """Impute rows [start, stop) of every image in x; mean squared error per missing pixel of the VAE
-    and of the mean-image baseline. Returns (metrics dict, masked, imputed) (host arrays)."""
+def imputation_errors(model, x, mean_image, rows, steps, k=100, seed=0):
+    """Hide rows [start, stop) of every image in x and fill them (1) by ``steps`` encode -> decode
+    iterations (:meth:`VAE.impute`, the seed's method; missing pixels start at the mean image) and
+    (2) by the importance-sampled E[x_missing | x_observed] with k samples (:meth:`VAE.conditional_mean`;
+    k = 0 skips it). Returns (metrics, masked, imputed, cond_mean) as host arrays; metrics holds the
+    mean squared error per missing pixel of both and of the baselines (mean image, zeros)."""
     mask = row_mask(len(x), rows)
-    xd = backend.to_device(x, model.dtype)
-    imputed = backend.to_host(model.impute(xd, backend.to_device(mask), steps=steps,
-                                           fill=backend.to_device(mean_image, model.dtype)))
-    miss = mask
-    err = lambda y: float(np.mean((np.asarray(y, np.float64)[miss] - np.asarray(x, np.float64)[miss]) ** 2))
-    base = np.broadcast_to(mean_image, x.shape)
+    xd, md = backend.to_device(x, model.dtype), backend.to_device(mask)
+    fill = backend.to_device(mean_image, model.dtype)
+    imputed = backend.to_host(model.impute(xd, md, steps=steps, fill=fill))
+    err = lambda y: float(np.mean((np.asarray(y, np.float64)[mask] - np.asarray(x, np.float64)[mask]) ** 2))
     metrics = {"impute_rows": list(rows), "impute_steps": int(steps), "impute_n": int(len(x)),
-               "impute_mse_vae": err(imputed), "impute_mse_mean_image": err(base),
-               "impute_mse_zero_fill": err(np.zeros_like(x))}
-    masked = np.where(mask, 0.5, x)
-    return metrics, masked, imputed
+               "impute_mse_vae": err(imputed)}
+    cond = None
+    if k:
+        rng = np.random.default_rng([seed, 3])
+        cond = np.concatenate([backend.to_host(model.conditional_mean(xd[s:s + 100], md[s:s + 100], k=k, fill=fill,
+                                                                      rng=rng)) for s in range(0, len(x), 100)])
+        metrics.update(impute_k=int(k), impute_mse_vae_cond_mean=err(cond))
+    metrics.update(impute_mse_mean_image=err(np.broadcast_to(mean_image, x.shape)),
+                   impute_mse_zero_fill=err(np.zeros_like(x)))
+    return metrics, np.where(mask, 0.5, x), imputed, cond
+
+
+def _imputation_line(m):
+    cm = f"  E[x_miss|x_obs] (k={m['impute_k']}) {m['impute_mse_vae_cond_mean']:.4f}" if "impute_k" in m else ""
+    return (f"imputation of rows {m['impute_rows'][0]}..{m['impute_rows'][1] - 1} on {m['impute_n']} test images, "
+            f"MSE per missing pixel:  VAE {m['impute_steps']} steps {m['impute_mse_vae']:.4f}{cm}  "
+            f"mean image {m['impute_mse_mean_image']:.4f}  zero fill {m['impute_mse_zero_fill']:.4f}")
 
 
 def _load_data(data, split, limit, binarize, seed):
@@ -182,8 +201,9 @@ def cmd_train(args):
         cfg = {k: getattr(args, k) for k in MODEL_KEYS}
         model = VAE(x_dim=784, seed=args.seed, **cfg)
         out = args.out or default_out("vae")
-    for k, lo in (("epochs", 0), ("batch_size", 1), ("iwae_k", 1), ("iwae_n", 0), ("impute_steps", 0)):
-        if run[k] < lo:
+    for k, lo in (("epochs", 0), ("batch_size", 1), ("iwae_k", 1), ("iwae_n", 0), ("impute_steps", 0),
+                  ("impute_k", 0), ("impute_n", 1)):
+        if run.get(k, lo) < lo:
             raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
     if run["lr"] <= 0:
         raise ValueError(f"--lr must be positive, got {run['lr']}")
@@ -230,11 +250,11 @@ def cmd_train(args):
         summary["test_iwae_nll"] = -summary["test_iwae_logpx"]
         print(f"test -ELBO {summary['test_nelbo_iwae_subset']:.3f}   IWAE -log p(x) (k={run['iwae_k']}) "
               f"{summary['test_iwae_nll']:.3f}  nats/image on {n_iw} test images", flush=True)
-    n_imp = min(1000, len(x_te))
-    imp, masked, imputed = imputation_errors(model, x_te[:n_imp], mean_image, run["impute_rows"], run["impute_steps"])
+    n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))
+    imp, masked, imputed, cond = imputation_errors(model, x_te[:n_imp], mean_image, run["impute_rows"],
+                                                   run["impute_steps"], run.get("impute_k", 100), seed)
     summary.update(imp)
-    print(f"imputation, rows {run['impute_rows']}: MSE per missing pixel  VAE {imp['impute_mse_vae']:.4f}  "
-          f"mean image {imp['impute_mse_mean_image']:.4f}  zero fill {imp['impute_mse_zero_fill']:.4f}", flush=True)
+    print(_imputation_line(imp), flush=True)
     _write_json(os.path.join(out, "summary.json"), summary)
 
     if not args.no_plots:
@@ -246,6 +266,7 @@ def cmd_train(args):
         a, b = _pairs(y_te)
         P.interpolation(model, x_te[a], x_te[b], os.path.join(out, "interpolation.png"))
         P.imputation(x_te[:10], masked[:10], imputed[:10], os.path.join(out, "imputation.png"),
+                     cond_mean=None if cond is None else cond[:10],
                      title=f"imputation of rows {run['impute_rows'][0]}-{run['impute_rows'][1] - 1} "
                            f"({run['impute_steps']} encode/decode steps)")
         if model.z_dim == 2:
@@ -301,8 +322,8 @@ def cmd_sample(args):
 
 def cmd_impute(args):
     setup_backend(args)
-    if args.n < 1 or args.show < 0 or args.steps < 0:
-        raise ValueError("--n must be >= 1, --show and --steps >= 0")
+    if args.n < 1 or args.show < 0 or args.steps < 0 or args.k < 0:
+        raise ValueError("--n must be >= 1, --show, --steps and --k >= 0")
     row_mask(1, args.rows)
     model, meta = _load_vae(args.rundir)
     run = meta.get("run", {}).get("args", {})
@@ -311,16 +332,14 @@ def cmd_impute(args):
     x_tr, _ = _load_data(data, "train", run.get("train_limit"), binz, seed)
     x_te, _ = _load_data(data, "test", None, binz, seed)
     x = x_te[:args.n]
-    m, masked, imputed = imputation_errors(model, x, x_tr.mean(axis=0), args.rows, args.steps)
-    print(f"imputation of rows {args.rows[0]}..{args.rows[1] - 1} on {len(x)} test images, {args.steps} steps: "
-          f"MSE per missing pixel  VAE {m['impute_mse_vae']:.4f}  mean image {m['impute_mse_mean_image']:.4f}  "
-          f"zero fill {m['impute_mse_zero_fill']:.4f}")
+    m, masked, imputed, cond = imputation_errors(model, x, x_tr.mean(axis=0), args.rows, args.steps, args.k, seed)
+    print(_imputation_line(m))
     if args.show:
         from ..plots import vae as P
 
         out = args.out or os.path.join(_rundir(args.rundir), "imputation.png")
         k = min(args.show, len(x))
-        P.imputation(x[:k], masked[:k], imputed[:k], out,
+        P.imputation(x[:k], masked[:k], imputed[:k], out, cond_mean=None if cond is None else cond[:k],
                      title=f"imputation of rows {args.rows[0]}-{args.rows[1] - 1} ({args.steps} steps)")
         print(out)
     return 0

@@ -77,11 +77,15 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
                            title=f"decoded manifold, z on Gaussian quantiles [{lo}, {hi}]")
 
 
-def imputation(original, masked, imputed, path, title="imputation"):
-    """Rows: original, masked (missing pixels shown mid-grey), imputed."""
-    o, m, i = _h(original), _h(masked), _h(imputed)
-    return save_image_grid(np.concatenate([o, m, i]), path, nrow=len(o), title=title,
-                           row_labels=["original", "masked", "imputed"])
+def imputation(original, masked, imputed, path, title="imputation", cond_mean=None):
+    """Rows: original, masked (missing pixels shown mid-grey), imputed (encode/decode iterations)
+    and, when given, the importance-sampled E[x_missing | x_observed]."""
+    rows = [_h(original), _h(masked), _h(imputed)]
+    labels = ["original", "masked", "imputed"]
+    if cond_mean is not None:
+        rows.append(_h(cond_mean))
+        labels.append("E[x_m | x_o]")
+    return save_image_grid(np.concatenate(rows), path, nrow=len(rows[0]), title=title, row_labels=labels)
 
 
 def curves(records, path, summary=None):
