@@ -45,17 +45,20 @@ def get_num_threads():
 
 
 def _parallel(fn, spans):
-    """Run fn(span_index, span) for every span, on the shared thread pool when there are several."""
-    if len(spans) == 1:
-        fn(0, spans[0])
-        return
-    with _pool_lock:
-        if _threads["pool"] is None:
-            from concurrent.futures import ThreadPoolExecutor
+    """Run fn(span_index, span) for every span: the first in the calling thread, the others on the
+    shared pool of (threads - 1) workers, so the update uses exactly ``threads`` threads."""
+    futures = []
+    if len(spans) > 1:
+        with _pool_lock:
+            if _threads["pool"] is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            _threads["pool"] = ThreadPoolExecutor(max_workers=get_num_threads(), thread_name_prefix="npdgm-optim")
-        pool = _threads["pool"]
-    for f in [pool.submit(fn, i, sp) for i, sp in enumerate(spans)]:
+                _threads["pool"] = ThreadPoolExecutor(max_workers=max(1, get_num_threads() - 1),
+                                                      thread_name_prefix="npdgm-optim")
+            pool = _threads["pool"]
+        futures = [pool.submit(fn, i, sp) for i, sp in enumerate(spans) if i > 0]
+    fn(0, spans[0])
+    for f in futures:
         f.result()
 
 
