@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _save, pyplot, save_image_grid, training_curves
+from . import _save, pyplot, save_image_grid
 from .. import backend
 
 
@@ -63,8 +63,18 @@ def gmm2d_panels(gmm, data, path, title=None, n_samples=None, seed=0):
 
 def em_curves(records, path, title="EM", keys=("train_nll", "test_nll")):
     """Train/test NLL (nats per point) after every EM iteration (iteration 0 = the initialization)."""
-    keys = [k for k in keys if any(k in r for r in records)]
-    return training_curves(records, path, keys=keys, title=title, ylabel="negative log-likelihood (nats)")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in keys:
+        pts = [(r["iteration"], r[k]) for r in records if k in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=k)
+    ax.set_xlabel("EM iteration")
+    ax.set_ylabel("negative log-likelihood (nats per point)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def mnist_figures(model, out_means, out_samples, seed=0, n=60):
