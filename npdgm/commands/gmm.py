@@ -43,7 +43,8 @@ def register(commands, train_commands):
         "gmm", help="Gaussian mixture fitted by EM (2-D toys, or MNIST on PCA-reduced pixels)",
         description="Gaussian mixture p(x) = sum_k pi_k N(x; mu_k, Sigma_k) fitted by EM (closed-form E and M "
                     "steps, no gradients). On MNIST the mixture lives on the top --pca-dim principal components "
-                    "and an isotropic Gaussian covers the rest, so the test NLL is a density on the pixels.")
+                    "and a Gaussian covers the discarded directions, so the test NLL is a density on the "
+                    "(dequantized) pixels, comparable with the flows' NLL.")
     p.add_argument("--dataset", choices=DATASETS, default="moons", help="default moons")
     g = p.add_argument_group("model")
     g.add_argument("--components", type=int, default=10, help="mixture components K (default 10)")
