@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="also profile one npdgm step per workload")
     p.add_argument("--cuda-graph", action="store_true", help="capture the npdgm-cupy step as a CUDA graph")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on GPU (npdgm and torch)")
+    p.add_argument("--torch-adam", default="default", choices=("default", "foreach", "fused"),
+                   help="torch.optim.Adam implementation of the peer (default: torch's choice, on CPU the "
+                        "single-tensor loop)")
     p.add_argument("--no-isolate", action="store_true", help="run every point in this process")
     p.add_argument("--interleave", action="store_true",
                    help="time the CPU backends and the GEMM floor of a point round-robin in one process "
@@ -140,8 +143,9 @@ def _build(spec, backend):
         gpu_kind = "torch-cuda"
         torch.backends.cuda.matmul.allow_tf32 = bool(spec.get("tf32", False))
     _gpu_peak_start(gpu_kind)
-    r = TorchRunner(w, batch, device, spec["seed"], compile=backend == "torch-compile")
-    return r, r.step, backend, gpu_kind
+    adam = spec.get("torch_adam", "default")
+    r = TorchRunner(w, batch, device, spec["seed"], compile=backend == "torch-compile", adam=adam)
+    return r, r.step, backend if adam == "default" else f"{backend}[{adam} adam]", gpu_kind
 
 
 def _row(spec, backend, r, t, impl, gpu_kind):
@@ -321,7 +325,7 @@ def plan(args):
                 points.append({"kind": "point", "workload": w.name, "backend": backend, "batch": batch,
                                "threads": args.threads, "seed": args.seed, "warmup": args.warmup,
                                "repeats": repeats, "steps": args.steps, "target_s": target_s,
-                               "cuda_graph": args.cuda_graph, "tf32": args.tf32})
+                               "cuda_graph": args.cuda_graph, "tf32": args.tf32, "torch_adam": args.torch_adam})
             if not args.no_floor:
                 for device in sorted({d for _, d in run_backends}):
                     floors.append({"kind": "floor", "workload": w.name, "device": device, "batch": batch,

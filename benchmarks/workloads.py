@@ -227,13 +227,18 @@ class NpdgmRunner:
 class TorchRunner:
     """The same step in eager PyTorch with torch.optim.Adam (optionally torch.compile'd loss)."""
 
-    def __init__(self, workload, batch, device="cpu", seed=0, compile=False):
+    ADAM_IMPLS = ("default", "foreach", "fused")
+
+    def __init__(self, workload, batch, device="cpu", seed=0, compile=False, adam="default"):
         import torch
 
+        if adam not in self.ADAM_IMPLS:
+            raise ValueError(f"torch Adam implementation must be one of {self.ADAM_IMPLS}, got {adam!r}")
         torch.manual_seed(seed)
         self.torch, self.device, self.workload = torch, device, workload
         self.model = workload.build_torch(seed).to(device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR)
+        kw = {} if adam == "default" else {adam: True}   # default: torch's own choice for the device
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR, **kw)
         self.batches = [torch.as_tensor(b, device=device) for b in workload.batches(batch, seed)]
         self.noise_shape = workload.noise_shape(batch)
         self.gen = torch.Generator(device=device).manual_seed(seed + 1)
