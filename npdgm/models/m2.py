@@ -13,9 +13,11 @@ Per-image losses (nats), one noise draw eps ~ N(0, I) per (image, class):
 
 The objective of :meth:`M2.loss_and_grad` for a labelled batch (x_l, y_l) and an unlabelled batch x_u:
 
-    loss = mean_l L(x_l, y_l) + alpha * mean_l CE(q(y|x_l), y_l) + mean_u U(x_u)
+    loss = lambda_l * mean_l L(x_l, y_l) + alpha * mean_l CE(q(y|x_l), y_l) + mean_u U(x_u)
 
-(either batch may be left out). U is evaluated for all classes at once: the encoder's x-part is
+(either batch may be left out). lambda_l (``labelled_weight``) = 1 weighs a labelled image like an
+unlabelled one in each step; the paper's objective summed over the data set, divided by N, is
+lambda_l = N_l / N with alpha = 0.1 (its alpha = 0.1 N on the mean cross-entropy). U is evaluated for all classes at once: the encoder's x-part is
 computed once and every x is decoded under each of the C labels ((C B, .) rows, class-major).
 
 Backward of U (B rows, weight w = 1/B each), with q = softmax(s), Lmat[b, c] = L(x_b, c):
@@ -23,7 +25,7 @@ Backward of U (B rows, weight w = 1/B each), with q = softmax(s), Lmat[b, c] = L
     dLmat[b, c] = w q_bc                                     -> the per-(b, c) ELBO backward
     ds          = w q (Lmat - E_q[Lmat])  +  w q (log q + H)   (expectation + minus-entropy terms)
 
-and of the labelled part:  dL = 1/B_l per row,  ds_l = alpha/B_l (softmax(s_l) - e_y).
+and of the labelled part:  dL = lambda_l/B_l per row,  ds_l = alpha/B_l (softmax(s_l) - e_y).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class M2(Model):
 
     Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
     them reversed), classifier_hidden (default: hidden), z_dim, activation, alpha (weight of the
-    labelled cross-entropy; the paper's 0.1 N/N_labelled is chosen by ``npdgm train m2``), seed, init.
+    labelled cross-entropy; the paper's 0.1 N/N_labelled is chosen by ``npdgm train m2``),
+    labelled_weight (lambda_l, weight of the labelled -ELBO), seed, init.
     Parameter names: ``classifier.*``, ``encoder.*`` (encoder.0.W is (x_dim + C, .)), ``decoder.*``
     (decoder.0.W is (z_dim + C, .)).
     """
@@ -62,7 +65,7 @@ class M2(Model):
     likelihood = "bernoulli"
 
     def __init__(self, x_dim=784, num_classes=10, hidden=(500,), z_dim=50, classifier_hidden=None,
-                 activation="softplus", alpha=1.0, seed=0, init="torch"):
+                 activation="softplus", alpha=1.0, labelled_weight=1.0, seed=0, init="torch"):
         x_dim = _positive_int("x_dim", x_dim)
         num_classes = _positive_int("num_classes", num_classes)
         if num_classes < 2:
@@ -79,14 +82,16 @@ class M2(Model):
         get_activation(activation)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not (isinstance(labelled_weight, (int, float)) and math.isfinite(labelled_weight) and labelled_weight >= 0):
+            raise ValueError(f"labelled_weight must be a finite number >= 0, got {labelled_weight!r}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
         seed = int(seed)
         super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
                          classifier_hidden=list(classifier_hidden), activation=activation, alpha=float(alpha),
-                         seed=seed, init=init)
+                         labelled_weight=float(labelled_weight), seed=seed, init=init)
         self.x_dim, self.num_classes, self.z_dim, self.hidden = x_dim, num_classes, z_dim, hidden
-        self.alpha = float(alpha)
+        self.alpha, self.labelled_weight = float(alpha), float(labelled_weight)
         dtype = backend.get_dtype()
         host = np.random.default_rng(seed)
         self.classifier = MLP(x_dim, classifier_hidden, num_classes, activation=activation, init=init, rng=host,
@@ -158,7 +163,7 @@ class M2(Model):
         ce = softmax_ce_forward(s, yd)
         if backward:
             w = xp.full(B, 1.0 / B, dtype=self.dtype)
-            self._elbo_backward(w, cache)
+            self._elbo_backward(w * self.labelled_weight, cache)
             self.classifier.backward(softmax_ce_backward(w * self.alpha, s, yd), need_dx=False)
         rec, kl = cache[0], cache[1]
         acc = (s.argmax(axis=1) == yd).mean()
@@ -206,7 +211,7 @@ class M2(Model):
         terms, loss = {}, 0.0
         if x_l is not None:
             terms.update(self._labelled(x_l, y_l, eps_l, backward))
-            loss = loss + terms["labelled"] + self.alpha * terms["ce"]
+            loss = loss + self.labelled_weight * terms["labelled"] + self.alpha * terms["ce"]
         if x_u is not None:
             terms.update(self._unlabelled(x_u, eps_u, backward))
             loss = loss + terms["unlabelled"]
@@ -219,7 +224,8 @@ class M2(Model):
 
     def loss_and_grad(self, x_l=None, y_l=None, x_u=None, eps_l=None, eps_u=None, rng=None, *, zero_grad=True,
                       check=True):
-        """``loss = mean L(x_l, y_l) + alpha mean CE(q(y|x_l), y_l) + mean U(x_u)`` and its gradient.
+        """``loss = labelled_weight mean L(x_l, y_l) + alpha mean CE(q(y|x_l), y_l) + mean U(x_u)`` and its
+        gradient.
 
         x_l (B_l, x_dim), y_l (B_l,) integer labels; x_u (B_u, x_dim); either pair may be None.
         eps_l (B_l, z_dim) and eps_u (C, B_u, z_dim) (or (B_u, z_dim): one draw shared by every class)
@@ -321,5 +327,6 @@ for _tag, _kw in [
     ("labelled+unlabelled,tanh,2 hidden,shared eps", dict(activation="tanh", hidden=(5, 4), shared_eps=True)),
     ("unlabelled only,relu", dict(activation="relu", parts="unlabelled")),
     ("labelled only,elu,alpha=0.7", dict(activation="elu", parts="labelled", alpha=0.7)),
+    ("labelled+unlabelled,softplus,labelled_weight=0.3", dict(activation="softplus", labelled_weight=0.3)),
 ]:
     register(f"model.m2[{_tag}]")(lambda rng, _kw=_kw: _m2_check(rng, **_kw))
