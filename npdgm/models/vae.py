@@ -32,6 +32,11 @@ Backward (every line is a kernel from :mod:`npdgm.kernels`; shapes for batch B, 
     dlogvar = sum_k dz_k eps_k exp(logvar/2)/2 + beta/B * (exp(logvar) - 1)/2
     encoder.backward([dmu | dlogvar])
 
+What a VAE is used for (seed 002): ``sample(n)`` (generation), ``encode`` (a 2-D latent for
+visualization), ``impute(x, mask, steps)`` (encode -> decode iterations on the missing pixels) and
+``conditional_mean(x, mask, k)`` (importance-sampled E[x_missing | x_observed]),
+``log_likelihood(x, k)`` (IWAE estimate of log p(x)).
+
     >>> import npdgm, numpy as np
     >>> vae = npdgm.VAE(x_dim=784, hidden=(400,), z_dim=20)
     >>> x = np.random.default_rng(0).random((128, 784), dtype=np.float32)
