@@ -214,6 +214,11 @@ def test_cli_train_m2(tmp_path, capsys):
     assert 0 <= summ["test_error"] <= 1 and 0 <= summ["baseline_test_error"] <= 1
     rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"test_error", "test_nelbo_xy", "test_nelbo_x", "train_unlabelled", "train_ce"} <= set(rec)
+    base_json = open(os.path.join(out, "baseline.json")).read()
+    assert main(["train", "m2", "--resume", out, "--epochs", "2", "--no-progress", "--no-plots"]) == 0
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert open(os.path.join(out, "baseline.json")).read() == base_json      # not retrained on resume
     capsys.readouterr()
     assert main(["train", "m2", "--labels", "25", "--train-limit", "200", "--out", str(tmp_path / "b")]) == 2
     assert "cannot be balanced over 10 classes" in capsys.readouterr().err
