@@ -224,3 +224,16 @@ def test_cli_train_m2(tmp_path, capsys):
     assert "cannot be balanced over 10 classes" in capsys.readouterr().err
     assert main(["train", "m2", "--labels", "300", "--train-limit", "200", "--out", str(tmp_path / "b")]) == 2
     assert "exceeds the 200 training images" in capsys.readouterr().err
+
+
+def test_beta_weights_kl_in_training_loss_only(f64, rng):
+    """beta scales the KL inside L for the training loss; nelbo() still reports the true bound."""
+    m1 = _tiny(rng, C=3)
+    m3 = M2(**dict(m1.config, beta=3.0))
+    m3.flat_params[...] = m1.flat_params
+    d = _data(rng, m1)
+    t1, t3 = m1.loss(**d)[1], m3.loss(**d)[1]
+    assert float(t3["labelled"] - t1["labelled"]) == pytest.approx(2 * float(t1["kl_l"]), rel=1e-10)
+    np.testing.assert_array_equal(m1.nelbo(d["x_u"], eps=d["eps_u"]), m3.nelbo(d["x_u"], eps=d["eps_u"]))
+    np.testing.assert_array_equal(m1.nelbo(d["x_l"], d["y_l"], eps=d["eps_l"]),
+                                  m3.nelbo(d["x_l"], d["y_l"], eps=d["eps_l"]))

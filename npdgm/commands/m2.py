@@ -53,6 +53,9 @@ def register(commands, train_commands):
     g.add_argument("--labelled-weight", type=float, default=1.0,
                    help="weight of the labelled -ELBO term (default 1: a labelled image counts like an unlabelled "
                         "one per step; the paper's data-set sum is --labelled-weight N_labels/N_train --alpha 0.1)")
+    g.add_argument("--beta", type=float, default=1.0,
+                   help="weight of the KL term inside -ELBO(x,y) during training (default 1 = M2; > 1 makes "
+                        "class information dearer in z than in y). Reported bounds always use 1")
     g.add_argument("--z-dim", type=int, default=50, help="latent size (default 50, as in the paper)")
     g.add_argument("--hidden", type=int, nargs="+", default=[500], metavar="H",
                    help="encoder hidden sizes, decoder reversed (default 500, as in the paper)")
@@ -179,7 +182,7 @@ def cmd_train(args):
     def build():
         return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
                   classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=alpha,
-                  labelled_weight=args.labelled_weight, seed=args.seed,
+                  labelled_weight=args.labelled_weight, beta=args.beta, seed=args.seed,
                   init=args.init)
 
     model, run, out = resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, build)

@@ -15,7 +15,9 @@ The objective of :meth:`M2.loss_and_grad` for a labelled batch (x_l, y_l) and an
 
     loss = lambda_l * mean_l L(x_l, y_l) + alpha * mean_l CE(q(y|x_l), y_l) + mean_u U(x_u)
 
-(either batch may be left out). lambda_l (``labelled_weight``) = 1 weighs a labelled image like an
+(either batch may be left out). With ``beta`` != 1 the KL term inside L (in both parts) is weighted
+by beta (a beta-VAE form of M2: a larger beta makes class information in z dearer than in y);
+:meth:`M2.nelbo` always reports the true bound (beta = 1). lambda_l (``labelled_weight``) = 1 weighs a labelled image like an
 unlabelled one in each step; the paper's objective summed over the data set, divided by N, is
 lambda_l = N_l / N with alpha = 0.1 (its alpha = 0.1 N on the mean cross-entropy). U is evaluated for all classes at once: the encoder's x-part is
 computed once and every x is decoded under each of the C labels ((C B, .) rows, class-major).
@@ -56,7 +58,8 @@ class M2(Model):
     Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
     them reversed), classifier_hidden (default: hidden), z_dim, activation, alpha (weight of the
     labelled cross-entropy; the paper's 0.1 N/N_labelled is chosen by ``npdgm train m2``),
-    labelled_weight (lambda_l, weight of the labelled -ELBO), seed, init.
+    labelled_weight (lambda_l, weight of the labelled -ELBO), beta (KL weight inside L during training),
+    seed, init.
     Parameter names: ``classifier.*``, ``encoder.*`` (encoder.0.W is (x_dim + C, .)), ``decoder.*``
     (decoder.0.W is (z_dim + C, .)).
     """
@@ -65,7 +68,7 @@ class M2(Model):
     likelihood = "bernoulli"
 
     def __init__(self, x_dim=784, num_classes=10, hidden=(500,), z_dim=50, classifier_hidden=None,
-                 activation="softplus", alpha=1.0, labelled_weight=1.0, seed=0, init="torch"):
+                 activation="softplus", alpha=1.0, labelled_weight=1.0, beta=1.0, seed=0, init="torch"):
         x_dim = _positive_int("x_dim", x_dim)
         num_classes = _positive_int("num_classes", num_classes)
         if num_classes < 2:
@@ -84,14 +87,16 @@ class M2(Model):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if not (isinstance(labelled_weight, (int, float)) and math.isfinite(labelled_weight) and labelled_weight >= 0):
             raise ValueError(f"labelled_weight must be a finite number >= 0, got {labelled_weight!r}")
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
         seed = int(seed)
         super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
                          classifier_hidden=list(classifier_hidden), activation=activation, alpha=float(alpha),
-                         labelled_weight=float(labelled_weight), seed=seed, init=init)
+                         labelled_weight=float(labelled_weight), beta=float(beta), seed=seed, init=init)
         self.x_dim, self.num_classes, self.z_dim, self.hidden = x_dim, num_classes, z_dim, hidden
-        self.alpha, self.labelled_weight = float(alpha), float(labelled_weight)
+        self.alpha, self.labelled_weight, self.beta = float(alpha), float(labelled_weight), float(beta)
         dtype = backend.get_dtype()
         host = np.random.default_rng(seed)
         self.classifier = MLP(x_dim, classifier_hidden, num_classes, activation=activation, init=init, rng=host,
@@ -126,10 +131,10 @@ class M2(Model):
         return one_hot(y, self.num_classes, self.dtype, self.xp)
 
     # -- the two parts of the loss -------------------------------------------------------------
-    def _elbo_rows(self, x, e, eps):
+    def _elbo_rows(self, x, e, eps, beta=1.0):
         """L per row for inputs (N, x_dim) with class rows e (N, C) (e None: every class, class-major
-        (C N) rows, the x-part of the encoder computed once); eps matching the rows. Returns
-        (L rows, cache)."""
+        (C N) rows, the x-part of the encoder computed once); eps matching the rows; the KL term
+        weighted by ``beta``. Returns (L rows, cache)."""
         xp, Z = self.xp, self.z_dim
         if e is None:
             C, B = self.num_classes, x.shape[0]
@@ -144,20 +149,20 @@ class M2(Model):
         out = self.decoder.forward(z, e)
         rec = bernoulli_nll_forward(out, xt)
         kl = kl_std_normal_forward(mu, logvar)
-        return rec + kl - self.log_prior_y, (rec, kl, xt, mu, logvar, eps, out)
+        return rec + beta * kl - self.log_prior_y, (rec, kl, xt, mu, logvar, eps, out, beta)
 
     def _elbo_backward(self, d_rows, cache):
         """Backward of sum(d_rows * L rows) through decoder, reparameterization, KL and encoder."""
-        rec, kl, xt, mu, logvar, eps, out = cache
+        rec, kl, xt, mu, logvar, eps, out, beta = cache
         dout = bernoulli_nll_backward(d_rows, out, xt)
         dz = self.decoder.backward(dout)
         dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-        dmu_kl, dlv_kl = kl_std_normal_backward(d_rows, mu, logvar)
+        dmu_kl, dlv_kl = kl_std_normal_backward(d_rows * beta, mu, logvar)
         self.encoder.backward(self.xp.concatenate([dmu + dmu_kl, dlogvar + dlv_kl], axis=1), need_dx=False)
 
     def _labelled(self, x, y, eps, backward):
         xp, B = self.xp, x.shape[0]
-        L, cache = self._elbo_rows(x, self._onehot(y), eps)
+        L, cache = self._elbo_rows(x, self._onehot(y), eps, self.beta)
         yd = xp.asarray(y)
         s = self.classifier.forward(x)
         ce = softmax_ce_forward(s, yd)
@@ -171,7 +176,7 @@ class M2(Model):
 
     def _unlabelled(self, x, eps, backward):
         xp, B, C = self.xp, x.shape[0], self.num_classes
-        L, cache = self._elbo_rows(x, None, eps.reshape(C * B, self.z_dim))
+        L, cache = self._elbo_rows(x, None, eps.reshape(C * B, self.z_dim), self.beta)
         Lmat = L.reshape(C, B).T                                          # (B, C): L(x_b, c)
         s = self.classifier.forward(x)
         H = softmax_entropy_forward(s)
@@ -328,5 +333,6 @@ for _tag, _kw in [
     ("unlabelled only,relu", dict(activation="relu", parts="unlabelled")),
     ("labelled only,elu,alpha=0.7", dict(activation="elu", parts="labelled", alpha=0.7)),
     ("labelled+unlabelled,softplus,labelled_weight=0.3", dict(activation="softplus", labelled_weight=0.3)),
+    ("labelled+unlabelled,softplus,beta=2.5", dict(activation="softplus", beta=2.5)),
 ]:
     register(f"model.m2[{_tag}]")(lambda rng, _kw=_kw: _m2_check(rng, **_kw))
