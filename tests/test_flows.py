@@ -430,7 +430,7 @@ def _cli(*argv):
 
 def test_cli_flow2d_resume_is_bit_for_bit(tmp_path):
     common = ["--dataset", "spirals", "--n-train", 512, "--n-test", 256, "--couplings", 2, "--hidden", 8, 8,
-              "--batch-size", 128, "--no-progress"]
+              "--batch-size", 128, "--actnorm", "--no-progress"]
     assert _cli("train", "flow2d", *common, "--epochs", 3, "--out", tmp_path / "a", "--no-plots") == 0
     assert _cli("train", "flow2d", *common, "--epochs", 2, "--out", tmp_path / "b", "--no-plots") == 0
     assert _cli("train", "flow2d", "--resume", tmp_path / "b", "--epochs", 3, "--no-progress") == 0
