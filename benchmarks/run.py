@@ -445,6 +445,10 @@ def main(argv=None):
     harness.set_threads(args.threads)
     isolate = not args.no_isolate
     points, floors, notes = plan(args)
+    forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)}
+    if forced:
+        notes.append(f"OpenBLAS is forced by {forced}: numbers may not be this CPU's best; for a fair run "
+                     f"unset them for this command only (env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE ...)")
     for n in notes:
         print("note:", n, file=sys.stderr)
     t0 = time.time()
