@@ -19,7 +19,7 @@ BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_VERBOSE")
 def set_threads(n):
     """Pin the CPU thread count for every library: environment variables (read when OpenBLAS/MKL/
     OpenMP load, so call this before importing numpy/torch), then threadpoolctl when it is installed
-    (limits already-loaded BLAS pools), then torch when it is already imported."""
+    (limits already-loaded BLAS pools), torch and npdgm's optimizer threads when already imported."""
     n = int(n)
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
@@ -33,6 +33,9 @@ def set_threads(n):
         threadpool_limits(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
+    os.environ["NPDGM_NUM_THREADS"] = str(n)       # npdgm's threaded optimizer update
+    if "npdgm.optim" in sys.modules:
+        sys.modules["npdgm.optim"].set_num_threads(n)
     return n
 
 

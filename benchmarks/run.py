@@ -258,7 +258,7 @@ def _call(spec, isolate):
     if not isolate:
         return CHILD_KINDS[spec["kind"]](spec)
     env = dict(os.environ)
-    for k in harness.THREAD_ENV:
+    for k in harness.THREAD_ENV + ("NPDGM_NUM_THREADS",):
         env[k] = str(spec["threads"])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
