@@ -19,24 +19,43 @@ BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_VERBOSE")
 def set_threads(n):
     """Pin the CPU thread count for every library: environment variables (read when OpenBLAS/MKL/
     OpenMP load, so call this before importing numpy/torch), then threadpoolctl when it is installed
-    (limits already-loaded BLAS pools), torch and npdgm's optimizer threads when already imported."""
+    (limits already-loaded BLAS pools), torch and npdgm's optimizer threads when already imported.
+    Returns a function that restores the previous settings (for in-process callers such as tests)."""
     n = int(n)
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
-    for k in THREAD_ENV:
+    keys = THREAD_ENV + ("NPDGM_NUM_THREADS",)
+    old_env = {k: os.environ.get(k) for k in keys}
+    old_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    optim = sys.modules.get("npdgm.optim")
+    old_optim = optim._threads["n"] if optim is not None else None
+    for k in keys:
         os.environ[k] = str(n)
+    limiter = None
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         pass
     else:
-        threadpool_limits(n)
+        limiter = threadpool_limits(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
-    os.environ["NPDGM_NUM_THREADS"] = str(n)       # npdgm's threaded optimizer update
-    if "npdgm.optim" in sys.modules:
-        sys.modules["npdgm.optim"].set_num_threads(n)
-    return n
+    if optim is not None:
+        optim.set_num_threads(n)
+
+    def restore():
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if limiter is not None:
+            limiter.restore_original_limits()
+        if old_torch is not None and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(old_torch)
+        if optim is not None:
+            optim.set_num_threads(old_optim)   # None: back to the environment's default
+    return restore
 
 
 def blas_info():

@@ -442,7 +442,14 @@ def main(argv=None):
         spec = json.loads(args.child)
         print(json.dumps(CHILD_KINDS[spec["kind"]](spec)))
         return 0
-    harness.set_threads(args.threads)
+    restore = harness.set_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        restore()
+
+
+def _main(args):
     isolate = not args.no_isolate
     points, floors, notes = plan(args)
     forced = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)}
