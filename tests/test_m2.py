@@ -204,13 +204,15 @@ def test_cli_train_m2(tmp_path, capsys):
     out = str(tmp_path / "run")
     base = ["train", "m2", "--train-limit", "200", "--test-limit", "60", "--hidden", "16", "--z-dim", "2",
             "--labels", "20", "--batch-size", "50", "--labelled-batch", "10", "--eval-n", "20",
-            "--baseline-steps", "5", "--no-progress", "--out", out]
+            "--baseline-steps", "5", "--label-boost", "2", "--no-progress", "--out", out]
     assert main(base + ["--epochs", "1"]) == 0
     for f in ("checkpoint.npz", "metrics.jsonl", "summary.json", "baseline.json", "classes.png",
               "style_transfer.png", "curves.png"):
         assert os.path.exists(os.path.join(out, f)), f
     summ = json.load(open(os.path.join(out, "summary.json")))
-    assert summ["alpha"] == pytest.approx(0.1 * 200 / 20)
+    lam = 2 * 20 / 200                                       # label boost K N_labels / N
+    assert summ["labelled_weight"] == pytest.approx(lam)
+    assert summ["alpha_step"] == pytest.approx(0.1 * 200 / 20 * lam)    # paper's ratio 0.1 N / N_labels
     assert 0 <= summ["test_error"] <= 1 and 0 <= summ["baseline_test_error"] <= 1
     rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"test_error", "test_nelbo_xy", "test_nelbo_x", "train_unlabelled", "train_ce"} <= set(rec)

@@ -33,6 +33,8 @@ from .cvae import add_data_args, check_run, first_of_each_class, resume_or_new
 from .vae import _load_data, _write_json
 
 DEFAULT_EPOCHS = 10
+DEFAULT_LABEL_BOOST = 10.0
+DEFAULT_BETA = 1.0
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype",
             "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr")
 
@@ -48,14 +50,17 @@ def register(commands, train_commands):
     g.add_argument("--labels", type=int, default=100,
                    help="number of labelled training images, balanced over the 10 classes (default 100)")
     g.add_argument("--alpha", type=float, default=None,
-                   help="weight of the labelled cross-entropy (default 0.1 * N_train / N_labels, the paper's "
-                        "alpha = 0.1 N for per-example losses)")
-    g.add_argument("--labelled-weight", type=float, default=1.0,
-                   help="weight of the labelled -ELBO term (default 1: a labelled image counts like an unlabelled "
-                        "one per step; the paper's data-set sum is --labelled-weight N_labels/N_train --alpha 0.1)")
-    g.add_argument("--beta", type=float, default=1.0,
-                   help="weight of the KL term inside -ELBO(x,y) during training (default 1 = M2; > 1 makes "
-                        "class information dearer in z than in y). Reported bounds always use 1")
+                   help="weight of a labelled image's cross-entropy relative to its -ELBO (default 0.1 N/N_labels: "
+                        "the paper's alpha = 0.1 N on the mean cross-entropy)")
+    g.add_argument("--label-boost", type=float, default=DEFAULT_LABEL_BOOST,
+                   help="labelled images count this many times in the data-set objective: the mean labelled "
+                        "-ELBO gets weight K N_labels/N per step, the mean cross-entropy alpha times that "
+                        f"(1 = the paper's objective; N/N_labels = labelled and unlabelled batches weighted "
+                        f"alike; default {DEFAULT_LABEL_BOOST:g})")
+    g.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                   help="weight of the KL term inside -ELBO(x,y) during training (1 = M2 as published; > 1 makes "
+                        "class information dearer in z than in y, so the decoder uses y; default %(default)g). "
+                        "Reported bounds always use 1")
     g.add_argument("--z-dim", type=int, default=50, help="latent size (default 50, as in the paper)")
     g.add_argument("--hidden", type=int, nargs="+", default=[500], metavar="H",
                    help="encoder hidden sizes, decoder reversed (default 500, as in the paper)")
@@ -173,16 +178,17 @@ def cmd_train(args):
         stored = load_arrays(args.resume)[1].get("run", {}).get("args", {})
         data, train_limit, seed = stored.get("data"), stored.get("train_limit"), stored.get("seed", 0)
     x_tr, y_tr = _load_data(data, "train", train_limit, "none", seed)
-    alpha = args.alpha
     if run_probe:
-        lab = balanced_labels(y_tr, args.labels, 10, seed)
-        if alpha is None:
-            alpha = 0.1 * len(x_tr) / args.labels
+        balanced_labels(y_tr, args.labels, 10, seed)            # the errors before any work
+        if not (args.label_boost > 0 and (args.alpha is None or args.alpha >= 0)):
+            raise ValueError(f"--label-boost must be > 0 and --alpha >= 0, got {args.label_boost} and {args.alpha}")
+    ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha
+    lam = min(1.0, args.label_boost * args.labels / len(x_tr)) if run_probe else None
 
     def build():
         return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
-                  classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=alpha,
-                  labelled_weight=args.labelled_weight, beta=args.beta, seed=args.seed,
+                  classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=ratio * lam,
+                  labelled_weight=lam, beta=args.beta, seed=args.seed,
                   init=args.init)
 
     model, run, out = resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, build)
@@ -245,7 +251,8 @@ def cmd_train(args):
               evaluate=evaluate, start_epoch=start, run_meta={"args": run}, progress=not args.no_progress,
               clip=run["clip"])
     records = train.read_metrics(out)
-    summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha": model.alpha, "test_n": len(test_x),
+    summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha_step": model.alpha,
+               "labelled_weight": model.labelled_weight, "beta": model.beta, "test_n": len(test_x),
                **baseline}
     if records:
         last = records[-1]
