@@ -256,8 +256,8 @@ def cmd_train(args):
     if not args.resume:
         init_actnorm(model, train_x, image, run["seed"])
     print(f"{run['family']} on {run['dataset']}: {model!r}  train {len(train_x)}  test {len(test_x)}  "
-          f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  -> {out}",
-          flush=True)
+          f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
+          f"-> {out}", flush=True)
 
     D, log256, ln2 = model.dim, math.log(256), math.log(2)
     if image:
