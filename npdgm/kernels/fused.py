@@ -181,11 +181,14 @@ class CudaGraphStep:
             for _ in range(max(1, int(warmup))):
                 fn(*self.static)
             self.stream.synchronize()
+            host_t = [o.t for o in self.optimizers]
             self.stream.begin_capture()
             try:
-                self.out = fn(*self.static)
+                self.out = fn(*self.static)     # recorded, not run: undo its host-side step count
             finally:
                 self.graph = self.stream.end_capture()
+            for o, t in zip(self.optimizers, host_t):
+                o.t = t
         self.stream.synchronize()
 
     def __call__(self, *inputs):
