@@ -136,7 +136,8 @@ def main(argv=None):
     from .io import CheckpointError
 
     try:
-        return args.func(args) or 0
+        with backend.use():  # a command's --backend / --dtype end with it (matters when called from Python)
+            return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
     except (ValueError, TypeError, KeyError, FileNotFoundError, backend.BackendError, CheckpointError,

@@ -6,6 +6,15 @@ import pytest
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts on NumPy / float32 and cannot leak a backend or dtype into the next one."""
+    from npdgm import backend
+
+    with backend.use("numpy", "float32"):
+        yield
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
