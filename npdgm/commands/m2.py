@@ -197,8 +197,8 @@ def cmd_train(args):
         balanced_labels(y_tr, args.labels, 10, seed)            # the errors before any work
         if not (args.label_boost > 0 and (args.alpha is None or args.alpha >= 0)):
             raise ValueError(f"--label-boost must be > 0 and --alpha >= 0, got {args.label_boost} and {args.alpha}")
-    ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha
-    lam = min(1.0, args.label_boost * args.labels / len(x_tr)) if run_probe else None
+        ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha   # CE : -ELBO per labelled image
+        lam = min(1.0, args.label_boost * args.labels / len(x_tr))                     # lambda_l
 
     def build():
         return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
