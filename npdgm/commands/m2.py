@@ -30,8 +30,8 @@ Before training, a baseline is trained in the same run: the same classifier arch
 labelled images alone (cross-entropy, Adam, the same input binarization), and its test error is kept in
 baseline.json / summary.json and drawn in curves.png beside M2's test error per epoch.
 
-metrics.jsonl per epoch: train_* averaged over the epoch's steps (labelled = mean -ELBO(x, y),
-ce, unlabelled = mean U(x), entropy, acc_l), test_error (classifier on every test image),
+metrics.jsonl per epoch: train_* averaged over the epoch's steps (labelled = mean L(x, y),
+ce, unlabelled = mean U(x), both with the KL weighted by beta; entropy, acc_l), test_error (classifier on every test image),
 test_nelbo_xy (mean -ELBO(x, y) with the true labels) and test_nelbo_x (mean U(x) >= -log p(x)) on
 --eval-n test images, in nats per image.
 """

@@ -7,7 +7,8 @@ from . import _save, pyplot
 
 def curves(records, path, baseline=None):
     """Left: test error of M2's classifier per epoch (percent), the baseline as a horizontal line.
-    Right: nats per image: test -ELBO(x, y), test U(x) (>= -log p(x)), train labelled / unlabelled."""
+    Right: nats per image: test -ELBO(x, y), test U(x) (>= -log p(x)) (true bounds), and the train
+    labelled / unlabelled losses (their KL weighted by the model's beta)."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     pts = [(r["epoch"], 100 * r["test_error"]) for r in records if "test_error" in r]
@@ -22,7 +23,8 @@ def curves(records, path, baseline=None):
     a.grid(alpha=0.3)
     a.legend()
     for key, lab in [("test_nelbo_xy", "test -ELBO(x, y)"), ("test_nelbo_x", "test U(x)"),
-                     ("train_labelled", "train -ELBO(x, y) (labelled)"), ("train_unlabelled", "train U(x)")]:
+                     ("train_labelled", "train L(x, y), labelled (KL x beta)"),
+                     ("train_unlabelled", "train U(x) (KL x beta)")]:
         pts = [(r["epoch"], r[key]) for r in records if key in r]
         if pts:
             b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
