@@ -5,8 +5,8 @@
     npdgm info                   versions, backend, BLAS
     npdgm export-reference DIR   reference vectors for ports; npdgm check-reference DIR re-checks them
 
-Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` through
-``register(commands, train_commands)``.
+Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (listed in
+``COMMAND_MODULES``) through ``register(commands, train_commands)``.
 """
 from __future__ import annotations
 
@@ -121,13 +121,7 @@ def build_parser():
     t = sub.add_parser("train", help="train a model (npdgm train -h lists them)")
     tsub = t.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:  # family not written yet
-            if e.name != f"{__package__}.commands.{name}":
-                raise
-            continue
-        mod.register(sub, tsub)
+        importlib.import_module(f".commands.{name}", __package__).register(sub, tsub)
     return p
 
 

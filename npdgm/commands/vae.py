@@ -13,7 +13,6 @@ log p(x), imputation errors) and the figures.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np

@@ -2,19 +2,14 @@
 
 Importing this package registers every model kind with ``npdgm.load``.
 """
-import importlib
-
 from .base import Model
+from .cvae import CVAE
+from .flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, FlowLayer, LogitTransform, Permutation,
+                    Scaling, bits_per_dim, make_mask, nice, realnvp, realnvp2d)
+from .gmm import GaussianMixture, PCAGaussianMixture
+from .m2 import M2
+from .vae import VAE
 
-__all__ = ["Model"]
-
-for _name in ("vae", "flows", "gmm", "cvae", "m2"):
-    try:
-        _mod = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as _e:  # a model family not written yet
-        if _e.name != f"{__name__}.{_name}":
-            raise
-        continue
-    for _attr in getattr(_mod, "__all__", ()):
-        globals()[_attr] = getattr(_mod, _attr)
-        __all__.append(_attr)
+__all__ = ["Model", "VAE", "CVAE", "M2", "Flow", "FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation",
+           "Scaling", "ActNorm", "LogitTransform", "make_mask", "nice", "realnvp", "realnvp2d", "bits_per_dim",
+           "GaussianMixture", "PCAGaussianMixture"]

@@ -1,6 +1,7 @@
 """What every model shares: a kind name, a JSON-able config, save/load."""
 from __future__ import annotations
 
+from .. import backend
 from ..io import save_model
 from ..nn.module import Module
 
@@ -14,6 +15,16 @@ class Model(Module):
     def __init__(self, **config):
         super().__init__()
         object.__setattr__(self, "config", dict(config))
+
+    @property
+    def dtype(self):
+        """The float dtype of the parameters (float32 or float64)."""
+        return self.flat_params.dtype
+
+    @property
+    def xp(self):
+        """numpy or cupy, whichever holds the parameters."""
+        return backend.array_module(self.flat_params)
 
     @classmethod
     def from_config(cls, config):

@@ -234,14 +234,6 @@ class CVAE(Model):
         self.flatten()
 
     @property
-    def dtype(self):
-        return self.flat_params.dtype
-
-    @property
-    def xp(self):
-        return backend.array_module(self.flat_params)
-
-    @property
     def learned_sigma(self):
         return self.likelihood == "gaussian" and self.sigma is None
 

@@ -109,14 +109,6 @@ class M2(Model):
         self.flatten()
 
     @property
-    def dtype(self):
-        return self.flat_params.dtype
-
-    @property
-    def xp(self):
-        return backend.array_module(self.flat_params)
-
-    @property
     def log_prior_y(self):
         """log p(y) = -log C."""
         return -math.log(self.num_classes)

@@ -132,14 +132,6 @@ class VAE(Model):
 
     # -- helpers ------------------------------------------------------------------------------
     @property
-    def dtype(self):
-        return self.flat_params.dtype
-
-    @property
-    def xp(self):
-        return backend.array_module(self.flat_params)
-
-    @property
     def learned_sigma(self):
         return self.likelihood == "gaussian" and self.sigma is None
 
