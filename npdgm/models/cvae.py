@@ -33,10 +33,9 @@ from ..io import register_model
 from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
                        kl_std_normal_backward, kl_std_normal_forward, linear_backward, reparameterize_backward,
                        reparameterize_forward, sigmoid_forward)
-from ..kernels.activations import get_activation
-from ..nn import INITS, MLP, Parameter
+from ..nn import MLP, Parameter
 from .base import Model
-from .vae import LIKELIHOODS, _positive_int
+from .vae import _positive_int, check_vae_options
 
 __all__ = ["CVAE", "ConditionalMLP", "check_labels", "one_hot"]
 
@@ -196,27 +195,9 @@ class CVAE(Model):
 
     def __init__(self, x_dim=784, num_classes=10, hidden=(400,), z_dim=20, activation="relu",
                  likelihood="bernoulli", sigma=None, n_samples=1, beta=1.0, seed=0, init="torch"):
-        x_dim = _positive_int("x_dim", x_dim)
         num_classes = _positive_int("num_classes", num_classes)
-        z_dim = _positive_int("z_dim", z_dim)
-        if isinstance(hidden, (int, np.integer)):
-            hidden = (hidden,)
-        hidden = [_positive_int("hidden size", h) for h in hidden]
-        get_activation(activation)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-        if sigma is not None:
-            if likelihood != "gaussian":
-                raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
-            if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-                raise ValueError(f"sigma must be a positive finite number or None (learned), got {sigma!r}")
-            sigma = float(sigma)
-        n_samples = _positive_int("n_samples", n_samples)
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-        seed = int(seed)
+        x_dim, hidden, z_dim, sigma, n_samples, beta, seed = check_vae_options(
+            x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init)
         super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
                          activation=activation, likelihood=likelihood, sigma=sigma, n_samples=n_samples,
                          beta=float(beta), seed=seed, init=init)

@@ -71,6 +71,31 @@ def _positive_int(name, v):
     return int(v)
 
 
+def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init):
+    """Validate the constructor options shared by VAE and CVAE; returns the normalised
+    (x_dim, hidden list, z_dim, sigma, n_samples, beta, seed) or raises ValueError naming the option."""
+    x_dim = _positive_int("x_dim", x_dim)
+    z_dim = _positive_int("z_dim", z_dim)
+    if isinstance(hidden, (int, np.integer)):
+        hidden = (hidden,)
+    hidden = [_positive_int("hidden size", h) for h in hidden]
+    get_activation(activation)
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    if sigma is not None:
+        if likelihood != "gaussian":
+            raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive finite number or None (learned), got {sigma!r}")
+        sigma = float(sigma)
+    n_samples = _positive_int("n_samples", n_samples)
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    return x_dim, hidden, z_dim, sigma, n_samples, float(beta), int(seed)
+
+
 @register_model
 class VAE(Model):
     """Variational autoencoder with a Gaussian encoder and a Bernoulli or Gaussian decoder.
@@ -96,26 +121,8 @@ class VAE(Model):
 
     def __init__(self, x_dim=784, hidden=(400,), z_dim=20, activation="relu", likelihood="bernoulli",
                  sigma=None, n_samples=1, beta=1.0, seed=0, init="torch"):
-        x_dim = _positive_int("x_dim", x_dim)
-        z_dim = _positive_int("z_dim", z_dim)
-        if isinstance(hidden, (int, np.integer)):
-            hidden = (hidden,)
-        hidden = [_positive_int("hidden size", h) for h in hidden]
-        get_activation(activation)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-        if sigma is not None:
-            if likelihood != "gaussian":
-                raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
-            if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-                raise ValueError(f"sigma must be a positive finite number or None (learned), got {sigma!r}")
-            sigma = float(sigma)
-        n_samples = _positive_int("n_samples", n_samples)
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-        seed = int(seed)
+        x_dim, hidden, z_dim, sigma, n_samples, beta, seed = check_vae_options(
+            x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init)
         super().__init__(x_dim=x_dim, hidden=list(hidden), z_dim=z_dim, activation=activation,
                          likelihood=likelihood, sigma=sigma, n_samples=n_samples, beta=float(beta), seed=seed,
                          init=init)
