@@ -37,7 +37,7 @@ from ..nn import MLP, Parameter
 from .base import Model
 from .vae import _positive_int, check_vae_options
 
-__all__ = ["CVAE", "ConditionalMLP", "check_labels", "one_hot"]
+__all__ = ["CVAE", "LabelConditioned", "ConditionalMLP", "check_labels", "one_hot"]
 
 
 def check_labels(y, n, num_classes, name="y"):
@@ -180,8 +180,36 @@ def _as_noise(model, eps, shape, name="eps"):
     return eps.astype(model.dtype, copy=False)
 
 
+class LabelConditioned(Model):
+    """What CVAE and M2 share: a label-conditioned encoder/decoder pair (``self.encoder``,
+    ``self.decoder``: ConditionalMLPs), input and label checks, and q(z|x, y)."""
+
+    def check_x(self, x, name="x"):
+        return _check_x(self, x, name)
+
+    def check_y(self, y, n, name="y"):
+        return check_labels(y, n, self.num_classes, name)
+
+    def _onehot(self, y):
+        return one_hot(y, self.num_classes, self.dtype, self.xp)
+
+    def encode(self, x, y):
+        """(mu, logvar) of q(z|x, y), each (B, z_dim)."""
+        x = self.check_x(x)
+        h = self.encoder.forward(x, self._onehot(self.check_y(y, x.shape[0])))
+        return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
+
+    def _decode_raw(self, z, y):
+        """Decoder output (logits / means) for latents z (n, z_dim) under labels y (n,)."""
+        xp = self.xp
+        if getattr(z, "ndim", None) != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(getattr(z, 'shape', ()))}")
+        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
+        return self.decoder.forward(z, self._onehot(self.check_y(y, z.shape[0])))
+
+
 @register_model
-class CVAE(Model):
+class CVAE(LabelConditioned):
     """Conditional VAE: encoder q(z|x, y), decoder p(x|z, y), y one-hot concatenated to the inputs.
 
     Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
@@ -222,15 +250,6 @@ class CVAE(Model):
         if self.learned_sigma:
             return self.logvar_x.data
         return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
-
-    def check_x(self, x, name="x"):
-        return _check_x(self, x, name)
-
-    def check_y(self, y, n, name="y"):
-        return check_labels(y, n, self.num_classes, name)
-
-    def _onehot(self, y):
-        return one_hot(y, self.num_classes, self.dtype, self.xp)
 
     def _eps(self, eps, B, rng):
         if eps is None:
@@ -301,19 +320,9 @@ class CVAE(Model):
         return loss, terms
 
     # -- conditional generation ----------------------------------------------------------------
-    def encode(self, x, y):
-        """(mu, logvar) of q(z|x, y), each (B, z_dim)."""
-        x = self.check_x(x)
-        h = self.encoder.forward(x, self._onehot(self.check_y(y, x.shape[0])))
-        return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
-
     def decode(self, z, y):
         """E[x|z, y] (Bernoulli probabilities or the Gaussian mean), (n, x_dim)."""
-        xp = self.xp
-        if getattr(z, "ndim", None) != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(getattr(z, 'shape', ()))}")
-        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
-        out = self.decoder.forward(z, self._onehot(self.check_y(y, z.shape[0])))
+        out = self._decode_raw(z, y)
         return sigmoid_forward(out) if self.likelihood == "bernoulli" else out
 
     def sample(self, y, rng=None):

@@ -44,15 +44,14 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, kl_std_nor
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
-from .base import Model
-from .cvae import ConditionalMLP, _as_noise, _check_x, _draw, check_labels, one_hot
+from .cvae import ConditionalMLP, LabelConditioned, _as_noise, _draw
 from .vae import _positive_int
 
 __all__ = ["M2"]
 
 
 @register_model
-class M2(Model):
+class M2(LabelConditioned):
     """Semi-supervised VAE M2: classifier q(y|x), encoder q(z|x, y), Bernoulli decoder p(x|y, z).
 
     Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
@@ -112,15 +111,6 @@ class M2(Model):
     def log_prior_y(self):
         """log p(y) = -log C."""
         return -math.log(self.num_classes)
-
-    def check_x(self, x, name="x"):
-        return _check_x(self, x, name)
-
-    def check_y(self, y, n, name="y"):
-        return check_labels(y, n, self.num_classes, name)
-
-    def _onehot(self, y):
-        return one_hot(y, self.num_classes, self.dtype, self.xp)
 
     # -- the two parts of the loss -------------------------------------------------------------
     def _elbo_rows(self, x, e, eps, beta=1.0):
@@ -266,18 +256,9 @@ class M2(Model):
         s = self.classifier.forward(x)
         return softmax_expectation_forward(s, L) - softmax_entropy_forward(s)
 
-    def encode(self, x, y):
-        x = self.check_x(x)
-        h = self.encoder.forward(x, self._onehot(self.check_y(y, x.shape[0])))
-        return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
-
     def decode(self, z, y):
         """E[x|y, z] = sigmoid(decoder([z | e_y])), (n, x_dim)."""
-        xp = self.xp
-        if getattr(z, "ndim", None) != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(getattr(z, 'shape', ()))}")
-        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
-        return sigmoid_forward(self.decoder.forward(z, self._onehot(self.check_y(y, z.shape[0]))))
+        return sigmoid_forward(self._decode_raw(z, y))
 
     def class_grid(self, n_per_class=10, rng=0):
         """(C n, x_dim): row c = class c decoded from the same n prior draws (see CVAE.class_grid)."""
