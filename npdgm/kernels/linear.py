@@ -32,15 +32,17 @@ def _matmul(xp, a, b, out=None):
     return xp.multiply(a, b, out=out)
 
 
-def linear_backward(dy, x, W, need_dx=True):
+def linear_backward(dy, x, W, need_dx=True, dW=None, db=None):
     """Gradients of y = x @ W + b.
 
     dx = dy @ W.T      (B, in)
     dW = x.T @ dy      (in, out)
     db = sum_B dy      (out,)
-    Returns (dx, dW, db); dx is None when ``need_dx`` is False (first layer).
+    Returns (dx, dW, db); dx is None when ``need_dx`` is False (first layer). ``dW``/``db``: optional
+    arrays the products are written into (overwritten, not added to).
     """
     if dy.shape != (x.shape[0], W.shape[1]):
         raise ValueError(f"dy must have shape {(x.shape[0], W.shape[1])}, got {dy.shape}")
-    dx = _matmul(array_module(dy), dy, W.T) if need_dx else None
-    return dx, x.T @ dy, dy.sum(axis=0)
+    xp = array_module(dy)
+    dx = _matmul(xp, dy, W.T) if need_dx else None
+    return dx, xp.matmul(x.T, dy, out=dW), dy.sum(axis=0, out=db)

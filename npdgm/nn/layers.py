@@ -69,10 +69,17 @@ class Linear(Module):
         return linear_forward(x, self.W.data, self.b.data)
 
     def backward(self, dy, need_dx=True):
-        """dx = dy @ W.T;  W.grad += x.T @ dy;  b.grad += sum_B dy."""
-        dx, dW, db = linear_backward(dy, self._x, self.W.data, need_dx)
-        self.W.grad += dW
-        self.b.grad += db
+        """dx = dy @ W.T;  W.grad += x.T @ dy;  b.grad += sum_B dy  (written straight into the
+        gradients when they were just zeroed: the usual one backward per zero_grad)."""
+        W, b = self.W, self.b
+        if W.zeroed and b.zeroed:
+            dx, _, _ = linear_backward(dy, self._x, W.data, need_dx, dW=W.grad, db=b.grad)
+            W.zeroed = b.zeroed = False
+            return dx
+        dx, dW, db = linear_backward(dy, self._x, W.data, need_dx)
+        W.grad += dW
+        b.grad += db
+        W.zeroed = b.zeroed = False
         return dx
 
 

@@ -14,13 +14,18 @@ from .. import backend
 
 
 class Parameter:
-    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype)."""
+    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype).
 
-    __slots__ = ("data", "grad")
+    ``zeroed`` is True while ``grad`` is known to hold zeros (set by :meth:`Module.zero_grad`):
+    a backward that finds it set may write its gradient with ``out=`` instead of adding a
+    temporary (one pass over memory instead of three), and must then clear it."""
+
+    __slots__ = ("data", "grad", "zeroed")
 
     def __init__(self, data):
         self.data = data
         self.grad = backend.array_module(data).zeros_like(data)
+        self.zeroed = True
 
     @property
     def shape(self):
@@ -73,11 +78,13 @@ class Module:
         return sum(int(p.data.size) for p in self.parameters())
 
     def zero_grad(self):
+        ps = self.parameters()
         if self.flat_grads is not None:
             self.flat_grads.fill(0)
-        else:
-            for p in self.parameters():
+        for p in ps:
+            if self.flat_grads is None:
                 p.grad.fill(0)
+            p.zeroed = True
 
     def layout(self):
         """[(name, shape, offset)] of every parameter in the flat buffer (element offsets)."""
@@ -105,6 +112,7 @@ class Module:
             view[...] = p.data
             p.data = view
             p.grad = gflat[off:off + n].reshape(p.data.shape)
+            p.zeroed = True  # a fresh zero buffer (old gradient values are not carried over)
             off += n
         object.__setattr__(self, "flat_params", flat)
         object.__setattr__(self, "flat_grads", gflat)
