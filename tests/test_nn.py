@@ -52,6 +52,30 @@ def test_backward_accumulates(f64, rng):
         np.testing.assert_allclose(v, 2 * once[k])
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_zero_grad_then_backward_overwrites_stale_grads(f64, rng, flat):
+    """After zero_grad a Linear writes its gradient with out= (Parameter.zeroed); the result must be
+    the gradient itself whatever the buffer held before, and later backwards must add to it."""
+    m = MLP(3, [4], 2, rng=0)
+    if flat:
+        m.flatten()
+    x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    m.forward(x)
+    m.backward(dy)
+    once = {k: v.copy() for k, v in m.grads.items()}
+    for g in m.grads.values():
+        g[...] = 7.0                        # stale values a plain backward would add to
+    assert not any(p.zeroed for p in m.parameters())
+    m.zero_grad()
+    assert all(p.zeroed for p in m.parameters())
+    m.forward(x)
+    m.backward(dy)
+    m.forward(x)
+    m.backward(dy)
+    for k, v in m.grads.items():
+        np.testing.assert_allclose(v, 2 * once[k], rtol=1e-12)
+
+
 def test_first_layer_can_skip_dx(f64, rng):
     m = MLP(3, [4], 2, rng=0)
     m.forward(rng.standard_normal((5, 3)))
