@@ -13,7 +13,8 @@ import sys
 import time
 
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_VERBOSE")
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_VERBOSE", "OPENBLAS_THREAD_TIMEOUT")
+OPENBLAS_THREAD_TIMEOUT = "12"  # npdgm's own default (npdgm/__init__.py), applied here before NumPy loads
 
 
 def set_threads(n):
@@ -25,12 +26,13 @@ def set_threads(n):
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     keys = THREAD_ENV + ("NPDGM_NUM_THREADS",)
-    old_env = {k: os.environ.get(k) for k in keys}
+    old_env = {k: os.environ.get(k) for k in keys + ("OPENBLAS_THREAD_TIMEOUT",)}
     old_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     optim = sys.modules.get("npdgm.optim")
     old_optim = optim._threads["n"] if optim is not None else None
     for k in keys:
         os.environ[k] = str(n)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
     limiter = None
     try:
         from threadpoolctl import threadpool_limits
