@@ -169,6 +169,24 @@ def test_loss_and_grad_zeroes_or_accumulates(f64):
     np.testing.assert_allclose(fl.flat_grads, 2 * g1)
 
 
+@pytest.mark.parametrize("first", ["additive", "affine"])
+def test_backward_without_dx_gives_the_same_grads(f64, first):
+    """loss_and_grad skips the first coupling's dx (need_dx=False): same parameter gradients."""
+    x = np.random.default_rng(1).standard_normal((9, 4))
+    c0 = (F.AdditiveCoupling if first == "additive" else F.AffineCoupling)(4, "half", 0, [5], seed=1)
+    fl = F.Flow([c0, F.AffineCoupling(4, "half", 1, [5], seed=2), F.Scaling(4)])
+    z, logdet = fl.forward(x)
+    dlp = np.full(9, -1 / 9)
+    fl.zero_grad()
+    assert fl.backward(fl._prior_b(dlp, z), dlp).shape == x.shape
+    full = fl.flat_grads.copy()
+    fl.zero_grad()
+    assert fl.backward(fl._prior_b(dlp, z), dlp, need_dx=False) is None
+    np.testing.assert_array_equal(fl.flat_grads, full)
+    fl.loss_and_grad(x)
+    np.testing.assert_allclose(fl.flat_grads, full, rtol=1e-13)
+
+
 def test_sampling_side_loss_gradient(f64):
     """A loss on samples, L = mean ||f^-1(T z) - c||^2, differentiated through the inverse by hand."""
     rng = np.random.default_rng(3)

@@ -138,7 +138,7 @@ def cmd_train(args):
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
         eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
-        _, t = model.loss_and_grad(xb, y_tr[idx], eps, check=False)
+        _, t = model.loss_and_grad(xb, y_tr[idx], eps, check=False, zero_grad=False)
         return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
 
     index = np.arange(len(train_x))[:, None]

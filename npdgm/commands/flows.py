@@ -264,11 +264,11 @@ def cmd_train(args):
         from ..data import dequantize
 
         def step(xb, rng):
-            loss = model.loss_and_grad(dequantize(xb, rng))
+            loss = model.loss_and_grad(dequantize(xb, rng), zero_grad=False)  # fit zeroed them
             return {"loss": loss, "bpd": (loss / D + log256) / ln2}
     else:
         def step(xb, rng):
-            return {"loss": model.loss_and_grad(xb)}
+            return {"loss": model.loss_and_grad(xb, zero_grad=False)}
 
     train.fit(model, opt, train_x, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng, step=step,
               evaluate=lambda e: evaluate(model, test_x, image), start_epoch=start, run_meta={"args": run},

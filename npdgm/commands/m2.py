@@ -253,7 +253,7 @@ def cmd_train(args):
         xu = bin_(xb, rng)
         eps_l = backend.to_device(rng.standard_normal((BL, Z), dtype=np.float32), dtype)
         eps_u = backend.to_device(rng.standard_normal((C, xu.shape[0], Z), dtype=np.float32), dtype)
-        _, t = model.loss_and_grad(xl, y_lab[li], xu, eps_l, eps_u, check=False)
+        _, t = model.loss_and_grad(xl, y_lab[li], xu, eps_l, eps_u, check=False, zero_grad=False)
         return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
 
     def evaluate(epoch):

@@ -11,7 +11,8 @@ backwards: x = f^-1(z), z ~ p_Z (optionally scaled by a temperature).
 Every layer is a :class:`~npdgm.nn.Module` with
 
     forward(x)               -> (y, logdet)   logdet = log|det dy/dx| per row, shape (B,)
-    backward(dy, dlogdet)    -> dx            accumulates parameter gradients
+    backward(dy, dlogdet)    -> dx            accumulates parameter gradients (need_dx=False: a
+                                              coupling skips dx and returns None; the first layer)
     inverse(y, logdet=False) -> x  (or (x, logdet_inv), logdet_inv = -logdet(x))
     inverse_backward(dx, dlogdet_inv) -> dy   the backward through the inverse (sampling-side losses)
     spec()                   -> JSON dict that rebuilds the layer (masks, permutation seeds included)
@@ -221,12 +222,12 @@ class AdditiveCoupling(_Coupling):
         self._mode = "forward"
         return self._merge(xa, yb), backend.array_module(x).zeros(x.shape[0], dtype=x.dtype)
 
-    def backward(self, dy, dlogdet=None):
+    def backward(self, dy, dlogdet=None, need_dx=True):
         """dx_b = dy_b;  dx_a = dy_a + m'(x_a)^T dy_b  (log-det is constant: dlogdet is unused)."""
         self._need("forward")
         dya, dyb = self._split(dy)
-        dxa = dya + self.net.backward(dyb)
-        return self._merge(dxa, dyb)
+        dm = self.net.backward(dyb, need_dx=need_dx)
+        return self._merge(dya + dm, dyb) if need_dx else None
 
     def inverse(self, y, logdet=False):
         ya, yb = self._split(y)
@@ -276,10 +277,10 @@ class AffineCoupling(_Coupling):
         raw, t = h[:, :self.nb], h[:, self.nb:]
         return raw, C.scale_clamp_forward(raw, self.scale, self.scale_bound), t
 
-    def _dnet(self, ds, dt, raw, s):
+    def _dnet(self, ds, dt, raw, s, need_dx=True):
         xp = backend.array_module(ds)
         draw = C.scale_clamp_backward(ds, raw, s, self.scale, self.scale_bound)
-        return self.net.backward(xp.concatenate([draw, dt], axis=1))
+        return self.net.backward(xp.concatenate([draw, dt], axis=1), need_dx=need_dx)
 
     def forward(self, x):
         xa, xb = self._split(x)
@@ -289,12 +290,13 @@ class AffineCoupling(_Coupling):
         self._mode = "forward"
         return self._merge(xa, yb), ld
 
-    def backward(self, dy, dlogdet=None):
+    def backward(self, dy, dlogdet=None, need_dx=True):
         self._need("forward")
         xb, raw, s = self._cache
         dya, dyb = self._split(dy)
         dxb, ds, dt = C.affine_coupling_backward(dyb, dlogdet, xb, s)
-        return self._merge(dya + self._dnet(ds, dt, raw, s), dxb)
+        dm = self._dnet(ds, dt, raw, s, need_dx)
+        return self._merge(dya + dm, dxb) if need_dx else None
 
     def inverse(self, y, logdet=False):
         ya, yb = self._split(y)
@@ -340,7 +342,7 @@ class Permutation(FlowLayer):
         self._mode = "forward"
         return self._take(x, self.perm), backend.array_module(x).zeros(x.shape[0], dtype=x.dtype)
 
-    def backward(self, dy, dlogdet=None):
+    def backward(self, dy, dlogdet=None, need_dx=True):
         return self._take(dy, self.inv)
 
     def inverse(self, y, logdet=False):
@@ -367,7 +369,7 @@ class Scaling(FlowLayer):
         self._x, self._mode = x, "forward"
         return C.diag_scale_forward(x, self.log_scale.data)
 
-    def backward(self, dy, dlogdet=None):
+    def backward(self, dy, dlogdet=None, need_dx=True):
         """dx = dy exp(ls);  d ls += sum_B dy x exp(ls) + sum_B dlogdet."""
         self._need("forward")
         dx, dls = C.diag_scale_backward(dy, dlogdet, self._x, self.log_scale.data)
@@ -430,7 +432,7 @@ class ActNorm(FlowLayer):
         self._u, self._mode = u, "forward"
         return C.diag_scale_forward(u, self.log_scale.data)
 
-    def backward(self, dy, dlogdet=None):
+    def backward(self, dy, dlogdet=None, need_dx=True):
         self._need("forward")
         du, dls = C.diag_scale_backward(dy, dlogdet, self._u, self.log_scale.data)
         self.log_scale.grad += dls
@@ -471,7 +473,7 @@ class LogitTransform(FlowLayer):
         self._x, self._mode = x, "forward"
         return C.logit_forward(x, self.alpha)
 
-    def backward(self, dy, dlogdet=None):
+    def backward(self, dy, dlogdet=None, need_dx=True):
         self._need("forward")
         return C.logit_backward(dy, dlogdet, self._x, self.alpha)
 
@@ -595,11 +597,12 @@ class Flow(Model):
             h = y
         return h, logdet
 
-    def backward(self, dz, dlogdet=None):
-        """dx from dL/dz (B, D) and dL/dlogdet (B,); accumulates every parameter gradient."""
-        for layer in reversed(self.layers):
-            dz = layer.backward(dz, dlogdet)
-        return dz
+    def backward(self, dz, dlogdet=None, need_dx=True):
+        """dx from dL/dz (B, D) and dL/dlogdet (B,); accumulates every parameter gradient.
+        ``need_dx=False`` (a loss of the data): the first layer may skip dx and None is returned."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            dz = self.layers[i].backward(dz, dlogdet, need_dx=need_dx or i > 0)
+        return dz if need_dx else None
 
     def inverse(self, z, logdet=False):
         """x = f^-1(z) (and log|det df^-1/dz| per row when ``logdet``); caches for :meth:`inverse_backward`."""
@@ -651,7 +654,7 @@ class Flow(Model):
                                      f"{float(backend.array_module(z).abs(z).max()):.4g})")
         xp = backend.array_module(x)
         dlp = xp.full(x.shape[0], -1.0 / x.shape[0], dtype=x.dtype)
-        self.backward(self._prior_b(dlp, z), dlp)
+        self.backward(self._prior_b(dlp, z), dlp, need_dx=False)
         return loss
 
     def diagnose(self, x):
