@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--interleave", action="store_true",
                    help="time the CPU backends and the GEMM floor of a point round-robin in one process "
                         "(fair on a machine whose load changes; best with --threads 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole plan this many times, backends alternating, and report each point's "
+                        "median round (on a VM whose speed drifts, a drift then hits every backend alike)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--md", default=None, help="write the markdown table to this file")
     p.add_argument("--plot", default=None, help="log-log plot of ms/step and samples/s against batch")
@@ -128,9 +131,7 @@ def _build(spec, backend):
             fused.set_tf32(spec.get("tf32", False))
         _gpu_peak_start(gpu_kind)
         r = NpdgmRunner(w, batch, xp_name, spec["seed"])
-        from .npdgm_models import impl_of
-
-        impl = impl_of(r.model)
+        impl = "library"
         if xp_name == "cupy" and spec.get("cuda_graph"):
             r.enable_cuda_graph()
             impl += "+graph"
@@ -436,6 +437,36 @@ def _interleave(points, floors, isolate, rows, floor_rows):
     return rest, [f for f in floors if f["device"] != "cpu"]
 
 
+def _run_plan(points, floors, interleave, isolate, rows, floor_rows):
+    if interleave:
+        points, floors = _interleave(points, floors, isolate, rows, floor_rows)
+    for spec in floors:
+        f = _call(spec, isolate)
+        floor_rows.append(f)
+        print(f"floor {f['workload']:10s} {f['device']} batch {f['batch']:5d}: {f['floor_ms']:.3f} ms "
+              f"({f['gflops']:.1f} GFLOP/s)", file=sys.stderr)
+    for spec in points:
+        r = _call(spec, isolate)
+        rows.append(r)
+        print(f"{r['workload']:10s} {r['backend']:17s} batch {r['batch']:5d}: {r['ms_per_step']:.3f} ms/step "
+              f"[{r['ms_min']:.3f}..{r['ms_max']:.3f}]", file=sys.stderr)
+
+
+def median_rounds(rows, key, field):
+    """One row per ``key``: the round whose ``field`` is the median (the lower middle for an even count),
+    with every round's value in ``rounds``. Order of first appearance is kept."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in key), []).append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: r[field])
+        pick = dict(rs[(len(rs) - 1) // 2])
+        pick["rounds"] = [r[field] for r in rs]
+        out.append(pick)
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
@@ -463,19 +494,15 @@ def _main(args):
         load0 = round(os.getloadavg()[0], 2)
     except OSError:
         load0 = None
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     floor_rows, rows = [], []
-    if args.interleave:
-        points, floors = _interleave(points, floors, isolate, rows, floor_rows)
-    for spec in floors:
-        f = _call(spec, isolate)
-        floor_rows.append(f)
-        print(f"floor {f['workload']:10s} {f['device']} batch {f['batch']:5d}: {f['floor_ms']:.3f} ms "
-              f"({f['gflops']:.1f} GFLOP/s)", file=sys.stderr)
-    for spec in points:
-        r = _call(spec, isolate)
-        rows.append(r)
-        print(f"{r['workload']:10s} {r['backend']:17s} batch {r['batch']:5d}: {r['ms_per_step']:.3f} ms/step "
-              f"[{r['ms_min']:.3f}..{r['ms_max']:.3f}]", file=sys.stderr)
+    for rnd in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        _run_plan(points, floors, args.interleave, isolate, rows, floor_rows)
+    rows = median_rounds(rows, ("workload", "backend", "batch"), "ms_per_step")
+    floor_rows = median_rounds(floor_rows, ("workload", "device", "batch"), "floor_ms")
     attach_ratios(rows, floor_rows)
     profiles = []
     if args.profile:
