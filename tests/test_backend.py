@@ -78,3 +78,18 @@ def test_cupy_backend_runs_the_same_kernels(cupy):
     y_cpu = K.linear_forward(x, W, b)
     y_gpu = K.linear_forward(cp.asarray(x), cp.asarray(W), cp.asarray(b))
     np.testing.assert_allclose(cp.asnumpy(y_gpu), y_cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, want", [(None, "12"), ("20", "20")])
+def test_openblas_thread_timeout_default_when_npdgm_loads_first(preset, want):
+    """import npdgm before NumPy sets OPENBLAS_THREAD_TIMEOUT=12 for OpenBLAS to read; a user's value is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = "import npdgm, os, sys; assert 'numpy' in sys.modules; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want
