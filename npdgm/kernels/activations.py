@@ -45,21 +45,21 @@ def tanh_backward(dy, y):
 
 
 def sigmoid_forward(x):
-    """y = 1 / (1 + exp(-x)) = exp(min(x, 0)) / (1 + exp(-|x|)): both exponents are <= 0, so no
-    overflow for large |x| and no cancellation in either tail. (Written without ``where``: NumPy's
-    select branches per element and is ~10x slower on a random sign pattern.)"""
+    """y = 1 / (1 + exp(-x)) = n / (1 + e),  e = exp(-|x|),  n = exp(min(x, 0)) = (1 if x >= 0 else e):
+    the exponent is <= 0, so no overflow for large |x| and no cancellation in either tail. n is
+    max(e, [x >= 0]) since e <= 1: one exp per element, no ``where`` (NumPy's select branches per element
+    and is ~10x slower on a random sign pattern)."""
     if _fused.on_gpu(x):
         return _fused.sigmoid_forward(x)
     xp = array_module(x)
     if getattr(x, "ndim", 0) == 0:
         return sigmoid_forward(xp.asarray(x).reshape(1))[0]
-    d = xp.abs(x)
-    xp.negative(d, out=d)
-    xp.exp(d, out=d)
-    d += 1                                  # 1 + exp(-|x|)
-    y = xp.minimum(x, 0)
-    xp.exp(y, out=y)                        # exp(min(x, 0))
-    y /= d
+    e = xp.abs(x)
+    xp.negative(e, out=e)
+    xp.exp(e, out=e)                        # e = exp(-|x|)
+    y = xp.maximum(e, x >= 0)               # exp(min(x, 0))
+    e += 1
+    y /= e
     return y
 
 
