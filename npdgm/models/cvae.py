@@ -23,19 +23,15 @@ layer of each network, ``[x | e_y] @ W + b = x @ W[:D] + W[D + y] + b``, whose g
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import backend
 from ..gradcheck import check, register
 from ..io import register_model
-from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
-                       kl_std_normal_backward, kl_std_normal_forward, linear_backward, reparameterize_backward,
-                       reparameterize_forward, sigmoid_forward)
+from ..kernels import kl_std_normal_forward, linear_backward, reparameterize_forward, sigmoid_forward
 from ..nn import MLP, Parameter
 from .base import Model
-from .vae import _positive_int, check_vae_options
+from .vae import ELBOMixin, _positive_int, check_vae_options
 
 __all__ = ["CVAE", "LabelConditioned", "ConditionalMLP", "check_labels", "one_hot"]
 
@@ -210,7 +206,7 @@ class LabelConditioned(Model):
 
 
 @register_model
-class CVAE(LabelConditioned):
+class CVAE(ELBOMixin, LabelConditioned):
     """Conditional VAE: encoder q(z|x, y), decoder p(x|z, y), y one-hot concatenated to the inputs.
 
     Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
@@ -243,15 +239,6 @@ class CVAE(LabelConditioned):
         object.__setattr__(self, "_noise", backend.rng(seed))
         self.flatten()
 
-    @property
-    def learned_sigma(self):
-        return self.likelihood == "gaussian" and self.sigma is None
-
-    def _logvar_x(self):
-        if self.learned_sigma:
-            return self.logvar_x.data
-        return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
-
     def _eps(self, eps, B, rng):
         if eps is None:
             return _draw(self, (self.n_samples, B, self.z_dim), rng)
@@ -271,12 +258,7 @@ class CVAE(LabelConditioned):
         ek = e if K == 1 else xp.broadcast_to(e, (K,) + e.shape).reshape(K * B, -1)
         out = self.decoder.forward(z.reshape(K * B, Z), ek)                  # (K B, D)
         xt = x if K == 1 else xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
-        if self.likelihood == "bernoulli":
-            rec_rows = bernoulli_nll_forward(out, xt)
-        else:
-            rec_rows = gaussian_nll_forward(out, xt, self._logvar_x())
-        kl_rows = kl_std_normal_forward(mu, logvar)
-        recon, kl = rec_rows.mean(), kl_rows.mean()
+        recon, kl = self._rec_rows(out, xt).mean(), kl_std_normal_forward(mu, logvar).mean()
         loss = recon + self.beta * kl
         return loss, {"loss": loss, "recon": recon, "kl": kl, "nelbo": recon + kl}, (xt, mu, logvar, out)
 
@@ -303,21 +285,7 @@ class CVAE(LabelConditioned):
         loss, terms, (xt, mu, logvar, out) = self._forward(x, self._onehot(y), eps)
         if zero_grad:
             self.zero_grad()
-        xp, B, K, Z = self.xp, x.shape[0], eps.shape[0], self.z_dim
-        d_rows = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)
-        if self.likelihood == "bernoulli":
-            dout = bernoulli_nll_backward(d_rows, out, xt)
-        else:
-            dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
-            if self.learned_sigma:
-                self.logvar_x.grad += dlv_x
-        dz = self.decoder.backward(dout).reshape(K, B, Z)
-        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-        if self.beta:
-            dmu_kl, dlv_kl = kl_std_normal_backward(xp.full(B, self.beta / B, dtype=self.dtype), mu, logvar)
-            dmu += dmu_kl
-            dlogvar += dlv_kl
-        self.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+        self._elbo_backward(xt, mu, logvar, eps, out)
         return loss, terms
 
     # -- conditional generation ----------------------------------------------------------------

@@ -96,8 +96,49 @@ def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_sam
     return x_dim, hidden, z_dim, sigma, n_samples, float(beta), int(seed)
 
 
+class ELBOMixin:
+    """What VAE and CVAE share: the decoder likelihood p(x|z) and the backward of the ELBO loss
+    L = mean_rows [-log p(x|z)] + beta mean_b KL(q(z|x) || N(0, I)) through decoder, reparameterization
+    and encoder (the model provides ``encoder``/``decoder`` modules with backward(dy, need_dx))."""
+
+    @property
+    def learned_sigma(self):
+        return self.likelihood == "gaussian" and self.sigma is None
+
+    def _logvar_x(self):
+        """The decoder log-variance: the learned (D,) parameter or the fixed scalar 2 log sigma."""
+        if self.learned_sigma:
+            return self.logvar_x.data
+        return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
+
+    def _rec_rows(self, out, xt):
+        """-log p(x|z) per decoder row (summed over pixels)."""
+        if self.likelihood == "bernoulli":
+            return bernoulli_nll_forward(out, xt)
+        return gaussian_nll_forward(out, xt, self._logvar_x())
+
+    def _elbo_backward(self, xt, mu, logvar, eps, out):
+        """dL/dout = (1/KB) d(-log p)/dout  (and dL/dlogvar_x when learned) -> decoder backward ->
+        dz (K, B, Z) -> reparameterization backward -> + beta/B dKL/d(mu, logvar) -> encoder backward."""
+        xp, B, K, Z = self.xp, mu.shape[0], eps.shape[0], self.z_dim
+        d_rows = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)        # d loss / d rec_rows
+        if self.likelihood == "bernoulli":
+            dout = bernoulli_nll_backward(d_rows, out, xt)
+        else:
+            dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
+            if self.learned_sigma:
+                self.logvar_x.grad += dlv_x
+        dz = self.decoder.backward(dout).reshape(K, B, Z)
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        if self.beta:
+            dmu_kl, dlv_kl = kl_std_normal_backward(xp.full(B, self.beta / B, dtype=self.dtype), mu, logvar)
+            dmu += dmu_kl
+            dlogvar += dlv_kl
+        self.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+
+
 @register_model
-class VAE(Model):
+class VAE(ELBOMixin, Model):
     """Variational autoencoder with a Gaussian encoder and a Bernoulli or Gaussian decoder.
 
     Parameters (all kept in :attr:`config`, so ``npdgm.load`` rebuilds the model):
@@ -138,16 +179,6 @@ class VAE(Model):
         self.flatten()
 
     # -- helpers ------------------------------------------------------------------------------
-    @property
-    def learned_sigma(self):
-        return self.likelihood == "gaussian" and self.sigma is None
-
-    def _logvar_x(self):
-        """The decoder log-variance: the learned (D,) parameter or the fixed scalar 2 log sigma."""
-        if self.learned_sigma:
-            return self.logvar_x.data
-        return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
-
     def check_x(self, x, name="x"):
         """Validate a batch and return it as a model-dtype array on the model's backend.
 
@@ -206,12 +237,7 @@ class VAE(Model):
         z = reparameterize_forward(mu, logvar, eps)                    # (K, B, Z)
         out = self.decoder.forward(z.reshape(K * B, Z))                 # (K B, D)
         xt = x if K == 1 else self.xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
-        if self.likelihood == "bernoulli":
-            rec_rows = bernoulli_nll_forward(out, xt)
-        else:
-            rec_rows = gaussian_nll_forward(out, xt, self._logvar_x())
-        kl_rows = kl_std_normal_forward(mu, logvar)
-        recon, kl = rec_rows.mean(), kl_rows.mean()
+        recon, kl = self._rec_rows(out, xt).mean(), kl_std_normal_forward(mu, logvar).mean()
         loss = recon + self.beta * kl
         terms = {"loss": loss, "recon": recon, "kl": kl, "nelbo": recon + kl}
         return loss, terms, (xt, mu, logvar, eps, out)
@@ -247,21 +273,7 @@ class VAE(Model):
         loss, terms, (xt, mu, logvar, eps, out) = self._forward(x, eps)
         if zero_grad:
             self.zero_grad()
-        xp, B, K, Z = self.xp, x.shape[0], eps.shape[0], self.z_dim
-        d_rows = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)        # d loss / d rec_rows
-        if self.likelihood == "bernoulli":
-            dout = bernoulli_nll_backward(d_rows, out, xt)
-        else:
-            dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
-            if self.learned_sigma:
-                self.logvar_x.grad += dlv_x
-        dz = self.decoder.backward(dout).reshape(K, B, Z)
-        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-        if self.beta:
-            dmu_kl, dlv_kl = kl_std_normal_backward(xp.full(B, self.beta / B, dtype=self.dtype), mu, logvar)
-            dmu += dmu_kl
-            dlogvar += dlv_kl
-        self.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+        self._elbo_backward(xt, mu, logvar, eps, out)
         return loss, terms
 
     # -- what a VAE is used for ----------------------------------------------------------------
