@@ -31,7 +31,7 @@ from ..io import register_model
 from ..kernels import kl_std_normal_forward, linear_backward, reparameterize_forward, sigmoid_forward
 from ..nn import MLP, Parameter
 from .base import Model
-from .vae import ELBOMixin, _positive_int, check_vae_options
+from .vae import ELBOMixin, _check_x, _draw, _positive_int, check_vae_options
 
 __all__ = ["CVAE", "LabelConditioned", "ConditionalMLP", "check_labels", "one_hot"]
 
@@ -131,52 +131,6 @@ class ConditionalMLP(MLP):
         return dx
 
 
-def _check_x(model, x, name="x"):
-    """The VAE's validation: 2-D (B, x_dim), non-empty, finite, real, [0, 1] for Bernoulli; returns a
-    model-dtype array on the model's backend."""
-    if not hasattr(x, "ndim"):
-        x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (batch, {model.x_dim}), got shape {x.shape}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {x.shape}); need at least one row")
-    if x.shape[1] != model.x_dim:
-        raise ValueError(f"{name} has width {x.shape[1]} but this {model.kind} has x_dim={model.x_dim} "
-                         f"(shape {x.shape})")
-    if x.dtype.kind not in "fiub":
-        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
-    xp = model.xp
-    x = xp.asarray(x) if backend.array_module(x) is not xp else x
-    x = x.astype(model.dtype, copy=False)
-    backend.check_finite(name, x)
-    if model.likelihood == "bernoulli":
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"{name} must lie in [0, 1] for a Bernoulli decoder (found values in "
-                             f"[{lo:g}, {hi:g}]); scale pixels to [0, 1]")
-    return x
-
-
-def _draw(model, shape, rng):
-    """Standard normal noise in the model dtype/backend from a NumPy/CuPy Generator or int seed
-    (default: the model's own generator)."""
-    rng = model._noise if rng is None else rng
-    if isinstance(rng, (int, np.integer)):
-        rng = np.random.default_rng(int(rng))
-    eps = rng.standard_normal(shape, dtype=np.float32 if model.dtype == np.float32 else np.float64)
-    return model.xp.asarray(eps).astype(model.dtype, copy=False)
-
-
-def _as_noise(model, eps, shape, name="eps"):
-    if eps.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(eps.shape)}")
-    if eps.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float array, got dtype {eps.dtype}")
-    xp = model.xp
-    eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
-    return eps.astype(model.dtype, copy=False)
-
-
 class LabelConditioned(Model):
     """What CVAE and M2 share: a label-conditioned encoder/decoder pair (``self.encoder``,
     ``self.decoder``: ConditionalMLPs), input and label checks, and q(z|x, y)."""
@@ -238,16 +192,6 @@ class CVAE(ELBOMixin, LabelConditioned):
             self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
         object.__setattr__(self, "_noise", backend.rng(seed))
         self.flatten()
-
-    def _eps(self, eps, B, rng):
-        if eps is None:
-            return _draw(self, (self.n_samples, B, self.z_dim), rng)
-        if getattr(eps, "ndim", None) == 2:
-            eps = eps[None]
-        if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (B, self.z_dim):
-            raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {B}, {self.z_dim}) with S >= 1 "
-                             f"(or ({B}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
-        return _as_noise(self, eps, eps.shape)
 
     # -- the loss and its gradient -------------------------------------------------------------
     def _forward(self, x, e, eps):

@@ -44,7 +44,8 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, kl_std_nor
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
-from .cvae import ConditionalMLP, LabelConditioned, _as_noise, _draw
+from .cvae import ConditionalMLP, LabelConditioned
+from .vae import _as_noise, _draw
 from .vae import _positive_int
 
 __all__ = ["M2"]

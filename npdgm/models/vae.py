@@ -96,6 +96,52 @@ def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_sam
     return x_dim, hidden, z_dim, sigma, n_samples, float(beta), int(seed)
 
 
+def _check_x(model, x, name="x"):
+    """Validate a batch for a VAE-family model and return it as a model-dtype array on the model's
+    backend: ValueError unless x is 2-D (B, x_dim), non-empty, finite and (Bernoulli) in [0, 1]."""
+    if not hasattr(x, "ndim"):
+        x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (batch, {model.x_dim}), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {x.shape}); need at least one row")
+    if x.shape[1] != model.x_dim:
+        raise ValueError(f"{name} has width {x.shape[1]} but this {type(model).__name__} has x_dim={model.x_dim} "
+                         f"(shape {x.shape})")
+    if x.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
+    xp = model.xp
+    x = xp.asarray(x) if backend.array_module(x) is not xp else x
+    x = x.astype(model.dtype, copy=False)
+    backend.check_finite(name, x)
+    if model.likelihood == "bernoulli":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{name} must lie in [0, 1] for a Bernoulli decoder (found values in "
+                             f"[{lo:g}, {hi:g}]); scale pixels to [0, 1]")
+    return x
+
+
+def _draw(model, shape, rng):
+    """Standard normal noise in the model dtype/backend from a NumPy/CuPy Generator or int seed
+    (default: the model's own generator)."""
+    rng = model._noise if rng is None else rng
+    if isinstance(rng, (int, np.integer)):
+        rng = np.random.default_rng(int(rng))
+    eps = rng.standard_normal(shape, dtype=np.float32 if model.dtype == np.float32 else np.float64)
+    return model.xp.asarray(eps).astype(model.dtype, copy=False)
+
+
+def _as_noise(model, eps, shape, name="eps"):
+    if eps.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(eps.shape)}")
+    if eps.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {eps.dtype}")
+    xp = model.xp
+    eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
+    return eps.astype(model.dtype, copy=False)
+
+
 class ELBOMixin:
     """What VAE and CVAE share: the decoder likelihood p(x|z) and the backward of the ELBO loss
     L = mean_rows [-log p(x|z)] + beta mean_b KL(q(z|x) || N(0, I)) through decoder, reparameterization
@@ -110,6 +156,18 @@ class ELBOMixin:
         if self.learned_sigma:
             return self.logvar_x.data
         return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
+
+    def _eps(self, eps, B, rng):
+        """Training noise (K, B, z_dim): ``eps`` checked ((S, B, z_dim) or (B, z_dim)), or n_samples draws
+        from ``rng`` (default: the model's own generator) when None."""
+        if eps is None:
+            return _draw(self, (self.n_samples, B, self.z_dim), rng)
+        if getattr(eps, "ndim", None) == 2:
+            eps = eps[None]
+        if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (B, self.z_dim):
+            raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {B}, {self.z_dim}) with S >= 1 "
+                             f"(or ({B}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
+        return _as_noise(self, eps, eps.shape)
 
     def _rec_rows(self, out, xt):
         """-log p(x|z) per decoder row (summed over pixels)."""
@@ -183,50 +241,7 @@ class VAE(ELBOMixin, Model):
         """Validate a batch and return it as a model-dtype array on the model's backend.
 
         ValueError unless x is 2-D (B, x_dim), non-empty, finite and (Bernoulli) in [0, 1]."""
-        if not hasattr(x, "ndim"):
-            x = np.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D array (batch, {self.x_dim}), got shape {x.shape}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch (shape {x.shape}); need at least one row")
-        if x.shape[1] != self.x_dim:
-            raise ValueError(f"{name} has width {x.shape[1]} but this VAE has x_dim={self.x_dim} "
-                             f"(shape {x.shape})")
-        if getattr(x, "dtype", None) is not None and x.dtype.kind not in "fiub":
-            raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
-        xp = self.xp
-        x = xp.asarray(x) if backend.array_module(x) is not xp else x
-        x = x.astype(self.dtype, copy=False)
-        backend.check_finite(name, x)
-        if self.likelihood == "bernoulli":
-            lo, hi = float(x.min()), float(x.max())
-            if lo < 0 or hi > 1:
-                raise ValueError(f"{name} must lie in [0, 1] for a Bernoulli decoder (found values in "
-                                 f"[{lo:g}, {hi:g}]); scale pixels to [0, 1]")
-        return x
-
-    def _draw(self, shape, rng):
-        """Standard normal noise of ``shape`` in the model dtype on the model backend, from ``rng``
-        (a NumPy or CuPy Generator; default: the model's own generator, seeded with ``seed``)."""
-        rng = self._noise if rng is None else rng
-        if isinstance(rng, (int, np.integer)):
-            rng = np.random.default_rng(int(rng))
-        eps = rng.standard_normal(shape, dtype=np.float32 if self.dtype == np.float32 else np.float64)
-        return self.xp.asarray(eps).astype(self.dtype, copy=False)
-
-    def _check_eps(self, eps, batch):
-        if eps is None:
-            return None
-        if getattr(eps, "ndim", None) == 2:
-            eps = eps[None]
-        if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (batch, self.z_dim):
-            raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {batch}, {self.z_dim}) with S >= 1 "
-                             f"(or ({batch}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
-        if eps.dtype.kind != "f":
-            raise TypeError(f"eps must be a float array, got dtype {eps.dtype}")
-        xp = self.xp
-        eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
-        return eps.astype(self.dtype, copy=False)
+        return _check_x(self, x, name)
 
     # -- the loss and its gradient -------------------------------------------------------------
     def _forward(self, x, eps):
@@ -245,9 +260,7 @@ class VAE(ELBOMixin, Model):
     def loss(self, x, eps=None, rng=None):
         """Forward only: ``(loss, terms)`` as :meth:`loss_and_grad`, no gradients touched."""
         x = self.check_x(x)
-        eps = self._check_eps(eps, x.shape[0])
-        if eps is None:
-            eps = self._draw((self.n_samples, x.shape[0], self.z_dim), rng)
+        eps = self._eps(eps, x.shape[0], rng)
         loss, terms, _ = self._forward(x, eps)
         return loss, terms
 
@@ -267,9 +280,7 @@ class VAE(ELBOMixin, Model):
         """
         if check:
             x = self.check_x(x)
-        eps = self._check_eps(eps, x.shape[0])
-        if eps is None:
-            eps = self._draw((self.n_samples, x.shape[0], self.z_dim), rng)
+        eps = self._eps(eps, x.shape[0], rng)
         loss, terms, (xt, mu, logvar, eps, out) = self._forward(x, eps)
         if zero_grad:
             self.zero_grad()
@@ -301,14 +312,14 @@ class VAE(ELBOMixin, Model):
         n = _positive_int("n", n)
         if isinstance(rng, (int, np.integer)):
             rng = np.random.default_rng(int(rng))
-        m = self.decode(self._draw((n, self.z_dim), rng))
+        m = self.decode(_draw(self, (n, self.z_dim), rng))
         if mean:
             return m
         if self.likelihood == "bernoulli":
             g = self._noise if rng is None else rng
             u = self.xp.asarray(g.random(m.shape, dtype=np.float32)).astype(self.dtype, copy=False)
             return (u < m).astype(self.dtype)
-        return m + self.xp.exp(0.5 * self._logvar_x()) * self._draw((n, self.x_dim), rng)
+        return m + self.xp.exp(0.5 * self._logvar_x()) * _draw(self, (n, self.x_dim), rng)
 
     def reconstruct(self, x):
         """E[x | z = mu(x)]: decode the posterior mean (deterministic)."""
@@ -334,7 +345,7 @@ class VAE(ELBOMixin, Model):
         per = max(1, int(chunk) // B)
         for s in range(0, k, per):
             c = min(per, k - s)
-            eps = self._draw((c, B, Z), rng)
+            eps = _draw(self, (c, B, Z), rng)
             z = mu + std * eps                                              # (c, B, Z)
             out = self.decoder.forward(z.reshape(c * B, Z))
             xt = xp.broadcast_to(x, (c,) + x.shape).reshape(c * B, -1)
@@ -400,7 +411,7 @@ class VAE(ELBOMixin, Model):
         acc = xp.zeros(x_obs.shape)                              # sum_i exp(log w_i - m_run) E[x | z_i]
         for s in range(0, k, per):
             c = min(per, k - s)
-            eps = self._draw((c, B, Z), rng)
+            eps = _draw(self, (c, B, Z), rng)
             z = mu + std * eps
             out = self.decoder.forward(z.reshape(c * B, Z)).reshape(c, B, -1)
             if self.likelihood == "bernoulli":
