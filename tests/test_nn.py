@@ -76,6 +76,24 @@ def test_zero_grad_then_backward_overwrites_stale_grads(f64, rng, flat):
         np.testing.assert_allclose(v, 2 * once[k], rtol=1e-12)
 
 
+def test_grad_written_by_hand_after_zero_grad_is_kept(f64, rng):
+    """Touching p.grad ends the known-zero state, so a Linear backward adds to a hand-written term
+    (e.g. a penalty gradient put in before the backward) instead of overwriting it."""
+    m = MLP(3, [4], 2, rng=0).flatten()
+    x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    m.forward(x)
+    m.backward(dy)
+    once = {k: v.copy() for k, v in m.grads.items()}
+    m.zero_grad()
+    lin = m.layers[0]
+    lin.W.grad += 0.5 * lin.W.data
+    assert not lin.W.zeroed and m.layers[2].W.zeroed
+    m.forward(x)
+    m.backward(dy)
+    np.testing.assert_allclose(lin.W.grad, once["0.W"] + 0.5 * lin.W.data, rtol=1e-12)
+    np.testing.assert_allclose(m.grads["2.W"], once["2.W"], rtol=1e-12)
+
+
 def test_first_layer_can_skip_dx(f64, rng):
     m = MLP(3, [4], 2, rng=0)
     m.forward(rng.standard_normal((5, 3)))

@@ -127,7 +127,6 @@ class ConditionalMLP(MLP):
         dx, dW, db = linear_backward(dy, x, lin.W.data[:D], need_dx)
         lin.W.grad[:D] += dW
         lin.b.grad += db
-        lin.W.zeroed = lin.b.zeroed = False
         return dx
 
 

@@ -73,13 +73,12 @@ class Linear(Module):
         gradients when they were just zeroed: the usual one backward per zero_grad)."""
         W, b = self.W, self.b
         if W.zeroed and b.zeroed:
-            dx, _, _ = linear_backward(dy, self._x, W.data, need_dx, dW=W.grad, db=b.grad)
+            dx, _, _ = linear_backward(dy, self._x, W.data, need_dx, dW=W._grad, db=b._grad)
             W.zeroed = b.zeroed = False
             return dx
         dx, dW, db = linear_backward(dy, self._x, W.data, need_dx)
         W.grad += dW
         b.grad += db
-        W.zeroed = b.zeroed = False
         return dx
 
 

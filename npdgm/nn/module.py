@@ -16,16 +16,27 @@ from .. import backend
 class Parameter:
     """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype).
 
-    ``zeroed`` is True while ``grad`` is known to hold zeros (set by :meth:`Module.zero_grad`):
-    a backward that finds it set may write its gradient with ``out=`` instead of adding a
-    temporary (one pass over memory instead of three), and must then clear it."""
+    ``zeroed`` is True while the gradient is known to hold zeros: set by :meth:`Module.zero_grad`,
+    cleared as soon as anyone touches ``grad`` (reading hands out the array, which may then be
+    written). A backward that finds it set may write its gradient with ``out=`` into ``_grad``
+    instead of adding a temporary (one pass over memory instead of three), and must clear it."""
 
-    __slots__ = ("data", "grad", "zeroed")
+    __slots__ = ("data", "_grad", "zeroed")
 
     def __init__(self, data):
         self.data = data
-        self.grad = backend.array_module(data).zeros_like(data)
+        self._grad = backend.array_module(data).zeros_like(data)
         self.zeroed = True
+
+    @property
+    def grad(self):
+        self.zeroed = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self.zeroed = False
+        self._grad = value
 
     @property
     def shape(self):
