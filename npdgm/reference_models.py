@@ -23,8 +23,7 @@ import numpy as np
 
 from . import backend
 from .kernels import coupling as C
-from .kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
-                      logsumexp_backward, logsumexp_forward, reparameterize_backward, reparameterize_forward)
+from .kernels import logsumexp_backward, logsumexp_forward, reparameterize_backward, reparameterize_forward
 from .reference import CASES, register
 
 _BEFORE = set(CASES)
@@ -148,23 +147,14 @@ def iwae_loss_and_grad(model, x, eps):
     z = reparameterize_forward(mu, logvar, eps)                                     # (K, B, Z)
     out = model.decoder.forward(z.reshape(K * B, Z))
     xt = xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
-    if model.likelihood == "bernoulli":
-        lpx = -bernoulli_nll_forward(out, xt)
-    else:
-        lpx = -gaussian_nll_forward(out, xt, model._logvar_x())
+    lpx = -model._rec_rows(out, xt)
     logw = lpx.reshape(K, B) - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)     # (K, B)
     lse = logsumexp_forward(logw, axis=0)
     iwae = lse - math.log(K)
     loss = -iwae.mean()
     dlogw = logsumexp_backward(xp.full(B, -1.0 / B, dtype=model.dtype), logw, lse, axis=0)   # (K, B)
     d_nll = -dlogw.reshape(K * B)                         # d loss / d NLL rows
-    if model.likelihood == "bernoulli":
-        dout = bernoulli_nll_backward(d_nll, out, xt)
-    else:
-        dout, dlv_x = gaussian_nll_backward(d_nll, out, xt, model._logvar_x())
-        if model.learned_sigma:
-            model.logvar_x.grad += dlv_x
-    dz = model.decoder.backward(dout).reshape(K, B, Z) - dlogw[:, :, None] * z
+    dz = model.decoder.backward(model._rec_backward(d_nll, out, xt)).reshape(K, B, Z) - dlogw[:, :, None] * z
     dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
     dlogvar += 0.5 * dlogw.sum(axis=0)[:, None]
     model.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)

@@ -175,18 +175,22 @@ class ELBOMixin:
             return bernoulli_nll_forward(out, xt)
         return gaussian_nll_forward(out, xt, self._logvar_x())
 
+    def _rec_backward(self, d_rows, out, xt):
+        """d loss / d out for loss = sum_rows d_rows * (-log p(x|z)); with a learned sigma it also adds
+        d loss / d logvar_x into ``logvar_x.grad``."""
+        if self.likelihood == "bernoulli":
+            return bernoulli_nll_backward(d_rows, out, xt)
+        dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
+        if self.learned_sigma:
+            self.logvar_x.grad += dlv_x
+        return dout
+
     def _elbo_backward(self, xt, mu, logvar, eps, out):
         """dL/dout = (1/KB) d(-log p)/dout  (and dL/dlogvar_x when learned) -> decoder backward ->
         dz (K, B, Z) -> reparameterization backward -> + beta/B dKL/d(mu, logvar) -> encoder backward."""
         xp, B, K, Z = self.xp, mu.shape[0], eps.shape[0], self.z_dim
         d_rows = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)        # d loss / d rec_rows
-        if self.likelihood == "bernoulli":
-            dout = bernoulli_nll_backward(d_rows, out, xt)
-        else:
-            dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
-            if self.learned_sigma:
-                self.logvar_x.grad += dlv_x
-        dz = self.decoder.backward(dout).reshape(K, B, Z)
+        dz = self.decoder.backward(self._rec_backward(d_rows, out, xt)).reshape(K, B, Z)
         dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
         if self.beta:
             dmu_kl, dlv_kl = kl_std_normal_backward(xp.full(B, self.beta / B, dtype=self.dtype), mu, logvar)
@@ -340,7 +344,6 @@ class VAE(ELBOMixin, Model):
         xp, B, Z = self.xp, x.shape[0], self.z_dim
         mu, logvar = self.encode(x)
         std = xp.exp(0.5 * logvar)
-        lv_x = None if self.likelihood == "bernoulli" else self._logvar_x()
         logw = xp.empty((k, B), dtype=np.float64)
         per = max(1, int(chunk) // B)
         for s in range(0, k, per):
@@ -349,10 +352,7 @@ class VAE(ELBOMixin, Model):
             z = mu + std * eps                                              # (c, B, Z)
             out = self.decoder.forward(z.reshape(c * B, Z))
             xt = xp.broadcast_to(x, (c,) + x.shape).reshape(c * B, -1)
-            if self.likelihood == "bernoulli":
-                lpx = -bernoulli_nll_forward(out, xt)
-            else:
-                lpx = -gaussian_nll_forward(out, xt, lv_x)
+            lpx = -self._rec_rows(out, xt)
             # log p(z) - log q(z|x) = -0.5 sum (z^2 - eps^2 - logvar)
             lpz_lq = -0.5 * (z * z - eps * eps - logvar).sum(axis=2)          # (c, B)
             logw[s:s + c] = lpx.reshape(c, B) + lpz_lq
