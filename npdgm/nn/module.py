@@ -89,12 +89,11 @@ class Module:
         return sum(int(p.data.size) for p in self.parameters())
 
     def zero_grad(self):
-        ps = self.parameters()
         if self.flat_grads is not None:
             self.flat_grads.fill(0)
-        for p in ps:
+        for p in self.parameters():
             if self.flat_grads is None:
-                p.grad.fill(0)
+                p._grad.fill(0)
             p.zeroed = True
 
     def layout(self):
