@@ -1,5 +1,11 @@
 """docs/ cannot rot silently: every page's "Check it" commands name gradcheck entries, test files, -k
-selections and reference directories that exist, and every relative link resolves."""
+selections and reference directories that exist, and every relative link resolves.
+
+A documented test command whose files all need an optional extra (``pytest.importorskip("torch")`` at the top
+of every file, as ``tests/mirror/``) must still name files that exist, but whether it selects a test is
+checked only where that extra is installed: on a bare ``pip install -e ".[dev]"`` it skips them all."""
+import glob
+import importlib.util
 import os
 import re
 import shlex
@@ -87,6 +93,43 @@ def _pytest_commands():
                 yield page, words[3:]
 
 
+MODULE_SKIP = re.compile(r"^(?:\w+\s*=\s*)?pytest\.importorskip\(\s*[\"']([\w.]+)[\"']", re.M)
+
+
+def _installed(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+def _extras_needed(path):
+    """Modules without which every test under ``path`` (a file or a folder) skips at import: the
+    module-level ``pytest.importorskip`` calls its test files all share."""
+    full = os.path.join(ROOT, path)
+    files = [full] if os.path.isfile(full) else glob.glob(os.path.join(full, "**", "test_*.py"), recursive=True)
+    needs = None
+    for f in files:
+        with open(f) as fh:
+            mods = set(MODULE_SKIP.findall(fh.read()))
+        needs = mods if needs is None else needs & mods
+    return needs or set()
+
+
+def _runnable(paths, installed=_installed):
+    """The documented test paths whose optional extras are installed here."""
+    return [p for p in paths if all(installed(m) for m in _extras_needed(p))]
+
+
+def test_extras_of_documented_test_paths():
+    assert _extras_needed("tests/mirror/") == {"torch"}
+    assert _extras_needed("tests/mirror/test_port_example.py") == {"torch"}
+    assert _extras_needed("tests/test_vae.py") == set()          # only some of its tests need torch
+    paths = ["tests/test_vae.py", "tests/mirror/test_mirror_vae.py"]
+    assert _runnable(paths, installed=lambda m: m != "torch") == ["tests/test_vae.py"]
+    assert _runnable(paths, installed=lambda m: True) == paths
+
+
 def test_every_pytest_command_names_existing_files_and_selects_tests():
     runs, files = [], set()
     for page, args in _pytest_commands():
@@ -94,6 +137,9 @@ def test_every_pytest_command_names_existing_files_and_selects_tests():
         assert paths, f"{page}: pytest command without a test path: {args}"
         for p in paths:
             assert os.path.exists(os.path.join(ROOT, p)), f"{page}: {p} does not exist"
+        paths = _runnable(paths)  # a command for an extra that is not installed here selects nothing: fine
+        if not paths:
+            continue
         files.update(paths)
         k = args[args.index("-k") + 1] if "-k" in args else None
         runs.append((page, paths, k))
