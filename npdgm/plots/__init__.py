@@ -35,25 +35,44 @@ def tile(images, nrow, shape=(28, 28), pad=1):
     return out
 
 
-def save_image_grid(images, path, nrow=10, title=None, shape=(28, 28), row_labels=None):
-    """Save (N, 784) images in [0, 1] as a grid PNG; returns the path."""
+def save_image_grid(images, path, nrow=10, title=None, shape=(28, 28), row_labels=None, col_labels=None):
+    """Save (N, 784) images in [0, 1] as a grid PNG; returns the path. ``row_labels`` / ``col_labels``
+    name the rows (left) and columns (top); a title wider than the figure wraps onto more lines."""
     plt = pyplot()
     grid = tile(np.clip(np.asarray(images), 0, 1) if isinstance(images, np.ndarray) else images, nrow, shape)
-    fig, ax = plt.subplots(figsize=(nrow * 0.6 + 0.8, grid.shape[0] / grid.shape[1] * nrow * 0.6 + 0.6))
+    width = nrow * 0.6 + 0.8
+    fig, ax = plt.subplots(figsize=(width, grid.shape[0] / grid.shape[1] * nrow * 0.6 + 0.6))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
     if row_labels:
         h = shape[0] + 1
         ax.set_yticks([1 + h * i + shape[0] / 2 for i in range(len(row_labels))], row_labels)
-        ax.set_xticks([])
-    else:
-        ax.axis("off")
+    if col_labels:
+        w = shape[1] + 1
+        ax.set_xticks([1 + w * j + shape[1] / 2 for j in range(len(col_labels))], col_labels)
+        ax.xaxis.tick_top()
+    ax.tick_params(length=0)
     if title:
-        ax.set_title(title)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, max(20, int(width / 0.1)))))
     return _save(fig, path)
 
 
-def training_curves(records, path, keys=None, title="training curves", ylabel="loss (nats)"):
-    """Plot metrics.jsonl records (list of dicts with "epoch") for ``keys`` (default: every train_/test_ key)."""
+def epoch_axis(ax, label="epoch"):
+    """Label the x axis and put ticks on whole numbers only (epochs, EM iterations)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def training_curves(records, path, keys=None, title="training curves", ylabel="loss (nats)", labels=None):
+    """Plot metrics.jsonl records (list of dicts with "epoch") for ``keys`` (default: every train_/test_ key);
+    ``labels`` maps a key to its legend text (default: the key with spaces, "test_nll" -> "test nll")."""
     plt = pyplot()
     keys = keys or sorted({k for r in records for k in r if k.startswith(("train_", "test_")) and
                            isinstance(r[k], (int, float)) and not k.endswith("seconds")})
@@ -61,8 +80,8 @@ def training_curves(records, path, keys=None, title="training curves", ylabel="l
     for k in keys:
         pts = [(r["epoch"], r[k]) for r in records if k in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=k)
-    ax.set_xlabel("epoch")
+            ax.plot(*zip(*pts), marker="o", label=(labels or {}).get(k, k.replace("_", " ")))
+    epoch_axis(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

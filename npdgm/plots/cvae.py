@@ -31,6 +31,8 @@ def style_transfer(model, x, y, path, title=None):
     x = _h(x)
     out = _h(model.style_transfer(x, y))                       # (B, C, D)
     rows = np.concatenate([x[:, None], out], axis=1).reshape(-1, x.shape[1])
-    return save_image_grid(rows, path, nrow=model.num_classes + 1,
-                           row_labels=[f"y={int(c)}" for c in np.asarray(to_host(y))],
-                           title=title or "style transfer: input | decoded under labels 0..9")
+    C = model.num_classes
+    return save_image_grid(rows, path, nrow=C + 1, row_labels=[f"y={int(c)}" for c in np.asarray(to_host(y))],
+                           col_labels=["input"] + [str(c) for c in range(C)],
+                           title=title or f"style transfer: the input encoded with its label y, decoded under "
+                                          f"labels 0..{C - 1}")

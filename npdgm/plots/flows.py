@@ -78,10 +78,12 @@ def sample_grids(flow, path, temperatures=(0.5, 0.7, 0.85, 1.0), n_per_row=12, s
 def bpd_curves(records, path, title="flow training"):
     """train/test bits per dimension per epoch."""
     return training_curves(records, path, keys=[k for k in ("train_bpd", "test_bpd") if any(k in r for r in records)],
-                           title=title, ylabel="bits / dim")
+                           title=title, ylabel="bits / dim",
+                           labels={"train_bpd": "train bits/dim", "test_bpd": "test bits/dim"})
 
 
 def nll_curves(records, path, title="flow training"):
     """train/test mean NLL (nats) per epoch."""
     return training_curves(records, path, keys=[k for k in ("train_loss", "test_nll") if any(k in r for r in records)],
-                           title=title, ylabel="negative log-likelihood (nats)")
+                           title=title, ylabel="negative log-likelihood (nats)",
+                           labels={"train_loss": "train NLL", "test_nll": "test NLL"})

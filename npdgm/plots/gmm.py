@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _save, pyplot, save_image_grid
+from . import _save, epoch_axis, pyplot, save_image_grid
 from .. import backend
 
 
@@ -61,6 +61,9 @@ def gmm2d_panels(gmm, data, path, title=None, n_samples=None, seed=0):
     return _save(fig, path)
 
 
+EM_LABELS = {"train_nll": "train NLL", "test_nll": "test NLL"}
+
+
 def em_curves(records, path, title="EM", keys=("train_nll", "test_nll")):
     """Train/test NLL (nats per point) after every EM iteration (iteration 0 = the initialization)."""
     plt = pyplot()
@@ -68,8 +71,8 @@ def em_curves(records, path, title="EM", keys=("train_nll", "test_nll")):
     for k in keys:
         pts = [(r["iteration"], r[k]) for r in records if k in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=k)
-    ax.set_xlabel("EM iteration")
+            ax.plot(*zip(*pts), marker="o", ms=3, label=EM_LABELS.get(k, k.replace("_", " ")))
+    epoch_axis(ax, "EM iteration")
     ax.set_ylabel("negative log-likelihood (nats per point)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

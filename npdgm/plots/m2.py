@@ -2,7 +2,7 @@
 baseline, and the bounds (test -ELBO(x, y), U(x); train labelled / unlabelled losses)."""
 from __future__ import annotations
 
-from . import _save, pyplot
+from . import _save, epoch_axis, pyplot
 
 
 def curves(records, path, baseline=None):
@@ -17,7 +17,7 @@ def curves(records, path, baseline=None):
     if baseline and "baseline_test_error" in baseline:
         a.axhline(100 * baseline["baseline_test_error"], color="C3", ls="--",
                   label=f"labelled-only baseline ({100 * baseline['baseline_test_error']:.1f}%)")
-    a.set_xlabel("epoch")
+    epoch_axis(a)
     a.set_ylabel("test error (%)")
     a.set_title("classification error")
     a.grid(alpha=0.3)
@@ -28,7 +28,7 @@ def curves(records, path, baseline=None):
         pts = [(r["epoch"], r[key]) for r in records if key in r]
         if pts:
             b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
-    b.set_xlabel("epoch")
+    epoch_axis(b)
     b.set_ylabel("nats per image")
     b.set_title("bounds")
     b.grid(alpha=0.3)

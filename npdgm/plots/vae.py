@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
-from . import _save, pyplot, save_image_grid
+from . import _save, epoch_axis, pyplot, save_image_grid
 
 
 def _h(a):
@@ -101,7 +101,7 @@ def curves(records, path, summary=None):
     if summary and "test_iwae_nll" in summary and ep:
         a.plot([ep[-1]], [summary["test_iwae_nll"]], marker="*", ms=12, ls="",
                label=f"test -log p(x), IWAE k={summary['iwae_k']} (n={summary['iwae_n']})")
-    a.set_xlabel("epoch")
+    epoch_axis(a)
     a.set_ylabel("nats per image")
     a.set_title("negative ELBO")
     a.grid(alpha=0.3)
@@ -111,7 +111,7 @@ def curves(records, path, summary=None):
         pts = [(r["epoch"], r[key]) for r in records if key in r]
         if pts:
             b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
-    b.set_xlabel("epoch")
+    epoch_axis(b)
     b.set_ylabel("nats per image")
     b.set_title("the two terms")
     b.grid(alpha=0.3)
