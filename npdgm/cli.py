@@ -4,6 +4,7 @@
     npdgm train <model> ...      train a model into a run directory (see npdgm train -h)
     npdgm info                   versions, backend, BLAS
     npdgm export-reference DIR   reference vectors for ports; npdgm check-reference DIR re-checks them
+    npdgm bench ...              time training steps on npdgm-NumPy / npdgm-CuPy / PyTorch (see npdgm bench -h)
 
 Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (listed in
 ``COMMAND_MODULES``) through ``register(commands, train_commands)``.
@@ -118,6 +119,7 @@ def build_parser():
     c = sub.add_parser("check-reference", help="re-run npdgm against a reference directory")
     c.add_argument("outdir")
     c.set_defaults(func=_cmd_check_reference)
+    importlib.import_module(".bench.run", __package__).register(sub)   # npdgm bench: npdgm/bench/run.py
     t = sub.add_parser("train", help="train a model (npdgm train -h lists them)")
     tsub = t.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name in COMMAND_MODULES:

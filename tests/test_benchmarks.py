@@ -3,16 +3,17 @@ models, the JSON output has every field, GPU-only paths skip cleanly without CuP
 (Benchmarks are not timed here.)"""
 import json
 import os
+import subprocess
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the benchmarks package beside npdgm/
 
 import numpy as np
 import pytest
 
-from benchmarks import gemm, harness, run, workloads
-from benchmarks.npdgm_models import loss_and_grad
 from npdgm import backend
+from npdgm.bench import gemm, harness, run, workloads
+from npdgm.bench.npdgm_models import loss_and_grad
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 def small(name, **attrs):
@@ -75,7 +76,7 @@ def test_runner_step_is_library_loss_and_adam(name):
 def test_torch_peer_is_the_same_model(name):
     """With npdgm's weights loaded, the eager PyTorch mirror gives the same loss and gradients (float64)."""
     torch = pytest.importorskip("torch")
-    from benchmarks import torch_models as T
+    from npdgm.bench import torch_models as T
 
     w = small(name, **SMALL[name])
     with backend.use("numpy", "float64"):
@@ -353,3 +354,45 @@ def test_interleaved_group_and_profile(tmp_path):
     parts = prof["zero_grad_ms"] + prof["linear_ms"] + prof["elementwise_ms"] + prof["optimizer_ms"]
     assert parts == pytest.approx(prof["step_ms"], rel=0.05)
     assert prof["linear_ms"] > 0 and prof["optimizer_ms"] > 0
+
+
+# -- shipped as `npdgm bench` -------------------------------------------------------------------
+def test_npdgm_bench_subcommand_runs_the_benchmark(tmp_path, capsys):
+    from npdgm.cli import main
+
+    assert main(["bench", *_tiny_args(tmp_path, "--no-isolate", "--backends", "numpy", "--threads", "1",
+                                      "--no-floor")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["workload"], r["backend"], r["batch"]) for r in out["results"]] == [("realnvp2d", "npdgm-numpy", 8)]
+    assert "| realnvp2d | npdgm-numpy |" in capsys.readouterr().out
+
+
+def test_npdgm_bench_errors_are_one_line(capsys):
+    from npdgm.cli import main
+
+    assert main(["bench", "--backends", "jax"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("npdgm: error: unknown backend 'jax'") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["bench", "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_checkout_shim_and_isolated_children_from_any_directory(tmp_path):
+    """`python -m benchmarks.run` (checkout) is npdgm.bench.run; its per-point child processes run
+    `python -m npdgm.bench.run` and import the same npdgm from another working directory."""
+    import benchmarks.run as shim
+    from benchmarks import torch_models  # noqa: F401  (kept for code that imported it from benchmarks/)
+
+    assert shim is run
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run", *_tiny_args(tmp_path, "--backends", "numpy",
+                                                                             "--threads", "1", "--no-floor")],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["results"][0]["backend"] == "npdgm-numpy" and out["results"][0]["ms_per_step"] > 0
+    assert "usage: python -m benchmarks.run" in subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "-h"], cwd=work, env=env, capture_output=True, text=True).stdout

@@ -10,7 +10,7 @@ A workload builds a *runner* per backend: ``runner.step()`` is one full training
 (zero grads, forward, backward, Adam update) on the next pre-built batch; ``runner.loss()`` is
 the loss of the last step (a host float, read outside the timed region). The npdgm runner calls
 the library model's own ``loss_and_grad`` and ``npdgm.optim.Adam``; the torch runner calls the
-eager mirror in :mod:`benchmarks.torch_models` with ``torch.optim.Adam``.
+eager mirror in :mod:`npdgm.bench.torch_models` with ``torch.optim.Adam``.
 """
 from __future__ import annotations
 
