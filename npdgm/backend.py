@@ -10,6 +10,12 @@ runs the very same lines.
     >>> npdgm.set_backend("numpy")          # or "cupy", or NPDGM_BACKEND=cupy
     >>> xp = npdgm.backend.xp()             # numpy
     >>> rng = npdgm.backend.rng(0)          # numpy.random.Generator on this backend
+
+``NPDGM_BACKEND`` is read lazily, on the first use of the backend (``xp()``, ``get_backend()``, ...)
+and only when nothing called :func:`set_backend` before: importing npdgm, ``npdgm --help`` or
+``npdgm train ... --backend numpy`` never fail because of it. A bad value raises
+:class:`BackendError` naming the variable at that first use (and again at every later use, never
+falling back to NumPy in silence); :func:`env_backend_problem` reports it without raising.
 """
 from __future__ import annotations
 
@@ -17,10 +23,14 @@ import os
 
 import numpy
 
+from .validate import OptionTypeError, check_int
+
 BACKENDS = ("numpy", "cupy")
 DTYPES = ("float32", "float64")
 
-_state = {"name": "numpy", "xp": numpy, "dtype": numpy.dtype("float32")}
+ENV = "NPDGM_BACKEND"
+# name None: NPDGM_BACKEND not applied yet (see _current); xp stays NumPy until then
+_state = {"name": None, "xp": numpy, "dtype": numpy.dtype("float32")}
 
 
 class BackendError(RuntimeError):
@@ -54,26 +64,57 @@ def cupy_available() -> bool:
 
 
 def set_backend(name: str) -> None:
-    """Select the array module for new arrays: ``"numpy"`` or ``"cupy"``."""
+    """Select the array module for new arrays: ``"numpy"`` or ``"cupy"`` (overrides NPDGM_BACKEND)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     _state["xp"] = numpy if name == "numpy" else _load_cupy()
     _state["name"] = name
 
 
+def _current() -> str:
+    """The backend name, applying NPDGM_BACKEND on first use (numpy when it is unset or empty)."""
+    if _state["name"] is None:
+        env = os.environ.get(ENV, "").strip().lower() or "numpy"
+        try:
+            set_backend(env)
+        except BackendError as e:
+            raise BackendError(f"{ENV}={os.environ.get(ENV)!r}: {e}") from e
+    return _state["name"]
+
+
+def env_backend_problem():
+    """None when NPDGM_BACKEND is unset or usable, else the reason it cannot be used (never raises)."""
+    env = os.environ.get(ENV, "").strip().lower()
+    if not env or env == "numpy":
+        return None
+    if env not in BACKENDS:
+        return f"{ENV}={os.environ.get(ENV)!r}: unknown backend {env!r}; expected one of {BACKENDS}"
+    try:
+        _load_cupy()
+    except BackendError as e:
+        return f"{ENV}={os.environ.get(ENV)!r}: {e}"
+    return None
+
+
 def get_backend() -> str:
     """Name of the current backend."""
-    return _state["name"]
+    return _current()
 
 
 def xp():
     """The current array module (numpy or cupy)."""
+    _current()
     return _state["xp"]
 
 
 def set_dtype(dtype) -> None:
     """Default float dtype of new parameters and data: float32 (default) or float64."""
-    d = numpy.dtype(dtype)
+    if dtype is None or isinstance(dtype, (bool, int, float)):
+        raise OptionTypeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    try:
+        d = numpy.dtype(dtype)
+    except TypeError as e:
+        raise OptionTypeError(f"dtype must be one of {DTYPES}, got {dtype!r}") from e
     if d.name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {d.name!r}")
     _state["dtype"] = d
@@ -91,7 +132,7 @@ class use:
         self.name, self.dtype = name, dtype
 
     def __enter__(self):
-        self._old = (_state["name"], _state["dtype"])
+        self._old = dict(_state)  # may be "NPDGM_BACKEND not applied yet"; restored as it was
         if self.name is not None:
             set_backend(self.name)
         if self.dtype is not None:
@@ -99,8 +140,7 @@ class use:
         return self
 
     def __exit__(self, *exc):
-        set_backend(self._old[0])
-        _state["dtype"] = self._old[1]
+        _state.update(self._old)
 
 
 def array_module(*arrays):
@@ -115,8 +155,11 @@ def array_module(*arrays):
 
 
 def rng(seed=None):
-    """A seeded random Generator on the current backend (same seed, same numbers)."""
-    return _state["xp"].random.default_rng(seed)
+    """A seeded random Generator on the current backend (same seed, same numbers); ``seed`` is
+    None or a non-negative Python/NumPy integer (a float such as 1.5 is an error, not rounded)."""
+    if seed is not None:
+        seed = check_int(seed, "seed", lo=0)
+    return xp().random.default_rng(seed)
 
 
 def to_host(a):
@@ -128,13 +171,13 @@ def to_host(a):
 
 def to_device(a, dtype=None):
     """Move a host array onto the current backend, optionally casting."""
-    x = _state["xp"].asarray(a)
+    x = xp().asarray(a)
     return x.astype(dtype, copy=False) if dtype is not None else x
 
 
 def synchronize() -> None:
     """Wait for queued GPU work (no-op on NumPy); use before reading a timer."""
-    if _state["name"] == "cupy":
+    if _current() == "cupy":
         _state["xp"].cuda.get_current_stream().synchronize()
 
 
@@ -145,8 +188,3 @@ def check_finite(name: str, a) -> None:
         n_nan = int(m.isnan(a).sum())
         n_inf = int(m.isinf(a).sum())
         raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} inf)")
-
-
-_env = os.environ.get("NPDGM_BACKEND")
-if _env:
-    set_backend(_env.strip().lower())

@@ -70,7 +70,13 @@ def _cmd_info(args):
     import numpy
 
     print(f"npdgm {__version__}  python {platform.python_version()}  numpy {numpy.__version__}")
-    print(f"backend {backend.get_backend()}  dtype {backend.get_dtype()}  cupy usable: {backend.cupy_available()}")
+    try:
+        name, problem = backend.get_backend(), None
+    except backend.BackendError as e:  # a bad NPDGM_BACKEND: reported, not a traceback
+        name, problem = "unusable", e
+    print(f"backend {name}  dtype {backend.get_dtype()}  cupy usable: {backend.cupy_available()}")
+    if problem:
+        print(f"problem: {problem} (commands without --backend stop with this error)")
     try:
         from threadpoolctl import threadpool_info
 

@@ -62,9 +62,77 @@ def test_env_variable_selects_backend(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "import npdgm; print(npdgm.get_backend())"],
                          env={**__import__("os").environ, "NPDGM_BACKEND": "numpy"}, capture_output=True, text=True)
     assert out.stdout.strip() == "numpy"
-    bad = subprocess.run([sys.executable, "-c", "import npdgm"],
-                         env={**__import__("os").environ, "NPDGM_BACKEND": "nope"}, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown backend 'nope'" in bad.stderr
+
+
+ENV_SCRIPT = """
+import sys
+import npdgm                                   # importing must not apply NPDGM_BACKEND
+from npdgm import cli
+for argv in (["--help"], ["--version"]):
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        assert e.code in (0, None), (argv, e.code)
+print("info rc", cli.main(["info"]))
+print("explicit rc", cli.main(["train", "gmm", "--components", "2", "--max-iter", "2", "--n-train", "32",
+                               "--n-test", "16", "--backend", "numpy", "--no-plots", "--no-progress",
+                               "--out", sys.argv[1] + "/a"]))
+print("env rc", cli.main(["train", "gmm", "--components", "2", "--max-iter", "2", "--n-train", "32",
+                          "--n-test", "16", "--no-plots", "--no-progress", "--out", sys.argv[1] + "/b"]))
+"""
+
+
+@pytest.mark.parametrize("value, why", [("bogus", "unknown backend 'bogus'"), ("cupy", "CuPy")])
+def test_bad_env_backend_breaks_nothing_until_used(value, why, tmp_path):
+    """NPDGM_BACKEND=bogus (or cupy without CuPy) used to fail `import npdgm`, so even --help,
+    --version, info and --backend numpy died with a traceback. Now it is applied lazily."""
+    import os
+    import subprocess
+    import sys
+
+    if value == "cupy" and backend.cupy_available():
+        pytest.skip("CuPy and a GPU are present here")
+    env = {**os.environ, "NPDGM_BACKEND": value}
+    r = subprocess.run([sys.executable, "-c", ENV_SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "usage: npdgm" in r.stdout and "npdgm 0." in r.stdout          # --help, --version
+    assert "info rc 0" in r.stdout and f"NPDGM_BACKEND='{value}'" in r.stdout and why in r.stdout
+    assert "explicit rc 0" in r.stdout and (tmp_path / "a" / "checkpoint.npz").exists()
+    # the one use that needs the variable stops with one clear line naming it, never falls back to NumPy
+    assert "env rc 2" in r.stdout and not (tmp_path / "b" / "checkpoint.npz").exists()
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("npdgm: error:")]
+    assert len(errors) == 1 and f"NPDGM_BACKEND='{value}'" in errors[0] and why in errors[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_env_backend_is_applied_at_first_use_and_never_silently_dropped(monkeypatch):
+    monkeypatch.setitem(backend._state, "name", None)      # as after `import npdgm`
+    monkeypatch.setenv("NPDGM_BACKEND", "bogus")
+    assert "NPDGM_BACKEND='bogus': unknown backend" in backend.env_backend_problem()
+    for _ in range(2):                                      # every use raises, not only the first
+        with pytest.raises(backend.BackendError, match="NPDGM_BACKEND='bogus': unknown backend 'bogus'"):
+            backend.xp()
+    with backend.use("numpy", "float64"):                   # an explicit choice wins
+        assert backend.xp() is np and backend.rng(0).random() == np.random.default_rng(0).random()
+    assert backend._state["name"] is None                   # restored: still "not applied yet"
+    monkeypatch.setenv("NPDGM_BACKEND", " NumPy ")
+    assert backend.env_backend_problem() is None and backend.get_backend() == "numpy"
+
+
+def test_numpy_scalars_accepted_floats_and_none_rejected():
+    assert backend.rng(np.int64(7)).random() == backend.rng(7).random()
+    with pytest.raises(TypeError, match="seed must be a non-negative integer, got 1.5"):
+        backend.rng(1.5)
+    with pytest.raises(TypeError, match="seed must be a non-negative integer, got True"):
+        backend.rng(True)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        backend.rng(-1)
+    for bad in (None, 1.5, "float16", "nope"):
+        with pytest.raises((TypeError, ValueError), match="dtype must be one of"):
+            npdgm.set_dtype(bad)
+    assert backend.get_dtype() == np.float32                # set_dtype(None) used to switch to float64
+    with backend.use(dtype=np.float64):
+        assert backend.get_dtype() == np.float64
 
 
 @pytest.mark.gpu
