@@ -1,14 +1,28 @@
-"""Data: MNIST IDX files, the bundled offline subset, binarization/dequantization, 2-D toy sets.
+"""Data: MNIST and Fashion-MNIST IDX files, the download cache, the bundled offline subset,
+binarization/dequantization, 2-D toy sets.
 
-Where MNIST comes from, first match wins:
-    1. an explicit directory (``--data DIR``),
-    2. ``$NPDGM_DATA``,
-    3. the subset bundled inside the package (10,000 train / 2,000 test real MNIST images),
-so the main job runs offline on a fresh machine. A directory must hold the four IDX files
-(``train-images-idx3-ubyte[.gz]`` etc.). Pixels come back as floats in [0, 1], shape (N, 784).
+Where the images come from (the ``data`` argument of ``load_dataset`` / ``load_mnist``, ``--data`` on the CLI):
+    1. a data set name, ``mnist`` or ``fashion-mnist``: its directory in the cache, filled by
+       ``npdgm data download NAME`` (``bundled`` names the subset below);
+    2. a directory holding the four IDX files (``train-images-idx3-ubyte[.gz]`` etc.);
+    3. nothing: ``$NPDGM_DATA`` when set (a directory of IDX files, or a cache holding ``mnist/``),
+       else the subset bundled inside the package (10,000 train / 2,000 test real MNIST images),
+       so the main job runs offline on a fresh machine.
+Pixels come back as floats in [0, 1], shape (N, 784). Fashion-MNIST is the same format (28x28, 10 classes).
 
-Rebuild the bundled subset (reproducible, seeded):
-    python -m npdgm.data build-subset ../shared/data/mnist npdgm/bundled/mnist_subset.npz
+The cache is ``$NPDGM_DATA`` or the platform's user cache directory (``$XDG_CACHE_HOME/npdgm`` or
+``~/.cache/npdgm`` on Linux, ``~/Library/Caches/npdgm`` on macOS, ``%LOCALAPPDATA%/npdgm/Cache`` on Windows),
+one subdirectory per data set.
+
+The downloader is ~100 lines of urllib rather than pooch + platformdirs: npdgm's runtime dependencies are numpy,
+matplotlib and tqdm only, and pooch would still need a custom downloader for what is asked here (trying mirrors
+in order, resuming a ``.part`` file with an HTTP Range request, restarting cleanly when a server ignores Range);
+the cache directory rule above is the three lines platformdirs would give. Each file is checked against its
+published sha256 (tensorflow_datasets' url_checksums, matching torchvision's md5 lists); a file that fails is
+deleted and the next mirror is tried.
+
+Rebuild the bundled subset (reproducible, seeded) from a directory of the full MNIST files:
+    python -m npdgm.data build-subset MNIST_DIR npdgm/bundled/mnist_subset.npz
 """
 from __future__ import annotations
 
@@ -17,6 +31,8 @@ import hashlib
 import math
 import os
 import sys
+import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,13 +43,37 @@ FILES = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
-MD5 = {  # of the uncompressed files
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+
+
+class Source(NamedTuple):
+    """A downloadable IDX data set: its mirrors (base URLs ending in /, tried in order) and, per file,
+    (size in bytes, sha256 of the .gz as published)."""
+    title: str
+    licence: str
+    mirrors: tuple
+    files: dict
+
+
+DATASETS = {
+    "mnist": Source(
+        "MNIST", "CC BY-SA 3.0, Yann LeCun and Corinna Cortes",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/",           # torchvision's
+         "https://storage.googleapis.com/cvdf-datasets/mnist/",      # tensorflow_datasets'
+         "https://raw.githubusercontent.com/fgnt/mnist/master/"),
+        {"train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+         "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+         "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+         "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6")}),
+    "fashion-mnist": Source(
+        "Fashion-MNIST", "MIT, Zalando SE",
+        ("https://storage.googleapis.com/tensorflow/tf-keras-datasets/",                 # Keras'
+         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",                  # Zalando's
+         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+        {"train-images-idx3-ubyte.gz": (26421880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+         "train-labels-idx1-ubyte.gz": (29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+         "t10k-images-idx3-ubyte.gz": (4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+         "t10k-labels-idx1-ubyte.gz": (5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5")}),
 }
-MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",)
 
 
 class DataError(ValueError):
@@ -48,6 +88,8 @@ def read_idx(path):
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
+    except zlib.error as e:  # a corrupt deflate stream inside a well-formed gzip header
+        raise DataError(f"cannot read {path}: corrupt gzip data ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex() or 'empty'})")
     ndim = raw[3]
@@ -62,12 +104,26 @@ def read_idx(path):
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _find(data_dir, name):
+def _idx_path(data_dir, name):
+    """``data_dir/name`` or ``data_dir/name.gz``, whichever exists, else None."""
     for cand in (name, name + ".gz"):
         p = os.path.join(data_dir, cand)
-        if os.path.exists(p):
+        if os.path.isfile(p):
             return p
-    raise DataError(f"{data_dir} has no {name} or {name}.gz (expected the four MNIST IDX files)")
+    return None
+
+
+def _find(data_dir, name):
+    p = _idx_path(data_dir, name)
+    if p is None:
+        raise DataError(f"{data_dir} has no {name} or {name}.gz (expected the four IDX files of MNIST or "
+                        f"Fashion-MNIST)")
+    return p
+
+
+def _missing(data_dir):
+    """The IDX files (of FILES) that ``data_dir`` lacks."""
+    return [n for n in FILES.values() if _idx_path(data_dir, n) is None]
 
 
 def _check_pair(images, labels, where):
@@ -76,21 +132,85 @@ def _check_pair(images, labels, where):
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
     if labels.size and labels.max() > 9:
-        raise DataError(f"{where}: labels must be digits 0..9, found {int(labels.max())}")
+        raise DataError(f"{where}: labels must be classes 0..9, found {int(labels.max())}")
 
 
-def load_mnist_uint8(split="train", data_dir=None):
-    """(images uint8 (N, 28, 28), labels uint8 (N,)) for ``split`` in {"train", "test"}."""
+def data_root():
+    """The download cache: ``$NPDGM_DATA``, else the platform's user cache directory + ``npdgm``."""
+    env = os.environ.get("NPDGM_DATA")
+    if env:
+        return os.path.expanduser(env)
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(os.path.expanduser("~"), "AppData", "Local")
+        return os.path.join(base, "npdgm", "Cache")
+    if sys.platform == "darwin":
+        return os.path.join(os.path.expanduser("~"), "Library", "Caches", "npdgm")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache"), "npdgm")
+
+
+def dataset_dir(name, root=None):
+    """Where data set ``name`` lives in the cache ``root`` (default ``data_root()``)."""
+    _source(name)
+    return os.path.join(root or data_root(), name)
+
+
+def _source(name):
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def resolve_data(data=None):
+    """The directory to read the IDX files from, or None for the bundled subset.
+
+    ``data``: a data set name (``mnist``, ``fashion-mnist``: its cache directory; ``bundled``), a directory,
+    or None (``$NPDGM_DATA``: a directory of IDX files, or a cache holding ``mnist/``; unset: bundled).
+    A name wins over a directory of the same name in the working directory: write ``./mnist`` for that."""
+    if data is None:
+        env = os.environ.get("NPDGM_DATA")
+        if not env:
+            return None
+        env = os.path.expanduser(env)
+        cached = os.path.join(env, "mnist")
+        for d in (env, cached):
+            if os.path.isdir(d) and not _missing(d):
+                return d
+        raise DataError(f"NPDGM_DATA={env} holds no MNIST IDX files (looked in {env} and {cached}): fill it with "
+                        f"`npdgm data download mnist`, or pass --data bundled / unset NPDGM_DATA for the bundled "
+                        f"subset")
+    data = os.fspath(data)
+    if data == "bundled":
+        return None
+    if data in DATASETS:
+        d = dataset_dir(data)
+        missing = _missing(d) if os.path.isdir(d) else list(FILES.values())
+        if missing:
+            here = (f"; for the directory ./{data} here write --data ./{data}" if os.path.isdir(data) else "")
+            state = "is not downloaded" if len(missing) == 4 else f"is incomplete (missing {', '.join(missing)})"
+            raise DataError(f"{DATASETS[data].title} {state} in the cache {d}: run `npdgm data download {data}` "
+                            f"(the cache is $NPDGM_DATA or the user cache directory){here}")
+        return d
+    names = ", ".join([*DATASETS, "bundled"])
+    if os.path.isfile(data):
+        raise DataError(f"data path {data} is a file, not a directory: give the directory that holds the four IDX "
+                        f"files, or a data set name ({names})")
+    if not os.path.isdir(data):
+        raise DataError(f"data directory {data} does not exist (or name a data set: {names})")
+    return data
+
+
+def load_uint8(split="train", data=None):
+    """(images uint8 (N, 28, 28), labels uint8 (N,)) for ``split`` in {"train", "test"}; ``data`` as in
+    ``resolve_data``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    data_dir = data_dir or os.environ.get("NPDGM_DATA") or None
+    data_dir = resolve_data(data)
     if data_dir is None:
         with np.load(BUNDLED) as z:
             images, labels = z[f"{split}_images"], z[f"{split}_labels"]
         where = f"bundled subset ({split})"
     else:
-        if not os.path.isdir(data_dir):
-            raise DataError(f"data directory {data_dir} does not exist")
         images = read_idx(_find(data_dir, FILES[(split, "images")]))
         labels = read_idx(_find(data_dir, FILES[(split, "labels")]))
         where = f"{data_dir} ({split})"
@@ -98,13 +218,17 @@ def load_mnist_uint8(split="train", data_dir=None):
     return images, labels
 
 
-def load_mnist(split="train", data_dir=None, dtype=np.float32, limit=None):
-    """(x, labels): x float (N, 784) in [0, 1] (pixel / 255), labels int64 (N,).
-    ``limit`` keeps the first ``limit`` examples."""
-    images, labels = load_mnist_uint8(split, data_dir)
+def load_dataset(split="train", data=None, dtype=np.float32, limit=None):
+    """(x, labels) of MNIST, Fashion-MNIST or any 28x28 IDX set: x float (N, 784) in [0, 1] (pixel / 255),
+    labels int64 (N,). ``data`` as in ``resolve_data``; ``limit`` keeps the first ``limit`` examples."""
+    images, labels = load_uint8(split, data)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images.reshape(len(images), -1).astype(dtype) / dtype(255), labels.astype(np.int64)
+
+
+load_mnist = load_dataset            # the historical names: every data set goes through the same IDX reader
+load_mnist_uint8 = load_uint8
 
 
 def check_unit_interval(name, x):
@@ -176,13 +300,13 @@ def make_toy2d(name, n, rng):
     raise ValueError(f"unknown 2-D dataset {name!r}; expected one of {TOYS}")
 
 
-# -- the bundled subset and the optional download ----------------------------------------------
+# -- the bundled subset -----------------------------------------------------------------------
 def build_subset(src_dir, out_path=BUNDLED, n_train=10_000, n_test=2_000, seed=0):
     """Write a class-stratified random subset of MNIST to ``out_path`` (reproducible for a seed)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        images, labels = load_mnist_uint8(split, src_dir)
+        images, labels = load_uint8(split, src_dir)
         idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n // 10] for c in range(10)]))
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[idx], labels[idx]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -190,36 +314,136 @@ def build_subset(src_dir, out_path=BUNDLED, n_train=10_000, n_test=2_000, seed=0
     return out_path
 
 
-def download_mnist(dst, mirrors=MIRRORS):
-    """Download the four MNIST files into ``dst`` and verify their MD5 sums (needs network)."""
+# -- download: mirrors in order, resumable .part files, sha256 ---------------------------------
+class DownloadError(DataError):
+    """No mirror delivered a file with the published checksum."""
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reason(e):
+    """A short reason for a failed request: HTTP 404 Not Found, [Errno 111] Connection refused, ..."""
+    import urllib.error
+
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return str(e.reason)
+    return str(e) or type(e).__name__
+
+
+def _fetch(url, part, size, bar, timeout, attempts=3):
+    """Append ``url``'s bytes to ``part`` from its current length (HTTP Range) until it holds ``size`` bytes.
+    A server that ignores Range (200 instead of 206) or rejects it (416) gets a clean restart from byte 0; a
+    connection cut mid-file is resumed, up to ``attempts`` requests in all while each one makes progress."""
+    import urllib.error
     import urllib.request
 
-    os.makedirs(dst, exist_ok=True)
-    for name, md5 in MD5.items():
-        target = os.path.join(dst, name + ".gz")
-        if not os.path.exists(target):
-            err = None
-            for m in mirrors:
+    from . import __version__
+
+    for _ in range(attempts):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        if have >= size:
+            return
+        headers = {"User-Agent": f"npdgm/{__version__}"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the .part does not fit this server's file: start over
+                os.remove(part)
+                continue
+            raise
+        with resp:
+            if have and (resp.status != 206 or
+                         not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+                have = 0  # Range ignored: the body is the whole file
+            bar.reset(total=size)
+            bar.update(have)
+            with open(part, "ab" if have else "wb") as f:
+                for chunk in iter(lambda: resp.read(1 << 16), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if os.path.getsize(part) <= have:
+            break
+    got = os.path.getsize(part)
+    if got < size:
+        raise ConnectionError(f"connection closed after {got} of {size} bytes")
+
+
+def download(name, root=None, progress=None, timeout=30.0, log=None):
+    """Fetch the four IDX files of data set ``name`` into ``dataset_dir(name, root)``; return that directory.
+
+    Each file: mirrors in order, into ``FILE.part`` (resumed by a later call), checked against its published
+    sha256 (a mismatch deletes it and tries the next mirror), then renamed to ``FILE``. A file already there
+    is checked, never overwritten. ``progress``: a tqdm bar per file (None: when stderr is a terminal).
+    ``log``: a function given one line per file."""
+    import http.client
+
+    from tqdm import tqdm
+
+    src = _source(name)
+    d = dataset_dir(name, root)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the cache directory {d}: {e}") from e
+    progress = sys.stderr.isatty() if progress is None else progress
+    for fname, (size, sha) in src.files.items():
+        target = os.path.join(d, fname)
+        if os.path.exists(target):
+            got = sha256_file(target)
+            if got != sha:
+                raise DataError(f"{target} is already there but is not the published file (sha256 {got}, expected "
+                                f"{sha}); delete it and run the download again")
+            log and log(f"{name}/{fname}: present, sha256 ok")
+            continue
+        part, tried = target + ".part", []
+        for mirror in src.mirrors:
+            url = mirror + fname
+            with tqdm(total=size, desc=fname, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                      disable=not progress) as bar:
                 try:
-                    urllib.request.urlretrieve(m + name + ".gz", target + ".part")
-                    os.replace(target + ".part", target)
-                    break
-                except OSError as e:
-                    err = e
-            else:
-                raise DataError(f"could not download {name}.gz: {err}")
-        got = hashlib.md5(gzip.open(target).read()).hexdigest()
-        if got != md5:
-            os.remove(target)
-            raise DataError(f"{name}.gz failed its checksum (md5 {got}, expected {md5}); removed it")
-    return dst
+                    _fetch(url, part, size, bar, timeout)
+                except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets: OSError
+                    tried.append(f"{url} ({_reason(e)})")
+                    continue
+            got = sha256_file(part)
+            if got == sha:
+                os.replace(part, target)
+                log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, sha256 ok")
+                break
+            os.remove(part)
+            tried.append(f"{url} (sha256 {got} instead of {sha}: file removed)")
+        else:
+            kept = f"; {os.path.getsize(part):,} bytes kept in {part} for the next try" if os.path.exists(part) else ""
+            raise DownloadError(f"could not download {name} file {fname} from any mirror: {'; '.join(tried)}{kept}")
+    return d
+
+
+def cache_status(name, root=None):
+    """(directory, files present with the published size, files with another size, .part files) of ``name``."""
+    src, d = _source(name), dataset_dir(name, root)
+    ok, bad, parts = [], [], []
+    for fname, (size, _) in src.files.items():
+        p = os.path.join(d, fname)
+        if os.path.isfile(p):
+            (ok if os.path.getsize(p) == size else bad).append(fname)
+        if os.path.isfile(p + ".part"):
+            parts.append(fname + ".part")
+    return d, ok, bad, parts
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "build-subset":
         print(build_subset(sys.argv[2], *(sys.argv[3:4] or [BUNDLED])))
-    elif len(sys.argv) == 3 and sys.argv[1] == "download":
-        print(download_mnist(sys.argv[2]))
     else:
         print(__doc__)
         sys.exit(2)

@@ -108,3 +108,58 @@ def test_subset_builder_is_reproducible(tmp_path):
     with np.load(a) as za, np.load(b) as zb:
         for k in za.files:
             assert np.array_equal(za[k], zb[k])
+
+
+def test_corrupt_deflate_stream_names_the_file(tmp_path, capsys):
+    """A valid gzip header over an invalid deflate block raised zlib.error (no file name) before."""
+    _fake_mnist(str(tmp_path))
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    p.write_bytes(bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 0xFF]) + b"\x07not deflate")
+    with pytest.raises(data.DataError, match=rf"cannot read {p}: corrupt gzip data \(.*invalid block type"):
+        data.read_idx(str(p))
+    from npdgm import cli
+
+    assert cli.main(["train", "gmm", "--dataset", "mnist", "--data", str(tmp_path), "--out",
+                     str(tmp_path / "run"), "--no-progress", "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"npdgm: error: cannot read {p}: corrupt gzip data")
+
+
+def test_data_that_is_a_file_says_so(tmp_path, capsys):
+    f = tmp_path / "train-images-idx3-ubyte.gz"
+    f.write_bytes(b"x")
+    with pytest.raises(data.DataError, match=f"data path {f} is a file, not a directory"):
+        data.load_mnist("train", str(f))
+    from npdgm import cli
+
+    assert cli.main(["train", "gmm", "--dataset", "mnist", "--data", str(f), "--out", str(tmp_path / "run"),
+                     "--no-progress", "--no-plots"]) == 2
+    assert f"npdgm: error: data path {f} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_names_and_the_cache_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPDGM_DATA", str(tmp_path))
+    with pytest.raises(data.DataError, match=r"NPDGM_DATA=.* holds no MNIST IDX files .*npdgm data download mnist"):
+        data.load_mnist("test")
+    with pytest.raises(data.DataError, match=r"Fashion-MNIST is not downloaded in the cache .*fashion-mnist: run "
+                                             r"`npdgm data download fashion-mnist`"):
+        data.load_mnist("test", "fashion-mnist")
+    assert data.load_mnist("test", "bundled")[0].shape == (2_000, 784)
+    os.makedirs(tmp_path / "mnist")
+    _fake_mnist(str(tmp_path / "mnist"))                 # $NPDGM_DATA as a cache: mnist/ inside it
+    assert data.load_mnist("test")[0].shape == (4, 784)
+    assert data.load_mnist("test", "mnist")[0].shape == (4, 784)
+    os.remove(tmp_path / "mnist" / "t10k-labels-idx1-ubyte")
+    with pytest.raises(data.DataError, match=r"MNIST is incomplete \(missing t10k-labels-idx1-ubyte\)"):
+        data.load_mnist("test", "mnist")
+
+
+def test_a_name_wins_over_a_directory_of_that_name_and_says_how_to_reach_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPDGM_DATA", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("mnist")
+    _fake_mnist("mnist")
+    with pytest.raises(data.DataError, match=r"for the directory ./mnist here write --data ./mnist"):
+        data.load_mnist("test", "mnist")
+    assert data.load_mnist("test", "./mnist")[0].shape == (4, 784)
+
