@@ -18,7 +18,7 @@ import sys
 
 from . import __version__, backend
 
-COMMAND_MODULES = ("vae", "flows", "gmm", "cvae", "m2")
+COMMAND_MODULES = ("vae", "flows", "gmm", "cvae", "m2", "data")
 
 
 def add_train_args(p, epochs=10, batch_size=128, lr=1e-3):
