@@ -7,6 +7,7 @@ cache-sized chunks with preallocated scratch, so each state array streams throug
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 
@@ -83,15 +84,46 @@ def _pairs(params):
     return [(p.data, p.grad) for p in params]
 
 
+def _flat(a):
+    """A 1-D view of ``a`` (no copy), or None when ``a`` is not contiguous (reshape would copy and the
+    in-place update would be lost)."""
+    return a.reshape(-1) if a.flags.c_contiguous else None
+
+
+def adam_update(p, g, m, v, t, lr, b1, b2, eps, wd=0.0, decoupled=False):
+    """The textbook Adam/AdamW update of one array of any shape, in place (whole-array temporaries;
+    the chunked twin is :meth:`Adam.step`):
+
+        g <- g + wd p (Adam)  or  p <- p (1 - lr wd) (AdamW)
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)"""
+    xp = backend.array_module(p)
+    if wd and decoupled:
+        p *= 1 - lr * wd
+    elif wd:
+        g = g + wd * p
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * g * g
+    p -= lr / (1 - b1 ** t) * m / (xp.sqrt(v) / math.sqrt(1 - b2 ** t) + eps)
+
+
 def _chunks(n, chunk):
     for s in range(0, n, chunk):
         yield s, min(n, s + chunk)
 
 
+def _positive_finite(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
 class Optimizer:
     def __init__(self, params, lr):
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be positive and finite, got {lr!r}")
         self.pairs = _pairs(params)
         if not self.pairs:
             raise ValueError("optimizer got no parameters")
@@ -166,8 +198,8 @@ class Adam(Optimizer):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         self.b1, self.b2, self.eps, self.wd, self.decoupled = float(b1), float(b2), float(eps), weight_decay, decoupled
         xp = backend.array_module(self.pairs[0][0])
-        self.m = [xp.zeros_like(p) for p, _ in self.pairs]
-        self.v = [xp.zeros_like(p) for p, _ in self.pairs]
+        self.m = [xp.zeros(p.shape, dtype=p.dtype) for p, _ in self.pairs]    # C-contiguous: flat views
+        self.v = [xp.zeros(p.shape, dtype=p.dtype) for p, _ in self.pairs]
 
     def _state(self):
         return {"m": self.m, "v": self.v}
@@ -207,6 +239,12 @@ class Adam(Optimizer):
         eps = self.eps * sqrt_bc2
         for i, ((p, g), m, v) in enumerate(zip(self.pairs, self.m, self.v)):
             xp = backend.array_module(p)
+            # the chunks walk one axis: work on 1-D views of (B, D, ...) parameters
+            pf, gf, m, v = _flat(p), _flat(g), m.reshape(-1), v.reshape(-1)
+            if pf is None or gf is None:                    # a strided Parameter: no flat view exists
+                adam_update(p, g, self.m[i], self.v[i], self.t, lr, b1, b2, self.eps, wd, self.decoupled)
+                continue
+            p, g = pf, gf
             chunk = CHUNK if xp.__name__ == "numpy" else p.size  # GPU (fusion off): whole-array ops
 
             def span(k, se, p=p, g=g, m=m, v=v, i=i, xp=xp, chunk=chunk):
@@ -242,7 +280,10 @@ def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
 
 def clip_grad_norm(params, max_norm):
     """Scale gradients in place so their global L2 norm is at most ``max_norm`` (PyTorch's rule:
-    coef = max_norm / (norm + 1e-6), applied when < 1). Returns the norm before clipping."""
+    coef = max_norm / (norm + 1e-6), applied when < 1). Returns the norm before clipping.
+    ``max_norm`` must be a positive finite number: a negative one would flip the gradient's sign,
+    0 or NaN would silently mean no clipping."""
+    max_norm = _positive_finite("max_norm", max_norm)
     grads = [g for _, g in _pairs(params)]
     xp = backend.array_module(grads[0])
     norm = math.sqrt(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in grads))

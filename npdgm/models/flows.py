@@ -34,6 +34,7 @@ Factories used by the CLI and the benchmarks: :func:`nice`, :func:`realnvp2d`, :
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -147,6 +148,12 @@ def _check_input(name, x, dim):
         raise ValueError(f"{name} has {x.shape[1]} features but the flow expects {dim} (shape {x.shape})")
     if x.dtype.kind != "f":
         raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+
+
+def _check_count(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
 
 
 # -- layers ----------------------------------------------------------------------------------------
@@ -605,8 +612,13 @@ class Flow(Model):
         return dz if need_dx else None
 
     def inverse(self, z, logdet=False):
-        """x = f^-1(z) (and log|det df^-1/dz| per row when ``logdet``); caches for :meth:`inverse_backward`."""
+        """x = f^-1(z) (and log|det df^-1/dz| per row when ``logdet``); caches for :meth:`inverse_backward`.
+
+        Unless ``checked="off"``: ValueError when z is not finite, and FloatingPointError naming the first
+        layer whose inverse output or log-det overflowed (e.g. exp(-s) of an unbounded scale)."""
         self._validate("z", z)
+        if self.checked != "off":
+            backend.check_finite("z", z)
         xp = backend.array_module(z)
         total = xp.zeros(z.shape[0], dtype=z.dtype)
         h = z
@@ -616,7 +628,19 @@ class Flow(Model):
                 self._check_layer(i, "inverse", x, ld, h)
             total += ld
             h = x
+        if self.checked == "loss" and not (bool(xp.isfinite(h).all()) and bool(xp.isfinite(total).all())):
+            self.diagnose_inverse(z)
         return (h, total) if logdet else h
+
+    def diagnose_inverse(self, z):
+        """Replay the inverse of ``z`` layer by layer and raise FloatingPointError at the first layer whose
+        output or log-det is not finite (ValueError when ``z`` itself is not). None when all is finite."""
+        backend.check_finite("z", z)
+        h = z
+        for i in range(len(self.layers) - 1, -1, -1):
+            x, ld = self.layers[i].inverse(h, logdet=True)
+            self._check_layer(i, "inverse", x, ld, h)
+            h = x
 
     def inverse_backward(self, dx, dlogdet=None):
         """dz from dL/dx of x = f^-1(z) (and dL/dlogdet_inv); accumulates parameter gradients."""
@@ -630,8 +654,13 @@ class Flow(Model):
         return self._prior_f(z) + logdet
 
     def nll(self, x, batch_size=1000):
-        """Mean negative log-likelihood (nats, float) over ``x``, in batches (no gradients)."""
+        """Mean negative log-likelihood (nats, float) over ``x``, in batches (no gradients).
+        ValueError for an empty or non-finite ``x``."""
         self._validate("x", x)
+        if x.shape[0] == 0:
+            raise ValueError(f"x is empty (shape {tuple(x.shape)}): the mean NLL needs at least one row")
+        backend.check_finite("x", x)
+        batch_size = _check_count("batch_size", batch_size)
         total = 0.0
         for s in range(0, x.shape[0], batch_size):
             total += float(-self.log_prob(x[s:s + batch_size]).sum())
@@ -669,14 +698,22 @@ class Flow(Model):
 
     def sample(self, n, temperature=1.0, rng=None, noise=None):
         """n samples x = f^-1(T z), z ~ prior (host noise from ``rng``: a NumPy Generator or seed, or
-        pass ``noise`` (n, D) directly). Returns an (n, D) array on the backend."""
+        pass ``noise`` (n, D) directly). Returns an (n, D) array on the backend.
+
+        ``temperature`` T: a finite number >= 0 (0 gives f^-1(0), the image of the prior's mode);
+        ValueError otherwise, and for non-finite ``noise``. A sample that overflows in a layer raises
+        FloatingPointError naming the layer (see :meth:`inverse`; not with ``checked="off"``)."""
+        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+                or not math.isfinite(temperature) or temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if noise is None:
-            if n < 1:
-                raise ValueError(f"n must be >= 1, got {n}")
+            n = _check_count("n", n)
             g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-            noise = C.prior_noise(self.prior, g, (int(n), self.dim), np.float64)
-        z = backend.to_device(np.asarray(backend.to_host(noise), dtype=np.float64) * float(temperature),
-                              self._dtype())
+            noise = C.prior_noise(self.prior, g, (n, self.dim), np.float64)
+        noise = np.asarray(backend.to_host(noise), dtype=np.float64)
+        _check_input("noise", noise, self.dim)
+        backend.check_finite("noise", noise)
+        z = backend.to_device(noise * float(temperature), self._dtype())
         return self.inverse(z)
 
     def __repr__(self):

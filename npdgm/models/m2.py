@@ -45,7 +45,7 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, kl_std_nor
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
 from .cvae import ConditionalMLP, LabelConditioned
-from .vae import _as_noise, _draw
+from .vae import _as_noise, _draw, _generator
 from .vae import _positive_int
 
 __all__ = ["M2"]
@@ -178,6 +178,8 @@ class M2(LabelConditioned):
         if (x_l is None) != (y_l is None):
             raise ValueError("x_l and y_l go together: labelled images need their labels")
         C, Z = self.num_classes, self.z_dim
+        if eps_l is None or eps_u is None:
+            rng = _generator(self, rng)            # one stream: eps_l and eps_u must not share a seed
         if x_l is not None:
             x_l = self.check_x(x_l, "x_l") if check else x_l
             y_l = self.check_y(y_l, x_l.shape[0], "y_l")

@@ -122,12 +122,24 @@ def _check_x(model, x, name="x"):
     return x
 
 
+def _generator(model, rng):
+    """The noise generator once per call: ``rng`` None -> the model's own generator, an int seed ->
+    a fresh host Generator, a Generator -> itself. Convert ONCE per method and pass the Generator on,
+    so that successive draws (chunks, labelled and unlabelled noise) continue one stream instead of
+    restarting the same seed."""
+    if rng is None:
+        return model._noise
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    if not hasattr(rng, "standard_normal"):
+        raise TypeError(f"rng must be None, an int seed or a NumPy/CuPy Generator, got {type(rng).__name__}")
+    return rng
+
+
 def _draw(model, shape, rng):
     """Standard normal noise in the model dtype/backend from a NumPy/CuPy Generator or int seed
     (default: the model's own generator)."""
-    rng = model._noise if rng is None else rng
-    if isinstance(rng, (int, np.integer)):
-        rng = np.random.default_rng(int(rng))
+    rng = _generator(model, rng)
     eps = rng.standard_normal(shape, dtype=np.float32 if model.dtype == np.float32 else np.float64)
     return model.xp.asarray(eps).astype(model.dtype, copy=False)
 
@@ -139,7 +151,23 @@ def _as_noise(model, eps, shape, name="eps"):
         raise TypeError(f"{name} must be a float array, got dtype {eps.dtype}")
     xp = model.xp
     eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
-    return eps.astype(model.dtype, copy=False)
+    eps = eps.astype(model.dtype, copy=False)
+    backend.check_finite(name, eps)       # NaN/inf noise would turn the whole loss into NaN silently
+    return eps
+
+
+def _check_fill(model, fill, x_shape):
+    """The initial value of missing pixels: a finite scalar, (x_dim,) or x-shaped array, as a model-dtype array."""
+    xp = model.xp
+    fill = xp.asarray(fill)
+    if tuple(fill.shape) not in ((), (model.x_dim,), tuple(x_shape)):
+        raise ValueError(f"fill must be a scalar, an ({model.x_dim},) array or the shape of x {tuple(x_shape)}, "
+                         f"got shape {tuple(fill.shape)}")
+    if fill.dtype.kind not in "fiub":
+        raise TypeError(f"fill must be a real number or array, got dtype {fill.dtype}")
+    fill = fill.astype(model.dtype, copy=False)
+    backend.check_finite("fill", fill)
+    return fill
 
 
 class ELBOMixin:
@@ -314,14 +342,12 @@ class VAE(ELBOMixin, Model):
         """n images from the model: z ~ N(0, I), then E[x|z] (``mean=True``, what is usually shown)
         or a draw x ~ p(x|z) (``mean=False``). ``rng``: NumPy/CuPy Generator or int seed."""
         n = _positive_int("n", n)
-        if isinstance(rng, (int, np.integer)):
-            rng = np.random.default_rng(int(rng))
+        rng = _generator(self, rng)
         m = self.decode(_draw(self, (n, self.z_dim), rng))
         if mean:
             return m
         if self.likelihood == "bernoulli":
-            g = self._noise if rng is None else rng
-            u = self.xp.asarray(g.random(m.shape, dtype=np.float32)).astype(self.dtype, copy=False)
+            u = self.xp.asarray(rng.random(m.shape, dtype=np.float32)).astype(self.dtype, copy=False)
             return (u < m).astype(self.dtype)
         return m + self.xp.exp(0.5 * self._logvar_x()) * _draw(self, (n, self.x_dim), rng)
 
@@ -342,6 +368,7 @@ class VAE(ELBOMixin, Model):
         x = self.check_x(x)
         k = _positive_int("k", k)
         xp, B, Z = self.xp, x.shape[0], self.z_dim
+        rng = _generator(self, rng)                                         # one stream for all chunks
         mu, logvar = self.encode(x)
         std = xp.exp(0.5 * logvar)
         logw = xp.empty((k, B), dtype=np.float64)
@@ -363,14 +390,15 @@ class VAE(ELBOMixin, Model):
         """Fill the missing pixels of ``x`` (``mask`` True = missing) by iterating
         x_missing <- reconstruct(x)_missing, observed pixels kept fixed (seed 002, 2.1.3).
 
-        fill  initial value of the missing pixels: a scalar or an (x_dim,) array (e.g. the mean image).
+        fill  initial value of the missing pixels: a finite scalar, an (x_dim,) array (e.g. the mean
+              image) or an array of x's shape.
         Returns the imputed (B, x_dim) array."""
         xp = self.xp
         mask, x_obs = self._prep_mask(x, mask)
         steps = int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        fill = xp.asarray(fill, dtype=self.dtype)
+        fill = _check_fill(self, fill, x_obs.shape)
         cur = xp.where(mask, fill, x_obs).astype(self.dtype, copy=False)
         for _ in range(steps):
             cur = xp.where(mask, self.reconstruct(cur), x_obs)
@@ -399,7 +427,8 @@ class VAE(ELBOMixin, Model):
         xp = self.xp
         mask, x_obs = self._prep_mask(x, mask)
         k = _positive_int("k", k)
-        x_fill = xp.where(mask, xp.asarray(fill, dtype=self.dtype), x_obs).astype(self.dtype, copy=False)
+        rng = _generator(self, rng)                              # one stream for all chunks
+        x_fill = xp.where(mask, _check_fill(self, fill, x_obs.shape), x_obs).astype(self.dtype, copy=False)
         mu, logvar = self.encode(x_fill)
         std = xp.exp(0.5 * logvar)
         obs = (~mask).astype(self.dtype)
