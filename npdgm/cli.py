@@ -11,45 +11,15 @@ Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 
 from . import __version__, backend
+from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
+                              release_locks, setup_backend, typed_options)
 
 COMMAND_MODULES = ("vae", "flows", "gmm", "cvae", "m2", "data")
-
-
-def add_train_args(p, epochs=10, batch_size=128, lr=1e-3):
-    """Options every ``npdgm train <model>`` shares."""
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"number of epochs (default {epochs})")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"minibatch size (default {batch_size})")
-    g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr:g})")
-    g.add_argument("--clip", type=float, default=None, help="clip the global gradient norm to this value")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialization, shuffling and noise (default 0)")
-    g.add_argument("--backend", choices=backend.BACKENDS, default=None,
-                   help="array backend (default: $NPDGM_BACKEND or numpy)")
-    g.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
-    g.add_argument("--out", default=None, help="run directory (default runs/<model>-<time>)")
-    g.add_argument("--resume", metavar="RUNDIR", default=None,
-                   help="continue the run in RUNDIR from its last checkpoint (same options are reused)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-plots", action="store_true", help="skip the figures")
-
-
-def setup_backend(args):
-    if getattr(args, "backend", None):
-        backend.set_backend(args.backend)
-    if getattr(args, "dtype", None):
-        backend.set_dtype(args.dtype)
-
-
-def default_out(name):
-    import time
-
-    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _cmd_gradcheck(args):
@@ -109,18 +79,18 @@ def _cmd_check_reference(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="npdgm", description="Deep generative models with hand-written gradients.")
+    p = ArgumentParser(prog="npdgm", description="Deep generative models with hand-written gradients.")
     p.add_argument("--version", action="version", version=f"npdgm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gradcheck", help="finite-difference check of every backward (float64)")
     g.add_argument("--only", nargs="*", default=None, help="run checks whose name contains any of these")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=nonneg_int, default=0)
     g.set_defaults(func=_cmd_gradcheck)
     sub.add_parser("info", help="versions, backend and BLAS").set_defaults(func=_cmd_info)
     e = sub.add_parser("export-reference", help="write reference inputs/outputs/gradients for porting")
     e.add_argument("outdir")
     e.add_argument("--dtype", choices=backend.DTYPES, default="float64")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=nonneg_int, default=0)
     e.set_defaults(func=_cmd_export_reference)
     c = sub.add_parser("check-reference", help="re-run npdgm against a reference directory")
     c.add_argument("outdir")
@@ -133,8 +103,22 @@ def build_parser():
     return p
 
 
+def _os_error(e):
+    """One line for an OSError: the file, then what went wrong."""
+    if e.filename is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror or e}" + (f" -> {e.filename2}" if e.filename2 else "")
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run ``npdgm ARGV``; returns the exit code (0 ok, 2 error, 130 Ctrl-C). Errors print one
+    ``npdgm: error: ...`` line to stderr (NPDGM_DEBUG=1 shows the traceback instead)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        args = build_parser().parse_args(argv)
+        args.typed = typed_options(build_parser(), argv)  # what the user typed (--resume compares it)
+    except SystemExit as e:
+        return e.code
     from .io import CheckpointError
 
     try:
@@ -142,12 +126,16 @@ def main(argv=None):
             return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, KeyError, FileNotFoundError, backend.BackendError, CheckpointError,
-            FloatingPointError) as e:
+    except (ValueError, TypeError, KeyError, backend.BackendError, CheckpointError, FloatingPointError,
+            OSError, MemoryError) as e:
         if os.environ.get("NPDGM_DEBUG"):
             raise
-        print(f"npdgm: error: {e}", file=sys.stderr)
+        msg = _os_error(e) if isinstance(e, OSError) else str(e) if not isinstance(e, MemoryError) else \
+            f"out of memory ({e})"
+        print(f"npdgm: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
+    finally:
+        release_locks()
 
 
 if __name__ == "__main__":

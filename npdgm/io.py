@@ -31,21 +31,32 @@ def register_model(cls):
 
 
 def atomic_write_bytes(path, write):
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``:
-    a crash or Ctrl-C leaves either the old file or the new one, never half of one."""
+    """Call ``write(fileobj)`` on a temp file ``.tmp-*`` beside ``path``, fsync, then rename over
+    ``path``: a crash or Ctrl-C leaves either the old file or the new one, never half of one (a kill
+    can leave the temp file; ``npdgm train`` removes those when it next opens the run directory). The
+    file gets the permissions ``open()`` would give (0666 less the umask), not mkstemp's 0600. An
+    OSError (full disk, read-only directory) names ``path`` and leaves the old file as it was."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    tmp = None
     try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            why = e.strerror or str(e)
+            raise OSError(e.errno, f"{why} (the previous {os.path.basename(path)} is unchanged)"
+                          if os.path.exists(path) else why, path) from e
         raise
 
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from . import backend
-from .io import CheckpointError, load_arrays, save_model
+from .io import CheckpointError, atomic_write_bytes, load_arrays, save_model
 
 
 def rng_state_json(rng):
@@ -54,21 +54,73 @@ def restore_checkpoint(out, optimizer):
     return rng_from_json(meta["rng"]), int(meta["epoch"])
 
 
+def dumps(obj, indent=None):
+    """``(text, nonfinite)``: strict JSON of ``obj`` (``allow_nan=False``) with every NaN/inf float
+    written as null and its key listed in ``nonfinite`` (and under "nonfinite" in a dict)."""
+    bad = []
+
+    def clean(v, key):
+        if isinstance(v, (float, np.floating)):
+            if math.isfinite(v):
+                return float(v)
+            bad.append(key)
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{key}.{k}" if key else k) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, key) for x in v]
+        return v
+
+    c = clean(obj, "")
+    if bad and isinstance(c, dict):
+        c["nonfinite"] = sorted(set(bad))
+    return json.dumps(c, indent=indent, allow_nan=False), sorted(set(bad))
+
+
+def write_json(path, obj):
+    """Atomically write ``obj`` as strict JSON (see :func:`dumps`); returns the non-finite keys."""
+    text, bad = dumps(obj, indent=1)
+    atomic_write_bytes(path, lambda f: f.write((text + "\n").encode()))
+    return bad
+
+
 def read_metrics(out):
+    """The records of RUNDIR/metrics.jsonl. A last line cut short (the process was killed while
+    appending it) is dropped; any other line that is not a JSON object raises CheckpointError."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f.read().split("\n"), 1) if line.strip()]
+    records = []
+    for i, line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            if i == lines[-1][0]:
+                break  # an append cut short by a kill
+            raise CheckpointError(f"{path}, line {i}: not a JSON record ({e})") from e
+        if not isinstance(r, dict):
+            raise CheckpointError(f"{path}, line {i}: expected a JSON object, got {type(r).__name__}")
+        records.append(r)
+    return records
 
 
 def _truncate_metrics(out, epoch):
     """Keep only the records of epochs <= ``epoch`` (those the checkpoint has seen)."""
-    keep = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
-    from .io import atomic_write_bytes
-
+    keep = [r for r in read_metrics(out) if isinstance(r.get("epoch", 0), int) and r.get("epoch", 0) <= epoch]
     atomic_write_bytes(os.path.join(out, "metrics.jsonl"),
-                       lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
+                       lambda f: f.write("".join(dumps(r)[0] + "\n" for r in keep).encode()))
+
+
+def _last_checkpoint(out, epoch, bad_epochs):
+    """What the run directory holds after a stop, said truthfully."""
+    if epoch == 0:
+        return f"no checkpoint was written to {out} (no epoch finished)"
+    if epoch in bad_epochs:
+        return (f"the last checkpoint in {out} (epoch {epoch}) is intact but its evaluation was already "
+                f"non-finite")
+    return f"the last checkpoint in {out} (epoch {epoch}) is intact"
 
 
 def _progress(total, desc, enabled):
@@ -88,7 +140,9 @@ def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evalua
     step(xb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
                      (the loop zeroes them before and runs ``optimizer.step()`` after).
     evaluate(epoch) -> dict of floats (test metrics), optional.
-    Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact.
+    Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact. A non-finite
+    loss or epoch metric raises FloatingPointError (the epoch's record is logged with null values and
+    a "nonfinite" list, no checkpoint is written for it).
     """
     from .optim import clip_grad_norm
 
@@ -101,10 +155,11 @@ def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evalua
     if start_epoch:
         _truncate_metrics(out, start_epoch)
     else:
-        open(os.path.join(out, "metrics.jsonl"), "w").close()
+        atomic_write_bytes(os.path.join(out, "metrics.jsonl"), lambda f: None)
+    bad_epochs = {r.get("epoch") for r in read_metrics(out) if r.get("nonfinite") or dumps(r)[1]}
     xp = backend.array_module(train_x)
     nb = math.ceil(n / batch_size)
-    records, step_count = [], start_epoch * nb
+    records, step_count, saved = [], start_epoch * nb, start_epoch
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -128,8 +183,8 @@ def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evalua
                     loss = float(terms["loss"])
                     if not math.isfinite(loss):
                         raise FloatingPointError(
-                            f"loss became {loss} at epoch {epoch}, batch {i}; the last checkpoint in {out} "
-                            f"(epoch {epoch - 1}) is intact: lower the learning rate or add --clip")
+                            f"loss became {loss} at epoch {epoch}, batch {i}; {_last_checkpoint(out, saved, bad_epochs)}"
+                            f": lower the learning rate or add --clip")
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}")
             if bar is not None:
@@ -138,13 +193,19 @@ def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evalua
             rec["train_seconds"] = round(time.perf_counter() - t0, 3)
             if evaluate is not None:
                 rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
-            records.append(rec)
+            line, bad = dumps(rec)
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(line + "\n")
+            if bad:  # this epoch is logged (null + "nonfinite") but not checkpointed
+                raise FloatingPointError(
+                    f"epoch {epoch} gave non-finite " + ", ".join(f"{k}={rec[k]}" for k in bad) +
+                    f"; {_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate or add --clip")
+            records.append(rec)
             save_checkpoint(out, model, optimizer, rng, epoch, run_meta or {})
+            saved = epoch
             log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
     except KeyboardInterrupt:
-        log(f"\ninterrupted: the checkpoint in {out} holds the last finished epoch; "
-            f"continue with --resume {out}")
+        log(f"\ninterrupted: " + (f"the checkpoint in {out} holds epoch {saved}; continue with --resume {out}"
+                                  if saved else f"no epoch finished, {out} holds no checkpoint"))
         raise
     return records

@@ -1,7 +1,7 @@
 """``npdgm train cvae``: conditional VAE on MNIST (labels as one-hot inputs to encoder and decoder).
 
     npdgm train cvae                                         # bundled 10k/2k MNIST subset, offline
-    npdgm train cvae --data ../shared/data/mnist --epochs 10 --out runs/cvae-full
+    npdgm train cvae --data mnist --epochs 10 --out runs/cvae-full
     npdgm train cvae --resume runs/cvae-full --epochs 20     # continue bit-for-bit
 
 The run directory gets checkpoint.npz, metrics.jsonl (train_* over the epoch's batches, test_* on the
@@ -16,8 +16,9 @@ import os
 import numpy as np
 
 from .. import backend
-from ..cli import add_train_args, default_out, setup_backend
-from .vae import _load_data, _write_json
+from . import common
+from .common import add_train_args, nonneg_float, positive_float, positive_int, setup_backend
+from .vae import _load_data
 
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
@@ -31,8 +32,8 @@ def add_data_args(p, binarize="none"):
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default=binarize,
                    help="none: grey levels in [0, 1]; static: x > 0.5; dynamic: a new Bernoulli(x) draw per "
                         f"batch (test set drawn once) (default {binarize})")
-    d.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-    d.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    d.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training images")
+    d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images")
 
 
 def register(commands, train_commands):
@@ -41,49 +42,21 @@ def register(commands, train_commands):
         description="Train a conditional VAE q(z|x,y), p(x|z,y) on MNIST with hand-written gradients; the label "
                     "enters both networks as a one-hot vector. Loss = -ELBO of log p(x|y) in nats per image.")
     g = p.add_argument_group("model")
-    g.add_argument("--z-dim", type=int, default=20, help="latent size (default 20)")
-    g.add_argument("--hidden", type=int, nargs="+", default=[400], metavar="H",
+    g.add_argument("--z-dim", type=positive_int, default=20, help="latent size (default 20)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[400], metavar="H",
                    help="encoder hidden sizes; the decoder uses them reversed (default 400)")
     g.add_argument("--activation", default="relu",
                    choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help="decoder p(x|z,y) (default bernoulli)")
-    g.add_argument("--sigma", type=float, default=None,
+    g.add_argument("--sigma", type=positive_float, default=None,
                    help="gaussian: fixed decoder std; omit to learn a per-pixel log-variance")
-    g.add_argument("--n-samples", type=int, default=1, help="noise samples per image in the loss (default 1)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (default 1)")
+    g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
+    g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
     add_data_args(p)
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)
-
-
-def resume_or_new(args, kind, run_keys, default_epochs, build):
-    """(model, run dict, out dir) for a new run or ``--resume`` (stored options reused, --epochs may
-    be raised)."""
-    from ..io import load_arrays, model_from_arrays
-
-    if args.resume:
-        arrays, meta = load_arrays(args.resume)
-        if meta.get("kind") != kind:
-            raise ValueError(f"--resume {args.resume}: the checkpoint holds a {meta.get('kind')!r} model, "
-                             f"not a {kind}")
-        stored = meta.get("run", {}).get("args", {})
-        epochs = args.epochs if args.epochs is not None else stored.get("epochs", default_epochs)
-        run = dict(stored, epochs=epochs)
-        backend.set_dtype(meta.get("dtype", "float32"))
-        return model_from_arrays(arrays, meta, args.resume), run, args.resume
-    run = {k: getattr(args, k) for k in run_keys}
-    run["epochs"] = default_epochs if args.epochs is None else args.epochs
-    return build(), run, args.out or default_out(kind)
-
-
-def check_run(run):
-    for k, lo in (("epochs", 0), ("batch_size", 1)):
-        if run[k] < lo:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
-    if not run["lr"] > 0:
-        raise ValueError(f"--lr must be positive, got {run['lr']}")
 
 
 def first_of_each_class(labels, num_classes=10):
@@ -112,10 +85,12 @@ def cmd_train(args):
     from ..models.cvae import CVAE
 
     setup_backend(args)
-    model, run, out = resume_or_new(
+    r = common.resume_or_new(
         args, "cvae", RUN_KEYS, DEFAULT_EPOCHS,
-        lambda: CVAE(x_dim=784, num_classes=10, seed=args.seed, **{k: getattr(args, k) for k in MODEL_KEYS}))
-    check_run(run)
+        lambda run: CVAE(x_dim=784, num_classes=10, seed=run["seed"], **{k: getattr(args, k) for k in MODEL_KEYS}))
+    if r is None:
+        return 0
+    model, run, out = r
     seed = run["seed"]
     x_tr, y_tr = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
     x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
@@ -126,7 +101,6 @@ def cmd_train(args):
 
     opt = optim.Adam(model, lr=run["lr"])
     rng, start = train.restore_checkpoint(out, opt) if args.resume else (np.random.default_rng(seed), 0)
-    os.makedirs(out, exist_ok=True)
     print(f"cvae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
     dtype, K, Z, dynamic = model.dtype, model.n_samples, model.z_dim, run["binarize"] == "dynamic"
@@ -150,7 +124,7 @@ def cmd_train(args):
     if records:
         summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})
         print(f"test -ELBO of log p(x|y): {summary['test_nelbo']:.3f} nats/image", flush=True)
-    _write_json(os.path.join(out, "summary.json"), summary)
+    common.write_summary(out, summary)
     if not args.no_plots:
         from ..plots import cvae as PC
         from ..plots import vae as PV

@@ -1,7 +1,7 @@
 """``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train flow2d``, ``npdgm flow-sample RUNDIR``.
 
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
-    npdgm train nice --data ../shared/data/mnist --epochs 3
+    npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
     npdgm train nice --resume runs/nice-... --epochs 6    # continue bit-for-bit
@@ -15,14 +15,14 @@ bits/dim = (NLL / 784 + log 256) / log 2.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 
 from .. import backend
-from ..cli import add_train_args, default_out, setup_backend
+from . import common
+from .common import add_train_args, default_out, nonneg_int, positive_float, positive_int, setup_backend
 
 TOY_DATASETS = ("moons", "circles", "8gaussians", "checkerboard", "spirals")
 
@@ -36,12 +36,12 @@ def _data_args(p, image=True, toy=True):
     if image:
         d.add_argument("--data", default=None, metavar="DIR",
                        help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
-        d.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-        d.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+        d.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training images")
+        d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images")
     if toy:
-        d.add_argument("--n-train", type=int, default=51200, help="2-D: training points, drawn once (default 51200)")
-        d.add_argument("--n-test", type=int, default=10000, help="2-D: test points (default 10000)")
-        d.add_argument("--steps", type=int, default=None,
+        d.add_argument("--n-train", type=positive_int, default=51200, help="2-D: training points, drawn once (default 51200)")
+        d.add_argument("--n-test", type=positive_int, default=10000, help="2-D: test points (default 10000)")
+        d.add_argument("--steps", type=positive_int, default=None,
                        help="2-D: optimizer steps; sets --epochs to ceil(steps / batches per epoch)")
 
 
@@ -52,9 +52,9 @@ def register(commands, train_commands):
         description="NICE on dequantized MNIST: additive couplings (MLP D/2 -> hidden x n-hidden -> D/2, ReLU), "
                     "half split alternating, diagonal scaling, logistic prior. Loss = mean NLL (nats/image).")
     g = _model_group(p)
-    g.add_argument("--couplings", type=int, default=4, help="additive coupling layers (default 4)")
-    g.add_argument("--hidden", type=int, default=1000, help="units per hidden layer (default 1000)")
-    g.add_argument("--n-hidden", type=int, default=5, help="hidden layers per coupling network (default 5)")
+    g.add_argument("--couplings", type=positive_int, default=4, help="additive coupling layers (default 4)")
+    g.add_argument("--hidden", type=positive_int, default=1000, help="units per hidden layer (default 1000)")
+    g.add_argument("--n-hidden", type=nonneg_int, default=5, help="hidden layers per coupling network (default 5)")
     g.add_argument("--prior", choices=["logistic", "gaussian"], default="logistic", help="default logistic")
     g.add_argument("--logit", action="store_true", help="logit-transform the pixels first (off in the paper)")
     _data_args(p, image=True, toy=False)
@@ -69,17 +69,17 @@ def register(commands, train_commands):
                     "the flow2d model.")
     p.add_argument("--dataset", choices=("mnist",) + TOY_DATASETS, default="mnist", help="default mnist")
     g = _model_group(p)
-    g.add_argument("--couplings", type=int, default=None, help="coupling layers (default 8)")
-    g.add_argument("--hidden", type=int, nargs="+", default=None, metavar="H",
+    g.add_argument("--couplings", type=positive_int, default=None, help="coupling layers (default 8)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=None, metavar="H",
                    help="coupling MLP hidden sizes (default 512 512 on MNIST, 256 256 in 2-D)")
     g.add_argument("--mask", choices=["checkerboard", "half", "alternate"], default="checkerboard",
                    help="MNIST mask, alternating parity between couplings (default checkerboard)")
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh",
                    help="bound on the log-scale s (default tanh: s = b tanh(raw / b))")
-    g.add_argument("--scale-bound", type=float, default=None, help="b (default 2 on MNIST, 1 in 2-D)")
+    g.add_argument("--scale-bound", type=positive_float, default=None, help="b (default 2 on MNIST, 1 in 2-D)")
     g.add_argument("--no-actnorm", action="store_true", help="MNIST: no ActNorm before each coupling")
     g.add_argument("--actnorm", action="store_true", help="2-D: ActNorm before each coupling")
-    g.add_argument("--alpha", type=float, default=0.05, help="logit transform alpha (default 0.05)")
+    g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
     _data_args(p, image=True, toy=True)
     add_train_args(p, epochs=10, batch_size=None, lr=1e-3)
     p.set_defaults(func=cmd_train, family="realnvp", epochs=None, batch_size=None)
@@ -91,10 +91,10 @@ def register(commands, train_commands):
                     "bounded scale), standard Gaussian prior, trained on points drawn once from a seeded toy set.")
     p.add_argument("--dataset", choices=TOY_DATASETS, default="moons", help="default moons")
     g = _model_group(p)
-    g.add_argument("--couplings", type=int, default=8, help="affine coupling layers (default 8)")
-    g.add_argument("--hidden", type=int, nargs="+", default=[256, 256], metavar="H", help="default 256 256")
+    g.add_argument("--couplings", type=positive_int, default=8, help="affine coupling layers (default 8)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256], metavar="H", help="default 256 256")
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh", help="default tanh")
-    g.add_argument("--scale-bound", type=float, default=1.0, help="default 1 (s = tanh(raw))")
+    g.add_argument("--scale-bound", type=positive_float, default=1.0, help="default 1 (s = tanh(raw))")
     g.add_argument("--actnorm", action="store_true", help="ActNorm before each coupling")
     _data_args(p, image=False, toy=True)
     add_train_args(p, epochs=None, batch_size=512, lr=1e-3)
@@ -102,11 +102,11 @@ def register(commands, train_commands):
 
     s = commands.add_parser("flow-sample", help="samples from a trained flow run (nice / realnvp / flow2d)")
     s.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
-    s.add_argument("--n", type=int, default=None, help="images per temperature (default 12) or 2-D points "
+    s.add_argument("--n", type=positive_int, default=None, help="images per temperature (default 12) or 2-D points "
                                                        "(default 5000)")
-    s.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.7, 0.85, 1.0], metavar="T",
+    s.add_argument("--temperatures", type=positive_float, nargs="+", default=[0.5, 0.7, 0.85, 1.0], metavar="T",
                    help="prior temperatures (default 0.5 0.7 0.85 1.0; 2-D uses the last)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--out", default=None, help="PNG path (default RUNDIR/flow-samples-seed<S>.png)")
     s.add_argument("--npy", default=None, help="also save the samples (T = last temperature) as .npy")
     s.add_argument("--backend", choices=backend.BACKENDS, default=None)
@@ -114,12 +114,6 @@ def register(commands, train_commands):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _write_json(path, obj):
-    from ..io import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
-
-
 def _is_image(run):
     return run["family"] == "nice" or (run["family"] == "realnvp" and run.get("dataset") == "mnist")
 
@@ -208,41 +202,22 @@ def evaluate(flow, x_test, image):
 # -- npdgm train nice | realnvp | flow2d ----------------------------------------------------------
 def cmd_train(args):
     from .. import optim, train
-    from ..io import load_arrays, model_from_arrays
 
     setup_backend(args)
-    if args.resume:
-        arrays, meta = load_arrays(args.resume)
-        run = dict(meta.get("run", {}).get("args", {}))
-        if meta.get("kind") != "flow" or "family" not in run:
-            raise ValueError(f"--resume {args.resume}: the checkpoint holds a {meta.get('kind')!r} run, not a flow run")
-        if args.epochs is not None:
-            run["epochs"] = args.epochs
-        backend.set_dtype(meta.get("dtype", "float32"))
-        model = model_from_arrays(arrays, meta, args.resume)
-        out = args.resume
-    else:
-        run = _run_from_args(args)
-        model = None
-        out = args.out or default_out(run["family"] + ("" if _is_image(run) else "-" + run["dataset"]))
-    image = _is_image(run)
-    if run["batch_size"] < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {run['batch_size']}")
-    if run["lr"] <= 0:
-        raise ValueError(f"--lr must be positive, got {run['lr']}")
-    x_tr, x_te = load_data(run)
     if not args.resume:
-        nb = math.ceil(len(x_tr) / run["batch_size"])
+        run0 = _run_from_args(args)
+        args.out = args.out or default_out(run0["family"] + ("" if _is_image(run0) else "-" + run0["dataset"]))
+    families = ("realnvp", "flow2d") if args.family == "realnvp" else (args.family,)
+    r = common.resume_or_new(args, "flow", lambda a: run0, None, build_model, families=families)
+    if r is None:
+        return 0
+    model, run, out = r
+    image = _is_image(run)
+    x_tr, x_te = load_data(run)
+    if run.get("epochs") is None:
         steps = getattr(args, "steps", None)
-        if args.epochs is not None:
-            run["epochs"] = args.epochs
-        elif steps is not None and not image:
-            run["epochs"] = max(1, math.ceil(steps / nb))
-        else:
-            run["epochs"] = 10
-        model = build_model(run)
-    if run["epochs"] < 0:
-        raise ValueError(f"--epochs must be >= 0, got {run['epochs']}")
+        nb = math.ceil(len(x_tr) / run["batch_size"])
+        run["epochs"] = max(1, math.ceil(steps / nb)) if steps is not None and not image else 10
     dtype = model.flat_params.dtype
     train_x = backend.to_device(x_tr, dtype)
     test_x = backend.to_device(x_te, dtype)
@@ -252,8 +227,6 @@ def cmd_train(args):
         rng, start = train.restore_checkpoint(out, opt)
     else:
         rng, start = np.random.default_rng(run["seed"]), 0
-    os.makedirs(out, exist_ok=True)
-    if not args.resume:
         init_actnorm(model, train_x, image, run["seed"])
     print(f"{run['family']} on {run['dataset']}: {model!r}  train {len(train_x)}  test {len(test_x)}  "
           f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
@@ -279,7 +252,7 @@ def cmd_train(args):
                "parameters": model.num_parameters()}
     if records:
         summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd") if k in records[-1]})
-    _write_json(os.path.join(out, "summary.json"), summary)
+    common.write_summary(out, summary)
     msg = f"test NLL {summary.get('test_nll', float('nan')):.4f} nats"
     if "test_bpd" in summary:
         msg += f"  ({summary['test_bpd']:.4f} bits/dim; log-likelihood {summary['test_ll']:.2f} nats)"
@@ -305,8 +278,6 @@ def cmd_sample(args):
     from ..io import load_arrays, model_from_arrays
 
     setup_backend(args)
-    if args.n is not None and args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
     arrays, meta = load_arrays(args.rundir)
     if meta.get("kind") != "flow":
         raise ValueError(f"{args.rundir} holds a {meta.get('kind')!r} model; flow-sample handles flow runs")

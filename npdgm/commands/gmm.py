@@ -3,7 +3,7 @@
     npdgm train gmm --dataset moons                        # K=10 full covariances on the flows' moons data
     npdgm train gmm --dataset spirals --components 32
     npdgm train gmm --dataset mnist                         # bundled subset: PCA to 50 dims, K=10
-    npdgm train gmm --dataset mnist --data ../shared/data/mnist --pca-dim 50 --components 20
+    npdgm train gmm --dataset mnist --data mnist --pca-dim 50 --components 20
 
 A run directory gets checkpoint.npz (``npdgm.load`` rebuilds the model), metrics.jsonl (one record per
 EM iteration, iteration 0 = the initialization: train_nll / test_nll = mean negative log-likelihood in
@@ -23,7 +23,6 @@ alone, is a density on R^d, NOT comparable with pixel-space numbers.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -32,7 +31,8 @@ import time
 import numpy as np
 
 from .. import backend
-from ..cli import default_out, setup_backend
+from . import common
+from .common import default_out, nonneg_float, nonneg_int, positive_int, setup_backend
 
 TOY_DATASETS = ("moons", "circles", "8gaussians", "checkerboard", "spirals")
 DATASETS = TOY_DATASETS + ("mnist",)
@@ -47,45 +47,39 @@ def register(commands, train_commands):
                     "(dequantized) pixels, comparable with the flows' NLL.")
     p.add_argument("--dataset", choices=DATASETS, default="moons", help="default moons")
     g = p.add_argument_group("model")
-    g.add_argument("--components", type=int, default=10, help="mixture components K (default 10)")
+    g.add_argument("--components", type=positive_int, default=10, help="mixture components K (default 10)")
     g.add_argument("--covariance-type", choices=("full", "diag", "spherical"), default="full", help="default full")
     g.add_argument("--init", choices=("kmeans", "k-means++", "random", "random_from_data"), default="kmeans",
                    help="initialization (default kmeans: k-means++ seeding then Lloyd iterations)")
-    g.add_argument("--n-init", type=int, default=1, help="initializations tried, best kept (default 1)")
-    g.add_argument("--max-iter", type=int, default=200, help="most EM iterations (default 200)")
-    g.add_argument("--tol", type=float, default=1e-4,
+    g.add_argument("--n-init", type=positive_int, default=1, help="initializations tried, best kept (default 1)")
+    g.add_argument("--max-iter", type=positive_int, default=200, help="most EM iterations (default 200)")
+    g.add_argument("--tol", type=nonneg_float, default=1e-4,
                    help="stop when the mean train log-likelihood changes by less than this (default 1e-4)")
-    g.add_argument("--reg-covar", type=float, default=1e-6, help="added to covariance diagonals (default 1e-6)")
-    g.add_argument("--pca-dim", type=int, default=50, help="MNIST: principal components kept (default 50)")
+    g.add_argument("--reg-covar", type=nonneg_float, default=1e-6, help="added to covariance diagonals (default 1e-6)")
+    g.add_argument("--pca-dim", type=positive_int, default=50, help="MNIST: principal components kept (default 50)")
     g.add_argument("--residual", choices=("full", "isotropic"), default="full",
                    help="MNIST: Gaussian on the discarded directions: full (each keeps its own variance, the ML "
                         "Gaussian on the complement; default) or isotropic (one shared variance, as PPCA)")
-    g.add_argument("--residual-reg", type=float, default=1e-5,
+    g.add_argument("--residual-reg", type=nonneg_float, default=1e-5,
                    help="MNIST: added to the variances of the discarded directions (default 1e-5, chosen on "
                         "held-out training images; the smallest are ~1e-6, pixels that are always black)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, metavar="DIR",
                    help="MNIST IDX directory (default $NPDGM_DATA, else the bundled 10k/2k subset)")
-    d.add_argument("--train-limit", type=int, default=None, help="MNIST: use the first N training images")
-    d.add_argument("--test-limit", type=int, default=None, help="MNIST: use the first N test images")
-    d.add_argument("--n-train", type=int, default=51200, help="2-D: training points (default 51200, as flow2d)")
-    d.add_argument("--n-test", type=int, default=10000, help="2-D: test points (default 10000, as flow2d)")
+    d.add_argument("--train-limit", type=positive_int, default=None, help="MNIST: use the first N training images")
+    d.add_argument("--test-limit", type=positive_int, default=None, help="MNIST: use the first N test images")
+    d.add_argument("--n-train", type=positive_int, default=51200, help="2-D: training points (default 51200, as flow2d)")
+    d.add_argument("--n-test", type=positive_int, default=10000, help="2-D: test points (default 10000, as flow2d)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0, help="seed of the data draw, dequantization and init (default 0)")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of the data draw, dequantization and init (default 0)")
     r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     r.add_argument("--dtype", choices=backend.DTYPES, default="float64",
                    help="float type of EM (default float64: covariance factorizations in 50-D want it)")
-    r.add_argument("--out", default=None, help="run directory (default runs/gmm-<dataset>-<time>)")
+    common.add_run_dir_args(r, resume=False)
     r.add_argument("--no-progress", action="store_true", help="no per-iteration log lines")
     r.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.set_defaults(func=cmd_train)
-
-
-def _write_json(path, obj):
-    from ..io import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def _run_from_args(args):
@@ -96,13 +90,6 @@ def _run_from_args(args):
                    train_limit=args.train_limit, test_limit=args.test_limit)
     else:
         run.update(n_train=args.n_train, n_test=args.n_test)
-    counts = ("pca_dim",) if args.dataset == "mnist" else ("n_train", "n_test")
-    for k in ("components", "n_init", "max_iter") + counts:
-        if run[k] < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {run[k]}")
-    for k in ("tol", "reg_covar") + (("residual_reg",) if args.dataset == "mnist" else ()):
-        if not run[k] >= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {run[k]}")
     return run
 
 
@@ -134,6 +121,8 @@ def build_model(run):
 
 
 def cmd_train(args):
+    from ..train import dumps
+
     setup_backend(args)
     run = _run_from_args(args)
     x_tr, x_te = load_data(run)
@@ -142,15 +131,13 @@ def cmd_train(args):
         raise ValueError(f"--pca-dim must be <= {x_tr.shape[1]}, got {run['pca_dim']}")
     dt = backend.get_dtype()
     train_x, test_x = backend.to_device(x_tr, dt), backend.to_device(x_te, dt)
-    out = args.out or default_out(f"gmm-{run['dataset']}")
-    os.makedirs(out, exist_ok=True)
+    out = common.new_run_dir(args.out or default_out(f"gmm-{run['dataset']}"), args.overwrite)
     model = build_model(run)
     print(f"gmm on {run['dataset']}: K={run['components']} {run['covariance_type']}"
           + (f" on PCA-{run['pca_dim']}" if mnist else "")
           + f"  train {len(x_tr)}  test {len(x_te)}  backend {backend.get_backend()} {dt}  -> {out}", flush=True)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
-    open(metrics_path, "w").close()
     records, t0 = [], time.perf_counter()
     if mnist:
         # constant parts of the full-space density, filled in once PCA has run (before the first callback)
@@ -176,7 +163,7 @@ def cmd_train(args):
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         records.append(rec)
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(dumps(rec)[0] + "\n")
         if not args.no_progress:
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
                   file=sys.stderr, flush=True)
@@ -199,7 +186,7 @@ def cmd_train(args):
                                  "orthogonal complement); test_nll_pca is on the PCA coordinates only")
     else:
         summary.update(bic=gm.bic(train_x), nll_space="R^2 (nats per point)")
-    _write_json(os.path.join(out, "summary.json"), summary)
+    common.write_summary(out, summary)
     msg = (f"EM: {gm.n_iter_} iterations ({'converged' if gm.converged_ else 'max-iter reached'}); "
            f"train NLL {summary['train_nll']:.4f}  test NLL {summary['test_nll']:.4f} nats per point")
     if mnist:

@@ -1,7 +1,7 @@
 """``npdgm train m2``: the semi-supervised VAE M2 (Kingma et al. 2014) with a few labels.
 
     npdgm train m2 --labels 100                                   # bundled 10k/2k subset, offline
-    npdgm train m2 --labels 100 --data ../shared/data/mnist --epochs 30 --out runs/m2-100
+    npdgm train m2 --labels 100 --data mnist --epochs 30 --out runs/m2-100
     npdgm train m2 --resume runs/m2-100 --epochs 60               # continue bit-for-bit
 
 ``--labels N`` keeps the labels of N training images, N/10 per class (seeded by --seed); every
@@ -44,8 +44,9 @@ import time
 import numpy as np
 
 from .. import backend
-from ..cli import add_train_args, setup_backend
-from .cvae import add_data_args, check_run, first_of_each_class, resume_or_new
+from . import common
+from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
+from .cvae import add_data_args, first_of_each_class
 from .vae import _load_data, _write_json
 
 DEFAULT_EPOCHS = 10
@@ -63,36 +64,36 @@ def register(commands, train_commands):
                     "all classes exactly. Reports the test classification error each epoch and a labelled-only "
                     "baseline classifier.")
     g = p.add_argument_group("model")
-    g.add_argument("--labels", type=int, default=100,
+    g.add_argument("--labels", type=positive_int, default=100,
                    help="number of labelled training images, balanced over the 10 classes (default 100)")
-    g.add_argument("--alpha", type=float, default=None,
+    g.add_argument("--alpha", type=nonneg_float, default=None,
                    help="weight of a labelled image's cross-entropy relative to its -ELBO (default 0.1 N/N_labels: "
                         "the paper's alpha = 0.1 N on the mean cross-entropy)")
-    g.add_argument("--label-boost", type=float, default=DEFAULT_LABEL_BOOST,
+    g.add_argument("--label-boost", type=positive_float, default=DEFAULT_LABEL_BOOST,
                    help="labelled images count this many times in the data-set objective: the mean labelled "
                         "-ELBO gets weight K N_labels/N per step, the mean cross-entropy alpha times that "
                         f"(1 = the paper's objective; N/N_labels = labelled and unlabelled batches weighted "
                         f"alike; default {DEFAULT_LABEL_BOOST:g})")
-    g.add_argument("--beta", type=float, default=DEFAULT_BETA,
+    g.add_argument("--beta", type=nonneg_float, default=DEFAULT_BETA,
                    help="weight of the KL term inside -ELBO(x,y) during training (1 = M2 as published; > 1 makes "
                         "class information dearer in z than in y, so the decoder uses y; default %(default)g). "
                         "Reported bounds always use 1")
-    g.add_argument("--z-dim", type=int, default=50, help="latent size (default 50, as in the paper)")
-    g.add_argument("--hidden", type=int, nargs="+", default=[500], metavar="H",
+    g.add_argument("--z-dim", type=positive_int, default=50, help="latent size (default 50, as in the paper)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[500], metavar="H",
                    help="encoder hidden sizes, decoder reversed (default 500, as in the paper)")
-    g.add_argument("--classifier-hidden", type=int, nargs="+", default=None, metavar="H",
+    g.add_argument("--classifier-hidden", type=positive_int, nargs="+", default=None, metavar="H",
                    help="classifier hidden sizes (default: --hidden)")
     g.add_argument("--activation", default="softplus",
                    choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default softplus")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
-    g.add_argument("--labelled-batch", type=int, default=None,
+    g.add_argument("--labelled-batch", type=positive_int, default=None,
                    help="labelled images per step, drawn with replacement (default: --batch-size)")
     e = p.add_argument_group("evaluation and baseline")
-    e.add_argument("--eval-n", type=int, default=2000,
+    e.add_argument("--eval-n", type=nonneg_int, default=2000,
                    help="test images for the per-epoch ELBO terms (default 2000; the error uses all)")
-    e.add_argument("--baseline-steps", type=int, default=1000,
+    e.add_argument("--baseline-steps", type=nonneg_int, default=1000,
                    help="full-batch Adam steps of the labelled-only classifier (default 1000; 0 skips it)")
-    e.add_argument("--baseline-lr", type=float, default=1e-3, help="its learning rate (default 1e-3)")
+    e.add_argument("--baseline-lr", type=positive_float, default=1e-3, help="its learning rate (default 1e-3)")
     add_data_args(p, binarize="dynamic")
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=100, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)
@@ -182,36 +183,25 @@ def cmd_train(args):
     from ..models.m2 import M2
 
     setup_backend(args)
-    if not args.resume:       # data-dependent defaults, fixed into the run before the model is built
-        if args.labelled_batch is None:
-            args.labelled_batch = args.batch_size
-    run_probe = args.resume is None
-    seed = args.seed
-    data, train_limit = args.data, args.train_limit
-    if args.resume:
-        from ..io import load_arrays
+    if not args.resume and args.labelled_batch is None:  # data-dependent default, fixed into the run
+        args.labelled_batch = args.batch_size
+    loaded = {}
 
-        stored = load_arrays(args.resume)[1].get("run", {}).get("args", {})
-        data, train_limit, seed = stored.get("data"), stored.get("train_limit"), stored.get("seed", 0)
-    x_tr, y_tr = _load_data(data, "train", train_limit, "none", seed)
-    if run_probe:
-        balanced_labels(y_tr, args.labels, 10, seed)            # the errors before any work
-        if not (args.label_boost > 0 and (args.alpha is None or args.alpha >= 0)):
-            raise ValueError(f"--label-boost must be > 0 and --alpha >= 0, got {args.label_boost} and {args.alpha}")
+    def build(run):
+        x_tr, y_tr = loaded["train"] = _load_data(args.data, "train", args.train_limit, "none", args.seed)
+        balanced_labels(y_tr, args.labels, 10, args.seed)            # the errors before any work
         ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha   # CE : -ELBO per labelled image
         lam = min(1.0, args.label_boost * args.labels / len(x_tr))                     # lambda_l
-
-    def build():
         return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
                   classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=ratio * lam,
-                  labelled_weight=lam, beta=args.beta, seed=args.seed,
-                  init=args.init)
+                  labelled_weight=lam, beta=args.beta, seed=args.seed, init=args.init)
 
-    model, run, out = resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, build)
-    check_run(run)
-    for k, lo in (("labelled_batch", 1), ("eval_n", 0), ("baseline_steps", 0)):
-        if run[k] < lo:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
+    r = common.resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, build, derived=("alpha",))
+    if r is None:
+        return 0
+    model, run, out = r
+    seed = run["seed"]
+    x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
     if run["binarize"] == "static":
         from ..data import binarize
@@ -227,7 +217,6 @@ def cmd_train(args):
 
     opt = optim.Adam(model, lr=run["lr"])
     rng, start = train.restore_checkpoint(out, opt) if args.resume else (np.random.default_rng(seed), 0)
-    os.makedirs(out, exist_ok=True)
     print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(lab)} "
           f"({len(lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
           flush=True)
@@ -277,7 +266,7 @@ def cmd_train(args):
                        seconds_per_epoch=float(np.median([r["train_seconds"] for r in records])))
         print(f"M2 test error {summary['test_error']:.4f}" +
               (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
-    _write_json(os.path.join(out, "summary.json"), summary)
+    common.write_summary(out, summary)
     if not args.no_plots:
         from ..plots import cvae as PC
         from ..plots import m2 as PM

@@ -1,7 +1,7 @@
 """``npdgm train vae``, ``npdgm sample RUNDIR``, ``npdgm impute RUNDIR``.
 
     npdgm train vae                                    # bundled 10k/2k MNIST subset, offline
-    npdgm train vae --data ../shared/data/mnist --epochs 10 --out runs/vae-full
+    npdgm train vae --data mnist --epochs 10 --out runs/vae-full
     npdgm train vae --resume runs/vae-full --epochs 20 # continue bit-for-bit to epoch 20
     npdgm sample runs/vae-full --n 100
     npdgm impute runs/vae-full --rows 10 18
@@ -18,7 +18,8 @@ import os
 import numpy as np
 
 from .. import backend
-from ..cli import add_train_args, default_out, setup_backend
+from . import common
+from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
@@ -28,17 +29,17 @@ RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_si
 
 def _add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--z-dim", type=int, default=20, help="latent size (default 20; 2 adds the latent figures)")
-    g.add_argument("--hidden", type=int, nargs="+", default=[400], metavar="H",
+    g.add_argument("--z-dim", type=positive_int, default=20, help="latent size (default 20; 2 adds the latent figures)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[400], metavar="H",
                    help="encoder hidden sizes; the decoder uses them reversed (default 400)")
     g.add_argument("--activation", default="relu",
                    choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help="decoder p(x|z): bernoulli (BCE from logits) or gaussian (default bernoulli)")
-    g.add_argument("--sigma", type=float, default=None,
+    g.add_argument("--sigma", type=positive_float, default=None,
                    help="gaussian: fixed decoder std (the MSE form); omit to learn a per-pixel log-variance")
-    g.add_argument("--n-samples", type=int, default=1, help="noise samples per image in the loss (default 1)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (default 1)")
+    g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
+    g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--data", default=None, metavar="DIR",
@@ -46,17 +47,17 @@ def _add_model_args(p):
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
                    help="none: grey levels in [0, 1] (PyTorch example); static: x > 0.5; dynamic: a new "
                         "Bernoulli(x) draw per batch (test set drawn once)")
-    d.add_argument("--train-limit", type=int, default=None, help="use the first N training images")
-    d.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
-    d.add_argument("--iwae-k", type=int, default=100, help="importance samples for log p(x) at the end (default 100)")
-    d.add_argument("--iwae-n", type=int, default=1000,
+    d.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training images")
+    d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images")
+    d.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples for log p(x) at the end (default 100)")
+    d.add_argument("--iwae-n", type=nonneg_int, default=1000,
                    help="test images for the IWAE estimate (default 1000; 0 skips it)")
-    d.add_argument("--impute-rows", type=int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
+    d.add_argument("--impute-rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
                    help="image rows [START, STOP) hidden for the imputation check (default 10 18)")
-    d.add_argument("--impute-steps", type=int, default=50, help="encode/decode iterations (default 50)")
-    d.add_argument("--impute-k", type=int, default=100,
+    d.add_argument("--impute-steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
+    d.add_argument("--impute-k", type=nonneg_int, default=100,
                    help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
-    d.add_argument("--impute-n", type=int, default=500, help="test images for the imputation errors (default 500)")
+    d.add_argument("--impute-n", type=positive_int, default=500, help="test images for the imputation errors (default 500)")
 
 
 def register(commands, train_commands):
@@ -71,9 +72,11 @@ def register(commands, train_commands):
     if "sample" not in commands.choices:
         s = commands.add_parser("sample", help="images from a trained VAE run (prior samples)")
         s.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
-        s.add_argument("--n", type=int, default=100, help="number of images (default 100)")
-        s.add_argument("--nrow", type=int, default=10, help="images per row (default 10)")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--n", type=positive_int, default=100,
+                       help=f"number of images (default 100); made {SAMPLE_CHUNK} at a time, so memory stays "
+                            f"under 1 GB for any n; the PNG shows the first {GRID_MAX}, --npy gets all n")
+        s.add_argument("--nrow", type=positive_int, default=10, help="images per row (default 10)")
+        s.add_argument("--seed", type=nonneg_int, default=0)
         s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
         s.add_argument("--out", default=None, help="PNG path (default RUNDIR/samples-seed<S>.png)")
         s.add_argument("--npy", default=None, help="also save the images as a .npy array here")
@@ -83,13 +86,13 @@ def register(commands, train_commands):
         i = commands.add_parser("impute", help="fill hidden rows of test digits with a trained VAE")
         i.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
         i.add_argument("--data", default=None, metavar="DIR", help="MNIST directory (default: the run's data)")
-        i.add_argument("--rows", type=int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
+        i.add_argument("--rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
                        help="image rows [START, STOP) to hide (default 10 18)")
-        i.add_argument("--steps", type=int, default=50, help="encode/decode iterations (default 50)")
-        i.add_argument("--k", type=int, default=100,
+        i.add_argument("--steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
+        i.add_argument("--k", type=nonneg_int, default=100,
                        help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
-        i.add_argument("--n", type=int, default=1000, help="test images for the error (default 1000)")
-        i.add_argument("--show", type=int, default=10, help="images in the figure (default 10)")
+        i.add_argument("--n", type=positive_int, default=1000, help="test images for the error (default 1000)")
+        i.add_argument("--show", type=nonneg_int, default=10, help="images in the figure (default 10)")
         i.add_argument("--out", default=None, help="PNG path (default RUNDIR/imputation.png)")
         i.add_argument("--backend", choices=backend.BACKENDS, default=None)
         i.set_defaults(func=cmd_impute)
@@ -172,40 +175,22 @@ def iwae(model, x, k, seed, batch=100):
 
 
 def _write_json(path, obj):
-    from ..io import atomic_write_bytes
+    from ..train import write_json
 
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    write_json(path, obj)
 
 
 # -- npdgm train vae ------------------------------------------------------------------------------
 def cmd_train(args):
     from .. import optim, train
-    from ..io import load_arrays, model_from_arrays
     from ..models.vae import VAE
 
     setup_backend(args)
-    if args.resume:
-        arrays, meta = load_arrays(args.resume)
-        if meta.get("kind") != "vae":
-            raise ValueError(f"--resume {args.resume}: the checkpoint holds a {meta.get('kind')!r} model, not a vae")
-        stored = meta.get("run", {}).get("args", {})
-        epochs = args.epochs if args.epochs is not None else stored.get("epochs", DEFAULT_EPOCHS)
-        run = dict(stored, epochs=epochs)
-        backend.set_dtype(meta.get("dtype", "float32"))
-        model = model_from_arrays(arrays, meta, args.resume)
-        out = args.resume
-    else:
-        run = {k: getattr(args, k) for k in RUN_KEYS}
-        run["epochs"] = DEFAULT_EPOCHS if args.epochs is None else args.epochs
-        cfg = {k: getattr(args, k) for k in MODEL_KEYS}
-        model = VAE(x_dim=784, seed=args.seed, **cfg)
-        out = args.out or default_out("vae")
-    for k, lo in (("epochs", 0), ("batch_size", 1), ("iwae_k", 1), ("iwae_n", 0), ("impute_steps", 0),
-                  ("impute_k", 0), ("impute_n", 1)):
-        if run.get(k, lo) < lo:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= {lo}, got {run[k]}")
-    if run["lr"] <= 0:
-        raise ValueError(f"--lr must be positive, got {run['lr']}")
+    cfg = {k: getattr(args, k) for k in MODEL_KEYS}
+    r = common.resume_or_new(args, "vae", RUN_KEYS, DEFAULT_EPOCHS, lambda run: VAE(x_dim=784, seed=run["seed"], **cfg))
+    if r is None:
+        return 0
+    model, run, out = r
     row_mask(1, run["impute_rows"])
 
     seed = run["seed"]
@@ -220,7 +205,6 @@ def cmd_train(args):
         rng, start = train.restore_checkpoint(out, opt)
     else:
         rng, start = np.random.default_rng(seed), 0
-    os.makedirs(out, exist_ok=True)
     print(f"vae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
 
@@ -254,7 +238,7 @@ def cmd_train(args):
                                                    run["impute_steps"], run.get("impute_k", 100), seed)
     summary.update(imp)
     print(_imputation_line(imp), flush=True)
-    _write_json(os.path.join(out, "summary.json"), summary)
+    common.write_summary(out, summary)
 
     if not args.no_plots:
         from ..plots import vae as P
@@ -302,27 +286,65 @@ def _rundir(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
+SAMPLE_CHUNK = 1000   # images generated at a time by npdgm sample (a few MB per chunk)
+GRID_MAX = 400        # images drawn in its PNG
+
+
+def write_npy_chunks(path, shape, dtype, chunks):
+    """Atomically write an ``.npy`` of ``shape`` from ``chunks`` (host arrays, rows in order) one by one,
+    so memory holds one chunk whatever the size. A request the disk cannot hold is refused first."""
+    import shutil
+
+    from numpy.lib import format as npformat
+
+    from ..io import atomic_write_bytes
+
+    need = int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize)
+    d = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(d).free if os.path.isdir(d) else None
+    if free is not None and need > free:
+        raise ValueError(f"--npy {path} would need {need / 2**30:.1f} GiB but {d} has {free / 2**30:.1f} GiB free; "
+                         f"lower --n")
+
+    def write(f):
+        npformat.write_array_header_1_0(f, {"descr": npformat.dtype_to_descr(np.dtype(dtype)),
+                                            "fortran_order": False, "shape": tuple(shape)})
+        for c in chunks:
+            f.write(np.ascontiguousarray(c, dtype=dtype).tobytes())
+    atomic_write_bytes(path, write)
+
+
 def cmd_sample(args):
     setup_backend(args)
-    if args.n < 1 or args.nrow < 1:
-        raise ValueError(f"--n and --nrow must be >= 1, got {args.n} and {args.nrow}")
     model, _ = _load_vae(args.rundir)
     from ..plots import save_image_grid
 
-    x = backend.to_host(model.sample(args.n, rng=np.random.default_rng(args.seed), mean=not args.draw))
+    rng, n = np.random.default_rng(args.seed), args.n
+    n_show = min(n, GRID_MAX)
+    shown = []
+
+    def chunks(total):
+        for s in range(0, total, SAMPLE_CHUNK):
+            x = backend.to_host(model.sample(min(SAMPLE_CHUNK, total - s), rng=rng, mean=not args.draw))
+            if s < n_show:
+                shown.append(x[:n_show - s])
+            yield x
+
     out = args.out or os.path.join(_rundir(args.rundir), f"samples-seed{args.seed}.png")
-    save_image_grid(np.asarray(x, np.float64), out, nrow=args.nrow,
-                    title=f"{args.n} samples" + (" (x ~ p(x|z))" if args.draw else " (E[x|z])"))
     if args.npy:
-        np.save(args.npy, x)
+        write_npy_chunks(args.npy, (n, model.x_dim), np.dtype(model.dtype), chunks(n))
+    else:
+        for _ in chunks(n_show):
+            pass
+    title = f"{n} samples" if n == n_show else f"the first {n_show} of {n} samples"
+    save_image_grid(np.asarray(np.concatenate(shown), np.float64), out, nrow=args.nrow,
+                    title=title + (" (x ~ p(x|z))" if args.draw else " (E[x|z])"))
     print(out)
     return 0
 
 
 def cmd_impute(args):
     setup_backend(args)
-    if args.n < 1 or args.show < 0 or args.steps < 0 or args.k < 0:
-        raise ValueError("--n must be >= 1, --show, --steps and --k >= 0")
     row_mask(1, args.rows)
     model, meta = _load_vae(args.rundir)
     run = meta.get("run", {}).get("args", {})

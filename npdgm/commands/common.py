@@ -1,0 +1,256 @@
+"""What every ``npdgm train <model>`` shares: option types, the training options, and the run
+directory (a new one, ``--overwrite``, ``--resume``, its lock and the leftovers of a killed run).
+
+A run directory is owned by one process at a time (``fcntl.flock`` on ``RUNDIR/.lock``). A new run
+refuses a directory that already holds files unless ``--overwrite`` is given; ``--resume RUN`` keeps
+the run's stored options: it applies a new --lr, --epochs, --clip or --data (and logs it), and
+refuses any other option that differs from the stored run.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import re
+import sys
+
+from .. import backend
+
+# -- option types: argparse calls them on what the user typed; the message names the option ----------
+
+
+def _number(kind, lo=None, strict=False):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {s!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if lo is not None and (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {s}")
+        return v
+    return parse
+
+
+positive_int = _number(int, 1)               # n >= 1
+nonneg_int = _number(int, 0)                 # n >= 0
+positive_float = _number(float, 0, True)     # finite, > 0
+nonneg_float = _number(float, 0)             # finite, >= 0
+finite_float = _number(float)                # finite
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``npdgm: error: --opt must ... (see PROG -h)``."""
+
+    def error(self, message):
+        m = re.match(r"argument (\S+?)(?:/\S+)?: (must .*)", message)
+        self.exit(2, f"npdgm: error: {f'{m[1]} {m[2]}' if m else message} (see {self.prog} -h)\n")
+
+
+def add_run_dir_args(g, resume=True):
+    """--out, --overwrite (and --resume) of a run directory."""
+    g.add_argument("--out", default=None, help="run directory (default runs/<model>-<time>); an existing "
+                                               "directory with files is refused unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out even if it holds an older run (whose files are removed)")
+    if resume:
+        g.add_argument("--resume", metavar="RUNDIR", default=None,
+                       help="continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with "
+                            "its stored options; --epochs, --lr, --clip and --data may change, others must match")
+
+
+def add_train_args(p, epochs=10, batch_size=128, lr=1e-3):
+    """Options every ``npdgm train <model>`` shares."""
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=nonneg_int, default=epochs, help=f"number of epochs (default {epochs})")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"minibatch size (default {batch_size})")
+    g.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default {lr:g})")
+    g.add_argument("--clip", type=positive_float, default=None, help="clip the global gradient norm to this value")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialization, shuffling and noise (default 0)")
+    g.add_argument("--backend", choices=backend.BACKENDS, default=None,
+                   help="array backend (default: $NPDGM_BACKEND or numpy)")
+    g.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
+    add_run_dir_args(g)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plots", action="store_true", help="skip the figures")
+
+
+def setup_backend(args):
+    if getattr(args, "backend", None):
+        backend.set_backend(args.backend)
+    if getattr(args, "dtype", None):
+        backend.set_dtype(args.dtype)
+
+
+def default_out(name):
+    import time
+
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def typed_options(parser, argv):
+    """The dests of the options the user typed in ``argv``: ``parser`` (consumed: its defaults are
+    suppressed) parses ``argv`` again, so only typed options reach the namespace."""
+    def suppress(p):
+        p._defaults.clear()
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    suppress(sp)
+            else:
+                a.default = argparse.SUPPRESS
+    suppress(parser)
+    return set(vars(parser.parse_args(argv)))
+
+
+# -- the run directory ------------------------------------------------------------------------------
+RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "summary.json", "baseline.json")
+_LOCKS = []  # open lock files of this process, closed by release_locks()
+
+
+def lock_run(out):
+    """Hold an exclusive lock on OUT/.lock until :func:`release_locks` (or the process ends)."""
+    import fcntl
+
+    f = open(os.path.join(out, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"another npdgm process is using {out} (it holds {os.path.join(out, '.lock')}); "
+                         f"wait for it to end or choose another --out") from None
+    _LOCKS.append(f)
+
+
+def release_locks():
+    while _LOCKS:
+        _LOCKS.pop().close()
+
+
+def remove_leftovers(out):
+    """Delete the temp files (``.tmp-*``, see :func:`npdgm.io.atomic_write_bytes`) that a killed
+    process left behind; safe while we hold the lock."""
+    for p in glob.glob(os.path.join(glob.escape(out), ".tmp-*")):
+        os.remove(p)
+
+
+def new_run_dir(out, overwrite):
+    """Create and lock the run directory ``out`` for a new run: refused when ``out`` is a file, or
+    holds files and ``overwrite`` is false (then the old run's files are removed)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is an existing file, not a run directory")
+    os.makedirs(out, exist_ok=True)
+    lock_run(out)
+    remove_leftovers(out)
+    files = sorted(f for f in os.listdir(out) if f != ".lock")
+    if files and not overwrite:
+        raise ValueError(f"--out {out} already holds files ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})"
+                         f"; continue that run with --resume {out}, replace it with --overwrite, or pick a new --out")
+    for f in RUN_FILES:
+        if f in files:
+            os.remove(os.path.join(out, f))
+    return out
+
+
+# options that say how to run, not what is trained: never compared with the stored run
+_NEUTRAL = {"resume", "out", "overwrite", "no_progress", "no_plots", "backend", "command", "model", "func"}
+_CHANGEABLE = ("epochs", "lr", "clip", "data")
+
+
+def _same(a, b):
+    norm = lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return norm(a) == norm(b)
+
+
+def apply_typed(args, run, config, log=print, derived=()):
+    """Compare the options typed with ``--resume`` with the stored run (``run`` from the checkpoint,
+    ``config`` the model's, less its ``derived`` keys): apply --epochs/--lr/--clip/--data (and $NPDGM_DATA over a stored data
+    path) to ``run`` and log them; raise ValueError for any other option that differs or is not stored."""
+    typed = getattr(args, "typed", None)
+    typed = set(vars(args)) if typed is None else typed
+    for k in sorted(typed - _NEUTRAL):
+        opt, new = "--" + k.replace("_", "-"), getattr(args, k)
+        if k in _CHANGEABLE:
+            if not _same(run.get(k), new):
+                log(f"resume: {opt} {run.get(k)} -> {new}")
+                run[k] = new
+        elif k in run or (k in config and k not in derived):
+            old = run[k] if k in run else config[k]
+            if not _same(old, new):
+                raise ValueError(f"--resume {args.resume}: {opt} {new} differs from the run's {old}; a resumed run "
+                                 f"keeps its options (only --epochs, --lr, --clip, --data may change): drop {opt} "
+                                 f"or start a new run with --out")
+        else:
+            raise ValueError(f"--resume {args.resume}: {opt} cannot be given with --resume (the run keeps the "
+                             f"options it was started with; only --epochs, --lr, --clip, --data may change)")
+    env = os.environ.get("NPDGM_DATA")
+    if "data" in run and "data" not in typed and env and run["data"] != env:
+        log(f"resume: data {run['data']} -> {env} ($NPDGM_DATA)")
+        run["data"] = env
+    return run
+
+
+def resume_dir(path):
+    """The run directory of ``--resume PATH`` (a run directory or its checkpoint.npz)."""
+    if os.path.isfile(path):
+        if os.path.basename(path) != "checkpoint.npz":
+            raise ValueError(f"--resume {path}: give a run directory or its checkpoint.npz")
+        return os.path.dirname(path) or "."
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume {path}: no such run directory")
+    return path
+
+
+def resume_or_new(args, kind, new_run, default_epochs, build, families=None, derived=(), log=print):
+    """``(model, run, out)`` for a new run or ``--resume``, with the run directory locked; None when
+    ``--resume`` asks for no more epochs than the run has done (it says so and changes nothing).
+
+    new_run: tuple of option names kept in the run record, or ``f(args) -> dict``;
+    build(run) -> a new model; families: the stored ``run["family"]`` values this command continues;
+    derived: model config keys computed from options rather than copied (a typed one is refused)."""
+    from ..io import load_arrays, model_from_arrays
+
+    if not args.resume:
+        run = new_run(args) if callable(new_run) else {k: getattr(args, k) for k in new_run}
+        if default_epochs is not None or args.epochs is not None:
+            run["epochs"] = default_epochs if args.epochs is None else args.epochs
+        out = new_run_dir(args.out or default_out(kind), args.overwrite)
+        return build(run), run, out
+    out = resume_dir(args.resume)
+    if args.out and os.path.realpath(args.out) != os.path.realpath(out):
+        raise ValueError(f"--out {args.out} and --resume {args.resume} name different directories; a resumed run "
+                         f"writes into its own directory (drop --out)")
+    if args.overwrite:
+        raise ValueError("--overwrite starts a new run and --resume continues one: give only one of them")
+    lock_run(out)
+    remove_leftovers(out)
+    arrays, meta = load_arrays(out)
+    run = dict(meta.get("run", {}).get("args", {}))
+    if meta.get("kind") != kind or (families and run.get("family") not in families):
+        held = meta.get("kind") if not families else f"{meta.get('kind')} ({run.get('family')})"
+        raise ValueError(f"--resume {args.resume}: the checkpoint holds a {held!r} run, not a "
+                         f"{kind if not families else '/'.join(families)} run")
+    args.resume = out
+    apply_typed(args, run, meta.get("config", {}), log, derived)
+    done = int(meta.get("epoch", 0))
+    run.setdefault("epochs", default_epochs or done)
+    if run["epochs"] < done or (run["epochs"] == done and os.path.exists(os.path.join(out, "summary.json"))):
+        log(f"{out}: already at epoch {done} (asked for {run['epochs']}); nothing changed")
+        return None
+    backend.set_dtype(meta.get("dtype", "float32"))
+    return model_from_arrays(arrays, meta, out), run, out
+
+
+def write_summary(out, summary):
+    """Write OUT/summary.json as strict JSON; FloatingPointError (after writing, non-finite values
+    as null and listed under "nonfinite") when a value is NaN or infinite."""
+    from ..train import write_json
+
+    bad = write_json(os.path.join(out, "summary.json"), summary)
+    if bad:
+        raise FloatingPointError(f"{os.path.join(out, 'summary.json')}: non-finite "
+                                 + ", ".join(f"{k}={summary.get(k)}" for k in bad)
+                                 + "; the model's numbers are not usable (lower --lr or add --clip)")
