@@ -9,13 +9,19 @@ __version__ = "0.1.0"
 import os as _os
 import sys as _sys
 
-if "numpy" not in _sys.modules:
+if "numpy" not in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
     # OpenBLAS's idle worker threads spin for 2^28 cycles (~0.1 s) after every GEMM before they sleep.
     # npdgm's own threads (the chunked Adam update, npdgm.optim) then share a core with a spinning
     # thread: on 2 cores the 19M-parameter NICE update took 37 ms instead of 21. 2^12 cycles lets the
-    # workers sleep between steps' GEMM phases; an explicit setting is kept. OpenBLAS reads it once,
-    # when NumPy loads, so this only acts when npdgm is imported before NumPy (as `npdgm ...` does).
-    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "12")
+    # workers sleep between steps' GEMM phases. OpenBLAS reads the variable once, when NumPy loads, so
+    # it is set for that import only and removed right after: child processes do not inherit npdgm's
+    # choice (an npdgm child makes it again). An explicit setting is kept; when NumPy is already
+    # loaded nothing is done. (threadpoolctl sets thread counts, not this timeout.)
+    _os.environ["OPENBLAS_THREAD_TIMEOUT"] = "12"
+    try:
+        import numpy as _numpy  # noqa: F401  (OpenBLAS reads OPENBLAS_THREAD_TIMEOUT here)
+    finally:
+        _os.environ.pop("OPENBLAS_THREAD_TIMEOUT", None)
 
 from . import backend, kernels, nn, optim  # noqa: E402
 from .backend import get_backend, set_backend, set_dtype  # noqa: E402

@@ -95,11 +95,6 @@ def machine_info():
     except OSError:
         pass
     try:
-        import scipy
-        info["scipy"] = scipy.__version__
-    except ImportError:
-        pass
-    try:
         import npdgm
         info["npdgm"] = npdgm.__version__
     except ImportError:
