@@ -378,9 +378,10 @@ def test_npdgm_bench_errors_are_one_line(capsys):
     assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
-def test_checkout_shim_and_isolated_children_from_any_directory(tmp_path):
+def test_checkout_shim_and_isolated_children_from_any_directory(tmp_path, monkeypatch):
     """`python -m benchmarks.run` (checkout) is npdgm.bench.run; its per-point child processes run
     `python -m npdgm.bench.run` and import the same npdgm from another working directory."""
+    monkeypatch.syspath_prepend(ROOT)  # the checkout's benchmarks/ folder (plain `pytest` does not add it)
     import benchmarks.run as shim
     from benchmarks import torch_models  # noqa: F401  (kept for code that imported it from benchmarks/)
 
