@@ -44,6 +44,9 @@ FILES = {
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
 
+DATA_HELP = ("mnist or fashion-mnist (from the cache: npdgm data download NAME), bundled, or a directory of the four "
+             "IDX files (default $NPDGM_DATA, else the bundled 10k/2k MNIST subset)")  # for the commands' --data
+
 
 class Source(NamedTuple):
     """A downloadable IDX data set: its mirrors (base URLs ending in /, tried in order) and, per file,
@@ -378,13 +381,14 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
         raise ConnectionError(f"connection closed after {got} of {size} bytes")
 
 
-def download(name, root=None, progress=None, timeout=30.0, log=None):
+def download(name, root=None, progress=None, timeout=30.0, log=None, mirrors=()):
     """Fetch the four IDX files of data set ``name`` into ``dataset_dir(name, root)``; return that directory.
 
     Each file: mirrors in order, into ``FILE.part`` (resumed by a later call), checked against its published
     sha256 (a mismatch deletes it and tries the next mirror), then renamed to ``FILE``. A file already there
     is checked, never overwritten. ``progress``: a tqdm bar per file (None: when stderr is a terminal).
-    ``log``: a function given one line per file."""
+    ``log``: a function given one line per file. ``mirrors``: base URLs tried before the built-in ones
+    (a local or institutional copy)."""
     import http.client
 
     from tqdm import tqdm
@@ -406,7 +410,7 @@ def download(name, root=None, progress=None, timeout=30.0, log=None):
             log and log(f"{name}/{fname}: present, sha256 ok")
             continue
         part, tried = target + ".part", []
-        for mirror in src.mirrors:
+        for mirror in (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors):
             url = mirror + fname
             with tqdm(total=size, desc=fname, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                       disable=not progress) as bar:

@@ -235,6 +235,16 @@ def test_offline_is_one_error_line_naming_every_mirror(cache, monkeypatch, capsy
     assert "Traceback" not in captured.err
 
 
+def test_a_mirror_given_on_the_command_line_comes_first(server, cache, monkeypatch):
+    files, _ = _fake_set(9)
+    _register(monkeypatch, server, "mnist", files, [_dead_url()])
+    for f, b in files.items():
+        server.files[f"/local/{f}"] = b
+    assert cli.main(["data", "download", "mnist", "--no-progress", "--mirror", server.url + "/local"]) == 0
+    assert {p.split("/")[1] for p, _ in server.requests} == {"local"}
+    assert data.load_mnist("train", "mnist")[0].shape == (6, 784)
+
+
 def test_unknown_data_set_name():
     assert cli.main(["data", "download", "cifar"]) == 2
 

@@ -2,6 +2,7 @@
 
     npdgm data download mnist                   # into the cache ($NPDGM_DATA or ~/.cache/npdgm), then --data mnist
     npdgm data download fashion-mnist --dir D   # into D/fashion-mnist; NPDGM_DATA=D ... --data fashion-mnist
+    npdgm data download mnist --mirror URL      # your own copy of the .gz files first, then the built-in mirrors
     npdgm data list                             # the cache directory and what is in it
     npdgm data path mnist                       # one directory, for scripts
 
@@ -29,6 +30,8 @@ def register(commands, train_commands):
     d.add_argument("names", nargs="*", default=["mnist"], metavar="NAME",  # choices + nargs="*" rejects a list default
                    help=f"data sets to fetch: {', '.join(names)} (default mnist)")
     d.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
+    d.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="a base URL holding the .gz files, tried before the built-in mirrors (repeatable)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a mirror is given up "
                                                                "(default 30)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a "
@@ -58,7 +61,7 @@ def _cmd_download(args):
     for name in names:
         dataset_dir(name, root)  # an unknown name fails before anything is fetched
     for name in names:
-        d = download(name, root, progress=progress, timeout=args.timeout, log=print)
+        d = download(name, root, progress=progress, timeout=args.timeout, log=print, mirrors=args.mirror)
         if os.path.abspath(root) == os.path.abspath(data_root()):
             hint = f"--data {name}"
         else:
