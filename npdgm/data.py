@@ -370,11 +370,17 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
                 have = 0  # Range ignored: the body is the whole file
             bar.reset(total=size)
             bar.update(have)
+            sent, body = 0, int(resp.headers.get("Content-Length") or -1)
             with open(part, "ab" if have else "wb") as f:
                 for chunk in iter(lambda: resp.read(1 << 16), b""):
                     f.write(chunk)
+                    sent += len(chunk)
                     bar.update(len(chunk))
-        if os.path.getsize(part) <= have:
+        got = os.path.getsize(part)
+        if sent == body and got != size:  # a whole response, but another file than the published one
+            os.remove(part)
+            raise ValueError(f"serves {got:,} bytes where the published file has {size:,}: another file, removed")
+        if got <= have:
             break
     got = os.path.getsize(part)
     if got < size:

@@ -159,6 +159,18 @@ def test_corrupted_file_is_removed_and_the_next_mirror_tried(server, cache, monk
     assert [p for p, _ in server.requests if p.startswith("/mnist/")] == ["/mnist/t10k-images-idx3-ubyte.gz"]
 
 
+def test_a_whole_response_of_another_size_is_another_file_not_a_cut(server, cache, monkeypatch):
+    files, _ = _fake_set(10)
+    name = "train-labels-idx1-ubyte.gz"
+    _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
+    server.files[f"/mnist/{name}"] = files[name][:-3]     # complete response, 3 bytes short of the published size
+    with pytest.raises(data.DownloadError, match=rf"{name} \(serves {len(files[name]) - 3} bytes where the published "
+                                                 rf"file has {len(files[name])}: another file, removed\)$"):
+        data.download("mnist", progress=False)
+    assert not os.path.exists(cache / "mnist" / (name + ".part"))
+    assert [p for p, _ in server.requests].count(f"/mnist/{name}") == 1   # not retried as if cut
+
+
 def test_a_file_already_there_with_another_checksum_is_kept_and_named(server, cache, monkeypatch):
     files, _ = _fake_set(3)
     _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
