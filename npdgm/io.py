@@ -6,17 +6,28 @@ Layout of a model checkpoint (what a port reads):
     param/<name>        each parameter, e.g. param/encoder.0.W with shape (in, out)
     ...                 anything else the trainer stores (optimizer state, "opt/m.0", ...)
 ``layout`` gives every parameter's element offset in the model's flat buffer (C order).
+
+Loading trusts nothing in the file: :func:`load_arrays` reads no pickles and checks that the manifest
+is a JSON object whose ``layout`` agrees with the stored arrays (shapes, contiguous offsets, dtype),
+and :func:`model_from_arrays` bounds the config by the stored shapes before it builds anything, then
+checks that the model built from the config has exactly the stored layout. Every failure is a
+:class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
+from .validate import check_int
+
 FORMAT = "npdgm-checkpoint"
+DTYPES = ("float32", "float64")  # as backend.DTYPES (io imports no backend at module level)
 MODELS = {}  # kind -> class with from_config(config)
 
 
@@ -74,20 +85,105 @@ def load_arrays(path):
         path = os.path.join(path, "checkpoint.npz")
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # np.load would also take a .npy (one array) or a pickle
+        with open(path, "rb") as f:
+            head = f.read(6)
+        what = "a .npy file (one array)" if head == b"\x93NUMPY" else "corrupt or truncated, or not an .npz archive"
+        raise CheckpointError(f"{path} is not a readable npdgm checkpoint ({what}; a checkpoint is the "
+                              f"checkpoint.npz of a run or a file written by model.save)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
         raise CheckpointError(f"{path} is not a readable npdgm checkpoint (corrupt or truncated: {e})") from e
     if "__meta__" not in arrays:
         raise CheckpointError(f"{path} has no __meta__ manifest; not an npdgm checkpoint")
+    raw = arrays.pop("__meta__")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"{path}: __meta__ must be the UTF-8 bytes of a JSON object (uint8, 1-D), "
+                              f"got {raw.dtype} with shape {raw.shape}")
     try:
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        meta = json.loads(raw.tobytes().decode())
     except ValueError as e:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the manifest must be a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    if "dtype" in meta and meta["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: manifest dtype {meta['dtype']!r} is not one of {DTYPES}")
+    if "layout" in meta:
+        check_layout(meta["layout"], arrays, meta.get("dtype", "float32"), path)
     return arrays, meta
+
+
+def check_layout(layout, arrays, dtype, path="checkpoint"):
+    """Check a manifest ``layout`` against the stored arrays, as docs/checkpoints.md promises a port:
+    a list of ``[name, shape, offset]``, names unique, ``param/<name>`` stored with exactly ``shape``
+    and ``dtype``, offsets contiguous (the first 0, each next = previous offset + previous size)."""
+    def bad(msg):
+        return CheckpointError(f"{path}: manifest layout {msg}")
+
+    if not isinstance(layout, list):
+        raise bad(f"must be a list of [name, shape, offset], got a {type(layout).__name__}")
+    seen, expect = set(), 0
+    for i, entry in enumerate(layout):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], list)):
+            raise bad(f"entry {i} must be [name, shape, offset], got {entry!r:.200}")
+        name, shape, offset = entry
+        try:
+            shape = tuple(check_int(d, f"entry {i} ({name}) shape", lo=0) for d in shape)
+            offset = check_int(offset, f"entry {i} ({name}) offset", lo=0)
+        except ValueError as e:
+            raise bad(str(e)) from e
+        if name in seen:
+            raise bad(f"names {name!r} twice")
+        seen.add(name)
+        a = arrays.get("param/" + name)
+        if a is None:
+            raise bad(f"names {name!r} but the file has no array param/{name}")
+        if a.shape != shape:
+            raise bad(f"gives {name!r} the shape {list(shape)} but param/{name} has shape {list(a.shape)}")
+        if a.dtype != np.dtype(dtype):
+            raise bad(f"entry {name!r}: param/{name} is {a.dtype}, the manifest dtype is {dtype}")
+        if offset != expect:
+            raise bad(f"gives {name!r} the offset {offset}, expected {expect} (offsets are contiguous in "
+                      f"layout order: previous offset + previous size)")
+        expect += math.prod(shape)
+
+
+# Config values that size nothing built at load time (a seed may be any integer).
+_UNSIZED = frozenset({"seed", "max_iter", "n_init", "n_samples"})
+
+
+def _check_config_size(config, layout, path, kind):
+    """Refuse, before anything is allocated, a config whose sizes the stored parameters cannot hold.
+
+    Every size in a model config shows up in some parameter's shape, at most halved (a coupling net
+    sees half of ``dim``), and every list of sizes has at most one entry per parameter or so; a config
+    beyond that (``hidden=[10**12]``) would allocate far more than the file holds. This is a cheap
+    bound, not the check: after the build the model's layout must equal the stored one."""
+    dims = [d for _, shape, _ in layout for d in shape]
+    cap = 2 * max(dims) + 1 if dims else 1 << 20  # a parameter-free model: only masks/permutations of `dim`
+    max_len = 2 * len(layout) + 16
+
+    def walk(v, where):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k not in _UNSIZED:
+                    walk(x, f"{where}.{k}" if where else str(k))
+        elif isinstance(v, list):
+            if len(v) > max_len:
+                raise CheckpointError(f"{path}: config {where} has {len(v)} entries, more than the {len(layout)} "
+                                      f"stored parameters of this {kind} can describe")
+            for j, x in enumerate(v):
+                walk(x, f"{where}[{j}]")
+        elif isinstance(v, int) and not isinstance(v, bool) and v > cap:
+            raise CheckpointError(f"{path}: config {where}={v} does not fit the stored parameters (the largest "
+                                  f"stored dimension is {max(dims) if dims else 0}); refusing to build this {kind}")
+
+    walk(config, "")
 
 
 def model_arrays(model):
@@ -109,22 +205,52 @@ def save_model(model, path, extra_arrays=None, extra_meta=None):
 
 
 def model_from_arrays(arrays, meta, path="checkpoint"):
-    """Rebuild the model a checkpoint describes and load its weights (shape/dtype checked)."""
+    """Rebuild the model a checkpoint describes and load its weights. The manifest's kind, config and
+    layout are checked against the arrays before the model is built, and the built model's layout
+    against the manifest's after (see the module docstring); any mismatch is a CheckpointError."""
     from . import backend
 
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the manifest must be a JSON object, got a {type(meta).__name__}")
     kind = meta.get("kind")
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{path}: the manifest names no model kind (kind={kind!r})")
     if kind not in MODELS:
         # importing the model package registers every model kind
         from . import models  # noqa: F401
     if kind not in MODELS:
         raise CheckpointError(f"{path}: unknown model kind {kind!r}; known: {sorted(MODELS)}")
-    with backend.use(dtype=meta.get("dtype", "float32")):
-        model = MODELS[kind].from_config(meta["config"])
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the manifest has no model config (a JSON object of {kind} constructor "
+                              f"arguments), got {config!r:.100}")
+    if "layout" not in meta:
+        raise CheckpointError(f"{path}: the manifest has no parameter layout")
+    dtype = meta.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: manifest dtype {dtype!r} is not one of {DTYPES}")
+    check_layout(meta["layout"], arrays, dtype, path)
+    _check_config_size(config, meta["layout"], path, kind)
+    try:
+        with backend.use(dtype=dtype):
+            model = MODELS[kind].from_config(config)
+    except (TypeError, ValueError, KeyError, IndexError, MemoryError) as e:
+        if isinstance(e, backend.BackendError):
+            raise
+        raise CheckpointError(f"{path}: its config does not build a {kind} ({type(e).__name__}: {e})") from e
+    stored = [(n, tuple(s), o) for n, s, o in meta["layout"]]
+    built = [(n, tuple(s), o) for n, s, o in model.layout()]
+    if built != stored:
+        diff = next((i for i, (a, b) in enumerate(zip(built, stored)) if a != b), min(len(built), len(stored)))
+        show = lambda lay: list(lay[diff]) if diff < len(lay) else "nothing"  # noqa: E731
+        raise CheckpointError(f"{path}: weights do not match a {kind} with config {config}: entry "
+                              f"{diff} of the layout is {show(stored)} in the file, {show(built)} in the model "
+                              f"({len(stored)} vs {len(built)} parameters)")
     state = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     try:
         model.load_state_dict(state)
     except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: weights do not match a {kind} with config {meta['config']}: {e}") from e
+        raise CheckpointError(f"{path}: weights do not match a {kind} with config {config}: {e}") from e
     return model
 
 
