@@ -31,7 +31,8 @@ from ..io import register_model
 from ..kernels import kl_std_normal_forward, linear_backward, reparameterize_forward, sigmoid_forward
 from ..nn import MLP, Parameter
 from .base import Model
-from .vae import ELBOMixin, _check_x, _draw, _positive_int, check_vae_options
+from ..validate import check_int
+from .vae import ELBOMixin, _check_x, _draw, _generator, check_vae_options
 
 __all__ = ["CVAE", "LabelConditioned", "ConditionalMLP", "check_labels", "one_hot"]
 
@@ -173,7 +174,7 @@ class CVAE(ELBOMixin, LabelConditioned):
 
     def __init__(self, x_dim=784, num_classes=10, hidden=(400,), z_dim=20, activation="relu",
                  likelihood="bernoulli", sigma=None, n_samples=1, beta=1.0, seed=0, init="torch"):
-        num_classes = _positive_int("num_classes", num_classes)
+        num_classes = check_int(num_classes, "num_classes", lo=1)
         x_dim, hidden, z_dim, sigma, n_samples, beta, seed = check_vae_options(
             x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init)
         super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
@@ -240,16 +241,13 @@ class CVAE(ELBOMixin, LabelConditioned):
     def sample(self, y, rng=None):
         """E[x|z, y] for z ~ N(0, I), one image per label in ``y`` (n,)."""
         y = self.check_y(y, len(y))
-        if isinstance(rng, (int, np.integer)):
-            rng = np.random.default_rng(int(rng))
+        rng = _generator(self, rng)
         return self.decode(_draw(self, (len(y), self.z_dim), rng), y)
 
     def class_grid(self, n_per_class=10, rng=0):
         """(C * n, x_dim): row c holds n samples of class c, the same n prior draws z in every row
         (so a column shows one 'style' under every label)."""
-        n = _positive_int("n_per_class", n_per_class)
-        if isinstance(rng, (int, np.integer)):
-            rng = np.random.default_rng(int(rng))
+        n = check_int(n_per_class, "n_per_class", lo=1)
         z = _draw(self, (n, self.z_dim), rng)
         C = self.num_classes
         zz = self.xp.broadcast_to(z, (C, n, self.z_dim)).reshape(C * n, self.z_dim)

@@ -34,7 +34,6 @@ Factories used by the CLI and the benchmarks: :func:`nice`, :func:`realnvp2d`, :
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
@@ -43,6 +42,7 @@ from ..io import register_model
 from ..kernels import coupling as C
 from ..nn import MLP
 from ..nn.module import Module, Parameter
+from ..validate import as_rng, check_float, check_int
 from .base import Model
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
@@ -74,7 +74,7 @@ def make_mask(dim, mask="half", parity=0, image_shape=None):
     channel       the first C//2 channels condition (parity 1: the others); ``image_shape`` (C, H, W)
     list of 0/1   an arbitrary binary mask (1 = condition); parity 1 flips it
     """
-    dim = int(dim)
+    dim = check_int(dim, "dim")
     if dim < 2:
         raise ValueError(f"a coupling needs dim >= 2, got {dim}")
     if parity not in (0, 1):
@@ -150,19 +150,13 @@ def _check_input(name, x, dim):
         raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
 
 
-def _check_count(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 # -- layers ----------------------------------------------------------------------------------------
 class FlowLayer(Module):
     """Base of the invertible layers (see the module docstring for the protocol)."""
 
     def __init__(self, dim):
         super().__init__()
-        self.dim = int(dim)
+        self.dim = check_int(dim, "dim", lo=1)
         self._mode = None
 
     def spec(self):
@@ -215,10 +209,11 @@ class AdditiveCoupling(_Coupling):
     def __init__(self, dim, mask="half", parity=0, hidden=(1000, 1000, 1000, 1000, 1000), activation="relu",
                  image_shape=None, init="torch", seed=0):
         super().__init__(dim, mask, parity, image_shape)
-        hidden = [int(h) for h in hidden]
-        self.net = MLP(self.na, hidden, self.nb, activation=activation, init=init, rng=int(seed))
+        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
+        seed = check_int(seed, "seed", lo=0)
+        self.net = MLP(self.na, hidden, self.nb, activation=activation, init=init, rng=seed)
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, init=init,
-                          seed=int(seed))
+                          seed=seed)
 
     def spec(self):
         return {"type": "AdditiveCoupling", **self._spec}
@@ -268,13 +263,13 @@ class AffineCoupling(_Coupling):
         super().__init__(dim, mask, parity, image_shape)
         if scale not in C.SCALE_CLAMPS:
             raise ValueError(f"unknown scale clamp {scale!r}; expected one of {C.SCALE_CLAMPS}")
-        if not scale_bound > 0:
-            raise ValueError(f"scale_bound must be positive, got {scale_bound}")
-        hidden = [int(h) for h in hidden]
-        self.scale, self.scale_bound = scale, float(scale_bound)
-        self.net = MLP(self.na, hidden, 2 * self.nb, activation=activation, init=init, rng=int(seed))
+        scale_bound = check_float(scale_bound, "scale_bound", lo=0, strict_lo=True)
+        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
+        seed = check_int(seed, "seed", lo=0)
+        self.scale, self.scale_bound = scale, scale_bound
+        self.net = MLP(self.na, hidden, 2 * self.nb, activation=activation, init=init, rng=seed)
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, scale=scale,
-                          scale_bound=self.scale_bound, init=init, seed=int(seed))
+                          scale_bound=self.scale_bound, init=init, seed=seed)
 
     def spec(self):
         return {"type": "AffineCoupling", **self._spec}
@@ -330,13 +325,14 @@ class Permutation(FlowLayer):
 
     def __init__(self, dim, kind="reverse", seed=0):
         super().__init__(dim)
+        seed = check_int(seed, "seed", lo=0)
         if kind == "reverse":
             perm = np.arange(self.dim)[::-1].copy()
         elif kind == "random":
-            perm = np.random.default_rng(int(seed)).permutation(self.dim)
+            perm = np.random.default_rng(seed).permutation(self.dim)
         else:
             raise ValueError(f"unknown permutation kind {kind!r}; expected 'reverse' or 'random'")
-        self.kind, self.seed = kind, int(seed)
+        self.kind, self.seed = kind, seed
         self.perm, self.inv = perm, np.argsort(perm)
 
     def spec(self):
@@ -409,7 +405,7 @@ class ActNorm(FlowLayer):
     def __init__(self, dim, eps=1e-6):
         super().__init__(dim)
         dt = backend.get_dtype()
-        self.eps = float(eps)
+        self.eps = check_float(eps, "eps", lo=0)
         self.loc = Parameter(backend.to_device(np.zeros(self.dim), dt))
         self.log_scale = Parameter(backend.to_device(np.zeros(self.dim), dt))
         self.initialized = False
@@ -469,9 +465,10 @@ class LogitTransform(FlowLayer):
 
     def __init__(self, dim, alpha=0.05):
         super().__init__(dim)
+        alpha = check_float(alpha, "alpha")
         if not 0 <= alpha < 0.5:
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
     def spec(self):
         return {"type": "LogitTransform", "dim": self.dim, "alpha": self.alpha}
@@ -515,8 +512,9 @@ class Flow(Model):
     rebuilds the same stack with the same masks and permutations). ``checked`` says how non-finite
     values are caught: "loss" (default) checks the loss of every ``loss_and_grad`` and, when it is not
     finite, replays the batch layer by layer and raises FloatingPointError naming the first layer
-    whose output or log-det overflowed; "layers" checks after every layer of every forward/inverse;
-    "off" checks nothing (no host sync: benchmarks).
+    whose output or log-det overflowed, and likewise the result of every ``inverse`` (so ``sample``
+    never returns NaN silently; its input z must be finite); "layers" checks after every layer of every
+    forward/inverse; "off" checks nothing (no host sync: benchmarks).
     """
 
     kind = "flow"
@@ -660,7 +658,7 @@ class Flow(Model):
         if x.shape[0] == 0:
             raise ValueError(f"x is empty (shape {tuple(x.shape)}): the mean NLL needs at least one row")
         backend.check_finite("x", x)
-        batch_size = _check_count("batch_size", batch_size)
+        batch_size = check_int(batch_size, "batch_size", lo=1)
         total = 0.0
         for s in range(0, x.shape[0], batch_size):
             total += float(-self.log_prob(x[s:s + batch_size]).sum())
@@ -703,17 +701,14 @@ class Flow(Model):
         ``temperature`` T: a finite number >= 0 (0 gives f^-1(0), the image of the prior's mode);
         ValueError otherwise, and for non-finite ``noise``. A sample that overflows in a layer raises
         FloatingPointError naming the layer (see :meth:`inverse`; not with ``checked="off"``)."""
-        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-                or not math.isfinite(temperature) or temperature < 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        temperature = check_float(temperature, "temperature", lo=0)
         if noise is None:
-            n = _check_count("n", n)
-            g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-            noise = C.prior_noise(self.prior, g, (n, self.dim), np.float64)
+            n = check_int(n, "n", lo=1)
+            noise = C.prior_noise(self.prior, as_rng(rng), (n, self.dim), np.float64)
         noise = np.asarray(backend.to_host(noise), dtype=np.float64)
         _check_input("noise", noise, self.dim)
         backend.check_finite("noise", noise)
-        z = backend.to_device(noise * float(temperature), self._dtype())
+        z = backend.to_device(noise * temperature, self._dtype())
         return self.inverse(z)
 
     def __repr__(self):

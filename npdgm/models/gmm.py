@@ -46,6 +46,7 @@ from ..backend import array_module
 from ..io import register_model
 from ..kernels import logsumexp_forward
 from ..nn.module import Parameter
+from ..validate import as_rng, check_float, check_int
 from .base import Model
 
 __all__ = ["GaussianMixture", "PCAGaussianMixture", "COVARIANCE_TYPES", "INITS", "RESIDUALS"]
@@ -86,26 +87,20 @@ class GaussianMixture(Model):
 
     def __init__(self, n_components=1, covariance_type="full", reg_covar=1e-6, tol=1e-3, max_iter=100,
                  init="kmeans", n_init=1, seed=0, dim=None):
-        if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) or n_components < 1:
-            raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
+        n_components = check_int(n_components, "n_components", lo=1)
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"unknown covariance_type {covariance_type!r}; expected one of {COVARIANCE_TYPES}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-        for name, v in (("reg_covar", reg_covar), ("tol", tol)):
-            if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        for name, v in (("max_iter", max_iter), ("n_init", n_init)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
-            raise ValueError(f"dim must be an integer >= 1 or None, got {dim!r}")
-        super().__init__(n_components=int(n_components), covariance_type=covariance_type, reg_covar=float(reg_covar),
-                         tol=float(tol), max_iter=int(max_iter), init=init, n_init=int(n_init), seed=seed,
-                         dim=None if dim is None else int(dim))
-        self.n_components, self.covariance_type = int(n_components), covariance_type
-        self.reg_covar, self.tol, self.max_iter = float(reg_covar), float(tol), int(max_iter)
-        self.init, self.n_init, self.seed = init, int(n_init), seed
+        reg_covar, tol = check_float(reg_covar, "reg_covar", lo=0), check_float(tol, "tol", lo=0)
+        max_iter, n_init = check_int(max_iter, "max_iter", lo=1), check_int(n_init, "n_init", lo=1)
+        dim = None if dim is None else check_int(dim, "dim (or None)", lo=1)
+        seed = check_int(seed, "seed", lo=0)
+        super().__init__(n_components=n_components, covariance_type=covariance_type, reg_covar=reg_covar,
+                         tol=tol, max_iter=max_iter, init=init, n_init=n_init, seed=seed, dim=dim)
+        self.n_components, self.covariance_type = n_components, covariance_type
+        self.reg_covar, self.tol, self.max_iter = reg_covar, tol, max_iter
+        self.init, self.n_init, self.seed = init, n_init, seed
         self.history_, self.n_iter_, self.converged_, self.lower_bound_ = [], 0, False, -math.inf
         self._cache = None
         if dim is not None:
@@ -366,7 +361,7 @@ class GaussianMixture(Model):
         given = [a is not None for a in (weights_init, means_init, covariances_init)]
         if any(given) and not all(given):
             raise ValueError("give weights_init, means_init and covariances_init together (or none of them)")
-        g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(self.seed if rng is None else rng)
+        g = as_rng(self.seed if rng is None else rng)
         best = None
         for trial in range(1 if all(given) else self.n_init):
             self.config["dim"] = D
@@ -435,9 +430,8 @@ class GaussianMixture(Model):
         Noise comes from a host NumPy Generator (seed or Generator), so every backend draws the same points.
         """
         self._require_fitted()
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        n = check_int(n, "n", lo=1)
+        g = as_rng(rng)
         w = np.asarray(backend.to_host(self.weights.data), dtype=np.float64)
         labels = g.choice(self.n_components, size=int(n), p=w / w.sum())
         eps = g.standard_normal((int(n), self.dim))
@@ -561,21 +555,22 @@ class PCAGaussianMixture(Model):
 
     def __init__(self, dim, pca_dim=50, n_components=10, covariance_type="full", reg_covar=1e-6, tol=1e-3,
                  max_iter=100, init="kmeans", n_init=1, seed=0, residual="full", residual_reg=None, fitted=False):
-        for name, v in (("dim", dim), ("pca_dim", pca_dim)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        dim, pca_dim = check_int(dim, "dim", lo=1), check_int(pca_dim, "pca_dim", lo=1)
         if pca_dim > dim:
             raise ValueError(f"pca_dim={pca_dim} must be <= the data dimension {dim}")
         if residual not in RESIDUALS:
             raise ValueError(f"unknown residual {residual!r}; expected one of {RESIDUALS}")
-        if residual_reg is not None and not (isinstance(residual_reg, (int, float)) and math.isfinite(residual_reg)
-                                             and residual_reg >= 0):
-            raise ValueError(f"residual_reg must be a finite number >= 0 or None, got {residual_reg!r}")
-        super().__init__(dim=int(dim), pca_dim=int(pca_dim), n_components=n_components,
-                         covariance_type=covariance_type, reg_covar=reg_covar, tol=tol, max_iter=max_iter, init=init,
-                         n_init=n_init, seed=seed, residual=residual, residual_reg=residual_reg, fitted=bool(fitted))
-        self.dim, self.pca_dim, self.residual = int(dim), int(pca_dim), residual
-        self.residual_reg = float(reg_covar if residual_reg is None else residual_reg)
+        if residual_reg is not None:
+            residual_reg = check_float(residual_reg, "residual_reg (or None)", lo=0)
+        gmm = GaussianMixture(n_components, covariance_type, reg_covar, tol, max_iter, init, n_init, seed,
+                              dim=pca_dim if fitted else None)                 # checks the mixture options
+        g = gmm.config
+        super().__init__(dim=dim, pca_dim=pca_dim, n_components=g["n_components"],
+                         covariance_type=covariance_type, reg_covar=g["reg_covar"], tol=g["tol"],
+                         max_iter=g["max_iter"], init=init, n_init=g["n_init"], seed=g["seed"], residual=residual,
+                         residual_reg=residual_reg, fitted=bool(fitted))
+        self.dim, self.pca_dim, self.residual = dim, pca_dim, residual
+        self.residual_reg = g["reg_covar"] if residual_reg is None else residual_reg
         xp, dt = backend.xp(), backend.get_dtype()
         k = self.dim - self.pca_dim
         self.mean = Parameter(xp.zeros((self.dim,), dtype=dt))
@@ -585,8 +580,7 @@ class PCAGaussianMixture(Model):
             self.residual_var = Parameter(xp.ones((k,), dtype=dt))                     # lambda_j + reg_covar
         else:
             self.residual_var = Parameter(xp.ones((1,), dtype=dt))                     # s2
-        self.gmm = GaussianMixture(n_components, covariance_type, reg_covar, tol, max_iter, init, n_init, seed,
-                                   dim=self.pca_dim if fitted else None)
+        self.gmm = gmm
 
     def __repr__(self):
         return f"PCAGaussianMixture(D={self.dim} -> {self.pca_dim}, {self.residual} residual, {self.gmm!r})"
@@ -671,7 +665,7 @@ class PCAGaussianMixture(Model):
         """x = m + V z + residual noise, z from the mixture; "full": U (sqrt(lambda) * eps), "isotropic":
         (I - V V^T) sqrt(s2) eps with eps ~ N(0, I) (host Generator)."""
         self._require_fitted()
-        g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        n, g = check_int(n, "n", lo=1), as_rng(rng)
         z = self.gmm.sample(n, rng=g)
         xp = array_module(z)
         V = self.components.data

@@ -45,8 +45,8 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, kl_std_nor
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
 from .cvae import ConditionalMLP, LabelConditioned
+from ..validate import check_float, check_int
 from .vae import _as_noise, _draw, _generator
-from .vae import _positive_int
 
 __all__ = ["M2"]
 
@@ -69,29 +69,26 @@ class M2(LabelConditioned):
 
     def __init__(self, x_dim=784, num_classes=10, hidden=(500,), z_dim=50, classifier_hidden=None,
                  activation="softplus", alpha=1.0, labelled_weight=1.0, beta=1.0, seed=0, init="torch"):
-        x_dim = _positive_int("x_dim", x_dim)
-        num_classes = _positive_int("num_classes", num_classes)
+        x_dim = check_int(x_dim, "x_dim", lo=1)
+        num_classes = check_int(num_classes, "num_classes", lo=1)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        z_dim = _positive_int("z_dim", z_dim)
+        z_dim = check_int(z_dim, "z_dim", lo=1)
         if isinstance(hidden, (int, np.integer)):
             hidden = (hidden,)
-        hidden = [_positive_int("hidden size", h) for h in hidden]
+        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
         if classifier_hidden is None:
             classifier_hidden = list(hidden)
         if isinstance(classifier_hidden, (int, np.integer)):
             classifier_hidden = (classifier_hidden,)
-        classifier_hidden = [_positive_int("classifier hidden size", h) for h in classifier_hidden]
+        classifier_hidden = [check_int(h, "classifier hidden size", lo=1) for h in classifier_hidden]
         get_activation(activation)
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        if not (isinstance(labelled_weight, (int, float)) and math.isfinite(labelled_weight) and labelled_weight >= 0):
-            raise ValueError(f"labelled_weight must be a finite number >= 0, got {labelled_weight!r}")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        alpha = check_float(alpha, "alpha", lo=0)
+        labelled_weight = check_float(labelled_weight, "labelled_weight", lo=0)
+        beta = check_float(beta, "beta", lo=0)
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-        seed = int(seed)
+        seed = check_int(seed, "seed", lo=0)
         super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
                          classifier_hidden=list(classifier_hidden), activation=activation, alpha=float(alpha),
                          labelled_weight=float(labelled_weight), beta=float(beta), seed=seed, init=init)
@@ -265,9 +262,7 @@ class M2(LabelConditioned):
 
     def class_grid(self, n_per_class=10, rng=0):
         """(C n, x_dim): row c = class c decoded from the same n prior draws (see CVAE.class_grid)."""
-        n = _positive_int("n_per_class", n_per_class)
-        if isinstance(rng, (int, np.integer)):
-            rng = np.random.default_rng(int(rng))
+        n = check_int(n_per_class, "n_per_class", lo=1)
         z = _draw(self, (n, self.z_dim), rng)
         C = self.num_classes
         return self.decode(self.xp.broadcast_to(z, (C, n, self.z_dim)).reshape(C * n, self.z_dim),

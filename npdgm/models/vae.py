@@ -57,6 +57,7 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_n
                        reparameterize_forward, sigmoid_forward, softplus_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
+from ..validate import as_rng, check_float, check_int
 from .base import Model
 
 __all__ = ["VAE"]
@@ -65,35 +66,26 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 LOG_2PI = math.log(2 * math.pi)
 
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init):
     """Validate the constructor options shared by VAE and CVAE; returns the normalised
     (x_dim, hidden list, z_dim, sigma, n_samples, beta, seed) or raises ValueError naming the option."""
-    x_dim = _positive_int("x_dim", x_dim)
-    z_dim = _positive_int("z_dim", z_dim)
+    x_dim = check_int(x_dim, "x_dim", lo=1)
+    z_dim = check_int(z_dim, "z_dim", lo=1)
     if isinstance(hidden, (int, np.integer)):
         hidden = (hidden,)
-    hidden = [_positive_int("hidden size", h) for h in hidden]
+    hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
     get_activation(activation)
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
     if sigma is not None:
         if likelihood != "gaussian":
             raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a positive finite number or None (learned), got {sigma!r}")
-        sigma = float(sigma)
-    n_samples = _positive_int("n_samples", n_samples)
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        sigma = check_float(sigma, "sigma (None: learned)", lo=0, strict_lo=True)
+    n_samples = check_int(n_samples, "n_samples", lo=1)
+    beta = check_float(beta, "beta", lo=0)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
-    return x_dim, hidden, z_dim, sigma, n_samples, float(beta), int(seed)
+    return x_dim, hidden, z_dim, sigma, n_samples, beta, check_int(seed, "seed", lo=0)
 
 
 def _check_x(model, x, name="x"):
@@ -129,11 +121,7 @@ def _generator(model, rng):
     restarting the same seed."""
     if rng is None:
         return model._noise
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return np.random.default_rng(int(rng))
-    if not hasattr(rng, "standard_normal"):
-        raise TypeError(f"rng must be None, an int seed or a NumPy/CuPy Generator, got {type(rng).__name__}")
-    return rng
+    return rng if hasattr(rng, "standard_normal") else as_rng(rng)   # a Generator, or anything that draws like one
 
 
 def _draw(model, shape, rng):
@@ -341,7 +329,7 @@ class VAE(ELBOMixin, Model):
     def sample(self, n, rng=None, mean=True):
         """n images from the model: z ~ N(0, I), then E[x|z] (``mean=True``, what is usually shown)
         or a draw x ~ p(x|z) (``mean=False``). ``rng``: NumPy/CuPy Generator or int seed."""
-        n = _positive_int("n", n)
+        n = check_int(n, "n", lo=1)
         rng = _generator(self, rng)
         m = self.decode(_draw(self, (n, self.z_dim), rng))
         if mean:
@@ -366,13 +354,14 @@ class VAE(ELBOMixin, Model):
         batch), so k = 5000 fits in memory; the log-weights are reduced in float64.
         """
         x = self.check_x(x)
-        k = _positive_int("k", k)
+        k = check_int(k, "k", lo=1)
+        chunk = check_int(chunk, "chunk", lo=1)
         xp, B, Z = self.xp, x.shape[0], self.z_dim
         rng = _generator(self, rng)                                         # one stream for all chunks
         mu, logvar = self.encode(x)
         std = xp.exp(0.5 * logvar)
         logw = xp.empty((k, B), dtype=np.float64)
-        per = max(1, int(chunk) // B)
+        per = max(1, chunk // B)
         for s in range(0, k, per):
             c = min(per, k - s)
             eps = _draw(self, (c, B, Z), rng)
@@ -395,9 +384,7 @@ class VAE(ELBOMixin, Model):
         Returns the imputed (B, x_dim) array."""
         xp = self.xp
         mask, x_obs = self._prep_mask(x, mask)
-        steps = int(steps)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        steps = check_int(steps, "steps", lo=0)
         fill = _check_fill(self, fill, x_obs.shape)
         cur = xp.where(mask, fill, x_obs).astype(self.dtype, copy=False)
         for _ in range(steps):
@@ -426,7 +413,8 @@ class VAE(ELBOMixin, Model):
         """
         xp = self.xp
         mask, x_obs = self._prep_mask(x, mask)
-        k = _positive_int("k", k)
+        k = check_int(k, "k", lo=1)
+        chunk = check_int(chunk, "chunk", lo=1)
         rng = _generator(self, rng)                              # one stream for all chunks
         x_fill = xp.where(mask, _check_fill(self, fill, x_obs.shape), x_obs).astype(self.dtype, copy=False)
         mu, logvar = self.encode(x_fill)
@@ -434,7 +422,7 @@ class VAE(ELBOMixin, Model):
         obs = (~mask).astype(self.dtype)
         lv_x = None if self.likelihood == "bernoulli" else self._logvar_x()
         B, Z = x_obs.shape[0], self.z_dim
-        per = max(1, int(chunk) // B)
+        per = max(1, chunk // B)
         m_run = xp.full(B, -np.inf)                              # running max of log w (float64)
         s_run = xp.zeros(B)                                      # sum_i exp(log w_i - m_run)
         acc = xp.zeros(x_obs.shape)                              # sum_i exp(log w_i - m_run) E[x | z_i]
