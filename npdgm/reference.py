@@ -11,20 +11,28 @@ formulas, tolerances, npdgm version). The same seed writes identical files.
 output and gradient tensor: the check a port runs, and a regression test for npdgm itself.
 
 A case is ``make(rng, dtype) -> inputs`` and ``run(inputs) -> (outputs, grads)``; models
-register their own cases with :func:`register`.
+register their own cases with :func:`register`. A reference directory that cannot be read (broken
+or empty manifest, a missing or truncated case file, a missing tensor) or written raises
+:class:`ReferenceFileError` naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
+import zipfile
 import zlib
 
 import numpy as np
 
 from . import __version__, backend
 from . import kernels as K
+from .validate import check_int
 
 CASES = {}  # name -> dict(make, run, formula)
+
+
+class ReferenceFileError(ValueError):
+    """A reference directory is unreadable, inconsistent or cannot be written; the message names the file."""
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}  # max |error| / max(1, |reference|) per tensor
 
 
@@ -167,6 +175,20 @@ def export_reference(outdir, dtype="float64", seed=0, names=None):
     dt = np.dtype(dtype)
     if dt.name not in backend.DTYPES:
         raise ValueError(f"dtype must be one of {backend.DTYPES}, got {dtype!r}")
+    seed = check_int(seed, "seed", lo=0)
+    outdir = os.fspath(outdir)
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ReferenceFileError(f"{outdir} is a file; export-reference writes a directory of .npz files "
+                                 f"and manifest.json (give a new or existing directory)")
+    try:
+        return _export(outdir, dt, seed, names)
+    except OSError as e:
+        where = e.filename or outdir
+        raise ReferenceFileError(f"{where}: cannot write the reference vectors ({e.strerror or e})") from e
+
+
+def _export(outdir, dt, seed, names):
+    """export_reference's writing part (any OSError is reported by the caller, naming the file)."""
     os.makedirs(outdir, exist_ok=True)
     manifest = {"npdgm_version": __version__, "dtype": dt.name, "seed": seed,
                 "tolerance": TOLERANCE[dt.name], "error": "max|npdgm - reference| / max(1, max|reference|)",
@@ -191,24 +213,78 @@ def export_reference(outdir, dtype="float64", seed=0, names=None):
     return manifest
 
 
-def check_reference(outdir):
-    """Re-run npdgm on ``outdir``'s stored inputs; returns [(case, tensor, error, passed)]."""
-    _load_model_cases()
+def _read_manifest(outdir):
+    """manifest.json of ``outdir``, checked: an object with a known dtype, a tolerance and >= 1 case."""
     path = os.path.join(outdir, "manifest.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{outdir} has no manifest.json (write one with npdgm export-reference)")
-    with open(path) as f:
-        manifest = json.load(f)
+
+    def bad(msg):
+        return ReferenceFileError(f"{path}: {msg} (rewrite it with npdgm export-reference)")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, a directory
+        raise bad(f"not a readable JSON manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise bad(f"expected a JSON object, got a {type(manifest).__name__}")
+    missing = [k for k in ("dtype", "tolerance", "cases") if k not in manifest]
+    if missing:
+        raise bad(f"missing key(s) {missing}")
+    if manifest["dtype"] not in backend.DTYPES:
+        raise bad(f"dtype {manifest['dtype']!r} is not one of {backend.DTYPES}")
+    tol = manifest["tolerance"]
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+        raise bad(f"tolerance must be a non-negative number, got {tol!r}")
+    cases = manifest["cases"]
+    if not isinstance(cases, dict) or not cases:
+        raise bad("lists no cases" if isinstance(cases, dict) else f"cases must be an object, got {cases!r:.80}")
+    for name, entry in cases.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise bad(f"case {name!r} has no \"file\" entry")
+        if os.path.basename(entry["file"]) != entry["file"]:
+            raise bad(f"case {name!r}: file {entry['file']!r} must be a file name inside {outdir}")
+    return manifest
+
+
+def _read_case(outdir, name, entry):
+    """{key: array} of a case file, every tensor the manifest lists present."""
+    path = os.path.join(outdir, entry["file"])
+    if not os.path.isfile(path):
+        raise ReferenceFileError(f"{path}: missing (listed for case {name!r} in manifest.json)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, AttributeError) as e:
+        raise ReferenceFileError(f"{path}: not a readable .npz (corrupt or truncated: {e})") from e
+    listed = entry.get("tensors", {})
+    absent = sorted(k for k in listed if k not in stored) if isinstance(listed, dict) else []
+    if absent:
+        raise ReferenceFileError(f"{path}: missing tensor(s) {absent} listed in manifest.json")
+    return stored
+
+
+def check_reference(outdir):
+    """Re-run npdgm on ``outdir``'s stored inputs; returns [(case, tensor, error, passed)]."""
+    _load_model_cases()
+    outdir = os.fspath(outdir)
+    manifest = _read_manifest(outdir)
     tol, rows = manifest["tolerance"], []
     with backend.use("numpy", manifest["dtype"]):
         for name, entry in manifest["cases"].items():
             if name not in CASES:
                 rows.append((name, "-", float("inf"), False))
                 continue
-            with np.load(os.path.join(outdir, entry["file"])) as z:
-                stored = {k: z[k] for k in z.files}
+            stored = _read_case(outdir, name, entry)
             inputs = {k[len("input/"):]: v for k, v in stored.items() if k.startswith("input/")}
-            outputs, grads = CASES[name]["run"](inputs)
+            try:
+                outputs, grads = CASES[name]["run"](inputs)
+            except KeyError as e:
+                if not (e.args and isinstance(e.args[0], str) and e.args[0] not in inputs):
+                    raise
+                raise ReferenceFileError(f"{os.path.join(outdir, entry['file'])}: case {name!r} needs the "
+                                         f"tensor input/{e.args[0]}, which the file lacks") from e
             got = {**{f"output/{k}": v for k, v in outputs.items()}, **{f"grad/{k}": v for k, v in grads.items()}}
             for key in sorted(k for k in stored if not k.startswith("input/")):
                 if key not in got:

@@ -48,3 +48,84 @@ def test_float32_export_checks_within_its_tolerance(tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["check-reference", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+# -- broken reference directories (issue 12): one clear error naming the file ----------------------
+import pytest  # noqa: E402
+
+from npdgm.reference import ReferenceFileError  # noqa: E402
+
+
+def _one_line_error(capsys, argv):
+    assert cli.main(argv) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("npdgm: error: "), cap.err
+    return err[0]
+
+
+@pytest.fixture
+def refdir(tmp_path):
+    export_reference(tmp_path / "ref", names=["tanh", "linear"])
+    return tmp_path / "ref"
+
+
+@pytest.mark.parametrize("text, msg", [
+    ('{"cases": {', "not a readable JSON manifest"),
+    ("", "not a readable JSON manifest"),
+    ("[1, 2]", "expected a JSON object, got a list"),
+    ("{}", "missing key(s) ['dtype', 'tolerance', 'cases']"),
+    ('{"dtype": "float64", "tolerance": 1e-10, "cases": {}}', "lists no cases"),
+    ('{"dtype": "float16", "tolerance": 1e-10, "cases": {"tanh": {"file": "tanh.npz"}}}', "dtype 'float16'"),
+    ('{"dtype": "float64", "tolerance": "x", "cases": {"tanh": {"file": "tanh.npz"}}}', "tolerance must be"),
+    ('{"dtype": "float64", "tolerance": 1e-10, "cases": {"tanh": {}}}', "case 'tanh' has no \"file\" entry"),
+    ('{"dtype": "float64", "tolerance": 1e-10, "cases": {"tanh": {"file": "../tanh.npz"}}}', "must be a file name"),
+])
+def test_broken_manifest_is_one_error_naming_it(refdir, capsys, text, msg):
+    path = refdir / "manifest.json"
+    path.write_text(text)
+    with pytest.raises(ReferenceFileError) as e:
+        check_reference(refdir)
+    assert str(e.value).startswith(f"{path}: ") and msg in str(e.value)
+    assert msg in _one_line_error(capsys, ["check-reference", str(refdir)])
+
+
+def test_truncated_missing_and_incomplete_case_files(refdir, capsys):
+    npz = refdir / "tanh.npz"
+    full = npz.read_bytes()
+    npz.write_bytes(full[: len(full) // 2])
+    line = _one_line_error(capsys, ["check-reference", str(refdir)])
+    assert line.startswith(f"npdgm: error: {npz}: not a readable .npz (corrupt or truncated")
+    npz.unlink()
+    assert _one_line_error(capsys, ["check-reference", str(refdir)]) == (
+        f"npdgm: error: {npz}: missing (listed for case 'tanh' in manifest.json)")
+    # a tensor the manifest lists is absent from the file
+    export_reference(refdir, names=["tanh", "linear"])
+    with np.load(refdir / "linear.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "grad/W"}
+    np.savez(refdir / "linear.npz", **arrays)
+    assert _one_line_error(capsys, ["check-reference", str(refdir)]) == (
+        f"npdgm: error: {refdir / 'linear.npz'}: missing tensor(s) ['grad/W'] listed in manifest.json")
+    # an input is absent and the manifest does not list tensors: the case names it
+    del arrays["input/b"]
+    np.savez(refdir / "linear.npz", **arrays)
+    m = json.loads((refdir / "manifest.json").read_text())
+    del m["cases"]["linear"]["tensors"]
+    (refdir / "manifest.json").write_text(json.dumps(m))
+    assert "case 'linear' needs the tensor input/b, which the file lacks" in _one_line_error(
+        capsys, ["check-reference", str(refdir)])
+
+
+def test_export_onto_a_file_or_unwritable_place(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    line = _one_line_error(capsys, ["export-reference", str(f)])
+    assert line.startswith(f"npdgm: error: {f} is a file; export-reference writes a directory")
+    assert f.read_text() == "keep me"
+    # a directory below a regular file cannot be created (root ignores chmod, so not a read-only dir)
+    line = _one_line_error(capsys, ["export-reference", str(f / "sub")])
+    assert line.startswith(f"npdgm: error: {f / 'sub'}: cannot write the reference vectors (Not a directory")
+    with pytest.raises(ReferenceFileError, match="cannot write the reference vectors"):
+        export_reference(f / "sub", names=["tanh"])
+    with pytest.raises(TypeError, match="seed must be a non-negative integer, got 1.5"):
+        export_reference(tmp_path / "r", seed=1.5, names=["tanh"])
