@@ -157,7 +157,7 @@ def check_layout(layout, arrays, dtype, path="checkpoint"):
 _UNSIZED = frozenset({"seed", "max_iter", "n_init", "n_samples"})
 
 
-def _check_config_size(config, layout, path, kind):
+def check_config_size(config, layout, path, kind):
     """Refuse, before anything is allocated, a config whose sizes the stored parameters cannot hold.
 
     Every size in a model config shows up in some parameter's shape, at most halved (a coupling net
@@ -230,7 +230,7 @@ def model_from_arrays(arrays, meta, path="checkpoint"):
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: manifest dtype {dtype!r} is not one of {DTYPES}")
     check_layout(meta["layout"], arrays, dtype, path)
-    _check_config_size(config, meta["layout"], path, kind)
+    check_config_size(config, meta["layout"], path, kind)
     try:
         with backend.use(dtype=dtype):
             model = MODELS[kind].from_config(config)

@@ -285,6 +285,9 @@ def check_reference(outdir):
                     raise
                 raise ReferenceFileError(f"{os.path.join(outdir, entry['file'])}: case {name!r} needs the "
                                          f"tensor input/{e.args[0]}, which the file lacks") from e
+            except (ValueError, TypeError, IndexError) as e:
+                raise ReferenceFileError(f"{os.path.join(outdir, entry['file'])}: case {name!r} cannot run on the "
+                                         f"stored inputs ({type(e).__name__}: {e})") from e
             got = {**{f"output/{k}": v for k, v in outputs.items()}, **{f"grad/{k}": v for k, v in grads.items()}}
             for key in sorted(k for k in stored if not k.startswith("input/")):
                 if key not in got:

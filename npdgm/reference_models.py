@@ -24,6 +24,7 @@ import numpy as np
 from . import backend
 from .kernels import coupling as C
 from .kernels import logsumexp_backward, logsumexp_forward, reparameterize_backward, reparameterize_forward
+from .io import check_config_size
 from .reference import CASES, register
 
 _BEFORE = set(CASES)
@@ -42,7 +43,12 @@ def describe(kind, config, model):
 def _build(desc):
     """Rebuild the model an ``input/model`` array describes (in the current backend dtype)."""
     d = json.loads(np.asarray(desc, dtype=np.uint8).tobytes().decode())
+    if not isinstance(d, dict) or not isinstance(d.get("config"), dict) or not isinstance(d.get("layout"), list):
+        raise ValueError("input/model must be a JSON object with kind, config and layout")
     kind, config = d["kind"], d["config"]
+    if not all(isinstance(e, list) and len(e) == 3 and isinstance(e[1], list) for e in d["layout"]):
+        raise ValueError("input/model: layout must be a list of [name, shape, offset]")
+    check_config_size(config, d["layout"], "input/model", kind)  # before building: no hidden=[10**12]
     if kind == "flow_layer":
         from .models.flows import build_layer
 

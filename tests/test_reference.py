@@ -129,3 +129,20 @@ def test_export_onto_a_file_or_unwritable_place(tmp_path, capsys):
         export_reference(f / "sub", names=["tanh"])
     with pytest.raises(TypeError, match="seed must be a non-negative integer, got 1.5"):
         export_reference(tmp_path / "r", seed=1.5, names=["tanh"])
+
+
+def test_crafted_model_case_is_refused_before_building(tmp_path, capsys, monkeypatch):
+    export_reference(tmp_path, names=["vae_bernoulli"])
+    p = tmp_path / "vae_bernoulli.npz"
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    desc = json.loads(arrays["input/model"].tobytes().decode())
+    desc["config"]["hidden"] = [10 ** 12]
+    arrays["input/model"] = np.frombuffer(json.dumps(desc).encode(), dtype=np.uint8)
+    np.savez(p, **arrays)
+    from npdgm.models.vae import VAE
+
+    monkeypatch.setattr(VAE, "__init__", lambda *a, **k: pytest.fail("built the crafted model"))
+    line = _one_line_error(capsys, ["check-reference", str(tmp_path)])
+    assert line.startswith(f"npdgm: error: {p}: case 'vae_bernoulli' cannot run on the stored inputs")
+    assert "config hidden[0]=1000000000000 does not fit the stored parameters" in line
