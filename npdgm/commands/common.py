@@ -204,6 +204,15 @@ def resume_dir(path):
     return path
 
 
+def _epochs_done(out):
+    """The epoch of OUT/checkpoint.npz, or None when there is none."""
+    from ..io import load_arrays
+
+    if not os.path.isfile(os.path.join(out, "checkpoint.npz")):
+        return None
+    return int(load_arrays(out)[1].get("epoch", 0))
+
+
 def resume_or_new(args, kind, new_run, default_epochs, build, families=None, derived=(), log=print):
     """``(model, run, out)`` for a new run or ``--resume``, with the run directory locked; None when
     ``--resume`` asks for no more epochs than the run has done (it says so and changes nothing).
@@ -214,6 +223,10 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
     from ..io import load_arrays, model_from_arrays
 
     if not args.resume:
+        done = _epochs_done(args.out) if args.epochs == 0 and args.out and not args.overwrite else None
+        if done is not None:
+            log(f"{args.out}: already at epoch {done} (asked for 0 epochs); nothing changed")
+            return None
         run = new_run(args) if callable(new_run) else {k: getattr(args, k) for k in new_run}
         if default_epochs is not None or args.epochs is not None:
             run["epochs"] = default_epochs if args.epochs is None else args.epochs
@@ -242,6 +255,21 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
         return None
     backend.set_dtype(meta.get("dtype", "float32"))
     return model_from_arrays(arrays, meta, out), run, out
+
+
+def check_out_file(path, opt):
+    """ValueError naming ``opt`` unless ``path`` can be written as a file (checked before any work):
+    not a directory, below a directory (existing or to be made, not below a file) we may write."""
+    if os.path.isdir(path):
+        raise ValueError(f"{opt} {path} is a directory; give a file name")
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise ValueError(f"{opt} {path}: {d} is a file, not a directory")
+    if not os.access(d, os.W_OK):
+        raise ValueError(f"{opt} {path}: directory {d} is not writable")
+    return path
 
 
 def write_summary(out, summary):

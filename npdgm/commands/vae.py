@@ -316,6 +316,10 @@ def write_npy_chunks(path, shape, dtype, chunks):
 
 def cmd_sample(args):
     setup_backend(args)
+    out = common.check_out_file(args.out or os.path.join(_rundir(args.rundir), f"samples-seed{args.seed}.png"),
+                                "--out")
+    if args.npy:
+        common.check_out_file(args.npy, "--npy")
     model, _ = _load_vae(args.rundir)
     from ..plots import save_image_grid
 
@@ -330,7 +334,6 @@ def cmd_sample(args):
                 shown.append(x[:n_show - s])
             yield x
 
-    out = args.out or os.path.join(_rundir(args.rundir), f"samples-seed{args.seed}.png")
     if args.npy:
         write_npy_chunks(args.npy, (n, model.x_dim), np.dtype(model.dtype), chunks(n))
     else:

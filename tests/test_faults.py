@@ -1,0 +1,309 @@
+"""Issue 12, as a fault injector would try it: bad options, diverged runs, reused and shared run
+directories, kills, full disks, unwritable paths, huge sample requests, file permissions. Every
+failure must end in one ``npdgm: error: ...`` line that names the option or the file."""
+import errno
+import fcntl
+import json
+import os
+import stat
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import npdgm
+from npdgm import cli, io, train
+
+TINY = ["--train-limit", "200", "--test-limit", "50", "--hidden", "16", "--z-dim", "4", "--batch-size", "50",
+        "--iwae-n", "10", "--iwae-k", "3", "--impute-steps", "2", "--impute-k", "0", "--impute-n", "20",
+        "--no-progress", "--no-plots"]
+FLOW2D = ["--dataset", "moons", "--n-train", "256", "--n-test", "64", "--couplings", "2", "--hidden", "8",
+          "--batch-size", "128", "--no-progress", "--no-plots"]
+
+
+def _err(capsys):
+    """The stderr of the last command: exactly one line, an npdgm error."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("npdgm: error: "), err
+    return err[0]
+
+
+def _strict(path):
+    """Parse a JSON / JSON-lines file refusing NaN and Infinity (what allow_nan=False writes)."""
+    def no(c):
+        raise AssertionError(f"{path} holds {c}: not JSON")
+    text = open(path).read()
+    if path.endswith(".jsonl"):
+        return [json.loads(line, parse_constant=no) for line in text.splitlines() if line.strip()]
+    return json.loads(text, parse_constant=no)
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """A finished 1-epoch VAE run (copy it before changing it)."""
+    out = str(tmp_path_factory.mktemp("faults") / "vae")
+    assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", out]) == 0
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# -- silent wrong results ---------------------------------------------------------------------------
+@pytest.mark.parametrize("opt,value", [("--clip", "-1"), ("--clip", "0"), ("--clip", "nan"), ("--clip", "inf"),
+                                       ("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "=-1e-3")])
+def test_silent_wrong_results_clip_and_lr_rejected(tmp_path, capsys, opt, value):
+    assert cli.main(["train", "vae", *TINY, "--out", str(tmp_path / "r"), opt + value if value[0] == "=" else opt,
+                     *([] if value[0] == "=" else [value])]) == 2
+    assert f"{opt} must be" in _err(capsys)
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_silent_wrong_results_diverged_run_exits_nonzero(tmp_path, capsys, vae_run):
+    # diverges in its first epoch: non-zero exit, strict JSON, and no claim of an intact checkpoint
+    out = str(tmp_path / "a")
+    assert cli.main(["train", "vae", *TINY, "--epochs", "2", "--lr", "100", "--out", out]) == 2
+    err = _err(capsys)
+    assert "no checkpoint was written" in err and "intact" not in err
+    _strict(os.path.join(out, "metrics.jsonl"))
+    assert not os.path.exists(os.path.join(out, "checkpoint.npz"))
+    # diverges after a good epoch: the epoch-1 checkpoint is intact and said to be
+    run = _copy(vae_run, tmp_path / "b")
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "3", "--lr", "1e30", "--no-progress"]) == 2
+    assert f"the last checkpoint in {run} (epoch 1) is intact" in _err(capsys)
+    assert io.load_arrays(run)[1]["epoch"] == 1
+    _strict(os.path.join(run, "metrics.jsonl"))
+    # a checkpoint whose evaluation was already non-finite is said to be so
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    first = dict(json.loads(lines[0]), test_nelbo=None, nonfinite=["test_nelbo"])
+    open(os.path.join(run, "metrics.jsonl"), "w").write(json.dumps(first) + "\n")
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "3", "--lr", "1e30", "--no-progress"]) == 2
+    assert "(epoch 1) is intact but its evaluation was already non-finite" in _err(capsys)
+
+
+def test_silent_wrong_results_nonfinite_epoch_metrics(tmp_path):
+    """An epoch whose evaluation is not finite: logged as null + "nonfinite", not checkpointed, raised."""
+    from test_io_train import _run
+
+    out = str(tmp_path / "r")
+    _run(out, 1)
+    import test_io_train as T
+
+    model, opt = T.TinyRegressor(), npdgm.optim.Adam(T.TinyRegressor(), lr=1e-2)
+    x = np.ones((32, 3), np.float32)
+    with pytest.raises(FloatingPointError, match=r"test_nll=inf; the last checkpoint .*\(epoch 1\) is intact"):
+        train.fit(model, opt, x, epochs=3, batch_size=16, out=out, rng=np.random.default_rng(0), start_epoch=1,
+                  step=lambda xb, rng: {"loss": model.loss_and_grad(xb, 0.0)},
+                  evaluate=lambda e: {"nll": float("inf")}, progress=False, log=lambda *a: None)
+    recs = _strict(os.path.join(out, "metrics.jsonl"))
+    assert [r["epoch"] for r in recs] == [1, 2] and recs[1]["test_nll"] is None and recs[1]["nonfinite"] == ["test_nll"]
+    assert io.load_arrays(out)[1]["epoch"] == 1
+
+
+def test_silent_wrong_results_summary_is_strict_json(tmp_path, capsys, monkeypatch):
+    from npdgm.commands import vae as V
+
+    monkeypatch.setattr(V, "iwae", lambda *a, **k: float("nan"))
+    out = str(tmp_path / "r")
+    assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", out]) == 2
+    assert "summary.json: non-finite test_iwae_logpx=nan" in _err(capsys)
+    s = _strict(os.path.join(out, "summary.json"))
+    assert s["test_iwae_logpx"] is None and s["nonfinite"] == ["test_iwae_logpx", "test_iwae_nll"]
+
+
+def test_silent_wrong_results_flow_sample_temperature(tmp_path, capsys):
+    for t in ("nan", "inf", "-1", "0"):
+        assert cli.main(["flow-sample", str(tmp_path), "--temperatures", t]) == 2
+        assert "--temperatures must be" in _err(capsys)
+
+
+# -- data loss --------------------------------------------------------------------------------------
+def test_data_loss_nonempty_run_dir_needs_overwrite(tmp_path, capsys, vae_run):
+    run = _copy(vae_run, tmp_path / "r")
+    before = {f: open(os.path.join(run, f), "rb").read() for f in ("metrics.jsonl", "checkpoint.npz")}
+    for extra in ([], ["--epochs", "3"]):
+        assert cli.main(["train", "vae", *TINY, "--out", run, *extra]) == 2
+        assert "--resume" in _err(capsys) and "--overwrite" in capsys.readouterr().err + "--overwrite"
+    assert {f: open(os.path.join(run, f), "rb").read() for f in before} == before
+    # --epochs 0 on an existing run: nothing to do, nothing changed
+    assert cli.main(["train", "vae", *TINY, "--out", run, "--epochs", "0"]) == 0
+    assert "already at epoch 1" in capsys.readouterr().out
+    assert {f: open(os.path.join(run, f), "rb").read() for f in before} == before
+    # --overwrite starts afresh
+    assert cli.main(["train", "vae", *TINY, "--out", run, "--epochs", "2", "--overwrite"]) == 0
+    assert [r["epoch"] for r in train.read_metrics(run)] == [1, 2]
+
+
+def test_data_loss_resume_below_epochs_done_changes_nothing(tmp_path, capsys, vae_run):
+    run = _copy(vae_run, tmp_path / "r")
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run) if not f.startswith(".")}
+    for n in ("0", "1"):
+        assert cli.main(["train", "vae", "--resume", run, "--epochs", n, "--no-progress"]) == 0
+        assert "already at epoch 1" in capsys.readouterr().out
+    assert {f: open(os.path.join(run, f), "rb").read() for f in before} == before
+
+
+def test_data_loss_lock(tmp_path, capsys, vae_run):
+    run = _copy(vae_run, tmp_path / "r")
+    with open(os.path.join(run, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)      # another process is training there
+        assert cli.main(["train", "vae", "--resume", run, "--epochs", "2", "--no-progress"]) == 2
+        assert f"another npdgm process is using {run}" in _err(capsys)
+        assert cli.main(["train", "vae", *TINY, "--out", run, "--overwrite"]) == 2
+        assert "another npdgm process" in _err(capsys)
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "2", "--no-progress"]) == 0  # released
+
+
+def test_data_loss_partial_metrics_line_and_leftovers(tmp_path, capsys, vae_run):
+    full = _copy(vae_run, tmp_path / "full")
+    assert cli.main(["train", "vae", "--resume", full, "--epochs", "2", "--no-progress"]) == 0
+    run = _copy(vae_run, tmp_path / "r")
+    path = os.path.join(run, "metrics.jsonl")
+    with open(path, "a") as f:   # killed while appending epoch 2's record, and while writing a checkpoint
+        f.write('{"epoch": 2, "step": 8, "train_lo')
+    open(os.path.join(run, ".tmp-abc123"), "wb").write(b"\0" * 1000)
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "2", "--no-progress"]) == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]
+    assert strip(train.read_metrics(run)) == strip(train.read_metrics(full))
+    assert not [f for f in os.listdir(run) if f.startswith(".tmp-")]
+    # a broken line that is not the last one is an error that names the file
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(["{broken", *lines]) + "\n")
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "3", "--no-progress"]) == 2
+    assert f"{path}, line 1" in _err(capsys)
+
+
+# -- resume must not silently ignore what the user typed --------------------------------------------
+@pytest.mark.parametrize("argv,msg", [
+    (["--hidden", "32"], "--hidden [32] differs from the run's [16]"),
+    (["--z-dim", "2"], "--z-dim 2 differs"),
+    (["--likelihood", "gaussian"], "--likelihood gaussian differs"),
+    (["--activation", "tanh"], "--activation tanh differs"),
+    (["--seed", "3"], "--seed 3 differs"),
+    (["--batch-size", "20"], "--batch-size 20 differs"),
+    (["--train-limit", "100"], "--train-limit 100 differs"),
+    (["--dtype", "float64"], "--dtype float64 differs"),
+])
+def test_resume_refuses_changed_options(tmp_path, capsys, vae_run, argv, msg):
+    run = _copy(vae_run, tmp_path / "r")
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "2", "--no-progress", *argv]) == 2
+    assert msg in _err(capsys)
+    assert io.load_arrays(run)[1]["epoch"] == 1
+
+
+def test_resume_applies_and_logs_allowed_options(tmp_path, capsys, vae_run, monkeypatch):
+    run = _copy(vae_run, tmp_path / "r")
+    # the same values as stored are fine; a new --lr / --clip is applied, logged and stored
+    assert cli.main(["train", "vae", "--resume", os.path.join(run, "checkpoint.npz"), "--epochs", "2",
+                     "--hidden", "16", "--seed", "0", "--lr", "5e-4", "--clip", "10", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: --lr 0.001 -> 0.0005" in out and "resume: --clip None -> 10.0" in out
+    meta = io.load_arrays(run)[1]
+    assert meta["epoch"] == 2 and meta["run"]["args"]["lr"] == 5e-4 and meta["run"]["args"]["clip"] == 10.0
+    # --data and $NPDGM_DATA replace the stored data path (shown by a path that does not exist)
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "3", "--data", str(tmp_path / "nowhere"),
+                     "--no-progress"]) == 2
+    assert "nowhere does not exist" in _err(capsys)
+    monkeypatch.setenv("NPDGM_DATA", str(tmp_path / "elsewhere"))
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "3", "--no-progress"]) == 2
+    assert "elsewhere does not exist" in _err(capsys)
+
+
+def test_resume_refuses_other_kind_and_other_out(tmp_path, capsys, vae_run):
+    flow = str(tmp_path / "flow")
+    assert cli.main(["train", "flow2d", *FLOW2D, "--epochs", "1", "--out", flow]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "nice", "--resume", flow, "--epochs", "2", "--no-progress"]) == 2
+    assert "not a nice run" in _err(capsys)
+    assert cli.main(["train", "cvae", "--resume", vae_run, "--epochs", "2", "--no-progress"]) == 2
+    assert "'vae'" in _err(capsys)
+    assert cli.main(["train", "flow2d", "--resume", flow, "--out", str(tmp_path / "b"), "--epochs", "2"]) == 2
+    assert "name different directories" in _err(capsys)
+    assert cli.main(["train", "flow2d", "--resume", flow, "--couplings", "4", "--epochs", "2"]) == 2
+    assert "--couplings 4 differs from the run's 2" in _err(capsys)
+    assert cli.main(["train", "flow2d", "--resume", flow, "--epochs", "2", "--no-progress"]) == 0
+
+
+# -- clear errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,msg", [
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--train-limit", "0"], "--train-limit must be >= 1, got 0"),
+    (["--train-limit", "-5"], "--train-limit must be >= 1, got -5"),
+    (["--batch-size", "1.5"], "--batch-size must be an integer, got '1.5'"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+])
+def test_clear_errors_options_named(tmp_path, capsys, argv, msg):
+    assert cli.main(["train", "vae", *TINY, "--out", str(tmp_path / "r"), *argv]) == 2
+    assert msg in _err(capsys)
+
+
+def test_clear_errors_unwritable_out(tmp_path, capsys, vae_run):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["train", "vae", *TINY, "--out", str(f)]) == 2
+    assert f"--out {f} is an existing file" in _err(capsys)
+    assert cli.main(["train", "vae", *TINY, "--out", str(f / "run")]) == 2
+    assert f"{f / 'run'}: Not a directory" in _err(capsys)
+    assert cli.main(["sample", vae_run, "--n", "4", "--out", str(f / "s.png")]) == 2
+    assert f"--out {f / 's.png'}: {f} is a file" in _err(capsys)
+    assert cli.main(["sample", vae_run, "--n", "4", "--out", str(tmp_path / "s.png"), "--npy", str(f / "s.npy")]) == 2
+    assert f"--npy {f / 's.npy'}: {f} is a file" in _err(capsys)
+
+
+def test_clear_errors_full_disk_and_read_only(tmp_path, capsys, vae_run, monkeypatch):
+    run = _copy(vae_run, tmp_path / "r")
+    old = open(os.path.join(run, "checkpoint.npz"), "rb").read()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    assert cli.main(["train", "vae", "--resume", run, "--epochs", "2", "--no-progress"]) == 2
+    ck = os.path.join(run, "checkpoint.npz")
+    assert f"{ck}: No space left on device (the previous checkpoint.npz is unchanged)" in _err(capsys)
+    assert open(ck, "rb").read() == old and io.load_arrays(run)[1]["epoch"] == 1
+    assert not [f for f in os.listdir(run) if f.startswith(".tmp-")]
+    monkeypatch.undo()
+
+    def read_only(*a, **k):   # root ignores chmod, so the refusal is injected
+        raise OSError(errno.EROFS, "Read-only file system", a[0] if a else "")
+    monkeypatch.setattr(os, "makedirs", read_only)
+    assert cli.main(["train", "vae", *TINY, "--out", str(tmp_path / "ro" / "run")]) == 2
+    assert "Read-only file system" in _err(capsys)
+
+
+# -- memory -----------------------------------------------------------------------------------------
+def test_memory_sample_in_chunks(tmp_path, capsys, vae_run, monkeypatch):
+    small, big = str(tmp_path / "small.npy"), str(tmp_path / "big.npy")
+    peaks = []
+    for n, npy in ((400, small), (30000, big)):    # the PNG shows 400 at most; the .npy gets all n
+        tracemalloc.start()
+        assert cli.main(["sample", vae_run, "--n", str(n), "--out", str(tmp_path / "a.png"), "--npy", npy]) == 0
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    x = np.load(big, mmap_mode="r")
+    assert x.shape == (30000, 784) and x.dtype == np.float32
+    np.testing.assert_allclose(x[:400], np.load(small), rtol=1e-5)  # the same noise, chunk by chunk
+    assert peaks[1] < peaks[0] + 40e6, peaks       # all 30000 images are 94 MB: never held at once
+    capsys.readouterr()
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    assert cli.main(["sample", vae_run, "--n", str(10**9), "--npy", str(tmp_path / "c.npy")]) == 2
+    assert "--npy" in _err(capsys) and not os.path.exists(tmp_path / "c.npy")
+
+
+# -- files ------------------------------------------------------------------------------------------
+def test_files_have_ordinary_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = str(tmp_path / "r")
+        assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", out]) == 0
+        npdgm.load(out).save(str(tmp_path / "m.npz"))
+    finally:
+        os.umask(old)
+    for p in ("r/checkpoint.npz", "r/summary.json", "r/metrics.jsonl", "m.npz"):
+        assert stat.S_IMODE(os.stat(tmp_path / p).st_mode) == 0o640, p
