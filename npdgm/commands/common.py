@@ -169,8 +169,8 @@ def apply_typed(args, run, config, log=print, derived=()):
     """Compare the options typed with ``--resume`` with the stored run (``run`` from the checkpoint,
     ``config`` the model's, less its ``derived`` keys): apply --epochs/--lr/--clip/--data (and $NPDGM_DATA over a stored data
     path) to ``run`` and log them; raise ValueError for any other option that differs or is not stored."""
-    typed = getattr(args, "typed", None)
-    typed = set(vars(args)) if typed is None else typed
+    typed = getattr(args, "typed", None)   # set by cli.main; without it only a given --epochs counts
+    typed = {"epochs"} if typed is None and getattr(args, "epochs", None) is not None else typed or set()
     for k in sorted(typed - _NEUTRAL):
         opt, new = "--" + k.replace("_", "-"), getattr(args, k)
         if k in _CHANGEABLE:

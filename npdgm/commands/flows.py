@@ -278,6 +278,9 @@ def cmd_sample(args):
     from ..io import load_arrays, model_from_arrays
 
     setup_backend(args)
+    for opt in ("out", "npy"):
+        if getattr(args, opt):
+            common.check_out_file(getattr(args, opt), "--" + opt)
     arrays, meta = load_arrays(args.rundir)
     if meta.get("kind") != "flow":
         raise ValueError(f"{args.rundir} holds a {meta.get('kind')!r} model; flow-sample handles flow runs")

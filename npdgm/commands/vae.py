@@ -348,6 +348,8 @@ def cmd_sample(args):
 
 def cmd_impute(args):
     setup_backend(args)
+    if args.out:
+        common.check_out_file(args.out, "--out")
     row_mask(1, args.rows)
     model, meta = _load_vae(args.rundir)
     run = meta.get("run", {}).get("args", {})
