@@ -153,8 +153,10 @@ def check_layout(layout, arrays, dtype, path="checkpoint"):
         expect += math.prod(shape)
 
 
-# Config values that size nothing built at load time (a seed may be any integer).
-_UNSIZED = frozenset({"seed", "max_iter", "n_init", "n_samples"})
+# Config values that size nothing built at load time: counts and seeds (a seed may be any integer)
+# and real-valued options, which an older file may hold as JSON integers (beta: 2).
+_UNSIZED = frozenset({"seed", "max_iter", "n_init", "n_samples", "sigma", "beta", "alpha", "labelled_weight",
+                      "tol", "reg_covar", "residual_reg", "eps", "scale_bound"})
 
 
 def check_config_size(config, layout, path, kind):
@@ -235,8 +237,6 @@ def model_from_arrays(arrays, meta, path="checkpoint"):
         with backend.use(dtype=dtype):
             model = MODELS[kind].from_config(config)
     except (TypeError, ValueError, KeyError, IndexError, MemoryError) as e:
-        if isinstance(e, backend.BackendError):
-            raise
         raise CheckpointError(f"{path}: its config does not build a {kind} ({type(e).__name__}: {e})") from e
     stored = [(n, tuple(s), o) for n, s, o in meta["layout"]]
     built = [(n, tuple(s), o) for n, s, o in model.layout()]

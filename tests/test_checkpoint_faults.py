@@ -134,6 +134,9 @@ def test_valid_checkpoints_still_load_exactly(tmp_path, rng):
     f.forward(rng.uniform(0.1, 0.9, (8, 16)).astype(np.float32))
     f.save(tmp_path / "f.npz")
     assert np.array_equal(npdgm.load(tmp_path / "f.npz").flat_params, f.flat_params)
+    # integers the size bound must not take for sizes: a big seed, a real option stored as a JSON int
+    p = _crafted(tmp_path, lambda a, m: m["config"].update(seed=2 ** 40, beta=100, n_samples=1000), "s.npz")
+    assert npdgm.load(p).config["seed"] == 2 ** 40
     g = F.Flow([F.Permutation(5, seed=3)])                                 # no parameters at all
     g.save(tmp_path / "g.npz")
     assert npdgm.load(tmp_path / "g.npz").config == g.config
