@@ -71,10 +71,22 @@ def atomic_write_bytes(path, write):
         raise
 
 
+def _json_scalar(o):
+    """json.dumps ``default``: NumPy scalars are numbers like Python's (np.int64(3) -> 3)."""
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    raise TypeError(f"manifest value {o!r} of type {type(o).__name__} is not JSON-serializable")
+
+
 def save_arrays(path, arrays, meta):
     """Atomically write {name: array} and a JSON-able ``meta`` dict to ``path`` (.npz)."""
     payload = {k: np.asarray(v) for k, v in arrays.items()}
-    payload["__meta__"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}).encode(), dtype=np.uint8)
+    payload["__meta__"] = np.frombuffer(json.dumps({"format": FORMAT, **meta}, default=_json_scalar).encode(),
+                                        dtype=np.uint8)
     atomic_write_bytes(path, lambda f: np.savez(f, **payload))
 
 

@@ -165,3 +165,13 @@ def test_cli_sample_on_npy_and_missing_config(tmp_path, capsys):
     assert cli.main(["sample", str(p)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{p}: the manifest has no model config" in err[0]
+
+
+def test_numpy_scalars_in_a_manifest_are_numbers(tmp_path):
+    p = tmp_path / "n.npz"
+    io.save_arrays(p, {"a": np.arange(2)}, {"kind": "x", "epoch": np.int64(3), "lr": np.float32(0.5),
+                                             "done": np.bool_(True), "sizes": [np.int32(4)]})
+    meta = io.load_arrays(p)[1]
+    assert meta["epoch"] == 3 and meta["lr"] == 0.5 and meta["done"] is True and meta["sizes"] == [4]
+    with pytest.raises(TypeError, match="manifest value .* of type ndarray is not JSON-serializable"):
+        io.save_arrays(p, {}, {"kind": "x", "bad": np.zeros(2)})
