@@ -98,8 +98,11 @@ def load_arrays(path):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
     if not zipfile.is_zipfile(path):  # np.load would also take a .npy (one array) or a pickle
-        with open(path, "rb") as f:
-            head = f.read(6)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(6)
+        except OSError as e:  # a directory named *.npz, no permission
+            raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from e
         what = "a .npy file (one array)" if head == b"\x93NUMPY" else "corrupt or truncated, or not an .npz archive"
         raise CheckpointError(f"{path} is not a readable npdgm checkpoint ({what}; a checkpoint is the "
                               f"checkpoint.npz of a run or a file written by model.save)")

@@ -118,6 +118,9 @@ def test_npy_file_and_non_dict_meta_through_load_arrays(tmp_path):
     p = _write(tmp_path / "f.npz", {}, b"\xff\xfe")
     with pytest.raises(io.CheckpointError, match=rf"{p}: manifest is not valid JSON"):
         io.load_arrays(p)
+    (tmp_path / "d" / "checkpoint.npz").mkdir(parents=True)   # a run directory whose checkpoint is a directory
+    with pytest.raises(io.CheckpointError, match=r"checkpoint.npz: cannot read the checkpoint \(Is a directory"):
+        npdgm.load(tmp_path / "d")
     np.savez(tmp_path / "m.npz", __meta__=np.zeros(3))
     with pytest.raises(io.CheckpointError, match=r"__meta__ must be the UTF-8 bytes of a JSON object"):
         io.load_arrays(tmp_path / "m.npz")
