@@ -24,10 +24,10 @@ import zlib
 
 import numpy as np
 
+from .backend import DTYPES
 from .validate import check_int
 
 FORMAT = "npdgm-checkpoint"
-DTYPES = ("float32", "float64")  # as backend.DTYPES (io imports no backend at module level)
 MODELS = {}  # kind -> class with from_config(config)
 
 
