@@ -139,7 +139,7 @@ def remove_leftovers(out):
 
 def new_run_dir(out, overwrite):
     """Create and lock the run directory ``out`` for a new run: refused when ``out`` is a file, or
-    holds files and ``overwrite`` is false (then the old run's files are removed)."""
+    holds files and ``overwrite`` is false (with it, the old run's files and figures are removed)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is an existing file, not a run directory")
     os.makedirs(out, exist_ok=True)
@@ -149,8 +149,8 @@ def new_run_dir(out, overwrite):
     if files and not overwrite:
         raise ValueError(f"--out {out} already holds files ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})"
                          f"; continue that run with --resume {out}, replace it with --overwrite, or pick a new --out")
-    for f in RUN_FILES:
-        if f in files:
+    for f in files:
+        if f in RUN_FILES or f.endswith(".png"):
             os.remove(os.path.join(out, f))
     return out
 
