@@ -315,7 +315,8 @@ def _availability(backends):
             torch_ok = True
             torch_cuda = bool(torch.cuda.is_available())
         except ImportError:
-            notes.append("torch: not installed; the PyTorch peer is skipped (pip install 'npdgm[torch]')")
+            notes.append("torch: not installed; the PyTorch peer is skipped (its CPU build: pip install torch "
+                         "--index-url https://download.pytorch.org/whl/cpu)")
     if "cupy" in backends:
         from npdgm.backend import cupy_available
 
