@@ -73,7 +73,7 @@ CASES = {
     "layout entry malformed": (lambda a, m: m["layout"].__setitem__(3, "encoder.2.b"),
                                r"entry 3 must be \[name, shape, offset\]"),
     "layout is a dict": (lambda a, m: m.update(layout={}), r"layout must be a list"),
-    "array dtype disagrees": (lambda a, m: a.__setitem__("param/encoder.0.b", a["param/encoder.0.b"].astype(np.float64)),
+    "array dtype disagrees": (lambda a, m: a.update({"param/encoder.0.b": a["param/encoder.0.b"].astype(np.float64)}),
                               r"param/encoder.0.b is float64, the manifest dtype is float32"),
 }
 
