@@ -106,6 +106,15 @@ def read_metrics(out):
     return records
 
 
+def append_line(path, line):
+    """Append ``line`` and a newline to ``path``; an OSError (full disk) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+
+
 def _truncate_metrics(out, epoch):
     """Keep only the records of epochs <= ``epoch`` (those the checkpoint has seen)."""
     keep = [r for r in read_metrics(out) if isinstance(r.get("epoch", 0), int) and r.get("epoch", 0) <= epoch]
@@ -194,8 +203,7 @@ def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evalua
             if evaluate is not None:
                 rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
             line, bad = dumps(rec)
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(line + "\n")
+            append_line(os.path.join(out, "metrics.jsonl"), line)
             if bad:  # this epoch is logged (null + "nonfinite") but not checkpointed
                 raise FloatingPointError(
                     f"epoch {epoch} gave non-finite " + ", ".join(f"{k}={rec[k]}" for k in bad) +

@@ -121,7 +121,7 @@ def build_model(run):
 
 
 def cmd_train(args):
-    from ..train import dumps
+    from ..train import append_line, dumps
 
     setup_backend(args)
     run = _run_from_args(args)
@@ -162,8 +162,7 @@ def cmd_train(args):
             rec.update(train_nll=-ll, test_nll=-model.score(test_x))
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         records.append(rec)
-        with open(metrics_path, "a") as f:
-            f.write(dumps(rec)[0] + "\n")
+        append_line(metrics_path, dumps(rec)[0])
         if not args.no_progress:
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
                   file=sys.stderr, flush=True)
