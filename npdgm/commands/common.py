@@ -171,21 +171,25 @@ def apply_typed(args, run, config, log=print, derived=()):
     path) to ``run`` and log them; raise ValueError for any other option that differs or is not stored."""
     typed = getattr(args, "typed", None)   # set by cli.main; without it only a given --epochs counts
     typed = {"epochs"} if typed is None and getattr(args, "epochs", None) is not None else typed or set()
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    changes = []
     for k in sorted(typed - _NEUTRAL):
         opt, new = "--" + k.replace("_", "-"), getattr(args, k)
         if k in _CHANGEABLE:
             if not _same(run.get(k), new):
-                log(f"resume: {opt} {run.get(k)} -> {new}")
-                run[k] = new
+                changes.append((k, opt, new))
         elif k in run or (k in config and k not in derived):
             old = run[k] if k in run else config[k]
             if not _same(old, new):
-                raise ValueError(f"--resume {args.resume}: {opt} {new} differs from the run's {old}; a resumed run "
-                                 f"keeps its options (only --epochs, --lr, --clip, --data may change): drop {opt} "
-                                 f"or start a new run with --out")
+                raise ValueError(f"--resume {args.resume}: {opt} {show(new)} differs from the run's {show(old)}; a "
+                                 f"resumed run keeps its options (only --epochs, --lr, --clip, --data may change): "
+                                 f"drop {opt} or start a new run with --out")
         else:
             raise ValueError(f"--resume {args.resume}: {opt} cannot be given with --resume (the run keeps the "
                              f"options it was started with; only --epochs, --lr, --clip, --data may change)")
+    for k, opt, new in changes:
+        log(f"resume: {opt} {run.get(k)} -> {new}")
+        run[k] = new
     env = os.environ.get("NPDGM_DATA")
     if "data" in run and "data" not in typed and env and run["data"] != env:
         log(f"resume: data {run['data']} -> {env} ($NPDGM_DATA)")
