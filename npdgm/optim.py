@@ -90,23 +90,31 @@ def _flat(a):
     return a.reshape(-1) if a.flags.c_contiguous else None
 
 
-def adam_update(p, g, m, v, t, lr, b1, b2, eps, wd=0.0, decoupled=False):
-    """The textbook Adam/AdamW update of one array of any shape, in place (whole-array temporaries;
-    the chunked twin is :meth:`Adam.step`):
+def adam_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay=0.0, decoupled=False):
+    """The textbook Adam / AdamW step (Kingma & Ba 2015, Algorithm 1; Loshchilov & Hutter 2019) of one
+    array of any shape, in place, written as in the paper with whole-array temporaries. The fast
+    chunked, threaded twin is :meth:`Adam.step`; ``tests/test_optim.py`` holds the two together.
 
-        g <- g + wd p (Adam)  or  p <- p (1 - lr wd) (AdamW)
-        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
-        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)"""
+        g <- g + weight_decay p                      (Adam: L2 penalty in the gradient)
+        p <- p (1 - lr weight_decay)                 (AdamW, decoupled=True: instead of the line above)
+        m <- beta1 m + (1 - beta1) g                 first moment
+        v <- beta2 v + (1 - beta2) g^2               second moment
+        m_hat = m / (1 - beta1^t);  v_hat = v / (1 - beta2^t)        bias corrections, t = 1, 2, ...
+        p <- p - lr m_hat / (sqrt(v_hat) + eps)
+
+    (the last line computed as PyTorch does: lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)).
+    p, g, m, v: arrays of one shape; m and v are updated in place, g is not written."""
     xp = backend.array_module(p)
-    if wd and decoupled:
-        p *= 1 - lr * wd
-    elif wd:
-        g = g + wd * p
-    m *= b1
-    m += (1 - b1) * g
-    v *= b2
-    v += (1 - b2) * g * g
-    p -= lr / (1 - b1 ** t) * m / (xp.sqrt(v) / math.sqrt(1 - b2 ** t) + eps)
+    if weight_decay and decoupled:
+        p *= 1 - lr * weight_decay
+    elif weight_decay:
+        g = g + weight_decay * p
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (g * g) * (1 - beta2)
+    bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+    p -= lr / bias1 * m / (xp.sqrt(v) / math.sqrt(bias2) + eps)
 
 
 def _chunks(n, chunk):
@@ -126,10 +134,6 @@ class Optimizer:
         self.t = 0
         self._tmp = {}  # (pair index, thread index) -> scratch of one chunk, made on first use
         self._t_dev = None  # device step counter of the fused CuPy Adam (CUDA-graph safe)
-
-    def zero_grad(self):
-        for _, g in self.pairs:
-            g.fill(0)
 
     def state_dict(self):
         """Step count and state arrays (host copies), for checkpoints."""

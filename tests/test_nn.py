@@ -138,3 +138,47 @@ def test_module_subclass_must_call_super_init():
 def test_float64_override():
     with backend.use(dtype="float64"):
         assert Linear(2, 2, rng=0).W.data.dtype == np.float64
+
+
+def test_reading_grad_does_not_change_state_and_writes_are_explicit(f64, rng):
+    """Parameter.grad is a plain getter (issue 14): reading it, or Module.grads, leaves ``zeroed`` as it
+    was; ``p.grad += g`` (the setter) and ``p.accumulate(g, index)`` are the write paths and clear it."""
+    m = MLP(3, [4], 2, rng=0).flatten()
+    m.zero_grad()
+    lin = m.layers[0]
+    _ = lin.W.grad, m.grads, lin.W.grad[0, 0]
+    assert all(p.zeroed for p in m.parameters())
+    lin.b.accumulate(np.array([1.0, 2.0]), slice(0, 2))
+    assert not lin.b.zeroed and lin.W.zeroed
+    np.testing.assert_array_equal(lin.b.grad, [1.0, 2.0, 0.0, 0.0])
+    lin.W.grad += 1.0
+    assert not lin.W.zeroed
+    x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    m.forward(x)
+    m.backward(dy)                      # adds to the hand-written terms instead of overwriting them
+    ref = MLP(3, [4], 2, rng=0).flatten()
+    ref.forward(x)
+    ref.backward(dy)
+    np.testing.assert_allclose(lin.W.grad, ref.grads["0.W"] + 1.0, rtol=1e-12)
+    np.testing.assert_allclose(lin.b.grad, ref.grads["0.b"] + [1.0, 2.0, 0.0, 0.0], rtol=1e-12)
+
+
+def test_conditional_mlp_lives_in_nn_and_matches_the_concatenated_mlp(f64, rng):
+    """nn.ConditionalMLP(D, C, ...) is MLP(D + C, ...) on [x | e] (same weights), forward and backward."""
+    from npdgm.nn import ConditionalMLP
+    from npdgm.models import cvae
+
+    assert cvae.ConditionalMLP is ConditionalMLP           # the old import path still works
+    cm = ConditionalMLP(3, 2, [4], 5, activation="tanh", rng=1).flatten()
+    full = MLP(5, [4], 5, activation="tanh", rng=1).flatten()
+    x, y = rng.standard_normal((6, 3)), rng.integers(0, 2, 6)
+    e = np.eye(2)[y]
+    dy = rng.standard_normal((6, 5))
+    cm.zero_grad()
+    full.zero_grad()
+    np.testing.assert_allclose(cm.forward(x, e), full.forward(np.hstack([x, e])), rtol=1e-12)
+    dx = cm.backward(dy)
+    dxe = full.backward(dy)
+    np.testing.assert_allclose(dx, dxe[:, :3], rtol=1e-12)
+    for k in full.grads:
+        np.testing.assert_allclose(cm.grads[k], full.grads[k], rtol=1e-12, atol=1e-15)

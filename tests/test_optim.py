@@ -125,3 +125,46 @@ def test_adam_trains_a_small_regression():
         opt.step()
     assert loss < 0.02 * first, (first, loss)
     assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.05, False), (0.05, True)])
+def test_textbook_adam_update_against_the_fast_chunked_step(dtype, wd, decoupled, rng):
+    """optim.adam_update (the paper's lines, whole arrays) beside Adam.step (chunked over 4 threads, bias
+    corrections folded into two scalars: a = lr sqrt(1-b2^t)/(1-b1^t), e = eps sqrt(1-b2^t)).
+
+    m and v take the same operations in the same order: bit-for-bit equal. The parameter update is the
+    same formula with the bias corrections folded differently (4-5 roundings in another order), so p is
+    NOT bit-for-bit: ~1-2% of the entries differ, each by at most a few ulps of max(|p_old|, |p_new|)
+    (measured: <= 6; they are the last bits of the step where |p| is about the size of the step). The
+    check restarts the textbook from the fast p every step so the ulps cannot add up."""
+    n = 3 * optim.CHUNK + 123                           # several chunks, a partial one, threads used
+    p_fast = (rng.standard_normal(n) * 0.5).astype(dtype)
+    p_book = p_fast.copy()
+    param = Parameter(p_fast)
+    old = optim.get_num_threads()
+    optim.set_num_threads(4)
+    try:
+        opt = optim.Adam([param], lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decoupled=decoupled)
+        m, v = np.zeros(n, dtype), np.zeros(n, dtype)
+        for t in range(1, 6):
+            g = rng.standard_normal(n).astype(dtype) * (10.0 ** (t - 3))   # gradients across scales
+            param.grad[...] = g
+            p_book[...] = param.data
+            p_old = p_book.copy()
+            g_in = g.copy()
+            opt.step()
+            optim.adam_update(p_book, g, m, v, t, 3e-3, 0.8, 0.99, 1e-6, wd, decoupled)
+            np.testing.assert_array_equal(g, g_in)                        # the textbook does not write g
+            np.testing.assert_array_equal(opt.m[0], m)
+            np.testing.assert_array_equal(opt.v[0], v)
+            ulps = np.abs(param.data - p_book) / np.spacing(np.maximum(np.abs(p_old), np.abs(p_book)))
+            assert ulps.max() <= 8, (t, ulps.max())
+            assert (param.data != p_book).mean() < 0.05                   # mostly identical bits
+    finally:
+        optim.set_num_threads(old)
+
+
+def test_optimizer_has_no_zero_grad():
+    """Gradients are zeroed by the model (Module.zero_grad: one fill of flat_grads), not the optimizer."""
+    assert not hasattr(optim.Optimizer, "zero_grad")

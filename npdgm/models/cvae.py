@@ -12,14 +12,9 @@ dimensions, averaged over the batch, with K = n_samples noise draws eps_k ~ N(0,
 
     loss = mean_b [ (1/K) sum_k -log p(x_b | z_bk, y_b) ] + beta * mean_b KL(q(z|x_b, y_b) || N(0, I))
 
-(= -ELBO of log p(x|y) for beta = 1). The backward is the VAE's; the only new piece is the first
-layer of each network, ``[x | e_y] @ W + b = x @ W[:D] + W[D + y] + b``, whose gradient is
-
-    dW[:D] = x^T dA,   dW[D:] = e^T dA  (row y collects the rows of label y),   db = sum_b dA,
-    dx     = dA W[:D]^T
-
-(:class:`ConditionalMLP`). Written that way the encoder of every class can share the x-part
-``x @ W[:D]``, computed once (``forward_all``), which M2 (:mod:`npdgm.models.m2`) relies on.
+(= -ELBO of log p(x|y) for beta = 1). The backward is the VAE's (:mod:`npdgm.models.elbo`); the only new piece is the first
+layer of each network, ``[x | e_y] @ W + b = x @ W[:D] + W[D + y] + b``
+(:class:`npdgm.nn.ConditionalMLP`, whose docstring has its gradient).
 """
 from __future__ import annotations
 
@@ -28,8 +23,8 @@ import numpy as np
 from .. import backend
 from ..gradcheck import check, register
 from ..io import register_model
-from ..kernels import kl_std_normal_forward, linear_backward, reparameterize_forward, sigmoid_forward
-from ..nn import MLP, Parameter
+from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward
+from ..nn import ConditionalMLP, Parameter
 from .base import Model
 from ..validate import check_int
 from .vae import ELBOMixin, _check_x, _draw, _generator, check_vae_options
@@ -65,70 +60,6 @@ def one_hot(y, num_classes, dtype, xp=np):
     e = np.zeros((len(y), num_classes), dtype=dtype)
     e[np.arange(len(y)), y] = 1
     return xp.asarray(e)
-
-
-class ConditionalMLP(MLP):
-    """An MLP on ``[x | e]`` (x: (N, D) features, e: (N, C) one-hot or any class weights), first layer
-    split as ``x @ W[:D] + e @ W[D:] + b``. Same parameters and names as ``MLP(D + C, ...)``.
-
-    forward(x, e)     rows [x_n | e_n]                                   -> (N, out)
-    forward_all(x)    rows [x_b | e_c] for every class c (class-major:   -> (C * B, out)
-                      row c * B + b), the x-part computed once
-    backward(dy)      accumulates the parameter grads; returns dx (N, D) or (B, D) (for
-                      forward_all: summed over the classes).
-    """
-
-    def __init__(self, in_features, num_classes, hidden, out_features, **kw):
-        super().__init__(int(in_features) + int(num_classes), hidden, out_features, **kw)
-        self.d_in, self.num_classes = int(in_features), int(num_classes)
-        object.__setattr__(self, "_c", None)
-
-    def _first(self, x, e):
-        lin = self.layers[0]
-        D = self.d_in
-        if x.ndim != 2 or x.shape[1] != D:
-            raise ValueError(f"ConditionalMLP expects x of shape (batch, {D}), got {x.shape}")
-        a = x @ lin.W.data[:D] + lin.b.data
-        if e is None:                                       # every class: (C, B, H) -> (C B, H)
-            C, B = self.num_classes, x.shape[0]
-            a = (a[None] + lin.W.data[D:][:, None, :]).reshape(C * B, -1)
-        else:
-            a = a + e @ lin.W.data[D:]
-        return a
-
-    def _rest_forward(self, h):
-        for m in self.layers[1:]:
-            h = m.forward(h)
-        return h
-
-    def forward(self, x, e):
-        if e.shape != (x.shape[0], self.num_classes):
-            raise ValueError(f"class rows must have shape ({x.shape[0]}, {self.num_classes}), got {e.shape}")
-        object.__setattr__(self, "_c", (x, e))
-        return self._rest_forward(self._first(x, e))
-
-    def forward_all(self, x):
-        object.__setattr__(self, "_c", (x, None))
-        return self._rest_forward(self._first(x, None))
-
-    def backward(self, dy, need_dx=True):
-        """Rest of the layers as in Sequential; then the split first layer:
-        dW[:D] += x^T dA,  dW[D:] += e^T dA (forward_all: row c += sum_b dA_cb),  db += sum dA,
-        dx = dA W[:D]^T (forward_all: dA summed over c first)."""
-        for m in self.layers[:0:-1]:
-            dy = m.backward(dy)
-        x, e = self._c
-        lin, D = self.layers[0], self.d_in
-        if e is None:
-            dA3 = dy.reshape(self.num_classes, x.shape[0], -1)
-            lin.W.grad[D:] += dA3.sum(axis=1)
-            dy = dA3.sum(axis=0)
-        else:
-            lin.W.grad[D:] += e.T @ dy
-        dx, dW, db = linear_backward(dy, x, lin.W.data[:D], need_dx)
-        lin.W.grad[:D] += dW
-        lin.b.grad += db
-        return dx
 
 
 class LabelConditioned(Model):

@@ -44,7 +44,8 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, kl_std_nor
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
-from .cvae import ConditionalMLP, LabelConditioned
+from ..nn import ConditionalMLP
+from .cvae import LabelConditioned
 from ..validate import check_float, check_int
 from .vae import _as_noise, _draw, _generator
 

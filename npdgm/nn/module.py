@@ -16,10 +16,17 @@ from .. import backend
 class Parameter:
     """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype).
 
-    ``zeroed`` is True while the gradient is known to hold zeros: set by :meth:`Module.zero_grad`,
-    cleared as soon as anyone touches ``grad`` (reading hands out the array, which may then be
-    written). A backward that finds it set may write its gradient with ``out=`` into ``_grad``
-    instead of adding a temporary (one pass over memory instead of three), and must clear it."""
+    ``zeroed`` is True while the gradient is known to hold zeros: set by :meth:`Module.zero_grad`
+    (and by :meth:`Module.flatten`). A backward that finds it set may write its gradient with ``out=``
+    into ``grad`` instead of adding a temporary (one pass over memory instead of three), and must
+    clear it. Reading ``grad`` changes nothing; the write paths say that they write:
+
+        p.grad += g                    assignment (``+=``, ``-=``, ``=``) goes through the setter,
+                                       which clears ``zeroed``
+        p.accumulate(g, index)         grad[index] += g (a slice of the gradient), clears ``zeroed``
+        p.zeroed = False               after writing into ``p.grad[...]`` by hand between
+                                       ``zero_grad`` and a backward that should add to it
+    """
 
     __slots__ = ("data", "_grad", "zeroed")
 
@@ -30,13 +37,18 @@ class Parameter:
 
     @property
     def grad(self):
-        self.zeroed = False
+        """The gradient array (the same array every time; reading does not change ``zeroed``)."""
         return self._grad
 
     @grad.setter
     def grad(self, value):
         self.zeroed = False
         self._grad = value
+
+    def accumulate(self, g, index=Ellipsis):
+        """grad[index] += g, and the gradient is no longer known to be zero."""
+        self.zeroed = False
+        self._grad[index] += g
 
     @property
     def shape(self):
@@ -82,7 +94,9 @@ class Module:
 
     @property
     def grads(self):
-        """{name: gradient array} of the same layout as :attr:`params`."""
+        """{name: gradient array} of the same layout as :attr:`params` (views; reading changes nothing.
+        Writing into them between ``zero_grad`` and a backward that should add to the written values:
+        clear ``p.zeroed`` as well, or use ``p.grad += ...`` / :meth:`Parameter.accumulate`)."""
         return {n: p.grad for n, p in self.named_parameters()}
 
     def num_parameters(self) -> int:
@@ -121,7 +135,7 @@ class Module:
             view = flat[off:off + n].reshape(p.data.shape)
             view[...] = p.data
             p.data = view
-            p.grad = gflat[off:off + n].reshape(p.data.shape)
+            p._grad = gflat[off:off + n].reshape(p.data.shape)
             p.zeroed = True  # a fresh zero buffer (old gradient values are not carried over)
             off += n
         object.__setattr__(self, "flat_params", flat)
