@@ -167,8 +167,9 @@ def _same(a, b):
 
 def apply_typed(args, run, config, log=print, derived=()):
     """Compare the options typed with ``--resume`` with the stored run (``run`` from the checkpoint,
-    ``config`` the model's, less its ``derived`` keys): apply --epochs/--lr/--clip/--data (and $NPDGM_DATA over a stored data
-    path) to ``run`` and log them; raise ValueError for any other option that differs or is not stored."""
+    ``config`` the model's, less its ``derived`` keys): apply --epochs/--lr/--clip/--data (and
+    $NPDGM_DATA over a stored data path) to ``run`` and log them; raise ValueError, before applying
+    anything, for any other option that differs or is not stored."""
     typed = getattr(args, "typed", None)   # set by cli.main; without it only a given --epochs counts
     typed = {"epochs"} if typed is None and getattr(args, "epochs", None) is not None else typed or set()
     show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
@@ -224,7 +225,7 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
     new_run: tuple of option names kept in the run record, or ``f(args) -> dict``;
     build(run) -> a new model; families: the stored ``run["family"]`` values this command continues;
     derived: model config keys computed from options rather than copied (a typed one is refused)."""
-    from ..io import load_arrays, model_from_arrays
+    from ..io import CheckpointError, load_arrays, model_from_arrays
 
     if not args.resume:
         done = _epochs_done(args.out) if args.epochs == 0 and args.out and not args.overwrite else None
@@ -245,7 +246,12 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
     lock_run(out)
     remove_leftovers(out)
     arrays, meta = load_arrays(out)
-    run = dict(meta.get("run", {}).get("args", {}))
+    run = meta.get("run")
+    run = run.get("args") if isinstance(run, dict) else None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{out}/checkpoint.npz holds no training options (saved by model.save?); "
+                              f"it cannot be resumed")
+    run = dict(run)
     if meta.get("kind") != kind or (families and run.get("family") not in families):
         held = meta.get("kind") if not families else f"{meta.get('kind')} ({run.get('family')})"
         raise ValueError(f"--resume {args.resume}: the checkpoint holds a {held!r} run, not a "
