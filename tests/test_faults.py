@@ -227,6 +227,11 @@ def test_resume_refuses_other_kind_and_other_out(tmp_path, capsys, vae_run):
     assert cli.main(["train", "flow2d", "--resume", flow, "--couplings", "4", "--epochs", "2"]) == 2
     assert "--couplings 4 differs from the run's 2" in _err(capsys)
     assert cli.main(["train", "flow2d", "--resume", flow, "--epochs", "2", "--no-progress"]) == 0
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    npdgm.load(vae_run).save(str(saved / "checkpoint.npz"))     # weights only, no training options
+    assert cli.main(["train", "vae", "--resume", str(saved), "--epochs", "2"]) == 2
+    assert "holds no training options" in _err(capsys)
 
 
 # -- clear errors -----------------------------------------------------------------------------------
