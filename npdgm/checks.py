@@ -1,4 +1,4 @@
-"""The kernel and module gradient checks behind ``npdgm gradcheck`` (models register their own).
+"""The gradient checks behind ``npdgm gradcheck``: kernels, modules and whole models (VAE, CVAE, M2, flows).
 
 Each check builds float64 inputs, including awkward ones (large |logits|, zeros, saturated
 tanh, ReLU inputs kept away from the kink), and compares the hand-written backward with
@@ -182,3 +182,178 @@ def _(rng):
 def _(rng):
     s, v = rng.standard_normal((6, 5)) * 3, rng.standard_normal((6, 5)) * 10
     return kernel_check(K.softmax_expectation_forward, K.softmax_expectation_backward, {"logits": s, "v": v}, rng)
+
+
+# == whole-model checks (moved out of the model files: models never import gradcheck) ================
+# Each perturbs a small float64 model off its initial values and compares loss_and_grad's gradient
+# with central differences of the forward-only loss.
+from .kernels import coupling as C  # noqa: E402
+from .models.cvae import CVAE  # noqa: E402
+from .models.flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, LogitTransform,  # noqa: E402
+                           Permutation, Scaling)
+from .models.m2 import M2  # noqa: E402
+from .models.vae import VAE  # noqa: E402
+
+
+# -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
+def _vae_check(rng, K=1, **kw):
+    model = VAE(**{"x_dim": 7, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K, seed=int(rng.integers(1 << 30)))
+    # perturb all parameters so biases / logvar_x are not trivially zero
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    B = 5
+    x = rng.uniform(0, 1, (B, 7)) if model.likelihood == "bernoulli" else rng.standard_normal((B, 7))
+    if model.likelihood == "bernoulli":
+        x[0] = 0.0
+        x[1, :3] = 1.0
+    eps = rng.standard_normal((K, B, 3))
+    model.loss_and_grad(x, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, eps)[0]), model.params, analytic)
+
+
+for _tag, _kw in [
+    ("bernoulli,relu", dict(activation="relu", likelihood="bernoulli")),
+    ("bernoulli,tanh,beta=0.5,K=3", dict(activation="tanh", likelihood="bernoulli", beta=0.5, K=3)),
+    ("gaussian,sigma=0.7,elu,beta=2", dict(activation="elu", likelihood="gaussian", sigma=0.7, beta=2.0)),
+    ("gaussian,learned,tanh,K=2", dict(activation="tanh", likelihood="gaussian", hidden=(6, 4), K=2)),
+]:
+    register(f"model.vae[{_tag}]")(lambda rng, _kw=_kw: _vae_check(rng, **_kw))
+
+
+# -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
+def _cvae_check(rng, K=1, **kw):
+    model = CVAE(**{"x_dim": 7, "num_classes": 3, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K,
+                 seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    B = 5
+    x = rng.uniform(0, 1, (B, 7)) if model.likelihood == "bernoulli" else rng.standard_normal((B, 7))
+    y = np.array([0, 2, 1, 2, 0])
+    eps = rng.standard_normal((K, B, 3))
+    model.loss_and_grad(x, y, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, y, eps)[0]), model.params, analytic)
+
+
+for _tag, _kw in [
+    ("bernoulli,relu", dict(activation="relu")),
+    ("bernoulli,softplus,beta=0.5,K=2", dict(activation="softplus", beta=0.5, K=2)),
+    ("gaussian,learned,tanh", dict(activation="tanh", likelihood="gaussian", hidden=(6, 4))),
+]:
+    register(f"model.cvae[{_tag}]")(lambda rng, _kw=_kw: _cvae_check(rng, **_kw))
+
+
+# -- finite-difference checks of the whole labelled + unlabelled loss (npdgm gradcheck) -----------
+def _m2_check(rng, parts="both", shared_eps=False, **kw):
+    C, Z, D = 3, 2, 6
+    model = M2(**{"x_dim": D, "num_classes": C, "hidden": (5,), "z_dim": Z, "classifier_hidden": (4,), **kw},
+               seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x_l, y_l = rng.uniform(0, 1, (4, D)), np.array([0, 2, 1, 2])
+    x_u = rng.uniform(0, 1, (3, D))
+    x_u[0] = 0.0
+    eps_l = rng.standard_normal((4, Z))
+    eps_u = rng.standard_normal((3, Z) if shared_eps else (C, 3, Z))
+    args = dict(x_l=x_l, y_l=y_l, eps_l=eps_l) if parts != "unlabelled" else {}
+    if parts != "labelled":
+        args.update(x_u=x_u, eps_u=eps_u)
+    model.loss_and_grad(**args)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(**args)[0]), model.params, analytic)
+
+
+for _tag, _kw in [
+    ("labelled+unlabelled,softplus,alpha=2.5", dict(activation="softplus", alpha=2.5)),
+    ("labelled+unlabelled,tanh,2 hidden,shared eps", dict(activation="tanh", hidden=(5, 4), shared_eps=True)),
+    ("unlabelled only,relu", dict(activation="relu", parts="unlabelled")),
+    ("labelled only,elu,alpha=0.7", dict(activation="elu", parts="labelled", alpha=0.7)),
+    ("labelled+unlabelled,softplus,labelled_weight=0.3", dict(activation="softplus", labelled_weight=0.3)),
+    ("labelled+unlabelled,softplus,beta=2.5", dict(activation="softplus", beta=2.5)),
+]:
+    register(f"model.m2[{_tag}]")(lambda rng, _kw=_kw: _m2_check(rng, **_kw))
+
+
+# -- flows: the loss and the inverse pass of small stacks, and the prior / scale-clamp kernels ---------
+def _flow_grad_report(flow, x, rng):
+    """Finite differences of loss_and_grad (every parameter and x) and of the inverse pass
+    L = sum(f^-1(z) * w) + sum(logdet_inv * v) (every parameter and z)."""
+    flow.forward(x)  # ActNorm data-dependent init happens here, before the check
+    for layer in flow.layers:  # move the parameters off their initial values
+        for p in layer.parameters():
+            if p.data.ndim == 1 and not isinstance(layer, (AdditiveCoupling, AffineCoupling)):
+                p.data += 0.3 * rng.standard_normal(p.data.shape)
+    flow.loss_and_grad(x)
+    analytic = {n: g.copy() for n, g in flow.grads.items()}
+    z, ld = flow.forward(x)
+    dlp = np.full(x.shape[0], -1.0 / x.shape[0])
+    flow.zero_grad()
+    analytic["x"] = flow.backward(flow._prior_b(dlp, z), dlp)
+    rep = check(lambda: -flow.log_prob(x).mean(), {**flow.params, "x": x}, analytic)
+    rep = {f"loss:{k}": v for k, v in rep.items()}
+
+    zz = rng.standard_normal(x.shape) * 0.8
+    w, v = rng.standard_normal(x.shape), rng.standard_normal(x.shape[0])
+    flow.zero_grad()
+    flow.inverse(zz, logdet=True)
+    dz = flow.inverse_backward(w, v)
+    analytic = {n: g.copy() for n, g in flow.grads.items()}
+    analytic["z"] = dz
+
+    def inv_loss():
+        xx, ldi = flow.inverse(zz, logdet=True)
+        return np.sum(xx * w) + np.sum(ldi * v)
+
+    rep.update({f"inverse:{k}": val for k, val in check(inv_loss, {**flow.params, "z": zz}, analytic).items()})
+    return rep
+
+
+def _register_flow_checks():
+    def unit(rng, n, d):
+        return rng.uniform(0.05, 0.95, (n, d))
+
+    cases = {
+        "additive": lambda rng: (Flow([AdditiveCoupling(4, "half", 0, [6], "tanh", seed=1),
+                                       AdditiveCoupling(4, "half", 1, [5, 5], "softplus", seed=2), Scaling(4)],
+                                      prior="logistic"), rng.standard_normal((5, 4))),
+        "affine-tanh": lambda rng: (Flow([AffineCoupling(3, "half", 0, [6], "tanh", "tanh", 1.5, seed=3),
+                                          AffineCoupling(3, "half", 1, [6], "elu", "tanh", 1.0, seed=4)]),
+                                    rng.standard_normal((5, 3))),
+        "affine-atan": lambda rng: (Flow([AffineCoupling(4, "alternate", 0, [6], "tanh", "atan", 2.0, seed=5)]),
+                                    rng.standard_normal((4, 4))),
+        "affine-none": lambda rng: (Flow([AffineCoupling(2, "half", 1, [5], "softplus", "none", seed=6)]),
+                                    rng.standard_normal((4, 2))),
+        "actnorm": lambda rng: (Flow([ActNorm(3), Permutation(3, "random", 1), ActNorm(3)]),
+                                rng.standard_normal((6, 3)) * 2 + 1),
+        "mixed": lambda rng: (Flow([LogitTransform(6, 0.05), ActNorm(6),
+                                    AffineCoupling(6, "checkerboard", 0, [5], "tanh", image_shape=(2, 3), seed=7),
+                                    Permutation(6, "reverse"),
+                                    AdditiveCoupling(6, [1, 0, 0, 1, 1, 0], 0, [5], "tanh", seed=8),
+                                    AffineCoupling(6, "channel", 1, [4], "softplus", image_shape=(2, 1, 3), seed=9),
+                                    Scaling(6)], prior="logistic"), unit(rng, 4, 6)),
+    }
+    for tag, make in cases.items():
+        def fn(rng, make=make):
+            flow, x = make(rng)
+            return _flow_grad_report(flow, x, rng)
+        register(f"model.flow[{tag}]")(fn)
+
+    def kernel_checks(rng):
+        rep = {}
+        z = rng.standard_normal((5, 4)) * 3
+        dl = rng.standard_normal(5)
+        for name in C.PRIORS:
+            f, b = C.prior_logprob(name)
+            rep.update({f"{name}:{k}": v for k, v in
+                        check(lambda: np.sum(f(z) * dl), {"z": z}, {"z": b(dl, z)}).items()})
+        raw = rng.standard_normal((5, 4)) * 3
+        ds = rng.standard_normal((5, 4))
+        for kind in C.SCALE_CLAMPS:
+            s = C.scale_clamp_forward(raw, kind, 1.7)
+            g = C.scale_clamp_backward(ds, raw, s, kind, 1.7)
+            rep[f"clamp-{kind}:raw"] = check(lambda: np.sum(C.scale_clamp_forward(raw, kind, 1.7) * ds),
+                                             {"raw": raw}, {"raw": g})["raw"]
+        return rep
+
+    register("kernel.flow_priors_clamps")(kernel_checks)
+
+
+_register_flow_checks()

@@ -17,13 +17,11 @@ Dimensions are small on purpose (a few KB per case). The float64 set is committe
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 
 from . import backend
 from .kernels import coupling as C
-from .kernels import logsumexp_backward, logsumexp_forward, reparameterize_backward, reparameterize_forward
 from .io import check_config_size
 from .reference import CASES, register
 
@@ -133,38 +131,10 @@ register("vae_gaussian_learned", VAE_FORMULA + ";  NLL = 0.5 sum_d (x - out)^2 e
 
 # -- IWAE --------------------------------------------------------------------------------------------
 def iwae_loss_and_grad(model, x, eps):
-    """The k-sample importance-weighted bound of a :class:`~npdgm.models.vae.VAE` and its gradient.
-
-        log w_kb = log p(x_b | z_kb) + log N(z_kb; 0, I) - log q(z_kb | x_b),   z_kb = mu_b + sigma_b eps_kb
-        iwae_b   = logsumexp_k log w_kb - log K            (the estimate VAE.log_likelihood returns)
-        loss     = -mean_b iwae_b
-
-    Backward (a_kb = softmax_k log w_kb, the normalised importance weights):
-        d loss / d log w_kb = -a_kb / B
-        log p(z) - log q(z|x) = -0.5 sum_j (z^2 - eps^2 - logvar)   (eps held fixed)
-        dz   = decoder.backward(d lpx) - dlogw z;     dlogvar += 0.5 sum_k dlogw   (per latent dim)
-        dmu, dlogvar += reparameterize_backward(dz, logvar, eps);  encoder.backward([dmu | dlogvar])
-    x (B, D), eps (K, B, Z). Fills ``model.grads``; returns (loss, iwae (B,)).
-    """
-    xp, B, Z, K = model.xp, x.shape[0], model.z_dim, eps.shape[0]
-    model.zero_grad()
-    h = model.encoder.forward(x)
-    mu, logvar = h[:, :Z], h[:, Z:]
-    z = reparameterize_forward(mu, logvar, eps)                                     # (K, B, Z)
-    out = model.decoder.forward(z.reshape(K * B, Z))
-    xt = xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
-    lpx = -model._rec_rows(out, xt)
-    logw = lpx.reshape(K, B) - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)     # (K, B)
-    lse = logsumexp_forward(logw, axis=0)
-    iwae = lse - math.log(K)
-    loss = -iwae.mean()
-    dlogw = logsumexp_backward(xp.full(B, -1.0 / B, dtype=model.dtype), logw, lse, axis=0)   # (K, B)
-    d_nll = -dlogw.reshape(K * B)                         # d loss / d NLL rows
-    dz = model.decoder.backward(model._rec_backward(d_nll, out, xt)).reshape(K, B, Z) - dlogw[:, :, None] * z
-    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-    dlogvar += 0.5 * dlogw.sum(axis=0)[:, None]
-    model.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
-    return loss, iwae
+    """The k-sample importance-weighted bound of a VAE and its gradient: ``model.iwae_loss_and_grad(x, eps)``
+    (:meth:`npdgm.VAE.iwae_loss_and_grad`, where the formulas are). x (B, D), eps (K, B, Z).
+    Fills ``model.grads``; returns (loss, iwae (B,))."""
+    return model.iwae_loss_and_grad(x, eps)
 
 
 def _iwae_run(i):
@@ -311,13 +281,7 @@ _clamp_case("tanh", "s = b tanh(raw / b);  draw = ds (1 - (s/b)^2)")
 _clamp_case("atan", "s = (2b/pi) atan(raw / b);  draw = ds (2/pi) / (1 + (raw/b)^2)")
 
 
-# -- CVAE and M2 (registered when their modules exist) ---------------------------------------------
-def _have(mod):
-    import importlib.util
-
-    return importlib.util.find_spec(f"{__package__}.models.{mod}") is not None
-
-
+# -- CVAE and M2 ------------------------------------------------------------------------------------
 CVAE_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, activation="tanh", likelihood="bernoulli", beta=1.0,
                 seed=9)
 M2_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, classifier_hidden=[4], activation="softplus", alpha=2.5,
@@ -357,15 +321,13 @@ def _m2_run(i):
     return {k: backend.to_host(v) for k, v in terms.items()}, _grads(model)
 
 
-if _have("cvae"):
-    register("cvae", VAE_FORMULA.replace("encoder(x)", "encoder([x | onehot(y)])").replace(
-        "decoder(z_k)", "decoder([z_k | onehot(y)])") + ";  NLL = sum_d softplus(out) - x out", _cvae_make)(_cvae_run)
-if _have("m2"):
-    register("m2", "L(x, y) = NLL(x | decoder([z | e_y])) + KL(q(z|x, y) || N(0, I)) + log C, z = mu + e^(lv/2) eps, "
-             "[mu | lv] = encoder([x | e_y]);  q(y|x) = softmax(classifier(x));  "
-             "U(x) = sum_c q(c|x) L(x, c) - H(q(.|x)) with eps_u[c] for class c;  "
-             "loss = mean_l L(x_l, y_l) + alpha mean_l CE(q(.|x_l), y_l) + mean_u U(x_u);  "
-             "grad/<param> = d loss / d param", _m2_make)(_m2_run)
+register("cvae", VAE_FORMULA.replace("encoder(x)", "encoder([x | onehot(y)])").replace(
+    "decoder(z_k)", "decoder([z_k | onehot(y)])") + ";  NLL = sum_d softplus(out) - x out", _cvae_make)(_cvae_run)
+register("m2", "L(x, y) = NLL(x | decoder([z | e_y])) + KL(q(z|x, y) || N(0, I)) + log C, z = mu + e^(lv/2) eps, "
+         "[mu | lv] = encoder([x | e_y]);  q(y|x) = softmax(classifier(x));  "
+         "U(x) = sum_c q(c|x) L(x, c) - H(q(.|x)) with eps_u[c] for class c;  "
+         "loss = mean_l L(x_l, y_l) + alpha mean_l CE(q(.|x_l), y_l) + mean_u U(x_u);  "
+         "grad/<param> = d loss / d param", _m2_make)(_m2_run)
 
 
-CASE_NAMES = sorted(set(CASES) - _BEFORE)  # the cases this module (and the optional models) added
+CASE_NAMES = sorted(set(CASES) - _BEFORE)  # the cases this module added

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import npdgm
-from npdgm import gradcheck
+from npdgm import checks, gradcheck  # noqa: F401  (checks registers the model gradchecks)
 from npdgm.gradcheck import check
 from npdgm.kernels import (log_softmax_backward, log_softmax_forward, softmax_ce_backward, softmax_ce_forward,
                            softmax_entropy_backward, softmax_entropy_forward, softmax_expectation_backward,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import npdgm
-from npdgm import backend, gradcheck
+from npdgm import backend, checks, gradcheck  # noqa: F401  (checks registers the model gradchecks)
 from npdgm.io import CheckpointError
 from npdgm.kernels import coupling as C
 from npdgm.models import flows as F

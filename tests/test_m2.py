@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import npdgm
-from npdgm import gradcheck
+from npdgm import checks, gradcheck  # noqa: F401  (checks registers the model gradchecks)
 from npdgm.commands.m2 import balanced_labels
 from npdgm.gradcheck import check
 from npdgm.models.m2 import M2

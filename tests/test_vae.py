@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import npdgm
-from npdgm import backend, gradcheck
+from npdgm import backend, checks, gradcheck  # noqa: F401  (checks registers the model gradchecks)
 from npdgm.data import load_mnist
 from npdgm.kernels import kl_std_normal_backward, kl_std_normal_forward
 from npdgm.models.vae import VAE
@@ -349,3 +349,86 @@ def test_cupy_matches_numpy(cupy, rng):
         lc, _ = mc.loss_and_grad(cupy.asarray(x), cupy.asarray(eps))
         assert float(lc) == pytest.approx(float(loss), rel=1e-5)
         np.testing.assert_allclose(cupy.asnumpy(mc.flat_grads), g, rtol=1e-3, atol=1e-5)
+
+
+def _gaussian_conditional_mean_case():
+    """A z_dim = 1 Gaussian VAE (learned per-pixel sigma in [2, 3]) and rows observed far out in the prior's
+    tail (decoded at z = 2.5, -2, 1.5): the posterior is a compromise of prior and likelihood, so its mean
+    moves when the likelihood of the observed pixels is weighted differently."""
+    rng = np.random.default_rng(5)
+    m = VAE(x_dim=6, hidden=(8,), z_dim=1, activation="tanh", likelihood="gaussian", sigma=None, seed=2)
+    m.flat_params[...] += rng.standard_normal(m.flat_params.shape) * 0.5
+    m.params["encoder.2.W"][...] = 0
+    m.params["encoder.2.b"][...] = [0.1, 2 * math.log(1.5)]      # wide proposal N(0.1, 1.5^2)
+    m.params["decoder.2.W"][...] *= 3
+    m.params["logvar_x"][...] = np.log(rng.uniform(2.0, 3.0, 6) ** 2)
+    x = m._decode_raw(np.array([[2.5], [-2.0], [1.5]])) + rng.standard_normal((3, 6)) * 0.3
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, 2:4] = True
+    return m, x, mask
+
+
+def _quadrature_conditional_mean(m, x, mask, weight=1.0):
+    """E[x_m | x_o] = int f(z) p(x_o|z)^weight N(z) dz / int p(x_o|z)^weight N(z) dz on a float64 grid,
+    f the decoder mean, p(x_o|z) = prod_{observed d} N(x_d; f_d(z), exp(logvar_x_d))."""
+    zg = np.linspace(-12, 12, 24001)
+    out = m._decode_raw(zg[:, None])                                                  # (G, 6)
+    lv = m.params["logvar_x"]
+    nll = 0.5 * ((x[:, None] - out[None]) ** 2 * np.exp(-lv) + lv + math.log(2 * math.pi))   # (B, G, 6)
+    lw = -weight * (nll * (~mask)[:, None]).sum(2) - 0.5 * zg ** 2
+    w = np.exp(lw - lw.max(1, keepdims=True))
+    return (w @ out) / w.sum(1, keepdims=True)
+
+
+def test_conditional_mean_gaussian_branch_matches_quadrature(f64):
+    """The Gaussian likelihood branch of conditional_mean (issue 14: scaling it by 0.9 used to pass the
+    suite). Brute force in float64: a grid over z. The same integral with the observed likelihood
+    weighted by 0.9 lies > 0.08 away in some entry, the estimate within 0.05 of the right one."""
+    m, x, mask = _gaussian_conditional_mean_case()
+    exact = _quadrature_conditional_mean(m, x, mask)
+    tempered = _quadrature_conditional_mean(m, x, mask, weight=0.9)
+    assert np.abs(tempered - exact)[mask].max() > 0.08                   # the test can tell them apart
+    est = m.conditional_mean(x, mask, k=100_000, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(est[mask], exact[mask], atol=0.05)
+    np.testing.assert_array_equal(est[~mask], x[~mask])
+    # the decoder mean, not a scaled one: mean * 0.9 is off by far more than 0.05
+    assert np.abs(0.9 * est - exact)[mask].max() > 0.08
+
+
+def test_iwae_loss_and_grad_is_a_vae_method(f64, rng):
+    """VAE.iwae_loss_and_grad: the k-sample bound per row equals log_likelihood / log_prob with the same
+    noise; eps=None draws k samples; k disagreeing with eps is refused; the gradient trains."""
+    m = VAE(x_dim=6, hidden=(5,), z_dim=2, activation="tanh", seed=1)
+    x = rng.uniform(0, 1, (4, 6))
+    eps = rng.standard_normal((7, 4, 2))
+
+    class Replay:
+        def standard_normal(self, shape, dtype=None):
+            assert tuple(shape) == eps.shape
+            return eps
+
+    loss, iwae = m.iwae_loss_and_grad(x, eps)
+    np.testing.assert_allclose(iwae, m.log_prob(x, k=7, rng=Replay()), rtol=1e-12)
+    np.testing.assert_allclose(iwae, m.log_likelihood(x, k=7, rng=Replay()), rtol=1e-12)
+    assert float(loss) == pytest.approx(-iwae.mean(), rel=1e-12)
+    l2, iwae2 = m.iwae_loss_and_grad(x, k=7, rng=Replay())
+    np.testing.assert_array_equal(iwae2, iwae)
+    with pytest.raises(ValueError, match="k=3 but eps holds 7"):
+        m.iwae_loss_and_grad(x, eps, k=3)
+    from npdgm.optim import Adam
+
+    opt = Adam(m, lr=0.02)
+    first = float(m.iwae_loss_and_grad(x, eps)[0])
+    for _ in range(30):
+        m.iwae_loss_and_grad(x, eps)
+        opt.step()
+    assert float(m.iwae_loss_and_grad(x, eps)[0]) < first - 0.5
+
+
+def test_log_prob_is_log_likelihood_and_calling_a_vae_says_what_to_call(rng):
+    m = VAE(x_dim=6, hidden=(5,), z_dim=2, seed=1)
+    x = rng.uniform(0, 1, (3, 6)).astype(np.float32)
+    np.testing.assert_array_equal(m.log_prob(x, k=20, rng=3), m.log_likelihood(x, k=20, rng=3))
+    assert "log_likelihood" in VAE.log_prob.__doc__
+    with pytest.raises(TypeError, match=r"call loss\(x, eps\).*log_prob\(x, k\).*sample\(n\)"):
+        m(x)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..gradcheck import check, register
 from ..io import register_model
 from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward
 from ..nn import ConditionalMLP, Parameter
 from .base import Model
 from ..validate import check_int
-from .vae import ELBOMixin, _check_x, _draw, _generator, check_vae_options
+from .elbo import ELBOMixin, draw as _draw, generator as _generator
+from .vae import _check_x, check_vae_options
 
 __all__ = ["CVAE", "LabelConditioned", "ConditionalMLP", "check_labels", "one_hot"]
 
@@ -160,7 +160,7 @@ class CVAE(ELBOMixin, LabelConditioned):
         loss, terms, (xt, mu, logvar, out) = self._forward(x, self._onehot(y), eps)
         if zero_grad:
             self.zero_grad()
-        self._elbo_backward(xt, mu, logvar, eps, out)
+        self._elbo_grad((xt, mu, logvar, eps, out))
         return loss, terms
 
     # -- conditional generation ----------------------------------------------------------------
@@ -190,25 +190,3 @@ class CVAE(ELBOMixin, LabelConditioned):
         B, C = mu.shape[0], self.num_classes
         zz = self.xp.broadcast_to(mu[:, None], (B, C, self.z_dim)).reshape(B * C, self.z_dim)
         return self.decode(zz, np.tile(np.arange(C), B)).reshape(B, C, self.x_dim)
-
-
-# -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
-def _cvae_check(rng, K=1, **kw):
-    model = CVAE(**{"x_dim": 7, "num_classes": 3, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K,
-                 seed=int(rng.integers(1 << 30)))
-    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
-    B = 5
-    x = rng.uniform(0, 1, (B, 7)) if model.likelihood == "bernoulli" else rng.standard_normal((B, 7))
-    y = np.array([0, 2, 1, 2, 0])
-    eps = rng.standard_normal((K, B, 3))
-    model.loss_and_grad(x, y, eps)
-    analytic = {n: g.copy() for n, g in model.grads.items()}
-    return check(lambda: float(model.loss(x, y, eps)[0]), model.params, analytic)
-
-
-for _tag, _kw in [
-    ("bernoulli,relu", dict(activation="relu")),
-    ("bernoulli,softplus,beta=0.5,K=2", dict(activation="softplus", beta=0.5, K=2)),
-    ("gaussian,learned,tanh", dict(activation="tanh", likelihood="gaussian", hidden=(6, 4))),
-]:
-    register(f"model.cvae[{_tag}]")(lambda rng, _kw=_kw: _cvae_check(rng, **_kw))

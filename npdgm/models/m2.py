@@ -36,10 +36,8 @@ import math
 import numpy as np
 
 from .. import backend
-from ..gradcheck import check, register
 from ..io import register_model
-from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, kl_std_normal_backward, kl_std_normal_forward,
-                       reparameterize_backward, reparameterize_forward, sigmoid_forward, softmax_ce_backward,
+from ..kernels import (kl_std_normal_forward, reparameterize_forward, sigmoid_forward, softmax_ce_backward,
                        softmax_ce_forward, softmax_entropy_backward, softmax_entropy_forward,
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
 from ..kernels.activations import get_activation
@@ -47,7 +45,7 @@ from ..nn import INITS, MLP
 from ..nn import ConditionalMLP
 from .cvae import LabelConditioned
 from ..validate import check_float, check_int
-from .vae import _as_noise, _draw, _generator
+from .elbo import as_noise as _as_noise, draw as _draw, elbo_backward, generator as _generator, rec_rows
 
 __all__ = ["M2"]
 
@@ -128,18 +126,15 @@ class M2(LabelConditioned):
         mu, logvar = h[:, :Z], h[:, Z:]
         z = reparameterize_forward(mu, logvar, eps)
         out = self.decoder.forward(z, e)
-        rec = bernoulli_nll_forward(out, xt)
+        rec = rec_rows(self, out, xt)
         kl = kl_std_normal_forward(mu, logvar)
         return rec + beta * kl - self.log_prior_y, (rec, kl, xt, mu, logvar, eps, out, beta)
 
     def _elbo_backward(self, d_rows, cache):
-        """Backward of sum(d_rows * L rows) through decoder, reparameterization, KL and encoder."""
+        """Backward of sum(d_rows * L rows): the shared ELBO backward (:func:`npdgm.models.elbo.elbo_backward`)
+        with weight d_rows on each row's -log p(x|y, z) and d_rows * beta on its KL."""
         rec, kl, xt, mu, logvar, eps, out, beta = cache
-        dout = bernoulli_nll_backward(d_rows, out, xt)
-        dz = self.decoder.backward(dout)
-        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-        dmu_kl, dlv_kl = kl_std_normal_backward(d_rows * beta, mu, logvar)
-        self.encoder.backward(self.xp.concatenate([dmu + dmu_kl, dlogvar + dlv_kl], axis=1), need_dx=False)
+        elbo_backward(self, d_rows, d_rows * beta, (xt, mu, logvar, eps, out))
 
     def _labelled(self, x, y, eps, backward):
         xp, B = self.xp, x.shape[0]
@@ -278,33 +273,3 @@ class M2(LabelConditioned):
         B, C = mu.shape[0], self.num_classes
         zz = self.xp.broadcast_to(mu[:, None], (B, C, self.z_dim)).reshape(B * C, self.z_dim)
         return self.decode(zz, np.tile(np.arange(C), B)).reshape(B, C, self.x_dim)
-
-
-# -- finite-difference checks of the whole labelled + unlabelled loss (npdgm gradcheck) -----------
-def _m2_check(rng, parts="both", shared_eps=False, **kw):
-    C, Z, D = 3, 2, 6
-    model = M2(**{"x_dim": D, "num_classes": C, "hidden": (5,), "z_dim": Z, "classifier_hidden": (4,), **kw},
-               seed=int(rng.integers(1 << 30)))
-    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
-    x_l, y_l = rng.uniform(0, 1, (4, D)), np.array([0, 2, 1, 2])
-    x_u = rng.uniform(0, 1, (3, D))
-    x_u[0] = 0.0
-    eps_l = rng.standard_normal((4, Z))
-    eps_u = rng.standard_normal((3, Z) if shared_eps else (C, 3, Z))
-    args = dict(x_l=x_l, y_l=y_l, eps_l=eps_l) if parts != "unlabelled" else {}
-    if parts != "labelled":
-        args.update(x_u=x_u, eps_u=eps_u)
-    model.loss_and_grad(**args)
-    analytic = {n: g.copy() for n, g in model.grads.items()}
-    return check(lambda: float(model.loss(**args)[0]), model.params, analytic)
-
-
-for _tag, _kw in [
-    ("labelled+unlabelled,softplus,alpha=2.5", dict(activation="softplus", alpha=2.5)),
-    ("labelled+unlabelled,tanh,2 hidden,shared eps", dict(activation="tanh", hidden=(5, 4), shared_eps=True)),
-    ("unlabelled only,relu", dict(activation="relu", parts="unlabelled")),
-    ("labelled only,elu,alpha=0.7", dict(activation="elu", parts="labelled", alpha=0.7)),
-    ("labelled+unlabelled,softplus,labelled_weight=0.3", dict(activation="softplus", labelled_weight=0.3)),
-    ("labelled+unlabelled,softplus,beta=2.5", dict(activation="softplus", beta=2.5)),
-]:
-    register(f"model.m2[{_tag}]")(lambda rng, _kw=_kw: _m2_check(rng, **_kw))

@@ -50,20 +50,18 @@ import math
 import numpy as np
 
 from .. import backend
-from ..gradcheck import check, register
 from ..io import register_model
-from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
-                       kl_std_normal_backward, kl_std_normal_forward, reparameterize_backward,
-                       reparameterize_forward, sigmoid_forward, softplus_forward)
+from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
-from ..validate import as_rng, check_float, check_int
+from ..validate import check_float, check_int
 from .base import Model
+from .elbo import ELBOMixin, iwae_backward, iwae_forward, log_weights
+from .elbo import as_noise as _as_noise, draw as _draw, generator as _generator  # noqa: F401  (old names)
 
 __all__ = ["VAE"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
-LOG_2PI = math.log(2 * math.pi)
 
 
 def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init):
@@ -114,36 +112,6 @@ def _check_x(model, x, name="x"):
     return x
 
 
-def _generator(model, rng):
-    """The noise generator once per call: ``rng`` None -> the model's own generator, an int seed ->
-    a fresh host Generator, a Generator -> itself. Convert ONCE per method and pass the Generator on,
-    so that successive draws (chunks, labelled and unlabelled noise) continue one stream instead of
-    restarting the same seed."""
-    if rng is None:
-        return model._noise
-    return rng if hasattr(rng, "standard_normal") else as_rng(rng)   # a Generator, or anything that draws like one
-
-
-def _draw(model, shape, rng):
-    """Standard normal noise in the model dtype/backend from a NumPy/CuPy Generator or int seed
-    (default: the model's own generator)."""
-    rng = _generator(model, rng)
-    eps = rng.standard_normal(shape, dtype=np.float32 if model.dtype == np.float32 else np.float64)
-    return model.xp.asarray(eps).astype(model.dtype, copy=False)
-
-
-def _as_noise(model, eps, shape, name="eps"):
-    if eps.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(eps.shape)}")
-    if eps.dtype.kind != "f":
-        raise TypeError(f"{name} must be a float array, got dtype {eps.dtype}")
-    xp = model.xp
-    eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
-    eps = eps.astype(model.dtype, copy=False)
-    backend.check_finite(name, eps)       # NaN/inf noise would turn the whole loss into NaN silently
-    return eps
-
-
 def _check_fill(model, fill, x_shape):
     """The initial value of missing pixels: a finite scalar, (x_dim,) or x-shaped array, as a model-dtype array."""
     xp = model.xp
@@ -156,63 +124,6 @@ def _check_fill(model, fill, x_shape):
     fill = fill.astype(model.dtype, copy=False)
     backend.check_finite("fill", fill)
     return fill
-
-
-class ELBOMixin:
-    """What VAE and CVAE share: the decoder likelihood p(x|z) and the backward of the ELBO loss
-    L = mean_rows [-log p(x|z)] + beta mean_b KL(q(z|x) || N(0, I)) through decoder, reparameterization
-    and encoder (the model provides ``encoder``/``decoder`` modules with backward(dy, need_dx))."""
-
-    @property
-    def learned_sigma(self):
-        return self.likelihood == "gaussian" and self.sigma is None
-
-    def _logvar_x(self):
-        """The decoder log-variance: the learned (D,) parameter or the fixed scalar 2 log sigma."""
-        if self.learned_sigma:
-            return self.logvar_x.data
-        return self.xp.asarray(2 * math.log(self.sigma), dtype=self.dtype)
-
-    def _eps(self, eps, B, rng):
-        """Training noise (K, B, z_dim): ``eps`` checked ((S, B, z_dim) or (B, z_dim)), or n_samples draws
-        from ``rng`` (default: the model's own generator) when None."""
-        if eps is None:
-            return _draw(self, (self.n_samples, B, self.z_dim), rng)
-        if getattr(eps, "ndim", None) == 2:
-            eps = eps[None]
-        if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (B, self.z_dim):
-            raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {B}, {self.z_dim}) with S >= 1 "
-                             f"(or ({B}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
-        return _as_noise(self, eps, eps.shape)
-
-    def _rec_rows(self, out, xt):
-        """-log p(x|z) per decoder row (summed over pixels)."""
-        if self.likelihood == "bernoulli":
-            return bernoulli_nll_forward(out, xt)
-        return gaussian_nll_forward(out, xt, self._logvar_x())
-
-    def _rec_backward(self, d_rows, out, xt):
-        """d loss / d out for loss = sum_rows d_rows * (-log p(x|z)); with a learned sigma it also adds
-        d loss / d logvar_x into ``logvar_x.grad``."""
-        if self.likelihood == "bernoulli":
-            return bernoulli_nll_backward(d_rows, out, xt)
-        dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, self._logvar_x())
-        if self.learned_sigma:
-            self.logvar_x.grad += dlv_x
-        return dout
-
-    def _elbo_backward(self, xt, mu, logvar, eps, out):
-        """dL/dout = (1/KB) d(-log p)/dout  (and dL/dlogvar_x when learned) -> decoder backward ->
-        dz (K, B, Z) -> reparameterization backward -> + beta/B dKL/d(mu, logvar) -> encoder backward."""
-        xp, B, K, Z = self.xp, mu.shape[0], eps.shape[0], self.z_dim
-        d_rows = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)        # d loss / d rec_rows
-        dz = self.decoder.backward(self._rec_backward(d_rows, out, xt)).reshape(K, B, Z)
-        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-        if self.beta:
-            dmu_kl, dlv_kl = kl_std_normal_backward(xp.full(B, self.beta / B, dtype=self.dtype), mu, logvar)
-            dmu += dmu_kl
-            dlogvar += dlv_kl
-        self.encoder.backward(xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
 
 
 @register_model
@@ -304,8 +215,41 @@ class VAE(ELBOMixin, Model):
         loss, terms, (xt, mu, logvar, eps, out) = self._forward(x, eps)
         if zero_grad:
             self.zero_grad()
-        self._elbo_backward(xt, mu, logvar, eps, out)
+        self._elbo_grad((xt, mu, logvar, eps, out))
         return loss, terms
+
+    def iwae_loss_and_grad(self, x, eps=None, k=None, rng=None, *, zero_grad=True, check=True):
+        """The k-sample importance-weighted bound (Burda et al. 2016) and its gradient:
+
+            log w_kb = log p(x_b|z_kb) + log N(z_kb; 0, I) - log q(z_kb|x_b),  z_kb = mu_b + sigma_b eps_kb
+            iwae_b   = logsumexp_k log w_kb - log k       (the estimate :meth:`log_likelihood` returns)
+            loss     = -mean_b iwae_b                      (nats per image; k = 1: the one-sample -ELBO)
+
+        The gradient flows through the normalized importance weights a_kb = softmax_k log w_kb
+        (:func:`npdgm.models.elbo.iwae_backward`), so it is also a training objective (IWAE).
+        x (B, x_dim); eps (k, B, z_dim) noise, or None: ``k`` draws (default n_samples) from ``rng``
+        (default: the model's generator). Returns ``(loss, iwae)``: a 0-d array and the per-row bound
+        (B,). ``self.grads`` holds d loss / d param (zeroed first unless ``zero_grad=False``)."""
+        if check:
+            x = self.check_x(x)
+        B = x.shape[0]
+        if eps is None:
+            k = self.n_samples if k is None else check_int(k, "k", lo=1)
+            eps = _draw(self, (k, B, self.z_dim), rng)
+        else:
+            eps = self._eps(eps, B, None)
+            if k is not None and check_int(k, "k", lo=1) != eps.shape[0]:
+                raise ValueError(f"k={k} but eps holds {eps.shape[0]} samples; give one of them")
+        iwae, cache = iwae_forward(self, x, self.encoder.forward(x), eps, self.decoder.forward)
+        loss = -iwae.mean()
+        if zero_grad:
+            self.zero_grad()
+        iwae_backward(self, self.xp.full(B, 1.0 / B, dtype=self.dtype), cache)
+        return loss, iwae
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"a {type(self).__name__} has no single forward: call loss(x, eps) or loss_and_grad(x, eps) "
+                        f"for the training loss, log_prob(x, k) for log p(x), encode(x) / decode(z), or sample(n)")
 
     # -- what a VAE is used for ----------------------------------------------------------------
     def encode(self, x):
@@ -359,21 +303,20 @@ class VAE(ELBOMixin, Model):
         xp, B, Z = self.xp, x.shape[0], self.z_dim
         rng = _generator(self, rng)                                         # one stream for all chunks
         mu, logvar = self.encode(x)
-        std = xp.exp(0.5 * logvar)
         logw = xp.empty((k, B), dtype=np.float64)
         per = max(1, chunk // B)
         for s in range(0, k, per):
             c = min(per, k - s)
             eps = _draw(self, (c, B, Z), rng)
-            z = mu + std * eps                                              # (c, B, Z)
-            out = self.decoder.forward(z.reshape(c * B, Z))
-            xt = xp.broadcast_to(x, (c,) + x.shape).reshape(c * B, -1)
-            lpx = -self._rec_rows(out, xt)
-            # log p(z) - log q(z|x) = -0.5 sum (z^2 - eps^2 - logvar)
-            lpz_lq = -0.5 * (z * z - eps * eps - logvar).sum(axis=2)          # (c, B)
-            logw[s:s + c] = lpx.reshape(c, B) + lpz_lq
+            logw[s:s + c] = log_weights(self, x, mu, logvar, eps, self.decoder.forward)[0]
         m = logw.max(axis=0)
         return m + xp.log(xp.exp(logw - m).sum(axis=0)) - math.log(k)
+
+    def log_prob(self, x, k=1000, rng=None, chunk=1 << 15):
+        """log p(x) per row (B,), nats: the IWAE estimate with k importance samples. The same method as
+        :meth:`log_likelihood` (``log_prob`` is the torch.distributions / flows name, ``log_likelihood``
+        the original one; both stay)."""
+        return self.log_likelihood(x, k=k, rng=rng, chunk=chunk)
 
     def impute(self, x, mask, steps=50, fill=0.0):
         """Fill the missing pixels of ``x`` (``mask`` True = missing) by iterating
@@ -418,9 +361,6 @@ class VAE(ELBOMixin, Model):
         rng = _generator(self, rng)                              # one stream for all chunks
         x_fill = xp.where(mask, _check_fill(self, fill, x_obs.shape), x_obs).astype(self.dtype, copy=False)
         mu, logvar = self.encode(x_fill)
-        std = xp.exp(0.5 * logvar)
-        obs = (~mask).astype(self.dtype)
-        lv_x = None if self.likelihood == "bernoulli" else self._logvar_x()
         B, Z = x_obs.shape[0], self.z_dim
         per = max(1, chunk // B)
         m_run = xp.full(B, -np.inf)                              # running max of log w (float64)
@@ -429,16 +369,11 @@ class VAE(ELBOMixin, Model):
         for s in range(0, k, per):
             c = min(per, k - s)
             eps = _draw(self, (c, B, Z), rng)
-            z = mu + std * eps
-            out = self.decoder.forward(z.reshape(c * B, Z)).reshape(c, B, -1)
-            if self.likelihood == "bernoulli":
-                lpx = -((softplus_forward(out) - x_obs * out) * obs).sum(axis=2)
-                mean = sigmoid_forward(out)
-            else:
-                lv = xp.broadcast_to(xp.asarray(lv_x, dtype=self.dtype), out.shape[1:])
-                lpx = -(0.5 * ((x_obs - out) ** 2 * xp.exp(-lv) + lv + LOG_2PI) * obs).sum(axis=2)
-                mean = out
-            logw = (lpx - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)).astype(np.float64)   # (c, B)
+            # log p(x_o | z) + log p(z) - log q(z | x~), up to a per-row constant that the weights cancel
+            logw, (_, out, _) = log_weights(self, x_obs, mu, logvar, eps, self.decoder.forward, observed=~mask)
+            out = out.reshape(c, B, -1)
+            mean = sigmoid_forward(out) if self.likelihood == "bernoulli" else out          # E[x | z_i]
+            logw = logw.astype(np.float64)                                                    # (c, B)
             m_new = xp.maximum(m_run, logw.max(axis=0))
             scale = xp.exp(m_run - m_new)
             w = xp.exp(logw - m_new)                                                          # (c, B) in [0, 1]
@@ -449,28 +384,3 @@ class VAE(ELBOMixin, Model):
             m_run = m_new
         est = (acc / s_run[:, None]).astype(self.dtype)
         return xp.where(mask, est, x_obs)
-
-
-# -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
-def _vae_check(rng, K=1, **kw):
-    model = VAE(**{"x_dim": 7, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K, seed=int(rng.integers(1 << 30)))
-    # perturb all parameters so biases / logvar_x are not trivially zero
-    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
-    B = 5
-    x = rng.uniform(0, 1, (B, 7)) if model.likelihood == "bernoulli" else rng.standard_normal((B, 7))
-    if model.likelihood == "bernoulli":
-        x[0] = 0.0
-        x[1, :3] = 1.0
-    eps = rng.standard_normal((K, B, 3))
-    model.loss_and_grad(x, eps)
-    analytic = {n: g.copy() for n, g in model.grads.items()}
-    return check(lambda: float(model.loss(x, eps)[0]), model.params, analytic)
-
-
-for _tag, _kw in [
-    ("bernoulli,relu", dict(activation="relu", likelihood="bernoulli")),
-    ("bernoulli,tanh,beta=0.5,K=3", dict(activation="tanh", likelihood="bernoulli", beta=0.5, K=3)),
-    ("gaussian,sigma=0.7,elu,beta=2", dict(activation="elu", likelihood="gaussian", sigma=0.7, beta=2.0)),
-    ("gaussian,learned,tanh,K=2", dict(activation="tanh", likelihood="gaussian", hidden=(6, 4), K=2)),
-]:
-    register(f"model.vae[{_tag}]")(lambda rng, _kw=_kw: _vae_check(rng, **_kw))

@@ -1,0 +1,204 @@
+"""The ELBO and IWAE objectives of the VAE family and their ONE backward (VAE, CVAE and M2 use it).
+
+Given the encoder output (mu, logvar) (B, Z), noise eps (K, B, Z) (M2: (N, Z) rows), the
+reparameterized z = mu + exp(logvar / 2) eps, the decoder output ``out`` (K B, D) for z and the
+targets ``xt`` (x repeated per sample, (K B, D)):
+
+ELBO (per-row weights ``d_rec`` (K B,) on -log p(x|z) and ``d_kl`` (B,) on KL(q(z|x) || N(0, I))):
+
+    L       = sum_n d_rec_n (-log p(x_n | z_n)) + sum_b d_kl_b KL_b
+    dout    = likelihood backward(d_rec)              Bernoulli: d_rec (sigmoid(out) - x)
+                                                      Gaussian:  d_rec (out - x) exp(-logvar_x)
+                                                      (+ d logvar_x with a learned sigma)
+    dz      = decoder.backward(dout)                  (K, B, Z)
+    dmu     = sum_k dz_k                  + d_kl mu
+    dlogvar = sum_k dz_k eps_k e^(logvar/2) / 2 + d_kl (e^logvar - 1) / 2
+    encoder.backward([dmu | dlogvar])
+
+IWAE (Burda et al. 2016; docs/iwae-logsumexp.md), the k-sample bound per row and its gradient:
+
+    log w_kb = log p(x_b | z_kb) + log N(z_kb; 0, I) - log q(z_kb | x_b)
+             = -nll_kb - 0.5 sum_j (z_kbj^2 - eps_kbj^2 - logvar_bj)      (log 2 pi terms cancel)
+    iwae_b   = logsumexp_k log w_kb - log K
+    a_kb     = softmax_k log w_kb                      (the normalized importance weights)
+    for L = sum_b d_b (-iwae_b):  dlogw_kb = -d_b a_kb
+    dz      = decoder.backward(likelihood backward(-dlogw)) - dlogw z      (eps held fixed)
+    dmu, dlogvar = reparameterize backward(dz);  dlogvar += 0.5 sum_k dlogw
+    encoder.backward([dmu | dlogvar])
+
+The model provides ``encoder`` and ``decoder`` modules (``backward(dy, need_dx)``), ``likelihood``
+("bernoulli" | "gaussian"), ``sigma`` / ``logvar_x`` for the Gaussian, ``xp`` and ``dtype``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
+                       kl_std_normal_backward, logsumexp_backward, logsumexp_forward, reparameterize_backward,
+                       reparameterize_forward)
+from ..validate import as_rng
+
+__all__ = ["ELBOMixin", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_forward", "iwae_backward",
+           "generator", "draw", "as_noise"]
+
+
+# -- noise ------------------------------------------------------------------------------------------
+def generator(model, rng):
+    """The noise generator once per call: ``rng`` None -> the model's own generator, an int seed ->
+    a fresh host Generator, a Generator -> itself. Convert ONCE per method and pass the Generator on,
+    so that successive draws (chunks, labelled and unlabelled noise) continue one stream instead of
+    restarting the same seed."""
+    if rng is None:
+        return model._noise
+    return rng if hasattr(rng, "standard_normal") else as_rng(rng)   # a Generator, or anything that draws like one
+
+
+def draw(model, shape, rng):
+    """Standard normal noise of ``shape`` in the model dtype/backend from a NumPy/CuPy Generator or int
+    seed (default: the model's own generator)."""
+    rng = generator(model, rng)
+    eps = rng.standard_normal(shape, dtype=np.float32 if model.dtype == np.float32 else np.float64)
+    return model.xp.asarray(eps).astype(model.dtype, copy=False)
+
+
+def as_noise(model, eps, shape, name="eps"):
+    """Given noise checked to be a finite float array of ``shape``, as a model-dtype backend array."""
+    if eps.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(eps.shape)}")
+    if eps.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {eps.dtype}")
+    xp = model.xp
+    eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
+    eps = eps.astype(model.dtype, copy=False)
+    backend.check_finite(name, eps)       # NaN/inf noise would turn the whole loss into NaN silently
+    return eps
+
+
+# -- the likelihood p(x|z), one row per decoder output row -------------------------------------------
+def learned_sigma(model):
+    return getattr(model, "likelihood", "bernoulli") == "gaussian" and model.sigma is None
+
+
+def logvar_x(model):
+    """The Gaussian decoder log-variance: the learned (D,) parameter or the fixed scalar 2 log sigma."""
+    if learned_sigma(model):
+        return model.logvar_x.data
+    return model.xp.asarray(2 * math.log(model.sigma), dtype=model.dtype)
+
+
+def rec_rows(model, out, xt):
+    """-log p(x|z) per decoder row (summed over pixels): out, xt (N, D) -> (N,)."""
+    if model.likelihood == "bernoulli":
+        return bernoulli_nll_forward(out, xt)
+    return gaussian_nll_forward(out, xt, logvar_x(model))
+
+
+def rec_backward(model, d_rows, out, xt):
+    """d L / d out (N, D) for L = sum_n d_rows_n (-log p(x_n | z_n)); with a learned sigma it also adds
+    d L / d logvar_x into ``model.logvar_x.grad``."""
+    if model.likelihood == "bernoulli":
+        return bernoulli_nll_backward(d_rows, out, xt)
+    dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, logvar_x(model))
+    if learned_sigma(model):
+        model.logvar_x.grad += dlv_x
+    return dout
+
+
+# -- the ELBO backward ------------------------------------------------------------------------------
+def elbo_backward(model, d_rec, d_kl, cache):
+    """Backward of  L = sum_n d_rec_n (-log p(x_n|z_n)) + sum_b d_kl_b KL(q(z|x_b) || N(0, I))  through
+    decoder, reparameterization, KL and encoder (see the module docstring); accumulates into the
+    model's gradients. cache = (xt, mu, logvar, eps, out) of the forward; d_rec (N,) with N = the
+    decoder rows (K B), d_kl (B,) or None (beta = 0: no KL term)."""
+    xt, mu, logvar, eps, out = cache
+    dz = model.decoder.backward(rec_backward(model, d_rec, out, xt)).reshape(eps.shape)
+    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+    if d_kl is not None:
+        dmu_kl, dlv_kl = kl_std_normal_backward(d_kl, mu, logvar)
+        dmu += dmu_kl
+        dlogvar += dlv_kl
+    model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+
+
+# -- IWAE ----------------------------------------------------------------------------------------------
+def log_weights(model, x, mu, logvar, eps, decode, observed=None):
+    """log w (K, B) = log p(x|z) + log N(z; 0, I) - log q(z|x) = -nll - 0.5 sum_j (z^2 - eps^2 - logvar)
+    for z = reparameterize(mu, logvar, eps), x (B, D), mu/logvar (B, Z), eps (K, B, Z);
+    ``decode(z (K B, Z)) -> out (K B, D)`` runs the decoder. Returns (logw, (z, out, xt)).
+
+    ``observed`` (B, D) bool: the likelihood of those pixels only, log p(x_o|z). The rows are the same
+    likelihood rows with the other pixels set to out = x = 0, where each contributes a constant
+    (log 2 Bernoulli, (logvar_x + log 2 pi)/2 Gaussian) that does not depend on z: the same for all
+    K samples of a row, so it cancels in the normalized weights softmax_k log w (not in log w itself)."""
+    xp, B, Z, K = model.xp, x.shape[0], mu.shape[1], eps.shape[0]
+    z = reparameterize_forward(mu, logvar, eps)                                     # (K, B, Z)
+    out = decode(z.reshape(K * B, Z))
+    xt = xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
+    if observed is None:
+        nll = rec_rows(model, out, xt)
+    else:
+        keep = xp.broadcast_to(observed, (K,) + x.shape).reshape(K * B, -1)
+        nll = rec_rows(model, xp.where(keep, out, 0), xp.where(keep, xt, 0))
+    logw = -nll.reshape(K, B) - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)
+    return logw, (z, out, xt)
+
+
+def iwae_forward(model, x, h, eps, decode):
+    """IWAE bound per row from the encoder output h = [mu | logvar] (B, 2Z) and noise eps (K, B, Z);
+    ``decode(z (K B, Z)) -> out (K B, D)`` runs the decoder. Returns (iwae (B,), cache)."""
+    Z, K = h.shape[1] // 2, eps.shape[0]
+    mu, logvar = h[:, :Z], h[:, Z:]
+    logw, (z, out, xt) = log_weights(model, x, mu, logvar, eps, decode)
+    lse = logsumexp_forward(logw, axis=0)
+    return lse - math.log(K), (xt, mu, logvar, eps, out, z, logw, lse)
+
+
+def iwae_backward(model, d_neg_iwae, cache):
+    """Backward of L = sum_b d_neg_iwae_b (-iwae_b) through the normalized importance weights,
+    decoder, reparameterization and encoder; accumulates into the model's gradients."""
+    xt, mu, logvar, eps, out, z, logw, lse = cache
+    K, B, Z = eps.shape
+    dlogw = logsumexp_backward(-d_neg_iwae, logw, lse, axis=0)                     # (K, B) = -d a_kb
+    d_nll = -dlogw.reshape(K * B)                                                   # d L / d nll rows
+    dz = model.decoder.backward(rec_backward(model, d_nll, out, xt)).reshape(K, B, Z) - dlogw[:, :, None] * z
+    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+    dlogvar += 0.5 * dlogw.sum(axis=0)[:, None]
+    model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+
+
+class ELBOMixin:
+    """What VAE and CVAE share: the decoder likelihood p(x|z) and the training noise (the backward is
+    :func:`elbo_backward`)."""
+
+    @property
+    def learned_sigma(self):
+        return learned_sigma(self)
+
+    def _logvar_x(self):
+        return logvar_x(self)
+
+    def _rec_rows(self, out, xt):
+        """-log p(x|z) per decoder row (summed over pixels)."""
+        return rec_rows(self, out, xt)
+
+    def _eps(self, eps, B, rng):
+        """Training noise (K, B, z_dim): ``eps`` checked ((S, B, z_dim) or (B, z_dim)), or n_samples draws
+        from ``rng`` (default: the model's own generator) when None."""
+        if eps is None:
+            return draw(self, (self.n_samples, B, self.z_dim), rng)
+        if getattr(eps, "ndim", None) == 2:
+            eps = eps[None]
+        if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (B, self.z_dim):
+            raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {B}, {self.z_dim}) with S >= 1 "
+                             f"(or ({B}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
+        return as_noise(self, eps, eps.shape)
+
+    def _elbo_grad(self, cache):
+        """The batch-mean ELBO loss's backward: d_rec = 1/(K B) per decoder row, d_kl = beta/B per row."""
+        xp, B, K = self.xp, cache[1].shape[0], cache[3].shape[0]
+        d_rec = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)
+        d_kl = xp.full(B, self.beta / B, dtype=self.dtype) if self.beta else None
+        elbo_backward(self, d_rec, d_kl, cache)
