@@ -231,3 +231,32 @@ def test_cli_train_cvae_and_resume(tmp_path):
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in recs] == [1, 2]
     assert recs[1]["test_nelbo"] < recs[0]["test_nelbo"]
+
+
+def test_cvae_log_prob_is_the_iwae_estimate_of_log_p_x_given_y(f64, rng):
+    """CVAE.log_prob(x, y, k) = log_likelihood: logsumexp_k [log p(x|z_k, y) + log N(z_k) - log q(z_k|x, y)]
+    - log k, written out here with numpy from encode/decode and the same noise; more samples, a larger bound."""
+    m = CVAE(x_dim=6, num_classes=3, hidden=(5,), z_dim=2, activation="tanh", seed=4)
+    m.flat_params[...] += rng.standard_normal(m.flat_params.shape) * 0.3
+    x, y = rng.uniform(0, 1, (4, 6)), np.array([0, 2, 1, 2])
+    eps = rng.standard_normal((9, 4, 2))
+
+    class Replay:
+        def standard_normal(self, shape, dtype=None):
+            assert tuple(shape) == eps.shape
+            return eps
+
+    mu, lv = m.encode(x, y)
+    z = mu + np.exp(lv / 2) * eps                                                       # (9, 4, 2)
+    p = m.decode(z.reshape(36, 2), np.tile(y, 9)).reshape(9, 4, 6)
+    lpx = (x * np.log(p) + (1 - x) * np.log1p(-p)).sum(2)
+    logw = lpx - 0.5 * (z ** 2).sum(2) + 0.5 * (eps ** 2 + lv).sum(2)
+    want = np.log(np.exp(logw).mean(0))
+    np.testing.assert_allclose(m.log_prob(x, y, k=9, rng=Replay()), want, rtol=1e-10)
+    np.testing.assert_allclose(m.log_likelihood(x, y, k=9, rng=Replay()), want, rtol=1e-10)
+    np.testing.assert_allclose(m.log_prob(x, y, k=9, rng=3, chunk=8), m.log_prob(x, y, k=9, rng=3), rtol=1e-12)
+    assert m.log_prob(x, y, k=500, rng=0).mean() > m.log_prob(x, y, k=1, rng=0).mean()
+    with pytest.raises(ValueError, match="4 labels but there are 3 images"):
+        m.log_prob(x[:3], y, k=2)
+    with pytest.raises(TypeError, match=r"call loss\(x, y, eps\).*log_prob\(x, y, k\).*sample\(y\)"):
+        m(x, y)

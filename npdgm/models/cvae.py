@@ -26,7 +26,7 @@ from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_for
 from ..nn import ConditionalMLP, Parameter
 from .base import Model
 from ..validate import check_int
-from .elbo import ELBOMixin, draw as _draw, generator as _generator
+from .elbo import ELBOMixin, draw as _draw, generator as _generator, iwae_estimate
 from .vae import _check_x, check_vae_options
 
 __all__ = ["CVAE", "LabelConditioned", "ConditionalMLP", "check_labels", "one_hot"]
@@ -162,6 +162,36 @@ class CVAE(ELBOMixin, LabelConditioned):
             self.zero_grad()
         self._elbo_grad((xt, mu, logvar, eps, out))
         return loss, terms
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"a {type(self).__name__} has no single forward: call loss(x, y, eps) or "
+                        f"loss_and_grad(x, y, eps) for the training loss, log_prob(x, y, k) for log p(x|y), "
+                        f"encode(x, y) / decode(z, y), or sample(y)")
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def log_likelihood(self, x, y, k=1000, rng=None, chunk=1 << 15):
+        """Importance-weighted estimate of log p(x|y) per row (B,), nats (Burda et al. 2016), as
+        :meth:`npdgm.VAE.log_likelihood` with the label y (B,) on encoder and decoder:
+
+            log p(x|y) ~= logsumexp_i [log p(x|z_i, y) + log p(z_i) - log q(z_i|x, y)] - log k,  z_i ~ q(z|x, y).
+
+        k samples in blocks of at most ``chunk`` decoder rows; log-weights reduced in float64."""
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        k = check_int(k, "k", lo=1)
+        chunk = check_int(chunk, "chunk", lo=1)
+        e = self._onehot(y)
+        h = self.encoder.forward(x, e)
+        mu, logvar = h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
+
+        def decode(z, c):
+            return self.decoder.forward(z, self.xp.broadcast_to(e, (c,) + e.shape).reshape(c * e.shape[0], -1))
+        return iwae_estimate(self, x, mu, logvar, k, rng, chunk, decode, noise=_draw)
+
+    def log_prob(self, x, y, k=1000, rng=None, chunk=1 << 15):
+        """log p(x|y) per row (B,), nats: the IWAE estimate with k importance samples. The same method as
+        :meth:`log_likelihood` (``log_prob`` is the torch.distributions / flows name; both stay)."""
+        return self.log_likelihood(x, y, k=k, rng=rng, chunk=chunk)
 
     # -- conditional generation ----------------------------------------------------------------
     def decode(self, z, y):

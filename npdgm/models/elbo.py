@@ -41,7 +41,7 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_n
                        reparameterize_forward)
 from ..validate import as_rng
 
-__all__ = ["ELBOMixin", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_forward", "iwae_backward",
+__all__ = ["ELBOMixin", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_estimate", "iwae_forward", "iwae_backward",
            "generator", "draw", "as_noise"]
 
 
@@ -154,6 +154,24 @@ def iwae_forward(model, x, h, eps, decode):
     logw, (z, out, xt) = log_weights(model, x, mu, logvar, eps, decode)
     lse = logsumexp_forward(logw, axis=0)
     return lse - math.log(K), (xt, mu, logvar, eps, out, z, logw, lse)
+
+
+def iwae_estimate(model, x, mu, logvar, k, rng, chunk, decode, noise=None):
+    """log p(x) ~= logsumexp_k log w_k - log k per row (B,), float64, for z_k ~ q(z|x) = N(mu, e^logvar):
+    the k samples in blocks of at most ``chunk`` decoder rows; ``decode(z (c B, Z), c)`` -> out (c B, D)
+    (c samples of the batch, sample-major). The log-weights are reduced in float64. ``noise(model,
+    shape, rng)`` draws each block (default :func:`draw`)."""
+    draw_block = draw if noise is None else noise
+    xp, B, Z = model.xp, x.shape[0], mu.shape[1]
+    rng = generator(model, rng)                                         # one stream for all blocks
+    logw = xp.empty((k, B), dtype=np.float64)
+    per = max(1, chunk // B)
+    for s in range(0, k, per):
+        c = min(per, k - s)
+        eps = draw_block(model, (c, B, Z), rng)
+        logw[s:s + c] = log_weights(model, x, mu, logvar, eps, lambda z, c=c: decode(z, c))[0]
+    m = logw.max(axis=0)
+    return m + xp.log(xp.exp(logw - m).sum(axis=0)) - math.log(k)
 
 
 def iwae_backward(model, d_neg_iwae, cache):

@@ -56,7 +56,7 @@ from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
 from ..validate import check_float, check_int
 from .base import Model
-from .elbo import ELBOMixin, iwae_backward, iwae_forward, log_weights
+from .elbo import ELBOMixin, iwae_backward, iwae_estimate, iwae_forward, log_weights
 from .elbo import as_noise as _as_noise, draw as _draw, generator as _generator  # noqa: F401  (old names)
 
 __all__ = ["VAE"]
@@ -300,17 +300,8 @@ class VAE(ELBOMixin, Model):
         x = self.check_x(x)
         k = check_int(k, "k", lo=1)
         chunk = check_int(chunk, "chunk", lo=1)
-        xp, B, Z = self.xp, x.shape[0], self.z_dim
-        rng = _generator(self, rng)                                         # one stream for all chunks
         mu, logvar = self.encode(x)
-        logw = xp.empty((k, B), dtype=np.float64)
-        per = max(1, chunk // B)
-        for s in range(0, k, per):
-            c = min(per, k - s)
-            eps = _draw(self, (c, B, Z), rng)
-            logw[s:s + c] = log_weights(self, x, mu, logvar, eps, self.decoder.forward)[0]
-        m = logw.max(axis=0)
-        return m + xp.log(xp.exp(logw - m).sum(axis=0)) - math.log(k)
+        return iwae_estimate(self, x, mu, logvar, k, rng, chunk, lambda z, c: self.decoder.forward(z), noise=_draw)
 
     def log_prob(self, x, k=1000, rng=None, chunk=1 << 15):
         """log p(x) per row (B,), nats: the IWAE estimate with k importance samples. The same method as
