@@ -38,17 +38,19 @@ RESULT_FIELDS = ("machine", "config", "results", "floors", "skipped", "profile")
 
 def add_arguments(p):
     """The benchmark's options on parser ``p`` (``npdgm bench`` and ``python -m npdgm.bench.run`` share them)."""
-    p.add_argument("--workloads", default="vae,nice,realnvp2d", help="comma list of vae, nice, realnvp2d")
-    p.add_argument("--backends", default="numpy,torch", help="comma list of numpy, cupy, torch")
+    p.add_argument("--workloads", default="vae,nice,realnvp2d",
+                   help="comma list of vae, nice, realnvp2d (default: all three)")
+    p.add_argument("--backends", default="numpy,torch", help="comma list of numpy, cupy, torch (default: numpy,torch)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch", type=int, default=None, help="batch size (default: each workload's own)")
     g.add_argument("--sweep", action="store_true", help=f"batch sizes {SWEEP[0]}..{SWEEP[-1]} (see --sweep-batches)")
-    p.add_argument("--sweep-batches", default=",".join(map(str, SWEEP)))
+    p.add_argument("--sweep-batches", default=",".join(map(str, SWEEP)), help="batch sizes of --sweep")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: ~0.5 s blocks)")
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per point (default 5, 3 with --sweep)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for every library")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help=f"CPU threads for every library (default: all cores, {os.cpu_count() or 1} here)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default 0)")
     p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor measurement")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     p.add_argument("--profile", action="store_true", help="also profile one npdgm step per workload")
