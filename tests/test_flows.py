@@ -519,3 +519,54 @@ def test_cupy_matches_numpy(cupy):
         np.testing.assert_allclose(got, loss, rtol=1e-10)
         np.testing.assert_allclose(cupy.asnumpy(fl.flat_grads), grads, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(cupy.asnumpy(fl.sample(5, 0.7, rng=4)), xs, rtol=1e-8, atol=1e-10)
+
+
+# -- every public layer method documents itself, with shapes (issue 13) ---------------------------------------
+def _flow_layer_classes():
+    from npdgm.models import flow_layers
+
+    seen, todo = [], [flow_layers.FlowLayer]
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [c for c in seen if c.__module__ == flow_layers.__name__]
+
+
+ARRAY_METHODS = ("forward", "backward", "inverse", "inverse_backward", "initialize")
+
+
+def test_every_public_flow_layer_method_has_a_docstring_with_shapes():
+    """Each FlowLayer subclass (found by walking the subclasses, so a new layer is included) documents every
+    public method it defines; a method that takes or returns arrays states them as (B, D) / (B,) shapes."""
+    import inspect
+
+    classes = _flow_layer_classes()
+    names = {c.__name__ for c in classes}
+    assert {"AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm", "LogitTransform"} <= names
+    problems = []
+    for cls in classes:
+        for name, fn in vars(cls).items():
+            if name.startswith("_") or not inspect.isfunction(fn):
+                continue
+            doc = inspect.cleandoc(fn.__doc__ or "")
+            if not doc:
+                problems.append(f"{cls.__name__}.{name}: no docstring")
+            elif name in ARRAY_METHODS and "(B, D)" not in doc:
+                problems.append(f"{cls.__name__}.{name}: docstring names no shape like (B, D)")
+            elif name in ("forward", "inverse", "backward", "inverse_backward") and "(B,)" not in doc:
+                problems.append(f"{cls.__name__}.{name}: docstring does not give the log-det's shape (B,)")
+        for name in ("forward", "backward", "inverse", "inverse_backward"):
+            if cls.__name__ != "FlowLayer" and not cls.__name__.startswith("_") and name not in vars(cls):
+                problems.append(f"{cls.__name__} does not define {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_calling_a_flow_is_its_forward_pass(rng):
+    fl = F.realnvp2d(n_couplings=2, hidden=(4,), seed=0)
+    x = rng.standard_normal((5, 2)).astype(fl.flat_params.dtype)
+    z, ld = fl(x)
+    z2, ld2 = fl.forward(x)
+    np.testing.assert_array_equal(z, z2)
+    np.testing.assert_array_equal(ld, ld2)
+    assert "flow(x)" in F.Flow.__doc__

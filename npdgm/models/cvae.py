@@ -12,8 +12,8 @@ dimensions, averaged over the batch, with K = n_samples noise draws eps_k ~ N(0,
 
     loss = mean_b [ (1/K) sum_k -log p(x_b | z_bk, y_b) ] + beta * mean_b KL(q(z|x_b, y_b) || N(0, I))
 
-(= -ELBO of log p(x|y) for beta = 1). The backward is the VAE's (:mod:`npdgm.models.elbo`); the only new piece is the first
-layer of each network, ``[x | e_y] @ W + b = x @ W[:D] + W[D + y] + b``
+(= -ELBO of log p(x|y) for beta = 1). The backward is the VAE's (:mod:`npdgm.models.elbo`); the only new
+piece is the first layer of each network, ``[x | e_y] @ W + b = x @ W[:D] + W[D + y] + b``
 (:class:`npdgm.nn.ConditionalMLP`, whose docstring has its gradient).
 """
 from __future__ import annotations

@@ -41,8 +41,8 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_n
                        reparameterize_forward)
 from ..validate import as_rng
 
-__all__ = ["ELBOMixin", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_estimate", "iwae_forward", "iwae_backward",
-           "generator", "draw", "as_noise"]
+__all__ = ["ELBOMixin", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_estimate",
+           "iwae_forward", "iwae_backward", "generator", "draw", "as_noise"]
 
 
 # -- noise ------------------------------------------------------------------------------------------

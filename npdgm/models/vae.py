@@ -45,8 +45,6 @@ visualization), ``impute(x, mask, steps)`` (encode -> decode iterations on the m
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import backend

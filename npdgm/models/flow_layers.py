@@ -1,0 +1,523 @@
+"""Invertible flow layers and their masks, every backward by hand (the container is :mod:`npdgm.models.flows`).
+
+Every layer is a :class:`~npdgm.nn.Module` with, for a batch of B rows of D features,
+
+    forward(x)               x (B, D) -> (y (B, D), logdet (B,))     logdet = log|det dy/dx| per row
+    backward(dy, dlogdet)    dy (B, D), dlogdet (B,) or None -> dx (B, D); accumulates parameter gradients
+                             (need_dx=False: a coupling skips dx and returns None; the first layer)
+    inverse(y, logdet=False) y (B, D) -> x (B, D)  (or (x, logdet_inv (B,)), logdet_inv = -logdet(x))
+    inverse_backward(dx, dlogdet_inv) dx (B, D), dlogdet_inv (B,) or None -> dy (B, D): the backward
+                             through the inverse (sampling-side losses)
+    spec()                   -> JSON dict that rebuilds the layer (masks, permutation seeds included)
+
+A backward pairs with the latest forward (``backward``) or inverse (``inverse_backward``) call of
+the same layer: the layer caches what it needs there.
+
+Layers:  AdditiveCoupling (NICE), AffineCoupling (RealNVP, bounded scale), Permutation
+(reverse / seeded random), Scaling (NICE's diagonal scaling), ActNorm (data-dependent init),
+LogitTransform (x in [0, 1] -> logit space, with its log-det). Masks: :func:`make_mask`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..kernels import coupling as C
+from ..nn import MLP
+from ..nn.module import Module, Parameter
+from ..validate import check_float, check_int
+
+__all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
+           "LogitTransform", "make_mask", "build_layer", "FLOW_LAYERS", "MASKS"]
+
+MASKS = ("half", "alternate", "checkerboard", "channel")
+FLOW_LAYERS = {}
+
+
+def _layer(cls):
+    FLOW_LAYERS[cls.__name__] = cls
+    return cls
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def make_mask(dim, mask="half", parity=0, image_shape=None):
+    """Host bool array (dim,): True = conditioning part x_a (passed through), False = transformed x_b.
+
+    half          first dim//2 features condition (parity 1: the rest condition)  -- NICE's split
+    alternate     even indices condition (parity 1: odd)
+    checkerboard  pixel (h, w) conditions when (h + w) % 2 == parity; ``image_shape`` (H, W) or (C, H, W)
+    channel       the first C//2 channels condition (parity 1: the others); ``image_shape`` (C, H, W)
+    list of 0/1   an arbitrary binary mask (1 = condition); parity 1 flips it
+    """
+    dim = check_int(dim, "dim")
+    if dim < 2:
+        raise ValueError(f"a coupling needs dim >= 2, got {dim}")
+    if parity not in (0, 1):
+        raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+    if isinstance(mask, str):
+        if mask == "half":
+            m = np.arange(dim) < dim // 2
+        elif mask == "alternate":
+            m = np.arange(dim) % 2 == 0
+        elif mask in ("checkerboard", "channel"):
+            if image_shape is None:
+                raise ValueError(f"mask {mask!r} needs image_shape ((H, W) or (C, H, W))")
+            shape = tuple(int(s) for s in image_shape)
+            if len(shape) == 2:
+                shape = (1, *shape)
+            if len(shape) != 3 or int(np.prod(shape)) != dim:
+                raise ValueError(f"image_shape {tuple(image_shape)} does not match dim {dim} "
+                                 f"(expected (H, W) or (C, H, W) with product {dim})")
+            c, h, w = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+            if mask == "checkerboard":
+                m = ((h + w) % 2 == 0).ravel()
+            else:
+                if shape[0] < 2:
+                    raise ValueError(f"a channel mask needs at least 2 channels, image_shape is {shape}")
+                m = (c < shape[0] // 2).ravel()
+        else:
+            raise ValueError(f"unknown mask {mask!r}; expected one of {MASKS} or a list of 0/1")
+    else:
+        m = np.asarray(mask)
+        if m.shape != (dim,):
+            raise ValueError(f"mask has shape {m.shape} but the data has {dim} features; expected ({dim},)")
+        if not np.all((m == 0) | (m == 1)):
+            raise ValueError("mask must hold only 0 and 1 (1 = conditioning feature)")
+        m = m.astype(bool)
+    if parity == 1:
+        m = ~m
+    if m.all() or not m.any():
+        raise ValueError("mask must have at least one conditioning (1) and one transformed (0) feature")
+    return m
+
+
+def _index(mask_bool):
+    """A slice when the selected features are contiguous (views, no gather), else an index array."""
+    idx = np.flatnonzero(mask_bool)
+    if idx[-1] - idx[0] + 1 == idx.size:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+_DEVICE_INDEX = {}  # (id of the host index array, array module name) -> (host array, device copy)
+
+
+def _dev_index(idx, x):
+    """``idx`` as an index on the device of ``x`` (slices as they are; index arrays copied once per device)."""
+    if isinstance(idx, slice):
+        return idx
+    xp = backend.array_module(x)
+    if xp is np:
+        return idx
+    key = (id(idx), xp.__name__)
+    hit = _DEVICE_INDEX.get(key)
+    if hit is None or hit[0] is not idx:
+        hit = _DEVICE_INDEX[key] = (idx, xp.asarray(idx))
+    return hit[1]
+
+
+def _check_input(name, x, dim):
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"{name} must be a 2-D array (batch, {dim}), got shape {getattr(x, 'shape', type(x))}")
+    if x.shape[1] != dim:
+        raise ValueError(f"{name} has {x.shape[1]} features but the flow expects {dim} (shape {x.shape})")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+
+
+# -- layers ----------------------------------------------------------------------------------------
+class FlowLayer(Module):
+    """Base of the invertible layers (see the module docstring for the protocol)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = check_int(dim, "dim", lo=1)
+        self._mode = None
+
+    def spec(self):
+        """The JSON dict {"type": class name, **constructor arguments} that rebuilds the layer
+        (:func:`build_layer`); plain values, no arrays."""
+        raise NotImplementedError
+
+    def _need(self, mode):
+        if self._mode != mode:
+            raise RuntimeError(f"{type(self).__name__}: {'backward' if mode == 'forward' else 'inverse_backward'} "
+                               f"needs a preceding {mode} call (last call: {self._mode})")
+
+    def buffers(self):
+        """Non-trainable state that checkpoints must keep: {name: host array} (ActNorm: a 0-d flag);
+        no buffers here."""
+        return {}
+
+    def load_buffers(self, bufs):
+        """Restore what :meth:`buffers` returned ({name: host array}); nothing to restore here."""
+        pass
+
+
+class _Coupling(FlowLayer):
+    """Shared mask handling: x_a = x[:, mask], x_b = x[:, ~mask]."""
+
+    def __init__(self, dim, mask, parity, image_shape):
+        super().__init__(dim)
+        m = make_mask(dim, mask, parity, image_shape)
+        self.mask_bool = m
+        self.ia, self.ib = _index(m), _index(~m)
+        self.na, self.nb = int(m.sum()), int((~m).sum())
+        self._mask_spec = dict(mask=mask if isinstance(mask, str) else [int(v) for v in mask], parity=int(parity),
+                               image_shape=None if image_shape is None else [int(s) for s in image_shape])
+
+    def _split(self, x):
+        return x[:, _dev_index(self.ia, x)], x[:, _dev_index(self.ib, x)]
+
+    def _merge(self, a, b):
+        xp = backend.array_module(a)
+        out = xp.empty((a.shape[0], self.dim), dtype=a.dtype)
+        out[:, _dev_index(self.ia, a)] = a
+        out[:, _dev_index(self.ib, a)] = b
+        return out
+
+
+@_layer
+class AdditiveCoupling(_Coupling):
+    """NICE coupling:  y_a = x_a,  y_b = x_b + m(x_a);  log|det| = 0 (unit triangular Jacobian).
+
+    m is an MLP na -> hidden... -> nb. Backward:  dx_b = dy_b,  dx_a = dy_a + J_m^T dy_b.
+    Inverse:  x_b = y_b - m(y_a);  its backward: dy_b = dx_b,  dy_a = dx_a + J_m^T (-dx_b).
+    """
+
+    def __init__(self, dim, mask="half", parity=0, hidden=(1000, 1000, 1000, 1000, 1000), activation="relu",
+                 image_shape=None, init="torch", seed=0):
+        super().__init__(dim, mask, parity, image_shape)
+        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
+        seed = check_int(seed, "seed", lo=0)
+        self.net = MLP(self.na, hidden, self.nb, activation=activation, init=init, rng=seed)
+        self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, init=init,
+                          seed=seed)
+
+    def spec(self):
+        """The dict that rebuilds this coupling: {"type": "AdditiveCoupling", dim, mask, parity, hidden, ...}."""
+        return {"type": "AdditiveCoupling", **self._spec}
+
+    def forward(self, x):
+        """y_a = x_a,  y_b = x_b + m(x_a);  logdet = 0.   x (B, D) -> (y (B, D), logdet (B,) zeros)."""
+        xa, xb = self._split(x)
+        yb = xb + self.net.forward(xa)
+        self._mode = "forward"
+        return self._merge(xa, yb), backend.array_module(x).zeros(x.shape[0], dtype=x.dtype)
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dx_b = dy_b;  dx_a = dy_a + m'(x_a)^T dy_b  (log-det is constant: dlogdet is unused).
+        dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with need_dx=False); m's gradients accumulate."""
+        self._need("forward")
+        dya, dyb = self._split(dy)
+        dm = self.net.backward(dyb, need_dx=need_dx)
+        return self._merge(dya + dm, dyb) if need_dx else None
+
+    def inverse(self, y, logdet=False):
+        """x_a = y_a,  x_b = y_b - m(y_a).   y (B, D) -> x (B, D), or (x, logdet_inv (B,) zeros) with ``logdet``."""
+        ya, yb = self._split(y)
+        xb = yb - self.net.forward(ya)
+        self._mode = "inverse"
+        x = self._merge(ya, xb)
+        return (x, backend.array_module(y).zeros(y.shape[0], dtype=y.dtype)) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """dy_b = dx_b;  dy_a = dx_a + m'(y_a)^T (-dx_b)  (m's parameters receive the upstream gradient -dx_b).
+        dx (B, D), dlogdet_inv (B,) or None (unused) -> dy (B, D)."""
+        self._need("inverse")
+        dxa, dxb = self._split(dx)
+        dya = dxa + self.net.backward(-dxb)
+        return self._merge(dya, dxb)
+
+
+@_layer
+class AffineCoupling(_Coupling):
+    """RealNVP coupling:  y_a = x_a,  (raw, t) = net(x_a),  s = clamp(raw),  y_b = x_b * exp(s) + t,
+    log|det| = sum_j s_j.
+
+    net is an MLP na -> hidden... -> 2 nb whose first nb outputs are the raw log-scales and the
+    last nb the shifts. ``scale`` bounds s: "tanh" s = b tanh(raw/b), "atan" s = (2b/pi) atan(raw/b),
+    "none" s = raw (``scale_bound`` = b). Backward (kernels in ``npdgm.kernels.coupling``):
+        dx_b = dy_b exp(s);  ds = dy_b x_b exp(s) + dlogdet;  dt = dy_b;  d raw = ds clamp'(raw)
+        dx_a = dy_a + J_net^T [d raw | dt]
+    """
+
+    def __init__(self, dim, mask="half", parity=0, hidden=(256, 256), activation="relu", scale="tanh",
+                 scale_bound=1.0, image_shape=None, init="torch", seed=0):
+        super().__init__(dim, mask, parity, image_shape)
+        if scale not in C.SCALE_CLAMPS:
+            raise ValueError(f"unknown scale clamp {scale!r}; expected one of {C.SCALE_CLAMPS}")
+        scale_bound = check_float(scale_bound, "scale_bound", lo=0, strict_lo=True)
+        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
+        seed = check_int(seed, "seed", lo=0)
+        self.scale, self.scale_bound = scale, scale_bound
+        self.net = MLP(self.na, hidden, 2 * self.nb, activation=activation, init=init, rng=seed)
+        self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, scale=scale,
+                          scale_bound=self.scale_bound, init=init, seed=seed)
+
+    def spec(self):
+        """The dict that rebuilds this coupling: {"type": "AffineCoupling", dim, mask, parity, hidden, scale, ...}."""
+        return {"type": "AffineCoupling", **self._spec}
+
+    def _st(self, a):
+        h = self.net.forward(a)
+        raw, t = h[:, :self.nb], h[:, self.nb:]
+        return raw, C.scale_clamp_forward(raw, self.scale, self.scale_bound), t
+
+    def _dnet(self, ds, dt, raw, s, need_dx=True):
+        xp = backend.array_module(ds)
+        draw = C.scale_clamp_backward(ds, raw, s, self.scale, self.scale_bound)
+        return self.net.backward(xp.concatenate([draw, dt], axis=1), need_dx=need_dx)
+
+    def forward(self, x):
+        """(raw, t) = net(x_a), s = clamp(raw);  y_a = x_a,  y_b = x_b exp(s) + t;  logdet = sum_j s_j.
+        x (B, D) -> (y (B, D), logdet (B,))."""
+        xa, xb = self._split(x)
+        raw, s, t = self._st(xa)
+        yb, ld = C.affine_coupling_forward(xb, s, t)
+        self._cache = (xb, raw, s)
+        self._mode = "forward"
+        return self._merge(xa, yb), ld
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dx_b = dy_b exp(s);  ds = dy_b x_b exp(s) + dlogdet;  dt = dy_b;  d raw = ds clamp'(raw);
+        dx_a = dy_a + J_net^T [d raw | dt].   dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with
+        need_dx=False); net's gradients accumulate."""
+        self._need("forward")
+        xb, raw, s = self._cache
+        dya, dyb = self._split(dy)
+        dxb, ds, dt = C.affine_coupling_backward(dyb, dlogdet, xb, s)
+        dm = self._dnet(ds, dt, raw, s, need_dx)
+        return self._merge(dya + dm, dxb) if need_dx else None
+
+    def inverse(self, y, logdet=False):
+        """(raw, t) = net(y_a);  x_a = y_a,  x_b = (y_b - t) exp(-s);  logdet_inv = -sum_j s_j.
+        y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
+        ya, yb = self._split(y)
+        raw, s, t = self._st(ya)
+        xb, ld = C.affine_coupling_inverse(yb, s, t)
+        self._cache = (xb, raw, s)
+        self._mode = "inverse"
+        x = self._merge(ya, xb)
+        return (x, ld) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """dy_b = dx_b exp(-s);  dt = -dy_b;  ds = -dx_b x_b - dlogdet_inv;  dy_a = dx_a + J_net^T [d raw | dt].
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate."""
+        self._need("inverse")
+        xb, raw, s = self._cache
+        dxa, dxb = self._split(dx)
+        dyb, ds, dt = C.affine_coupling_inverse_backward(dxb, dlogdet, xb, s)
+        return self._merge(dxa + self._dnet(ds, dt, raw, s), dyb)
+
+
+@_layer
+class Permutation(FlowLayer):
+    """y = x[:, perm] with perm = reversed order ("reverse") or a seeded random permutation ("random").
+    log|det| = 0;  dx = dy[:, perm^-1];  inverse x = y[:, perm^-1], its backward dy = dx[:, perm]."""
+
+    def __init__(self, dim, kind="reverse", seed=0):
+        super().__init__(dim)
+        seed = check_int(seed, "seed", lo=0)
+        if kind == "reverse":
+            perm = np.arange(self.dim)[::-1].copy()
+        elif kind == "random":
+            perm = np.random.default_rng(seed).permutation(self.dim)
+        else:
+            raise ValueError(f"unknown permutation kind {kind!r}; expected 'reverse' or 'random'")
+        self.kind, self.seed = kind, seed
+        self.perm, self.inv = perm, np.argsort(perm)
+
+    def spec(self):
+        """The dict that rebuilds this permutation: {"type": "Permutation", dim, kind, seed}."""
+        return {"type": "Permutation", "dim": self.dim, "kind": self.kind, "seed": self.seed}
+
+    def _take(self, a, idx):
+        return a[:, _dev_index(idx, a)]
+
+    def forward(self, x):
+        """y = x[:, perm];  logdet = 0.   x (B, D) -> (y (B, D), logdet (B,) zeros)."""
+        self._mode = "forward"
+        return self._take(x, self.perm), backend.array_module(x).zeros(x.shape[0], dtype=x.dtype)
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dx = dy[:, perm^-1] (no parameters; dlogdet unused).   dy (B, D), dlogdet (B,) or None -> dx (B, D)."""
+        return self._take(dy, self.inv)
+
+    def inverse(self, y, logdet=False):
+        """x = y[:, perm^-1].   y (B, D) -> x (B, D), or (x, logdet_inv (B,) zeros) with ``logdet``."""
+        self._mode = "inverse"
+        x = self._take(y, self.inv)
+        return (x, backend.array_module(y).zeros(y.shape[0], dtype=y.dtype)) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """dy = dx[:, perm] (dlogdet_inv unused).   dx (B, D), dlogdet_inv (B,) or None -> dy (B, D)."""
+        return self._take(dx, self.perm)
+
+
+@_layer
+class Scaling(FlowLayer):
+    """NICE's diagonal scaling:  y = x * exp(log_scale),  log|det| = sum_d log_scale_d  (log_scale starts at 0)."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.log_scale = Parameter(backend.to_device(np.zeros(self.dim), backend.get_dtype()))
+
+    def spec(self):
+        """The dict that rebuilds this layer: {"type": "Scaling", dim}."""
+        return {"type": "Scaling", "dim": self.dim}
+
+    def forward(self, x):
+        """y = x exp(ls);  logdet = sum_d ls_d (the same for every row).   x (B, D) -> (y (B, D), logdet (B,))."""
+        self._x, self._mode = x, "forward"
+        return C.diag_scale_forward(x, self.log_scale.data)
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dx = dy exp(ls);  d ls += sum_B dy x exp(ls) + sum_B dlogdet.
+        dy (B, D), dlogdet (B,) or None -> dx (B, D); log_scale (D,) gradient accumulates."""
+        self._need("forward")
+        dx, dls = C.diag_scale_backward(dy, dlogdet, self._x, self.log_scale.data)
+        self.log_scale.grad += dls
+        return dx
+
+    def inverse(self, y, logdet=False):
+        """x = y exp(-ls);  logdet_inv = -sum_d ls_d.
+        y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
+        x, ld = C.diag_scale_inverse(y, self.log_scale.data)
+        self._x, self._mode = x, "inverse"
+        return (x, ld) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """dy = dx exp(-ls);  d ls += -sum_B dx x - sum_B dlogdet_inv.
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); log_scale (D,) gradient accumulates."""
+        self._need("inverse")
+        dy, dls = C.diag_scale_inverse_backward(dx, dlogdet, self._x, self.log_scale.data)
+        self.log_scale.grad += dls
+        return dy
+
+
+@_layer
+class ActNorm(FlowLayer):
+    """Glow's activation normalization:  y = (x + loc) * exp(log_scale),  log|det| = sum_d log_scale_d.
+
+    Data-dependent initialization: the first ``forward`` on an uninitialized layer sets
+    loc = -mean(x), log_scale = -log(std(x) + eps) over its batch, so y starts with zero mean and unit
+    variance per feature; the ``initialized`` flag is saved with the weights (see :meth:`Flow.state_dict`).
+    Backward (u = x + loc):  dx = dy exp(ls),  d loc = sum_B dy exp(ls),  d ls = sum_B dy y + sum_B dlogdet.
+    """
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__(dim)
+        dt = backend.get_dtype()
+        self.eps = check_float(eps, "eps", lo=0)
+        self.loc = Parameter(backend.to_device(np.zeros(self.dim), dt))
+        self.log_scale = Parameter(backend.to_device(np.zeros(self.dim), dt))
+        self.initialized = False
+
+    def spec(self):
+        """The dict that rebuilds this layer: {"type": "ActNorm", dim, eps} (the init flag is a buffer)."""
+        return {"type": "ActNorm", "dim": self.dim, "eps": self.eps}
+
+    def buffers(self):
+        """{"initialized": 0-d host array, 1.0 once the data-dependent init ran} (saved with the weights)."""
+        return {"initialized": np.array(1.0 if self.initialized else 0.0, dtype=np.dtype(self.loc.data.dtype))}
+
+    def load_buffers(self, bufs):
+        """Restore the init flag from {"initialized": 0-d array} (nonzero = initialized)."""
+        self.initialized = bool(np.asarray(bufs["initialized"]) != 0)
+
+    def initialize(self, x):
+        """Set loc = -mean_B x and log_scale = -log(std_B x + eps) (each (D,)) from the batch x (B, D), B >= 2,
+        and mark the layer initialized."""
+        if x.shape[0] < 2:
+            raise ValueError(f"ActNorm data-dependent init needs a batch of at least 2 rows, got {x.shape[0]}")
+        xp = backend.array_module(x)
+        self.loc.data[...] = -x.mean(axis=0)
+        self.log_scale.data[...] = -xp.log(x.std(axis=0) + self.eps)
+        self.initialized = True
+
+    def forward(self, x):
+        """u = x + loc,  y = u exp(ls);  logdet = sum_d ls_d (the first call on an uninitialized layer runs
+        :meth:`initialize` on x first).   x (B, D) -> (y (B, D), logdet (B,))."""
+        if not self.initialized:
+            self.initialize(x)
+        u = x + self.loc.data
+        self._u, self._mode = u, "forward"
+        return C.diag_scale_forward(u, self.log_scale.data)
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dx = du = dy exp(ls);  d loc += sum_B du;  d ls += sum_B dy y + sum_B dlogdet.
+        dy (B, D), dlogdet (B,) or None -> dx (B, D); loc, log_scale (D,) gradients accumulate."""
+        self._need("forward")
+        du, dls = C.diag_scale_backward(dy, dlogdet, self._u, self.log_scale.data)
+        self.log_scale.grad += dls
+        self.loc.grad += du.sum(axis=0)
+        return du
+
+    def inverse(self, y, logdet=False):
+        """x = y exp(-ls) - loc;  logdet_inv = -sum_d ls_d (an uninitialized layer is used as it stands: the
+        identity).   y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
+        u, ld = C.diag_scale_inverse(y, self.log_scale.data)
+        self._u, self._mode = u, "inverse"
+        x = u - self.loc.data
+        return (x, ld) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """x = u - loc, u = y exp(-ls):  d loc -= sum_B dx;  dy, d ls from the diagonal-scale inverse backward.
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); loc, log_scale (D,) gradients accumulate."""
+        self._need("inverse")
+        dy, dls = C.diag_scale_inverse_backward(dx, dlogdet, self._u, self.log_scale.data)
+        self.log_scale.grad += dls
+        self.loc.grad -= dx.sum(axis=0)
+        return dy
+
+
+@_layer
+class LogitTransform(FlowLayer):
+    """x in [0, 1] -> y = logit(alpha + (1 - 2 alpha) x) with its log-det (no parameters), so a flow on
+    logit space still reports the density of the data in [0, 1]^D (bits/dim stay comparable)."""
+
+    def __init__(self, dim, alpha=0.05):
+        super().__init__(dim)
+        alpha = check_float(alpha, "alpha")
+        if not 0 <= alpha < 0.5:
+            raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
+        self.alpha = alpha
+
+    def spec(self):
+        """The dict that rebuilds this layer: {"type": "LogitTransform", dim, alpha}."""
+        return {"type": "LogitTransform", "dim": self.dim, "alpha": self.alpha}
+
+    def forward(self, x):
+        """p = a + (1 - 2a) x,  y = log p - log(1 - p);  logdet = sum_d log(1 - 2a) - log p - log(1 - p).
+        x (B, D) in [0, 1] -> (y (B, D), logdet (B,))."""
+        self._x, self._mode = x, "forward"
+        return C.logit_forward(x, self.alpha)
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dx = (1 - 2a) / (p (1 - p)) (dy + dlogdet (2p - 1)),  p = a + (1 - 2a) x  (no parameters).
+        dy (B, D), dlogdet (B,) or None -> dx (B, D)."""
+        self._need("forward")
+        return C.logit_backward(dy, dlogdet, self._x, self.alpha)
+
+    def inverse(self, y, logdet=False):
+        """x = (sigmoid(y) - a) / (1 - 2a);  logdet_inv = -logdet(x).
+        y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
+        self._y, self._mode = y, "inverse"
+        x, ld = C.logit_inverse(y, self.alpha)
+        return (x, ld) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """dy = dx p (1 - p) / (1 - 2a) + dlogdet_inv (1 - 2p),  p = sigmoid(y)  (no parameters).
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D)."""
+        self._need("inverse")
+        return C.logit_inverse_backward(dx, dlogdet, self._y, self.alpha)
+
+
+def build_layer(spec):
+    """A layer from its :meth:`FlowLayer.spec` dict."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in FLOW_LAYERS:
+        raise ValueError(f"unknown flow layer type {kind!r}; expected one of {sorted(FLOW_LAYERS)}")
+    return FLOW_LAYERS[kind](**spec)
