@@ -69,6 +69,19 @@ def check(f, inputs, analytic, h=1e-6):
     return report
 
 
+def check_kernel(k, inputs, h=1e-6):
+    """Check a kernel table entry ``k`` (:mod:`npdgm.kernels.table`) on float64 ``inputs``: each gradient
+    ``k.run`` returns against central differences of  L = sum_o sum(outputs[o] * inputs[upstream of o])."""
+    outputs, grads = k.run(inputs)
+    upstream = k.upstream(outputs)
+
+    def loss():
+        out, _ = k.run(inputs)
+        return sum(float(np.sum(out[o] * inputs[u])) for o, u in upstream.items())
+
+    return check(loss, {n: inputs[n] for n in grads}, grads, h)
+
+
 def check_module_params(module, loss_fn, h=1e-6):
     """Check every parameter gradient of ``module`` for the scalar ``loss_fn()``, which must run the
     forward pass. Call after ``module.zero_grad()`` and one forward/backward that filled ``grads``."""

@@ -24,8 +24,7 @@ SCALE_CLAMPS = ("tanh", "atan", "none")
 
 # -- bounded scales ------------------------------------------------------------------------------
 def scale_clamp_forward(raw, kind="tanh", bound=1.0):
-    """Bound the raw log-scale of an affine coupling:
-
+    """s = clamp(raw), the bounded log-scale of an affine coupling (b = ``bound``):
     tanh   s = b * tanh(raw / b)            (|s| < b, identity slope at 0)
     atan   s = (2 b / pi) * atan(raw / b)   (|s| < b, softer tails; FrEIA's soft clamp)
     none   s = raw                          (unbounded: exp(s) can overflow)
@@ -149,9 +148,10 @@ def diag_scale_inverse_backward(dx, dlogdet_inv, x, log_scale):
 
 # -- logit transform for data in [0, 1] ---------------------------------------------------------
 def logit_forward(x, alpha=0.05):
-    """y = logit(p), p = alpha + (1 - 2 alpha) x   (RealNVP's preprocessing of pixels in [0, 1]).
-
+    """y = logit(p) = log p - log(1 - p),  p = alpha + (1 - 2 alpha) x;
     logdet = sum_d [log(1 - 2 alpha) - log p_d - log(1 - p_d)].   Returns (y, logdet).
+
+    RealNVP's preprocessing of pixels in [0, 1].
     """
     xp = array_module(x)
     p = alpha + (1 - 2 * alpha) * x

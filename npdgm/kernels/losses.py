@@ -36,8 +36,7 @@ def bernoulli_nll_backward(dloss, logits, x):
 
 
 def gaussian_nll_forward(mu, x, logvar):
-    """-log N(x | mu, exp(logvar)) summed over features
-       = 0.5 * sum_d [ (x - mu)^2 exp(-logvar) + logvar + log 2 pi ].
+    """loss_b = -log N(x_b | mu_b, exp(logvar)) = 0.5 * sum_d [ (x - mu)^2 exp(-logvar) + logvar + log 2 pi ].
 
     mu, x: (B, D); logvar: scalar, (D,) (learned per dimension) or (B, D) -> (B,).
     """
@@ -50,8 +49,10 @@ def gaussian_nll_forward(mu, x, logvar):
 
 
 def gaussian_nll_backward(dloss, mu, x, logvar):
-    """dmu     = dloss * (mu - x) exp(-logvar)
-       dlogvar = dloss * 0.5 * (1 - (x - mu)^2 exp(-logvar))   (summed to logvar's shape).
+    """Gradients of the Gaussian NLL per row:
+
+    dmu     = dloss * (mu - x) exp(-logvar)
+    dlogvar = dloss * 0.5 * (1 - (x - mu)^2 exp(-logvar))   (summed to logvar's shape)
     Returns (dmu, dlogvar)."""
     xp = array_module(mu)
     lv = xp.asarray(logvar, dtype=mu.dtype)
