@@ -458,3 +458,15 @@ def test_cli_bad_input(tmp_path, capsys, argv, msg):
 
     assert main(["train", "gmm", "--out", str(tmp_path / "r"), "--no-progress", "--no-plots"] + argv) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_kmeans_lives_in_its_own_module(rng):
+    """k-means moved out of gmm.py (issue 14): models/kmeans.py, used by the mixture's default init."""
+    from npdgm.models import gmm, kmeans
+
+    assert gmm.kmeans is kmeans.kmeans and gmm.kmeans_plusplus is kmeans.kmeans_plusplus
+    x = np.concatenate([rng.standard_normal((50, 2)) * 0.1 + c for c in ([0, 0], [5, 5], [0, 5])])
+    centers = kmeans.kmeans(x, kmeans.kmeans_plusplus(x, 3, np.random.default_rng(0)))
+    labels = kmeans.nearest(x, centers)
+    assert sorted(np.bincount(labels).tolist()) == [50, 50, 50]
+    np.testing.assert_allclose(sorted(centers.round(0).tolist()), [[0, 0], [0, 5], [5, 5]], atol=1e-12)

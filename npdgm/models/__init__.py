@@ -2,7 +2,7 @@
 
 Importing this package registers every model kind with ``npdgm.load``.
 """
-from . import base, cvae, flows, gmm, m2, vae  # noqa: F401  (modules, listed in __all__)
+from . import base, cvae, elbo, flow_layers, flows, gmm, kmeans, m2, vae  # noqa: F401  (modules, in __all__)
 from .base import Model
 from .cvae import CVAE
 from .flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, FlowLayer, LogitTransform, Permutation,
@@ -14,4 +14,5 @@ from .vae import VAE
 __all__ = ["Model", "VAE", "CVAE", "M2", "Flow", "FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation",
            "Scaling", "ActNorm", "LogitTransform", "make_mask", "nice", "realnvp", "realnvp2d", "bits_per_dim",
            "GaussianMixture", "PCAGaussianMixture",
-           "base", "vae", "cvae", "m2", "flows", "gmm"]  # the modules too, so the API reference documents them
+           # the modules too, so the API reference documents them
+           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "flows", "kmeans", "gmm"]
