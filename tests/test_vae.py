@@ -432,3 +432,14 @@ def test_log_prob_is_log_likelihood_and_calling_a_vae_says_what_to_call(rng):
     assert "log_likelihood" in VAE.log_prob.__doc__
     with pytest.raises(TypeError, match=r"call loss\(x, eps\).*log_prob\(x, k\).*sample\(n\)"):
         m(x)
+
+
+def test_no_study_note_numbers_in_the_package():
+    """'seed' means an RNG seed in npdgm: the study notes (not in the repository) are not cited by number."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(npdgm.__file__).parent
+    hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"seed 00\d", line)]
+    assert not hits, hits

@@ -1,4 +1,4 @@
-"""Conditional VAE (Sohn et al. 2015; seed 002: conditional generation) with a hand-written backward.
+"""Conditional VAE (Sohn et al. 2015: conditional generation, p(x|y)) with a hand-written backward.
 
 Model, for a label y in {0..C-1} given as a one-hot row e_y concatenated to the inputs:
 

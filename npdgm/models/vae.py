@@ -32,10 +32,13 @@ Backward (every line is a kernel from :mod:`npdgm.kernels`; shapes for batch B, 
     dlogvar = sum_k dz_k eps_k exp(logvar/2)/2 + beta/B * (exp(logvar) - 1)/2
     encoder.backward([dmu | dlogvar])
 
-What a VAE is used for (seed 002): ``sample(n)`` (generation), ``encode`` (a 2-D latent for
+What a VAE is used for: ``sample(n)`` (generation), ``encode`` (a 2-D latent for
 visualization), ``impute(x, mask, steps)`` (encode -> decode iterations on the missing pixels) and
 ``conditional_mean(x, mask, k)`` (importance-sampled E[x_missing | x_observed]),
-``log_likelihood(x, k)`` (IWAE estimate of log p(x)).
+``log_prob(x, k)`` = ``log_likelihood(x, k)`` (IWAE estimate of log p(x)), and
+``iwae_loss_and_grad(x, eps)`` (the k-sample IWAE bound as a training objective). A VAE has no single
+forward pass: ``vae(x)`` raises a TypeError that names these methods. The ELBO / IWAE backward that VAE,
+CVAE and M2 share is in :mod:`npdgm.models.elbo`.
 
     >>> import npdgm, numpy as np
     >>> vae = npdgm.VAE(x_dim=784, hidden=(400,), z_dim=20)
@@ -309,7 +312,8 @@ class VAE(ELBOMixin, Model):
 
     def impute(self, x, mask, steps=50, fill=0.0):
         """Fill the missing pixels of ``x`` (``mask`` True = missing) by iterating
-        x_missing <- reconstruct(x)_missing, observed pixels kept fixed (seed 002, 2.1.3).
+        x_missing <- reconstruct(x)_missing, observed pixels kept fixed (the encode/decode iteration of
+        the study notes; :meth:`conditional_mean` is the estimate to use for a mean squared error).
 
         fill  initial value of the missing pixels: a finite scalar, an (x_dim,) array (e.g. the mean
               image) or an array of x's shape.

@@ -1,5 +1,5 @@
 """VAE figures (PNG, Agg): reconstructions, prior samples, curves, interpolation, 2-D latent
-scatter and decoded manifold (seed 002, 2.1.2), imputation rows (seed 002, 2.1.3).
+scatter and the decoded manifold of a 2-D latent grid, imputation rows (observed / missing / imputed pixels).
 
 Every function takes a trained :class:`npdgm.VAE` and host or device arrays and returns the path.
 """
