@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 
 from . import __version__, backend
-from . import kernels as K
+from .kernels.table import TABLE
 from .validate import check_int
 
 CASES = {}  # name -> dict(make, run, formula)
@@ -45,103 +45,13 @@ def register(name, formula, make):
     return deco
 
 
+# -- kernel cases: one per entry of the kernel table (npdgm/kernels/table.py), and the Adam update -------
+for _k in TABLE:
+    register(_k.name, _k.formula, _k.make)(_k.run)
+
+
 def _std(rng, dtype, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
-
-
-# -- kernel cases -----------------------------------------------------------------------------
-def _linear(rng, dt):
-    return {"x": _std(rng, dt, 8, 5), "W": _std(rng, dt, 5, 3), "b": _std(rng, dt, 3), "dy": _std(rng, dt, 8, 3)}
-
-
-@register("linear", "y = x @ W + b;  dx = dy @ W.T;  dW = x.T @ dy;  db = sum_B dy", _linear)
-def _(i):
-    dx, dW, db = K.linear_backward(i["dy"], i["x"], i["W"])
-    return {"y": K.linear_forward(i["x"], i["W"], i["b"])}, {"x": dx, "W": dW, "b": db}
-
-
-def _activation_case(name, formula):
-    f, df, needs = K.get_activation(name)
-
-    def make(rng, dt):
-        return {"x": _std(rng, dt, 8, 6, scale=3.0), "dy": _std(rng, dt, 8, 6)}
-
-    @register(name, formula, make)
-    def run(i):
-        y = f(i["x"])
-        return {"y": y}, {"x": df(i["dy"], y if needs == "y" else i["x"])}
-
-
-for _n, _f in [("relu", "y = max(x, 0);  dx = dy * [x > 0]"),
-               ("leaky_relu", "y = x if x > 0 else 0.01 x;  dx = dy * (1 if x > 0 else 0.01)"),
-               ("tanh", "y = tanh x;  dx = dy * (1 - y^2)"),
-               ("sigmoid", "y = 1 / (1 + e^-x);  dx = dy * y (1 - y)"),
-               ("softplus", "y = log(1 + e^x);  dx = dy * sigmoid(x)"),
-               ("elu", "y = x if x > 0 else e^x - 1;  dx = dy * (1 if x > 0 else e^x)")]:
-    _activation_case(_n, _f)
-
-
-def _bce(rng, dt):
-    return {"logits": _std(rng, dt, 8, 10, scale=5.0), "x": rng.uniform(0, 1, (8, 10)).astype(dt),
-            "dy": _std(rng, dt, 8)}
-
-
-@register("bernoulli_nll", "loss_b = sum_d softplus(l) - x l;  dl = dloss_b (sigmoid(l) - x)", _bce)
-def _(i):
-    return ({"loss": K.bernoulli_nll_forward(i["logits"], i["x"])},
-            {"logits": K.bernoulli_nll_backward(i["dy"], i["logits"], i["x"])})
-
-
-def _gauss(rng, dt):
-    return {"mu": _std(rng, dt, 8, 6), "x": _std(rng, dt, 8, 6), "logvar": _std(rng, dt, 6, scale=0.5),
-            "dy": _std(rng, dt, 8)}
-
-
-@register("gaussian_nll", "loss_b = 0.5 sum_d (x - mu)^2 e^-lv + lv + log 2pi;  "
-                          "dmu = dloss (mu - x) e^-lv;  dlv = sum_b dloss 0.5 (1 - (x - mu)^2 e^-lv)", _gauss)
-def _(i):
-    dmu, dlv = K.gaussian_nll_backward(i["dy"], i["mu"], i["x"], i["logvar"])
-    return {"loss": K.gaussian_nll_forward(i["mu"], i["x"], i["logvar"])}, {"mu": dmu, "logvar": dlv}
-
-
-def _mse(rng, dt):
-    return {"pred": _std(rng, dt, 8, 6), "target": _std(rng, dt, 8, 6), "dy": np.asarray(1.0, dt)}
-
-
-@register("mse", "loss = mean (p - t)^2;  dp = dloss 2 (p - t) / N", _mse)
-def _(i):
-    return {"loss": K.mse_forward(i["pred"], i["target"])}, {"pred": K.mse_backward(i["dy"], i["pred"], i["target"])}
-
-
-def _lse(rng, dt):
-    return {"a": _std(rng, dt, 8, 12, scale=10.0), "dy": _std(rng, dt, 8)}
-
-
-@register("logsumexp", "y = log sum_j e^a_j (axis 1);  da = dy softmax(a)", _lse)
-def _(i):
-    y = K.logsumexp_forward(i["a"], axis=1)
-    return {"y": y}, {"a": K.logsumexp_backward(i["dy"], i["a"], y, axis=1)}
-
-
-def _rep(rng, dt):
-    return {"mu": _std(rng, dt, 8, 4), "logvar": _std(rng, dt, 8, 4), "eps": _std(rng, dt, 8, 4),
-            "dy": _std(rng, dt, 8, 4)}
-
-
-@register("reparameterize", "z = mu + e^(lv/2) eps;  dmu = dz;  dlv = dz eps e^(lv/2) / 2", _rep)
-def _(i):
-    dmu, dlv = K.reparameterize_backward(i["dy"], i["logvar"], i["eps"])
-    return {"z": K.reparameterize_forward(i["mu"], i["logvar"], i["eps"])}, {"mu": dmu, "logvar": dlv}
-
-
-def _kl(rng, dt):
-    return {"mu": _std(rng, dt, 8, 4), "logvar": _std(rng, dt, 8, 4), "dy": _std(rng, dt, 8)}
-
-
-@register("kl_std_normal", "kl_b = 0.5 sum_j mu^2 + e^lv - 1 - lv;  dmu = dkl mu;  dlv = dkl (e^lv - 1) / 2", _kl)
-def _(i):
-    dmu, dlv = K.kl_std_normal_backward(i["dy"], i["mu"], i["logvar"])
-    return {"kl": K.kl_std_normal_forward(i["mu"], i["logvar"])}, {"mu": dmu, "logvar": dlv}
 
 
 def _adam(rng, dt):
@@ -160,6 +70,9 @@ def _(i):
         p.grad[...] = g
         opt.step()
     return {"p": p.data, "m": opt.m[0], "v": opt.v[0]}, {}
+
+
+KERNEL_CASES = sorted([k.name for k in TABLE] + ["adam_step"])  # the kernel set (tests/reference/kernels-f64)
 
 
 # -- export / check ---------------------------------------------------------------------------

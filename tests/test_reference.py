@@ -1,7 +1,10 @@
 """Reference vectors: deterministic export, check passes on npdgm and fails on a wrong tensor.
 
 tests/reference/kernels-f64 was written by ``npdgm export-reference`` and is committed: checking
-it guards every kernel's numbers against silent change (regenerate it only on purpose)."""
+it guards every kernel's numbers against silent change (regenerate it only on purpose). It holds one
+case per entry of the kernel table (npdgm/kernels/table.py) and adam_step; a new table entry is added
+to it as a new case (``export_reference(tmp, names=[...])``, then its .npz and manifest entry copied
+in), leaving the stored cases as they are."""
 import json
 import os
 
@@ -16,6 +19,21 @@ COMMITTED = os.path.join(os.path.dirname(__file__), "reference", "kernels-f64")
 def test_committed_reference_still_matches():
     rows = check_reference(COMMITTED)
     assert len(rows) >= 30 and all(ok for *_, ok in rows), [r for r in rows if not r[3]]
+
+
+def test_committed_set_holds_every_kernel_table_entry_with_the_makers_inputs(tmp_path):
+    from npdgm.reference import KERNEL_CASES
+
+    with open(os.path.join(COMMITTED, "manifest.json")) as f:
+        stored = json.load(f)["cases"]
+    assert sorted(stored) == KERNEL_CASES
+    # the makers are frozen: a fresh export draws exactly the committed inputs
+    export_reference(tmp_path, names=KERNEL_CASES)
+    for name in KERNEL_CASES:
+        with np.load(os.path.join(COMMITTED, f"{name}.npz")) as a, np.load(tmp_path / f"{name}.npz") as b:
+            assert sorted(a.files) == sorted(b.files), name
+            for key in (k for k in a.files if k.startswith("input/")):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
 
 
 def test_export_is_deterministic_and_documented(tmp_path):

@@ -298,11 +298,12 @@ def _(i):
 
 
 # -- flow transforms: (output, log-det) pairs and their inverses ---------------------------------------
+# (affine_coupling_half: the kernel on the transformed half; "affine_coupling" is the flow-layer reference case)
 def _half(rng, dt, a="xb"):
     return {a: _std(rng, dt, 5, 3), "s": _std(rng, dt, 5, 3, scale=0.5), "t": _std(rng, dt, 5, 3)}
 
 
-@kernel("affine_coupling", C.affine_coupling_forward, C.affine_coupling_backward,
+@kernel("affine_coupling_half", C.affine_coupling_forward, C.affine_coupling_backward,
         lambda rng, dt: {**_half(rng, dt), "dyb": _std(rng, dt, 5, 3), "dlogdet": _std(rng, dt, 5)}, group="flow")
 def _(i):
     yb, ld = C.affine_coupling_forward(i["xb"], i["s"], i["t"])
@@ -310,7 +311,7 @@ def _(i):
     return {"yb": yb, "logdet": ld}, {"xb": dxb, "s": ds, "t": dt}
 
 
-@kernel("affine_coupling_inverse", C.affine_coupling_inverse, C.affine_coupling_inverse_backward,
+@kernel("affine_coupling_half_inverse", C.affine_coupling_inverse, C.affine_coupling_inverse_backward,
         lambda rng, dt: {**_half(rng, dt, "yb"), "dxb": _std(rng, dt, 5, 3), "dlogdet_inv": _std(rng, dt, 5)},
         group="flow")
 def _(i):
