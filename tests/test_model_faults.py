@@ -365,3 +365,25 @@ def test_flow_gmm_and_optim_reject_bad_numbers():
             optim.Adam([p], **kw)
     with pytest.raises(ValueError, match="momentum"):
         optim.SGD([p], momentum=-0.5)
+
+
+def test_models_do_not_import_gradcheck_and_checks_register_every_model():
+    """Gradient-check registrations live in npdgm/checks.py (issue 14): no file under npdgm/models imports
+    npdgm.gradcheck, and importing npdgm.checks registers the VAE, CVAE, M2 and flow checks."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(npdgm.__file__).parent / "models"
+    bad = []
+    for p in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            if any("gradcheck" in m or "checks" in m.split(".")[-1:] for m in mods) or "gradcheck" in names:
+                bad.append(f"{p.name}:{node.lineno}")
+    assert not bad, bad
+    from npdgm import checks, gradcheck  # noqa: F401
+
+    for kind in ("model.vae[", "model.cvae[", "model.m2[", "model.flow[", "kernel.flow_priors_clamps"):
+        assert any(n.startswith(kind) for n in gradcheck.CHECKS), kind
