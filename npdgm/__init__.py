@@ -25,5 +25,5 @@ if "numpy" not in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
 
 from . import backend, kernels, nn, optim  # noqa: E402
 from .backend import get_backend, set_backend, set_dtype  # noqa: E402
-from .io import load  # noqa: E402
+from .models.registry import load  # noqa: E402
 from .models import *  # noqa: E402,F401,F403

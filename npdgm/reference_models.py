@@ -22,7 +22,7 @@ import numpy as np
 
 from . import backend
 from .kernels import coupling as C
-from .io import check_config_size
+from .models.registry import MODELS, check_config_size
 from .reference import CASES, register
 
 _BEFORE = set(CASES)
@@ -52,9 +52,6 @@ def _build(desc):
 
         model = build_layer(config).flatten()
     else:
-        from .io import MODELS
-        from . import models  # noqa: F401  (registers every kind)
-
         if kind not in MODELS:
             raise KeyError(f"reference case needs model kind {kind!r}, which this npdgm does not have")
         model = MODELS[kind].from_config(config)

@@ -7,6 +7,7 @@ import pytest
 
 import npdgm
 from npdgm import cli, io
+from npdgm.models import registry
 from npdgm.models import flows as F
 from npdgm.models.vae import VAE
 
@@ -42,7 +43,7 @@ def _no_build(monkeypatch):
     """Fail the test if anything tries to build a model (the checks must come first)."""
     def boom(cls, config):
         raise AssertionError(f"built a {cls.kind} from a crafted checkpoint")
-    for cls in set(io.MODELS.values()):
+    for cls in set(registry.MODELS.values()):
         monkeypatch.setattr(cls, "from_config", classmethod(boom))
 
 
@@ -125,7 +126,7 @@ def test_npy_file_and_non_dict_meta_through_load_arrays(tmp_path):
     with pytest.raises(io.CheckpointError, match=r"__meta__ must be the UTF-8 bytes of a JSON object"):
         io.load_arrays(tmp_path / "m.npz")
     with pytest.raises(io.CheckpointError, match=r"manifest must be a JSON object, got a list"):
-        io.model_from_arrays({}, [], "given")
+        registry.model_from_arrays({}, [], "given")
 
 
 def test_valid_checkpoints_still_load_exactly(tmp_path, rng):

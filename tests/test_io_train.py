@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from npdgm import io, optim, train
+from npdgm.models import registry
 from npdgm.kernels import mse_backward, mse_forward
 from npdgm.models.base import Model
 from npdgm.nn import MLP
 
 
-@io.register_model
+@registry.register_model
 class TinyRegressor(Model):
     kind = "test-tiny"
 
@@ -34,7 +35,7 @@ def _run(out, epochs, start=0, model=None, opt=None, rng=None):
     opt = opt or optim.Adam(model, lr=1e-2)
     rng = rng or np.random.default_rng(5)
 
-    def step(xb, rng):
+    def step(xb, yb, rng):
         return {"loss": model.loss_and_grad(xb, rng.standard_normal((len(xb), 1), dtype=np.float32) * 0.1)}
 
     recs = train.fit(model, opt, x, epochs=epochs, batch_size=16, out=out, rng=rng, step=step,
@@ -49,7 +50,7 @@ def test_fit_writes_metrics_and_checkpoint(tmp_path):
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == recs
     assert lines[-1]["train_loss"] < lines[0]["train_loss"] and lines[0]["test_loss"] == 0.5
-    loaded = io.load(out)
+    loaded = registry.load(out)
     assert isinstance(loaded, TinyRegressor)
     for k, v in model.params.items():
         assert np.array_equal(loaded.params[k], v)
@@ -62,7 +63,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     full, _ = _run(str(tmp_path / "full"), 3)
     part = str(tmp_path / "part")
     _run(part, 1)
-    model = io.load(part)
+    model = registry.load(part)
     opt = optim.Adam(model, lr=1e-2)
     rng, epoch = train.restore_checkpoint(part, opt)
     assert epoch == 1
@@ -77,7 +78,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
     opt = optim.SGD(model, lr=1e6)
     x = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32) * 100
 
-    def step(xb, rng):
+    def step(xb, yb, rng):
         return {"loss": model.loss_and_grad(xb, np.zeros((len(xb), 1), np.float32))}
 
     with pytest.raises(FloatingPointError, match="loss became"):
@@ -105,23 +106,23 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     p = tmp_path / "c.npz"
     p.write_bytes(b"garbage")
     with pytest.raises(io.CheckpointError, match="corrupt or truncated"):
-        io.load(p)
+        registry.load(p)
     with pytest.raises(io.CheckpointError, match="no checkpoint"):
-        io.load(tmp_path / "missing.npz")
+        registry.load(tmp_path / "missing.npz")
     np.savez(p, a=np.zeros(2))
     with pytest.raises(io.CheckpointError, match="no __meta__"):
-        io.load(p)
+        registry.load(p)
     TinyRegressor().save(p)
     arrays, meta = io.load_arrays(p)
     meta["config"]["hidden"] = 5
     io.save_arrays(p, arrays, meta)
     with pytest.raises(io.CheckpointError, match="weights do not match"):
-        io.load(p)
+        registry.load(p)
     meta["kind"] = "nope"
     io.save_arrays(p, arrays, meta)
     with pytest.raises(io.CheckpointError, match="unknown model kind 'nope'"):
-        io.load(p)
+        registry.load(p)
     full = open(tmp_path / "c.npz", "rb").read()
     (tmp_path / "t.npz").write_bytes(full[: len(full) // 2])
     with pytest.raises(io.CheckpointError):
-        io.load(tmp_path / "t.npz")
+        registry.load(tmp_path / "t.npz")

@@ -1,8 +1,8 @@
 """Models: each defines loss_and_grad with its backward written out by hand.
 
-Importing this package registers every model kind with ``npdgm.load``.
+Importing this package registers every model kind with ``npdgm.load`` (npdgm/models/registry.py).
 """
-from . import base, cvae, elbo, flow_layers, flows, gmm, kmeans, m2, vae  # noqa: F401  (modules, in __all__)
+from . import base, cvae, elbo, flow_layers, flows, gmm, kmeans, m2, registry, vae  # noqa: F401  (in __all__)
 from .base import Model
 from .cvae import CVAE
 from .flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, FlowLayer, LogitTransform, Permutation,
@@ -15,4 +15,4 @@ __all__ = ["Model", "VAE", "CVAE", "M2", "Flow", "FlowLayer", "AdditiveCoupling"
            "Scaling", "ActNorm", "LogitTransform", "make_mask", "nice", "realnvp", "realnvp2d", "bits_per_dim",
            "GaussianMixture", "PCAGaussianMixture",
            # the modules too, so the API reference documents them
-           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "flows", "kmeans", "gmm"]
+           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "flows", "kmeans", "gmm", "registry"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..io import register_model
+from .registry import register_model
 from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward
 from ..nn import ConditionalMLP, Parameter
 from .base import Model

@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..io import register_model
+from .registry import register_model
 from ..kernels import coupling as C
 from ..validate import as_rng, check_float, check_int
 from .base import Model

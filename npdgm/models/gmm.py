@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import array_module
-from ..io import register_model
+from .registry import register_model
 from ..kernels import logsumexp_forward
 from ..nn.module import Parameter
 from ..validate import as_rng, check_float, check_int

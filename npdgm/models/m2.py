@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..io import register_model
+from .registry import register_model
 from ..kernels import (kl_std_normal_forward, reparameterize_forward, sigmoid_forward, softmax_ce_backward,
                        softmax_ce_forward, softmax_entropy_backward, softmax_entropy_forward,
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)

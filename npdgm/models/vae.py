@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from ..io import register_model
+from .registry import register_model
 from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
