@@ -7,19 +7,21 @@
     npdgm bench ...              time training steps on npdgm-NumPy / npdgm-CuPy / PyTorch (see npdgm bench -h)
 
 Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (listed in
-``COMMAND_MODULES``) through ``register(commands, train_commands)``.
+``COMMAND_MODULES``) through ``register(commands, train_commands)``; ``npdgm sample`` (any run) is
+``npdgm/commands/sample.py``. Imports go downward only: cli -> commands -> models; no command imports cli.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 from . import __version__, backend
+from .bench import run as bench_run
+from .commands import cvae, data, flows, gmm, m2, sample, vae
 from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
                               release_locks, setup_backend, typed_options)
 
-COMMAND_MODULES = ("vae", "flows", "gmm", "cvae", "m2", "data")
+COMMAND_MODULES = (vae, flows, gmm, cvae, m2, sample, data)
 
 
 def _cmd_gradcheck(args):
@@ -95,11 +97,11 @@ def build_parser():
     c = sub.add_parser("check-reference", help="re-run npdgm against a reference directory")
     c.add_argument("outdir")
     c.set_defaults(func=_cmd_check_reference)
-    importlib.import_module(".bench.run", __package__).register(sub)   # npdgm bench: npdgm/bench/run.py
+    bench_run.register(sub)   # npdgm bench: npdgm/bench/run.py
     t = sub.add_parser("train", help="train a model (npdgm train -h lists them)")
     tsub = t.add_subparsers(dest="model", required=True, metavar="MODEL")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f".commands.{name}", __package__).register(sub, tsub)
+    for module in COMMAND_MODULES:
+        module.register(sub, tsub)
     return p
 
 

@@ -4,6 +4,7 @@ atomic checkpoints and bit-for-bit resume.
 A run directory holds
     checkpoint.npz   model weights + optimizer state + host RNG state + epoch (atomic)
     metrics.jsonl    one JSON object per finished epoch
+    metrics.csv      the same records, one column per key (rewritten atomically with each record)
     *.png            figures written by the model's command
 
 All randomness of a run (shuffling and every noise array) comes from one host NumPy
@@ -115,11 +116,38 @@ def append_line(path, line):
         raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
+def write_csv(out, records):
+    """Atomically write RUNDIR/metrics.csv: one row per record, one column per key (in the order the
+    keys first appear), an empty cell where a record lacks the key, lists joined by spaces."""
+    import csv
+    import io
+
+    cols = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    cell = lambda v: "" if v is None else " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    for r in records:
+        w.writerow([cell(r.get(c)) for c in cols])
+    atomic_write_bytes(os.path.join(out, "metrics.csv"), lambda f: f.write(buf.getvalue().encode()))
+
+
+def log_record(out, rec, records):
+    """Append ``rec`` to RUNDIR/metrics.jsonl (strict JSON, see :func:`dumps`) and rewrite metrics.csv
+    from ``records`` + rec; returns the record's non-finite keys."""
+    line, bad = dumps(rec)
+    append_line(os.path.join(out, "metrics.jsonl"), line)
+    write_csv(out, [*records, json.loads(line)])
+    return bad
+
+
 def _truncate_metrics(out, epoch):
-    """Keep only the records of epochs <= ``epoch`` (those the checkpoint has seen)."""
+    """Keep only the records of epochs <= ``epoch`` (those the checkpoint has seen); returns them."""
     keep = [r for r in read_metrics(out) if isinstance(r.get("epoch", 0), int) and r.get("epoch", 0) <= epoch]
     atomic_write_bytes(os.path.join(out, "metrics.jsonl"),
                        lambda f: f.write("".join(dumps(r)[0] + "\n" for r in keep).encode()))
+    write_csv(out, keep)
+    return keep
 
 
 def _last_checkpoint(out, epoch, bad_epochs):
@@ -142,68 +170,88 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def fit(model, optimizer, train_x, *, epochs, batch_size, out, rng, step, evaluate=None, start_epoch=0,
-        run_meta=None, progress=True, log=print, clip=None):
+def _batches(train_x, train_y, perm, batch_size):
+    """(xb, yb) minibatches of ``train_x`` (and ``train_y``, else None) in the order ``perm``."""
+    def take(a, idx):
+        xp = backend.array_module(a)
+        return a[xp.asarray(idx)] if xp is not np else a[idx]
+    for s in range(0, len(perm), batch_size):
+        idx = perm[s:s + batch_size]
+        yield take(train_x, idx), None if train_y is None else take(train_y, idx)
+
+
+def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop):
+    """One pass over the shuffled data: zero grads, ``step``, clip, ``optimizer.step()``; returns the
+    sums of the step terms. ``stop(i, loss)`` is called every 50 batches and on the last."""
+    from .optim import clip_grad_norm
+
+    perm = rng.permutation(int(train_x.shape[0]))
+    nb, sums = math.ceil(len(perm) / batch_size), {}
+    for i, (xb, yb) in enumerate(_batches(train_x, train_y, perm, batch_size)):
+        model.zero_grad()
+        terms = step(xb, yb, rng)
+        if clip:
+            clip_grad_norm(model, clip)
+        optimizer.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if bar is not None:
+            bar.update(1)
+        if i % 50 == 0 or i == nb - 1:
+            stop(i, float(terms["loss"]))
+    return sums
+
+
+def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng, step, evaluate=None,
+        start_epoch=0, run_meta=None, progress=True, log=print, clip=None):
     """Train for epochs ``start_epoch + 1 .. epochs``.
 
-    step(xb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
-                     (the loop zeroes them before and runs ``optimizer.step()`` after).
+    train_y: labels (or any per-example array) batched alongside train_x, or None.
+    step(xb, yb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
+                     (the loop zeroes them before and runs ``optimizer.step()`` after); yb is None
+                     without train_y.
     evaluate(epoch) -> dict of floats (test metrics), optional.
     Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact. A non-finite
     loss or epoch metric raises FloatingPointError (the epoch's record is logged with null values and
     a "nonfinite" list, no checkpoint is written for it).
     """
-    from .optim import clip_grad_norm
-
     n = int(train_x.shape[0])
     if n == 0:
         raise ValueError("training set is empty")
+    if train_y is not None and len(train_y) != n:
+        raise ValueError(f"train_y has {len(train_y)} rows, train_x {n}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     os.makedirs(out, exist_ok=True)
     if start_epoch:
-        _truncate_metrics(out, start_epoch)
+        logged = _truncate_metrics(out, start_epoch)
     else:
         atomic_write_bytes(os.path.join(out, "metrics.jsonl"), lambda f: None)
-    bad_epochs = {r.get("epoch") for r in read_metrics(out) if r.get("nonfinite") or dumps(r)[1]}
-    xp = backend.array_module(train_x)
+        logged = []
+    bad_epochs = {r.get("epoch") for r in logged if r.get("nonfinite") or dumps(r)[1]}
     nb = math.ceil(n / batch_size)
-    records, step_count, saved = [], start_epoch * nb, start_epoch
+    records, saved = [], start_epoch
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
-            perm = rng.permutation(n)
             bar = _progress(nb, f"epoch {epoch}/{epochs}", progress)
-            sums = {}
-            for i in range(nb):
-                idx = perm[i * batch_size:(i + 1) * batch_size]
-                xb = train_x[xp.asarray(idx)] if xp is not np else train_x[idx]
-                model.zero_grad()
-                terms = step(xb, rng)
-                if clip:
-                    clip_grad_norm(model, clip)
-                optimizer.step()
-                step_count += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
+
+            def stop(i, loss):
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at epoch {epoch}, batch {i}; "
+                                             f"{_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate "
+                                             f"or add --clip")
                 if bar is not None:
-                    bar.update(1)
-                if i % 50 == 0 or i == nb - 1:
-                    loss = float(terms["loss"])
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(
-                            f"loss became {loss} at epoch {epoch}, batch {i}; {_last_checkpoint(out, saved, bad_epochs)}"
-                            f": lower the learning rate or add --clip")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.set_postfix(loss=f"{loss:.3f}")
+            sums = _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop)
             if bar is not None:
                 bar.close()
-            rec = {"epoch": epoch, "step": step_count, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
+            rec = {"epoch": epoch, "step": epoch * nb, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
             rec["train_seconds"] = round(time.perf_counter() - t0, 3)
             if evaluate is not None:
                 rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
-            line, bad = dumps(rec)
-            append_line(os.path.join(out, "metrics.jsonl"), line)
+            bad = log_record(out, rec, logged)
+            logged.append(json.loads(dumps(rec)[0]))
             if bad:  # this epoch is logged (null + "nonfinite") but not checkpointed
                 raise FloatingPointError(
                     f"epoch {epoch} gave non-finite " + ", ".join(f"{k}={rec[k]}" for k in bad) +

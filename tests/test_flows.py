@@ -492,7 +492,7 @@ def test_cli_nice_and_realnvp_mnist(tmp_path, capsys):
 
 def test_cli_bad_arguments(tmp_path, capsys):
     assert _cli("train", "flow2d", "--n-train", 0, "--out", tmp_path, "--no-progress") == 2
-    assert "n-train" in capsys.readouterr().err
+    assert "--train-limit must be >= 1" in capsys.readouterr().err   # --n-train: its deprecated alias
     assert _cli("flow-sample", tmp_path / "missing") == 2
 
 

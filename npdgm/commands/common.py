@@ -57,18 +57,23 @@ def add_run_dir_args(g, resume=True):
                    help="start a new run in --out even if it holds an older run (whose files are removed)")
     if resume:
         g.add_argument("--resume", metavar="RUNDIR", default=None,
-                       help="continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with "
+                       help="(default: start a new run) continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with "
                             "its stored options; --epochs, --lr, --clip and --data may change, others must match")
 
 
-def add_train_args(p, epochs=10, batch_size=128, lr=1e-3):
-    """Options every ``npdgm train <model>`` shares."""
+def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batch_help=None):
+    """Options every ``npdgm train <model>`` shares. A run's options are stored in its checkpoint, so
+    with --resume an option not typed keeps the run's value (the help says so where it matters)."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=nonneg_int, default=epochs, help=f"number of epochs (default {epochs})")
+    g.add_argument("--epochs", type=nonneg_int, default=epochs,
+                   help=f"number of epochs ({epochs_help or f'default {epochs}'}; on --resume the stored value)")
     g.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"minibatch size (default {batch_size})")
-    g.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default {lr:g})")
-    g.add_argument("--clip", type=positive_float, default=None, help="clip the global gradient norm to this value")
+                   help=f"minibatch size ({batch_help or f'default {batch_size}'})")
+    g.add_argument("--lr", type=positive_float, default=lr,
+                   help=f"Adam learning rate (default {lr:g}; on --resume the stored value)")
+    g.add_argument("--clip", type=positive_float, default=None,
+                   help="clip the global gradient norm to this value (default: no clipping; on --resume the "
+                        "stored value)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialization, shuffling and noise (default 0)")
     g.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
@@ -218,25 +223,47 @@ def _epochs_done(out):
     return int(load_arrays(out)[1].get("epoch", 0))
 
 
-def resume_or_new(args, kind, new_run, default_epochs, build, families=None, derived=(), log=print):
+def resume_or_new(args, kind, new_run, default_epochs, build, families=None, derived=(), log=print, upgrade=None):
     """``(model, run, out)`` for a new run or ``--resume``, with the run directory locked; None when
     ``--resume`` asks for no more epochs than the run has done (it says so and changes nothing).
 
     new_run: tuple of option names kept in the run record, or ``f(args) -> dict``;
     build(run) -> a new model; families: the stored ``run["family"]`` values this command continues;
-    derived: model config keys computed from options rather than copied (a typed one is refused)."""
-    from ..io import CheckpointError, load_arrays, model_from_arrays
+    derived: model config keys computed from options rather than copied (a typed one is refused);
+    upgrade(run) -> run: maps the option names of an older stored run to today's (before comparing)."""
+    if args.resume:
+        return _resume(args, kind, default_epochs, families, derived, log, upgrade or (lambda r: r))
+    done = _epochs_done(args.out) if args.epochs == 0 and args.out and not args.overwrite else None
+    if done is not None:
+        log(f"{args.out}: already at epoch {done} (asked for 0 epochs); nothing changed")
+        return None
+    run = new_run(args) if callable(new_run) else {k: getattr(args, k) for k in new_run}
+    if default_epochs is not None or args.epochs is not None:
+        run["epochs"] = default_epochs if args.epochs is None else args.epochs
+    out = new_run_dir(args.out or default_out(kind), args.overwrite)
+    return build(run), run, out
 
-    if not args.resume:
-        done = _epochs_done(args.out) if args.epochs == 0 and args.out and not args.overwrite else None
-        if done is not None:
-            log(f"{args.out}: already at epoch {done} (asked for 0 epochs); nothing changed")
-            return None
-        run = new_run(args) if callable(new_run) else {k: getattr(args, k) for k in new_run}
-        if default_epochs is not None or args.epochs is not None:
-            run["epochs"] = default_epochs if args.epochs is None else args.epochs
-        out = new_run_dir(args.out or default_out(kind), args.overwrite)
-        return build(run), run, out
+
+def _stored_run(out, args, kind, families):
+    """(arrays, meta, run options) of OUT/checkpoint.npz, checked to be a resumable ``kind`` run."""
+    from ..io import CheckpointError, load_arrays
+
+    arrays, meta = load_arrays(out)
+    run = meta.get("run")
+    run = run.get("args") if isinstance(run, dict) else None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{out}/checkpoint.npz holds no training options (saved by model.save?); "
+                              f"it cannot be resumed")
+    if meta.get("kind") != kind or (families and run.get("family") not in families):
+        held = meta.get("kind") if not families else f"{meta.get('kind')} ({run.get('family')})"
+        raise ValueError(f"--resume {args.resume}: the checkpoint holds a {held!r} run, not a "
+                         f"{kind if not families else '/'.join(families)} run")
+    return arrays, meta, dict(run)
+
+
+def _resume(args, kind, default_epochs, families, derived, log, upgrade):
+    from ..models.registry import model_from_arrays
+
     out = resume_dir(args.resume)
     if args.out and os.path.realpath(args.out) != os.path.realpath(out):
         raise ValueError(f"--out {args.out} and --resume {args.resume} name different directories; a resumed run "
@@ -245,17 +272,8 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
         raise ValueError("--overwrite starts a new run and --resume continues one: give only one of them")
     lock_run(out)
     remove_leftovers(out)
-    arrays, meta = load_arrays(out)
-    run = meta.get("run")
-    run = run.get("args") if isinstance(run, dict) else None
-    if not isinstance(run, dict):
-        raise CheckpointError(f"{out}/checkpoint.npz holds no training options (saved by model.save?); "
-                              f"it cannot be resumed")
-    run = dict(run)
-    if meta.get("kind") != kind or (families and run.get("family") not in families):
-        held = meta.get("kind") if not families else f"{meta.get('kind')} ({run.get('family')})"
-        raise ValueError(f"--resume {args.resume}: the checkpoint holds a {held!r} run, not a "
-                         f"{kind if not families else '/'.join(families)} run")
+    arrays, meta, run = _stored_run(out, args, kind, families)
+    run = upgrade(run)
     args.resume = out
     apply_typed(args, run, meta.get("config", {}), log, derived)
     done = int(meta.get("epoch", 0))
@@ -265,6 +283,36 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
         return None
     backend.set_dtype(meta.get("dtype", "float32"))
     return model_from_arrays(arrays, meta, out), run, out
+
+
+def start_training(model, run, out, resume):
+    """(Adam at run["lr"], rng, first epoch): rng and epoch restored from OUT/checkpoint.npz on
+    --resume, else a new Generator(run["seed"]) and 0."""
+    import numpy as np
+
+    from .. import optim, train
+
+    opt = optim.Adam(model, lr=run["lr"])
+    rng, start = train.restore_checkpoint(out, opt) if resume else (np.random.default_rng(run["seed"]), 0)
+    return opt, rng, start
+
+
+def fit(model, opt, rng, start, run, out, args, step, evaluate, train_x, train_y=None):
+    """``npdgm.train.fit`` with the run's options; returns the records of metrics.jsonl (all epochs)."""
+    from .. import train
+
+    train.fit(model, opt, train_x, train_y, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
+              step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run},
+              progress=not args.no_progress, clip=run["clip"])
+    return train.read_metrics(out)
+
+
+def write_json(path, obj):
+    """Atomically write ``obj`` as strict JSON (NaN/inf as null, see :func:`npdgm.train.dumps`);
+    returns the non-finite keys."""
+    from ..train import write_json as _write
+
+    return _write(path, obj)
 
 
 def check_out_file(path, opt):
@@ -285,8 +333,6 @@ def check_out_file(path, opt):
 def write_summary(out, summary):
     """Write OUT/summary.json as strict JSON; FloatingPointError (after writing, non-finite values
     as null and listed under "nonfinite") when a value is NaN or infinite."""
-    from ..train import write_json
-
     bad = write_json(os.path.join(out, "summary.json"), summary)
     if bad:
         raise FloatingPointError(f"{os.path.join(out, 'summary.json')}: non-finite "

@@ -4,7 +4,7 @@
     npdgm train cvae --data mnist --epochs 10 --out runs/cvae-full
     npdgm train cvae --resume runs/cvae-full --epochs 20     # continue bit-for-bit
 
-The run directory gets checkpoint.npz, metrics.jsonl (train_* over the epoch's batches, test_* on the
+The run directory gets checkpoint.npz, metrics.jsonl / metrics.csv (train_* over the epoch's batches, test_* on the
 test set with its labels: -ELBO of log p(x|y) in nats per image), summary.json and the figures:
 curves.png, classes.png (one row per digit class sampled from the prior) and style_transfer.png
 (a test digit encoded with its label and decoded under every label).
@@ -32,8 +32,9 @@ def add_data_args(p, binarize="none"):
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default=binarize,
                    help="none: grey levels in [0, 1]; static: x > 0.5; dynamic: a new Bernoulli(x) draw per "
                         f"batch (test set drawn once) (default {binarize})")
-    d.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training images")
-    d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images")
+    d.add_argument("--train-limit", type=positive_int, default=None,
+                   help="use the first N training images (default: all)")
+    d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images (default: all)")
 
 
 def register(commands, train_commands):
@@ -50,7 +51,7 @@ def register(commands, train_commands):
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help="decoder p(x|z,y) (default bernoulli)")
     g.add_argument("--sigma", type=positive_float, default=None,
-                   help="gaussian: fixed decoder std; omit to learn a per-pixel log-variance")
+                   help="gaussian: fixed decoder std (default: learn a per-pixel log-variance)")
     g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
     g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
@@ -80,8 +81,21 @@ def evaluate_cvae(model, x, y, seed, batch=1000):
     return {k: v / n for k, v in sums.items()}
 
 
+def make_step(model, dynamic):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one gradient of the -ELBO of log p(x|y) on a
+    labelled batch (``dynamic``: a new Bernoulli(x) draw of the batch first)."""
+    dtype, K, Z = model.dtype, model.n_samples, model.z_dim
+
+    def step(xb, yb, rng):
+        if dynamic:
+            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
+        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
+        _, t = model.loss_and_grad(xb, yb, eps, check=False, zero_grad=False)
+        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+    return step
+
+
 def cmd_train(args):
-    from .. import optim, train
     from ..models.cvae import CVAE
 
     setup_backend(args)
@@ -98,40 +112,29 @@ def cmd_train(args):
     test_x = model.check_x(x_te, "test images")
     y_tr = model.check_y(y_tr, len(x_tr), "training labels")
     y_te = model.check_y(y_te, len(x_te), "test labels")
-
-    opt = optim.Adam(model, lr=run["lr"])
-    rng, start = train.restore_checkpoint(out, opt) if args.resume else (np.random.default_rng(seed), 0)
+    opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"cvae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
-    dtype, K, Z, dynamic = model.dtype, model.n_samples, model.z_dim, run["binarize"] == "dynamic"
-    xp = model.xp
-
-    def step(ib, rng):                       # ib: (B, 1) row indices (fit shuffles the index column)
-        idx = backend.to_host(ib[:, 0])
-        xb = train_x[xp.asarray(idx)] if xp is not np else train_x[idx]
-        if dynamic:
-            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
-        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
-        _, t = model.loss_and_grad(xb, y_tr[idx], eps, check=False, zero_grad=False)
-        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
-
-    index = np.arange(len(train_x))[:, None]
-    train.fit(model, opt, index, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng, step=step,
-              evaluate=lambda e: evaluate_cvae(model, test_x, y_te, seed), start_epoch=start,
-              run_meta={"args": run}, progress=not args.no_progress, clip=run["clip"])
-    records = train.read_metrics(out)
+    records = common.fit(model, opt, rng, start, run, out, args, make_step(model, run["binarize"] == "dynamic"),
+                         lambda e: evaluate_cvae(model, test_x, y_te, seed), train_x, y_tr)
     summary = {"epochs": run["epochs"], "test_n": len(test_x)}
     if records:
         summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})
         print(f"test -ELBO of log p(x|y): {summary['test_nelbo']:.3f} nats/image", flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
-        from ..plots import cvae as PC
-        from ..plots import vae as PV
-
-        PV.curves(records, os.path.join(out, "curves.png"))
-        PC.class_grid(model, os.path.join(out, "classes.png"), rng=seed)
-        idx = first_of_each_class(y_te)
-        PC.style_transfer(model, x_te[idx], y_te[idx], os.path.join(out, "style_transfer.png"))
-        print(f"figures in {out}", flush=True)
+        conditional_figures(model, out, records, x_te, y_te, seed)
     return 0
+
+
+def conditional_figures(model, out, records, x_te, y_te, seed, curves=None):
+    """curves.png (``curves(records, path)``, default the VAE's), classes.png and style_transfer.png
+    (the CVAE and M2 draw the same two figures)."""
+    from ..plots import cvae as PC
+    from ..plots import vae as PV
+
+    (curves or PV.curves)(records, os.path.join(out, "curves.png"))
+    PC.class_grid(model, os.path.join(out, "classes.png"), rng=seed)
+    idx = first_of_each_class(y_te)
+    PC.style_transfer(model, x_te[idx], y_te[idx], os.path.join(out, "style_transfer.png"))
+    print(f"figures in {out}", flush=True)

@@ -1,17 +1,17 @@
-"""``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train flow2d``, ``npdgm flow-sample RUNDIR``.
+"""``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train flow2d`` (``npdgm sample RUNDIR`` draws from them).
 
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
     npdgm train nice --resume runs/nice-... --epochs 6    # continue bit-for-bit
-    npdgm flow-sample runs/nice-... --temperatures 0.5 0.8 1.0
+    npdgm sample runs/nice-... --temperatures 0.5 0.8 1.0 # (flow-sample is its old name)
 
-A run directory gets checkpoint.npz, metrics.jsonl (train_loss = mean NLL in nats per example over
-the epoch's batches; test_nll, test_ll = -test_nll, and for images train_bpd/test_bpd), summary.json
-and the figures. Images are uniformly dequantized with fresh noise every batch (the test set once,
-with a fixed seed), so the NLL is that of a density on [0, 1]^784 and
-bits/dim = (NLL / 784 + log 256) / log 2.
+A run directory gets checkpoint.npz, metrics.jsonl / metrics.csv (train_loss = mean NLL in nats per
+example over the epoch's batches; test_nll, test_ll = -test_nll, and for images train_bpd/test_bpd),
+summary.json and the figures (docs/metrics.md lists every key). Images are uniformly dequantized with
+fresh noise every batch (the test set once, with a fixed seed), so the NLL is that of a density on
+[0, 1]^784 and bits/dim = (NLL / 784 + log 256) / log 2 (:func:`npdgm.models.flows.bits_per_dim`).
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ from .. import backend
 from . import common
 from .common import add_train_args, default_out, nonneg_int, positive_float, positive_int, setup_backend
 
-TOY_DATASETS = ("moons", "circles", "8gaussians", "checkerboard", "spirals")
+from ..data import TOYS
 
-
-def _model_group(p):
-    return p.add_argument_group("model")
+NICE_HIDDEN = [1000] * 5          # NICE's coupling MLP: 5 hidden layers of 1000 (Dinh et al. 2014)
+TOY_TRAIN, TOY_TEST = 51200, 10000
 
 
 def _data_args(p, image=True, toy=True):
@@ -36,25 +35,31 @@ def _data_args(p, image=True, toy=True):
     if image:
         d.add_argument("--data", default=None, metavar="DIR",
                        help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
-        d.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training images")
-        d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images")
+    # --n-train / --n-test: the 2-D spelling of older versions, still accepted
+    mn, toy_n = ("MNIST: use the first N {} images (default: all)", "2-D: {} points drawn once (default {})")
+    both = lambda what, n: "; ".join(([mn.format(what)] if image else []) + ([toy_n.format(what, n)] if toy else []))
+    d.add_argument("--train-limit", *(["--n-train"] if toy else []), type=positive_int, default=None,
+                   dest="train_limit", metavar="N", help=both("training", TOY_TRAIN))
+    d.add_argument("--test-limit", *(["--n-test"] if toy else []), type=positive_int, default=None,
+                   dest="test_limit", metavar="N", help=both("test", TOY_TEST))
     if toy:
-        d.add_argument("--n-train", type=positive_int, default=51200, help="2-D: training points, drawn once (default 51200)")
-        d.add_argument("--n-test", type=positive_int, default=10000, help="2-D: test points (default 10000)")
         d.add_argument("--steps", type=positive_int, default=None,
-                       help="2-D: optimizer steps; sets --epochs to ceil(steps / batches per epoch)")
+                       help="2-D: optimizer steps; sets --epochs to ceil(steps / batches per epoch) (default "
+                            f"{'3000' if not image else 'none: 10 epochs'}; on --resume the stored epochs)")
 
 
 def register(commands, train_commands):
     # npdgm train nice
     p = train_commands.add_parser(
         "nice", help="NICE (additive couplings) on MNIST",
-        description="NICE on dequantized MNIST: additive couplings (MLP D/2 -> hidden x n-hidden -> D/2, ReLU), "
+        description="NICE on dequantized MNIST: additive couplings (MLP D/2 -> hidden sizes -> D/2, ReLU), "
                     "half split alternating, diagonal scaling, logistic prior. Loss = mean NLL (nats/image).")
-    g = _model_group(p)
+    g = p.add_argument_group("model")
     g.add_argument("--couplings", type=positive_int, default=4, help="additive coupling layers (default 4)")
-    g.add_argument("--hidden", type=positive_int, default=1000, help="units per hidden layer (default 1000)")
-    g.add_argument("--n-hidden", type=nonneg_int, default=5, help="hidden layers per coupling network (default 5)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=None, metavar="H",
+                   help="hidden sizes of each coupling MLP, one width repeated (default 1000 1000 1000 1000 1000)")
+    g.add_argument("--n-hidden", type=nonneg_int, default=None,
+                   help="deprecated: --hidden H --n-hidden N is --hidden H repeated N times (default: not used)")
     g.add_argument("--prior", choices=["logistic", "gaussian"], default="logistic", help="default logistic")
     g.add_argument("--logit", action="store_true", help="logit-transform the pixels first (off in the paper)")
     _data_args(p, image=True, toy=False)
@@ -67,8 +72,8 @@ def register(commands, train_commands):
         description="Affine couplings y_b = x_b exp(s(x_a)) + t(x_a) with a bounded scale. On MNIST: logit "
                     "transform, ActNorm + coupling (MLP nets, checkerboard masks alternating). On 2-D toys: "
                     "the flow2d model.")
-    p.add_argument("--dataset", choices=("mnist",) + TOY_DATASETS, default="mnist", help="default mnist")
-    g = _model_group(p)
+    p.add_argument("--dataset", choices=("mnist",) + TOYS, default="mnist", help="default mnist")
+    g = p.add_argument_group("model")
     g.add_argument("--couplings", type=positive_int, default=None, help="coupling layers (default 8)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=None, metavar="H",
                    help="coupling MLP hidden sizes (default 512 512 on MNIST, 256 256 in 2-D)")
@@ -81,7 +86,7 @@ def register(commands, train_commands):
     g.add_argument("--actnorm", action="store_true", help="2-D: ActNorm before each coupling")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
     _data_args(p, image=True, toy=True)
-    add_train_args(p, epochs=10, batch_size=None, lr=1e-3)
+    add_train_args(p, epochs=10, batch_size=None, lr=1e-3, batch_help="default 64 on MNIST, 512 in 2-D")
     p.set_defaults(func=cmd_train, family="realnvp", epochs=None, batch_size=None)
 
     # npdgm train flow2d
@@ -89,28 +94,16 @@ def register(commands, train_commands):
         "flow2d", help="RealNVP-style flow on a 2-D toy density",
         description="Affine couplings on R^2 (coupling i conditions on coordinate i % 2; s/t MLP 1 -> hidden -> 2, "
                     "bounded scale), standard Gaussian prior, trained on points drawn once from a seeded toy set.")
-    p.add_argument("--dataset", choices=TOY_DATASETS, default="moons", help="default moons")
-    g = _model_group(p)
+    p.add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
+    g = p.add_argument_group("model")
     g.add_argument("--couplings", type=positive_int, default=8, help="affine coupling layers (default 8)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256], metavar="H", help="default 256 256")
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh", help="default tanh")
     g.add_argument("--scale-bound", type=positive_float, default=1.0, help="default 1 (s = tanh(raw))")
     g.add_argument("--actnorm", action="store_true", help="ActNorm before each coupling")
     _data_args(p, image=False, toy=True)
-    add_train_args(p, epochs=None, batch_size=512, lr=1e-3)
+    add_train_args(p, epochs=None, batch_size=512, lr=1e-3, epochs_help="default: from --steps")
     p.set_defaults(func=cmd_train, family="flow2d", epochs=None, steps=3000)
-
-    s = commands.add_parser("flow-sample", help="samples from a trained flow run (nice / realnvp / flow2d)")
-    s.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
-    s.add_argument("--n", type=positive_int, default=None, help="images per temperature (default 12) or 2-D points "
-                                                       "(default 5000)")
-    s.add_argument("--temperatures", type=positive_float, nargs="+", default=[0.5, 0.7, 0.85, 1.0], metavar="T",
-                   help="prior temperatures (default 0.5 0.7 0.85 1.0; 2-D uses the last)")
-    s.add_argument("--seed", type=nonneg_int, default=0)
-    s.add_argument("--out", default=None, help="PNG path (default RUNDIR/flow-samples-seed<S>.png)")
-    s.add_argument("--npy", default=None, help="also save the samples (T = last temperature) as .npy")
-    s.add_argument("--backend", choices=backend.BACKENDS, default=None)
-    s.set_defaults(func=cmd_sample)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -118,13 +111,27 @@ def _is_image(run):
     return run["family"] == "nice" or (run["family"] == "realnvp" and run.get("dataset") == "mnist")
 
 
+def _nice_hidden(args):
+    """nice's --hidden list (from the deprecated --n-hidden too), checked to be one width repeated."""
+    hidden = args.hidden or NICE_HIDDEN
+    if args.n_hidden is not None:
+        if args.hidden is not None and len(args.hidden) != 1:
+            raise ValueError(f"--n-hidden (deprecated) repeats one --hidden width; got --hidden "
+                             f"{' '.join(map(str, args.hidden))}: give the list alone")
+        hidden = [hidden[0]] * args.n_hidden
+    if len(set(hidden)) > 1:
+        raise ValueError(f"--hidden {' '.join(map(str, hidden))}: nice's coupling MLPs use one width for every "
+                         f"hidden layer (e.g. --hidden 500 500 500)")
+    return list(hidden)
+
+
 def _run_from_args(args):
     """The JSON-able options that rebuild the model and the data (stored in the checkpoint)."""
     fam = args.family
     run = {"family": fam, "lr": args.lr, "clip": args.clip, "seed": args.seed, "dtype": args.dtype}
     if fam == "nice":
-        run.update(dataset="mnist", couplings=args.couplings, hidden=args.hidden, n_hidden=args.n_hidden,
-                   prior=args.prior, logit=args.logit, batch_size=args.batch_size)
+        run.update(dataset="mnist", couplings=args.couplings, hidden=_nice_hidden(args), prior=args.prior,
+                   logit=args.logit, batch_size=args.batch_size)
     elif fam == "realnvp" and args.dataset == "mnist":
         run.update(dataset="mnist", couplings=args.couplings or 8, hidden=args.hidden or [512, 512], mask=args.mask,
                    scale=args.scale, scale_bound=2.0 if args.scale_bound is None else args.scale_bound,
@@ -133,19 +140,33 @@ def _run_from_args(args):
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
                    hidden=args.hidden or [256, 256], scale=args.scale,
                    scale_bound=1.0 if args.scale_bound is None else args.scale_bound, actnorm=args.actnorm,
-                   batch_size=args.batch_size or 512, n_train=args.n_train, n_test=args.n_test)
+                   batch_size=args.batch_size or 512, train_limit=args.train_limit or TOY_TRAIN,
+                   test_limit=args.test_limit or TOY_TEST)
     if _is_image(run):
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
+    return run
+
+
+def upgrade_run(run):
+    """A stored run's options under today's names: 2-D n_train / n_test -> train_limit / test_limit,
+    nice's hidden width + n_hidden -> the --hidden list (checkpoints of older versions)."""
+    run = dict(run)
+    for old, new in (("n_train", "train_limit"), ("n_test", "test_limit")):
+        if old in run:
+            run[new] = run.pop(old)
+    if run.get("family") == "nice" and not isinstance(run.get("hidden"), (list, tuple)):
+        run["hidden"] = [run["hidden"]] * run.pop("n_hidden", 5)
     return run
 
 
 def build_model(run):
     from ..models import flows
 
-    seed = run["seed"]
+    run, seed = upgrade_run(run), run["seed"]
     if run["family"] == "nice":
-        return flows.nice(784, run["couplings"], run["hidden"], run["n_hidden"], prior=run["prior"],
-                          logit=run["logit"], seed=seed)
+        h = run["hidden"]
+        return flows.nice(784, run["couplings"], h[0] if h else 1, len(h), prior=run["prior"], logit=run["logit"],
+                          seed=seed)
     if run["family"] == "realnvp":
         return flows.realnvp(784, run["couplings"], run["hidden"], mask=run["mask"], image_shape=(28, 28),
                              scale=run["scale"], scale_bound=run["scale_bound"], actnorm=run["actnorm"],
@@ -158,18 +179,18 @@ def load_data(run):
     """(train, test) host arrays: MNIST pixels in [0, 1] (test dequantized once, seeded) or 2-D points."""
     from ..data import check_unit_interval, dequantize, load_mnist, make_toy2d
 
-    seed = run["seed"]
+    run, seed = upgrade_run(run), run["seed"]
     if _is_image(run):
         x_tr, _ = load_mnist("train", run["data"], limit=run["train_limit"])
         x_te, _ = load_mnist("test", run["data"], limit=run["test_limit"])
         check_unit_interval("training images", x_tr)
         x_te = dequantize(x_te, np.random.default_rng([seed, 5]))
         return x_tr, x_te
-    for k in ("n_train", "n_test"):
+    for k in ("train_limit", "test_limit"):
         if run[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {run[k]}")
-    return (make_toy2d(run["dataset"], run["n_train"], np.random.default_rng([seed, 11])),
-            make_toy2d(run["dataset"], run["n_test"], np.random.default_rng([seed, 12])))
+    return (make_toy2d(run["dataset"], run["train_limit"], np.random.default_rng([seed, 11])),
+            make_toy2d(run["dataset"], run["test_limit"], np.random.default_rng([seed, 12])))
 
 
 def init_actnorm(flow, train_x, image, seed, n=1000):
@@ -200,53 +221,51 @@ def evaluate(flow, x_test, image):
 
 
 # -- npdgm train nice | realnvp | flow2d ----------------------------------------------------------
-def cmd_train(args):
-    from .. import optim, train
+def make_step(model, image):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one NLL gradient (images: dequantized with fresh
+    noise first, and bits/dim reported beside the loss)."""
+    from ..models.flows import bits_per_dim
 
+    if not image:
+        return lambda xb, yb, rng: {"loss": model.loss_and_grad(xb, zero_grad=False)}
+    from ..data import dequantize
+
+    def step(xb, yb, rng):
+        loss = model.loss_and_grad(dequantize(xb, rng), zero_grad=False)  # fit zeroed them
+        return {"loss": loss, "bpd": bits_per_dim(loss, model.dim)}
+    return step
+
+
+def _epochs(run, steps, n_train, image):
+    """run["epochs"] of a new run: from --steps on 2-D data (ceil(steps / batches per epoch)), else 10."""
+    if run.get("epochs") is None:
+        nb = math.ceil(n_train / run["batch_size"])
+        run["epochs"] = max(1, math.ceil(steps / nb)) if steps is not None and not image else 10
+
+
+def cmd_train(args):
     setup_backend(args)
     if not args.resume:
         run0 = _run_from_args(args)
         args.out = args.out or default_out(run0["family"] + ("" if _is_image(run0) else "-" + run0["dataset"]))
     families = ("realnvp", "flow2d") if args.family == "realnvp" else (args.family,)
-    r = common.resume_or_new(args, "flow", lambda a: run0, None, build_model, families=families)
+    r = common.resume_or_new(args, "flow", lambda a: run0, None, build_model, families=families, upgrade=upgrade_run)
     if r is None:
         return 0
     model, run, out = r
     image = _is_image(run)
     x_tr, x_te = load_data(run)
-    if run.get("epochs") is None:
-        steps = getattr(args, "steps", None)
-        nb = math.ceil(len(x_tr) / run["batch_size"])
-        run["epochs"] = max(1, math.ceil(steps / nb)) if steps is not None and not image else 10
+    _epochs(run, getattr(args, "steps", None), len(x_tr), image)
     dtype = model.flat_params.dtype
-    train_x = backend.to_device(x_tr, dtype)
-    test_x = backend.to_device(x_te, dtype)
-
-    opt = optim.Adam(model, lr=run["lr"])
-    if args.resume:
-        rng, start = train.restore_checkpoint(out, opt)
-    else:
-        rng, start = np.random.default_rng(run["seed"]), 0
+    train_x, test_x = backend.to_device(x_tr, dtype), backend.to_device(x_te, dtype)
+    opt, rng, start = common.start_training(model, run, out, args.resume)
+    if not args.resume:
         init_actnorm(model, train_x, image, run["seed"])
     print(f"{run['family']} on {run['dataset']}: {model!r}  train {len(train_x)}  test {len(test_x)}  "
           f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
           f"-> {out}", flush=True)
-
-    D, log256, ln2 = model.dim, math.log(256), math.log(2)
-    if image:
-        from ..data import dequantize
-
-        def step(xb, rng):
-            loss = model.loss_and_grad(dequantize(xb, rng), zero_grad=False)  # fit zeroed them
-            return {"loss": loss, "bpd": (loss / D + log256) / ln2}
-    else:
-        def step(xb, rng):
-            return {"loss": model.loss_and_grad(xb, zero_grad=False)}
-
-    train.fit(model, opt, train_x, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng, step=step,
-              evaluate=lambda e: evaluate(model, test_x, image), start_epoch=start, run_meta={"args": run},
-              progress=not args.no_progress, clip=run["clip"])
-    records = train.read_metrics(out)
+    records = common.fit(model, opt, rng, start, run, out, args, make_step(model, image),
+                         lambda e: evaluate(model, test_x, image), train_x)
     summary = {"family": run["family"], "dataset": run["dataset"], "epochs": run["epochs"],
                "steps": records[-1]["step"] if records else 0, "test_n": len(x_te),
                "parameters": model.num_parameters()}
@@ -257,48 +276,20 @@ def cmd_train(args):
     if "test_bpd" in summary:
         msg += f"  ({summary['test_bpd']:.4f} bits/dim; log-likelihood {summary['test_ll']:.2f} nats)"
     print(msg, flush=True)
-
     if not args.no_plots:
-        from ..plots import flows as P
-
-        if image:
-            P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
-            P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
-        else:
-            P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),
-                            title=f"{run['dataset']}: test NLL {summary.get('test_nll', float('nan')):.3f} nats",
-                            seed=run["seed"])
-            P.nll_curves(records, os.path.join(out, "curves.png"), title=f"flow2d on {run['dataset']}")
-        print(f"figures in {out}", flush=True)
+        _figures(model, run, out, records, summary, x_te, image)
     return 0
 
 
-# -- npdgm flow-sample ----------------------------------------------------------------------------
-def cmd_sample(args):
-    from ..io import load_arrays, model_from_arrays
-
-    setup_backend(args)
-    for opt in ("out", "npy"):
-        if getattr(args, opt):
-            common.check_out_file(getattr(args, opt), "--" + opt)
-    arrays, meta = load_arrays(args.rundir)
-    if meta.get("kind") != "flow":
-        raise ValueError(f"{args.rundir} holds a {meta.get('kind')!r} model; flow-sample handles flow runs")
-    model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
-    rundir = args.rundir if os.path.isdir(args.rundir) else os.path.dirname(os.path.abspath(args.rundir))
-    out = args.out or os.path.join(rundir, f"flow-samples-seed{args.seed}.png")
+def _figures(model, run, out, records, summary, x_te, image):
     from ..plots import flows as P
 
-    if model.dim == 784:
-        P.sample_grids(model, out, temperatures=args.temperatures, n_per_row=args.n or 12, seed=args.seed)
-        n = args.n or 12
+    if image:
+        P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
+        P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
     else:
-        run = meta.get("run", {}).get("args", {})
-        n = args.n or 5000
-        data = (load_data(run)[1] if run.get("dataset") in TOY_DATASETS
-                else backend.to_host(model.sample(n, rng=args.seed + 1)))
-        P.flow2d_panels(model, data, out, n_samples=n, seed=args.seed, temperature=args.temperatures[-1])
-    if args.npy:
-        np.save(args.npy, backend.to_host(model.sample(n, temperature=args.temperatures[-1], rng=args.seed)))
-    print(out)
-    return 0
+        P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),
+                        title=f"{run['dataset']}: test NLL {summary.get('test_nll', float('nan')):.3f} nats",
+                        seed=run["seed"])
+        P.nll_curves(records, os.path.join(out, "curves.png"), title=f"flow2d on {run['dataset']}")
+    print(f"figures in {out}", flush=True)

@@ -5,9 +5,9 @@
     npdgm train gmm --dataset mnist                         # bundled subset: PCA to 50 dims, K=10
     npdgm train gmm --dataset mnist --data mnist --pca-dim 50 --components 20
 
-A run directory gets checkpoint.npz (``npdgm.load`` rebuilds the model), metrics.jsonl (one record per
-EM iteration, iteration 0 = the initialization: train_nll / test_nll = mean negative log-likelihood in
-nats per point), summary.json and the figures.
+A run directory gets checkpoint.npz (``npdgm.load`` rebuilds the model), metrics.jsonl and metrics.csv
+(one record per EM iteration, iteration 0 = the initialization: train_nll / test_nll = mean negative
+log-likelihood in nats per point), summary.json and the figures (docs/metrics.md lists every key).
 
 2-D toys: the training and test points are drawn exactly as ``npdgm train flow2d`` draws them (same
 seeds, same sizes), so the test NLL sits in the same column as the flows'.
@@ -23,7 +23,6 @@ alone, is a density on R^d, NOT comparable with pixel-space numbers.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -34,8 +33,10 @@ from .. import backend
 from . import common
 from .common import default_out, nonneg_float, nonneg_int, positive_int, setup_backend
 
-TOY_DATASETS = ("moons", "circles", "8gaussians", "checkerboard", "spirals")
-DATASETS = TOY_DATASETS + ("mnist",)
+from ..data import TOYS
+from .flows import TOY_TEST, TOY_TRAIN, upgrade_run
+
+DATASETS = TOYS + ("mnist",)
 
 
 def register(commands, train_commands):
@@ -66,10 +67,13 @@ def register(commands, train_commands):
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, metavar="DIR",
                    help="MNIST IDX directory (default $NPDGM_DATA, else the bundled 10k/2k subset)")
-    d.add_argument("--train-limit", type=positive_int, default=None, help="MNIST: use the first N training images")
-    d.add_argument("--test-limit", type=positive_int, default=None, help="MNIST: use the first N test images")
-    d.add_argument("--n-train", type=positive_int, default=51200, help="2-D: training points (default 51200, as flow2d)")
-    d.add_argument("--n-test", type=positive_int, default=10000, help="2-D: test points (default 10000, as flow2d)")
+    # --n-train / --n-test: the 2-D spelling of older versions, still accepted
+    d.add_argument("--train-limit", "--n-train", type=positive_int, default=None, dest="train_limit", metavar="N",
+                   help=f"MNIST: use the first N training images (default: all); 2-D: training points drawn "
+                        f"(default {TOY_TRAIN}, as flow2d)")
+    d.add_argument("--test-limit", "--n-test", type=positive_int, default=None, dest="test_limit", metavar="N",
+                   help=f"MNIST: use the first N test images (default: all); 2-D: test points drawn "
+                        f"(default {TOY_TEST}, as flow2d)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=nonneg_int, default=0, help="seed of the data draw, dequantization and init (default 0)")
     r.add_argument("--backend", choices=backend.BACKENDS, default=None,
@@ -89,7 +93,7 @@ def _run_from_args(args):
         run.update(pca_dim=args.pca_dim, residual=args.residual, residual_reg=args.residual_reg, data=args.data,
                    train_limit=args.train_limit, test_limit=args.test_limit)
     else:
-        run.update(n_train=args.n_train, n_test=args.n_test)
+        run.update(train_limit=args.train_limit or TOY_TRAIN, test_limit=args.test_limit or TOY_TEST)
     return run
 
 
@@ -97,10 +101,10 @@ def load_data(run):
     """(train, test) host float64 arrays. Toys: as flow2d draws them. MNIST: dequantized pixels in [0, 1)."""
     from ..data import check_unit_interval, dequantize, load_mnist, make_toy2d
 
-    seed = run["seed"]
+    run, seed = upgrade_run(run), run["seed"]
     if run["dataset"] != "mnist":  # the same generators as npdgm train flow2d, so the test sets coincide
-        return (make_toy2d(run["dataset"], run["n_train"], np.random.default_rng([seed, 11])),
-                make_toy2d(run["dataset"], run["n_test"], np.random.default_rng([seed, 12])))
+        return (make_toy2d(run["dataset"], run["train_limit"], np.random.default_rng([seed, 11])),
+                make_toy2d(run["dataset"], run["test_limit"], np.random.default_rng([seed, 12])))
     x_tr, _ = load_mnist("train", run["data"], limit=run["train_limit"])
     x_te, _ = load_mnist("test", run["data"], limit=run["test_limit"])
     check_unit_interval("training images", x_tr)
@@ -120,9 +124,40 @@ def build_model(run):
     return GaussianMixture(**kw)
 
 
-def cmd_train(args):
-    from ..train import append_line, dumps
+def make_callback(model, train_x, test_x, out, mnist, log):
+    """(callback(trial, it, ll) for ``model.fit``, records): each EM iteration's record (train/test
+    NLL; on MNIST also the PCA-space NLLs and test bits/dim) appended to metrics.jsonl / .csv."""
+    from ..models.flows import bits_per_dim
+    from ..train import log_record
 
+    records, const, t0 = [], {}, time.perf_counter()
+
+    def test_terms():  # constant parts of the full-space density, once PCA has run (before the first callback)
+        if not const:
+            const.update(train_res=float(model.residual_logprob(train_x).mean()),
+                         test_res=float(model.residual_logprob(test_x).mean()), test_z=model.project(test_x))
+        return const
+
+    def callback(trial, it, ll):
+        rec = {"epoch": it, "iteration": it, "init": trial}
+        if mnist:
+            c = test_terms()
+            ll_te_pca = model.gmm.score(c["test_z"])
+            rec.update(train_nll=-(ll + c["train_res"]), test_nll=-(ll_te_pca + c["test_res"]),
+                       train_nll_pca=-ll, test_nll_pca=-ll_te_pca)
+            rec["test_bpd"] = bits_per_dim(rec["test_nll"], 784)
+        else:
+            rec.update(train_nll=-ll, test_nll=-model.score(test_x))
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        log_record(out, rec, records)
+        records.append(rec)
+        if log:
+            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+                  file=sys.stderr, flush=True)
+    return callback, records
+
+
+def cmd_train(args):
     setup_backend(args)
     run = _run_from_args(args)
     x_tr, x_te = load_data(run)
@@ -136,79 +171,59 @@ def cmd_train(args):
     print(f"gmm on {run['dataset']}: K={run['components']} {run['covariance_type']}"
           + (f" on PCA-{run['pca_dim']}" if mnist else "")
           + f"  train {len(x_tr)}  test {len(x_te)}  backend {backend.get_backend()} {dt}  -> {out}", flush=True)
-
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    records, t0 = [], time.perf_counter()
-    if mnist:
-        # constant parts of the full-space density, filled in once PCA has run (before the first callback)
-        const = {}
-
-        def test_terms():
-            if not const:
-                const["train_res"] = float(model.residual_logprob(train_x).mean())
-                const["test_res"] = float(model.residual_logprob(test_x).mean())
-                const["test_z"] = model.project(test_x)
-            return const
-
-    def callback(trial, it, ll):
-        rec = {"epoch": it, "iteration": it, "init": trial}
-        if mnist:
-            c = test_terms()
-            ll_te_pca = model.gmm.score(c["test_z"])
-            rec.update(train_nll=-(ll + c["train_res"]), test_nll=-(ll_te_pca + c["test_res"]),
-                       train_nll_pca=-ll, test_nll_pca=-ll_te_pca)
-            rec["test_bpd"] = (rec["test_nll"] / 784 + math.log(256)) / math.log(2)
-        else:
-            rec.update(train_nll=-ll, test_nll=-model.score(test_x))
-        rec["seconds"] = round(time.perf_counter() - t0, 3)
-        records.append(rec)
-        append_line(metrics_path, dumps(rec)[0])
-        if not args.no_progress:
-            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
-                  file=sys.stderr, flush=True)
-
+    callback, records = make_callback(model, train_x, test_x, out, mnist, not args.no_progress)
+    t0 = time.perf_counter()
     model.fit(train_x, callback=callback)
-    gm = model.gmm if mnist else model
     model.save(os.path.join(out, "checkpoint.npz"), extra_meta={"run": {"args": run}})
-
-    test_ll = model.score(test_x)
-    summary = {"model": "gmm", "dataset": run["dataset"], "components": run["components"],
-               "covariance_type": run["covariance_type"], "n_iter": gm.n_iter_, "converged": gm.converged_,
-               "parameters": model.n_parameters(), "train_n": len(x_tr), "test_n": len(x_te),
-               "train_nll": -model.score(train_x), "test_nll": -test_ll, "test_ll": test_ll,
-               "seconds": round(time.perf_counter() - t0, 3)}
-    if mnist:
-        summary.update(pca_dim=run["pca_dim"], residual=run["residual"], residual_reg=run["residual_reg"],
-                       test_bpd=(-test_ll / 784 + math.log(256)) / math.log(2),
-                       test_nll_pca=-float(model.score_samples_pca(test_x).mean()),
-                       nll_space=f"dequantized pixels [0,1]^784 (PCA mixture x {run['residual']} Gaussian on the "
-                                 "orthogonal complement); test_nll_pca is on the PCA coordinates only")
-    else:
-        summary.update(bic=gm.bic(train_x), nll_space="R^2 (nats per point)")
+    summary = _summary(model, run, train_x, test_x, t0)
     common.write_summary(out, summary)
+    gm = model.gmm if mnist else model
     msg = (f"EM: {gm.n_iter_} iterations ({'converged' if gm.converged_ else 'max-iter reached'}); "
            f"train NLL {summary['train_nll']:.4f}  test NLL {summary['test_nll']:.4f} nats per point")
     if mnist:
         msg += (f" on [0,1]^784 ({summary['test_bpd']:.4f} bits/dim); in the {run['pca_dim']}-d PCA space alone "
                 f"{summary['test_nll_pca']:.2f} nats (not comparable with pixel-space NLLs)")
     print(msg, flush=True)
-
     if not args.no_plots:
-        from ..plots import gmm as P
-
-        finals = {}
-        for r in records:
-            finals[r["init"]] = r["train_nll"]
-        best = min(finals, key=finals.get) if finals else 0
-        last = [r for r in records if r["init"] == best]   # the curve of the initialization that was kept
-        if mnist:
-            P.mnist_figures(model, os.path.join(out, "means.png"), os.path.join(out, "samples.png"),
-                            seed=run["seed"])
-        else:
-            P.gmm2d_panels(model, x_te, os.path.join(out, "density.png"), seed=run["seed"],
-                           title=f"{run['dataset']}: GMM K={run['components']} {run['covariance_type']}, "
-                                 f"test NLL {summary['test_nll']:.3f} nats")
-        P.em_curves(last, os.path.join(out, "curves.png"),
-                    title=f"EM on {run['dataset']} (iteration 0 = initialization)")
-        print(f"figures in {out}", flush=True)
+        _figures(model, run, out, records, summary, x_te)
     return 0
+
+
+def _summary(model, run, train_x, test_x, t0):
+    from ..models.flows import bits_per_dim
+
+    mnist = run["dataset"] == "mnist"
+    gm = model.gmm if mnist else model
+    test_ll = model.score(test_x)
+    summary = {"model": "gmm", "dataset": run["dataset"], "components": run["components"],
+               "covariance_type": run["covariance_type"], "n_iter": gm.n_iter_, "converged": gm.converged_,
+               "parameters": model.n_parameters(), "train_n": len(train_x), "test_n": len(test_x),
+               "train_nll": -model.score(train_x), "test_nll": -test_ll, "test_ll": test_ll,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    if mnist:
+        summary.update(pca_dim=run["pca_dim"], residual=run["residual"], residual_reg=run["residual_reg"],
+                       test_bpd=bits_per_dim(-test_ll, 784),
+                       test_nll_pca=-float(model.score_samples_pca(test_x).mean()),
+                       nll_space=f"dequantized pixels [0,1]^784 (PCA mixture x {run['residual']} Gaussian on the "
+                                 "orthogonal complement); test_nll_pca is on the PCA coordinates only")
+    else:
+        summary.update(bic=gm.bic(train_x), nll_space="R^2 (nats per point)")
+    return summary
+
+
+def _figures(model, run, out, records, summary, x_te):
+    from ..plots import gmm as P
+
+    finals = {}
+    for r in records:
+        finals[r["init"]] = r["train_nll"]
+    best = min(finals, key=finals.get) if finals else 0
+    last = [r for r in records if r["init"] == best]   # the curve of the initialization that was kept
+    if run["dataset"] == "mnist":
+        P.mnist_figures(model, os.path.join(out, "means.png"), os.path.join(out, "samples.png"), seed=run["seed"])
+    else:
+        P.gmm2d_panels(model, x_te, os.path.join(out, "density.png"), seed=run["seed"],
+                       title=f"{run['dataset']}: GMM K={run['components']} {run['covariance_type']}, "
+                             f"test NLL {summary['test_nll']:.3f} nats")
+    P.em_curves(last, os.path.join(out, "curves.png"), title=f"EM on {run['dataset']} (iteration 0 = initialization)")
+    print(f"figures in {out}", flush=True)

@@ -30,7 +30,7 @@ Before training, a baseline is trained in the same run: the same classifier arch
 labelled images alone (cross-entropy, Adam, the same input binarization), and its test error is kept in
 baseline.json / summary.json and drawn in curves.png beside M2's test error per epoch.
 
-metrics.jsonl per epoch: train_* averaged over the epoch's steps (labelled = mean L(x, y),
+metrics.jsonl (and metrics.csv) per epoch: train_* averaged over the epoch's steps (labelled = mean L(x, y),
 ce, unlabelled = mean U(x), both with the KL weighted by beta; entropy, acc_l), test_error (classifier on every test image),
 test_nelbo_xy (mean -ELBO(x, y) with the true labels) and test_nelbo_x (mean U(x) >= -log p(x)) on
 --eval-n test images, in nats per image.
@@ -46,8 +46,8 @@ import numpy as np
 from .. import backend
 from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
-from .cvae import add_data_args, first_of_each_class
-from .vae import _load_data, _write_json
+from .cvae import add_data_args, conditional_figures
+from .vae import _load_data
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LABEL_BOOST = 100.0
@@ -68,7 +68,7 @@ def register(commands, train_commands):
                    help="number of labelled training images, balanced over the 10 classes (default 100)")
     g.add_argument("--alpha", type=nonneg_float, default=None,
                    help="weight of a labelled image's cross-entropy relative to its -ELBO (default 0.1 N/N_labels: "
-                        "the paper's alpha = 0.1 N on the mean cross-entropy)")
+                        "the paper's alpha = 0.1 N on the mean cross-entropy; on --resume the stored value)")
     g.add_argument("--label-boost", type=positive_float, default=DEFAULT_LABEL_BOOST,
                    help="labelled images count this many times in the data-set objective: the mean labelled "
                         "-ELBO gets weight K N_labels/N per step, the mean cross-entropy alpha times that "
@@ -82,12 +82,12 @@ def register(commands, train_commands):
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[500], metavar="H",
                    help="encoder hidden sizes, decoder reversed (default 500, as in the paper)")
     g.add_argument("--classifier-hidden", type=positive_int, nargs="+", default=None, metavar="H",
-                   help="classifier hidden sizes (default: --hidden)")
+                   help="classifier hidden sizes (default: the --hidden sizes)")
     g.add_argument("--activation", default="softplus",
                    choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default softplus")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
     g.add_argument("--labelled-batch", type=positive_int, default=None,
-                   help="labelled images per step, drawn with replacement (default: --batch-size)")
+                   help="labelled images per step, drawn with replacement (default: the --batch-size value)")
     e = p.add_argument_group("evaluation and baseline")
     e.add_argument("--eval-n", type=nonneg_int, default=2000,
                    help="test images for the per-epoch ELBO terms (default 2000; the error uses all)")
@@ -178,28 +178,25 @@ def evaluate_m2(model, x_te, y_te, n_eval, seed, batch=500):
     return res
 
 
-def cmd_train(args):
-    from .. import optim, train
-    from ..models.m2 import M2
-
-    setup_backend(args)
-    if not args.resume and args.labelled_batch is None:  # data-dependent default, fixed into the run
-        args.labelled_batch = args.batch_size
-    loaded = {}
-
+def _build(args, loaded):
+    """build(run) for :func:`common.resume_or_new`: a new M2 (alpha and the labelled weight follow from
+    N, --labels, --alpha and --label-boost); the training set it loads is kept in ``loaded``."""
     def build(run):
         x_tr, y_tr = loaded["train"] = _load_data(args.data, "train", args.train_limit, "none", args.seed)
         balanced_labels(y_tr, args.labels, 10, args.seed)            # the errors before any work
         ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha   # CE : -ELBO per labelled image
         lam = min(1.0, args.label_boost * args.labels / len(x_tr))                     # lambda_l
+        from ..models.m2 import M2
+
         return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
                   classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=ratio * lam,
                   labelled_weight=lam, beta=args.beta, seed=args.seed, init=args.init)
+    return build
 
-    r = common.resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, build, derived=("alpha",))
-    if r is None:
-        return 0
-    model, run, out = r
+
+def _data(model, run, loaded):
+    """(train_x, x_lab, y_lab, test_x, x_te, y_te) of an M2 run: all training images (unlabelled), the
+    --labels balanced labelled ones, the test set (host x_te for the figures)."""
     seed = run["seed"]
     x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
@@ -213,52 +210,72 @@ def cmd_train(args):
     y_te = model.check_y(y_te, len(x_te), "test labels")
     y_lab = model.check_y(y_tr[lab], len(lab), "labels")
     x_lab = train_x[model.xp.asarray(lab)] if model.xp is not np else train_x[lab]
-    n_eval = min(run["eval_n"], len(test_x))
+    return train_x, x_lab, y_lab, test_x, x_te, y_te
 
-    opt = optim.Adam(model, lr=run["lr"])
-    rng, start = train.restore_checkpoint(out, opt) if args.resume else (np.random.default_rng(seed), 0)
-    print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(lab)} "
-          f"({len(lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
-          flush=True)
 
-    base_path = os.path.join(out, "baseline.json")
-    if os.path.exists(base_path):
-        with open(base_path) as f:
-            baseline = json.load(f)
-    elif run["baseline_steps"]:
-        baseline = train_baseline(model.config, x_lab, y_lab, test_x, y_te, run["baseline_steps"],
-                                  run["baseline_lr"], run["binarize"], seed)
-        _write_json(base_path, baseline)
-    else:
-        baseline = {}
+def _baseline(out, run, model, x_lab, y_lab, test_x, y_te):
+    """The labelled-only baseline: read from OUT/baseline.json, or trained and written there."""
+    path = os.path.join(out, "baseline.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if not run["baseline_steps"]:
+        return {}
+    baseline = train_baseline(model.config, x_lab, y_lab, test_x, y_te, run["baseline_steps"], run["baseline_lr"],
+                              run["binarize"], run["seed"])
+    common.write_json(path, baseline)
+    return baseline
 
-    dtype, Z, C, BL = model.dtype, model.z_dim, model.num_classes, run["labelled_batch"]
-    bin_ = _binarizer(run["binarize"], dtype)
-    xp = model.xp
 
-    def step(xb, rng):
-        li = rng.integers(0, len(lab), BL)
+def make_step(model, x_lab, y_lab, labelled_batch, binarize):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: xb is the unlabelled batch; a labelled batch of
+    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); one gradient of the M2 loss."""
+    dtype, Z, C, BL, xp = model.dtype, model.z_dim, model.num_classes, labelled_batch, model.xp
+    bin_ = _binarizer(binarize, dtype)
+
+    def step(xb, yb, rng):
+        li = rng.integers(0, len(y_lab), BL)
         xl = bin_(x_lab[xp.asarray(li)] if xp is not np else x_lab[li], rng)
         xu = bin_(xb, rng)
         eps_l = backend.to_device(rng.standard_normal((BL, Z), dtype=np.float32), dtype)
         eps_u = backend.to_device(rng.standard_normal((C, xu.shape[0], Z), dtype=np.float32), dtype)
         _, t = model.loss_and_grad(xl, y_lab[li], xu, eps_l, eps_u, check=False, zero_grad=False)
         return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
+    return step
 
+
+def make_evaluate(model, test_x, y_te, n_eval, seed, baseline):
+    """evaluate(epoch) of :func:`npdgm.train.fit`: :func:`evaluate_m2`, printed beside the baseline."""
     def evaluate(epoch):
         r = evaluate_m2(model, test_x, y_te, n_eval, seed)
         print(f"epoch {epoch}: test error {r['error']:.4f}" +
               (f"  (baseline {baseline['baseline_test_error']:.4f})" if baseline else "") +
               (f"  test -ELBO(x,y) {r['nelbo_xy']:.2f}  U(x) {r['nelbo_x']:.2f}" if n_eval else ""), flush=True)
         return r
+    return evaluate
 
-    train.fit(model, opt, train_x, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng, step=step,
-              evaluate=evaluate, start_epoch=start, run_meta={"args": run}, progress=not args.no_progress,
-              clip=run["clip"])
-    records = train.read_metrics(out)
+
+def cmd_train(args):
+    setup_backend(args)
+    if not args.resume and args.labelled_batch is None:  # data-dependent default, fixed into the run
+        args.labelled_batch = args.batch_size
+    loaded = {}
+    r = common.resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, _build(args, loaded), derived=("alpha",))
+    if r is None:
+        return 0
+    model, run, out = r
+    train_x, x_lab, y_lab, test_x, x_te, y_te = _data(model, run, loaded)
+    n_eval = min(run["eval_n"], len(test_x))
+    opt, rng, start = common.start_training(model, run, out, args.resume)
+    print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(y_lab)} "
+          f"({len(y_lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
+          flush=True)
+    baseline = _baseline(out, run, model, x_lab, y_lab, test_x, y_te)
+    step = make_step(model, x_lab, y_lab, run["labelled_batch"], run["binarize"])
+    records = common.fit(model, opt, rng, start, run, out, args, step,
+                         make_evaluate(model, test_x, y_te, n_eval, run["seed"], baseline), train_x)
     summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha_step": model.alpha,
-               "labelled_weight": model.labelled_weight, "beta": model.beta, "test_n": len(test_x),
-               **baseline}
+               "labelled_weight": model.labelled_weight, "beta": model.beta, "test_n": len(test_x), **baseline}
     if records:
         last = records[-1]
         summary.update(test_error=last.get("test_error"), test_nelbo_xy=last.get("test_nelbo_xy"),
@@ -268,13 +285,8 @@ def cmd_train(args):
               (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
-        from ..plots import cvae as PC
         from ..plots import m2 as PM
 
-        PM.curves(records, os.path.join(out, "curves.png"), baseline)
-        PC.class_grid(model, os.path.join(out, "classes.png"), rng=seed)
-        idx = first_of_each_class(y_te)
-        PC.style_transfer(model, x_te[idx], y_te[idx], os.path.join(out, "style_transfer.png"),
-                          title="analogies: test digit encoded with its label, decoded under labels 0..9")
-        print(f"figures in {out}", flush=True)
+        conditional_figures(model, out, records, x_te, y_te, run["seed"],
+                            curves=lambda rec, path: PM.curves(rec, path, baseline))
     return 0

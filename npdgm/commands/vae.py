@@ -7,12 +7,12 @@
     npdgm impute runs/vae-full --rows 10 18
 
 A run directory gets checkpoint.npz, metrics.jsonl (one JSON object per epoch: train_* averaged over
-the epoch's batches, test_* on the test set), summary.json (final test -ELBO, the IWAE estimate of
-log p(x), imputation errors) and the figures.
+the epoch's batches, test_* on the test set), metrics.csv (the same records),
+summary.json (final test -ELBO, test_nll = the IWAE estimate of -log p(x), imputation errors) and the
+figures; docs/metrics.md lists every key.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -37,7 +37,7 @@ def _add_model_args(p):
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help="decoder p(x|z): bernoulli (BCE from logits) or gaussian (default bernoulli)")
     g.add_argument("--sigma", type=positive_float, default=None,
-                   help="gaussian: fixed decoder std (the MSE form); omit to learn a per-pixel log-variance")
+                   help="gaussian: fixed decoder std (the MSE form) (default: learn a per-pixel log-variance)")
     g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
     g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
@@ -47,8 +47,9 @@ def _add_model_args(p):
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
                    help="none: grey levels in [0, 1] (PyTorch example); static: x > 0.5; dynamic: a new "
                         "Bernoulli(x) draw per batch (test set drawn once)")
-    d.add_argument("--train-limit", type=positive_int, default=None, help="use the first N training images")
-    d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images")
+    d.add_argument("--train-limit", type=positive_int, default=None,
+                   help="use the first N training images (default: all)")
+    d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images (default: all)")
     d.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples for log p(x) at the end (default 100)")
     d.add_argument("--iwae-n", type=nonneg_int, default=1000,
                    help="test images for the IWAE estimate (default 1000; 0 skips it)")
@@ -69,19 +70,6 @@ def register(commands, train_commands):
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)  # None: DEFAULT_EPOCHS, or the stored value on --resume
 
-    if "sample" not in commands.choices:
-        s = commands.add_parser("sample", help="images from a trained VAE run (prior samples)")
-        s.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
-        s.add_argument("--n", type=positive_int, default=100,
-                       help=f"number of images (default 100); made {SAMPLE_CHUNK} at a time, so memory stays "
-                            f"under 1 GB for any n; the PNG shows the first {GRID_MAX}, --npy gets all n")
-        s.add_argument("--nrow", type=positive_int, default=10, help="images per row (default 10)")
-        s.add_argument("--seed", type=nonneg_int, default=0)
-        s.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing E[x|z]")
-        s.add_argument("--out", default=None, help="PNG path (default RUNDIR/samples-seed<S>.png)")
-        s.add_argument("--npy", default=None, help="also save the images as a .npy array here")
-        s.add_argument("--backend", choices=backend.BACKENDS, default=None)
-        s.set_defaults(func=cmd_sample)
     if "impute" not in commands.choices:
         i = commands.add_parser("impute", help="fill hidden rows of test digits with a trained VAE")
         i.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
@@ -94,7 +82,8 @@ def register(commands, train_commands):
         i.add_argument("--n", type=positive_int, default=1000, help="test images for the error (default 1000)")
         i.add_argument("--show", type=nonneg_int, default=10, help="images in the figure (default 10)")
         i.add_argument("--out", default=None, help="PNG path (default RUNDIR/imputation.png)")
-        i.add_argument("--backend", choices=backend.BACKENDS, default=None)
+        i.add_argument("--backend", choices=backend.BACKENDS, default=None,
+                       help="array backend (default: $NPDGM_BACKEND or numpy)")
         i.set_defaults(func=cmd_impute)
 
 
@@ -174,15 +163,22 @@ def iwae(model, x, k, seed, batch=100):
     return tot / len(x)
 
 
-def _write_json(path, obj):
-    from ..train import write_json
-
-    write_json(path, obj)
-
-
 # -- npdgm train vae ------------------------------------------------------------------------------
+def make_step(model, dynamic):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one -ELBO gradient on a batch (``dynamic``: a new
+    Bernoulli(x) draw of the batch first); fills the grads, returns the loss terms."""
+    dtype, K, Z = model.dtype, model.n_samples, model.z_dim
+
+    def step(xb, yb, rng):
+        if dynamic:
+            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
+        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
+        _, t = model.loss_and_grad(xb, eps, check=False, zero_grad=False)  # fit zeroed them
+        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+    return step
+
+
 def cmd_train(args):
-    from .. import optim, train
     from ..models.vae import VAE
 
     setup_backend(args)
@@ -192,36 +188,32 @@ def cmd_train(args):
         return 0
     model, run, out = r
     row_mask(1, run["impute_rows"])
-
     seed = run["seed"]
     x_tr, _ = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
     x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     train_x = model.check_x(x_tr, "training images")   # validated once, before any training
     test_x = model.check_x(x_te, "test images")
-    mean_image = x_tr.mean(axis=0)
-
-    opt = optim.Adam(model, lr=run["lr"])
-    if args.resume:
-        rng, start = train.restore_checkpoint(out, opt)
-    else:
-        rng, start = np.random.default_rng(seed), 0
+    opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"vae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
+    records = common.fit(model, opt, rng, start, run, out, args, make_step(model, run["binarize"] == "dynamic"),
+                         lambda e: evaluate_nelbo(model, test_x, seed), train_x)
+    summary = _summary(model, run, records, test_x)
+    n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))
+    imp = imputation_errors(model, x_te[:n_imp], x_tr.mean(axis=0), run["impute_rows"], run["impute_steps"],
+                            run.get("impute_k", 100), seed)
+    summary.update(imp[0])
+    print(_imputation_line(imp[0]), flush=True)
+    common.write_summary(out, summary)
+    if not args.no_plots:
+        _figures(model, run, out, records, summary, x_te, y_te, imp)
+    return 0
 
-    dtype, K, Z, dynamic = model.dtype, model.n_samples, model.z_dim, run["binarize"] == "dynamic"
 
-    def step(xb, rng):
-        if dynamic:
-            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
-        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
-        _, t = model.loss_and_grad(xb, eps, check=False, zero_grad=False)  # fit zeroed them
-        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
-
-    records = train.fit(model, opt, train_x, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
-                        step=step, evaluate=lambda e: evaluate_nelbo(model, test_x, seed), start_epoch=start,
-                        run_meta={"args": run}, progress=not args.no_progress, clip=run["clip"])
-    records = train.read_metrics(out)
-
+def _summary(model, run, records, test_x):
+    """summary.json of a VAE run: the last test -ELBO and, on ``iwae_n`` test images, the IWAE
+    estimate test_nll of -log p(x) (test_ll = -test_nll) beside the ELBO on the same images."""
+    seed = run["seed"]
     summary = {"epochs": run["epochs"], "test_n": len(test_x)}
     if records:
         summary["test_nelbo"] = records[-1].get("test_nelbo")
@@ -229,34 +221,30 @@ def cmd_train(args):
     if n_iw:
         summary.update(iwae_k=run["iwae_k"], iwae_n=n_iw,
                        test_nelbo_iwae_subset=evaluate_nelbo(model, test_x[:n_iw], seed)["nelbo"])
-        summary["test_iwae_logpx"] = iwae(model, test_x[:n_iw], run["iwae_k"], seed)
-        summary["test_iwae_nll"] = -summary["test_iwae_logpx"]
+        summary["test_ll"] = iwae(model, test_x[:n_iw], run["iwae_k"], seed)
+        summary["test_nll"] = -summary["test_ll"]
         print(f"test -ELBO {summary['test_nelbo_iwae_subset']:.3f}   IWAE -log p(x) (k={run['iwae_k']}) "
-              f"{summary['test_iwae_nll']:.3f}  nats/image on {n_iw} test images", flush=True)
-    n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))
-    imp, masked, imputed, cond = imputation_errors(model, x_te[:n_imp], mean_image, run["impute_rows"],
-                                                   run["impute_steps"], run.get("impute_k", 100), seed)
-    summary.update(imp)
-    print(_imputation_line(imp), flush=True)
-    common.write_summary(out, summary)
+              f"{summary['test_nll']:.3f}  nats/image on {n_iw} test images", flush=True)
+    return summary
 
-    if not args.no_plots:
-        from ..plots import vae as P
 
-        P.curves(records, os.path.join(out, "curves.png"), summary)
-        P.reconstructions(model, x_te[:20], os.path.join(out, "reconstructions.png"))
-        P.samples(model, os.path.join(out, "samples.png"), rng=seed)
-        a, b = _pairs(y_te)
-        P.interpolation(model, x_te[a], x_te[b], os.path.join(out, "interpolation.png"))
-        P.imputation(x_te[:10], masked[:10], imputed[:10], os.path.join(out, "imputation.png"),
-                     cond_mean=None if cond is None else cond[:10],
-                     title=f"imputation of rows {run['impute_rows'][0]}-{run['impute_rows'][1] - 1} "
-                           f"({run['impute_steps']} encode/decode steps)")
-        if model.z_dim == 2:
-            P.latent_scatter(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent.png"))
-            P.manifold(model, os.path.join(out, "manifold.png"))
-        print(f"figures in {out}", flush=True)
-    return 0
+def _figures(model, run, out, records, summary, x_te, y_te, imp):
+    from ..plots import vae as P
+
+    _, masked, imputed, cond = imp
+    P.curves(records, os.path.join(out, "curves.png"), summary)
+    P.reconstructions(model, x_te[:20], os.path.join(out, "reconstructions.png"))
+    P.samples(model, os.path.join(out, "samples.png"), rng=run["seed"])
+    a, b = _pairs(y_te)
+    P.interpolation(model, x_te[a], x_te[b], os.path.join(out, "interpolation.png"))
+    P.imputation(x_te[:10], masked[:10], imputed[:10], os.path.join(out, "imputation.png"),
+                 cond_mean=None if cond is None else cond[:10],
+                 title=f"imputation of rows {run['impute_rows'][0]}-{run['impute_rows'][1] - 1} "
+                       f"({run['impute_steps']} encode/decode steps)")
+    if model.z_dim == 2:
+        P.latent_scatter(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent.png"))
+        P.manifold(model, os.path.join(out, "manifold.png"))
+    print(f"figures in {out}", flush=True)
 
 
 def _pairs(labels, n=5):
@@ -272,9 +260,10 @@ def _pairs(labels, n=5):
     return ([firsts[classes[i % nc]] for i in range(n)], [firsts[classes[(i + nc // 2) % nc]] for i in range(n)])
 
 
-# -- npdgm sample / npdgm impute ------------------------------------------------------------------
+# -- npdgm impute --------------------------------------------------------------------------------
 def _load_vae(path):
-    from ..io import load_arrays, model_from_arrays
+    from ..io import load_arrays
+    from ..models.registry import model_from_arrays
 
     arrays, meta = load_arrays(path)
     if meta.get("kind") != "vae":
@@ -284,66 +273,6 @@ def _load_vae(path):
 
 def _rundir(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-
-
-SAMPLE_CHUNK = 1000   # images generated at a time by npdgm sample (a few MB per chunk)
-GRID_MAX = 400        # images drawn in its PNG
-
-
-def write_npy_chunks(path, shape, dtype, chunks):
-    """Atomically write an ``.npy`` of ``shape`` from ``chunks`` (host arrays, rows in order) one by one,
-    so memory holds one chunk whatever the size. A request the disk cannot hold is refused first."""
-    import shutil
-
-    from numpy.lib import format as npformat
-
-    from ..io import atomic_write_bytes
-
-    need = int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize)
-    d = os.path.dirname(os.path.abspath(path))
-    free = shutil.disk_usage(d).free if os.path.isdir(d) else None
-    if free is not None and need > free:
-        raise ValueError(f"--npy {path} would need {need / 2**30:.1f} GiB but {d} has {free / 2**30:.1f} GiB free; "
-                         f"lower --n")
-
-    def write(f):
-        npformat.write_array_header_1_0(f, {"descr": npformat.dtype_to_descr(np.dtype(dtype)),
-                                            "fortran_order": False, "shape": tuple(shape)})
-        for c in chunks:
-            f.write(np.ascontiguousarray(c, dtype=dtype).tobytes())
-    atomic_write_bytes(path, write)
-
-
-def cmd_sample(args):
-    setup_backend(args)
-    out = common.check_out_file(args.out or os.path.join(_rundir(args.rundir), f"samples-seed{args.seed}.png"),
-                                "--out")
-    if args.npy:
-        common.check_out_file(args.npy, "--npy")
-    model, _ = _load_vae(args.rundir)
-    from ..plots import save_image_grid
-
-    rng, n = np.random.default_rng(args.seed), args.n
-    n_show = min(n, GRID_MAX)
-    shown = []
-
-    def chunks(total):
-        for s in range(0, total, SAMPLE_CHUNK):
-            x = backend.to_host(model.sample(min(SAMPLE_CHUNK, total - s), rng=rng, mean=not args.draw))
-            if s < n_show:
-                shown.append(x[:n_show - s])
-            yield x
-
-    if args.npy:
-        write_npy_chunks(args.npy, (n, model.x_dim), np.dtype(model.dtype), chunks(n))
-    else:
-        for _ in chunks(n_show):
-            pass
-    title = f"{n} samples" if n == n_show else f"the first {n_show} of {n} samples"
-    save_image_grid(np.asarray(np.concatenate(shown), np.float64), out, nrow=args.nrow,
-                    title=title + (" (x ~ p(x|z))" if args.draw else " (E[x|z])"))
-    print(out)
-    return 0
 
 
 def cmd_impute(args):

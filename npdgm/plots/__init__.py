@@ -97,3 +97,23 @@ def _save(fig, path):
 
     plt.close(fig)
     return path
+
+
+def scatter_panels(panels, path, title=None, max_points=20000):
+    """One scatter panel per ``(title, points (n, 2))``, side by side on the same square axes (the
+    limits cover 99.5% of the first panel's points); at most ``max_points`` drawn per panel."""
+    import numpy as np
+
+    plt = pyplot()
+    pts = [np.asarray(p, dtype=np.float64)[:max_points] for _, p in panels]
+    lim = float(np.ceil(np.percentile(np.abs(pts[0]), 99.5) * 1.15 * 2) / 2) or 1.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
+    for ax, (name, _), p in zip(axes[0], panels, pts):
+        ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.3)
+        ax.set_title(f"{name} ({len(p)})")
+        ax.set_aspect("equal")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -98,8 +98,9 @@ def curves(records, path, summary=None):
         pts = [(r["epoch"], r[key]) for r in records if key in r]
         if pts:
             a.plot(*zip(*pts), marker="o", label=lab)
-    if summary and "test_iwae_nll" in summary and ep:
-        a.plot([ep[-1]], [summary["test_iwae_nll"]], marker="*", ms=12, ls="",
+    nll = summary.get("test_nll", summary.get("test_iwae_nll")) if summary and "iwae_k" in summary else None
+    if nll is not None and ep:   # test_iwae_nll: its older name (old summary.json files)
+        a.plot([ep[-1]], [nll], marker="*", ms=12, ls="",
                label=f"test -log p(x), IWAE k={summary['iwae_k']} (n={summary['iwae_n']})")
     epoch_axis(a)
     a.set_ylabel("nats per image")
