@@ -2,8 +2,8 @@
 model, the IWAE bound's hand-written gradient matches central differences and VAE.log_likelihood.
 
 tests/reference/models-f64 was written by
-    python -c "from npdgm.reference import export_reference as e; from npdgm import reference_models as R; \\
-               e('tests/reference/models-f64', names=R.CASE_NAMES)"
+    python -c "from npdgm.reference import export_reference as e, MODEL_CASES; \\
+               e('tests/reference/models-f64', names=MODEL_CASES)"
 and is committed (regenerate it only on purpose)."""
 import json
 import math
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from npdgm import gradcheck
-from npdgm import reference_models as R
+from npdgm.reference import models as R
 from npdgm.reference import CASES, check_reference, export_reference
 
 COMMITTED = os.path.join(os.path.dirname(__file__), "reference", "models-f64")

@@ -74,7 +74,7 @@ def test_vae_loss_and_every_gradient_match_the_torch_mirror(tmp_path, f64, rng, 
 
 @pytest.mark.parametrize("name", ["bernoulli,tanh,K=3,beta=0.5", "gaussian,learned,elu,K=2"])
 def test_iwae_bound_and_its_gradient_match_the_torch_mirror(tmp_path, f64, rng, name):
-    from npdgm.reference_models import iwae_loss_and_grad
+    from npdgm.reference.models import iwae_loss_and_grad
 
     cfg = CONFIGS[name]
     m, config, P = _saved(tmp_path, rng, cfg)

@@ -1,4 +1,4 @@
-"""Reference cases of whole models and flow layers (imported by :mod:`npdgm.reference`).
+"""Reference cases of whole models and flow layers (registered when :mod:`npdgm.reference` is imported).
 
 Every case stores what a port needs to rebuild the computation without npdgm:
 
@@ -20,12 +20,12 @@ import json
 
 import numpy as np
 
-from . import backend
-from .kernels import coupling as C
-from .models.registry import MODELS, check_config_size
-from .reference import CASES, register
+from .. import backend
+from ..models.registry import MODELS, check_config_size
+from .cases import CASES, register
 
 _BEFORE = set(CASES)
+
 
 # -- helpers --------------------------------------------------------------------------------------
 def _json_bytes(obj):
@@ -48,7 +48,7 @@ def _build(desc):
         raise ValueError("input/model: layout must be a list of [name, shape, offset]")
     check_config_size(config, d["layout"], "input/model", kind)  # before building: no hidden=[10**12]
     if kind == "flow_layer":
-        from .models.flows import build_layer
+        from ..models.flows import build_layer
 
         model = build_layer(config).flatten()
     else:
@@ -97,7 +97,7 @@ VAE_FORMULA = ("h = encoder(x) (MLP, W (in,out)); mu, logvar = h[:, :Z], h[:, Z:
 
 def _vae_make(cfg, B=4, K=2):
     def make(rng, dt):
-        from .models.vae import VAE
+        from ..models.vae import VAE
 
         model, p = _make_model(lambda: VAE(**cfg), dt, rng)
         xd = cfg["x_dim"]
@@ -167,13 +167,13 @@ def _flow_run(i):
 
 
 def _nice():
-    from .models.flows import nice
+    from ..models.flows import nice
 
     return nice(dim=4, n_couplings=3, hidden=5, n_hidden=2, prior="logistic", seed=4)
 
 
 def _realnvp2d():
-    from .models.flows import realnvp2d
+    from ..models.flows import realnvp2d
 
     return realnvp2d(n_couplings=4, hidden=(6, 6), seed=5)
 
@@ -187,7 +187,7 @@ register("realnvp2d", FLOW_FORMULA + ";  RealNVP-2d: affine couplings y_b = x_b 
 # -- single flow layers, forward and inverse ----------------------------------------------------------------
 def _layer_make(spec, direction, B=5):
     def make(rng, dt):
-        from .models.flows import build_layer
+        from ..models.flows import build_layer
 
         model, p = _make_model(lambda: build_layer(spec).flatten(), dt, rng)
         D = spec["dim"]
@@ -249,35 +249,6 @@ for _name, (_spec, _fwd, _inv) in LAYERS.items():
              "L = sum(x dx) + sum(logdet_inv dlogdet)", _layer_make(_spec, "inverse"))(_layer_inverse_run)
 
 
-# -- priors and scale clamps -----------------------------------------------------------------------
-def _prior_case(name, formula):
-    def make(rng, dt):
-        return {"z": (rng.standard_normal((6, 4)) * 3).astype(dt), "dy": rng.standard_normal(6).astype(dt)}
-
-    @register(f"prior_{name}", formula, make)
-    def run(i):
-        f, b = C.prior_logprob(name)
-        return {"logp": f(i["z"])}, {"z": b(i["dy"], i["z"])}
-
-
-_prior_case("gaussian", "logp_b = -0.5 sum_d (z^2 + log 2pi);  dz = -dlogp z")
-_prior_case("logistic", "logp_b = -sum_d (softplus(z) + softplus(-z));  dz = -dlogp tanh(z/2)")
-
-
-def _clamp_case(kind, formula, bound=1.7):
-    def make(rng, dt):
-        return {"raw": (rng.standard_normal((6, 4)) * 3).astype(dt), "dy": rng.standard_normal((6, 4)).astype(dt)}
-
-    @register(f"scale_clamp_{kind}", formula + f"  (b = {bound})", make)
-    def run(i):
-        s = C.scale_clamp_forward(i["raw"], kind, bound)
-        return {"s": s}, {"raw": C.scale_clamp_backward(i["dy"], i["raw"], s, kind, bound)}
-
-
-_clamp_case("tanh", "s = b tanh(raw / b);  draw = ds (1 - (s/b)^2)")
-_clamp_case("atan", "s = (2b/pi) atan(raw / b);  draw = ds (2/pi) / (1 + (raw/b)^2)")
-
-
 # -- CVAE and M2 ------------------------------------------------------------------------------------
 CVAE_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, activation="tanh", likelihood="bernoulli", beta=1.0,
                 seed=9)
@@ -286,7 +257,7 @@ M2_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, classifier_hidden=[4]
 
 
 def _cvae_make(rng, dt):
-    from .models.cvae import CVAE
+    from ..models.cvae import CVAE
 
     model, p = _make_model(lambda: CVAE(**CVAE_CFG), dt, rng)
     B, K = 4, 2
@@ -302,7 +273,7 @@ def _cvae_run(i):
 
 
 def _m2_make(rng, dt):
-    from .models.m2 import M2
+    from ..models.m2 import M2
 
     model, p = _make_model(lambda: M2(**M2_CFG), dt, rng)
     C, Z, D = M2_CFG["num_classes"], M2_CFG["z_dim"], M2_CFG["x_dim"]
@@ -327,4 +298,8 @@ register("m2", "L(x, y) = NLL(x | decoder([z | e_y])) + KL(q(z|x, y) || N(0, I))
          "grad/<param> = d loss / d param", _m2_make)(_m2_run)
 
 
-CASE_NAMES = sorted(set(CASES) - _BEFORE)  # the cases this module added
+# The set tests/reference/models-f64: the cases this module adds, and four kernel cases (priors, scale
+# clamps; now kernel table entries, see npdgm/reference/kernels.py) it stored before the table had them.
+MODEL_CASES = sorted((set(CASES) - _BEFORE) | {"prior_gaussian", "prior_logistic", "scale_clamp_tanh",
+                                                "scale_clamp_atan"})
+CASE_NAMES = MODEL_CASES

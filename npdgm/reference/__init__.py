@@ -10,10 +10,12 @@ formulas, tolerances, npdgm version). The same seed writes identical files.
 ``check-reference`` re-runs npdgm on the stored inputs and reports the max error of every
 output and gradient tensor: the check a port runs, and a regression test for npdgm itself.
 
-A case is ``make(rng, dtype) -> inputs`` and ``run(inputs) -> (outputs, grads)``; models
-register their own cases with :func:`register`. A reference directory that cannot be read (broken
-or empty manifest, a missing or truncated case file, a missing tensor) or written raises
-:class:`ReferenceFileError` naming the file.
+A case is ``make(rng, dtype) -> inputs`` and ``run(inputs) -> (outputs, grads)``
+(:mod:`npdgm.reference.cases`): one per kernel table entry and the Adam update
+(:mod:`npdgm.reference.kernels`, the set ``tests/reference/kernels-f64``), the whole models and flow
+layers (:mod:`npdgm.reference.models`, ``tests/reference/models-f64``). A reference directory that
+cannot be read (broken or empty manifest, a missing or truncated case file, a missing tensor) or
+written raises :class:`ReferenceFileError` naming the file.
 """
 from __future__ import annotations
 
@@ -24,67 +26,24 @@ import zlib
 
 import numpy as np
 
-from . import __version__, backend
-from .kernels.table import TABLE
-from .validate import check_int
-
-CASES = {}  # name -> dict(make, run, formula)
+from .. import __version__, backend
+from ..validate import check_int
+from . import kernels, models  # noqa: F401  (register the kernel and the model cases)
+from .cases import CASES, register  # noqa: F401  (register: for cases added from outside)
+from .kernels import KERNEL_CASES  # noqa: F401
+from .models import MODEL_CASES  # noqa: F401
 
 
 class ReferenceFileError(ValueError):
     """A reference directory is unreadable, inconsistent or cannot be written; the message names the file."""
+
+
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}  # max |error| / max(1, |reference|) per tensor
 
 
-def register(name, formula, make):
-    """Decorator registering ``run(inputs) -> (outputs, grads)`` as case ``name``, whose inputs
-    come from ``make(rng, dtype) -> {name: array}`` (the upstream gradient is ``dy``)."""
-    def deco(run):
-        CASES[name] = {"make": make, "run": run, "formula": formula}
-        return run
-    return deco
-
-
-# -- kernel cases: one per entry of the kernel table (npdgm/kernels/table.py), and the Adam update -------
-for _k in TABLE:
-    register(_k.name, _k.formula, _k.make)(_k.run)
-
-
-def _std(rng, dtype, *shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
-
-
-def _adam(rng, dt):
-    return {"p": _std(rng, dt, 64), "g1": _std(rng, dt, 64), "g2": _std(rng, dt, 64), "g3": _std(rng, dt, 64)}
-
-
-@register("adam_step", "m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  "
-                       "p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps);  3 steps, lr=1e-2, betas=(0.9, 0.999)", _adam)
-def _(i):
-    from .nn.module import Parameter
-    from .optim import Adam
-
-    p = Parameter(i["p"].copy())
-    opt = Adam([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-    for g in (i["g1"], i["g2"], i["g3"]):
-        p.grad[...] = g
-        opt.step()
-    return {"p": p.data, "m": opt.m[0], "v": opt.v[0]}, {}
-
-
-KERNEL_CASES = sorted([k.name for k in TABLE] + ["adam_step"])  # the kernel set (tests/reference/kernels-f64)
-
-
 # -- export / check ---------------------------------------------------------------------------
-def _load_model_cases():
-    """Model packages register their own cases on import."""
-    from . import models  # noqa: F401
-    from . import reference_models  # noqa: F401  (whole-model and flow-layer cases)
-
-
 def export_reference(outdir, dtype="float64", seed=0, names=None):
     """Write every case's .npz and manifest.json into ``outdir``; returns the manifest."""
-    _load_model_cases()
     dt = np.dtype(dtype)
     if dt.name not in backend.DTYPES:
         raise ValueError(f"dtype must be one of {backend.DTYPES}, got {dtype!r}")
@@ -180,7 +139,6 @@ def _read_case(outdir, name, entry):
 
 def check_reference(outdir):
     """Re-run npdgm on ``outdir``'s stored inputs; returns [(case, tensor, error, passed)]."""
-    _load_model_cases()
     outdir = os.fspath(outdir)
     manifest = _read_manifest(outdir)
     tol, rows = manifest["tolerance"], []
