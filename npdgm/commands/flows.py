@@ -49,7 +49,13 @@ def _data_args(p, image=True, toy=True):
 
 
 def register(commands, train_commands):
-    # npdgm train nice
+    """npdgm train nice | realnvp | flow2d (``npdgm sample`` is commands/sample.py)."""
+    _register_nice(train_commands)
+    _register_realnvp(train_commands)
+    _register_flow2d(train_commands)
+
+
+def _register_nice(train_commands):
     p = train_commands.add_parser(
         "nice", help="NICE (additive couplings) on MNIST",
         description="NICE on dequantized MNIST: additive couplings (MLP D/2 -> hidden sizes -> D/2, ReLU), "
@@ -66,7 +72,8 @@ def register(commands, train_commands):
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train, family="nice", epochs=None)
 
-    # npdgm train realnvp
+
+def _register_realnvp(train_commands):
     p = train_commands.add_parser(
         "realnvp", help="RealNVP (affine couplings) on MNIST or a 2-D toy",
         description="Affine couplings y_b = x_b exp(s(x_a)) + t(x_a) with a bounded scale. On MNIST: logit "
@@ -89,7 +96,8 @@ def register(commands, train_commands):
     add_train_args(p, epochs=10, batch_size=None, lr=1e-3, batch_help="default 64 on MNIST, 512 in 2-D")
     p.set_defaults(func=cmd_train, family="realnvp", epochs=None, batch_size=None)
 
-    # npdgm train flow2d
+
+def _register_flow2d(train_commands):
     p = train_commands.add_parser(
         "flow2d", help="RealNVP-style flow on a 2-D toy density",
         description="Affine couplings on R^2 (coupling i conditions on coordinate i % 2; s/t MLP 1 -> hidden -> 2, "
@@ -223,16 +231,19 @@ def evaluate(flow, x_test, image):
 # -- npdgm train nice | realnvp | flow2d ----------------------------------------------------------
 def make_step(model, image):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: one NLL gradient (images: dequantized with fresh
-    noise first, and bits/dim reported beside the loss)."""
+    noise first, and bits/dim reported); the loss is the NLL, logged as train_loss and train_nll."""
     from ..models.flows import bits_per_dim
 
     if not image:
-        return lambda xb, yb, rng: {"loss": model.loss_and_grad(xb, zero_grad=False)}
+        def step2d(xb, yb, rng):
+            loss = model.loss_and_grad(xb, zero_grad=False)
+            return {"loss": loss, "nll": loss}
+        return step2d
     from ..data import dequantize
 
     def step(xb, yb, rng):
         loss = model.loss_and_grad(dequantize(xb, rng), zero_grad=False)  # fit zeroed them
-        return {"loss": loss, "bpd": bits_per_dim(loss, model.dim)}
+        return {"loss": loss, "nll": loss, "bpd": bits_per_dim(loss, model.dim)}
     return step
 
 

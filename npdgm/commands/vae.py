@@ -46,7 +46,7 @@ def _add_model_args(p):
                    help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
                    help="none: grey levels in [0, 1] (PyTorch example); static: x > 0.5; dynamic: a new "
-                        "Bernoulli(x) draw per batch (test set drawn once)")
+                        "Bernoulli(x) draw per batch (test set drawn once) (default none)")
     d.add_argument("--train-limit", type=positive_int, default=None,
                    help="use the first N training images (default: all)")
     d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images (default: all)")
@@ -216,7 +216,7 @@ def _summary(model, run, records, test_x):
     seed = run["seed"]
     summary = {"epochs": run["epochs"], "test_n": len(test_x)}
     if records:
-        summary["test_nelbo"] = records[-1].get("test_nelbo")
+        summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})
     n_iw = min(run["iwae_n"], len(test_x))
     if n_iw:
         summary.update(iwae_k=run["iwae_k"], iwae_n=n_iw,

@@ -83,7 +83,8 @@ def bpd_curves(records, path, title="flow training"):
 
 
 def nll_curves(records, path, title="flow training"):
-    """train/test mean NLL (nats) per epoch."""
-    return training_curves(records, path, keys=[k for k in ("train_loss", "test_nll") if any(k in r for r in records)],
+    """train/test mean NLL (nats) per epoch (train_nll; runs of older versions logged it as train_loss only)."""
+    records = [{"train_nll": r["train_loss"], **r} if "train_loss" in r else r for r in records]
+    return training_curves(records, path, keys=[k for k in ("train_nll", "test_nll") if any(k in r for r in records)],
                            title=title, ylabel="negative log-likelihood (nats)",
-                           labels={"train_loss": "train NLL", "test_nll": "test NLL"})
+                           labels={"train_nll": "train NLL", "test_nll": "test NLL"})
