@@ -126,3 +126,24 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     (tmp_path / "t.npz").write_bytes(full[: len(full) // 2])
     with pytest.raises(io.CheckpointError):
         registry.load(tmp_path / "t.npz")
+
+
+def test_fit_batches_labels_with_their_rows(tmp_path):
+    """fit(model, opt, x, y): the step gets (xb, yb) with yb the labels of xb's rows, shuffled alike."""
+    model = TinyRegressor()
+    opt = optim.SGD(model, lr=1e-6)
+    x = np.arange(50, dtype=np.float32)[:, None].repeat(3, 1)
+    y = np.arange(50) * 10
+    seen = []
+
+    def step(xb, yb, rng):
+        seen.append((xb[:, 0].astype(int), yb))
+        return {"loss": model.loss_and_grad(xb, np.zeros((len(xb), 1), np.float32))}
+
+    train.fit(model, opt, x, y, epochs=2, batch_size=16, out=str(tmp_path), rng=np.random.default_rng(0), step=step,
+              progress=False, log=lambda *a: None)
+    assert len(seen) == 8 and all(np.array_equal(xi * 10, yi) for xi, yi in seen)
+    assert sorted(np.concatenate([xi for xi, _ in seen[:4]])) == list(range(50))
+    with pytest.raises(ValueError, match="train_y has 3 rows"):
+        train.fit(model, opt, x, y[:3], epochs=1, batch_size=16, out=str(tmp_path), rng=np.random.default_rng(0),
+                  step=step, progress=False, log=lambda *a: None)

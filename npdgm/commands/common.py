@@ -57,8 +57,9 @@ def add_run_dir_args(g, resume=True):
                    help="start a new run in --out even if it holds an older run (whose files are removed)")
     if resume:
         g.add_argument("--resume", metavar="RUNDIR", default=None,
-                       help="(default: start a new run) continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with "
-                            "its stored options; --epochs, --lr, --clip and --data may change, others must match")
+                       help="continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with its "
+                            "stored options; --epochs, --lr, --clip and --data may change, others must match "
+                            "(default: start a new run)")
 
 
 def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batch_help=None):

@@ -31,7 +31,8 @@ def register(commands, train_commands):
                    help=f"data sets to fetch: {', '.join(names)} (default mnist)")
     d.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
     d.add_argument("--mirror", action="append", default=[], metavar="URL",
-                   help="a base URL holding the .gz files, tried before the built-in mirrors (repeatable)")
+                   help="a base URL holding the .gz files, tried before the built-in mirrors (repeatable; "
+                        "default: only the built-in ones)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a mirror is given up "
                                                                "(default 30)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a "
