@@ -17,7 +17,7 @@ from npdgm import cli, io, train
 TINY = ["--train-limit", "200", "--test-limit", "50", "--hidden", "16", "--z-dim", "4", "--batch-size", "50",
         "--iwae-n", "10", "--iwae-k", "3", "--impute-steps", "2", "--impute-k", "0", "--impute-n", "20",
         "--no-progress", "--no-plots"]
-FLOW2D = ["--dataset", "moons", "--n-train", "256", "--n-test", "64", "--couplings", "2", "--hidden", "8",
+FLOW2D = ["--dataset", "moons", "--train-limit", "256", "--test-limit", "64", "--couplings", "2", "--hidden", "8",
           "--batch-size", "128", "--no-progress", "--no-plots"]
 
 

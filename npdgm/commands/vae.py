@@ -1,4 +1,4 @@
-"""``npdgm train vae``, ``npdgm sample RUNDIR``, ``npdgm impute RUNDIR``.
+"""``npdgm train vae``, ``npdgm impute RUNDIR`` (``npdgm sample RUNDIR`` is commands/sample.py).
 
     npdgm train vae                                    # bundled 10k/2k MNIST subset, offline
     npdgm train vae --data mnist --epochs 10 --out runs/vae-full
