@@ -77,3 +77,22 @@ def test_style_transfer_columns_are_labelled(figures, tmp_path):
     assert xlabels == ["input", "0", "1", "2"]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["y=0", "y=2"]
     assert fig.axes[0].get_title().startswith("style transfer")
+
+
+def test_curves_read_the_older_metric_names(figures, tmp_path):
+    """Runs of older versions: flows logged the train NLL as train_loss only, the VAE summary held
+    test_iwae_nll (now test_nll); both still reach the figure."""
+    old = [{"epoch": e, "train_loss": 3.0 / e, "test_nll": 3.1 / e} for e in (1, 2)]
+    PF.nll_curves(old, tmp_path / "a.png")
+    PV.curves(RECORDS, tmp_path / "b.png", {"iwae_k": 5, "iwae_n": 10, "test_iwae_nll": 95.0})
+    PV.curves(RECORDS, tmp_path / "c.png", {"iwae_k": 5, "iwae_n": 10, "test_nll": 95.0})
+    legends = [[t.get_text() for t in fig.axes[0].get_legend().get_texts()] for fig, _ in figures]
+    assert legends[0] == ["train NLL", "test NLL"]
+    assert legends[1] == legends[2] and "test -log p(x), IWAE k=5 (n=10)" in legends[1]
+
+
+def test_scatter_panels_one_per_title(figures, tmp_path):
+    pts = np.random.default_rng(0).standard_normal((100, 2))
+    plots.scatter_panels([("data", pts), ("T=0.5", pts * 0.5)], tmp_path / "s.png", title="t")
+    fig, _ = figures[-1]
+    assert [ax.get_title() for ax in fig.axes] == ["data (100)", "T=0.5 (100)"]
