@@ -41,8 +41,9 @@ __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Sc
 
 def bits_per_dim(nll_nats, dim, levels=256):
     """bits/dim = (NLL_nats / D + log(levels)) / log 2  for ``levels``-level data scaled to [0, 1]
-    (the density of the dequantized data in [0, 1]^D bounds the discrete likelihood)."""
-    return (float(nll_nats) / dim + math.log(levels)) / math.log(2)
+    (the density of the dequantized data in [0, 1]^D bounds the discrete likelihood). A device scalar
+    stays on the device (no host sync inside a training step)."""
+    return (nll_nats / dim + math.log(levels)) / math.log(2)
 
 
 # -- the container ---------------------------------------------------------------------------------
