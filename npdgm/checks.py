@@ -46,8 +46,8 @@ for _name in ("relu", "tanh", "elu", "softplus"):
 # Each perturbs a small float64 model off its initial values and compares loss_and_grad's gradient
 # with central differences of the forward-only loss.
 from .models.cvae import CVAE  # noqa: E402
-from .models.flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, LogitTransform,  # noqa: E402
-                           Permutation, Scaling)
+from .models.flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, InvertibleLinear,  # noqa: E402
+                           LogitTransform, Permutation, Scaling)
 from .models.m2 import M2  # noqa: E402
 from .models.vae import VAE  # noqa: E402
 
@@ -186,6 +186,9 @@ def _register_flow_checks():
                                     AdditiveCoupling(6, [1, 0, 0, 1, 1, 0], 0, [5], "tanh", seed=8),
                                     AffineCoupling(6, "channel", 1, [4], "softplus", image_shape=(2, 1, 3), seed=9),
                                     Scaling(6)], prior="logistic"), unit(rng, 4, 6)),
+        "invertible-linear": lambda rng: (Flow([InvertibleLinear(4, seed=1), ActNorm(4),
+                                                AffineCoupling(4, "half", 1, [5], "tanh", seed=2),
+                                                InvertibleLinear(4, seed=3)]), rng.standard_normal((5, 4))),
     }
     for tag, make in cases.items():
         def fn(rng, make=make):

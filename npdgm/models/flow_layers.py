@@ -28,7 +28,7 @@ from ..nn.module import Module, Parameter
 from ..validate import check_float, check_int
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
-           "LogitTransform", "make_mask", "build_layer", "FLOW_LAYERS", "MASKS"]
+           "LogitTransform", "InvertibleLinear", "make_mask", "build_layer", "FLOW_LAYERS", "MASKS"]
 
 MASKS = ("half", "alternate", "checkerboard", "channel")
 FLOW_LAYERS = {}
@@ -521,3 +521,122 @@ def build_layer(spec):
     if kind not in FLOW_LAYERS:
         raise ValueError(f"unknown flow layer type {kind!r}; expected one of {sorted(FLOW_LAYERS)}")
     return FLOW_LAYERS[kind](**spec)
+
+
+# -- invertible linear layer, LU-parameterized (Glow's 1x1 convolution for vectors) -------------------------
+def _lu_pivot(W):
+    """Host LU with partial pivoting of a square W: (perm (D,), L unit lower, U upper) with W[perm] = L @ U."""
+    A = np.array(W, dtype=np.float64)
+    n = A.shape[0]
+    perm, L = np.arange(n), np.eye(n)
+    for k in range(n):
+        p = k + int(np.argmax(np.abs(A[k:, k])))
+        A[[k, p]], perm[[k, p]], L[[k, p], :k] = A[[p, k]], perm[[p, k]], L[[p, k], :k]
+        L[k + 1:, k] = A[k + 1:, k] / A[k, k]
+        A[k + 1:] -= L[k + 1:, k:k + 1] * A[k]
+    return perm, L, np.triu(A)
+
+
+@_layer
+class InvertibleLinear(FlowLayer):
+    """y = x W with W = P L (U + diag(s)) (D, D): P a fixed permutation, L unit lower triangular, U strictly
+    upper triangular, s = sign * exp(log_s) (sign fixed at init); log|det W| = sum_d log_s_d for every row.
+
+    Parameters ``L`` and ``U`` are full (D, D) arrays of which only the strict lower / strict upper triangle
+    is used (the other entries get zero gradient), and ``log_s`` (D,). With perm the index form of P
+    (P_ij = 1 iff i = perm[j]):  a = x[:, perm],  b = a L1 (L1 = tril(L, -1) + I),  y = b U1 (U1 = triu(U, 1) +
+    diag(s)). Backward:  dU1 = b^T dy, db = dy U1^T, dL1 = a^T db, da = db L1^T, dx = da[:, perm^-1];
+    d log_s = diag(dU1) * s + sum_B dlogdet. Inverse: two triangular solves, b = y U1^-1, a = b L1^-1.
+    Initialized from the LU of a seeded random rotation (W starts orthogonal). ``perm`` and ``sign`` are
+    part of the spec (they are not trained)."""
+
+    def __init__(self, dim, seed=0, perm=None, sign=None):
+        super().__init__(dim)
+        seed = check_int(seed, "seed", lo=0)
+        rng = np.random.default_rng(seed)
+        q, r = np.linalg.qr(rng.standard_normal((self.dim, self.dim)))
+        p0, L0, U0 = _lu_pivot(q * np.sign(np.diag(r)))
+        perm = p0 if perm is None else np.asarray(perm, dtype=np.int64)
+        if sorted(perm.tolist()) != list(range(self.dim)):
+            raise ValueError(f"perm must be a permutation of 0..{self.dim - 1}, got {perm.tolist()}")
+        sign = np.sign(np.diag(U0)) if sign is None else np.asarray(sign, dtype=np.float64)
+        if sign.shape != (self.dim,) or not np.all(np.abs(sign) == 1):
+            raise ValueError(f"sign must be {self.dim} values of +1 or -1, got {np.asarray(sign).tolist()}")
+        self.seed, self.perm, self.inv, self.sign_host = seed, perm, np.argsort(perm), sign
+        dt = backend.get_dtype()
+        self.L = Parameter(backend.to_device(np.tril(L0, -1), dt))
+        self.U = Parameter(backend.to_device(np.triu(U0, 1), dt))
+        self.log_s = Parameter(backend.to_device(np.log(np.abs(np.diag(U0))), dt))
+        self._consts = {}
+
+    def spec(self):
+        """The dict that rebuilds this layer: {"type": "InvertibleLinear", dim, seed, perm, sign}."""
+        return {"type": "InvertibleLinear", "dim": self.dim, "seed": self.seed,
+                "perm": [int(v) for v in self.perm], "sign": [int(v) for v in self.sign_host]}
+
+    def _tri(self):
+        """(L1, U1, s) on the parameters' device: unit lower L1, upper U1 with diagonal s."""
+        xp = backend.array_module(self.L.data)
+        key = (xp.__name__, self.L.data.dtype.str)
+        if key not in self._consts:
+            n = self.dim
+            self._consts = {key: (xp.asarray(np.tril(np.ones((n, n)), -1), dtype=self.L.data.dtype),
+                                  xp.asarray(np.triu(np.ones((n, n)), 1), dtype=self.L.data.dtype),
+                                  xp.eye(n, dtype=self.L.data.dtype),
+                                  xp.asarray(self.sign_host, dtype=self.L.data.dtype))}
+        lo, up, eye, sign = self._consts[key]
+        s = sign * xp.exp(self.log_s.data)
+        return self.L.data * lo + eye, self.U.data * up + s * eye, s, lo, up
+
+    def _logdet(self, x, sgn):
+        xp = backend.array_module(x)
+        return xp.zeros(x.shape[0], dtype=x.dtype) + sgn * self.log_s.data.sum()
+
+    def _grads(self, dL1, dU1, s, lo, up, dld_total):
+        xp = backend.array_module(dL1)
+        self.L.grad += dL1 * lo
+        self.U.grad += dU1 * up
+        self.log_s.grad += xp.diagonal(dU1) * s + dld_total
+
+    def forward(self, x):
+        """a = x[:, perm], b = a L1, y = b U1;  logdet = sum_d log_s_d.   x (B, D) -> (y (B, D), logdet (B,))."""
+        L1, U1, _, _, _ = self._tri()
+        a = x[:, _dev_index(self.perm, x)]
+        b = a @ L1
+        self._cache, self._mode = (a, b), "forward"
+        return b @ U1, self._logdet(x, 1)
+
+    def backward(self, dy, dlogdet=None, need_dx=True):
+        """dU1 = b^T dy, db = dy U1^T, dL1 = a^T db, dx = (db L1^T)[:, perm^-1]; d log_s = diag(dU1) s +
+        sum_B dlogdet.   dy (B, D), dlogdet (B,) or None -> dx (B, D); L, U, log_s gradients accumulate."""
+        self._need("forward")
+        a, b = self._cache
+        L1, U1, s, lo, up = self._tri()
+        db = dy @ U1.T
+        self._grads(a.T @ db, b.T @ dy, s, lo, up, 0 if dlogdet is None else dlogdet.sum())
+        return (db @ L1.T)[:, _dev_index(self.inv, dy)]
+
+    def inverse(self, y, logdet=False):
+        """b = y U1^-1, a = b L1^-1 (two triangular solves), x = a[:, perm^-1];  logdet_inv = -sum_d log_s_d.
+        y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
+        xp = backend.array_module(y)
+        L1, U1, _, _, _ = self._tri()
+        b = xp.linalg.solve(U1.T, y.T).T
+        a = xp.linalg.solve(L1.T, b.T).T
+        self._cache, self._mode = (a, b), "inverse"
+        x = a[:, _dev_index(self.inv, y)]
+        return (x, self._logdet(y, -1)) if logdet else x
+
+    def inverse_backward(self, dx, dlogdet=None):
+        """da = dx[:, perm], db = da L1^-T, dL1 = -a^T db, dy = db U1^-T, dU1 = -b^T dy;
+        d log_s = diag(dU1) s - sum_B dlogdet_inv.   dx (B, D), dlogdet_inv (B,) or None -> dy (B, D);
+        L, U, log_s gradients accumulate."""
+        self._need("inverse")
+        xp = backend.array_module(dx)
+        a, b = self._cache
+        L1, U1, s, lo, up = self._tri()
+        da = dx[:, _dev_index(self.perm, dx)]
+        db = xp.linalg.solve(L1, da.T).T
+        dy = xp.linalg.solve(U1, db.T).T
+        self._grads(-(a.T @ db), -(b.T @ dy), s, lo, up, 0 if dlogdet is None else -dlogdet.sum())
+        return dy

@@ -32,10 +32,11 @@ from ..kernels import coupling as C
 from ..validate import as_rng, check_float, check_int
 from .base import Model
 from .flow_layers import (FLOW_LAYERS, MASKS, ActNorm, AdditiveCoupling, AffineCoupling, FlowLayer,  # noqa: F401
-                          LogitTransform, Permutation, Scaling, _check_input, build_layer, make_mask)
+                          InvertibleLinear, LogitTransform, Permutation, Scaling, _check_input, build_layer,
+                          make_mask)
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
-           "LogitTransform", "Flow", "make_mask", "nice", "realnvp2d", "realnvp", "bits_per_dim",
+           "LogitTransform", "InvertibleLinear", "Flow", "make_mask", "nice", "realnvp2d", "realnvp", "bits_per_dim",
            "FLOW_LAYERS"]
 
 

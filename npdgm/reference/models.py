@@ -241,6 +241,10 @@ LAYERS = {
     "logit_transform": (dict(type="LogitTransform", dim=4, alpha=0.05),
                         "p = a + (1 - 2a) x; y = log p - log(1 - p); logdet = sum log(1 - 2a) - log p - log(1 - p)",
                         "x = (sigmoid(y) - a) / (1 - 2a); logdet_inv = -logdet(x)"),
+    "invertible_linear": (dict(type="InvertibleLinear", dim=4, seed=3, perm=[2, 0, 3, 1], sign=[1, -1, -1, 1]),
+                          "W = P L1 U1, P_ij = [i = perm_j], L1 = tril(L, -1) + I, U1 = triu(U, 1) + "
+                          "diag(sign e^log_s); y = x W; logdet = sum log_s",
+                          "x = y W^-1 (two triangular solves); logdet_inv = -sum log_s"),
 }
 for _name, (_spec, _fwd, _inv) in LAYERS.items():
     register(_name, _fwd + ";  upstream dy, dlogdet;  grad/x = dL/dx, grad/<param> = dL/dparam for "

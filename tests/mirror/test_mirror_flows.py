@@ -45,6 +45,10 @@ FLOWS = {
                                            F.AdditiveCoupling(5, [1, 0, 0, 1, 1], 1, [4], "leaky_relu", seed=8),
                                            F.Permutation(5, "reverse"), F.ActNorm(5)]),
                            lambda r: r.standard_normal((8, 5))),
+    "lu,invertible linear": (lambda: F.Flow([F.InvertibleLinear(4, seed=1),
+                                             F.AffineCoupling(4, "half", 0, [5], "tanh", seed=2),
+                                             F.InvertibleLinear(4, seed=3)]),
+                             lambda r: r.standard_normal((7, 4))),
 }
 
 

@@ -172,6 +172,11 @@ def layer_forward(P, pre, spec, x):
     if t == "ActNorm":
         ls = P[pre + "log_scale"]
         return (x + P[pre + "loc"]) * torch.exp(ls), zero + ls.sum()
+    if t == "InvertibleLinear":
+        W, ls = _lu_weight(P, pre, spec)
+        return x @ W, zero + ls.sum()
+    if t in AUTOREGRESSIVE:
+        return AUTOREGRESSIVE[t][0](P, pre, spec, x)
     if t == "LogitTransform":
         a = spec["alpha"]
         p = a + (1 - 2 * a) * x
@@ -201,11 +206,31 @@ def layer_inverse(P, pre, spec, y):
     if t == "ActNorm":
         ls = P[pre + "log_scale"]
         return y * torch.exp(-ls) - P[pre + "loc"], zero - ls.sum()
+    if t == "InvertibleLinear":
+        W, ls = _lu_weight(P, pre, spec)
+        return torch.linalg.solve(W.T, y.T).T, zero - ls.sum()
+    if t in AUTOREGRESSIVE:
+        return AUTOREGRESSIVE[t][1](P, pre, spec, y)
     if t == "LogitTransform":
         a = spec["alpha"]
         ld = (F.logsigmoid(y) + F.logsigmoid(-y) - math.log(1 - 2 * a)).sum(dim=1)
         return (torch.sigmoid(y) - a) / (1 - 2 * a), ld
     raise ValueError(f"unknown layer type {t!r}")
+
+
+def _lu_weight(P, pre, spec):
+    """InvertibleLinear: W = P L1 U1, L1 = tril(L, -1) + I, U1 = triu(U, 1) + diag(sign exp(log_s)); P_ij = 1 iff
+    i = perm[j] (so x @ P = x[:, perm])."""
+    n = spec["dim"]
+    perm = torch.zeros(n, n, dtype=torch.float64)
+    perm[torch.tensor(spec["perm"]), torch.arange(n)] = 1.0
+    ls = P[pre + "log_s"]
+    L1 = torch.tril(P[pre + "L"], -1) + torch.eye(n, dtype=ls.dtype)
+    U1 = torch.triu(P[pre + "U"], 1) + torch.diag(torch.tensor(spec["sign"], dtype=ls.dtype) * torch.exp(ls))
+    return perm.to(ls.dtype) @ L1 @ U1, ls
+
+
+AUTOREGRESSIVE = {}  # layer type -> (forward, inverse), filled below
 
 
 def prior_log_prob(name, z):
