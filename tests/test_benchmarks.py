@@ -185,107 +185,7 @@ def test_gpu_rows_skip_without_cupy():
     assert any("CuPy" in n for n in notes)
 
 
-# -- engine speed paths: same numbers as the plain paths ----------------------------------------
-def test_threaded_chunked_adam_is_bitwise_the_single_thread_update():
-    from npdgm import optim
-    from npdgm.nn import Parameter
-
-    rng = np.random.default_rng(0)
-    n = 5 * optim.CHUNK + 123                      # several chunks, a ragged tail
-    p0 = rng.standard_normal(n).astype(np.float32)
-    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
-    out = []
-    old = optim.get_num_threads()
-    try:
-        for threads in (1, 3):
-            optim.set_num_threads(threads)
-            p = Parameter(p0.copy())
-            opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
-            for g in grads:
-                p.grad[...] = g
-                opt.step()
-            out.append(p.data.copy())
-    finally:
-        optim.set_num_threads(old)
-    np.testing.assert_array_equal(out[0], out[1])
-    spans = optim._spans(n, optim.CHUNK, 3)
-    assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) == 3
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-
-
-# -- GPU paths: fused kernels and CUDA graphs against the plain array code (skipped without CuPy) ---
-def _fused_cases(r):
-    from npdgm import kernels as K
-
-    a = lambda *s: r.standard_normal(s).astype(np.float32) * 3  # noqa: E731
-    u = lambda *s: r.uniform(0, 1, s).astype(np.float32)  # noqa: E731
-    relu_y = np.maximum(a(64, 33), 0)
-    return {
-        "relu_backward": (K.relu_backward, (a(64, 33), relu_y)),
-        "tanh_backward": (K.tanh_backward, (a(64, 33), np.tanh(a(64, 33)))),
-        "sigmoid_forward": (K.sigmoid_forward, (a(64, 33) * 10,)),
-        "sigmoid_backward": (K.sigmoid_backward, (a(64, 33), u(64, 33))),
-        "softplus_forward": (K.softplus_forward, (a(64, 33) * 10,)),
-        "softplus_backward": (K.softplus_backward, (a(64, 33), a(64, 33) * 10)),
-        "bernoulli_nll_forward": (K.bernoulli_nll_forward, (a(64, 33) * 10, u(64, 33))),
-        "bernoulli_nll_backward": (K.bernoulli_nll_backward, (a(64), a(64, 33) * 10, u(64, 33))),
-        "reparameterize_forward": (K.reparameterize_forward, (a(16, 5), a(16, 5) * 0.3, a(3, 16, 5))),
-        "reparameterize_backward": (K.reparameterize_backward, (a(3, 16, 5), a(16, 5) * 0.3, a(3, 16, 5))),
-        "kl_std_normal_forward": (K.kl_std_normal_forward, (a(16, 5), a(16, 5) * 0.3)),
-        "kl_std_normal_backward": (K.kl_std_normal_backward, (a(16), a(16, 5), a(16, 5) * 0.3)),
-    }
-
-
-FUSED_NAMES = sorted(_fused_cases(np.random.default_rng(0)))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", FUSED_NAMES)
-def test_fused_kernel_matches_plain_path(cupy, name):
-    from npdgm.kernels import fused
-
-    fn, args = _fused_cases(np.random.default_rng(1))[name]
-    dev = [cupy.asarray(a) for a in args]
-    try:
-        fused.set_enabled(False)
-        plain = fn(*dev)
-        fused.set_enabled(True)
-        fast = fn(*dev)
-    finally:
-        fused.set_enabled(True)
-    host = fn(*args)
-    plain, fast, host = [x if isinstance(x, tuple) else (x,) for x in (plain, fast, host)]
-    for p, f, h in zip(plain, fast, host):
-        np.testing.assert_allclose(cupy.asnumpy(f), cupy.asnumpy(p), rtol=2e-6, atol=2e-6)
-        np.testing.assert_allclose(cupy.asnumpy(f), h, rtol=2e-6, atol=2e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.1, False), (0.1, True)])
-def test_fused_adam_matches_plain_update(cupy, wd, decoupled):
-    from npdgm import optim
-    from npdgm.kernels import fused
-    from npdgm.nn import Parameter
-
-    r = np.random.default_rng(2)
-    p0 = r.standard_normal(3 * optim.CHUNK + 7).astype(np.float32)
-    grads = [r.standard_normal(p0.size).astype(np.float32) for _ in range(4)]
-    out = {}
-    for mode in ("numpy", "plain", "fused"):
-        fused.set_enabled(mode == "fused")
-        try:
-            p = Parameter(p0.copy() if mode == "numpy" else cupy.asarray(p0))
-            opt = optim.Adam([p], lr=1e-2, weight_decay=wd, decoupled=decoupled)
-            for g in grads:
-                p.grad[...] = g if mode == "numpy" else cupy.asarray(g)
-                opt.step()
-            out[mode] = backend.to_host(p.data)
-        finally:
-            fused.set_enabled(True)
-    np.testing.assert_allclose(out["fused"], out["plain"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["fused"], out["numpy"], rtol=1e-5, atol=1e-6)
-
-
+# -- GPU paths: CUDA graphs against eager steps (skipped without CuPy; the fused kernels: tests/test_fused.py) ---
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vae", "realnvp2d"])
 def test_cuda_graph_step_matches_eager_steps(cupy, name):
@@ -309,25 +209,6 @@ def test_cuda_graph_step_matches_eager_steps(cupy, name):
         assert graph.loss() == pytest.approx(eager.loss(), rel=1e-4)
         np.testing.assert_allclose(cupy.asnumpy(graph.model.flat_params), cupy.asnumpy(eager.model.flat_params),
                                    rtol=1e-4, atol=1e-5)
-    finally:
-        backend.set_backend("numpy")
-
-
-def test_gpu_only_paths_are_inert_without_cupy():
-    """fused.* never runs for NumPy arrays; without CuPy its switches are no-ops and nothing imports cupy."""
-    from npdgm import kernels as K
-    from npdgm.kernels import fused
-
-    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
-    assert not fused.on_gpu(x)
-    np.testing.assert_array_equal(K.relu_backward(x, np.maximum(x, 0)), x * (x > 0))
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        assert fused.set_tf32(True) is False
-        assert "cupy" not in sys.modules
-        with pytest.raises(backend.BackendError, match="CuPy"):
-            workloads.NpdgmRunner(small("vae", **SMALL["vae"]), batch=4, backend="cupy")
     finally:
         backend.set_backend("numpy")
 

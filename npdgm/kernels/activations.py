@@ -15,7 +15,7 @@ def relu_forward(x):
 def relu_backward(dy, y):
     """dx = dy * [x > 0]   (computed from y = relu(x): y > 0 iff x > 0; f'(0) := 0)."""
     check_same_shape("dy", dy, "y", y)
-    if _fused.on_gpu(dy, y):
+    if _fused.active(dy, y):
         return _fused.relu_backward(dy, y)
     return dy * (y > 0)
 
@@ -28,6 +28,8 @@ def leaky_relu_forward(x, slope=0.01):
 def leaky_relu_backward(dy, x, slope=0.01):
     """dx = dy * (1 if x > 0 else slope)."""
     check_same_shape("dy", dy, "x", x)
+    if _fused.active(dy, x):
+        return _fused.leaky_relu_backward(dy, x, slope)
     return array_module(x).where(x > 0, dy, dy * slope)
 
 
@@ -39,7 +41,7 @@ def tanh_forward(x):
 def tanh_backward(dy, y):
     """dx = dy * (1 - y^2),  y = tanh(x)."""
     check_same_shape("dy", dy, "y", y)
-    if _fused.on_gpu(dy, y):
+    if _fused.active(dy, y):
         return _fused.tanh_backward(dy, y)
     return dy * (1 - y * y)
 
@@ -49,7 +51,7 @@ def sigmoid_forward(x):
     the exponent is <= 0, so no overflow for large |x| and no cancellation in either tail. n is
     max(e, [x >= 0]) since e <= 1: one exp per element, no ``where`` (NumPy's select branches per element
     and is ~10x slower on a random sign pattern)."""
-    if _fused.on_gpu(x):
+    if _fused.active(x):
         return _fused.sigmoid_forward(x)
     xp = array_module(x)
     if getattr(x, "ndim", 0) == 0:
@@ -66,14 +68,14 @@ def sigmoid_forward(x):
 def sigmoid_backward(dy, y):
     """dx = dy * y * (1 - y),  y = sigmoid(x)."""
     check_same_shape("dy", dy, "y", y)
-    if _fused.on_gpu(dy, y):
+    if _fused.active(dy, y):
         return _fused.sigmoid_backward(dy, y)
     return dy * y * (1 - y)
 
 
 def softplus_forward(x):
     """y = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))   (stable for all x)."""
-    if _fused.on_gpu(x):
+    if _fused.active(x):
         return _fused.softplus_forward(x)
     xp = array_module(x)
     if getattr(x, "ndim", 0) == 0:
@@ -89,7 +91,7 @@ def softplus_forward(x):
 def softplus_backward(dy, x):
     """dx = dy * sigmoid(x)."""
     check_same_shape("dy", dy, "x", x)
-    if _fused.on_gpu(dy, x):
+    if _fused.active(dy, x):
         return _fused.softplus_backward(dy, x)
     return dy * sigmoid_forward(x)
 
@@ -103,6 +105,8 @@ def elu_forward(x, alpha=1.0):
 def elu_backward(dy, x, alpha=1.0):
     """dx = dy * (1 if x > 0 else alpha * exp(x))."""
     check_same_shape("dy", dy, "x", x)
+    if _fused.active(dy, x):
+        return _fused.elu_backward(dy, x, alpha)
     xp = array_module(x)
     return xp.where(x > 0, dy, dy * alpha * xp.exp(xp.minimum(x, 0)))
 

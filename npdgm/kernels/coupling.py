@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from ..backend import array_module
+from . import fused as _fused
 from ._check import check_same_shape
 
 LOG_2PI = math.log(2 * math.pi)
@@ -58,6 +59,8 @@ def affine_coupling_forward(xb, s, t):
     """y_b = x_b * exp(s) + t;  logdet = sum_j s_j.   xb, s, t: (B, nb) -> (y_b (B, nb), logdet (B,))."""
     check_same_shape("xb", xb, "s", s)
     check_same_shape("xb", xb, "t", t)
+    if _fused.active(xb, s, t):
+        return _fused.affine_coupling_forward(xb, s, t)
     xp = array_module(xb)
     yb = xb * xp.exp(s)
     yb += t
@@ -73,6 +76,8 @@ def affine_coupling_backward(dyb, dlogdet, xb, s):
     Returns (dx_b, ds, dt); ``dlogdet`` (B,) may be None (no gradient reaches the log-det).
     """
     check_same_shape("dyb", dyb, "xb", xb)
+    if _fused.active(dyb, xb, s) and (dlogdet is None or _fused.active(dlogdet, xb)):
+        return _fused.affine_coupling_backward(dyb, dlogdet, xb, s)
     xp = array_module(xb)
     dxb = dyb * xp.exp(s)
     ds = dxb * xb
@@ -84,6 +89,8 @@ def affine_coupling_backward(dyb, dlogdet, xb, s):
 def affine_coupling_inverse(yb, s, t):
     """x_b = (y_b - t) * exp(-s);  logdet_inv = -sum_j s_j."""
     check_same_shape("yb", yb, "s", s)
+    if _fused.active(yb, s, t):
+        return _fused.affine_coupling_inverse(yb, s, t)
     xp = array_module(yb)
     xb = yb - t
     xb *= xp.exp(-s)
@@ -99,6 +106,8 @@ def affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s):
     Returns (dy_b, ds, dt).
     """
     check_same_shape("dxb", dxb, "xb", xb)
+    if _fused.active(dxb, xb, s) and (dlogdet_inv is None or _fused.active(dlogdet_inv, xb)):
+        return _fused.affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s)
     xp = array_module(xb)
     dyb = dxb * xp.exp(-s)
     ds = -(dxb * xb)

@@ -1,21 +1,40 @@
-"""Fused CuPy kernels behind the plain kernels' names, CUDA-graph capture of a step, TF32 opt-in.
+"""Fused kernels behind the plain kernels' names: one pass per elementwise chain, on GPU (CuPy) and CPU
+(numexpr); CUDA-graph capture of a step; TF32 opt-in.
 
-On the GPU a small model is launch-bound: ``dy * (y > 0)`` is two kernels and a temporary, the
-Bernoulli gradient ``dloss[:, None] * (sigmoid(l) - x)`` five. The kernels in ``npdgm.kernels``
-call the one-kernel versions here when their arrays are CuPy arrays (and :func:`enabled`);
-NumPy arrays never reach this module, so the CPU path is the plain array code.
-Every fused kernel computes the same formula as its plain version (float32 tolerance; the tests
-in ``tests/test_benchmarks.py`` compare them on CuPy and skip without a GPU).
+Each fused kernel is ONE formula text in :mod:`npdgm.kernels.formulas` (e.g. ReLU's backward is
+``dx = where(y > 0, dy, 0)``). NumPy evaluates the text (the reference), numexpr runs it on the
+CPU, and the CuPy ``ElementwiseKernel`` / ``ReductionKernel`` source is generated from it, so the
+three cannot drift apart. The kernels in ``npdgm.kernels`` call the versions here when
+:func:`active` says so for their arrays:
 
-    npdgm.kernels.fused.set_enabled(False)   # plain array code on CuPy too (for comparison)
+* CuPy arrays: the generated CUDA kernels (default on; ``set_enabled(False)`` runs the plain array
+  code on CuPy too, for comparison). On the GPU a small model is launch-bound: ``dy * (y > 0)`` is
+  two kernels and a temporary, the Bernoulli gradient five; fused, each is one launch.
+* NumPy arrays: plain NumPy by default (``npdgm-numpy`` is the textbook path). ``set_cpu_fused(True)``
+  runs the formulas as one compiled parallel loop each with numba (or, second choice, numexpr: one
+  multithreaded pass per output), no temporaries; ``optim.Adam`` then updates p, m, v in one fused
+  pass. Without numba and numexpr the switch warns and the plain NumPy code runs.
+
+    npdgm.kernels.fused.set_cpu_fused(True)  # numba (or numexpr) on the CPU: pip install numba
+    npdgm.kernels.fused.set_enabled(False)   # plain array code on CuPy (for comparison)
     npdgm.kernels.fused.set_tf32(True)       # TF32 tensor-core matmuls (opt-in; ~1e-3 rel. error)
     step = CudaGraphStep(fn, (x, eps), optimizers=[opt])   # capture fn(x, eps) once, replay it
 
-CuPy is imported lazily: importing this module never needs it.
+tests/test_fused.py compares every formula with its plain kernel on every input maker of the kernel
+table (NumPy reference, numba and numexpr on the CPU; the CuPy kernels under ``pytest -m gpu``, and
+``benchmarks/gpu_check.sh`` on a GPU machine). CuPy, numba and numexpr are imported lazily:
+importing this module needs none of them.
 """
 from __future__ import annotations
 
-_state = {"enabled": True, "kernels": None}
+import warnings
+
+from ..backend import array_module
+from .formulas import FORMULAS
+
+_state = {"enabled": True, "kernels": {}, "cpu": None, "min_size": 0}
+CPU_MIN_SIZE = 4096   # arrays smaller than this take the plain NumPy code even with the fused CPU path on
+ENGINES = ("numba", "numexpr", "numpy")   # "numpy": the formulas evaluated by NumPy (the reference, for tests)
 
 
 def set_enabled(flag=True):
@@ -27,13 +46,75 @@ def enabled():
     return _state["enabled"]
 
 
+def engine_available(engine):
+    """True when the fused CPU ``engine`` can run here (numba / numexpr importable; numpy always)."""
+    if engine == "numpy":
+        return True
+    try:
+        __import__(engine)
+    except ImportError:
+        return False
+    return True
+
+
+def numexpr_available():
+    return engine_available("numexpr")
+
+
+def set_cpu_fused(flag=True, engine=None, min_size=CPU_MIN_SIZE, threads=None):
+    """Run the fused formulas on NumPy arrays (True) or the plain NumPy kernels (False, the default).
+
+    ``engine``: "numba" (one compiled parallel loop per formula: the fastest, measured), "numexpr", or
+    "numpy" (whole-array NumPy evaluation of the formulas: the reference, for tests); None picks the
+    first of numba, numexpr that is installed, and without either warns and leaves the plain NumPy
+    path on. ``min_size``: calls whose largest array is smaller stay on the plain code (a fused call
+    costs ~5-10 us). ``threads``: the engine's thread count (default: its own, i.e. all cores).
+    Returns the engine now in use, or None (plain NumPy)."""
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"unknown fused CPU engine {engine!r}; expected one of {ENGINES}")
+    if flag and engine is None:
+        engine = next((e for e in ENGINES[:2] if engine_available(e)), None)
+        if engine is None:
+            warnings.warn("neither numba nor numexpr is installed (pip install numba, or numexpr: the extra "
+                          "npdgm[fast]): the fused CPU path falls back to plain NumPy", RuntimeWarning, stacklevel=2)
+            flag = False
+    elif flag and not engine_available(engine):
+        raise ImportError(f"fused CPU engine {engine!r} is not installed (pip install {engine})")
+    _state["cpu"] = engine if flag else None
+    _state["min_size"] = max(0, int(min_size))
+    if flag and threads is not None and engine != "numpy":
+        __import__(engine).set_num_threads(int(threads))
+    return _state["cpu"]
+
+
+def cpu_fused():
+    """The fused CPU engine in use ("numba", "numexpr" or "numpy"), or None for the plain NumPy kernels."""
+    return _state["cpu"]
+
+
+def _same_float(arrays, module):
+    if not type(arrays[0]).__module__.startswith(module):
+        return False
+    dt = arrays[0].dtype
+    return dt.kind == "f" and all(type(a).__module__.startswith(module) and a.dtype == dt for a in arrays)
+
+
 def on_gpu(*arrays):
     """True when fusion is enabled and every argument is a CuPy float array of one dtype (the kernels'
     dispatch test; anything else, NumPy arrays included, takes the plain array code)."""
-    if not _state["enabled"] or not type(arrays[0]).__module__.startswith("cupy"):
-        return False
-    dt = arrays[0].dtype
-    return dt.kind == "f" and all(type(a).__module__.startswith("cupy") and a.dtype == dt for a in arrays)
+    return _state["enabled"] and _same_float(arrays, "cupy")
+
+
+def on_cpu(*arrays):
+    """True when the fused CPU path is on and every argument is a NumPy float array of one dtype with
+    at least ``min_size`` elements in the largest (0-d arrays take the plain code)."""
+    return (_state["cpu"] is not None and _same_float(arrays, "numpy") and min(a.ndim for a in arrays) > 0
+            and max(a.size for a in arrays) >= _state["min_size"])
+
+
+def active(*arrays):
+    """The kernels' dispatch test: a fused version runs these arrays (GPU or CPU)."""
+    return on_gpu(*arrays) or on_cpu(*arrays)
 
 
 def set_tf32(flag):
@@ -49,92 +130,88 @@ def set_tf32(flag):
     return True
 
 
-def _k():
-    """Compile (once, lazily) and return the fused kernels."""
-    if _state["kernels"] is None:
+def cuda_kernel(name):
+    """The CuPy kernel generated from formula ``name`` (compiled lazily, once)."""
+    k = _state["kernels"].get(name)
+    if k is None:
         import cupy
 
-        E, R = cupy.ElementwiseKernel, cupy.ReductionKernel
-        _state["kernels"] = {
-            # activations: dx = dy * f'(.)
-            "relu_bwd": E("T dy, T y", "T dx", "dx = y > (T)0 ? dy : (T)0", "npdgm_relu_bwd"),
-            "tanh_bwd": E("T dy, T y", "T dx", "dx = dy * ((T)1 - y * y)", "npdgm_tanh_bwd"),
-            "sigmoid_fwd": E("T x", "T y", "T e = exp(-fabs(x)); y = x >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e)",
-                             "npdgm_sigmoid_fwd"),
-            "sigmoid_bwd": E("T dy, T y", "T dx", "dx = dy * y * ((T)1 - y)", "npdgm_sigmoid_bwd"),
-            "softplus_fwd": E("T x", "T y", "y = max(x, (T)0) + log1p(exp(-fabs(x)))", "npdgm_softplus_fwd"),
-            "softplus_bwd": E("T dy, T x", "T dx",
-                              "T e = exp(-fabs(x)); dx = dy * (x >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e))",
-                              "npdgm_softplus_bwd"),
-            # Bernoulli NLL from logits: per-row sum of softplus(l) - x l; gradient d (sigmoid(l) - x)
-            "bce_rows": R("T l, T x", "T y", "max(l, (T)0) + log1p(exp(-fabs(l))) - x * l", "a + b", "y = a", "0",
-                          "npdgm_bce_rows"),
-            "bce_bwd": E("T d, T l, T x", "T dl",
-                         "T e = exp(-fabs(l)); dl = d * ((l >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e)) - x)",
-                         "npdgm_bce_bwd"),
-            # Gaussian posterior: reparameterization and KL(N(mu, e^lv) || N(0, I))
-            "reparam_fwd": E("T mu, T lv, T eps", "T z", "z = mu + exp((T)0.5 * lv) * eps", "npdgm_reparam_fwd"),
-            "reparam_bwd": E("T dz, T lv, T eps", "T dlv", "dlv = dz * eps * (T)0.5 * exp((T)0.5 * lv)",
-                             "npdgm_reparam_bwd"),
-            "kl_rows": R("T mu, T lv", "T y", "mu * mu + exp(lv) - (T)1 - lv", "a + b", "y = (T)0.5 * a", "0",
-                         "npdgm_kl_rows"),
-            "kl_bwd": E("T d, T mu, T lv", "T dmu, T dlv", "dmu = d * mu; dlv = d * (T)0.5 * (exp(lv) - (T)1)",
-                        "npdgm_kl_bwd"),
-            # Adam: one pass over p, g, m, v. t is a device counter (so a captured CUDA graph replays
-            # correct bias corrections); decoupled / L2 weight decay as in npdgm.optim.Adam.
-            "adam": E("T g, float64 t, float64 lr, float64 b1, float64 b2, float64 eps, float64 wd, int32 decoupled",
-                      "T p, T m, T v",
-                      """
-                      double bc1 = 1.0 - pow(b1, t), bc2 = 1.0 - pow(b2, t);
-                      T gi = g;
-                      if (decoupled) { p = p * (T)(1.0 - lr * wd); } else { gi = gi + (T)wd * p; }
-                      m = (T)b1 * m + (T)(1.0 - b1) * gi;
-                      v = (T)b2 * v + (T)(1.0 - b2) * gi * gi;
-                      p = p - (T)(lr / bc1) * m / (sqrt(v) / (T)sqrt(bc2) + (T)eps);
-                      """, "npdgm_adam"),
-        }
-    return _state["kernels"]
+        spec = dict(FORMULAS[name].cuda())
+        if "map_expr" in spec:
+            k = cupy.ReductionKernel(spec.pop("in_params"), spec.pop("out_params"), spec.pop("map_expr"),
+                                     spec.pop("reduce_expr"), spec.pop("post_map_expr"), spec.pop("identity"),
+                                     spec.pop("name"), preamble=spec.pop("preamble"))
+        else:
+            k = cupy.ElementwiseKernel(spec["in_params"], spec["out_params"], spec["operation"], spec["name"],
+                                       preamble=spec["preamble"])
+        _state["kernels"][name] = k
+    return k
 
 
-# -- the fused versions (called by the plain kernels for CuPy arrays) ----------------------------
+def run(name, *arrays, **scalars):
+    """Formula ``name`` on ``arrays`` (in the formula's order; scalars by name): the generated CUDA
+    kernel for CuPy arrays, else numexpr or the NumPy reference (:func:`set_cpu_fused`'s engine).
+    Returns the one output, or a tuple in the formula's output order."""
+    f = FORMULAS[name]
+    if type(arrays[0]).__module__.startswith("cupy"):
+        k = cuda_kernel(name)
+        args = [a for n, a in zip(f.arrays, arrays) if n not in f.inplace] + [float(scalars[s]) for s in f.scalars]
+        if f.rows:
+            return k(*args, axis=1)
+        return k(*args, *[a for n, a in zip(f.arrays, arrays) if n in f.inplace])
+    values = dict(zip(f.arrays, arrays), **scalars)
+    res = getattr(f, _state["cpu"] or "numpy")(**values)
+    out = tuple(res[o] for o in f.outputs)
+    return out[0] if len(out) == 1 else out
+
+
+# -- the fused versions (called by the plain kernels when active(...)) --------------------------
 def relu_backward(dy, y):
-    return _k()["relu_bwd"](dy, y)
+    return run("relu_backward", dy, y)
+
+
+def leaky_relu_backward(dy, x, slope):
+    return run("leaky_relu_backward", dy, x, slope=slope)
 
 
 def tanh_backward(dy, y):
-    return _k()["tanh_bwd"](dy, y)
+    return run("tanh_backward", dy, y)
 
 
 def sigmoid_forward(x):
-    return _k()["sigmoid_fwd"](x)
+    return run("sigmoid_forward", x)
 
 
 def sigmoid_backward(dy, y):
-    return _k()["sigmoid_bwd"](dy, y)
+    return run("sigmoid_backward", dy, y)
 
 
 def softplus_forward(x):
-    return _k()["softplus_fwd"](x)
+    return run("softplus_forward", x)
 
 
 def softplus_backward(dy, x):
-    return _k()["softplus_bwd"](dy, x)
+    return run("softplus_backward", dy, x)
+
+
+def elu_backward(dy, x, alpha):
+    return run("elu_backward", dy, x, alpha=alpha)
 
 
 def bernoulli_nll_forward(logits, x):
-    return _k()["bce_rows"](logits, x, axis=1)
+    return run("bernoulli_nll_forward", logits, x)
 
 
 def bernoulli_nll_backward(dloss, logits, x):
-    return _k()["bce_bwd"](dloss[:, None], logits, x)
+    return run("bernoulli_nll_backward", dloss[:, None], logits, x)
 
 
 def reparameterize_forward(mu, logvar, eps):
-    return _k()["reparam_fwd"](mu, logvar, eps)
+    return run("reparameterize_forward", mu, logvar, eps)
 
 
 def reparameterize_backward(dz, logvar, eps):
-    dlv = _k()["reparam_bwd"](dz, logvar, eps)
+    dlv = run("reparameterize_backward", dz, logvar, eps)
     extra = tuple(range(dz.ndim - logvar.ndim))
     if extra:
         dz, dlv = dz.sum(axis=extra), dlv.sum(axis=extra)
@@ -142,17 +219,46 @@ def reparameterize_backward(dz, logvar, eps):
 
 
 def kl_std_normal_forward(mu, logvar):
-    return _k()["kl_rows"](mu, logvar, axis=1)
+    return run("kl_std_normal_forward", mu, logvar)
 
 
 def kl_std_normal_backward(dkl, mu, logvar):
-    return _k()["kl_bwd"](dkl[:, None], mu, logvar)
+    return run("kl_std_normal_backward", dkl[:, None], mu, logvar)
 
 
-def adam_step(p, g, m, v, t_dev, lr, b1, b2, eps, wd=0.0, decoupled=False):
-    """In place: one Adam update of flat p, m, v from g; ``t_dev`` a 0-d float64 device step counter
-    already incremented for this step."""
-    _k()["adam"](g, t_dev, float(lr), float(b1), float(b2), float(eps), float(wd), int(bool(decoupled)), p, m, v)
+def _column(d, like):
+    """dL/dlogdet (B,) as a (B, 1) column; None (no gradient reaches the log-det) as zeros."""
+    return d[:, None] if d is not None else array_module(like).zeros((like.shape[0], 1), dtype=like.dtype)
+
+
+def affine_coupling_forward(xb, s, t):
+    return run("affine_coupling_forward", xb, s, t), s.sum(axis=1)
+
+
+def affine_coupling_backward(dyb, dlogdet, xb, s):
+    dxb, ds = run("affine_coupling_backward", dyb, _column(dlogdet, xb), xb, s)
+    return dxb, ds, dyb
+
+
+def affine_coupling_inverse(yb, s, t):
+    return run("affine_coupling_inverse", yb, s, t), -s.sum(axis=1)
+
+
+def affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s):
+    return run("affine_coupling_inverse_backward", dxb, _column(dlogdet_inv, xb), xb, s)
+
+
+def adam_step(p, g, m, v, t, lr, b1, b2, eps, wd=0.0, decoupled=False):
+    """In place: one Adam (AdamW with ``decoupled``) update of p, m, v from g (formula ``adam``).
+    ``t``: the step, already counted for this one; on CuPy a 0-d float64 device counter (so a captured
+    CUDA graph replays with the right bias corrections)."""
+    l2, decay = (0.0, 1.0 - lr * wd) if decoupled else (wd, 1.0)
+    scal = dict(lr=lr, b1=b1, b2=b2, eps=eps, l2=l2, decay=decay)
+    if type(p).__module__.startswith("cupy"):
+        k = cuda_kernel("adam")
+        k(g, t, *(float(scal[s]) for s in FORMULAS["adam"].scalars if s != "t"), p, m, v)
+        return
+    run("adam", g, p, m, v, t=t, **scal)
 
 
 # -- CUDA graphs --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def bernoulli_nll_forward(logits, x):
     """
     check_2d("logits", logits)
     check_same_shape("logits", logits, "x", x)
-    if _fused.on_gpu(logits, x):
+    if _fused.active(logits, x):
         return _fused.bernoulli_nll_forward(logits, x)
     nll = softplus_forward(logits)          # a fresh array: subtract in place
     nll -= x * logits
@@ -27,7 +27,7 @@ def bernoulli_nll_forward(logits, x):
 
 def bernoulli_nll_backward(dloss, logits, x):
     """dl = dloss[:, None] * (sigmoid(l) - x)."""
-    if _fused.on_gpu(dloss, logits, x):
+    if _fused.active(dloss, logits, x):
         return _fused.bernoulli_nll_backward(dloss, logits, x)
     dl = sigmoid_forward(logits)            # a fresh array: finish in place
     dl -= x

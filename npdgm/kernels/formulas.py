@@ -1,0 +1,423 @@
+"""Fused formulas: each elementwise chain of the kernels written ONCE, as expression text.
+
+    RELU_BACKWARD = Formula("relu_backward", "dx = where(y > 0, dy, 0)", arrays="dy y")
+
+A formula is a few lines ``name = expression`` in a small subset of Python: + - * / **, unary -,
+one comparison, numbers, and the functions where(c, a, b), exp, log, log1p, expm1, sqrt, abs, tanh,
+arctan. Lines are run top to bottom; a name assigned and not listed in ``outputs`` is a temporary.
+Lines that use only scalar parameters (Adam's bias corrections) are scalar lines, computed once in
+float64. ``rows`` names an output that is summed over axis 1 (a per-row loss). From that one text:
+
+* :meth:`Formula.numpy` evaluates it with NumPy: the reference (tests compare it with the plain
+  kernel on every input maker of the kernel table);
+* :meth:`Formula.numexpr` runs it in one multithreaded pass per output with numexpr (the fused CPU
+  path, :func:`npdgm.kernels.fused.set_cpu_fused`); numbers are cast to the arrays' dtype first,
+  so float32 stays float32 as in NumPy;
+* :meth:`Formula.cuda` writes the CUDA source of a ``cupy.ElementwiseKernel`` (or the map
+  expression of a ``cupy.ReductionKernel`` for ``rows``): :data:`CUDA_PREAMBLE` defines where().
+
+Why numexpr (the optional extra ``fast``) and not numba for the CPU path: measured on the 2-core
+dev machine (benchmarks/README.md, "Fused CPU path"), numexpr runs these chains at memory speed
+on 2 threads with no compile step and a 1 MB install; numba's parallel loops were no faster on
+these array sizes, cost a JIT compile per kernel and dtype (~0.5-1 s each at first use), and pull
+in llvmlite (~50 MB). Without numexpr the fused switch falls back to the plain NumPy kernels.
+
+The plain kernels keep their own NumPy code (their numbers define the reference vectors); the
+formulas are written in the same operation order, so NumPy evaluation of a formula matches its
+plain kernel to the last bit in most cases and to a few ulps in all.
+"""
+from __future__ import annotations
+
+import ast
+import math
+
+FUNCTIONS = ("where", "exp", "log", "log1p", "expm1", "sqrt", "abs", "tanh", "arctan")
+_CUDA_FUNC = {"abs": "fabs", "arctan": "atan"}
+_BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+_CMPOPS = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
+
+CUDA_PREAMBLE = """\
+template <typename T> __device__ __forceinline__ T where(bool c, T a, T b) { return c ? a : b; }
+"""
+
+
+class FormulaError(ValueError):
+    pass
+
+
+_MATH = {"where": lambda c, a, b: a if c else b, "exp": math.exp, "log": math.log, "log1p": math.log1p,
+         "expm1": math.expm1, "sqrt": math.sqrt, "abs": abs, "tanh": math.tanh, "arctan": math.atan}
+
+
+def _scalar_eval(text, env):
+    """A scalar (array-free) expression in float64."""
+    return float(eval(text, {"__builtins__": {}, **_MATH}, env))
+
+
+def _names(node):
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _check(node, where):
+    """Reject anything outside the formula language (so every engine can run what parses)."""
+    for n in ast.walk(node):
+        ok = isinstance(n, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.USub, ast.Compare, ast.Call, ast.Name,
+                            ast.Load, ast.Constant) + tuple(_BINOPS) + tuple(_CMPOPS))
+        if isinstance(n, ast.Constant) and (isinstance(n.value, bool) or not isinstance(n.value, (int, float))):
+            ok = False
+        if isinstance(n, ast.Compare) and len(n.ops) != 1:
+            ok = False
+        if isinstance(n, ast.Call) and (not isinstance(n.func, ast.Name) or n.func.id not in FUNCTIONS
+                                        or n.keywords or len(n.args) != (3 if n.func.id == "where" else 1)):
+            raise FormulaError(f"{where}: functions are {', '.join(FUNCTIONS)} (where takes 3 arguments)")
+        if not ok:
+            raise FormulaError(f"{where}: {type(n).__name__} is not in the formula language")
+
+
+def _substitute(node, env):
+    """``node`` with every Name in ``env`` replaced by (a copy of) its expression."""
+    class Sub(ast.NodeTransformer):
+        def visit_Name(self, n):
+            return _substitute(env[n.id], {}) if n.id in env else n
+    import copy
+    return Sub().visit(copy.deepcopy(node))
+
+
+class Formula:
+    """One fused elementwise formula (see the module docstring).
+
+    ``arrays``: the array inputs (space-separated names, in call order); ``scalars``: scalar
+    parameters; ``outputs``: assigned names returned as new arrays (default: every assigned name
+    that is not a temporary, i.e. the last line's, plus the ``inplace`` arrays); ``inplace``: input
+    arrays the formula assigns (updated in place: Adam's p, m, v); ``rows``: an output summed over
+    axis 1."""
+
+    def __init__(self, name, text, arrays, scalars="", outputs=None, inplace="", rows=None):
+        self.name, self.text = name, "\n".join(ln.strip() for ln in text.strip().splitlines() if ln.strip())
+        self.arrays, self.scalars = tuple(arrays.split()), tuple(scalars.split())
+        self.inplace = tuple(inplace.split())
+        self.statements = []                        # [(lhs, ast expression, is_scalar_line)]
+        known_scalar, known = set(self.scalars), set(self.arrays) | set(self.scalars)
+        for k, line in enumerate(self.text.splitlines()):
+            code = line.split("#")[0].strip()
+            if not code:
+                continue
+            lhs, eq, rhs = code.partition("=")
+            lhs = lhs.strip()
+            where = f"formula {name!r} line {k + 1} ({line!r})"
+            if not eq or not lhs.isidentifier():
+                raise FormulaError(f"{where}: expected 'name = expression'")
+            try:
+                expr = ast.parse(rhs.strip(), mode="eval")
+            except SyntaxError as e:
+                raise FormulaError(f"{where}: {e.msg}") from None
+            _check(expr, where)
+            used = _names(expr) - set(FUNCTIONS)
+            if used - known:
+                raise FormulaError(f"{where}: unknown name(s) {sorted(used - known)}")
+            if lhs in self.arrays and lhs not in self.inplace or lhs in self.scalars:
+                raise FormulaError(f"{where}: {lhs!r} is an input; list it in inplace= to update it")
+            if lhs == "i" or lhs.startswith("_"):
+                raise FormulaError(f"{where}: {lhs!r} is reserved in CUDA kernels")
+            is_scalar = used <= known_scalar
+            if is_scalar:
+                known_scalar.add(lhs)
+            self.statements.append((lhs, expr.body, is_scalar))
+            known.add(lhs)
+        assigned = [s[0] for s in self.statements if not s[2]]
+        self.outputs = tuple(outputs.split()) if outputs is not None else tuple(
+            n for n in assigned if n not in self.inplace and n == assigned[-1]) + self.inplace
+        self.rows = rows
+        missing = [o for o in self.outputs if o not in assigned]
+        if missing or (rows and rows not in self.outputs):
+            raise FormulaError(f"formula {name!r}: outputs {missing or [rows]} are never assigned")
+
+    def __repr__(self):
+        return f"Formula({self.name!r}, {self.text!r})"
+
+    # -- NumPy: the reference ------------------------------------------------------------------
+    def numpy(self, **values):
+        """Evaluate with NumPy (whole-array operations). ``values``: every array and scalar by name
+        (arrays broadcast as in NumPy). Returns {output: array}; ``inplace`` arrays are written."""
+        import numpy as np
+
+        env = {"where": np.where, "exp": np.exp, "log": np.log, "log1p": np.log1p, "expm1": np.expm1,
+               "sqrt": np.sqrt, "abs": np.abs, "tanh": np.tanh, "arctan": np.arctan}
+        env.update(self._bind(values))
+        dtype = next(np.asarray(values[a]).dtype for a in self.arrays)
+        for lhs, expr, is_scalar in self.statements:
+            v = eval(compile(ast.Expression(expr), self.name, "eval"), env)  # the language is checked above
+            if is_scalar:
+                v = float(v)                        # a Python float: weak, float32 arrays stay float32
+            else:
+                v = np.asarray(v, dtype=dtype) if np.ndim(v) == 0 else v.astype(dtype, copy=False)
+            if lhs in self.inplace:
+                values[lhs][...] = v
+                v = values[lhs]
+            env[lhs] = v
+        return self._finish(env, lambda a: a.sum(axis=1))
+
+    def _bind(self, values):
+        missing = [n for n in self.arrays + self.scalars if n not in values]
+        if missing:
+            raise TypeError(f"formula {self.name!r} needs {missing}")
+        env = {n: values[n] for n in self.arrays}
+        env.update({n: float(values[n]) for n in self.scalars})
+        return env
+
+    def _finish(self, env, rowsum):
+        return {o: rowsum(env[o]) if o == self.rows else env[o] for o in self.outputs}
+
+    # -- expressions per output (temporaries inlined), shared by numexpr and CUDA reductions ---
+    def expressions(self):
+        """[(lhs, expression text, is_scalar)]: the scalar lines, then one line per assigned array
+        with the temporaries inlined (so each can run as one numexpr call or a reduction's map)."""
+        out, env, poisoned = [], {}, set()
+        for lhs, expr, is_scalar in self.statements:
+            if is_scalar:
+                out.append((lhs, ast.unparse(expr), True))
+                continue
+            bad = _names(expr) & poisoned
+            if bad:
+                raise FormulaError(f"formula {self.name!r}: temporary {sorted(bad)} used in {lhs!r} reads an "
+                                   f"array that an earlier line updated in place")
+            e = _substitute(expr, env)
+            if lhs in self.outputs:
+                out.append((lhs, ast.unparse(e), False))
+                poisoned |= {t for t, te in env.items() if lhs in _names(te)}
+            else:
+                env[lhs] = e
+        return out
+
+    # -- numexpr: the fused CPU path -----------------------------------------------------------
+    def numexpr(self, out=None, **values):
+        """Evaluate with numexpr: one multithreaded pass per output array (temporaries inlined).
+        Parts without arrays (numbers, ``1 - b1``, Adam's bias corrections) are computed once in
+        float64 and enter as the arrays' dtype (numexpr would compute float32 * 0.5 in float64).
+        ``out``: {output: array} to write into (fresh arrays otherwise)."""
+        import numexpr as ne
+
+        env = self._bind(values)
+        dtype = next(values[a].dtype for a in self.arrays)
+        out = dict(out or {})
+        for lhs, text, hoisted, is_scalar in self._ne_program():
+            if is_scalar:
+                env[lhs] = _scalar_eval(text, env)
+                continue
+            local = {n: env[n] for n in self._ne_names[lhs]}
+            local.update({k: dtype.type(_scalar_eval(t, env)) for k, t in hoisted.items()})
+            dst = values[lhs] if lhs in self.inplace else out.get(lhs)
+            env[lhs] = ne.evaluate(text, local_dict=local, out=dst, casting="same_kind")
+        return self._finish(env, lambda a: a.sum(axis=1))
+
+    def _ne_program(self):
+        """[(lhs, numexpr text, {name: scalar text}, is_scalar)]: every array-free part of an array
+        line hoisted into a named scalar (cached)."""
+        if getattr(self, "_ne", None) is None:
+            scalar_names = set(self.scalars) | {s[0] for s in self.statements if s[2]}
+            prog, names, count = [], {}, [0]
+            for lhs, text, is_scalar in self.expressions():
+                hoisted = {}
+                if not is_scalar:
+                    class Hoist(ast.NodeTransformer):
+                        def visit(self, n):
+                            if isinstance(n, ast.Call):
+                                n.args = [self.visit(a) for a in n.args]
+                                return n
+                            if isinstance(n, ast.expr) and _names(n) - set(FUNCTIONS) <= scalar_names:
+                                key = f"_s{count[0]}"
+                                count[0] += 1
+                                hoisted[key] = ast.unparse(n)
+                                return ast.Name(id=key, ctx=ast.Load())
+                            return self.generic_visit(n)
+
+                    tree = Hoist().visit(ast.parse(text, mode="eval"))
+                    text = ast.unparse(tree)
+                    names[lhs] = _names(tree) - set(FUNCTIONS) - set(hoisted)
+                prog.append((lhs, text, hoisted, is_scalar))
+            self._ne, self._ne_names = prog, names
+        return self._ne
+
+    # -- numba: the fused CPU path's compiled loop ---------------------------------------------
+    def numba(self, out=None, **values):
+        """Evaluate as one parallel numba loop (``prange`` over the flat arrays, or over the rows when
+        an input is broadcast, e.g. a (B, 1) column): every line runs per element, so Adam's p, m, v
+        stream through memory once. Parts without arrays are float64 scalars cast to the arrays' dtype,
+        as in :meth:`numexpr`. Broadcasts that do not fit rows x columns (eps (K, B, Z) against mu
+        (B, Z)) run :meth:`numpy`. The loop compiles on first use per dtype and layout (~0.3-1 s)."""
+        import numpy as np
+
+        env = self._bind(values)
+        arrays = [values[a] for a in self.arrays]
+        dtype = arrays[0].dtype
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        flat = all(a.shape == shape and a.flags.c_contiguous for a in arrays)
+        if not flat and (len(shape) != 2 or any(a.ndim != 2 for a in arrays)):
+            return self.numpy(**values)
+        prog = self._ne_program()
+        scal = {}
+        for lhs, text, hoisted, is_scalar in prog:
+            if is_scalar:
+                env[lhs] = _scalar_eval(text, env)
+            else:
+                scal.update({k: dtype.type(_scalar_eval(t, env)) for k, t in hoisted.items()})
+        out = dict(out or {})
+        res = {}
+        for o in self.outputs:
+            if o in self.inplace:
+                res[o] = values[o]
+            else:
+                res[o] = out[o] if o in out else np.empty(shape, dtype)
+        names = [a for a in self.arrays if a not in self.inplace] + [o for o in self.outputs]
+        args = [values[n] if n in self.arrays and n not in self.outputs else res[n] for n in names]
+        args = ([a.reshape(-1) for a in args] if flat else
+                [np.broadcast_to(a, shape) if n not in self.outputs else a for n, a in zip(names, args)])
+        self._numba_kernel(flat)(*args, *[scal[k] for k in sorted(scal, key=lambda k: int(k[2:]))])
+        return self._finish(res, lambda a: a.sum(axis=1))
+
+    def numba_source(self, flat=True):
+        """The Python source of the numba loop (generated from the formula text)."""
+        prog = self._ne_program()
+        names = [a for a in self.arrays if a not in self.inplace] + list(self.outputs)
+        consts = sorted({k for _, _, h, s in prog if not s for k in h}, key=lambda k: int(k[2:]))
+        idx = "[i]" if flat else "[r, c]"
+        arr = set(self.arrays) | set(self.outputs)
+
+        class Loop(ast.NodeTransformer):
+            def visit_Call(self, n):
+                n.args = [self.visit(a) for a in n.args]
+                if n.func.id == "where":
+                    return ast.IfExp(test=n.args[0], body=n.args[1], orelse=n.args[2])
+                n.func = ast.Name(id="abs" if n.func.id == "abs" else f"np.{n.func.id}", ctx=ast.Load())
+                return n
+
+            def visit_Name(self, n):
+                return ast.parse(n.id + idx, mode="eval").body if n.id in arr else n
+
+        body = [f"{lhs}{idx} = {ast.unparse(Loop().visit(ast.parse(t, mode='eval')))}"
+                for lhs, t, h, s in prog if not s]
+        loop = (["for i in prange(" + names[-1] + ".size):"] if flat else
+                [f"for r in prange({names[-1]}.shape[0]):", f"    for c in range({names[-1]}.shape[1]):"])
+        pad = " " * (4 * len(loop) + 4)
+        return "\n".join([f"def _loop({', '.join(names + consts)}):"] + ["    " + ln for ln in loop]
+                         + [pad + b for b in body])
+
+    def _numba_kernel(self, flat):
+        cache = self.__dict__.setdefault("_numba", {})
+        if flat not in cache:
+            import numba
+            import numpy as np
+
+            ns = {"np": np, "prange": numba.prange}
+            exec(compile(self.numba_source(flat), f"<formula {self.name}>", "exec"), ns)
+            cache[flat] = numba.njit(parallel=True, fastmath=False, nogil=True)(ns["_loop"])
+        return cache[flat]
+
+    # -- CUDA: the CuPy kernels ----------------------------------------------------------------
+    def _c(self, node, scalar_names, T):
+        """C source of one expression; in array context (T = "T") numbers and scalars are cast to T."""
+        c = lambda n: self._c(n, scalar_names, T)  # noqa: E731
+        if T != "double" and not isinstance(node, ast.Constant) and _names(node) - set(FUNCTIONS) <= scalar_names:
+            return f"(({T}){self._c(node, scalar_names, 'double')})"    # array-free: computed in double
+        if isinstance(node, ast.Constant):
+            v = repr(float(node.value))
+            return f"(({T}){v})" if T != "double" else v
+        if isinstance(node, ast.Name):
+            return f"(({T}){node.id})" if node.id in scalar_names and T != "double" else node.id
+        if isinstance(node, ast.UnaryOp):
+            return f"(-{c(node.operand)})"
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Pow):
+                return f"pow({c(node.left)}, {c(node.right)})"
+            return f"({c(node.left)} {_BINOPS[type(node.op)]} {c(node.right)})"
+        if isinstance(node, ast.Compare):
+            return f"({c(node.left)} {_CMPOPS[type(node.ops[0])]} {c(node.comparators[0])})"
+        if isinstance(node, ast.Call):
+            return f"{_CUDA_FUNC.get(node.func.id, node.func.id)}({', '.join(c(a) for a in node.args)})"
+        raise FormulaError(f"cannot write {ast.dump(node)} as C")  # unreachable: _check ran
+
+    def cuda(self):
+        """The CUDA pieces of this formula: {"in_params", "out_params", "operation", "name",
+        "preamble"} for ``cupy.ElementwiseKernel``, or for a ``rows`` formula {"in_params",
+        "out_params", "map_expr", "reduce_expr", "post_map_expr", "identity", "name", "preamble"}
+        for ``cupy.ReductionKernel`` (arrays are type T, scalars float64)."""
+        scalar_names = set(self.scalars) | {s[0] for s in self.statements if s[2]}
+        ins = [f"T {a}" for a in self.arrays if a not in self.inplace] + [f"float64 {s}" for s in self.scalars]
+        kname = f"npdgm_{self.name}"
+        if self.rows:
+            (expr,) = [ast.parse(t, mode="eval").body for lhs, t, s in self.expressions() if lhs == self.rows]
+            return {"in_params": ", ".join(ins), "out_params": f"T {self.rows}",
+                    "map_expr": self._c(expr, scalar_names, "T"), "reduce_expr": "a + b",
+                    "post_map_expr": f"{self.rows} = a", "identity": "0", "name": kname,
+                    "preamble": CUDA_PREAMBLE}
+        lines = []
+        for lhs, expr, is_scalar in self.statements:
+            if is_scalar:
+                lines.append(f"const double {lhs} = {self._c(expr, scalar_names, 'double')};")
+            elif lhs in self.outputs:
+                lines.append(f"{lhs} = {self._c(expr, scalar_names, 'T')};")
+            else:
+                lines.append(f"const T {lhs} = {self._c(expr, scalar_names, 'T')};")
+        outs = [f"T {o}" for o in self.outputs if o not in self.inplace] + [f"T {a}" for a in self.inplace]
+        return {"in_params": ", ".join(ins), "out_params": ", ".join(outs), "operation": "\n".join(lines),
+                "name": kname, "preamble": CUDA_PREAMBLE}
+
+
+# == the formulas (named after the plain kernel each one fuses) =====================================
+def _f(*args, **kw):
+    f = Formula(*args, **kw)
+    FORMULAS[f.name] = f
+    return f
+
+
+FORMULAS = {}
+
+# activations (npdgm/kernels/activations.py): dx = dy * f'(.)
+_f("relu_backward", "dx = where(y > 0, dy, 0)", "dy y")
+_f("leaky_relu_backward", "dx = where(x > 0, dy, dy * slope)", "dy x", "slope")
+_f("tanh_backward", "dx = dy * (1 - y * y)", "dy y")
+_f("sigmoid_forward", """
+   e = exp(-abs(x))                       # <= 1: no overflow in either tail
+   y = where(x >= 0, 1, e) / (1 + e)""", "x")
+_f("sigmoid_backward", "dx = dy * y * (1 - y)", "dy y")
+_f("softplus_forward", "y = log1p(exp(-abs(x))) + where(x > 0, x, 0)", "x")
+_f("softplus_backward", """
+   e = exp(-abs(x))
+   dx = dy * (where(x >= 0, 1, e) / (1 + e))      # dy * sigmoid(x)""", "dy x")
+_f("elu_backward", "dx = where(x > 0, dy, dy * alpha * exp(where(x < 0, x, 0)))", "dy x", "alpha")
+
+# losses (npdgm/kernels/losses.py): Bernoulli NLL from logits, per row; dloss enters as a (B, 1) column
+_f("bernoulli_nll_forward", "nll = log1p(exp(-abs(logits))) + where(logits > 0, logits, 0) - x * logits",
+   "logits x", rows="nll")
+_f("bernoulli_nll_backward", """
+   e = exp(-abs(logits))
+   dlogits = (where(logits >= 0, 1, e) / (1 + e) - x) * dloss      # (sigmoid(l) - x) dloss""",
+   "dloss logits x")
+
+# Gaussian q(z|x) (npdgm/kernels/gaussian.py)
+_f("reparameterize_forward", "z = mu + exp(0.5 * logvar) * eps", "mu logvar eps")
+_f("reparameterize_backward", "dlogvar = dz * eps * (0.5 * exp(0.5 * logvar))", "dz logvar eps")
+_f("kl_std_normal_forward", "kl = 0.5 * (mu * mu + exp(logvar) - 1 - logvar)", "mu logvar", rows="kl")
+_f("kl_std_normal_backward", """
+   dmu = dkl * mu
+   dlogvar = dkl * 0.5 * (exp(logvar) - 1)""", "dkl mu logvar", outputs="dmu dlogvar")
+
+# affine coupling on the transformed half (npdgm/kernels/coupling.py); dlogdet enters as a (B, 1) column
+_f("affine_coupling_forward", "yb = xb * exp(s) + t", "xb s t")
+_f("affine_coupling_backward", """
+   dxb = dyb * exp(s)
+   ds = dxb * xb + dlogdet""", "dyb dlogdet xb s", outputs="dxb ds")
+_f("affine_coupling_inverse", "xb = (yb - t) * exp(-s)", "yb s t")
+_f("affine_coupling_inverse_backward", """
+   dyb = dxb * exp(-s)
+   ds = -(dxb * xb) - dlogdet_inv
+   dt = -dyb""", "dxb dlogdet_inv xb s", outputs="dyb ds dt")
+
+# Adam / AdamW (npdgm/optim.py): l2 = wd, decay = 1 for Adam; l2 = 0, decay = 1 - lr wd for AdamW.
+_f("adam", """
+   step = lr * sqrt(1 - b2 ** t) / (1 - b1 ** t)       # bias corrections folded into two scalars
+   eps_hat = eps * sqrt(1 - b2 ** t)
+   gi = g + l2 * p
+   m = b1 * m + (1 - b1) * gi
+   v = b2 * v + (1 - b2) * (gi * gi)
+   p = decay * p - step * (m / (sqrt(v) + eps_hat))""", "g p m v", "t lr b1 b2 eps l2 decay", inplace="p m v")

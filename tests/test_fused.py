@@ -1,0 +1,290 @@
+"""Fused formulas (npdgm/kernels/formulas.py) against the plain kernels: the NumPy reference and the
+numexpr CPU path on every input maker of the kernel table, the generated CUDA source compiled and run
+as C++ on the CPU, and (``pytest -m gpu``) the generated CuPy kernels on a GPU."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from npdgm import backend
+from npdgm.kernels import formulas as F
+from npdgm.kernels import fused, table
+
+HAVE_NUMEXPR = fused.engine_available("numexpr")
+HAVE_NUMBA = fused.engine_available("numba")
+ENGINES = ["numpy", pytest.param("numexpr", marks=pytest.mark.skipif(not HAVE_NUMEXPR, reason="numexpr absent"))]
+NUMBA_ENTRIES = ("relu", "bernoulli_nll", "reparameterize_samples")  # ~0.5 s of compiling per formula
+
+
+@pytest.fixture
+def cpu_fused():
+    """fused.set_cpu_fused(...) for the test, restored to plain NumPy after it."""
+    yield fused.set_cpu_fused
+    fused.set_cpu_fused(False)
+
+
+def _arrays(out_grads):
+    outputs, grads = out_grads
+    return {**{f"out.{k}": np.asarray(v) for k, v in outputs.items()},
+            **{f"grad.{k}": np.asarray(v) for k, v in grads.items()}}
+
+
+def _plain_and_fused(entry, dtype, engine):
+    inputs = entry.make(np.random.default_rng(11), dtype)
+    plain = _arrays(entry.run(inputs))
+    fused.set_cpu_fused(True, engine, min_size=0)
+    try:
+        fast = _arrays(entry.run(inputs))
+    finally:
+        fused.set_cpu_fused(False)
+    return plain, fast
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_formulas_match_plain_kernels_on_every_table_entry(dtype, engine, monkeypatch):
+    """The NumPy reference of every formula is the plain kernel to the last bit (same operation order);
+    numexpr (its own exp/log1p) is bitwise in float64 here and within 16 float32 ulps of the values'
+    scale in float32. Every formula but Adam's (tests/test_optim.py) is reached by some entry."""
+    called = set()
+    run = fused.run
+    monkeypatch.setattr(fused, "run", lambda name, *a, **k: called.add(name) or run(name, *a, **k))
+    eps = np.finfo(dtype).eps
+    for entry in table.TABLE:
+        plain, fast = _plain_and_fused(entry, dtype, engine)
+        assert plain.keys() == fast.keys()
+        for k, a in plain.items():
+            b = fast[k]
+            assert b.dtype == a.dtype and b.shape == a.shape, (entry.name, k)
+            if engine == "numpy" or dtype == np.float64:
+                np.testing.assert_array_equal(b, a, err_msg=f"{entry.name} {k}")
+            else:
+                _close(b, a, eps, f"{entry.name} {k}")
+    assert called == set(F.FORMULAS) - {"adam"}
+
+
+def _close(b, a, eps, what, ulps=16):
+    """|b - a| <= ulps * eps * (|a| + max |a|): a few ulps of the values' own scale."""
+    scale = np.abs(a) + np.abs(a).max()
+    assert np.all(np.abs(b - a) <= ulps * eps * scale), (what, np.abs(b - a).max())
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba absent")
+@pytest.mark.parametrize("name", NUMBA_ENTRIES)
+def test_numba_loops_match_plain_kernels(name):
+    """The generated numba loop (flat, rows x columns with a broadcast column, and the NumPy fallback of a
+    (K, B, Z) broadcast) against the plain kernel, float32."""
+    entry = table.KERNELS[name]
+    plain, fast = _plain_and_fused(entry, np.float32, "numba")
+    for k, a in plain.items():
+        assert fast[k].dtype == a.dtype
+        _close(fast[k], a, np.finfo(np.float32).eps, f"{name} {k}")
+
+
+def test_fused_cpu_path_is_off_by_default_and_small_arrays_stay_plain(cpu_fused):
+    x = np.ones((4, 3), np.float32)
+    assert fused.cpu_fused() is None and not fused.on_cpu(x, x)
+    assert cpu_fused(True, "numpy", min_size=13) == "numpy"
+    assert not fused.on_cpu(x, x) and fused.on_cpu(np.ones((13,), np.float32))
+    assert not fused.on_cpu(x, x.astype(np.float64)) and not fused.on_cpu(np.ones(20, np.int64))
+    with pytest.raises(ValueError, match="unknown fused CPU engine 'jax'"):
+        cpu_fused(True, "jax")
+
+
+def test_without_numexpr_the_switch_warns_and_stays_plain(cpu_fused, monkeypatch):
+    monkeypatch.setattr(fused, "engine_available", lambda e: e == "numpy")
+    with pytest.warns(RuntimeWarning, match="neither numba nor numexpr is installed"):
+        assert cpu_fused(True) is None
+    assert fused.cpu_fused() is None
+    with pytest.raises(ImportError, match="fused CPU engine 'numexpr' is not installed"):
+        cpu_fused(True, "numexpr")
+
+
+@pytest.mark.skipif(not HAVE_NUMEXPR, reason="numexpr absent")
+def test_numexpr_keeps_float32_and_writes_in_place():
+    """Numbers enter numexpr as the arrays' dtype (else float32 * 0.5 is computed in float64)."""
+    r = np.random.default_rng(0)
+    mu, lv, eps = (r.standard_normal((6, 5)).astype(np.float32) for _ in range(3))
+    z = F.FORMULAS["reparameterize_forward"].numexpr(mu=mu, logvar=lv, eps=eps)["z"]
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z, mu + np.exp(0.5 * lv) * eps, rtol=1e-6, atol=1e-6)
+    out = np.empty_like(mu)
+    res = F.FORMULAS["tanh_backward"].numexpr(out={"dx": out}, dy=mu, y=lv)
+    assert res["dx"] is out
+    np.testing.assert_allclose(out, mu * (1 - lv * lv), rtol=1e-6, atol=1e-6)
+
+
+# -- the formula language -------------------------------------------------------------------------
+@pytest.mark.parametrize("text, arrays, message", [
+    ("dx = where(y > 0, dy)", "dy y", "where takes 3 arguments"),
+    ("dx = sin(y)", "y", "functions are"),
+    ("dx = dy * w", "dy", r"unknown name\(s\) \['w'\]"),
+    ("dy = dy * 2", "dy", "'dy' is an input"),
+    ("dx = dy[0]", "dy", "Subscript is not in the formula language"),
+    ("dx = 0 < dy < 1", "dy", "Compare is not in the formula language"),
+    ("dx dy", "dy", "expected 'name = expression'"),
+    ("dx = (dy", "dy", "line 1"),
+    ("i = dy", "dy", "reserved in CUDA"),
+])
+def test_formula_language_errors_name_the_line(text, arrays, message):
+    with pytest.raises(F.FormulaError, match=message):
+        F.Formula("bad", text, arrays)
+
+
+def test_temporaries_are_inlined_and_a_stale_read_is_refused():
+    f = F.FORMULAS["softplus_backward"]
+    assert f.expressions() == [("dx", "dy * (where(x >= 0, 1, exp(-abs(x))) / (1 + exp(-abs(x))))", False)]
+    with pytest.raises(F.FormulaError, match="updated in place"):
+        F.Formula("stale", "a = 2 * m\nm = m + 1\nx = a + m", "m", inplace="m", outputs="m x").expressions()
+
+
+def test_every_fused_kernel_is_a_formula_and_the_docstring_tells_the_choice():
+    assert {n for n in dir(fused) if n.endswith(("_forward", "_backward", "_inverse"))} <= set(F.FORMULAS)
+    assert "numba" in F.__doc__ and "numexpr" in F.__doc__
+
+
+# -- the generated CUDA source ------------------------------------------------------------------------
+def _cuda_values(f, rng):
+    vals = {a: float(rng.uniform(-2.5, 2.5)) for a in f.arrays}
+    if "v" in vals:
+        vals["v"] = abs(vals["v"])
+    vals.update(t=3.0, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, l2=0.01, decay=1.0, slope=0.01, alpha=1.0)
+    return vals
+
+
+def _cpp_program(cases):
+    """A C++ file running every generated kernel body (T = float and double) on the given values."""
+    src = ["#include <cmath>", "#include <cstdio>", "using namespace std;", "#define __device__",
+           "#define __forceinline__ inline", F.CUDA_PREAMBLE]
+    main = []
+    for name, f, vals in cases:
+        spec = f.cuda()
+        ins = [p.replace("float64 ", "double ") for p in spec["in_params"].split(", ")]
+        if f.rows:
+            src.append(f"template <typename T> T k_{name}({', '.join(ins)}) {{ return {spec['map_expr']}; }}")
+            outs = [f.rows]
+        else:
+            outs = [o.split()[1] for o in spec["out_params"].split(", ")]
+            src.append(f"template <typename T> void k_{name}({', '.join(ins + [f'T& {o}' for o in outs])}) "
+                       f"{{\n{spec['operation']}\n}}")
+        for T in ("double", "float"):
+            args = [f"({T}){vals[p.split()[1]]!r}" if p.startswith("T ") else repr(vals[p.split()[1]]) for p in ins]
+            decl = " ".join(f"{T} {o} = ({T}){vals.get(o, 0.0)!r};" for o in outs)
+            call = (f"{f.rows} = k_{name}<{T}>({', '.join(args)});" if f.rows
+                    else f"k_{name}<{T}>({', '.join(args + outs)});")
+            prints = " ".join(f'printf("{name} {T} {o} %.17g\\n", (double){o});' for o in outs)
+            main.append(f"{{ {decl} {call} {prints} }}")
+    src.append("int main() {\n" + "\n".join(main) + "\nreturn 0; }")
+    return "\n".join(src)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to compile the generated CUDA source as C++")
+def test_generated_cuda_source_compiles_and_computes_the_formula(tmp_path):
+    """Every generated ElementwiseKernel body / ReductionKernel map expression, compiled as C++ with the
+    preamble (T = double and float), gives the NumPy reference's numbers on a few points."""
+    rng = np.random.default_rng(5)
+    cases = [(f"{name}_{j}", f, _cuda_values(f, rng)) for name, f in F.FORMULAS.items() for j in range(3)]
+    (tmp_path / "k.cpp").write_text(_cpp_program(cases))
+    r = subprocess.run(["g++", "-O0", "-Wall", "-Werror", "-o", str(tmp_path / "k"), str(tmp_path / "k.cpp")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {}
+    for line in subprocess.run([str(tmp_path / "k")], capture_output=True, text=True, check=True).stdout.split("\n"):
+        if line:
+            name, T, out, value = line.split()
+            got[(name, T, out)] = float(value)
+    for name, f, vals in cases:
+        arrays = {a: np.array([[vals[a]]]) for a in f.arrays}
+        ref = f.numpy(**arrays, **{s: vals[s] for s in f.scalars})
+        for o in f.outputs:
+            want = float(np.asarray(ref[o]).ravel()[0])
+            assert got[(name, "double", o)] == pytest.approx(want, rel=1e-12, abs=1e-12), (name, o)
+            assert got[(name, "float", o)] == pytest.approx(want, rel=1e-5, abs=1e-5), (name, o)
+
+
+def test_cuda_source_is_generated_from_the_text():
+    relu = F.FORMULAS["relu_backward"].cuda()
+    assert relu["operation"] == "dx = where((y > ((T)0.0)), dy, ((T)0.0));"
+    assert (relu["in_params"], relu["out_params"]) == ("T dy, T y", "T dx")
+    adam = F.FORMULAS["adam"].cuda()
+    assert adam["out_params"] == "T p, T m, T v" and adam["in_params"].startswith("T g, float64 t, float64 lr")
+    assert "const double step = ((lr * sqrt((1.0 - pow(b2, t)))) / (1.0 - pow(b1, t)));" in adam["operation"]
+    kl = F.FORMULAS["kl_std_normal_forward"].cuda()
+    assert kl["map_expr"] == "(((T)0.5) * ((((mu * mu) + exp(logvar)) - ((T)1.0)) - logvar))"
+    assert "where" in F.CUDA_PREAMBLE
+
+
+# -- GPU: the generated CuPy kernels against the plain array code (skipped without CuPy) ------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("entry", table.TABLE, ids=lambda e: e.name)
+def test_cupy_fused_kernels_match_plain_cupy_and_numpy(cupy, entry):
+    inputs = entry.make(np.random.default_rng(1), np.float32)
+    host = _arrays(entry.run(inputs))
+    dev = {k: cupy.asarray(v) for k, v in inputs.items()}
+    try:
+        fused.set_enabled(False)
+        plain = {k: cupy.asnumpy(v) for k, v in _dev_arrays(entry.run(dev)).items()}
+        fused.set_enabled(True)
+        fast = {k: cupy.asnumpy(v) for k, v in _dev_arrays(entry.run(dev)).items()}
+    finally:
+        fused.set_enabled(True)
+    for k, h in host.items():
+        scale = np.abs(h) + np.abs(h).max()
+        for other in (plain[k], fast[k]):
+            assert np.all(np.abs(other - h) <= 2e-6 * scale + 1e-30), (entry.name, k)
+
+
+def _dev_arrays(out_grads):
+    outputs, grads = out_grads
+    return {**{f"out.{k}": v for k, v in outputs.items()}, **{f"grad.{k}": v for k, v in grads.items()}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.1, False), (0.1, True)])
+def test_cupy_fused_adam_matches_plain_update(cupy, wd, decoupled):
+    from npdgm import optim
+    from npdgm.nn import Parameter
+
+    r = np.random.default_rng(2)
+    p0 = r.standard_normal(3 * optim.CHUNK + 7).astype(np.float32)
+    grads = [r.standard_normal(p0.size).astype(np.float32) for _ in range(4)]
+    out = {}
+    for mode in ("numpy", "plain", "fused"):
+        fused.set_enabled(mode == "fused")
+        try:
+            p = Parameter(p0.copy() if mode == "numpy" else cupy.asarray(p0))
+            opt = optim.Adam([p], lr=1e-2, weight_decay=wd, decoupled=decoupled)
+            for g in grads:
+                p.grad[...] = g if mode == "numpy" else cupy.asarray(g)
+                opt.step()
+            out[mode] = backend.to_host(p.data)
+        finally:
+            fused.set_enabled(True)
+    np.testing.assert_allclose(out["fused"], out["plain"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["fused"], out["numpy"], rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_only_paths_are_inert_without_cupy():
+    """fused.* never runs CuPy code for NumPy arrays; without CuPy its switches are no-ops and nothing
+    imports cupy."""
+    from npdgm import kernels as K
+    from npdgm.bench import workloads
+
+    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
+    assert not fused.on_gpu(x)
+    np.testing.assert_array_equal(K.relu_backward(x, np.maximum(x, 0)), x * (x > 0))
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert fused.set_tf32(True) is False
+        assert "cupy" not in sys.modules
+        w = type(workloads.get_workload("vae"))()
+        w.x_dim, w.hidden, w.z_dim = 784, 32, 4
+        with pytest.raises(backend.BackendError, match="CuPy"):
+            workloads.NpdgmRunner(w, batch=4, backend="cupy")
+    finally:
+        backend.set_backend("numpy")
+
