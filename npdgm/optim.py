@@ -224,7 +224,10 @@ class Adam(Optimizer):
         (PyTorch's  lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)  with the bias corrections
         folded into the two scalars.) On CuPy the whole update is one fused kernel
         (``npdgm.kernels.fused``) whose step counter lives on the device, so a captured CUDA graph
-        of a training step replays with the right bias corrections."""
+        of a training step replays with the right bias corrections. With the fused CPU path on
+        (``fused.set_cpu_fused(True)``) the formula ``adam`` of ``npdgm.kernels.formulas`` updates
+        p, m, v in one pass: one parallel numba loop over the flat buffer, or with numexpr one call
+        per cache-sized chunk on each of the :func:`get_num_threads` threads."""
         from .kernels import fused
 
         self.t += 1
@@ -236,6 +239,8 @@ class Adam(Optimizer):
             for (p, g), m, v in zip(self.pairs, self.m, self.v):
                 fused.adam_step(p, g, m, v, self._t_dev, self.lr, self.b1, self.b2, self.eps, self.wd,
                                 self.decoupled)
+            return
+        if fused.on_cpu(self.pairs[0][0], self.pairs[0][1]) and self._fused_cpu_step():
             return
         b1, b2, lr, wd = self.b1, self.b2, self.lr, self.wd
         sqrt_bc2 = math.sqrt(1 - b2 ** self.t)
@@ -275,6 +280,29 @@ class Adam(Optimizer):
 
             threads = get_num_threads() if xp.__name__ == "numpy" and p.size >= 4 * CHUNK else 1
             _parallel(span, _spans(p.size, chunk, threads))
+
+
+    def _fused_cpu_step(self):
+        """The update through the fused formula (see :meth:`step`); False (nothing done) when a
+        parameter has no flat view."""
+        from .kernels import fused
+
+        flats = [(_flat(p), _flat(g), m.reshape(-1), v.reshape(-1)) for (p, g), m, v in zip(self.pairs, self.m, self.v)]
+        if any(p is None or g is None for p, g, _, _ in flats):
+            return False
+        args = (self.t, self.lr, self.b1, self.b2, self.eps, self.wd, self.decoupled)
+        for p, g, m, v in flats:
+            if fused.cpu_fused() == "numba":                 # numba's prange splits the loop over threads
+                fused.adam_step(p, g, m, v, *args)
+                continue
+
+            def span(k, se, p=p, g=g, m=m, v=v):
+                for s, e in _chunks(se[1] - se[0], CHUNK):
+                    s, e = s + se[0], e + se[0]
+                    fused.adam_step(p[s:e], g[s:e], m[s:e], v[s:e], *args)
+
+            _parallel(span, _spans(p.size, CHUNK, get_num_threads() if p.size >= 4 * CHUNK else 1))
+        return True
 
 
 def AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):

@@ -168,3 +168,76 @@ def test_textbook_adam_update_against_the_fast_chunked_step(dtype, wd, decoupled
 def test_optimizer_has_no_zero_grad():
     """Gradients are zeroed by the model (Module.zero_grad: one fill of flat_grads), not the optimizer."""
     assert not hasattr(optim.Optimizer, "zero_grad")
+
+
+def test_threaded_chunked_adam_is_bitwise_the_single_thread_update():
+    rng = np.random.default_rng(0)
+    n = 5 * optim.CHUNK + 123                      # several chunks, a ragged tail
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    out = []
+    old = optim.get_num_threads()
+    try:
+        for threads in (1, 3):
+            optim.set_num_threads(threads)
+            p = Parameter(p0.copy())
+            opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
+            for g in grads:
+                p.grad[...] = g
+                opt.step()
+            out.append(p.data.copy())
+    finally:
+        optim.set_num_threads(old)
+    np.testing.assert_array_equal(out[0], out[1])
+    spans = optim._spans(n, optim.CHUNK, 3)
+    assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) == 3
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def _engines():
+    from npdgm.kernels import fused
+
+    return [pytest.param(e, marks=pytest.mark.skipif(not fused.engine_available(e), reason=f"{e} absent"))
+            for e in fused.ENGINES]
+
+
+@pytest.mark.parametrize("engine", _engines())
+@pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.05, False), (0.05, True)])
+def test_fused_cpu_adam_against_the_textbook_update(engine, wd, decoupled):
+    """With the fused CPU path on, Adam.step runs the formula ``adam`` (one pass over p, g, m, v: numba's
+    loop, or numexpr / the NumPy reference per chunk on 2 threads). Against optim.adam_update: m and v
+    within 2 ulps (numba and numexpr may contract a*b + c differently), p within 8 ulps of
+    max(|p_old|, |p_new|) per step (the textbook folds the bias corrections differently); against the
+    plain fast step the NumPy reference is bit-for-bit (same operations in the same order)."""
+    from npdgm.kernels import fused
+
+    rng = np.random.default_rng(3)
+    n = 4 * optim.CHUNK + 77                                # threads and a partial chunk
+    p0 = (rng.standard_normal(n) * 0.5).astype(np.float32)
+    fast, plain = Parameter(p0.copy()), Parameter(p0.copy())
+    kw = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decoupled=decoupled)
+    opt_fast, opt_plain = optim.Adam([fast], **kw), optim.Adam([plain], **kw)
+    old = optim.get_num_threads()
+    optim.set_num_threads(2)
+    try:
+        for t in range(1, 5):
+            g = rng.standard_normal(n).astype(np.float32) * (10.0 ** (t - 2))
+            fast.grad[...] = g
+            plain.grad[...] = g
+            book, m, v = fast.data.copy(), opt_fast.m[0].copy(), opt_fast.v[0].copy()   # all start alike
+            plain.data[...], opt_plain.m[0][...], opt_plain.v[0][...] = book, m, v
+            p_old = book.copy()
+            assert fused.set_cpu_fused(True, engine, min_size=0) == engine
+            opt_fast.step()
+            fused.set_cpu_fused(False)
+            opt_plain.step()
+            optim.adam_update(book, g, m, v, t, 3e-3, 0.8, 0.99, 1e-6, wd, decoupled)
+            for a, b in ((opt_fast.m[0], m), (opt_fast.v[0], v)):
+                assert (np.abs(a - b) <= 2 * np.spacing(np.abs(b))).all(), (t, np.abs(a - b).max())
+            ulps = np.abs(fast.data - book) / np.spacing(np.maximum(np.abs(p_old), np.abs(book)))
+            assert ulps.max() <= 8, (t, ulps.max())
+            if engine == "numpy":
+                np.testing.assert_array_equal(fast.data, plain.data)
+    finally:
+        fused.set_cpu_fused(False)
+        optim.set_num_threads(old)
