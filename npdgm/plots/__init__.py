@@ -99,21 +99,30 @@ def _save(fig, path):
     return path
 
 
+def square_limit(points):
+    """Half-width of a square view covering 99.5% of ``points`` (n, 2) with a margin, rounded up to 0.5."""
+    return float(np.ceil(np.percentile(np.abs(np.asarray(points)), 99.5) * 1.15 * 2) / 2) or 1.0
+
+
+def square_axes(axes, lim):
+    """Equal aspect and the view [-lim, lim]^2 on every axis in ``axes``."""
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+
+
 def scatter_panels(panels, path, title=None, max_points=20000):
     """One scatter panel per ``(title, points (n, 2))``, side by side on the same square axes (the
     limits cover 99.5% of the first panel's points); at most ``max_points`` drawn per panel."""
-    import numpy as np
-
     plt = pyplot()
     pts = [np.asarray(p, dtype=np.float64)[:max_points] for _, p in panels]
-    lim = float(np.ceil(np.percentile(np.abs(pts[0]), 99.5) * 1.15 * 2) / 2) or 1.0
+    lim = square_limit(pts[0])
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
     for ax, (name, _), p in zip(axes[0], panels, pts):
         ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.3)
         ax.set_title(f"{name} ({len(p)})")
-        ax.set_aspect("equal")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+    square_axes(axes[0], lim)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _save, pyplot, save_image_grid, training_curves
+from . import _save, pyplot, save_image_grid, square_axes, square_limit, training_curves
 from .. import backend
 
 
@@ -28,7 +28,7 @@ def flow2d_panels(flow, data, path, title=None, n_samples=None, seed=0, temperat
     flow, and the data mapped to the latent space z = f(x) against the prior's unit circle."""
     plt = pyplot()
     data = _host(data)
-    lim = float(np.ceil(np.percentile(np.abs(data), 99.5) * 1.15 * 2) / 2)
+    lim = square_limit(data)
     dt = flow.flat_params.dtype if flow.flat_params is not None else backend.get_dtype()
     n_samples = n_samples or len(data)
     samples = _host(flow.sample(n_samples, temperature=temperature, rng=seed))
@@ -50,14 +50,9 @@ def flow2d_panels(flow, data, path, title=None, n_samples=None, seed=0, temperat
     t = np.linspace(0, 2 * np.pi, 200)
     for r in (1, 2, 3):
         axes[3].plot(r * np.cos(t), r * np.sin(t), "k--", lw=0.6, alpha=0.6)
-    axes[3].set_xlim(-zl, zl)
-    axes[3].set_ylim(-zl, zl)
-    axes[3].set_aspect("equal")
+    square_axes(axes[3:], zl)
     axes[3].set_title(f"latent z = f(x) of the data ({flow.prior} prior)")
-    for ax in axes[:3]:
-        ax.set_aspect("equal")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+    square_axes(axes[:3], lim)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _save, epoch_axis, pyplot, save_image_grid
+from . import _save, epoch_axis, pyplot, save_image_grid, square_axes, square_limit
 from .. import backend
 
 
@@ -39,7 +39,7 @@ def gmm2d_panels(gmm, data, path, title=None, n_samples=None, seed=0):
     and samples of the mixture."""
     plt = pyplot()
     data = _host(data)
-    lim = float(np.ceil(np.percentile(np.abs(data), 99.5) * 1.15 * 2) / 2)
+    lim = square_limit(data)
     samples = _host(gmm.sample(n_samples or len(data), rng=seed))
     xs, ys, dens = density_grid(gmm, lim)
     fig, axes = plt.subplots(1, 3, figsize=(12.5, 4.4))
@@ -52,10 +52,7 @@ def gmm2d_panels(gmm, data, path, title=None, n_samples=None, seed=0):
     axes[1].set_title(f"mixture density p(x), K={gmm.n_components} {gmm.covariance_type}")
     axes[2].hist2d(samples[:, 0], samples[:, 1], bins=120, range=rng, cmap="magma")
     axes[2].set_title(f"samples ({len(samples)})")
-    for ax in axes:
-        ax.set_aspect("equal")
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
+    square_axes(axes, lim)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
