@@ -77,6 +77,27 @@ for _tag, _kw in [
     register(f"model.vae[{_tag}]")(lambda rng, _kw=_kw: _vae_check(rng, **_kw))
 
 
+# -- d/dz log p(x, z) (the samplers' gradient, npdgm.inference): every likelihood, one and several chains --
+def _grad_z_check(rng, C=None, **kw):
+    model = VAE(**{"x_dim": 7, "hidden": (6, 5), "z_dim": 3, **kw}, seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    B = 4
+    x = rng.uniform(0, 1, (B, 7)) if model.likelihood == "bernoulli" else rng.standard_normal((B, 7))
+    z = rng.standard_normal((B, 3) if C is None else (C, B, 3)) * 1.5
+    w = rng.standard_normal(z.shape[:-1])
+    analytic = w[..., None] * model.log_joint_and_grad_z(x, z)[1]
+    return check(lambda: float(np.sum(model.log_joint_and_grad_z(x, z)[0] * w)), {"z": z}, {"z": analytic})
+
+
+for _tag, _kw in [
+    ("bernoulli,tanh", dict(activation="tanh", likelihood="bernoulli")),
+    ("bernoulli,softplus,3 chains", dict(activation="softplus", likelihood="bernoulli", C=3)),
+    ("gaussian,sigma=0.7,elu", dict(activation="elu", likelihood="gaussian", sigma=0.7)),
+    ("gaussian,learned,tanh,2 chains", dict(activation="tanh", likelihood="gaussian", C=2)),
+]:
+    register(f"model.vae.grad_z[{_tag}]")(lambda rng, _kw=_kw: _grad_z_check(rng, **_kw))
+
+
 # -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
 def _cvae_check(rng, K=1, **kw):
     model = CVAE(**{"x_dim": 7, "num_classes": 3, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K,

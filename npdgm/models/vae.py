@@ -53,6 +53,9 @@ import numpy as np
 from .. import backend
 from .registry import register_model
 from ..kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward
+from ..kernels.coupling import gaussian_logprob_backward, gaussian_logprob_forward
+from ..kernels.losses import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward,
+                              gaussian_nll_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
 from ..validate import check_float, check_int
@@ -125,6 +128,15 @@ def _check_fill(model, fill, x_shape):
     fill = fill.astype(model.dtype, copy=False)
     backend.check_finite("fill", fill)
     return fill
+
+
+def input_backward(mlp, dy):
+    """d out / d input of an MLP applied to dy (the vector-Jacobian product J^T dy): the ``dx = dy @ W.T``
+    line of every Linear backward and the activation backwards, in reverse order; the parameter
+    gradients (dW, db) are neither computed nor accumulated. Uses the caches of the last ``forward``."""
+    for layer in reversed(mlp.layers):
+        dy = dy @ layer.W.data.T if hasattr(layer, "W") else layer.backward(dy)
+    return dy
 
 
 @register_model
@@ -287,6 +299,36 @@ class VAE(ELBOMixin, Model):
     def reconstruct(self, x):
         """E[x | z = mu(x)]: decode the posterior mean (deterministic)."""
         return self.decode(self.encode(x)[0])
+
+    def log_joint_and_grad_z(self, x, z, check=True):
+        """log p(x, z) = log p(x|z) + log N(z; 0, I) per row and its gradient with respect to z, the
+        whole input of the samplers in :mod:`npdgm.inference` (HMC, MALA, AIS):
+
+            d/dz log p(x, z) = -J_f(z)^T dnll/dout - z         (out = f(z), the decoder output)
+            dnll/dout = sigmoid(out) - x                         Bernoulli
+                      = (out - x) exp(-logvar_x)                 Gaussian (fixed or learned logvar_x)
+
+        J_f^T is the decoder's backward to its input (:func:`input_backward`: the dx lines of the layer
+        backwards, no parameter gradient is touched). x (B, x_dim); z (B, z_dim) or (C, B, z_dim) (C chains
+        per image). Returns (logp of shape z.shape[:-1], float64; dlogp/dz of z's shape, model dtype);
+        the normalizing constants are included (log p(x, z) is a density, not up to a constant)."""
+        xp, Z = self.xp, self.z_dim
+        x = self.check_x(x) if check else x
+        if z.shape[-1] != Z or z.shape[-2] != x.shape[0] or z.ndim not in (2, 3):
+            raise ValueError(f"z must have shape ({x.shape[0]}, {Z}) or (chains, {x.shape[0]}, {Z}), "
+                             f"got {tuple(z.shape)}")
+        zz = xp.asarray(z).astype(self.dtype, copy=False).reshape(-1, Z)
+        out = self.decoder.forward(zz)
+        xt = xp.broadcast_to(x, (zz.shape[0] // x.shape[0],) + x.shape).reshape(out.shape)
+        ones = xp.ones(out.shape[0], dtype=self.dtype)
+        if self.likelihood == "bernoulli":
+            nll, dout = bernoulli_nll_forward(out, xt), bernoulli_nll_backward(ones, out, xt)
+        else:
+            lv = self._logvar_x()
+            nll, dout = gaussian_nll_forward(out, xt, lv), gaussian_nll_backward(ones, out, xt, lv)[0]
+        logp = gaussian_logprob_forward(zz).astype(np.float64) - nll.astype(np.float64)
+        grad = gaussian_logprob_backward(ones, zz) - input_backward(self.decoder, dout)
+        return logp.reshape(z.shape[:-1]), grad.reshape(z.shape)
 
     def log_likelihood(self, x, k=1000, rng=None, chunk=1 << 15):
         """Importance-weighted estimate of log p(x) per row (B,), in nats (Burda et al. 2016):

@@ -1,0 +1,328 @@
+"""Inference beyond the ELBO: naive Monte Carlo log p(x), HMC / MALA / Langevin on p(z|x), AIS and BDMC.
+
+Everything here needs one thing from a model: a target ``f(z) -> (log density, d/dz log density)``.
+For a VAE that is :meth:`npdgm.models.vae.VAE.log_joint_and_grad_z` (the decoder's hand-written backward
+to its input plus the prior's -z); :func:`posterior_target` wraps it. The samplers take any such target
+(tests use a Gaussian with a known mean and covariance). Derivations: docs/inference.md.
+
+Shapes: a state z is (C, B, Z) -- C chains for each of B images (or any leading shape), the target
+returns logp of shape z.shape[:-1] (float64) and a gradient of z's shape. Step sizes have the shape of
+logp (or broadcast to it) and are adapted per chain/image during warm-up.
+
+    naive_log_px(model, x, k)       log p(x) ~= logmeanexp_i log p(x|z_i), z_i ~ p(z)   (+ standard error)
+    hmc(target, z0, n, warmup)      leapfrog HMC, step size adapted toward an acceptance rate, ESS
+    langevin(target, z0, n, ...)    MALA (adjust=True) or the unadjusted Langevin algorithm
+    ais(model, x, steps, chains)    annealed importance sampling p(z) -> p(z|x): a stochastic lower bound
+    bdmc(model, n, steps, chains)   simulated data: AIS lower bound and reverse-AIS upper bound
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+from .validate import as_rng, check_float, check_int
+
+__all__ = ["logmeanexp", "posterior_target", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
+           "langevin", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def logmeanexp(a, axis=0):
+    """log mean_i exp(a_i) along ``axis``, stably (float64)."""
+    xp = backend.array_module(a)
+    a = a.astype(np.float64)
+    m = a.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    return (m + xp.log(xp.exp(a - m).mean(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def _lme_se(a, axis=0):
+    """(logmeanexp a, its delta-method standard error std(w) / (sqrt(n) mean(w)), w = exp(a))."""
+    xp = backend.array_module(a)
+    n = a.shape[axis]
+    w = xp.exp(a - a.max(axis=axis, keepdims=True))
+    return logmeanexp(a, axis), w.std(axis=axis) / (math.sqrt(n) * w.mean(axis=axis))
+
+
+def _rng(model, rng):
+    """The model's own generator (rng None), a Generator as given, or a fresh one from an int seed."""
+    if rng is None:
+        return model._noise
+    return rng if hasattr(rng, "standard_normal") else as_rng(rng)
+
+
+def _normal(like, rng):
+    xp = backend.array_module(like)
+    dt = np.float32 if like.dtype == np.float32 else np.float64
+    return xp.asarray(rng.standard_normal(like.shape, dtype=dt)).astype(like.dtype, copy=False)
+
+
+def _uniform(shape, rng, xp):
+    return xp.asarray(rng.random(shape))
+
+
+# -- targets ---------------------------------------------------------------------------------------------
+def posterior_target(model, x):
+    """f(z) = (log p(x, z), d/dz log p(x, z)) for z (C, B, Z): the unnormalized posterior p(z|x) of a VAE."""
+    x = model.check_x(x)
+    return lambda z: model.log_joint_and_grad_z(x, z, check=False)
+
+
+def _loglik(model, x):
+    """f(z) = (log p(x|z), d/dz log p(x|z)) = log p(x, z) - log N(z; 0, I), its gradient + z."""
+    def f(z):
+        lj, g = model.log_joint_and_grad_z(x, z, check=False)
+        return lj - _log_prior(z), g + z
+    return f
+
+
+def _log_prior(z):
+    """log N(z; 0, I) per row (float64)."""
+    z = z.astype(np.float64)
+    return -0.5 * (z * z).sum(axis=-1) - 0.5 * LOG_2PI * z.shape[-1]
+
+
+# -- naive Monte Carlo -----------------------------------------------------------------------------------
+def naive_log_px(model, x, k, rng=None, chunk=1 << 15, counts=()):
+    """The naive estimate  log p(x) ~= log (1/k) sum_i p(x|z_i),  z_i ~ p(z) = N(0, I)  per row, with its
+    delta-method standard error std_i(w_i) / (sqrt(k) mean_i(w_i)), w_i = p(x|z_i).
+
+    Unbiased for p(x), so E[estimate] <= log p(x) (Jensen); in high dimension almost every prior draw
+    misses the posterior and the estimate stays far below until k is astronomically large.
+    The k draws run in blocks of at most ``chunk`` decoder rows with running float64 sums.
+    Returns {"est": (B,), "se": (B,), "curve": {n: (est, se)} for each n in ``counts`` (<= k)}."""
+    x = model.check_x(x)
+    k, chunk = check_int(k, "k", lo=1), check_int(chunk, "chunk", lo=1)
+    xp, B, Z = model.xp, x.shape[0], model.z_dim
+    rng = _rng(model, rng)
+    stops = sorted({int(n) for n in counts if 0 < int(n) < k} | {k})
+    m, s1, s2, done, curve = xp.full(B, -np.inf), xp.zeros(B), xp.zeros(B), 0, {}
+    per = max(1, chunk // B)
+    for stop in stops:
+        while done < stop:
+            c = min(per, stop - done)
+            z = _normal(xp.empty((c * B, Z), dtype=model.dtype), rng)
+            xt = xp.broadcast_to(x, (c,) + x.shape).reshape(c * B, -1)
+            lw = -model._rec_rows(model.decoder.forward(z), xt).astype(np.float64).reshape(c, B)
+            m_new = xp.maximum(m, lw.max(axis=0))
+            sc, w = xp.exp(m - m_new), xp.exp(lw - m_new)
+            s1, s2, m, done = s1 * sc + w.sum(0), s2 * sc * sc + (w * w).sum(0), m_new, done + c
+        mean = s1 / done
+        se = xp.sqrt(xp.maximum(s2 / done - mean * mean, 0) / done) / mean
+        curve[stop] = (m + xp.log(mean), se)
+    est, se = curve[k]
+    return {"est": est, "se": se, "curve": {n: v for n, v in curve.items() if n in set(map(int, counts))}}
+
+
+# -- HMC and Langevin ---------------------------------------------------------------------------------------
+def _pick(accept, new, old):
+    """new where ``accept`` (shape logp) else old, for arrays of logp's or z's shape."""
+    xp = backend.array_module(old)
+    a = accept if new.ndim == accept.ndim else accept[..., None]
+    return xp.where(a, new, old)
+
+
+def leapfrog(target, z, grad, p, eps, L):
+    """L leapfrog steps of size eps (broadcast to z) for H(z, p) = -log f(z) + |p|^2 / 2:
+        p += eps/2 grad;  (z += eps p;  p += eps grad) x L, the last momentum update a half step.
+    Returns (z, out, p) with out = target(z) (logp, grad, *extra) at the end point. Volume preserving and
+    time reversible, so the Metropolis test needs only the change of H."""
+    p = p + 0.5 * eps * grad
+    for i in range(L):
+        z = z + eps * p
+        out = target(z)
+        p = p + (eps if i < L - 1 else 0.5 * eps) * out[1]
+    return z, out, p
+
+
+def hmc_step(target, state, eps, L, rng):
+    """One HMC transition. state = (z, logp, grad, *extra) as target(z) returns them (prefixed by z);
+    eps has logp's shape (or broadcasts to it). Returns (new state, acceptance probability (logp's shape))."""
+    z, logp = state[0], state[1]
+    xp = backend.array_module(logp)
+    p0 = _normal(z, rng)
+    z1, out, p1 = leapfrog(target, z, state[2], p0, eps[..., None], L)
+    dH = out[0] - logp - 0.5 * ((p1 * p1).sum(-1) - (p0 * p0).sum(-1)).astype(np.float64)
+    dH = xp.where(xp.isnan(dH), -np.inf, dH)
+    prob = xp.exp(xp.minimum(dH, 0.0))
+    accept = xp.log(_uniform(logp.shape, rng, xp)) < dH
+    return (_pick(accept, z1, z),) + tuple(_pick(accept, n, o) for n, o in zip(out, state[1:])), prob
+
+
+def mala_step(target, state, eps, rng, adjust=True):
+    """One Langevin move  z' = z + eps^2/2 grad log f(z) + eps xi,  xi ~ N(0, I); with ``adjust`` the
+    Metropolis-Hastings test with q(z'|z) = N(z + eps^2/2 grad(z), eps^2 I) (MALA), else always accepted
+    (the unadjusted Langevin algorithm, biased by O(eps^2)). Returns (state, acceptance probability)."""
+    z, logp, grad = state[:3]
+    xp = backend.array_module(logp)
+    e = eps[..., None]
+    z1 = z + 0.5 * e * e * grad + e * _normal(z, rng)
+    out = target(z1)
+    if not adjust:
+        return (z1,) + tuple(out), xp.ones(logp.shape)
+    fwd = z1 - z - 0.5 * e * e * grad
+    bwd = z - z1 - 0.5 * e * e * out[1]
+    dH = out[0] - logp + (((fwd * fwd).sum(-1) - (bwd * bwd).sum(-1)) / (2 * eps * eps)).astype(np.float64)
+    dH = xp.where(xp.isnan(dH), -np.inf, dH)
+    accept = xp.log(_uniform(logp.shape, rng, xp)) < dH
+    return (_pick(accept, z1, z),) + tuple(_pick(accept, n, o) for n, o in zip(out, state[1:])), \
+        xp.exp(xp.minimum(dH, 0.0))
+
+
+def _adapt(eps, prob, target_accept, rate):
+    """Robbins-Monro on log eps: larger when the acceptance is above target, smaller below."""
+    xp = backend.array_module(eps)
+    return eps * xp.exp(rate * (prob - target_accept)).astype(eps.dtype)
+
+
+def _run(move, target, z0, n, warmup, step, target_accept, rng, adapt=True):
+    """The driver of :func:`hmc` and :func:`langevin`: warm-up moves adapt the step size (rate 1/sqrt(t)),
+    then n kept moves with it fixed. Returns the result dict (see :func:`hmc`)."""
+    n, warmup = check_int(n, "n", lo=1), check_int(warmup, "warmup", lo=0)
+    step = check_float(step, "step", lo=0, strict_lo=True)
+    rng = _rng(None, rng)
+    xp = backend.array_module(z0)
+    state = (z0,) + tuple(target(z0))
+    eps = xp.full(state[1].shape, step, dtype=z0.dtype)
+    for t in range(warmup):
+        state, prob = move(target, state, eps, rng)
+        if adapt:
+            eps = _adapt(eps, prob, target_accept, 2.0 / math.sqrt(t + 1))
+    samples, acc = [], 0.0
+    for _ in range(n):
+        state, prob = move(target, state, eps, rng)
+        samples.append(backend.to_host(state[0]))
+        acc = acc + prob
+    samples = np.stack(samples)
+    return {"samples": samples, "accept": backend.to_host(acc / n), "step": backend.to_host(eps),
+            "ess": effective_sample_size(samples), "state": state}
+
+
+def hmc(target, z0, n, warmup=100, step=0.1, leapfrog=10, target_accept=0.65, rng=0):
+    """Hamiltonian Monte Carlo on f = target (log density and its gradient), all chains of z0 (C, ..., Z)
+    as one batch. During ``warmup`` transitions the step size of each chain moves toward
+    ``target_accept``; then ``n`` transitions are kept. Returns {"samples": (n, *z0.shape) host,
+    "accept": mean acceptance probability per chain, "step": the step sizes, "ess": effective sample
+    size per coordinate, shape z0.shape[1:] (axis 0 of z0 is the chain axis, see
+    :func:`effective_sample_size`), "state": the last (z, logp, grad)}."""
+    L = check_int(leapfrog, "leapfrog", lo=1)
+    return _run(lambda f, s, e, r: hmc_step(f, s, e, L, r), target, z0, n, warmup, step, target_accept, rng)
+
+
+def langevin(target, z0, n, warmup=100, step=0.05, adjust=True, target_accept=0.574, rng=0):
+    """MALA (``adjust=True``, step size adapted toward 0.574 in warm-up) or the unadjusted Langevin
+    algorithm (``adjust=False``: no accept test, the step stays ``step``); results as :func:`hmc`."""
+    return _run(lambda f, s, e, r: mala_step(f, s, e, r, adjust), target, z0, n, warmup, step, target_accept,
+                rng, adapt=adjust)
+
+
+def effective_sample_size(samples):
+    """ESS per coordinate of ``samples`` (T, C, ...) -- T draws of C chains -- by the multi-chain
+    autocorrelation of Stan / Geyer: rho_t = 1 - (W - mean_c acov_c(t)) / var+,  var+ = (T-1)/T W + B/T,
+    ESS = C T / (1 + 2 sum_t rho_t) summed over the initial positive sequence of pairs rho_2k + rho_2k+1.
+    Returns an array of shape samples.shape[2:] (float64; above C T for anticorrelated chains)."""
+    s = np.asarray(samples, np.float64)
+    T, C = s.shape[:2]
+    x = s.reshape(T, C, -1)
+    if T < 4:
+        return np.full(s.shape[2:], float("nan"))
+    mean = x.mean(0)
+    f = np.fft.rfft(x - mean, n=2 * T, axis=0)
+    acov = np.fft.irfft(f * np.conj(f), axis=0)[:T] / T                  # (T, C, d)
+    W = acov[0].mean(0) * T / (T - 1)
+    var = W * (T - 1) / T + (mean.var(0, ddof=1) if C > 1 else 0.0)
+    rho = 1 - (W - acov.mean(1)) / np.maximum(var, 1e-300)                 # (T, d), rho_0 = 1
+    pairs = rho[:T - T % 2].reshape(T // 2, 2, -1).sum(1)                  # (T/2, d)
+    keep = np.cumprod(pairs > 0, axis=0).astype(bool)
+    tau = -1 + 2 * (pairs * keep).sum(0)
+    return (C * T / np.maximum(tau, 1e-12)).reshape(s.shape[2:])
+
+
+# -- AIS and BDMC -------------------------------------------------------------------------------------------
+def schedule(steps, kind="sigmoid", delta=4.0):
+    """Inverse temperatures 0 = beta_0 < ... < beta_steps = 1 of the geometric path
+    f_t(z) = p(z) p(x|z)^beta_t: "linear", or "sigmoid" (Grosse et al. 2015: sigma(delta (2t/K - 1))
+    rescaled to [0, 1], small steps near both ends)."""
+    steps = check_int(steps, "steps", lo=1)
+    t = np.linspace(0.0, 1.0, steps + 1)
+    if kind == "linear":
+        return t
+    if kind != "sigmoid":
+        raise ValueError(f"unknown schedule {kind!r}; expected 'linear' or 'sigmoid'")
+    s = 1 / (1 + np.exp(-delta * (2 * t - 1)))
+    return (s - s[0]) / (s[-1] - s[0])
+
+
+def ais_chains(loglik, z, betas, leapfrog=10, step=0.05, target_accept=0.65, rng=0, rate=0.05):
+    """AIS along f_t(z) = N(z; 0, I) p(x|z)^beta_t from z ~ f_{betas[0]} (z: (C, B, Z)):
+
+        log w += (beta_t - beta_{t-1}) log p(x|z_{t-1});   z_t ~ T_t(. | z_{t-1})  (HMC leaving f_t invariant)
+
+    ``loglik(z) -> (log p(x|z), its z-gradient)``. The step size (one per image, shared by its chains) moves
+    toward ``target_accept`` after each transition. Increasing betas (0 -> 1, z from the prior): E[w] = p(x),
+    so logmeanexp_c log w is a stochastic lower bound of log p(x). Decreasing (1 -> 0, z an exact posterior
+    sample): E[w] = 1 / p(x), so -logmeanexp_c log w is a stochastic upper bound.
+    Returns (log w (C, B) float64, final z, mean acceptance)."""
+    xp = backend.array_module(z)
+    L = check_int(leapfrog, "leapfrog", lo=1)
+    rng = _rng(None, rng)
+    ll, gll = loglik(z)
+    logw = xp.zeros(ll.shape)
+    eps = xp.full(ll.shape[1:], step, dtype=z.dtype)
+    acc = 0.0
+    for t in range(1, len(betas)):
+        b = float(betas[t])
+        logw += (b - float(betas[t - 1])) * ll
+
+        def target(zz, b=b):
+            lik, g = loglik(zz)
+            return _log_prior(zz) + b * lik, b * g - zz, lik, g
+
+        state, prob = hmc_step(target, (z, _log_prior(z) + b * ll, b * gll - z, ll, gll), eps[None], L, rng)
+        z, ll, gll = state[0], state[3], state[4]
+        eps = _adapt(eps, prob.mean(0), target_accept, rate)
+        acc = acc + prob.mean()
+    return logw, z, float(acc) / max(1, len(betas) - 1)
+
+
+def ais(model, x, steps=1000, chains=16, leapfrog=10, schedule_kind="sigmoid", rng=None, step=0.05):
+    """AIS estimate of log p(x) per row of x (B, x_dim): ``chains`` chains per image from the prior to
+    p(z|x) through ``steps`` intermediate distributions with HMC (``leapfrog`` steps) transitions.
+    Returns {"est": (B,) = logmeanexp_c log w (a stochastic lower bound), "se": its delta-method standard
+    error over chains, "logw": (chains, B), "accept": mean acceptance}."""
+    x = model.check_x(x)
+    rng = _rng(model, rng)
+    chains = check_int(chains, "chains", lo=1)
+    z = _normal(model.xp.empty((chains, x.shape[0], model.z_dim), dtype=model.dtype), rng)
+    logw, _, acc = ais_chains(_loglik(model, x), z, schedule(steps, schedule_kind), leapfrog, step, rng=rng)
+    est, se = _lme_se(logw)
+    return {"est": est, "se": se, "logw": logw, "accept": acc}
+
+
+def simulate(model, n, rng=None):
+    """(x, z): z ~ N(0, I) (n, Z), x ~ p(x|z) (Bernoulli draws, or the Gaussian mean plus noise); then z is
+    an exact sample of p(z|x), what reverse AIS starts from."""
+    rng = _rng(model, rng)
+    z = _normal(model.xp.empty((n, model.z_dim), dtype=model.dtype), rng)
+    m = model.decode(z)
+    if model.likelihood == "bernoulli":
+        x = (_uniform(m.shape, rng, model.xp) < m).astype(model.dtype)
+    else:
+        x = m + model.xp.exp(0.5 * model._logvar_x()).astype(model.dtype) * _normal(m, rng)
+    return x, z
+
+
+def bdmc(model, n=10, steps=1000, chains=16, leapfrog=10, schedule_kind="sigmoid", rng=None, step=0.05):
+    """Bidirectional Monte Carlo (Grosse et al. 2015) on n images simulated from the model: forward AIS gives
+    a stochastic lower bound of each log p(x), reverse AIS (from the exact posterior sample z that made x,
+    betas 1 -> 0) a stochastic upper bound. Returns {"lower": (n,), "upper": (n,), "x": the images}."""
+    n = check_int(n, "n", lo=1)
+    rng = _rng(model, rng)
+    x, z = simulate(model, n, rng)
+    fwd = ais(model, x, steps, chains, leapfrog, schedule_kind, rng, step)
+    zc = model.xp.broadcast_to(z, (chains,) + z.shape).copy()
+    logw, _, acc = ais_chains(_loglik(model, x), zc, schedule(steps, schedule_kind)[::-1], leapfrog, step, rng=rng)
+    return {"lower": fwd["est"], "upper": -logmeanexp(logw), "x": x, "accept": (fwd["accept"], acc)}

@@ -1,0 +1,163 @@
+"""npdgm.inference and VAE.log_joint_and_grad_z: the z-gradient by finite differences, naive MC, HMC / MALA
+on Gaussians with a known answer, ESS, and AIS / BDMC on a linear-Gaussian VAE whose log p(x) is exact."""
+import math
+
+import numpy as np
+import pytest
+
+from npdgm import inference as I
+from npdgm.gradcheck import check
+from npdgm.models.vae import VAE
+
+
+def _vae(rng, **kw):
+    m = VAE(**{"x_dim": 6, "hidden": (5, 4), "z_dim": 3, "activation": "tanh", **kw}, seed=3)
+    m.flat_params[...] += rng.standard_normal(m.flat_params.shape) * 0.3
+    return m
+
+
+def _data(m, rng, B=4):
+    return rng.uniform(0, 1, (B, m.x_dim)) if m.likelihood == "bernoulli" else rng.standard_normal((B, m.x_dim))
+
+
+@pytest.mark.parametrize("kw", [dict(likelihood="bernoulli"), dict(likelihood="gaussian", sigma=0.6),
+                                dict(likelihood="gaussian")], ids=["bernoulli", "gauss-fixed", "gauss-learned"])
+@pytest.mark.parametrize("chains", [None, 3])
+def test_grad_z_finite_differences_and_value(f64, rng, kw, chains):
+    m = _vae(rng, **kw)
+    if m.learned_sigma:
+        m.logvar_x.data[...] = rng.standard_normal(m.x_dim) * 0.5
+    x = _data(m, rng)
+    z = rng.standard_normal((4, 3) if chains is None else (chains, 4, 3)) * 1.5
+    w = rng.standard_normal(z.shape[:-1])
+    logp, g = m.log_joint_and_grad_z(x, z)
+    rep = check(lambda: float(np.sum(m.log_joint_and_grad_z(x, z)[0] * w)), {"z": z}, {"z": w[..., None] * g})
+    assert rep["z"][1] < 1e-6, rep
+    # the value: log p(x|z) from the training loss's rows plus log N(z; 0, I), normalizing constants included
+    zz = z.reshape(-1, 3)
+    xt = np.broadcast_to(x, (zz.shape[0] // 4, 4, 6)).reshape(-1, 6)
+    ref = -m._rec_rows(m.decoder.forward(zz), xt) - 0.5 * (zz ** 2).sum(1) - 1.5 * math.log(2 * math.pi)
+    np.testing.assert_allclose(logp.reshape(-1), ref, rtol=1e-12)
+    assert not m.flat_grads.any(), "the z-gradient must not touch the parameter gradients"
+
+
+def test_grad_z_is_registered_in_gradcheck():
+    from npdgm import checks  # noqa: F401
+    from npdgm import gradcheck
+
+    rows = gradcheck.run_all(["grad_z"], seed=0)
+    assert len(rows) == 4 and all(r[4] for r in rows), rows
+
+
+def test_grad_z_rejects_bad_shape(rng):
+    m = _vae(rng)
+    with pytest.raises(ValueError, match=r"z must have shape \(4, 3\)"):
+        m.log_joint_and_grad_z(_data(m, rng), np.zeros((4, 2), np.float32))
+
+
+# -- a linear-Gaussian VAE: x = z W + b + sigma n, p(x) = N(b, W^T W + sigma^2 I) exactly --------------------
+def _linear_gaussian(D=5, Z=2, sigma=0.5, seed=0):
+    m = VAE(x_dim=D, hidden=(), z_dim=Z, likelihood="gaussian", sigma=sigma, seed=seed)
+    r = np.random.default_rng(seed)
+    m.params["decoder.0.W"][...] = r.standard_normal((Z, D))
+    m.params["decoder.0.b"][...] = r.standard_normal(D) * 0.3
+    return m
+
+
+def _exact_log_px(m, x):
+    W, b = m.params["decoder.0.W"], m.params["decoder.0.b"]
+    S = W.T @ W + m.sigma ** 2 * np.eye(m.x_dim)
+    r = x - b
+    _, logdet = np.linalg.slogdet(S)
+    return -0.5 * (np.einsum("bi,ij,bj->b", r, np.linalg.inv(S), r) + logdet + m.x_dim * math.log(2 * math.pi))
+
+
+def test_naive_mc_converges_to_exact_log_px(f64):
+    m = _linear_gaussian()
+    x, _ = I.simulate(m, 3, rng=1)
+    exact = _exact_log_px(m, x)
+    out = I.naive_log_px(m, x, 40000, rng=2, chunk=3000, counts=(10, 100))
+    assert np.all(np.abs(out["est"] - exact) < 5 * out["se"] + 0.02), (out["est"], exact, out["se"])
+    assert set(out["curve"]) == {10, 100} and np.all(out["curve"][10][1] > out["se"])
+
+
+def test_hmc_recovers_gaussian_mean_and_cov(f64):
+    mean, A = np.array([1.0, -2.0]), np.array([[1.0, 0.0], [0.9, 0.5]])
+    cov = A @ A.T
+    P = np.linalg.inv(cov)
+
+    def target(z):
+        r = z - mean
+        return -0.5 * np.einsum("...i,ij,...j->...", r, P, r), -r @ P
+
+    out = I.hmc(target, np.zeros((40, 2)), n=150, warmup=100, step=0.3, leapfrog=5, rng=0)
+    s = out["samples"].reshape(-1, 2)
+    np.testing.assert_allclose(s.mean(0), mean, atol=0.1)
+    np.testing.assert_allclose(np.cov(s.T), cov, atol=0.15)
+    assert 0.5 < out["accept"].mean() < 0.85
+    assert np.all(out["ess"] > 300), out["ess"]
+    # MALA on the same target
+    out = I.langevin(target, np.zeros((40, 2)), n=300, warmup=100, step=0.3, rng=1)
+    np.testing.assert_allclose(out["samples"][100:].reshape(-1, 2).mean(0), mean, atol=0.15)
+    assert 0.4 < out["accept"].mean() < 0.75
+
+
+def test_acceptance_tends_to_one_as_step_goes_to_zero(f64, rng):
+    """Leapfrog conserves H to O(eps^2): a tiny step is accepted with probability ~1 (a broken gradient
+    or a non-reversible integrator would fail this)."""
+    m = _vae(rng)
+    x = _data(m, rng)
+    f = I.posterior_target(m, x)
+    z = rng.standard_normal((2, 4, 3))
+    state = (z,) + tuple(f(z))
+    for eps, lo in [(1e-2, 0.99), (1e-4, 1 - 1e-6)]:
+        _, prob = I.hmc_step(f, state, np.full((2, 4), eps), 5, np.random.default_rng(0))
+        assert prob.min() > lo, (eps, prob.min())
+        _, prob = I.mala_step(f, state, np.full((2, 4), eps), np.random.default_rng(0))
+        assert prob.min() > lo, (eps, prob.min())
+
+
+def test_unadjusted_langevin_accepts_everything(f64):
+    out = I.langevin(lambda z: (-0.5 * (z * z).sum(-1), -z), np.zeros((8, 1)), n=20, warmup=0, step=0.2,
+                     adjust=False)
+    assert np.all(out["accept"] == 1) and np.all(out["step"] == 0.2)
+
+
+def test_ess_of_iid_and_ar1_chains():
+    r = np.random.default_rng(0)
+    iid = r.standard_normal((1000, 8, 2))
+    assert np.all(np.abs(I.effective_sample_size(iid) / 8000 - 1) < 0.2)
+    rho, x = 0.9, np.zeros((4000, 8, 1))
+    for t in range(1, 4000):
+        x[t] = rho * x[t - 1] + math.sqrt(1 - rho ** 2) * r.standard_normal((8, 1))
+    want = 32000 * (1 - rho) / (1 + rho)
+    assert abs(I.effective_sample_size(x)[0] / want - 1) < 0.3
+
+
+def test_schedule():
+    for kind in ("linear", "sigmoid"):
+        b = I.schedule(10, kind)
+        assert b[0] == 0 and b[-1] == 1 and np.all(np.diff(b) > 0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        I.schedule(10, "cosine")
+
+
+def test_ais_and_bdmc_sandwich_exact_log_px(f64):
+    m = _linear_gaussian()
+    out = I.bdmc(m, n=6, steps=300, chains=32, leapfrog=5, rng=0)
+    exact = _exact_log_px(m, out["x"])
+    lo, hi, ex = out["lower"].mean(), out["upper"].mean(), exact.mean()
+    assert abs(lo - ex) < 0.05 and lo < ex + 0.02 < hi + 0.04, (lo, ex, hi)
+    assert np.all(np.abs(out["lower"] - exact) < 0.15) and np.all(np.abs(out["upper"] - exact) < 0.15), out
+    assert 0.5 < out["accept"][0] < 0.95
+
+
+def test_ais_beats_prior_sampling_on_a_bernoulli_vae(rng):
+    """On a nonlinear model AIS is at least as high as IWAE (both lower bounds) and far above a few naive
+    samples; with one step AIS is the naive estimate."""
+    m = _vae(rng, x_dim=20, z_dim=4)
+    x = (rng.random((5, 20)) < 0.5).astype(np.float32)
+    a = I.ais(m, x, steps=50, chains=8, leapfrog=5, rng=0)
+    assert a["est"].shape == (5,) and 0 < a["accept"] <= 1
+    iwae = m.log_likelihood(x, k=2000, rng=1)
+    assert float(a["est"].mean()) > float(iwae.mean()) - 0.1
