@@ -29,7 +29,7 @@ import time
 from . import harness
 
 SWEEP = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-BACKENDS = ("numpy", "cupy", "torch")
+BACKENDS = ("numpy", "numpy-fused", "cupy", "torch")
 ROW_FIELDS = ("workload", "backend", "impl", "device", "threads", "batch", "ms_per_step", "ms_min", "ms_max",
               "samples_per_s", "floor_ms", "x_floor", "x_torch", "peak_rss_mb", "gpu_peak_mb", "loss",
               "params", "steps_per_block", "repeats")
@@ -40,7 +40,9 @@ def add_arguments(p):
     """The benchmark's options on parser ``p`` (``npdgm bench`` and ``python -m npdgm.bench.run`` share them)."""
     p.add_argument("--workloads", default="vae,nice,realnvp2d",
                    help="comma list of vae, nice, realnvp2d (default: all three)")
-    p.add_argument("--backends", default="numpy,torch", help="comma list of numpy, cupy, torch (default: numpy,torch)")
+    p.add_argument("--backends", default="numpy,torch",
+                   help="comma list of numpy, numpy-fused (the fused CPU path: numba or numexpr), cupy, torch "
+                        "(default: numpy,torch)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch", type=int, default=None, help="batch size (default: each workload's own)")
     g.add_argument("--sweep", action="store_true", help=f"batch sizes {SWEEP[0]}..{SWEEP[-1]} (see --sweep-batches)")
@@ -145,7 +147,7 @@ def _build(spec, backend):
     w = get_workload(spec["workload"])
     batch = spec["batch"]
     gpu_kind = None
-    if backend in ("npdgm-numpy", "npdgm-cupy"):
+    if backend in ("npdgm-numpy", "npdgm-numpy-fused", "npdgm-cupy"):
         xp_name = backend.split("-")[1]
         if xp_name == "cupy":
             gpu_kind = "cupy"
@@ -155,6 +157,10 @@ def _build(spec, backend):
         _gpu_peak_start(gpu_kind)
         r = NpdgmRunner(w, batch, xp_name, spec["seed"])
         impl = "library"
+        if backend == "npdgm-numpy-fused":
+            from npdgm.kernels import fused
+
+            impl += f"+fused[{fused.set_cpu_fused(True, threads=spec['threads'])}]"
         if xp_name == "cupy" and spec.get("cuda_graph"):
             r.enable_cuda_graph()
             impl += "+graph"
@@ -341,6 +347,13 @@ def plan(args):
     run_backends = []
     if "numpy" in backends:
         run_backends.append(("npdgm-numpy", "cpu"))
+    if "numpy-fused" in backends:
+        from npdgm.kernels import fused
+
+        if fused.engine_available("numba") or fused.engine_available("numexpr"):
+            run_backends.append(("npdgm-numpy-fused", "cpu"))
+        else:
+            notes.append("numpy-fused: neither numba nor numexpr is installed; the fused CPU row is skipped")
     if torch_ok:
         run_backends.append(("torch-eager", "cpu"))
     if cupy_ok:
@@ -458,7 +471,7 @@ def _interleave(points, floors, isolate, rows, floor_rows):
     """Run the CPU points as round-robin groups; returns the (GPU) points and floors left to run."""
     groups, rest = {}, []
     for p in points:
-        if p["backend"] in ("npdgm-numpy", "torch-eager"):
+        if p["backend"] in ("npdgm-numpy", "npdgm-numpy-fused", "torch-eager"):
             groups.setdefault((p["workload"], p["batch"]), []).append(p)
         else:
             rest.append(p)

@@ -10,17 +10,27 @@ float64. ``rows`` names an output that is summed over axis 1 (a per-row loss). F
 
 * :meth:`Formula.numpy` evaluates it with NumPy: the reference (tests compare it with the plain
   kernel on every input maker of the kernel table);
-* :meth:`Formula.numexpr` runs it in one multithreaded pass per output with numexpr (the fused CPU
-  path, :func:`npdgm.kernels.fused.set_cpu_fused`); numbers are cast to the arrays' dtype first,
-  so float32 stays float32 as in NumPy;
+* :meth:`Formula.numba` compiles it into one parallel loop (``prange``; every line runs per element,
+  so Adam reads and writes p, m, v once) and :meth:`Formula.numexpr` runs it as one multithreaded
+  numexpr pass per output: the fused CPU path (:func:`npdgm.kernels.fused.set_cpu_fused`). Numbers
+  and other array-free parts are computed in float64 and cast to the arrays' dtype, so float32
+  stays float32 as in NumPy;
 * :meth:`Formula.cuda` writes the CUDA source of a ``cupy.ElementwiseKernel`` (or the map
   expression of a ``cupy.ReductionKernel`` for ``rows``): :data:`CUDA_PREAMBLE` defines where().
 
-Why numexpr (the optional extra ``fast``) and not numba for the CPU path: measured on the 2-core
-dev machine (benchmarks/README.md, "Fused CPU path"), numexpr runs these chains at memory speed
-on 2 threads with no compile step and a 1 MB install; numba's parallel loops were no faster on
-these array sizes, cost a JIT compile per kernel and dtype (~0.5-1 s each at first use), and pull
-in llvmlite (~50 MB). Without numexpr the fused switch falls back to the plain NumPy kernels.
+Why numba first and numexpr second, by measurement (2-core Zen 4 VM, float32, 2 threads, NumPy 2.4,
+numba 0.68, numexpr 2.14; benchmarks/README.md, "Fused CPU path"):
+
+    Adam on 0.6M parameters     plain chunked NumPy 1.47 ms   numba 0.16 ms   numexpr 5.7 ms (6.4 chunked)
+    Adam on 5M parameters       plain chunked NumPy 9.4 ms    numba 2.2 ms    numexpr 35 ms (32 chunked)
+    BCE gradient, 128 x 784     plain NumPy 0.27 ms           numba 0.26 ms   numexpr 1.7 ms
+
+NumPy 2's ufuncs use SIMD (AVX-512) exp/log/sqrt; the PyPI numexpr wheel (no VML) computes them one
+element at a time, so it loses to plain NumPy even though it saves the temporaries. numba's loop
+is vectorized by LLVM and touches every array once. Its costs: a compile per formula, dtype and
+layout at first use (~0.3-1 s; the bench's warm-up absorbs it) and llvmlite (~50 MB), so it stays
+optional. numexpr is kept as the lighter second engine (it may win with a VML build or on CPUs
+where NumPy's ufuncs have no SIMD path); without either the switch falls back to plain NumPy.
 
 The plain kernels keep their own NumPy code (their numbers define the reference vectors); the
 formulas are written in the same operation order, so NumPy evaluation of a formula matches its
