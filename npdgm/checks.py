@@ -46,8 +46,8 @@ for _name in ("relu", "tanh", "elu", "softplus"):
 # Each perturbs a small float64 model off its initial values and compares loss_and_grad's gradient
 # with central differences of the forward-only loss.
 from .models.cvae import CVAE  # noqa: E402
-from .models.flows import (ActNorm, AdditiveCoupling, AffineCoupling, Flow, InvertibleLinear,  # noqa: E402
-                           LogitTransform, Permutation, Scaling)
+from .models.flows import (IAF, MAF, ActNorm, AdditiveCoupling, AffineCoupling, Flow,  # noqa: E402
+                           InvertibleLinear, LogitTransform, Permutation, Scaling)
 from .models.m2 import M2  # noqa: E402
 from .models.vae import VAE  # noqa: E402
 
@@ -210,6 +210,10 @@ def _register_flow_checks():
         "invertible-linear": lambda rng: (Flow([InvertibleLinear(4, seed=1), ActNorm(4),
                                                 AffineCoupling(4, "half", 1, [5], "tanh", seed=2),
                                                 InvertibleLinear(4, seed=3)]), rng.standard_normal((5, 4))),
+        "maf": lambda rng: (Flow([MAF(4, [7, 6], "tanh", "tanh", 1.5, seed=1), Permutation(4, "reverse"),
+                                  MAF(4, [5], "softplus", "atan", 2.0, seed=2)]), rng.standard_normal((5, 4))),
+        "iaf": lambda rng: (Flow([IAF(3, [6], "tanh", seed=3), Permutation(3, "random", 4),
+                                  IAF(3, [5, 5], "elu", "tanh", 2.0, seed=5)]), rng.standard_normal((5, 3))),
     }
     for tag, make in cases.items():
         def fn(rng, make=make):

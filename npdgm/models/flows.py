@@ -34,10 +34,11 @@ from .base import Model
 from .flow_layers import (FLOW_LAYERS, MASKS, ActNorm, AdditiveCoupling, AffineCoupling, FlowLayer,  # noqa: F401
                           InvertibleLinear, LogitTransform, Permutation, Scaling, _check_input, build_layer,
                           make_mask)
+from .autoregressive import IAF, MAF  # noqa: E402,F401  (registers the MAF / IAF layer specs)
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
-           "LogitTransform", "InvertibleLinear", "Flow", "make_mask", "nice", "realnvp2d", "realnvp", "bits_per_dim",
-           "FLOW_LAYERS"]
+           "LogitTransform", "InvertibleLinear", "MAF", "IAF", "Flow", "make_mask", "nice", "realnvp2d", "realnvp",
+           "maf2d", "maf", "bits_per_dim", "FLOW_LAYERS"]
 
 
 def bits_per_dim(nll_nats, dim, levels=256):
@@ -310,4 +311,28 @@ def realnvp(dim=784, n_couplings=8, hidden=(512, 512), mask="checkerboard", imag
         shape = image_shape if mask in ("checkerboard", "channel") else None
         layers.append(AffineCoupling(dim, mask, i % 2, hidden, activation, scale, scale_bound, image_shape=shape,
                                      seed=seed * 1000 + i))
+    return Flow(layers, prior=prior, checked=checked)
+
+
+def maf2d(n_layers=8, hidden=(256, 256), scale="tanh", scale_bound=1.0, prior="gaussian", activation="relu", seed=0,
+          checked="loss"):
+    """MAF on R^2: ``n_layers`` MAF layers (MADE 2 -> hidden -> 4, z = (x - mu) e^-alpha, alpha = clamp(raw))
+    with a reversing Permutation between consecutive layers. Gaussian prior. On R^2 each layer is an affine
+    map of x_0 and an affine transform of x_1 conditioned on x_0 (MADE's hidden units all have degree 1)."""
+    return maf(2, n_layers, hidden, "reverse", logit=False, scale=scale, scale_bound=scale_bound, prior=prior,
+               activation=activation, seed=seed, checked=checked)
+
+
+def maf(dim=784, n_layers=5, hidden=(512, 512), ordering="reverse", logit=True, alpha=0.05, scale="tanh",
+        scale_bound=2.0, prior="gaussian", activation="relu", seed=0, checked="loss"):
+    """Masked autoregressive flow (Papamakarios et al. 2017): [LogitTransform] then ``n_layers`` MAF layers with
+    a Permutation (``ordering`` "reverse" or "random", seeded per layer) between consecutive ones. Density in
+    one MADE pass per layer, sampling in D passes per layer."""
+    if ordering not in ("reverse", "random"):
+        raise ValueError(f"unknown ordering {ordering!r}; expected 'reverse' or 'random'")
+    layers = [LogitTransform(dim, alpha)] if logit else []
+    for i in range(check_int(n_layers, "n_layers", lo=1)):
+        if i:
+            layers.append(Permutation(dim, ordering, seed=seed * 1000 + i))
+        layers.append(MAF(dim, hidden, activation, scale, scale_bound, seed=seed * 1000 + i))
     return Flow(layers, prior=prior, checked=checked)

@@ -245,6 +245,15 @@ LAYERS = {
                           "W = P L1 U1, P_ij = [i = perm_j], L1 = tril(L, -1) + I, U1 = triu(U, 1) + "
                           "diag(sign e^log_s); y = x W; logdet = sum log_s",
                           "x = y W^-1 (two triangular solves); logdet_inv = -sum log_s"),
+    "maf": (dict(type="MAF", dim=4, hidden=[6, 5], activation="tanh", scale="tanh", scale_bound=1.5, init="torch",
+                 seed=9),
+            "(raw, mu) = MADE(x) (masked MLP, W * mask); alpha = b tanh(raw / b); y = (x - mu) e^-alpha; "
+            "logdet = -sum alpha",
+            "x = y e^alpha(x) + mu(x) (D passes); logdet_inv = sum alpha(x)"),
+    "iaf": (dict(type="IAF", dim=3, hidden=[5], activation="softplus", scale="atan", scale_bound=2.0, init="torch",
+                 seed=10),
+            "y solves x = (y - mu(y)) e^-alpha(y) (D passes), alpha = (2b/pi) atan(raw / b); logdet = sum alpha(y)",
+            "(raw, mu) = MADE(y); x = (y - mu) e^-alpha; logdet_inv = -sum alpha"),
 }
 for _name, (_spec, _fwd, _inv) in LAYERS.items():
     register(_name, _fwd + ";  upstream dy, dlogdet;  grad/x = dL/dx, grad/<param> = dL/dparam for "

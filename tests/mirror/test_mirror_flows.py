@@ -49,6 +49,15 @@ FLOWS = {
                                              F.AffineCoupling(4, "half", 0, [5], "tanh", seed=2),
                                              F.InvertibleLinear(4, seed=3)]),
                              lambda r: r.standard_normal((7, 4))),
+    "maf,reverse and random orderings": (lambda: F.Flow([F.MAF(5, [8, 7], "tanh", "tanh", 1.5, seed=1),
+                                                         F.Permutation(5, "random", 2),
+                                                         F.MAF(5, [6], "elu", "atan", 2.0, seed=3),
+                                                         F.Permutation(5, "reverse"), F.MAF(5, [9], seed=4)]),
+                                         lambda r: r.standard_normal((7, 5))),
+    "maf2d": (lambda: F.maf2d(n_layers=4, hidden=(8, 8), seed=5), lambda r: r.standard_normal((9, 2))),
+    "iaf,invertible linear": (lambda: F.Flow([F.IAF(4, [7], "softplus", seed=6), F.InvertibleLinear(4, seed=7),
+                                              F.IAF(4, [6, 6], "tanh", "tanh", 2.0, seed=8)]),
+                              lambda r: r.standard_normal((6, 4))),
 }
 
 

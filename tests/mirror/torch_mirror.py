@@ -230,7 +230,43 @@ def _lu_weight(P, pre, spec):
     return perm.to(ls.dtype) @ L1 @ U1, ls
 
 
-AUTOREGRESSIVE = {}  # layer type -> (forward, inverse), filled below
+def made_masks(dim, hidden):
+    """MADE masks (in, out): input degree d + 1, hidden unit k degree (k mod (D-1)) + 1; hidden layers keep
+    m_out >= m_in, the output layer (two blocks of input degrees) m_out > m_in."""
+    deg = [np.arange(1, dim + 1)] + [np.arange(h) % (dim - 1) + 1 for h in hidden]
+    masks = [d_out[None, :] >= d_in[:, None] for d_in, d_out in zip(deg[:-1], deg[1:])]
+    masks.append(np.tile(deg[0], 2)[None, :] > deg[-1][:, None])
+    return [torch.from_numpy(m.astype(np.float64)) for m in masks]
+
+
+def _made(P, pre, spec, x):
+    """(alpha, mu) of a MAF/IAF layer: the masked MLP, then the scale clamp on the first D outputs."""
+    masks, act = made_masks(spec["dim"], spec["hidden"]), ACTIVATIONS[spec["activation"]]
+    for k, m in enumerate(masks):
+        x = x @ (P[f"{pre}made.{2 * k}.W"] * m.to(x.dtype)) + P[f"{pre}made.{2 * k}.b"]
+        if k < len(masks) - 1:
+            x = act(x)
+    D = spec["dim"]
+    return _clamp(x[:, :D], spec), x[:, D:]
+
+
+def _one_pass(P, pre, spec, x):
+    """z = (x - mu(x)) e^-alpha(x), logdet = -sum alpha (MAF forward, IAF inverse)."""
+    alpha, mu = _made(P, pre, spec, x)
+    return (x - mu) * torch.exp(-alpha), -alpha.sum(dim=1)
+
+
+def _d_pass(P, pre, spec, z):
+    """x with z = (x - mu(x)) e^-alpha(x), coordinate by coordinate (MAF inverse, IAF forward); logdet = +sum alpha.
+    Autograd differentiates through all D passes (no implicit-function shortcut)."""
+    x = torch.zeros_like(z)
+    for _ in range(spec["dim"]):
+        alpha, mu = _made(P, pre, spec, x)
+        x = z * torch.exp(alpha) + mu
+    return x, _made(P, pre, spec, x)[0].sum(dim=1)
+
+
+AUTOREGRESSIVE = {"MAF": (_one_pass, _d_pass), "IAF": (_d_pass, _one_pass)}  # type -> (forward, inverse)
 
 
 def prior_log_prob(name, z):
