@@ -25,7 +25,7 @@ from . import backend
 from .validate import as_rng, check_float, check_int
 
 __all__ = ["logmeanexp", "posterior_target", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
-           "langevin", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
+           "langevin", "naive_curve", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -115,6 +115,23 @@ def naive_log_px(model, x, k, rng=None, chunk=1 << 15, counts=()):
         curve[stop] = (m + xp.log(mean), se)
     est, se = curve[k]
     return {"est": est, "se": se, "curve": {n: v for n, v in curve.items() if n in set(map(int, counts))}}
+
+
+def naive_curve(model, x, counts, repeats=5, rng=None, chunk=1 << 15):
+    """The naive estimate's bias and spread against the sample count, beside IWAE with as many samples:
+    ``repeats`` independent runs of :func:`naive_log_px` (estimates read off at each n in ``counts``) and
+    of the IWAE estimate ``model.log_likelihood(x, k=n)``. Returns {"counts": (n,), "naive": (repeats, n),
+    "iwae": (repeats, n)} host float64 arrays of the mean over the images of x, nats per image."""
+    counts = sorted({check_int(n, "count", lo=1) for n in counts})
+    repeats = check_int(repeats, "repeats", lo=1)
+    rng = _rng(model, rng)
+    naive, iwae = np.empty((repeats, len(counts))), np.empty((repeats, len(counts)))
+    for r in range(repeats):
+        curve = naive_log_px(model, x, counts[-1], rng, chunk, counts)["curve"]
+        for j, n in enumerate(counts):
+            naive[r, j] = float(curve[n][0].mean())
+            iwae[r, j] = float(model.log_likelihood(x, k=n, rng=rng, chunk=chunk).mean())
+    return {"counts": np.asarray(counts), "naive": naive, "iwae": iwae, "z_dim": model.z_dim}
 
 
 # -- HMC and Langevin ---------------------------------------------------------------------------------------

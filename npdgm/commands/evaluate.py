@@ -1,0 +1,159 @@
+"""``npdgm evaluate RUN``: log p(x) of a trained VAE by several estimators, and BDMC bounds.
+
+    npdgm evaluate runs/vae --method iwae ais --n-images 100         # mean log p(x) +- standard error
+    npdgm evaluate runs/vae --method naive --k 100000 --plot naive.png
+    npdgm evaluate runs/vae --method ais --steps 1000 --leapfrog 10 --json ais.json
+    npdgm evaluate runs/vae --bdmc --n-images 10                      # simulated data: lower / upper bound
+
+Methods (nats per image, on the first N test images of the run's data, the run's binarization):
+elbo (the mean of k one-sample ELBOs), iwae (k importance samples from q(z|x)), naive (k samples from
+the prior p(z)), ais (annealed importance sampling p(z) -> p(z|x), ``--chains`` chains per image,
+``--steps`` distributions, HMC with ``--leapfrog`` steps). The +- is the standard error of the mean over
+images. The estimators are in :mod:`npdgm.inference`; the math is in docs/inference.md.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .. import backend
+from . import common
+from .common import nonneg_int, positive_int, setup_backend
+
+METHODS = ("elbo", "iwae", "naive", "ais")
+
+
+def register(commands, train_commands):
+    e = commands.add_parser(
+        "evaluate", help="log p(x) of a VAE run: ELBO, IWAE, naive MC, AIS; --bdmc bounds",
+        description="Estimate the mean test log p(x) (nats per image) of the VAE in RUNDIR by each --method, "
+                    "or (--bdmc) bound it from both sides on data simulated from the model.")
+    e.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz (a vae run)")
+    e.add_argument("--method", nargs="+", choices=METHODS, default=None,
+                   help="estimators to run (default iwae; several allowed)")
+    e.add_argument("--bdmc", action="store_true", help="BDMC on --n-images images simulated from the model: AIS "
+                                                       "lower bound and reverse-AIS upper bound")
+    e.add_argument("--k", type=positive_int, default=1000, help="samples per image for elbo/iwae/naive "
+                                                                "(default 1000)")
+    e.add_argument("--n-images", type=positive_int, default=100, help="test images (default 100)")
+    e.add_argument("--steps", type=positive_int, default=1000, help="ais/bdmc: intermediate distributions "
+                                                                    "(default 1000)")
+    e.add_argument("--leapfrog", type=positive_int, default=10, help="ais/bdmc: leapfrog steps per HMC "
+                                                                     "transition (default 10)")
+    e.add_argument("--chains", type=positive_int, default=16, help="ais/bdmc: chains per image (default 16)")
+    e.add_argument("--batch", type=positive_int, default=100, help="images per batch (default 100)")
+    e.add_argument("--seed", type=nonneg_int, default=0, help="seed of all draws (default 0)")
+    e.add_argument("--data", default=None, help="MNIST directory (default: the run's)")
+    e.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here")
+    e.add_argument("--plot", default=None, metavar="PNG", help="naive: a figure of the naive and IWAE estimates "
+                                                               "against the sample count (1 .. k)")
+    e.add_argument("--backend", choices=backend.BACKENDS, default=None,
+                   help="array backend (default: $NPDGM_BACKEND or numpy)")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def _estimate(model, x, method, args, rng):
+    """Per-image log p(x) estimates (host float64) of ``method`` for the images x, in batches."""
+    from .. import inference as I
+
+    out = []
+    for s in range(0, len(x), args.batch):
+        xb = x[s:s + args.batch]
+        if method == "elbo":
+            r = np.mean([backend.to_host(model.log_likelihood(xb, 1, rng=rng)) for _ in range(args.k)], axis=0)
+        elif method == "iwae":
+            r = model.log_likelihood(xb, args.k, rng=rng)
+        elif method == "naive":
+            r = I.naive_log_px(model, xb, args.k, rng=rng)["est"]
+        else:
+            r = I.ais(model, xb, args.steps, args.chains, args.leapfrog, rng=rng)["est"]
+        out.append(np.asarray(backend.to_host(r), np.float64))
+    return np.concatenate(out)
+
+
+def _setting(method, args):
+    if method == "ais":
+        return {"steps": args.steps, "leapfrog": args.leapfrog, "chains": args.chains}
+    return {"k": args.k}
+
+
+def _load(args):
+    from .vae import _load_data, _load_vae
+
+    model, meta = _load_vae(args.rundir)
+    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    data = args.data or run.get("data")
+    x, _ = _load_data(data, "test", args.n_images, run.get("binarize", "none"), run.get("seed", 0))
+    if len(x) < args.n_images:
+        print(f"note: the test set holds {len(x)} images; --n-images {args.n_images} lowered to {len(x)}")
+    return model, x
+
+
+def _run_methods(model, x, args):
+    rng = np.random.default_rng([args.seed, 16])
+    res = {}
+    for method in args.method:
+        t0 = time.perf_counter()
+        est = _estimate(model, x, method, args, rng)
+        r = {"mean": float(est.mean()), "se": float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None,
+             "seconds": time.perf_counter() - t0, **_setting(method, args)}
+        res[method] = r
+        se = "n/a" if r["se"] is None else f"{r['se']:.2f}"
+        opts = " ".join(f"{k}={v}" for k, v in _setting(method, args).items())
+        print(f"{method:<6} {opts:<32} log p(x) = {r['mean']:9.3f} +- {se} nats/image  ({len(x)} images, "
+              f"{r['seconds']:.1f} s)")
+    return res
+
+
+def _run_bdmc(model, args):
+    from .. import inference as I
+
+    rng = np.random.default_rng([args.seed, 17])
+    t0 = time.perf_counter()
+    lo, hi = [], []
+    for s in range(0, args.n_images, args.batch):
+        r = I.bdmc(model, min(args.batch, args.n_images - s), args.steps, args.chains, args.leapfrog, rng=rng)
+        lo.append(backend.to_host(r["lower"]))
+        hi.append(backend.to_host(r["upper"]))
+    lo, hi = np.concatenate(lo).astype(np.float64), np.concatenate(hi).astype(np.float64)
+    r = {"lower": float(lo.mean()), "upper": float(hi.mean()), "gap": float((hi - lo).mean()),
+         "seconds": time.perf_counter() - t0, "n_images": args.n_images, "steps": args.steps,
+         "leapfrog": args.leapfrog, "chains": args.chains}
+    print(f"bdmc   steps={args.steps} leapfrog={args.leapfrog} chains={args.chains}  simulated images: "
+          f"{args.n_images}  lower {r['lower']:.3f}  upper {r['upper']:.3f}  gap {r['gap']:.3f} nats/image  "
+          f"({r['seconds']:.1f} s)")
+    return r
+
+
+def _plot(model, x, args):
+    from .. import inference as I
+    from ..plots import inference as P
+
+    counts = sorted({int(c) for c in np.logspace(0, np.log10(args.k), 1 + int(np.log10(args.k)) * 2).round()})
+    curve = I.naive_curve(model, x[:min(len(x), args.batch)], counts, repeats=5, rng=args.seed)
+    print(P.naive_vs_iwae(curve, args.plot, title=f"{args.rundir}: naive MC vs IWAE"))
+
+
+def cmd_evaluate(args):
+    setup_backend(args)
+    for opt in ("json", "plot"):
+        if getattr(args, opt):
+            common.check_out_file(getattr(args, opt), "--" + opt)
+    if args.bdmc and args.method:
+        raise ValueError("give either --method or --bdmc, not both")
+    if args.plot and "naive" not in (args.method or ()):
+        raise ValueError("--plot draws the naive-MC figure: use it with --method naive")
+    args.method = args.method or ([] if args.bdmc else ["iwae"])
+    model, x = _load(args)
+    result = {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed}
+    if args.bdmc:
+        result["bdmc"] = _run_bdmc(model, args)
+    else:
+        result["methods"] = _run_methods(model, x, args)
+    if args.plot:
+        _plot(model, x, args)
+    if args.json:
+        common.write_json(args.json, result)
+    return 0
