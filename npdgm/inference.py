@@ -25,7 +25,7 @@ from . import backend
 from .validate import as_rng, check_float, check_int
 
 __all__ = ["logmeanexp", "posterior_target", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
-           "langevin", "naive_curve", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
+           "langevin", "elbo_estimate", "naive_curve", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -115,6 +115,22 @@ def naive_log_px(model, x, k, rng=None, chunk=1 << 15, counts=()):
         curve[stop] = (m + xp.log(mean), se)
     est, se = curve[k]
     return {"est": est, "se": se, "curve": {n: v for n, v in curve.items() if n in set(map(int, counts))}}
+
+
+def elbo_estimate(model, x, k, rng=None, chunk=1 << 15):
+    """The ELBO per row averaged over k draws z_i ~ q(z|x): (1/k) sum_i log w_i, log w_i = log p(x, z_i) -
+    log q(z_i|x) (the same log-weights as IWAE, averaged instead of log-mean-exp'd), float64 (B,)."""
+    from .models.elbo import log_weights
+
+    x = model.check_x(x)
+    k, chunk = check_int(k, "k", lo=1), check_int(chunk, "chunk", lo=1)
+    rng = _rng(model, rng)
+    mu, logvar = model.encode(x)
+    tot, per = model.xp.zeros(x.shape[0]), max(1, chunk // x.shape[0])
+    for s in range(0, k, per):
+        eps = _normal(model.xp.empty((min(per, k - s),) + mu.shape, dtype=model.dtype), rng)
+        tot += log_weights(model, x, mu, logvar, eps, model.decoder.forward)[0].astype(np.float64).sum(0)
+    return tot / k
 
 
 def naive_curve(model, x, counts, repeats=5, rng=None, chunk=1 << 15):

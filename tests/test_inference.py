@@ -161,3 +161,21 @@ def test_ais_beats_prior_sampling_on_a_bernoulli_vae(rng):
     assert a["est"].shape == (5,) and 0 < a["accept"] <= 1
     iwae = m.log_likelihood(x, k=2000, rng=1)
     assert float(a["est"].mean()) > float(iwae.mean()) - 0.1
+
+
+def test_elbo_estimate_is_the_mean_of_log_p_minus_log_q(f64, rng):
+    """(1/k) sum_i [log p(x, z_i) - log q(z_i|x)] with log p(x, z) from log_joint_and_grad_z, log q written out."""
+    m = _vae(rng)
+    x = _data(m, rng)
+    eps = np.random.default_rng(5).standard_normal((7, 4, 3))
+
+    class G:  # a Generator that hands the estimator this noise
+        def standard_normal(self, shape, dtype=None):
+            assert shape == eps.shape
+            return eps
+    mu, logvar = m.encode(x)
+    z = mu + np.exp(0.5 * logvar) * eps
+    logq = -0.5 * (eps ** 2 + logvar + math.log(2 * math.pi)).sum(-1)
+    want = (m.log_joint_and_grad_z(x, z)[0] - logq).mean(0)
+    np.testing.assert_allclose(I.elbo_estimate(m, x, 7, rng=G()), want, rtol=1e-10)
+    assert np.all(I.elbo_estimate(m, x, 300, rng=2) < m.log_likelihood(x, k=300, rng=1))

@@ -62,7 +62,7 @@ def _estimate(model, x, method, args, rng):
     for s in range(0, len(x), args.batch):
         xb = x[s:s + args.batch]
         if method == "elbo":
-            r = np.mean([backend.to_host(model.log_likelihood(xb, 1, rng=rng)) for _ in range(args.k)], axis=0)
+            r = I.elbo_estimate(model, xb, args.k, rng=rng)
         elif method == "iwae":
             r = model.log_likelihood(xb, args.k, rng=rng)
         elif method == "naive":
