@@ -318,6 +318,11 @@ class Formula:
             import numba
             import numpy as np
 
+            if numba.config.THREADING_LAYER == "default":   # not chosen by the user (NUMBA_THREADING_LAYER)
+                # numba's own pool sleeps between loops; OpenMP's spins and then fights OpenBLAS's GEMM
+                # threads for the cores (measured: the OpenMP layer made a VAE step 2-3x slower on 2 cores)
+                numba.config.THREADING_LAYER = "workqueue"
+
             ns = {"np": np, "prange": numba.prange}
             exec(compile(self.numba_source(flat), f"<formula {self.name}>", "exec"), ns)
             cache[flat] = numba.njit(parallel=True, fastmath=False, nogil=True)(ns["_loop"])
