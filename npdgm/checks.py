@@ -47,7 +47,7 @@ for _name in ("relu", "tanh", "elu", "softplus"):
 # with central differences of the forward-only loss.
 from .models.cvae import CVAE  # noqa: E402
 from .models.flows import (IAF, MAF, ActNorm, AdditiveCoupling, AffineCoupling, Flow,  # noqa: E402
-                           InvertibleLinear, LogitTransform, Permutation, Scaling)
+                           InvertibleLinear, LogitTransform, Permutation, Scaling, SplineCoupling)
 from .models.m2 import M2  # noqa: E402
 from .models.vae import VAE  # noqa: E402
 
@@ -157,7 +157,7 @@ def _flow_grad_report(flow, x, rng):
     flow.forward(x)  # ActNorm data-dependent init happens here, before the check
     for layer in flow.layers:  # move the parameters off their initial values
         for p in layer.parameters():
-            if p.data.ndim == 1 and not isinstance(layer, (AdditiveCoupling, AffineCoupling)):
+            if p.data.ndim == 1 and not isinstance(layer, (AdditiveCoupling, AffineCoupling, SplineCoupling)):
                 p.data += 0.3 * rng.standard_normal(p.data.shape)
     flow.loss_and_grad(x)
     analytic = {n: g.copy() for n, g in flow.grads.items()}
@@ -214,6 +214,9 @@ def _register_flow_checks():
                                   MAF(4, [5], "softplus", "atan", 2.0, seed=2)]), rng.standard_normal((5, 4))),
         "iaf": lambda rng: (Flow([IAF(3, [6], "tanh", seed=3), Permutation(3, "random", 4),
                                   IAF(3, [5, 5], "elu", "tanh", 2.0, seed=5)]), rng.standard_normal((5, 3))),
+        "spline": lambda rng: (Flow([SplineCoupling(4, "half", 0, [6], "tanh", bins=4, bound=2.0, seed=6),
+                                     SplineCoupling(4, "alternate", 1, [5], "softplus", bins=3, bound=2.5, seed=7)]),
+                               rng.standard_normal((6, 4)) * 1.5),
     }
     for tag, make in cases.items():
         def fn(rng, make=make):

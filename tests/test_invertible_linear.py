@@ -90,10 +90,9 @@ def test_backward_of_both_passes_matches_central_differences(f64, rng, direction
     assert max(r for _, r in rep.values()) < 1e-7, rep
 
 
-def test_registered_gradcheck_passes():
-    rows = gradcheck.run_all(["model.flow[invertible-linear]"])
-    assert {r[1] for r in rows} >= {"loss:0.L", "loss:0.U", "loss:0.log_s", "inverse:3.L", "inverse:z"}
-    assert all(r[4] for r in rows), [r for r in rows if not r[4]]
+def test_gradcheck_is_registered():
+    """model.flow[invertible-linear] (run with every model.flow check by tests/test_flows.py)."""
+    assert "model.flow[invertible-linear]" in gradcheck.CHECKS
 
 
 def test_spec_rebuilds_the_layer_and_a_flow_round_trips(f64, rng, tmp_path):

@@ -2,6 +2,7 @@
 
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
     npdgm train flow2d --flow maf --dataset moons         # 8 MAF layers (MADE), reversed order between them
+    npdgm train flow2d --flow spline --dataset moons      # 8 rational-quadratic spline couplings
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
@@ -106,10 +107,11 @@ def _register_flow2d(train_commands):
                     "layers); standard Gaussian prior, trained on points drawn once from a seeded toy set.")
     p.add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
     g = p.add_argument_group("model")
-    g.add_argument("--flow", choices=["realnvp", "maf"], default="realnvp",
-                   help="affine couplings (realnvp) or masked autoregressive layers (maf) (default realnvp)")
+    g.add_argument("--flow", choices=["realnvp", "maf", "spline"], default="realnvp",
+                   help="affine couplings (realnvp), masked autoregressive layers (maf) or rational-quadratic "
+                        "spline couplings, 8 bins on [-3, 3] (spline) (default realnvp)")
     g.add_argument("--couplings", type=positive_int, default=8,
-                   help="affine coupling layers, or MAF layers with --flow maf (default 8)")
+                   help="coupling layers, or MAF layers with --flow maf (default 8)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256], metavar="H", help="default 256 256")
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh", help="default tanh")
     g.add_argument("--scale-bound", type=positive_float, default=1.0, help="default 1 (s = tanh(raw))")
@@ -155,8 +157,8 @@ def _run_from_args(args):
                    scale_bound=1.0 if args.scale_bound is None else args.scale_bound, actnorm=args.actnorm,
                    batch_size=args.batch_size or 512, train_limit=args.train_limit or TOY_TRAIN,
                    test_limit=args.test_limit or TOY_TEST, flow=getattr(args, "flow", "realnvp"))
-        if run["flow"] == "maf" and run["actnorm"]:
-            raise ValueError("--actnorm goes with --flow realnvp; the maf2d stack has no ActNorm layers")
+        if run["flow"] != "realnvp" and run["actnorm"]:
+            raise ValueError(f"--actnorm goes with --flow realnvp; the {run['flow']} stack has no ActNorm layers")
     if _is_image(run):
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
     return run
@@ -189,6 +191,8 @@ def build_model(run):
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)
+    if run.get("flow") == "spline":
+        return flows.spline2d(run["couplings"], run["hidden"], seed=seed)
     return flows.realnvp2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            actnorm=run["actnorm"], seed=seed)
 

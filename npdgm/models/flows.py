@@ -32,13 +32,13 @@ from ..kernels import coupling as C
 from ..validate import as_rng, check_float, check_int
 from .base import Model
 from .flow_layers import (FLOW_LAYERS, MASKS, ActNorm, AdditiveCoupling, AffineCoupling, FlowLayer,  # noqa: F401
-                          InvertibleLinear, LogitTransform, Permutation, Scaling, _check_input, build_layer,
-                          make_mask)
+                          InvertibleLinear, LogitTransform, Permutation, Scaling, SplineCoupling, _check_input,
+                          build_layer, make_mask)
 from .autoregressive import IAF, MAF  # noqa: E402,F401  (registers the MAF / IAF layer specs)
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
-           "LogitTransform", "InvertibleLinear", "MAF", "IAF", "Flow", "make_mask", "nice", "realnvp2d", "realnvp",
-           "maf2d", "maf", "bits_per_dim", "FLOW_LAYERS"]
+           "LogitTransform", "InvertibleLinear", "SplineCoupling", "MAF", "IAF", "Flow", "make_mask", "nice",
+           "realnvp2d", "realnvp", "maf2d", "maf", "spline2d", "bits_per_dim", "FLOW_LAYERS"]
 
 
 def bits_per_dim(nll_nats, dim, levels=256):
@@ -336,3 +336,11 @@ def maf(dim=784, n_layers=5, hidden=(512, 512), ordering="reverse", logit=True, 
             layers.append(Permutation(dim, ordering, seed=seed * 1000 + i))
         layers.append(MAF(dim, hidden, activation, scale, scale_bound, seed=seed * 1000 + i))
     return Flow(layers, prior=prior, checked=checked)
+
+
+def spline2d(n_couplings=8, hidden=(64, 64), bins=8, bound=3.0, prior="gaussian", activation="relu", seed=0,
+             checked="loss"):
+    """Rational-quadratic spline flow on R^2 (Durkan et al. 2019): ``n_couplings`` SplineCoupling layers,
+    coupling i conditioning on coordinate i % 2, ``bins`` bins on [-bound, bound], identity tails."""
+    return Flow([SplineCoupling(2, "half", i % 2, hidden, activation, bins, bound, seed=seed * 1000 + i)
+                 for i in range(n_couplings)], prior=prior, checked=checked)

@@ -254,6 +254,12 @@ LAYERS = {
                  seed=10),
             "y solves x = (y - mu(y)) e^-alpha(y) (D passes), alpha = (2b/pi) atan(raw / b); logdet = sum alpha(y)",
             "(raw, mu) = MADE(y); x = (y - mu) e^-alpha; logdet_inv = -sum alpha"),
+    "spline_coupling": (dict(type="SplineCoupling", dim=4, mask="half", parity=1, hidden=[5], activation="tanh",
+                             bins=4, bound=1.5, min_width=1e-3, min_height=1e-3, min_derivative=1e-3,
+                             image_shape=None, init="torch", seed=11),
+                        "u = net(x_a) (B, nb, 3K-1): widths, heights softmax, interior derivatives softplus; "
+                        "y_b = rational-quadratic spline on [-bound, bound], identity outside; logdet = sum log g'",
+                        "x_b = g^-1(y_b) (stable root of the bin's quadratic); logdet_inv = -sum log g'(x_b)"),
 }
 for _name, (_spec, _fwd, _inv) in LAYERS.items():
     register(_name, _fwd + ";  upstream dy, dlogdet;  grad/x = dL/dx, grad/<param> = dL/dparam for "

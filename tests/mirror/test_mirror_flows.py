@@ -58,6 +58,11 @@ FLOWS = {
     "iaf,invertible linear": (lambda: F.Flow([F.IAF(4, [7], "softplus", seed=6), F.InvertibleLinear(4, seed=7),
                                               F.IAF(4, [6, 6], "tanh", "tanh", 2.0, seed=8)]),
                               lambda r: r.standard_normal((6, 4))),
+    "spline couplings,tails": (lambda: F.Flow([F.SplineCoupling(4, "half", 0, [7], "tanh", bins=5, bound=2.0, seed=9),
+                                               F.InvertibleLinear(4, seed=10),
+                                               F.SplineCoupling(4, "alternate", 1, [6], bins=3, bound=1.5, seed=11)]),
+                               lambda r: r.standard_normal((8, 4)) * 1.5),
+    "spline2d": (lambda: F.spline2d(n_couplings=3, hidden=(8,), bins=4, seed=12), lambda r: r.standard_normal((9, 2))),
 }
 
 

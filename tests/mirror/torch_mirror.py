@@ -266,7 +266,51 @@ def _d_pass(P, pre, spec, z):
     return x, _made(P, pre, spec, x)[0].sum(dim=1)
 
 
-AUTOREGRESSIVE = {"MAF": (_one_pass, _d_pass), "IAF": (_d_pass, _one_pass)}  # type -> (forward, inverse)
+def _rq_spline(P, pre, spec, sp, a, v, inverse):
+    """SplineCoupling on the transformed half v given the conditioning half a: (out, log g' per row (forward map)).
+    Knots from net(a) as (B, nb, 3K-1); the bin by counting interior knots <= v; the inverse by the stable root
+    of the bin's quadratic; identity outside [-bound, bound]."""
+    K, B0 = spec["bins"], spec["bound"]
+    u = mlp(P, pre + "net", spec["activation"], a).reshape(a.shape[0], sp.nb, 3 * K - 1)
+
+    def knots(raw, lo):
+        size = 2 * B0 * (lo + (1 - K * lo) * torch.softmax(raw, dim=-1))
+        return size, torch.cat([torch.zeros_like(size[..., :1]), torch.cumsum(size, -1)], -1) - B0
+
+    W, xk = knots(u[..., :K], spec["min_width"])
+    H, yk = knots(u[..., K:2 * K], spec["min_height"])
+    one = torch.ones_like(u[..., :1])
+    d = torch.cat([one, spec["min_derivative"] + softplus(u[..., 2 * K:]), one], -1)
+    inside = v.abs() <= B0
+    vc = v.clamp(-B0, B0)
+    k = (vc[..., None] >= (yk if inverse else xk)[..., 1:K]).sum(-1, keepdim=True)
+    x0, w, y0, h = xk.gather(-1, k)[..., 0], W.gather(-1, k)[..., 0], yk.gather(-1, k)[..., 0], H.gather(-1, k)[..., 0]
+    d0, d1 = d.gather(-1, k)[..., 0], d.gather(-1, k + 1)[..., 0]
+    s = h / w
+    if inverse:
+        dy, c = vc - y0, d1 + d0 - 2 * s
+        qa, qb, qc = h * (s - d0) + dy * c, h * d0 - dy * c, -s * dy
+        xi = 2 * qc / (-qb - torch.sqrt(qb * qb - 4 * qa * qc))
+    else:
+        xi = (vc - x0) / w
+    th = xi * (1 - xi)
+    den = s + (d1 + d0 - 2 * s) * th
+    logd = 2 * torch.log(s) + torch.log(d1 * xi ** 2 + 2 * s * th + d0 * (1 - xi) ** 2) - 2 * torch.log(den)
+    out = (x0 + xi * w) if inverse else (y0 + h * (s * xi ** 2 + d0 * th) / den)
+    return torch.where(inside, out, v), torch.where(inside, logd, torch.zeros_like(logd)).sum(dim=1)
+
+
+def _spline(inverse):
+    def run(P, pre, spec, x):
+        sp = _Split(spec)
+        a, b = sp.split(x)
+        out, logd = _rq_spline(P, pre, spec, sp, a, b, inverse)
+        return sp.merge(a, out), (-logd if inverse else logd)
+    return run
+
+
+AUTOREGRESSIVE = {"MAF": (_one_pass, _d_pass), "IAF": (_d_pass, _one_pass),  # type -> (forward, inverse)
+                  "SplineCoupling": (_spline(False), _spline(True))}
 
 
 def prior_log_prob(name, z):
