@@ -46,9 +46,9 @@ def register(commands, train_commands):
     e.add_argument("--batch", type=positive_int, default=100, help="images per batch (default 100)")
     e.add_argument("--seed", type=nonneg_int, default=0, help="seed of all draws (default 0)")
     e.add_argument("--data", default=None, help="MNIST directory (default: the run's)")
-    e.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here")
+    e.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here (default: none)")
     e.add_argument("--plot", default=None, metavar="PNG", help="naive: a figure of the naive and IWAE estimates "
-                                                               "against the sample count (1 .. k)")
+                                                               "against the sample count (1 .. k) (default: none)")
     e.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     e.set_defaults(func=cmd_evaluate)

@@ -24,7 +24,7 @@ from .common import add_train_args, nonneg_float, nonneg_int, positive_float, po
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
-            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype")
+            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype", "objective", "k")
 
 
 def _add_model_args(p):
@@ -40,6 +40,11 @@ def _add_model_args(p):
                    help="gaussian: fixed decoder std (the MSE form) (default: learn a per-pixel log-variance)")
     g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
     g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
+    g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
+                   help="training loss: elbo (-ELBO, --n-samples, --beta) or iwae (the k-sample importance-"
+                        "weighted bound, Burda et al. 2016) (default elbo)")
+    g.add_argument("--k", type=positive_int, default=5, help="--objective iwae: importance samples per image "
+                                                              "(default 5)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--data", default=None, metavar="DIR",
@@ -164,15 +169,18 @@ def iwae(model, x, k, seed, batch=100):
 
 
 # -- npdgm train vae ------------------------------------------------------------------------------
-def make_step(model, dynamic):
-    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one -ELBO gradient on a batch (``dynamic``: a new
-    Bernoulli(x) draw of the batch first); fills the grads, returns the loss terms."""
-    dtype, K, Z = model.dtype, model.n_samples, model.z_dim
+def make_step(model, dynamic, objective="elbo", k=5):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one -ELBO gradient on a batch (``objective`` "iwae": the
+    k-sample IWAE bound, VAE.iwae_loss_and_grad; ``dynamic``: a new Bernoulli(x) draw of the batch first);
+    fills the grads, returns the loss terms."""
+    dtype, K, Z = model.dtype, (k if objective == "iwae" else model.n_samples), model.z_dim
 
     def step(xb, yb, rng):
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
         eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
+        if objective == "iwae":
+            return {"loss": model.iwae_loss_and_grad(xb, eps, check=False, zero_grad=False)[0]}
         _, t = model.loss_and_grad(xb, eps, check=False, zero_grad=False)  # fit zeroed them
         return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
     return step
@@ -196,8 +204,9 @@ def cmd_train(args):
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"vae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
-    records = common.fit(model, opt, rng, start, run, out, args, make_step(model, run["binarize"] == "dynamic"),
-                         lambda e: evaluate_nelbo(model, test_x, seed), train_x)
+    step = make_step(model, run["binarize"] == "dynamic", run.get("objective", "elbo"), run.get("k", 5))
+    records = common.fit(model, opt, rng, start, run, out, args, step, lambda e: evaluate_nelbo(model, test_x, seed),
+                         train_x)
     summary = _summary(model, run, records, test_x)
     n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))
     imp = imputation_errors(model, x_te[:n_imp], x_tr.mean(axis=0), run["impute_rows"], run["impute_steps"],
@@ -210,11 +219,18 @@ def cmd_train(args):
     return 0
 
 
+def active_units(model, x, threshold=0.01, batch=1000):
+    """Latent dimensions in use (Burda et al. 2016): A_u = Cov_x(E_q[z_u | x]) > ``threshold``, the variance
+    over the images x of the posterior mean; an unused dimension has q(z_u|x) = p(z_u) for every x."""
+    mu = np.concatenate([backend.to_host(model.encode(x[s:s + batch])[0]) for s in range(0, len(x), batch)])
+    return int((mu.astype(np.float64).var(axis=0) > threshold).sum())
+
+
 def _summary(model, run, records, test_x):
     """summary.json of a VAE run: the last test -ELBO and, on ``iwae_n`` test images, the IWAE
     estimate test_nll of -log p(x) (test_ll = -test_nll) beside the ELBO on the same images."""
     seed = run["seed"]
-    summary = {"epochs": run["epochs"], "test_n": len(test_x)}
+    summary = {"epochs": run["epochs"], "test_n": len(test_x), "active_units": active_units(model, test_x)}
     if records:
         summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})
     n_iw = min(run["iwae_n"], len(test_x))
