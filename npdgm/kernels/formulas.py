@@ -47,7 +47,7 @@ _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**
 _CMPOPS = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
 
 CUDA_PREAMBLE = """\
-template <typename T> __device__ __forceinline__ T where(bool c, T a, T b) { return c ? a : b; }
+template <typename U> __device__ __forceinline__ U where(bool c, U a, U b) { return c ? a : b; }
 """
 
 
