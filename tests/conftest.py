@@ -6,6 +6,19 @@ import pytest
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    """The tests' matrices are small: one BLAS thread is faster than two fighting for two cores
+    (NICE's learning test: 22 s at 2 threads, 3 s at 1). Benchmarks set their own thread counts."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     """Every test starts on NumPy / float32 and cannot leak a backend or dtype into the next one."""
