@@ -31,7 +31,7 @@ def _layer(cls, d, rng, **kw):
     return layer
 
 
-@pytest.mark.parametrize("d,hidden", [(2, [3]), (3, [5, 4]), (5, [2]), (6, [11, 9, 7])])
+@pytest.mark.parametrize("d,hidden", [(2, [3]), (3, [5, 4]), (5, [2]), (6, [11, 9, 7]), (10, [4, 3])])
 def test_made_masks_are_autoregressive(f64, rng, d, hidden):
     """d out_j,d / d x_k = 0 unless k < d, for both output blocks (central differences of the masked net)."""
     made = AR.MADE(d, hidden, 2, "tanh", seed=3)
@@ -44,6 +44,7 @@ def test_made_masks_are_autoregressive(f64, rng, d, hidden):
         assert np.all(Jb[np.triu_indices(d)] == 0), Jb
         if len(hidden) == 1 and hidden[0] >= d - 1:  # every allowed path exists
             assert np.all(Jb[np.tril_indices(d, -1)] > 0), Jb
+        assert np.all(Jb[d - 1, :d - 1] > 0), Jb  # narrow layers too: the last output sees every earlier input
     masks = AR.made_masks(d, hidden)
     assert [m.shape for m in masks] == list(zip([d, *hidden], [*hidden, 2 * d]))
     deg = AR.made_degrees(d, hidden)

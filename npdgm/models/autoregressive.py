@@ -1,7 +1,8 @@
 """Autoregressive flows, every pass by hand: MADE masks, MAF (one-pass density, D-pass sampling), IAF (the reverse).
 
 MADE (Germain et al. 2015) turns an MLP into an autoregressive network by masking its weights. Every unit
-gets a degree: input d (0-based) has degree d + 1, hidden unit k of every layer degree (k mod (D - 1)) + 1,
+gets a degree: input d (0-based) has degree d + 1, hidden unit k of a layer of H units degree
+1 + floor(k (D - 2) / (H - 1)) (1 .. D-1 evenly, both ends included: every degree when H >= D - 1),
 and output block j's unit d degree d + 1 again. A weight from a unit of degree m to one of degree m' is kept
 when m' >= m (into a hidden unit) or m' > m (into an output), so output d depends on inputs 0..d-1 only.
 
@@ -35,9 +36,10 @@ __all__ = ["made_degrees", "made_masks", "MaskedLinear", "MADE", "MAF", "IAF"]
 
 
 def made_degrees(dim, hidden):
-    """Unit degrees [input (D,), hidden layer 1 (H1,), ...]: input d -> d + 1, hidden k -> (k mod (D-1)) + 1."""
+    """Unit degrees [input (D,), hidden layer 1 (H1,), ...]: input d -> d + 1, hidden unit k of H ->
+    1 + floor(k (D - 2) / (H - 1)) (spans 1..D-1 even when H < D - 1, so no late input is cut off)."""
     dim = check_int(dim, "dim", lo=2)
-    return [np.arange(1, dim + 1)] + [np.arange(int(h)) % (dim - 1) + 1 for h in hidden]
+    return [np.arange(1, dim + 1)] + [np.arange(int(h)) * (dim - 2) // max(int(h) - 1, 1) + 1 for h in hidden]
 
 
 def made_masks(dim, hidden, blocks=2):

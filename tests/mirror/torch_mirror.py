@@ -231,9 +231,9 @@ def _lu_weight(P, pre, spec):
 
 
 def made_masks(dim, hidden):
-    """MADE masks (in, out): input degree d + 1, hidden unit k degree (k mod (D-1)) + 1; hidden layers keep
-    m_out >= m_in, the output layer (two blocks of input degrees) m_out > m_in."""
-    deg = [np.arange(1, dim + 1)] + [np.arange(h) % (dim - 1) + 1 for h in hidden]
+    """MADE masks (in, out): input degree d + 1, hidden unit k of H degree 1 + floor(k (D-2) / (H-1)); hidden layers
+    keep m_out >= m_in, the output layer (two blocks of input degrees) m_out > m_in."""
+    deg = [np.arange(1, dim + 1)] + [np.arange(h) * (dim - 2) // max(h - 1, 1) + 1 for h in hidden]
     masks = [d_out[None, :] >= d_in[:, None] for d_in, d_out in zip(deg[:-1], deg[1:])]
     masks.append(np.tile(deg[0], 2)[None, :] > deg[-1][:, None])
     return [torch.from_numpy(m.astype(np.float64)) for m in masks]
