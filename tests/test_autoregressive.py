@@ -129,7 +129,8 @@ def test_factories_specs_and_checkpoints(f64, rng, tmp_path):
     x = rng.uniform(0.05, 0.95, (4, 6))
     np.testing.assert_allclose(back.log_prob(x), fl.log_prob(x), rtol=1e-12)
     xs = fl.sample(3, rng=0)
-    assert xs.shape == (3, 6) and np.all((xs > 0) & (xs < 1))
+    a = 0.05  # LogitTransform's alpha: its inverse (sigmoid(y) - a) / (1 - 2a) lies in (-a, 1 - a) / (1 - 2a)
+    assert xs.shape == (3, 6) and np.all((xs > -a / (1 - 2 * a)) & (xs < (1 - a) / (1 - 2 * a)))
     with pytest.raises(ValueError, match="unknown ordering 'sideways'"):
         F.maf(dim=4, ordering="sideways")
     with pytest.raises(ValueError, match="needs dim >= 2"):
