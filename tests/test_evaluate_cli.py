@@ -134,3 +134,31 @@ def test_active_units_counts_dimensions_whose_posterior_mean_varies():
             return np.stack([x[:, 0], 0.01 * x[:, 1], x[:, 2] * 0], 1), None
     x = np.random.default_rng(0).standard_normal((500, 3))
     assert active_units(M(), x) == 1
+
+
+def test_kl_warmup_ramps_beta_step_by_step(f64):
+    from npdgm.commands.vae import make_step
+
+    m = VAE(x_dim=6, hidden=(5,), z_dim=2, seed=1, beta=2.0)
+    xb = np.random.default_rng(0).uniform(0, 1, (4, 6))
+    step, seen = make_step(m, False, warmup_steps=4, start_step=1), []
+    for _ in range(5):
+        m.zero_grad()
+        t = step(xb, None, np.random.default_rng(3))
+        seen.append(m.beta)
+        np.testing.assert_allclose(float(t["loss"]), float(t["recon"] + m.beta * t["kl"]), rtol=1e-12)
+    assert seen == [0.5, 1.0, 1.5, 2.0, 2.0] and m.config["beta"] == 2.0
+
+
+def test_train_vae_kl_warmup_option(tmp_path):
+    out = str(tmp_path / "w")
+    assert cli.main(["train", "vae", *TINY, "--kl-warmup", "0.5", "--out", out]) == 0
+    from npdgm.io import load_arrays
+    arrays, meta = load_arrays(out)
+    assert meta["run"]["args"]["kl_warmup"] == 0.5 and meta["config"]["beta"] == 1.0
+
+
+def test_kl_warmup_with_iwae_objective_is_refused(tmp_path, capsys):
+    argv = ["train", "vae", *TINY, "--kl-warmup", "1", "--objective", "iwae", "--out", str(tmp_path / "x")]
+    assert cli.main(argv) == 2
+    assert "--kl-warmup applies to --objective elbo" in capsys.readouterr().err

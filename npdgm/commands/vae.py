@@ -24,7 +24,8 @@ from .common import add_train_args, nonneg_float, nonneg_int, positive_float, po
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
-            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype", "objective", "k")
+            "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype", "objective", "k",
+            "kl_warmup")
 
 
 def _add_model_args(p):
@@ -45,6 +46,9 @@ def _add_model_args(p):
                         "weighted bound, Burda et al. 2016) (default elbo)")
     g.add_argument("--k", type=positive_int, default=5, help="--objective iwae: importance samples per image "
                                                               "(default 5)")
+    g.add_argument("--kl-warmup", type=nonneg_float, default=0.0, metavar="EPOCHS",
+                   help="--objective elbo: the KL weight rises linearly from 0 to --beta over the first EPOCHS epochs, "
+                        "step by step (default 0: off)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--data", default=None, metavar="DIR",
@@ -169,13 +173,20 @@ def iwae(model, x, k, seed, batch=100):
 
 
 # -- npdgm train vae ------------------------------------------------------------------------------
-def make_step(model, dynamic, objective="elbo", k=5):
+def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=0):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: one -ELBO gradient on a batch (``objective`` "iwae": the
     k-sample IWAE bound, VAE.iwae_loss_and_grad; ``dynamic``: a new Bernoulli(x) draw of the batch first);
-    fills the grads, returns the loss terms."""
+    fills the grads, returns the loss terms. KL warm-up: at step t (counted from ``start_step``) the KL
+    weight is beta min(1, t / warmup_steps); model.beta holds it (the configured beta stays in model.config)."""
     dtype, K, Z = model.dtype, (k if objective == "iwae" else model.n_samples), model.z_dim
+    beta, count = model.config["beta"], [start_step]
+    if objective == "iwae" and warmup_steps:
+        raise ValueError("--kl-warmup applies to --objective elbo (the IWAE bound has no separate KL term)")
 
     def step(xb, yb, rng):
+        if warmup_steps:
+            model.beta = beta * min(1.0, count[0] / warmup_steps)
+            count[0] += 1
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
         eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
@@ -204,9 +215,12 @@ def cmd_train(args):
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"vae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
-    step = make_step(model, run["binarize"] == "dynamic", run.get("objective", "elbo"), run.get("k", 5))
+    per_epoch = -(-len(train_x) // run["batch_size"])
+    step = make_step(model, run["binarize"] == "dynamic", run.get("objective", "elbo"), run.get("k", 5),
+                     round(run.get("kl_warmup", 0) * per_epoch), start * per_epoch)
     records = common.fit(model, opt, rng, start, run, out, args, step, lambda e: evaluate_nelbo(model, test_x, seed),
                          train_x)
+    model.beta = model.config["beta"]
     summary = _summary(model, run, records, test_x)
     n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))
     imp = imputation_errors(model, x_te[:n_imp], x_tr.mean(axis=0), run["impute_rows"], run["impute_steps"],
