@@ -226,7 +226,7 @@ class Adam(Optimizer):
         (``npdgm.kernels.fused``) whose step counter lives on the device, so a captured CUDA graph
         of a training step replays with the right bias corrections. With the fused CPU path on
         (``fused.set_cpu_fused(True)``) the formula ``adam`` of ``npdgm.kernels.formulas`` updates
-        p, m, v in one pass: one parallel numba loop over the flat buffer, or with numexpr one call
+        p, m, v in one pass: one compiled numba loop over the flat buffer, or with numexpr one call
         per cache-sized chunk on each of the :func:`get_num_threads` threads."""
         from .kernels import fused
 
@@ -292,7 +292,7 @@ class Adam(Optimizer):
             return False
         args = (self.t, self.lr, self.b1, self.b2, self.eps, self.wd, self.decoupled)
         for p, g, m, v in flats:
-            if fused.cpu_fused() == "numba":                 # numba's prange splits the loop over threads
+            if fused.cpu_fused() == "numba":                 # one compiled loop (threads: set_cpu_fused)
                 fused.adam_step(p, g, m, v, *args)
                 continue
 

@@ -313,3 +313,17 @@ def test_bench_has_a_fused_cpu_row(monkeypatch):
     points, _, notes = run.plan(args)
     assert [p["backend"] for p in points] == ["npdgm-numpy"]
     assert any("numpy-fused: neither numba nor numexpr" in n for n in notes)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba absent")
+def test_numba_parallel_loop_is_bitwise_the_serial_one(cpu_fused):
+    """threads > 1 splits the same per-element loop over numba's threads: the same bits as one thread."""
+    r = np.random.default_rng(4)
+    dy, y = (r.standard_normal((300, 40)).astype(np.float32) for _ in range(2))
+    outs = []
+    for threads in (1, 2):
+        assert cpu_fused(True, "numba", min_size=0, threads=threads) == "numba"
+        assert fused._state["threads"] == threads
+        outs.append(fused.tanh_backward(dy, y))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], dy * (1 - y * y))

@@ -160,7 +160,7 @@ def _build(spec, backend):
         if backend == "npdgm-numpy-fused":
             from npdgm.kernels import fused
 
-            impl += f"+fused[{fused.set_cpu_fused(True, threads=spec['threads'])}]"
+            impl += f"+fused[{fused.set_cpu_fused(True)}]"     # numba's loops on one thread (see set_cpu_fused)
         if xp_name == "cupy" and spec.get("cuda_graph"):
             r.enable_cuda_graph()
             impl += "+graph"

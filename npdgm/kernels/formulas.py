@@ -10,7 +10,7 @@ float64. ``rows`` names an output that is summed over axis 1 (a per-row loss). F
 
 * :meth:`Formula.numpy` evaluates it with NumPy: the reference (tests compare it with the plain
   kernel on every input maker of the kernel table);
-* :meth:`Formula.numba` compiles it into one parallel loop (``prange``; every line runs per element,
+* :meth:`Formula.numba` compiles it into one loop (one thread, or ``prange`` over threads; every line runs per element,
   so Adam reads and writes p, m, v once) and :meth:`Formula.numexpr` runs it as one multithreaded
   numexpr pass per output: the fused CPU path (:func:`npdgm.kernels.fused.set_cpu_fused`). Numbers
   and other array-free parts are computed in float64 and cast to the arrays' dtype, so float32
@@ -249,10 +249,11 @@ class Formula:
         return self._ne
 
     # -- numba: the fused CPU path's compiled loop ---------------------------------------------
-    def numba(self, out=None, **values):
-        """Evaluate as one parallel numba loop (``prange`` over the flat arrays, or over the rows when
-        an input is broadcast, e.g. a (B, 1) column): every line runs per element, so Adam's p, m, v
-        stream through memory once. Parts without arrays are float64 scalars cast to the arrays' dtype,
+    def numba(self, out=None, parallel=False, **values):
+        """Evaluate as one compiled numba loop over the flat arrays (or over rows x columns when an input
+        is broadcast, e.g. a (B, 1) column): every line runs per element, so Adam's p, m, v stream
+        through memory once. ``parallel``: split the loop over numba's threads (``prange``); the
+        default is one thread. Parts without arrays are float64 scalars cast to the arrays' dtype,
         as in :meth:`numexpr`. Broadcasts that do not fit rows x columns (eps (K, B, Z) against mu
         (B, Z)) run :meth:`numpy`. The loop compiles on first use per dtype and layout (~0.3-1 s)."""
         import numpy as np
@@ -282,7 +283,7 @@ class Formula:
         args = [values[n] if n in self.arrays and n not in self.outputs else res[n] for n in names]
         args = ([a.reshape(-1) for a in args] if flat else
                 [np.broadcast_to(a, shape) if n not in self.outputs else a for n, a in zip(names, args)])
-        self._numba_kernel(flat)(*args, *[scal[k] for k in sorted(scal, key=lambda k: int(k[2:]))])
+        self._numba_kernel(flat, bool(parallel))(*args, *[scal[k] for k in sorted(scal, key=lambda k: int(k[2:]))])
         return self._finish(res, lambda a: a.sum(axis=1))
 
     def numba_source(self, flat=True):
@@ -312,21 +313,21 @@ class Formula:
         return "\n".join([f"def _loop({', '.join(names + consts)}):"] + ["    " + ln for ln in loop]
                          + [pad + b for b in body])
 
-    def _numba_kernel(self, flat):
+    def _numba_kernel(self, flat, parallel):
         cache = self.__dict__.setdefault("_numba", {})
-        if flat not in cache:
+        if (flat, parallel) not in cache:
             import numba
             import numpy as np
 
-            if numba.config.THREADING_LAYER == "default":   # not chosen by the user (NUMBA_THREADING_LAYER)
+            if parallel and numba.config.THREADING_LAYER == "default":   # not set by NUMBA_THREADING_LAYER
                 # numba's own pool sleeps between loops; OpenMP's spins and then fights OpenBLAS's GEMM
                 # threads for the cores (measured: the OpenMP layer made a VAE step 2-3x slower on 2 cores)
                 numba.config.THREADING_LAYER = "workqueue"
 
             ns = {"np": np, "prange": numba.prange}
             exec(compile(self.numba_source(flat), f"<formula {self.name}>", "exec"), ns)
-            cache[flat] = numba.njit(parallel=True, fastmath=False, nogil=True)(ns["_loop"])
-        return cache[flat]
+            cache[(flat, parallel)] = numba.njit(parallel=parallel, fastmath=False, nogil=True)(ns["_loop"])
+        return cache[(flat, parallel)]
 
     # -- CUDA: the CuPy kernels ----------------------------------------------------------------
     def _c(self, node, scalar_names, T):

@@ -11,7 +11,7 @@ three cannot drift apart. The kernels in ``npdgm.kernels`` call the versions her
   code on CuPy too, for comparison). On the GPU a small model is launch-bound: ``dy * (y > 0)`` is
   two kernels and a temporary, the Bernoulli gradient five; fused, each is one launch.
 * NumPy arrays: plain NumPy by default (``npdgm-numpy`` is the textbook path). ``set_cpu_fused(True)``
-  runs the formulas as one compiled parallel loop each with numba (or, second choice, numexpr: one
+  runs the formulas as one compiled loop each with numba (or, second choice, numexpr: one
   multithreaded pass per output), no temporaries; ``optim.Adam`` then updates p, m, v in one fused
   pass. Without numba and numexpr the switch warns and the plain NumPy code runs.
 
@@ -32,7 +32,7 @@ import warnings
 from ..backend import array_module
 from .formulas import FORMULAS
 
-_state = {"enabled": True, "kernels": {}, "cpu": None, "min_size": 0}
+_state = {"enabled": True, "kernels": {}, "cpu": None, "min_size": 0, "threads": 1}
 CPU_MIN_SIZE = 4096   # arrays smaller than this take the plain NumPy code even with the fused CPU path on
 ENGINES = ("numba", "numexpr", "numpy")   # "numpy": the formulas evaluated by NumPy (the reference, for tests)
 
@@ -68,7 +68,10 @@ def set_cpu_fused(flag=True, engine=None, min_size=CPU_MIN_SIZE, threads=None):
     "numpy" (whole-array NumPy evaluation of the formulas: the reference, for tests); None picks the
     first of numba, numexpr that is installed, and without either warns and leaves the plain NumPy
     path on. ``min_size``: calls whose largest array is smaller stay on the plain code (a fused call
-    costs ~5-10 us). ``threads``: the engine's thread count (default: its own, i.e. all cores).
+    costs ~5-10 us). ``threads``: numba's loops run on one thread unless ``threads`` > 1 (measured on 2
+    cores: a parallel numba loop between OpenBLAS's multithreaded GEMMs made whole steps slower, its
+    workers and OpenBLAS's spinning ones fighting for the cores, while one vectorized thread already
+    streams at memory speed); numexpr uses ``threads`` if given, else its own default.
     Returns the engine now in use, or None (plain NumPy)."""
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"unknown fused CPU engine {engine!r}; expected one of {ENGINES}")
@@ -82,8 +85,13 @@ def set_cpu_fused(flag=True, engine=None, min_size=CPU_MIN_SIZE, threads=None):
         raise ImportError(f"fused CPU engine {engine!r} is not installed (pip install {engine})")
     _state["cpu"] = engine if flag else None
     _state["min_size"] = max(0, int(min_size))
-    if flag and threads is not None and engine != "numpy":
-        __import__(engine).set_num_threads(int(threads))
+    _state["threads"] = max(1, int(threads or 1))
+    if flag and engine == "numexpr" and threads is not None:
+        __import__("numexpr").set_num_threads(int(threads))
+    elif flag and engine == "numba" and _state["threads"] > 1:
+        import numba
+
+        numba.set_num_threads(min(_state["threads"], numba.config.NUMBA_NUM_THREADS))
     return _state["cpu"]
 
 
@@ -160,7 +168,10 @@ def run(name, *arrays, **scalars):
             return k(*args, axis=1)
         return k(*args, *[a for n, a in zip(f.arrays, arrays) if n in f.inplace])
     values = dict(zip(f.arrays, arrays), **scalars)
-    res = getattr(f, _state["cpu"] or "numpy")(**values)
+    if _state["cpu"] == "numba":
+        res = f.numba(parallel=_state["threads"] > 1, **values)
+    else:
+        res = getattr(f, _state["cpu"] or "numpy")(**values)
     out = tuple(res[o] for o in f.outputs)
     return out[0] if len(out) == 1 else out
 
