@@ -180,7 +180,25 @@ def _batches(train_x, train_y, perm, batch_size):
         yield take(train_x, idx), None if train_y is None else take(train_y, idx)
 
 
-def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop):
+def _shard_step(model, step, xb, yb, rng, comm):
+    """``step`` on this rank's shard [lo, hi) of the global batch (its noise drawn for the whole batch and
+    sliced, see npdgm.distributed), gradient scaled by N n_r / B and all-reduced (mean over ranks): every rank
+    ends with the full-batch gradient; the loss terms are the shard-size-weighted sums over ranks."""
+    from .distributed import shard_bounds
+
+    b = int(xb.shape[0])
+    lo, hi = shard_bounds(b, comm.rank, comm.size)
+    terms = step(xb, yb, rng, shard=slice(lo, hi))
+    keys = list(terms)  # the same order on every rank (the same step code)
+    w = (hi - lo) / b
+    if w != 1.0 / comm.size:
+        model.flat_grads *= w * comm.size
+    comm.allreduce_mean_(model.flat_grads)
+    vals = comm.allreduce_sum([w * float(terms[k]) for k in keys])
+    return dict(zip(keys, vals))
+
+
+def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop, comm=None):
     """One pass over the shuffled data: zero grads, ``step``, clip, ``optimizer.step()``; returns the
     sums of the step terms. ``stop(i, loss)`` is called every 50 batches and on the last."""
     from .optim import clip_grad_norm
@@ -189,7 +207,7 @@ def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar,
     nb, sums = math.ceil(len(perm) / batch_size), {}
     for i, (xb, yb) in enumerate(_batches(train_x, train_y, perm, batch_size)):
         model.zero_grad()
-        terms = step(xb, yb, rng)
+        terms = step(xb, yb, rng) if comm is None or comm.size == 1 else _shard_step(model, step, xb, yb, rng, comm)
         if clip:
             clip_grad_norm(model, clip)
         optimizer.step()
@@ -203,7 +221,7 @@ def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar,
 
 
 def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng, step, evaluate=None,
-        start_epoch=0, run_meta=None, progress=True, log=print, clip=None):
+        start_epoch=0, run_meta=None, progress=True, log=print, clip=None, comm=None):
     """Train for epochs ``start_epoch + 1 .. epochs``.
 
     train_y: labels (or any per-example array) batched alongside train_x, or None.
@@ -211,6 +229,10 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
                      (the loop zeroes them before and runs ``optimizer.step()`` after); yb is None
                      without train_y.
     evaluate(epoch) -> dict of floats (test metrics), optional.
+    comm: a communicator of npdgm.distributed (None: one process). With N > 1 ranks each rank runs
+          ``step(xb, yb, rng, shard=slice(lo, hi))`` on its shard of the same global batch (the step draws the
+          noise of the whole batch, then slices), the gradient is all-reduced to the full-batch mean, and
+          rank 0 alone evaluates and writes metrics and checkpoints.
     Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact. A non-finite
     loss or epoch metric raises FloatingPointError (the epoch's record is logged with null values and
     a "nonfinite" list, no checkpoint is written for it).
@@ -222,11 +244,18 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
         raise ValueError(f"train_y has {len(train_y)} rows, train_x {n}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    root = comm is None or comm.rank == 0  # rank 0 alone writes metrics and checkpoints
+    if comm is not None and comm.size > 1:
+        if 0 < n % batch_size < comm.size or batch_size < comm.size:
+            raise ValueError(f"with {comm.size} ranks every batch needs >= {comm.size} examples (batch size "
+                             f"{batch_size}, last batch {n % batch_size or batch_size}); change --batch-size")
+        comm.check_same(model.flat_params, "initial parameters")
     os.makedirs(out, exist_ok=True)
     if start_epoch:
-        logged = _truncate_metrics(out, start_epoch)
+        logged = _truncate_metrics(out, start_epoch) if root else read_metrics(out)
     else:
-        atomic_write_bytes(os.path.join(out, "metrics.jsonl"), lambda f: None)
+        if root:
+            atomic_write_bytes(os.path.join(out, "metrics.jsonl"), lambda f: None)
         logged = []
     bad_epochs = {r.get("epoch") for r in logged if r.get("nonfinite") or dumps(r)[1]}
     nb = math.ceil(n / batch_size)
@@ -234,7 +263,7 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
-            bar = _progress(nb, f"epoch {epoch}/{epochs}", progress)
+            bar = _progress(nb, f"epoch {epoch}/{epochs}", progress and root)
 
             def stop(i, loss):
                 if not math.isfinite(loss):
@@ -243,11 +272,14 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
                                              f"or add --clip")
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}")
-            sums = _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop)
+            sums = _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop, comm)
             if bar is not None:
                 bar.close()
             rec = {"epoch": epoch, "step": epoch * nb, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
             rec["train_seconds"] = round(time.perf_counter() - t0, 3)
+            if not root:  # the other ranks only train
+                records.append(rec)
+                continue
             if evaluate is not None:
                 rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
             bad = log_record(out, rec, logged)

@@ -80,15 +80,28 @@ def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batc
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     g.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
     add_run_dir_args(g)
+    g.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plots", action="store_true", help="skip the figures")
 
 
 def setup_backend(args):
+    from .. import distributed
+
     if getattr(args, "backend", None):
         backend.set_backend(args.backend)
     if getattr(args, "dtype", None):
         backend.set_dtype(args.dtype)
+    if hasattr(args, "distributed"):
+        distributed.init(args.distributed, gpu=backend.get_backend() == "cupy")
+
+
+def is_root():
+    """True on rank 0 (or in a single process): the rank that writes files and prints results."""
+    from .. import distributed
+
+    return distributed.world().rank == 0
 
 
 def default_out(name):
@@ -121,6 +134,8 @@ def lock_run(out):
     """Hold an exclusive lock on OUT/.lock until :func:`release_locks` (or the process ends)."""
     import fcntl
 
+    if not is_root():  # the other ranks of a data-parallel run share rank 0's lock
+        return
     f = open(os.path.join(out, ".lock"), "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,12 +165,13 @@ def new_run_dir(out, overwrite):
         raise ValueError(f"--out {out} is an existing file, not a run directory")
     os.makedirs(out, exist_ok=True)
     lock_run(out)
-    remove_leftovers(out)
-    files = sorted(f for f in os.listdir(out) if f != ".lock")
+    if is_root():
+        remove_leftovers(out)
+    files = sorted(f for f in os.listdir(out) if f != ".lock" and not f.startswith(".tmp-"))
     if files and not overwrite:
         raise ValueError(f"--out {out} already holds files ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})"
                          f"; continue that run with --resume {out}, replace it with --overwrite, or pick a new --out")
-    for f in files:
+    for f in files if is_root() else ():
         if f in RUN_FILES or f.endswith(".png"):
             os.remove(os.path.join(out, f))
     return out
@@ -299,12 +315,16 @@ def start_training(model, run, out, resume):
 
 
 def fit(model, opt, rng, start, run, out, args, step, evaluate, train_x, train_y=None):
-    """``npdgm.train.fit`` with the run's options; returns the records of metrics.jsonl (all epochs)."""
-    from .. import train
+    """``npdgm.train.fit`` with the run's options (and the communicator of npdgm.distributed.world(): the
+    step must accept ``shard=`` under N > 1 ranks); returns the records of metrics.jsonl (all epochs)."""
+    from .. import distributed, train
 
+    comm = distributed.world()
+    if comm.size > 1 and not getattr(step, "shardable", False):
+        raise ValueError(f"this model does not support data-parallel training yet ({comm.size} ranks)")
     train.fit(model, opt, train_x, train_y, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
               step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run},
-              progress=not args.no_progress, clip=run["clip"])
+              progress=not args.no_progress, clip=run["clip"], comm=comm)
     return train.read_metrics(out)
 
 

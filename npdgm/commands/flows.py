@@ -249,15 +249,17 @@ def make_step(model, image):
     from ..models.flows import bits_per_dim
 
     if not image:
-        def step2d(xb, yb, rng):
-            loss = model.loss_and_grad(xb, zero_grad=False)
+        def step2d(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows of the batch
+            loss = model.loss_and_grad(xb[shard], zero_grad=False)
             return {"loss": loss, "nll": loss}
+        step2d.shardable = True
         return step2d
     from ..data import dequantize
 
-    def step(xb, yb, rng):
-        loss = model.loss_and_grad(dequantize(xb, rng), zero_grad=False)  # fit zeroed them
+    def step(xb, yb, rng, shard=slice(None)):  # the noise is drawn for the whole batch, then sliced
+        loss = model.loss_and_grad(dequantize(xb, rng)[shard], zero_grad=False)  # fit zeroed them
         return {"loss": loss, "nll": loss, "bpd": bits_per_dim(loss, model.dim)}
+    step.shardable = True
     return step
 
 
@@ -291,6 +293,8 @@ def cmd_train(args):
           f"-> {out}", flush=True)
     records = common.fit(model, opt, rng, start, run, out, args, make_step(model, image),
                          lambda e: evaluate(model, test_x, image), train_x)
+    if not common.is_root():
+        return 0
     summary = {"family": run["family"], "dataset": run["dataset"], "epochs": run["epochs"],
                "steps": records[-1]["step"] if records else 0, "test_n": len(x_te),
                "parameters": model.num_parameters()}

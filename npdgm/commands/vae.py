@@ -183,17 +183,19 @@ def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=
     if objective == "iwae" and warmup_steps:
         raise ValueError("--kl-warmup applies to --objective elbo (the IWAE bound has no separate KL term)")
 
-    def step(xb, yb, rng):
+    def step(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows; the noise is drawn for the whole batch
         if warmup_steps:
             model.beta = beta * min(1.0, count[0] / warmup_steps)
             count[0] += 1
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
         eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
+        xb, eps = xb[shard], eps[:, shard]
         if objective == "iwae":
             return {"loss": model.iwae_loss_and_grad(xb, eps, check=False, zero_grad=False)[0]}
         _, t = model.loss_and_grad(xb, eps, check=False, zero_grad=False)  # fit zeroed them
         return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+    step.shardable = True
     return step
 
 
@@ -220,6 +222,8 @@ def cmd_train(args):
                      round(run.get("kl_warmup", 0) * per_epoch), start * per_epoch)
     records = common.fit(model, opt, rng, start, run, out, args, step, lambda e: evaluate_nelbo(model, test_x, seed),
                          train_x)
+    if not common.is_root():
+        return 0
     model.beta = model.config["beta"]
     summary = _summary(model, run, records, test_x)
     n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))

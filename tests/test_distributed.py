@@ -1,0 +1,131 @@
+"""Data-parallel training (npdgm.distributed): 2 MPI ranks with global batch B give the losses and
+parameters of 1 process with batch B; a dead rank stops the job; the last checkpoint resumes.
+The MPI runs skip without mpi4py / mpiexec (pip install '.[mpi]'). The NCCL path needs CuPy and a GPU
+and is not run here."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from npdgm import distributed
+
+HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and shutil.which("mpiexec") is not None
+need_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install '.[mpi]')")
+TIMEOUT = 60
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "NPDGM_DIST"))}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    return env
+
+
+def _run(args, out, n=1, env=None, check=True):
+    cmd = ([] if n == 1 else ["mpiexec", "-n", str(n)]) + [sys.executable, "-m", "npdgm", *args, "--out", str(out),
+                                                           "--no-plots", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env or _env())
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _assert_same_run(a, b, rel):
+    ra, rb = _records(a), _records(b)
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+    for x, y in zip(ra, rb):
+        for k in x:
+            if k.startswith(("train_", "test_")) and k != "train_seconds":
+                assert y[k] == pytest.approx(x[k], rel=rel, abs=rel), (k, x[k], y[k])
+    pa, pb = np.load(os.path.join(a, "checkpoint.npz")), np.load(os.path.join(b, "checkpoint.npz"))
+    for k in pa.files:
+        if pa[k].dtype.kind == "f":
+            scale = max(float(np.abs(pa[k]).max()), 1e-12)
+            assert float(np.abs(pa[k] - pb[k]).max()) <= rel * scale, k
+
+
+VAE = ["train", "vae", "--hidden", "32", "--z-dim", "4", "--test-limit", "100", "--impute-n", "10"]
+FLOW = ["train", "flow2d", "--dataset", "moons", "--couplings", "2", "--hidden", "16", "16", "--test-limit", "100"]
+
+
+# -- without MPI -------------------------------------------------------------------------------------
+def test_shard_bounds_cover_the_batch_in_order():
+    for b in (1, 2, 45, 255, 256):
+        for n in (1, 2, 3, 8):
+            bounds = [distributed.shard_bounds(b, r, n) for r in range(n)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == b
+            assert all(bounds[i][1] == bounds[i + 1][0] for i in range(n - 1))
+            assert max(h - lo for lo, h in bounds) - min(h - lo for lo, h in bounds) <= 1
+
+
+def test_detect_is_single_outside_mpiexec(monkeypatch):
+    for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    c = distributed.detect()
+    assert isinstance(c, distributed.Single) and (c.rank, c.size) == (0, 1)
+    buf = np.arange(4.0)
+    assert c.allreduce_mean_(buf) is buf and list(buf) == [0, 1, 2, 3]
+
+
+# -- 2 ranks against 1 process -----------------------------------------------------------------------
+@need_mpi
+def test_vae_two_ranks_equal_one_process_every_step_float64(tmp_path):
+    """One step per epoch (B = 255 = 127 + 128: uneven shards), so each epoch's train loss is one step's."""
+    args = VAE + ["--train-limit", "255", "--batch-size", "255", "--epochs", "3", "--dtype", "float64"]
+    _run(args, tmp_path / "one")
+    _run(args, tmp_path / "two", n=2)
+    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+
+
+@need_mpi
+def test_vae_and_flow2d_two_ranks_uneven_last_batch_float32(tmp_path):
+    """B = 45 on 256 examples: shards 22/23 and a last batch of 31 (15/16)."""
+    for name, args in (("vae", VAE), ("flow", FLOW)):
+        a = args + ["--train-limit", "256", "--batch-size", "45", "--epochs", "1", "--dtype", "float32"]
+        _run(a, tmp_path / f"{name}1")
+        _run(a, tmp_path / f"{name}2", n=2)
+        _assert_same_run(tmp_path / f"{name}1", tmp_path / f"{name}2", 1e-5)
+
+
+@need_mpi
+def test_flow2d_two_ranks_equal_one_process_float64(tmp_path):
+    args = FLOW + ["--train-limit", "255", "--batch-size", "85", "--epochs", "2", "--dtype", "float64"]
+    _run(args, tmp_path / "one")
+    _run(args, tmp_path / "two", n=2)
+    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+
+
+@need_mpi
+def test_dead_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
+    """Rank 1 exits at its 2nd gradient allreduce (epoch 2): rank 0 must not hang; the epoch-1 checkpoint
+    resumes on 2 ranks and ends where an uninterrupted single-process run ends."""
+    args = VAE + ["--train-limit", "255", "--batch-size", "255", "--epochs", "3", "--dtype", "float64"]
+    t0 = time.monotonic()
+    p = _run(args, tmp_path / "two", n=2, env=_env(NPDGM_DIST_KILL="1:2", NPDGM_DIST_TIMEOUT="5"), check=False)
+    assert p.returncode != 0 and time.monotonic() - t0 < TIMEOUT
+    assert [r["epoch"] for r in _records(tmp_path / "two")] == [1]
+    from npdgm.io import load_arrays
+    assert load_arrays(str(tmp_path / "two"))[1]["epoch"] == 1
+    resumed = ["train", "vae", "--resume", str(tmp_path / "two"), "--no-plots", "--no-progress"]
+    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "npdgm", *resumed], capture_output=True,
+                       text=True, timeout=TIMEOUT, env=_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    _run(args, tmp_path / "one")
+    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+
+
+@need_mpi
+def test_batch_smaller_than_world_is_refused(tmp_path):
+    args = FLOW + ["--train-limit", "255", "--batch-size", "127", "--epochs", "1"]  # last batch: 1 example
+    p = _run(args, tmp_path / "two", n=2, check=False)
+    assert p.returncode != 0 and "every batch needs >= 2 examples" in p.stderr
