@@ -179,3 +179,21 @@ def test_elbo_estimate_is_the_mean_of_log_p_minus_log_q(f64, rng):
     want = (m.log_joint_and_grad_z(x, z)[0] - logq).mean(0)
     np.testing.assert_allclose(I.elbo_estimate(m, x, 7, rng=G()), want, rtol=1e-10)
     assert np.all(I.elbo_estimate(m, x, 300, rng=2) < m.log_likelihood(x, k=300, rng=1))
+
+
+def test_naive_curve_and_its_figure_one_panel_per_latent_dimension(tmp_path, rng):
+    from npdgm.plots.inference import naive_vs_iwae
+
+    curves = []
+    for z in (2, 5):
+        m = _vae(rng, x_dim=10, z_dim=z)
+        x = (rng.random((3, 10)) < 0.5).astype(np.float32)
+        c = I.naive_curve(m, x, counts=(1, 10, 100), repeats=3, rng=0)
+        assert c["naive"].shape == (3, 3) and c["iwae"].shape == (3, 3) and c["z_dim"] == z
+        # the naive estimate's spread over repeats shrinks with N, and its downward bias with it
+        assert c["naive"][:, 0].std() > c["naive"][:, 2].std() and c["naive"][:, 2].mean() > c["naive"][:, 0].mean()
+        curves.append(c)
+    path = naive_vs_iwae(curves, str(tmp_path / "n.png"), reference=-5.0)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(path).shape[1] > 1000   # two panels side by side
