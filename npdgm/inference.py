@@ -24,7 +24,7 @@ import numpy as np
 from . import backend
 from .validate import as_rng, check_float, check_int
 
-__all__ = ["logmeanexp", "posterior_target", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
+__all__ = ["logmeanexp", "posterior_target", "impute_hmc", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
            "langevin", "elbo_estimate", "naive_curve", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -65,10 +65,30 @@ def _uniform(shape, rng, xp):
 
 
 # -- targets ---------------------------------------------------------------------------------------------
-def posterior_target(model, x):
-    """f(z) = (log p(x, z), d/dz log p(x, z)) for z (C, B, Z): the unnormalized posterior p(z|x) of a VAE."""
+def posterior_target(model, x, observed=None):
+    """f(z) = (log p(x, z), d/dz log p(x, z)) for z (C, B, Z): the unnormalized posterior p(z|x) of a VAE
+    (``observed`` (B, D) bool: p(z | x_observed), the likelihood of those pixels only)."""
     x = model.check_x(x)
-    return lambda z: model.log_joint_and_grad_z(x, z, check=False)
+    return lambda z: model.log_joint_and_grad_z(x, z, check=False, observed=observed)
+
+
+def impute_hmc(model, x, mask, chains=8, n=50, warmup=50, leapfrog=10, rng=0):
+    """E[x_missing | x_observed] = E_{p(z | x_o)} E[x_m | z] by HMC on p(z | x_o) (``mask`` True = missing):
+    ``chains`` chains per image from the encoder mean of x with the missing pixels zeroed, ``warmup``
+    adapting transitions, then the decoder mean averaged over the n x chains kept draws. Exact in the
+    limit, where :meth:`VAE.conditional_mean` importance-samples from q(z | x~) instead.
+    Returns (imputed (B, D) with the observed pixels unchanged, the :func:`hmc` result)."""
+    xp = model.xp
+    mask, x_obs = model._prep_mask(x, mask)
+    mu = model.encode(x_obs)[0]
+    z0 = xp.broadcast_to(mu, (check_int(chains, "chains", lo=1),) + mu.shape).copy()
+    out = hmc(posterior_target(model, x_obs, ~mask), z0, n, warmup, 0.05, leapfrog, rng=rng)
+    acc = xp.zeros(x_obs.shape, dtype=np.float64)
+    for zs in out["samples"]:
+        zs = backend.to_device(zs, model.dtype)
+        acc += model.decode(zs.reshape(-1, model.z_dim)).reshape((chains,) + x_obs.shape).astype(np.float64).sum(0)
+    est = (acc / (n * chains)).astype(model.dtype)
+    return xp.where(mask, est, x_obs), out
 
 
 def _loglik(model, x):

@@ -197,3 +197,33 @@ def test_naive_curve_and_its_figure_one_panel_per_latent_dimension(tmp_path, rng
     import matplotlib.image
 
     assert matplotlib.image.imread(path).shape[1] > 1000   # two panels side by side
+
+
+def test_impute_hmc_matches_gaussian_conditioning_of_a_linear_gaussian_vae(f64):
+    """p(x) = N(b, S): E[x_m | x_o] = b_m + S_mo S_oo^-1 (x_o - b_o) exactly; HMC on p(z | x_o) gets there."""
+    m = _linear_gaussian(D=6, Z=2, sigma=0.4)
+    x, _ = I.simulate(m, 3, rng=4)
+    mask = np.zeros((3, 6), bool)
+    mask[:, 4:] = True
+    W, b = m.params["decoder.0.W"], m.params["decoder.0.b"]
+    S = W.T @ W + 0.16 * np.eye(6)
+    want = b[4:] + (x[:, :4] - b[:4]) @ np.linalg.solve(S[:4, :4], S[:4, 4:])
+    got, out = I.impute_hmc(m, x, mask, chains=16, n=150, warmup=100, leapfrog=5, rng=0)
+    np.testing.assert_allclose(got[:, 4:], want, atol=0.06)
+    np.testing.assert_array_equal(got[:, :4], x[:, :4])
+    assert 0.5 < out["accept"].mean() < 0.85
+    # the masked target: the missing pixels do not change log p(x_o, z) or its gradient
+    f, x2 = I.posterior_target(m, x, ~mask), x.copy()
+    x2[:, 4:] += 3.0
+    z = np.random.default_rng(0).standard_normal((2, 3, 2))
+    for a, c in zip(f(z), I.posterior_target(m, x2, ~mask)(z)):
+        np.testing.assert_allclose(a, c, rtol=1e-12)
+
+
+def test_grad_z_with_observed_pixels_finite_differences(f64, rng):
+    for kw in (dict(likelihood="bernoulli"), dict(likelihood="gaussian")):
+        m = _vae(rng, **kw)
+        x, z, obs = _data(m, rng), rng.standard_normal((2, 4, 3)), rng.random((4, 6)) < 0.5
+        g = m.log_joint_and_grad_z(x, z, observed=obs)[1]
+        rep = check(lambda: float(np.sum(m.log_joint_and_grad_z(x, z, observed=obs)[0])), {"z": z}, {"z": g})
+        assert rep["z"][1] < 1e-6, rep

@@ -300,7 +300,7 @@ class VAE(ELBOMixin, Model):
         """E[x | z = mu(x)]: decode the posterior mean (deterministic)."""
         return self.decode(self.encode(x)[0])
 
-    def log_joint_and_grad_z(self, x, z, check=True):
+    def log_joint_and_grad_z(self, x, z, check=True, observed=None):
         """log p(x, z) = log p(x|z) + log N(z; 0, I) per row and its gradient with respect to z, the
         whole input of the samplers in :mod:`npdgm.inference` (HMC, MALA, AIS):
 
@@ -311,7 +311,9 @@ class VAE(ELBOMixin, Model):
         J_f^T is the decoder's backward to its input (:func:`input_backward`: the dx lines of the layer
         backwards, no parameter gradient is touched). x (B, x_dim); z (B, z_dim) or (C, B, z_dim) (C chains
         per image). Returns (logp of shape z.shape[:-1], float64; dlogp/dz of z's shape, model dtype);
-        the normalizing constants are included (log p(x, z) is a density, not up to a constant)."""
+        the normalizing constants are included (log p(x, z) is a density, not up to a constant).
+        ``observed`` (B, x_dim) bool: log p(x_o, z) of those pixels only (the others enter as out = x = 0, a
+        constant in z, as in :func:`npdgm.models.elbo.log_weights`): the target of p(z | x_observed)."""
         xp, Z = self.xp, self.z_dim
         x = self.check_x(x) if check else x
         if z.shape[-1] != Z or z.shape[-2] != x.shape[0] or z.ndim not in (2, 3):
@@ -321,12 +323,18 @@ class VAE(ELBOMixin, Model):
         out = self.decoder.forward(zz)
         xt = xp.broadcast_to(x, (zz.shape[0] // x.shape[0],) + x.shape).reshape(out.shape)
         ones = xp.ones(out.shape[0], dtype=self.dtype)
+        if observed is not None:
+            keep = xp.broadcast_to(xp.asarray(observed, dtype=bool), (zz.shape[0] // x.shape[0],) + x.shape)
+            keep = keep.reshape(out.shape)
+            out, xt = xp.where(keep, out, 0).astype(self.dtype, copy=False), xp.where(keep, xt, 0)
         if self.likelihood == "bernoulli":
             nll, dout = bernoulli_nll_forward(out, xt), bernoulli_nll_backward(ones, out, xt)
         else:
             lv = self._logvar_x()
             nll, dout = gaussian_nll_forward(out, xt, lv), gaussian_nll_backward(ones, out, xt, lv)[0]
         logp = gaussian_logprob_forward(zz).astype(np.float64) - nll.astype(np.float64)
+        if observed is not None:
+            dout = xp.where(keep, dout, 0)
         grad = gaussian_logprob_backward(ones, zz) - input_backward(self.decoder, dout)
         return logp.reshape(z.shape[:-1]), grad.reshape(z.shape)
 
