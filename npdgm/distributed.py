@@ -78,8 +78,11 @@ class MPIComm(Single):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.timeout = float(os.environ.get("NPDGM_DIST_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
         self.calls = 0
-        kill = os.environ.get("NPDGM_DIST_KILL")  # fault injection for tests: "RANK:CALL" -> that rank exits
-        self.kill = tuple(int(v) for v in kill.split(":")) if kill else None
+        # fault injection for tests: "RANK:CALL" -> that rank exits at its CALL-th gradient allreduce,
+        # "RANK:CALL:hang" -> it stops answering there (sleeps)
+        kill = os.environ.get("NPDGM_DIST_KILL", "").split(":")
+        self.kill = (int(kill[0]), int(kill[1])) if len(kill) >= 2 else None
+        self.hang = len(kill) == 3 and kill[2] == "hang"
 
     def _wait(self, req, what):
         deadline = time.monotonic() + self.timeout
@@ -95,6 +98,8 @@ class MPIComm(Single):
         """buf <- (sum over ranks of buf) / size, in place (host buffer)."""
         self.calls += 1
         if self.kill and self.kill == (self.rank, self.calls):
+            if self.hang:
+                time.sleep(3600)
             os._exit(3)
         self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), "gradient allreduce")
         buf /= self.size

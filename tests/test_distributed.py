@@ -15,7 +15,9 @@ import pytest
 
 from npdgm import distributed
 
-HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and shutil.which("mpiexec") is not None
+_BESIDE = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the mpich wheel's, in a venv not activated
+MPIEXEC = _BESIDE if os.access(_BESIDE, os.X_OK) else shutil.which("mpiexec")
+HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and MPIEXEC is not None
 need_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install '.[mpi]')")
 TIMEOUT = 60
 
@@ -27,7 +29,7 @@ def _env(**extra):
 
 
 def _run(args, out, n=1, env=None, check=True):
-    cmd = ([] if n == 1 else ["mpiexec", "-n", str(n)]) + [sys.executable, "-m", "npdgm", *args, "--out", str(out),
+    cmd = ([] if n == 1 else [MPIEXEC, "-n", str(n)]) + [sys.executable, "-m", "npdgm", *args, "--out", str(out),
                                                            "--no-plots", "--no-progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env or _env())
     if check:
@@ -117,11 +119,21 @@ def test_dead_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
     from npdgm.io import load_arrays
     assert load_arrays(str(tmp_path / "two"))[1]["epoch"] == 1
     resumed = ["train", "vae", "--resume", str(tmp_path / "two"), "--no-plots", "--no-progress"]
-    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "npdgm", *resumed], capture_output=True,
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "npdgm", *resumed], capture_output=True,
                        text=True, timeout=TIMEOUT, env=_env())
     assert p.returncode == 0, p.stderr[-2000:]
     _run(args, tmp_path / "one")
     _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+
+
+@need_mpi
+def test_a_rank_that_stops_answering_times_out_with_a_clear_error(tmp_path):
+    """Rank 1 hangs at its 2nd allreduce: rank 0's collective times out (2 s) and aborts the job."""
+    args = FLOW + ["--train-limit", "255", "--batch-size", "255", "--epochs", "3"]
+    t0 = time.monotonic()
+    p = _run(args, tmp_path / "two", n=2, env=_env(NPDGM_DIST_KILL="1:2:hang", NPDGM_DIST_TIMEOUT="2"), check=False)
+    assert p.returncode != 0 and time.monotonic() - t0 < TIMEOUT
+    assert "rank 0/2: gradient allreduce got no answer from the other ranks in 2 s" in p.stderr, p.stderr[-2000:]
 
 
 @need_mpi
