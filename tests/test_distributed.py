@@ -109,15 +109,15 @@ def test_flow2d_two_ranks_equal_one_process_float64(tmp_path):
 
 @need_mpi
 def test_dead_rank_stops_the_job_and_the_checkpoint_resumes(tmp_path):
-    """Rank 1 exits at its 2nd gradient allreduce (epoch 2): rank 0 must not hang; the epoch-1 checkpoint
-    resumes on 2 ranks and ends where an uninterrupted single-process run ends."""
+    """Rank 1 exits at its 3rd gradient allreduce (epoch 3; rank 0 may be killed while writing epoch 2):
+    nobody hangs; the last checkpoint (epoch 1 or 2, atomic) resumes on 2 ranks and ends where an
+    uninterrupted single-process run ends."""
     args = VAE + ["--train-limit", "255", "--batch-size", "255", "--epochs", "3", "--dtype", "float64"]
     t0 = time.monotonic()
-    p = _run(args, tmp_path / "two", n=2, env=_env(NPDGM_DIST_KILL="1:2", NPDGM_DIST_TIMEOUT="5"), check=False)
+    p = _run(args, tmp_path / "two", n=2, env=_env(NPDGM_DIST_KILL="1:3", NPDGM_DIST_TIMEOUT="5"), check=False)
     assert p.returncode != 0 and time.monotonic() - t0 < TIMEOUT
-    assert [r["epoch"] for r in _records(tmp_path / "two")] == [1]
     from npdgm.io import load_arrays
-    assert load_arrays(str(tmp_path / "two"))[1]["epoch"] == 1
+    assert load_arrays(str(tmp_path / "two"))[1]["epoch"] in (1, 2)
     resumed = ["train", "vae", "--resume", str(tmp_path / "two"), "--no-plots", "--no-progress"]
     p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "npdgm", *resumed], capture_output=True,
                        text=True, timeout=TIMEOUT, env=_env())
