@@ -119,6 +119,7 @@ class MPIComm(Single):
     def check_same(self, buf, what="parameters"):
         """Every rank's checksum of ``buf`` must equal rank 0's; else DistributedError on every rank."""
         mine = checksum(buf)
+        self.barrier()  # with a timeout: a rank that failed before training (bad options, busy --out) stops the rest
         sums = self.comm.allgather(mine)
         if len(set(sums)) != 1:
             raise DistributedError(f"the ranks built different {what} (checksums {sums}); every rank must build "

@@ -137,6 +137,16 @@ def test_a_rank_that_stops_answering_times_out_with_a_clear_error(tmp_path):
 
 
 @need_mpi
+def test_rank0_refusing_the_run_dir_stops_the_other_ranks(tmp_path):
+    """Rank 0 refuses a --out that holds a run (and exits); rank 1 must not wait forever at the start check."""
+    args = FLOW + ["--train-limit", "100", "--batch-size", "50", "--epochs", "1"]
+    _run(args, tmp_path / "busy")
+    p = _run(args, tmp_path / "busy", n=2, env=_env(NPDGM_DIST_TIMEOUT="3"), check=False)
+    assert p.returncode != 0 and "already holds files" in p.stderr
+    assert "rank 1/2: barrier got no answer" in p.stderr, p.stderr[-2000:]
+
+
+@need_mpi
 def test_batch_smaller_than_world_is_refused(tmp_path):
     args = FLOW + ["--train-limit", "255", "--batch-size", "127", "--epochs", "1"]  # last batch: 1 example
     p = _run(args, tmp_path / "two", n=2, check=False)

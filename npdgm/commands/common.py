@@ -164,14 +164,15 @@ def new_run_dir(out, overwrite):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is an existing file, not a run directory")
     os.makedirs(out, exist_ok=True)
+    if not is_root():  # rank 0 checks, locks and cleans the directory for the other ranks of a data-parallel run
+        return out
     lock_run(out)
-    if is_root():
-        remove_leftovers(out)
-    files = sorted(f for f in os.listdir(out) if f != ".lock" and not f.startswith(".tmp-"))
+    remove_leftovers(out)
+    files = sorted(f for f in os.listdir(out) if f != ".lock")
     if files and not overwrite:
         raise ValueError(f"--out {out} already holds files ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})"
                          f"; continue that run with --resume {out}, replace it with --overwrite, or pick a new --out")
-    for f in files if is_root() else ():
+    for f in files:
         if f in RUN_FILES or f.endswith(".png"):
             os.remove(os.path.join(out, f))
     return out
