@@ -43,7 +43,7 @@ def _load_cupy():
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise BackendError(
             "backend 'cupy' needs the CuPy package, which is not installed "
-            "(pip install 'npdgm[gpu]' or a cupy-cudaXXx wheel matching your CUDA)"
+            "(pip install 'npdgm[gpu-cuda12]' or 'npdgm[gpu-cuda13]', matching your CUDA)"
         ) from e
     try:
         n = cupy.cuda.runtime.getDeviceCount()
