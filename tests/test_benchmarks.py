@@ -32,21 +32,6 @@ SMALL = {
 }
 
 
-def _linears(model):
-    """Every npdgm Linear of ``model`` in registration (= forward) order."""
-    from npdgm.nn.layers import Linear
-
-    out = []
-
-    def walk(m):
-        if isinstance(m, Linear):
-            out.append(m)
-        for c in m._modules.values():
-            walk(c)
-    walk(model)
-    return out
-
-
 @pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d"])
 def test_runner_step_is_library_loss_and_adam(name):
     """One benchmark step = the library model's loss on that batch, then exactly one Adam update."""
@@ -75,9 +60,9 @@ def test_runner_step_is_library_loss_and_adam(name):
 
 @pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d"])
 def test_torch_peer_is_the_same_model(name):
-    """With npdgm's weights loaded, the eager PyTorch mirror gives the same loss and gradients (float64)."""
+    """With npdgm's weights loaded by name, the PyTorch peer (the same functions tests/mirror checks against every
+    saved model) gives the same loss and gradients (float64)."""
     torch = pytest.importorskip("torch")
-    from npdgm.bench import torch_models as T
 
     w = small(name, **SMALL[name])
     with backend.use("numpy", "float64"):
@@ -88,16 +73,32 @@ def test_torch_peer_is_the_same_model(name):
         eps = rng.standard_normal(w.noise_shape(6)) if w.noise_shape(6) is not None else None
         loss = float(loss_and_grad(model, x, eps))
         tm = w.build_torch(5).double()
-        T.load_linear_stack(tm, [(m.W.data, m.b.data) for m in _linears(model)])
-        extra = {n: p for n, p in model.params.items() if p.ndim == 1 and not n.endswith(".b")}
-        for n, v in extra.items():                    # NICE's diagonal log-scale
-            dict(tm.named_parameters())["log_scale"].data.copy_(torch.as_tensor(v))
+        assert {n: tuple(p.shape) for n, p in tm.P.items()} == {n: v.shape for n, v in model.params.items()}
+        tm.load(model.params)
         tl = w.torch_loss(tm, torch.as_tensor(x), None if eps is None else torch.as_tensor(eps))
         tl.backward()
     assert tl.item() == pytest.approx(loss, rel=1e-10)
-    for ours, theirs in zip(_linears(model), T.linears(tm)):
-        np.testing.assert_allclose(theirs.weight.grad.numpy().T, ours.W.grad, rtol=1e-7, atol=1e-10)
-        np.testing.assert_allclose(theirs.bias.grad.numpy(), ours.b.grad, rtol=1e-7, atol=1e-10)
+    for n, p in tm.P.items():
+        np.testing.assert_allclose(p.grad.numpy(), model.grads[n], rtol=1e-7, atol=1e-10, err_msg=n)
+
+
+def test_torch_peer_init_is_torch_default_linear_init():
+    """The peers keep torch.nn.Linear's default init (same seed -> the same weights the nn.Linear stack had)."""
+    torch = pytest.importorskip("torch")
+    from npdgm.bench import torch_models as T
+
+    torch.manual_seed(3)
+    tm = T.VAE(12, (9,), 3)
+    torch.manual_seed(3)
+    ref = [torch.nn.Linear(i, o) for i, o in [(12, 9), (9, 6), (3, 9), (9, 12)]]
+    P = tm.P
+    for k, lin in enumerate(ref):
+        pre = "encoder" if k < 2 else "decoder"
+        j = 2 * (k % 2)
+        torch.testing.assert_close(P[f"{pre}.{j}.W"].detach(), lin.weight.detach().T)
+        torch.testing.assert_close(P[f"{pre}.{j}.b"].detach(), lin.bias.detach())
+    with pytest.raises(ValueError, match="names differ"):
+        tm.load({"encoder.0.W": np.zeros((12, 9))})
 
 
 def test_gemm_products_and_floor():

@@ -219,47 +219,6 @@ def test_backward_needs_matching_pass(f64):
         F.Scaling(4).inverse_backward(x)
 
 
-# -- the PyTorch peer ---------------------------------------------------------------------------
-def _torch_mirrors():
-    pytest.importorskip("torch")
-    from tests import torch_flows  # noqa: F401
-
-    return torch_flows
-
-
-@pytest.mark.parametrize("family", ["nice", "realnvp2d"])
-def test_matches_torch_autograd(f64, family):
-    tf = _torch_mirrors()
-    import torch
-
-    rng = np.random.default_rng(0)
-    if family == "nice":
-        fl = F.nice(6, 4, 8, 2, seed=1)
-        fl.layers[-1].log_scale.data[:] = rng.standard_normal(6) * 0.3
-        tm = tf.torch_nice_from(fl)
-        x = rng.uniform(0, 1, (9, 6))
-    else:
-        fl = F.realnvp2d(4, (8, 8), seed=1)
-        tm = tf.torch_realnvp2d_from(fl)
-        x = rng.standard_normal((9, 2))
-    loss = fl.loss_and_grad(x)
-    tl = tm.loss(torch.as_tensor(x))
-    tl.backward()
-    assert abs(float(loss) - float(tl.detach())) < 1e-12 * max(1.0, abs(float(tl.detach())))
-    tgrads = []
-    if family == "nice":
-        for net in tm.couplings:
-            tgrads += [g for lin in tf.linears(net) for g in (lin.weight.grad.T, lin.bias.grad)]
-        tgrads.append(tm.log_scale.grad)
-    else:
-        for net in tm.nets:
-            tgrads += [g for lin in tf.linears(net) for g in (lin.weight.grad.T, lin.bias.grad)]
-    ours = list(fl.grads.values())
-    assert len(ours) == len(tgrads)
-    for (name, g), tg in zip(fl.grads.items(), tgrads):
-        np.testing.assert_allclose(g, tg.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
-
-
 # -- checkpoints ----------------------------------------------------------------------------------
 def test_save_load_keeps_actnorm_init_and_structure(f64, tmp_path):
     rng = np.random.default_rng(2)

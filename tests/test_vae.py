@@ -1,4 +1,4 @@
-"""The VAE: exact gradients (float64 central differences, torch autograd mirror), the loss definition,
+"""The VAE: exact gradients (float64 central differences; the torch autograd mirror is tests/mirror), the loss definition,
 KL and IWAE against Monte-Carlo / brute force, learning, save/load, bad input."""
 import math
 
@@ -298,43 +298,6 @@ def test_bad_options_and_noise():
     # Gaussian decoder accepts values outside [0, 1]
     g = VAE(hidden=(8,), z_dim=2, likelihood="gaussian", sigma=1.0)
     assert np.isfinite(float(g.loss(x - 3)[0]))
-
-
-def test_torch_autograd_mirror_float64(rng):
-    """Same weights, batch and noise in a PyTorch autograd mirror: loss and every gradient agree."""
-    torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-    with backend.use("numpy", "float64"):
-        for cfg in CONFIGS:
-            m = _tiny(rng, **cfg)
-            x, eps = _batch(rng, m, B=6)
-            loss, terms = m.loss_and_grad(x, eps)
-            P = {k: torch.tensor(v, requires_grad=True) for k, v in m.params.items()}
-            act = {"relu": torch.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}[cfg["activation"]]
-
-            def mlp(prefix, h):
-                idx = sorted({int(k.split(".")[1]) for k in P if k.startswith(prefix + ".")})
-                for j, i in enumerate(idx):
-                    h = h @ P[f"{prefix}.{i}.W"] + P[f"{prefix}.{i}.b"]
-                    h = act(h) if j < len(idx) - 1 else h
-                return h
-
-            tx, te = torch.tensor(x), torch.tensor(eps)
-            h = mlp("encoder", tx)
-            mu, lv = h[:, :m.z_dim], h[:, m.z_dim:]
-            z = mu + torch.exp(0.5 * lv) * te                                     # (K, B, Z)
-            out = mlp("decoder", z.reshape(-1, m.z_dim)).reshape(len(eps), len(x), -1)
-            if m.likelihood == "bernoulli":
-                rec = F.binary_cross_entropy_with_logits(out, tx.expand_as(out), reduction="none").sum(-1)
-            else:
-                lvx = P["logvar_x"] if "logvar_x" in P else torch.tensor(2 * math.log(m.sigma), dtype=torch.float64)
-                rec = 0.5 * ((tx - out) ** 2 * torch.exp(-lvx) + lvx + math.log(2 * math.pi)).sum(-1)
-            kl = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum(1)
-            tl = rec.mean() + m.beta * kl.mean()
-            tl.backward()
-            assert float(loss) == pytest.approx(tl.item(), rel=1e-12)
-            for k, g in m.grads.items():
-                np.testing.assert_allclose(g, P[k].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=k)
 
 
 @pytest.mark.gpu

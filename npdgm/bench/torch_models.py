@@ -1,150 +1,495 @@
-"""Plain eager PyTorch mirrors of the benchmark workloads (the optional peer; torch is never a
-runtime dependency of npdgm).
+"""npdgm's models written again in plain PyTorch autograd: the one PyTorch version of each model (optional;
+torch is never a runtime dependency of npdgm, and nothing else in npdgm imports this module at import time).
 
-Each mirror is the same model as its npdgm counterpart, written the obvious way with
-``torch.nn`` layers and autograd, so the benchmark compares like with like and the cross-check
-tests can load npdgm's weights into it (:func:`load_linear_stack`; npdgm keeps W as (in, out),
-torch as (out, in)).
+The models are functions of a parameter dict ``P`` that maps npdgm's parameter names ("encoder.0.W",
+"3.net.2.b", ...) to tensors, plus the model's ``config`` (as saved in a checkpoint manifest; see
+docs/checkpoints.md). A Linear computes ``x @ W + b`` with W stored (in, out) -- the transpose of
+``torch.nn.Linear.weight``. Nothing here imports the rest of npdgm, so this file is what a port to PyTorch
+looks like; tests/mirror rebuilds every saved model with it and checks loss and gradients at rel 1e-8.
 
-    vae        784-400-20 ReLU encoder / decoder, Bernoulli decoder (BCE from logits, summed over
-               pixels) + closed-form KL to N(0, I); loss = batch mean of the negative ELBO.
-    nice       additive couplings (Dinh et al. 2014): y_b = x_b + m(x_a), coupling MLP
-               D/2-1000x5(ReLU)-D/2, halves alternating between layers, diagonal scaling exp(s),
-               logistic prior; loss = batch mean of -log p(x).
-    realnvp2d  affine couplings on R^2: y_b = x_b * exp(s) + t, (s_raw, t) = MLP(x_a) 1-256-256-2,
-               s = tanh(s_raw) (bounded scale), standard Gaussian prior; loss = batch mean of -log p(x).
+    vae_terms(P, config, x, eps)    -> {"loss", "recon", "kl", "nelbo"}   VAE.loss_and_grad
+    vae_iwae(P, config, x, eps)     -> (B,) log p(x) estimates             VAE.log_likelihood
+    vae_decode(P, config, z)        -> E[x|z]                               VAE.decode
+    flow_forward(P, config, x)      -> (z, logdet)                          Flow.forward
+    flow_log_prob(P, config, x)     -> (B,)                                 Flow.log_prob (loss = -mean)
+    flow_inverse(P, config, z)      -> (x, logdet_inv)                      Flow.inverse(z, logdet=True)
+    cvae_terms, m2_terms                                                    CVAE / M2 .loss_and_grad
 
-Noise (the VAE's eps) is an argument, as in npdgm, so the same inputs give the same loss.
+The benchmark peers (``npdgm bench``'s torch backend) are the same functions wrapped as ``torch.nn.Module``s
+that own their parameters (:class:`VAE`, :class:`NICE`, :class:`RealNVP2d`; torch's default Linear init, noise
+as an argument as in npdgm, so the same inputs give the same loss).
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.nn import functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-def mlp(sizes, activation=nn.ReLU, out_activation=None):
-    """Linear(sizes[0], sizes[1]) -> act -> ... -> Linear(sizes[-2], sizes[-1]) [-> out_activation]."""
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    if out_activation is not None:
-        layers.append(out_activation())
-    return nn.Sequential(*layers)
+# -- building blocks -----------------------------------------------------------------------------------
+def softplus(x):
+    return torch.logaddexp(x, torch.zeros_like(x))  # exact for every x (F.softplus switches to x above 20)
 
 
-def linears(module):
-    """The nn.Linear layers of ``module`` in forward order."""
-    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+ACTIVATIONS = {
+    "relu": torch.relu,
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.01),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": softplus,
+    "elu": F.elu,
+    "identity": lambda x: x,
+}
 
 
-@torch.no_grad()
-def load_linear_stack(module, weights):
-    """Copy [(W (in, out), b (out,)), ...] (npdgm layout, NumPy arrays) into ``module``'s Linear layers
-    in order. Raises ValueError when counts or shapes differ."""
-    layers = linears(module)
-    weights = list(weights)
-    if len(layers) != len(weights):
-        raise ValueError(f"module has {len(layers)} Linear layers but {len(weights)} (W, b) pairs were given")
-    for i, (lin, (W, b)) in enumerate(zip(layers, weights)):
-        W = torch.as_tensor(W).T
-        if tuple(W.shape) != tuple(lin.weight.shape) or tuple(b.shape) != tuple(lin.bias.shape):
-            raise ValueError(f"layer {i}: npdgm W{tuple(W.T.shape)} b{tuple(b.shape)} does not fit "
-                             f"torch Linear({lin.in_features}, {lin.out_features})")
-        lin.weight.copy_(W)
-        lin.bias.copy_(torch.as_tensor(b))
+def mlp(P, prefix, activation, x):
+    """npdgm.nn.MLP: Linear layers at Sequential indices 0, 2, 4, ... with ``activation`` between them."""
+    n = 0
+    while f"{prefix}.{2 * n}.W" in P:
+        n += 1
+    if n == 0:
+        raise KeyError(f"no Linear layers named {prefix}.0.W, {prefix}.2.W, ... in the parameters")
+    act = ACTIVATIONS[activation]
+    for k in range(n):
+        x = x @ P[f"{prefix}.{2 * k}.W"] + P[f"{prefix}.{2 * k}.b"]
+        if k < n - 1:
+            x = act(x)
+    return x
 
 
-class VAE(nn.Module):
-    """Gaussian encoder q(z|x) = N(mu, exp(logvar)), Bernoulli decoder p(x|z) = Bern(sigmoid(logits))."""
+# -- VAE -----------------------------------------------------------------------------------------------
+def vae_encode(P, cfg, x):
+    h = mlp(P, "encoder", cfg["activation"], x)
+    Z = cfg["z_dim"]
+    return h[:, :Z], h[:, Z:]
+
+
+def _nll_rows(P, cfg, out, x):
+    """-log p(x | decoder output) summed over pixels, one value per row."""
+    if cfg["likelihood"] == "bernoulli":
+        return (softplus(out) - x * out).sum(dim=1)
+    lv = P["logvar_x"] if cfg["sigma"] is None else out.new_tensor(2 * math.log(cfg["sigma"]))
+    lv = lv.expand_as(out)
+    return 0.5 * ((x - out) ** 2 * torch.exp(-lv) + lv + LOG_2PI).sum(dim=1)
+
+
+def vae_terms(P, cfg, x, eps):
+    """The VAE training loss: eps (K, B, Z); recon and kl are batch means of per-image sums."""
+    mu, logvar = vae_encode(P, cfg, x)
+    K, B, Z = eps.shape
+    z = mu + torch.exp(0.5 * logvar) * eps
+    out = mlp(P, "decoder", cfg["activation"], z.reshape(K * B, Z))
+    recon = _nll_rows(P, cfg, out, x if K == 1 else x.repeat(K, 1)).mean()
+    kl = (0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar).sum(dim=1)).mean()
+    return {"loss": recon + cfg["beta"] * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
+
+
+def vae_iwae(P, cfg, x, eps):
+    """logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x)] - log K, eps (K, B, Z)."""
+    mu, logvar = vae_encode(P, cfg, x)
+    K, B, Z = eps.shape
+    z = mu + torch.exp(0.5 * logvar) * eps
+    out = mlp(P, "decoder", cfg["activation"], z.reshape(K * B, Z))
+    log_px = -_nll_rows(P, cfg, out, x.repeat(K, 1)).reshape(K, B)
+    log_pz = -0.5 * (z ** 2 + LOG_2PI).sum(dim=2)
+    log_qz = -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(dim=2)
+    return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(K)
+
+
+def vae_decode(P, cfg, z):
+    out = mlp(P, "decoder", cfg["activation"], z)
+    return torch.sigmoid(out) if cfg["likelihood"] == "bernoulli" else out
+
+
+# -- flows -----------------------------------------------------------------------------------------------
+def make_mask(spec):
+    """Bool (dim,) array, True = conditioning half, from a coupling layer's spec."""
+    dim, mask, parity = spec["dim"], spec["mask"], spec["parity"]
+    if mask == "half":
+        m = np.arange(dim) < dim // 2
+    elif mask == "alternate":
+        m = np.arange(dim) % 2 == 0
+    elif mask in ("checkerboard", "channel"):
+        shape = tuple(spec["image_shape"])
+        shape = (1, *shape) if len(shape) == 2 else shape
+        c, h, w = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+        m = (((h + w) % 2 == 0) if mask == "checkerboard" else (c < shape[0] // 2)).ravel()
+    else:
+        m = np.asarray(mask).astype(bool)
+    return ~m if parity == 1 else m
+
+
+class _Split:
+    """Split x into (conditioning a, transformed b) by a coupling mask and merge back; plain slices when both
+    halves are contiguous (the "half" masks), index gathers otherwise."""
+
+    def __init__(self, spec):
+        m = make_mask(spec)
+        ia, ib = np.flatnonzero(m), np.flatnonzero(~m)
+        self.nb = len(ib)
+        self.slices = None
+        if all(len(i) and i[-1] - i[0] == len(i) - 1 for i in (ia, ib)):
+            self.slices = slice(ia[0], ia[-1] + 1), slice(ib[0], ib[-1] + 1), ia[0] < ib[0]
+        self.ia, self.ib = torch.from_numpy(ia), torch.from_numpy(ib)
+        self.undo = torch.from_numpy(np.argsort(np.concatenate([ia, ib])))
+
+    def split(self, x):
+        if self.slices:
+            return x[:, self.slices[0]], x[:, self.slices[1]]
+        return x[:, self.ia], x[:, self.ib]
+
+    def merge(self, a, b):
+        if self.slices:
+            return torch.cat([a, b] if self.slices[2] else [b, a], dim=1)
+        return torch.cat([a, b], dim=1)[:, self.undo]
+
+
+def _perm(spec):
+    if spec["kind"] == "reverse":
+        return np.arange(spec["dim"])[::-1].copy()
+    return np.random.default_rng(int(spec["seed"])).permutation(spec["dim"])
+
+
+def _clamp(raw, spec):
+    b = spec["scale_bound"]
+    if spec["scale"] == "tanh":
+        return b * torch.tanh(raw / b)
+    if spec["scale"] == "atan":
+        return (2 * b / math.pi) * torch.atan(raw / b)
+    return raw
+
+
+def _coupling_st(P, pre, spec, sp, a):
+    h = mlp(P, pre + "net", spec["activation"], a)
+    return _clamp(h[:, :sp.nb], spec), h[:, sp.nb:]
+
+
+def layer_forward(P, pre, spec, x):
+    """One layer x -> (y, log|det dy/dx| per row)."""
+    t = spec["type"]
+    zero = x.new_zeros(x.shape[0])
+    if t == "AdditiveCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(x)
+        return sp.merge(a, b + mlp(P, pre + "net", spec["activation"], a)), zero
+    if t == "AffineCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(x)
+        s, sh = _coupling_st(P, pre, spec, sp, a)
+        return sp.merge(a, b * torch.exp(s) + sh), s.sum(dim=1)
+    if t == "Permutation":
+        return x[:, torch.from_numpy(_perm(spec))], zero
+    if t == "Scaling":
+        ls = P[pre + "log_scale"]
+        return x * torch.exp(ls), zero + ls.sum()
+    if t == "ActNorm":
+        ls = P[pre + "log_scale"]
+        return (x + P[pre + "loc"]) * torch.exp(ls), zero + ls.sum()
+    if t == "InvertibleLinear":
+        W, ls = _lu_weight(P, pre, spec)
+        return x @ W, zero + ls.sum()
+    if t in AUTOREGRESSIVE:
+        return AUTOREGRESSIVE[t][0](P, pre, spec, x)
+    if t == "LogitTransform":
+        a = spec["alpha"]
+        p = a + (1 - 2 * a) * x
+        lp, l1p = torch.log(p), torch.log1p(-p)
+        return lp - l1p, (math.log(1 - 2 * a) - lp - l1p).sum(dim=1)
+    raise ValueError(f"unknown layer type {t!r}")
+
+
+def layer_inverse(P, pre, spec, y):
+    """One layer y -> (x, log|det dx/dy| per row)."""
+    t = spec["type"]
+    zero = y.new_zeros(y.shape[0])
+    if t == "AdditiveCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(y)
+        return sp.merge(a, b - mlp(P, pre + "net", spec["activation"], a)), zero
+    if t == "AffineCoupling":
+        sp = _Split(spec)
+        a, b = sp.split(y)
+        s, sh = _coupling_st(P, pre, spec, sp, a)
+        return sp.merge(a, (b - sh) * torch.exp(-s)), -s.sum(dim=1)
+    if t == "Permutation":
+        return y[:, torch.from_numpy(np.argsort(_perm(spec)))], zero
+    if t == "Scaling":
+        ls = P[pre + "log_scale"]
+        return y * torch.exp(-ls), zero - ls.sum()
+    if t == "ActNorm":
+        ls = P[pre + "log_scale"]
+        return y * torch.exp(-ls) - P[pre + "loc"], zero - ls.sum()
+    if t == "InvertibleLinear":
+        W, ls = _lu_weight(P, pre, spec)
+        return torch.linalg.solve(W.T, y.T).T, zero - ls.sum()
+    if t in AUTOREGRESSIVE:
+        return AUTOREGRESSIVE[t][1](P, pre, spec, y)
+    if t == "LogitTransform":
+        a = spec["alpha"]
+        ld = (F.logsigmoid(y) + F.logsigmoid(-y) - math.log(1 - 2 * a)).sum(dim=1)
+        return (torch.sigmoid(y) - a) / (1 - 2 * a), ld
+    raise ValueError(f"unknown layer type {t!r}")
+
+
+def _lu_weight(P, pre, spec):
+    """InvertibleLinear: W = P L1 U1, L1 = tril(L, -1) + I, U1 = triu(U, 1) + diag(sign exp(log_s)); P_ij = 1 iff
+    i = perm[j] (so x @ P = x[:, perm])."""
+    n = spec["dim"]
+    perm = torch.zeros(n, n, dtype=torch.float64)
+    perm[torch.tensor(spec["perm"]), torch.arange(n)] = 1.0
+    ls = P[pre + "log_s"]
+    L1 = torch.tril(P[pre + "L"], -1) + torch.eye(n, dtype=ls.dtype)
+    U1 = torch.triu(P[pre + "U"], 1) + torch.diag(torch.tensor(spec["sign"], dtype=ls.dtype) * torch.exp(ls))
+    return perm.to(ls.dtype) @ L1 @ U1, ls
+
+
+def made_masks(dim, hidden):
+    """MADE masks (in, out): input degree d + 1, hidden unit k of H degree 1 + floor(k (D-2) / (H-1)); hidden layers
+    keep m_out >= m_in, the output layer (two blocks of input degrees) m_out > m_in."""
+    deg = [np.arange(1, dim + 1)] + [np.arange(h) * (dim - 2) // max(h - 1, 1) + 1 for h in hidden]
+    masks = [d_out[None, :] >= d_in[:, None] for d_in, d_out in zip(deg[:-1], deg[1:])]
+    masks.append(np.tile(deg[0], 2)[None, :] > deg[-1][:, None])
+    return [torch.from_numpy(m.astype(np.float64)) for m in masks]
+
+
+def _made(P, pre, spec, x):
+    """(alpha, mu) of a MAF/IAF layer: the masked MLP, then the scale clamp on the first D outputs."""
+    masks, act = made_masks(spec["dim"], spec["hidden"]), ACTIVATIONS[spec["activation"]]
+    for k, m in enumerate(masks):
+        x = x @ (P[f"{pre}made.{2 * k}.W"] * m.to(x.dtype)) + P[f"{pre}made.{2 * k}.b"]
+        if k < len(masks) - 1:
+            x = act(x)
+    D = spec["dim"]
+    return _clamp(x[:, :D], spec), x[:, D:]
+
+
+def _one_pass(P, pre, spec, x):
+    """z = (x - mu(x)) e^-alpha(x), logdet = -sum alpha (MAF forward, IAF inverse)."""
+    alpha, mu = _made(P, pre, spec, x)
+    return (x - mu) * torch.exp(-alpha), -alpha.sum(dim=1)
+
+
+def _d_pass(P, pre, spec, z):
+    """x with z = (x - mu(x)) e^-alpha(x), coordinate by coordinate (MAF inverse, IAF forward); logdet = +sum alpha.
+    Autograd differentiates through all D passes (no implicit-function shortcut)."""
+    x = torch.zeros_like(z)
+    for _ in range(spec["dim"]):
+        alpha, mu = _made(P, pre, spec, x)
+        x = z * torch.exp(alpha) + mu
+    return x, _made(P, pre, spec, x)[0].sum(dim=1)
+
+
+def _rq_spline(P, pre, spec, sp, a, v, inverse):
+    """SplineCoupling on the transformed half v given the conditioning half a: (out, log g' per row (forward map)).
+    Knots from net(a) as (B, nb, 3K-1); the bin by counting interior knots <= v; the inverse by the stable root
+    of the bin's quadratic; identity outside [-bound, bound]."""
+    K, B0 = spec["bins"], spec["bound"]
+    u = mlp(P, pre + "net", spec["activation"], a).reshape(a.shape[0], sp.nb, 3 * K - 1)
+
+    def knots(raw, lo):
+        size = 2 * B0 * (lo + (1 - K * lo) * torch.softmax(raw, dim=-1))
+        return size, torch.cat([torch.zeros_like(size[..., :1]), torch.cumsum(size, -1)], -1) - B0
+
+    W, xk = knots(u[..., :K], spec["min_width"])
+    H, yk = knots(u[..., K:2 * K], spec["min_height"])
+    one = torch.ones_like(u[..., :1])
+    d = torch.cat([one, spec["min_derivative"] + softplus(u[..., 2 * K:]), one], -1)
+    inside = v.abs() <= B0
+    vc = v.clamp(-B0, B0)
+    k = (vc[..., None] >= (yk if inverse else xk)[..., 1:K]).sum(-1, keepdim=True)
+    x0, w, y0, h = xk.gather(-1, k)[..., 0], W.gather(-1, k)[..., 0], yk.gather(-1, k)[..., 0], H.gather(-1, k)[..., 0]
+    d0, d1 = d.gather(-1, k)[..., 0], d.gather(-1, k + 1)[..., 0]
+    s = h / w
+    if inverse:
+        dy, c = vc - y0, d1 + d0 - 2 * s
+        qa, qb, qc = h * (s - d0) + dy * c, h * d0 - dy * c, -s * dy
+        xi = 2 * qc / (-qb - torch.sqrt(qb * qb - 4 * qa * qc))
+    else:
+        xi = (vc - x0) / w
+    th = xi * (1 - xi)
+    den = s + (d1 + d0 - 2 * s) * th
+    logd = 2 * torch.log(s) + torch.log(d1 * xi ** 2 + 2 * s * th + d0 * (1 - xi) ** 2) - 2 * torch.log(den)
+    out = (x0 + xi * w) if inverse else (y0 + h * (s * xi ** 2 + d0 * th) / den)
+    return torch.where(inside, out, v), torch.where(inside, logd, torch.zeros_like(logd)).sum(dim=1)
+
+
+def _spline(inverse):
+    def run(P, pre, spec, x):
+        sp = _Split(spec)
+        a, b = sp.split(x)
+        out, logd = _rq_spline(P, pre, spec, sp, a, b, inverse)
+        return sp.merge(a, out), (-logd if inverse else logd)
+    return run
+
+
+AUTOREGRESSIVE = {"MAF": (_one_pass, _d_pass), "IAF": (_d_pass, _one_pass),  # type -> (forward, inverse)
+                  "SplineCoupling": (_spline(False), _spline(True))}
+
+
+def prior_log_prob(name, z):
+    if name == "gaussian":
+        return -0.5 * (z ** 2 + LOG_2PI).sum(dim=1)
+    if name == "logistic":
+        return -(softplus(z) + softplus(-z)).sum(dim=1)
+    raise ValueError(f"unknown prior {name!r}")
+
+
+def flow_forward(P, cfg, x):
+    logdet = x.new_zeros(x.shape[0])
+    for i, spec in enumerate(cfg["layers"]):
+        x, ld = layer_forward(P, f"{i}.", spec, x)
+        logdet = logdet + ld
+    return x, logdet
+
+
+def flow_log_prob(P, cfg, x):
+    z, logdet = flow_forward(P, cfg, x)
+    return prior_log_prob(cfg["prior"], z) + logdet
+
+
+def flow_inverse(P, cfg, z):
+    total = z.new_zeros(z.shape[0])
+    for i in range(len(cfg["layers"]) - 1, -1, -1):
+        z, ld = layer_inverse(P, f"{i}.", cfg["layers"][i], z)
+        total = total + ld
+    return z, total
+
+
+# -- CVAE and M2: the label enters as a one-hot row concatenated to the encoder and decoder inputs ----------
+def one_hot(y, C, dtype=torch.float64):
+    return F.one_hot(torch.as_tensor(y), C).to(dtype)
+
+
+def _elbo_rows(P, cfg, x, e, eps):
+    """Per-row recon NLL and KL for q(z|x, y), p(x|z, y) with class rows e; eps (K, B, Z)."""
+    h = mlp(P, "encoder", cfg["activation"], torch.cat([x, e], dim=1))
+    Z = cfg["z_dim"]
+    mu, logvar = h[:, :Z], h[:, Z:]
+    K, B, _ = eps.shape
+    z = (mu + torch.exp(0.5 * logvar) * eps).reshape(K * B, Z)
+    out = mlp(P, "decoder", cfg["activation"], torch.cat([z, e.repeat(K, 1)], dim=1))
+    rec = _nll_rows(P, cfg, out, x.repeat(K, 1))
+    kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar).sum(dim=1)
+    return rec, kl
+
+
+def cvae_terms(P, cfg, x, y, eps):
+    """CVAE.loss_and_grad: the VAE loss with [x | e_y] into the encoder and [z | e_y] into the decoder."""
+    rec, kl = _elbo_rows(P, cfg, x, one_hot(y, cfg["num_classes"], x.dtype), eps)
+    recon, kl = rec.mean(), kl.mean()
+    return {"loss": recon + cfg["beta"] * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
+
+
+def m2_terms(P, cfg, x_l, y_l, x_u, eps_l, eps_u):
+    """M2.loss_and_grad: mean L(x_l, y_l) + alpha mean CE + mean U(x_u), L = -ELBO(x, y) + log C,
+    U(x) = sum_c q(c|x) L(x, c) - H(q(.|x)); eps_l (B_l, Z), eps_u (C, B_u, Z) (class c uses eps_u[c])."""
+    C = cfg["num_classes"]
+    cfg = dict(cfg, likelihood="bernoulli")
+    rec, kl = _elbo_rows(P, cfg, x_l, one_hot(y_l, C, x_l.dtype), eps_l[None])
+    L = rec + kl + math.log(C)
+    s_l = mlp(P, "classifier", cfg["activation"], x_l)
+    ce = F.cross_entropy(s_l, torch.as_tensor(y_l), reduction="none")
+    Lu = torch.stack([sum(_elbo_rows(P, cfg, x_u, one_hot([c] * x_u.shape[0], C, x_u.dtype), eps_u[c][None]))
+                      for c in range(C)], dim=1) + math.log(C)                      # (B_u, C)
+    logq = torch.log_softmax(mlp(P, "classifier", cfg["activation"], x_u), dim=1)
+    H = -(logq.exp() * logq).sum(dim=1)
+    U = (logq.exp() * Lu).sum(dim=1) - H
+    loss = L.mean() + cfg["alpha"] * ce.mean() + U.mean()
+    return {"loss": loss, "labelled": L.mean(), "ce": ce.mean(), "recon_l": rec.mean(), "kl_l": kl.mean(),
+            "unlabelled": U.mean(), "entropy": H.mean()}
+
+
+# -- the benchmark peers: the functions above as nn.Modules that own their parameters ---------------------
+class Peer(nn.Module):
+    """A model as (config, parameters named as npdgm names them). ``P`` is the {npdgm name: Parameter} dict the
+    functions above take; :meth:`load` copies npdgm arrays in by name."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self._names = []
+
+    def _add(self, name, value):
+        self.register_parameter(name.replace(".", "_"), nn.Parameter(value))
+        self._names.append(name)
+
+    def _add_linears(self, prefix, sizes):
+        """An npdgm MLP's Linear layers (Sequential indices 0, 2, ...) with torch.nn.Linear's default init."""
+        for k in range(len(sizes) - 1):
+            lin = nn.Linear(sizes[k], sizes[k + 1])
+            self._add(f"{prefix}{2 * k}.W", lin.weight.detach().T.contiguous())
+            self._add(f"{prefix}{2 * k}.b", lin.bias.detach().clone())
+
+    @property
+    def P(self):
+        return {n: getattr(self, n.replace(".", "_")) for n in self._names}
+
+    @torch.no_grad()
+    def load(self, arrays):
+        """Copy {npdgm name: array} (e.g. ``model.params``) into the parameters; names and shapes must match."""
+        P = self.P
+        if set(arrays) != set(P):
+            raise ValueError(f"parameter names differ: {sorted(set(arrays) ^ set(P))}")
+        for n, p in P.items():
+            v = torch.as_tensor(np.asarray(arrays[n]))
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"{n}: shape {tuple(v.shape)} does not fit {tuple(p.shape)}")
+            p.copy_(v)
+        return self
+
+
+class VAE(Peer):
+    """Gaussian encoder q(z|x) = N(mu, exp(logvar)), Bernoulli decoder; loss = batch mean of the negative ELBO
+    (:func:`vae_terms`, one sample, eps (B, Z))."""
 
     def __init__(self, x_dim=784, hidden=(400,), z_dim=20):
-        super().__init__()
         hidden = [hidden] if isinstance(hidden, int) else list(hidden)
-        self.z_dim = z_dim
-        self.enc = mlp([x_dim, *hidden, 2 * z_dim])          # -> [mu | logvar]
-        self.dec = mlp([z_dim, *hidden[::-1], x_dim])         # -> logits
+        super().__init__(dict(x_dim=x_dim, hidden=hidden, z_dim=z_dim, activation="relu", likelihood="bernoulli",
+                              sigma=None, beta=1.0))
+        self._add_linears("encoder.", [x_dim, *hidden, 2 * z_dim])
+        self._add_linears("decoder.", [z_dim, *hidden[::-1], x_dim])
 
     def loss(self, x, eps):
-        """Batch mean of  BCE_sum(logits, x) + KL(q(z|x) || N(0, I))  (the negative ELBO)."""
-        h = self.enc(x)
-        mu, logvar = h[:, :self.z_dim], h[:, self.z_dim:]
-        z = mu + torch.exp(0.5 * logvar) * eps
-        logits = self.dec(z)
-        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-        kl = 0.5 * (mu * mu + logvar.exp() - 1 - logvar).sum()
-        return (rec + kl) / x.shape[0]
+        return vae_terms(self.P, self.config, x, eps[None])["loss"]
 
 
-class NICE(nn.Module):
-    """Additive couplings y_b = x_b + m(x_a), halves (first/second half of the features) swapping
-    roles at every layer, then h = exp(s) * y, logistic prior:
-        log p(x) = sum_d log p_L(h_d) + sum_d s_d,   log p_L(h) = -(softplus(h) + softplus(-h))."""
+class _FlowPeer(Peer):
+    def log_prob(self, x):
+        return flow_log_prob(self.P, self.config, x)
+
+    def loss(self, x):
+        return -self.log_prob(x).mean()
+
+
+class NICE(_FlowPeer):
+    """Additive couplings (first/second half swapping roles), then a diagonal Scaling; logistic or Gaussian
+    prior -- npdgm.models.flows.nice(..., logit=False)."""
 
     def __init__(self, dim=784, n_couplings=4, hidden=1000, n_hidden=5, prior="logistic"):
-        super().__init__()
         if prior not in ("logistic", "gaussian"):
             raise ValueError(f"prior must be 'logistic' or 'gaussian', got {prior!r}")
-        self.dim, self.half, self.prior = dim, dim // 2, prior
-        na, nb = self.half, dim - self.half
-        self.couplings = nn.ModuleList()
+        layers = [dict(type="AdditiveCoupling", dim=dim, mask="half", parity=i % 2, activation="relu")
+                  for i in range(n_couplings)]
+        super().__init__(dict(layers=layers + [dict(type="Scaling", dim=dim)], prior=prior))
+        half = dim // 2
         for i in range(n_couplings):
-            cond, out = (na, nb) if i % 2 == 0 else (nb, na)
-            self.couplings.append(mlp([cond, *[hidden] * n_hidden, out]))
-        self.log_scale = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x):
-        """x -> (h, log|det dh/dx|) per row."""
-        a, b = x[:, :self.half], x[:, self.half:]
-        for i, m in enumerate(self.couplings):
-            if i % 2 == 0:
-                b = b + m(a)
-            else:
-                a = a + m(b)
-        h = torch.cat([a, b], dim=1) * torch.exp(self.log_scale)
-        return h, self.log_scale.sum().expand(x.shape[0])
-
-    def log_prob(self, x):
-        h, logdet = self.forward(x)
-        if self.prior == "logistic":
-            lp = -(F.softplus(h) + F.softplus(-h)).sum(1)
-        else:
-            lp = -0.5 * (h * h + LOG_2PI).sum(1)
-        return lp + logdet
-
-    def loss(self, x):
-        return -self.log_prob(x).mean()
+            cond, out = (half, dim - half) if i % 2 == 0 else (dim - half, half)
+            self._add_linears(f"{i}.net.", [cond, *[hidden] * n_hidden, out])
+        self._add(f"{n_couplings}.log_scale", torch.zeros(dim))
 
 
-class RealNVP2d(nn.Module):
-    """Affine couplings on R^2. Layer i conditions on coordinate a = i % 2 and moves b = 1 - a:
-        (s_raw, t) = MLP(x_a),  s = tanh(s_raw),  y_b = x_b * exp(s) + t,  log det += s.
-    Standard Gaussian prior."""
+class RealNVP2d(_FlowPeer):
+    """Affine couplings on R^2, s = tanh(s_raw) (bounded scale), Gaussian prior --
+    npdgm.models.flows.realnvp2d(..., scale="tanh", scale_bound=1) without ActNorm."""
 
     def __init__(self, n_couplings=8, hidden=256, n_hidden=2):
-        super().__init__()
-        self.nets = nn.ModuleList(mlp([1, *[hidden] * n_hidden, 2]) for _ in range(n_couplings))
-
-    def forward(self, x):
-        cols = [x[:, 0:1], x[:, 1:2]]
-        logdet = x.new_zeros(x.shape[0])
-        for i, net in enumerate(self.nets):
-            a = i % 2
-            st = net(cols[a])
-            s = torch.tanh(st[:, 0:1])
-            cols[1 - a] = cols[1 - a] * torch.exp(s) + st[:, 1:2]
-            logdet = logdet + s[:, 0]
-        return torch.cat(cols, dim=1), logdet
-
-    def log_prob(self, x):
-        y, logdet = self.forward(x)
-        return -0.5 * (y * y + LOG_2PI).sum(1) + logdet
-
-    def loss(self, x):
-        return -self.log_prob(x).mean()
+        layers = [dict(type="AffineCoupling", dim=2, mask="half", parity=i % 2, activation="relu", scale="tanh",
+                       scale_bound=1.0) for i in range(n_couplings)]
+        super().__init__(dict(layers=layers, prior="gaussian"))
+        for i in range(n_couplings):
+            self._add_linears(f"{i}.net.", [1, *[hidden] * n_hidden, 2])

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch_mirror as M  # noqa: E402
+from npdgm.bench import torch_models as M  # noqa: E402
 from layout import torch_parameters  # noqa: E402
 
 REL = 1e-8

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch_mirror as M  # noqa: E402
+from npdgm.bench import torch_models as M  # noqa: E402
 from layout import torch_parameters  # noqa: E402
 
 from npdgm.models import flows as F  # noqa: E402
