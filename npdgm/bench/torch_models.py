@@ -56,7 +56,8 @@ def mlp(P, prefix, activation, x):
         raise KeyError(f"no Linear layers named {prefix}.0.W, {prefix}.2.W, ... in the parameters")
     act = ACTIVATIONS[activation]
     for k in range(n):
-        x = x @ P[f"{prefix}.{2 * k}.W"] + P[f"{prefix}.{2 * k}.b"]
+        W, b = P[f"{prefix}.{2 * k}.W"], P[f"{prefix}.{2 * k}.b"]
+        x = torch.addmm(b, x, W) if x.dim() == 2 else x @ W + b  # x @ W + b (one fused call, as nn.Linear)
         if k < n - 1:
             x = act(x)
     return x
@@ -243,9 +244,9 @@ def _lu_weight(P, pre, spec):
     perm = torch.zeros(n, n, dtype=torch.float64)
     perm[torch.tensor(spec["perm"]), torch.arange(n)] = 1.0
     ls = P[pre + "log_s"]
-    L1 = torch.tril(P[pre + "L"], -1) + torch.eye(n, dtype=ls.dtype)
-    U1 = torch.triu(P[pre + "U"], 1) + torch.diag(torch.tensor(spec["sign"], dtype=ls.dtype) * torch.exp(ls))
-    return perm.to(ls.dtype) @ L1 @ U1, ls
+    L1 = torch.tril(P[pre + "L"], -1) + torch.eye(n, dtype=ls.dtype, device=ls.device)
+    U1 = torch.triu(P[pre + "U"], 1) + torch.diag(ls.new_tensor(spec["sign"]) * torch.exp(ls))
+    return perm.to(ls) @ L1 @ U1, ls
 
 
 def made_masks(dim, hidden):
@@ -261,7 +262,7 @@ def _made(P, pre, spec, x):
     """(alpha, mu) of a MAF/IAF layer: the masked MLP, then the scale clamp on the first D outputs."""
     masks, act = made_masks(spec["dim"], spec["hidden"]), ACTIVATIONS[spec["activation"]]
     for k, m in enumerate(masks):
-        x = x @ (P[f"{pre}made.{2 * k}.W"] * m.to(x.dtype)) + P[f"{pre}made.{2 * k}.b"]
+        x = x @ (P[f"{pre}made.{2 * k}.W"] * m.to(x)) + P[f"{pre}made.{2 * k}.b"]
         if k < len(masks) - 1:
             x = act(x)
     D = spec["dim"]
