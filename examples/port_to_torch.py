@@ -8,7 +8,7 @@ What happens:
   1. the checkpoint is read with ``numpy.load`` and its manifest only (``tests/mirror/layout.py``):
      every parameter is the slice [offset, offset + prod(shape)) of the flat buffer, W is (in, out);
      see docs/checkpoints.md;
-  2. the decoder is the PyTorch mirror in ``tests/mirror/torch_mirror.py`` (a function of that
+  2. the decoder is the PyTorch mirror in ``npdgm/bench/torch_models.py`` (a function of that
      parameter dict: ``x @ W + b``, the activation, sigmoid of the logits);
   3. the same z ~ N(0, I) is decoded by npdgm and by torch (the max difference is printed), then
      torch draws new latents with its own generator and decodes them;
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "mirror"))
 import torch  # noqa: E402
 
 import npdgm  # noqa: E402
-import torch_mirror  # noqa: E402
+from npdgm.bench import torch_models  # noqa: E402
 from layout import torch_parameters  # noqa: E402
 from npdgm.plots import save_image_grid  # noqa: E402
 
@@ -69,12 +69,12 @@ def main():
     model = npdgm.load(ckpt)
     ours = npdgm.backend.to_host(model.decode(z.astype(model.dtype))).astype(np.float64)
     with torch.no_grad():
-        theirs = torch_mirror.vae_decode(P, cfg, torch.from_numpy(z)).numpy()
+        theirs = torch_models.vae_decode(P, cfg, torch.from_numpy(z)).numpy()
         print(f"npdgm vs torch decode of the same z: max |diff| = {np.abs(ours - theirs).max():.2e} "
               f"(npdgm in {model.dtype}, torch in float64)")
         # keep sampling in torch
         g = torch.Generator().manual_seed(a.seed)
-        new = torch_mirror.vae_decode(P, cfg, torch.randn(a.n, cfg["z_dim"], generator=g, dtype=torch.float64))
+        new = torch_models.vae_decode(P, cfg, torch.randn(a.n, cfg["z_dim"], generator=g, dtype=torch.float64))
     images = np.concatenate([ours, theirs, new.numpy()])
     if cfg["likelihood"] != "bernoulli":
         images = np.clip(images, 0, 1)

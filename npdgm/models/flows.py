@@ -273,7 +273,7 @@ def nice(dim=784, n_couplings=4, hidden=1000, n_hidden=5, prior="logistic", acti
          seed=0, checked="loss"):
     """NICE (Dinh et al. 2014): ``n_couplings`` additive couplings, each m an MLP
     D/2 -> ``n_hidden`` x ``hidden`` (ReLU) -> D/2, half split alternating which half conditions,
-    then a diagonal Scaling; logistic prior. Same model as ``benchmarks/torch_models.NICE``."""
+    then a diagonal Scaling; logistic prior. Same model as ``npdgm.bench.torch_models.NICE``."""
     layers = [LogitTransform(dim)] if logit else []
     layers += [AdditiveCoupling(dim, "half", i % 2, [hidden] * n_hidden, activation, seed=seed * 1000 + i)
                for i in range(n_couplings)]
@@ -285,7 +285,7 @@ def realnvp2d(n_couplings=8, hidden=(256, 256), scale="tanh", scale_bound=1.0, p
               activation="relu", actnorm=False, seed=0, checked="loss"):
     """RealNVP on R^2: ``n_couplings`` affine couplings, coupling i conditions on coordinate i % 2;
     (raw, t) = MLP 1 -> hidden -> 2, s = clamp(raw) (tanh: s = tanh(raw) for bound 1). Gaussian prior.
-    Same model as ``benchmarks/torch_models.RealNVP2d`` (without ``actnorm``)."""
+    Same model as ``npdgm.bench.torch_models.RealNVP2d`` (without ``actnorm``)."""
     layers = []
     for i in range(n_couplings):
         if actnorm:
