@@ -393,3 +393,26 @@ def test_no_study_note_numbers_in_the_package():
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"seed 00\d", line)]
     assert not hits, hits
+
+
+def test_train_step_is_loss_and_grad_on_the_runs_noise_and_adds_into_grads():
+    """train_step draws float32 noise for the whole batch from the run's Generator, slices the shard,
+    and adds its gradient (the loop zeroes); an unknown objective is refused."""
+    from npdgm import CVAE
+
+    x = (np.random.default_rng(0).random((6, 12)) > 0.5).astype(np.float32)
+    for model, args in ((VAE(x_dim=12, hidden=(8,), z_dim=3, n_samples=2, seed=1), ()),
+                        (CVAE(x_dim=12, num_classes=3, hidden=(8,), z_dim=3, seed=1), (np.arange(6) % 3,))):
+        eps = np.random.default_rng(5).standard_normal((model.n_samples, 6, 3), dtype=np.float32)
+        _, want = model.loss_and_grad(x, *args, eps)
+        expected = model.flat_grads.copy()
+        t = model.train_step(x, *args, np.random.default_rng(5))
+        assert float(t["loss"]) == float(want["loss"])
+        np.testing.assert_array_equal(model.flat_grads, 2 * expected)   # added, not overwritten
+    vae = VAE(x_dim=12, hidden=(8,), z_dim=3, seed=1)
+    eps = np.random.default_rng(5).standard_normal((4, 6, 3), dtype=np.float32)
+    loss, _ = vae.iwae_loss_and_grad(x[2:5], eps[:, 2:5])
+    t = vae.train_step(x, np.random.default_rng(5), slice(2, 5), objective="iwae", k=4)
+    assert float(t["loss"]) == float(loss)
+    with pytest.raises(ValueError, match="objective"):
+        vae.train_step(x, np.random.default_rng(5), objective="kl")

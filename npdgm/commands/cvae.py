@@ -82,16 +82,14 @@ def evaluate_cvae(model, x, y, seed, batch=1000):
 
 
 def make_step(model, dynamic):
-    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one gradient of the -ELBO of log p(x|y) on a
-    labelled batch (``dynamic``: a new Bernoulli(x) draw of the batch first)."""
-    dtype, K, Z = model.dtype, model.n_samples, model.z_dim
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`CVAE.train_step` on the labelled batch
+    (``dynamic``: a new Bernoulli(x) draw of the batch first)."""
+    dtype = model.dtype
 
     def step(xb, yb, rng):
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
-        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
-        _, t = model.loss_and_grad(xb, yb, eps, check=False, zero_grad=False)
-        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+        return model.train_step(xb, yb, rng)
     return step
 
 

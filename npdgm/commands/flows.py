@@ -244,21 +244,16 @@ def evaluate(flow, x_test, image):
 
 # -- npdgm train nice | realnvp | flow2d ----------------------------------------------------------
 def make_step(model, image):
-    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one NLL gradient (images: dequantized with fresh
-    noise first, and bits/dim reported); the loss is the NLL, logged as train_loss and train_nll."""
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`Flow.train_step`, one NLL gradient (images:
+    dequantized with fresh noise first, and bits/dim reported); logged as train_loss and train_nll."""
+    from ..data import dequantize
     from ..models.flows import bits_per_dim
 
-    if not image:
-        def step2d(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows of the batch
-            loss = model.loss_and_grad(xb[shard], zero_grad=False)
-            return {"loss": loss, "nll": loss}
-        step2d.shardable = True
-        return step2d
-    from ..data import dequantize
-
-    def step(xb, yb, rng, shard=slice(None)):  # the noise is drawn for the whole batch, then sliced
-        loss = model.loss_and_grad(dequantize(xb, rng)[shard], zero_grad=False)  # fit zeroed them
-        return {"loss": loss, "nll": loss, "bpd": bits_per_dim(loss, model.dim)}
+    def step(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows; images are dequantized whole, then sliced
+        if not image:
+            return model.train_step(xb, rng, shard)
+        t = model.train_step(dequantize(xb, rng), rng, shard)
+        return dict(t, bpd=bits_per_dim(t["loss"], model.dim))
     step.shardable = True
     return step
 

@@ -229,18 +229,14 @@ def _baseline(out, run, model, x_lab, y_lab, test_x, y_te):
 
 def make_step(model, x_lab, y_lab, labelled_batch, binarize):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: xb is the unlabelled batch; a labelled batch of
-    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); one gradient of the M2 loss."""
-    dtype, Z, C, BL, xp = model.dtype, model.z_dim, model.num_classes, labelled_batch, model.xp
-    bin_ = _binarizer(binarize, dtype)
+    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); then :meth:`M2.train_step`."""
+    BL, xp = labelled_batch, model.xp
+    bin_ = _binarizer(binarize, model.dtype)
 
     def step(xb, yb, rng):
         li = rng.integers(0, len(y_lab), BL)
         xl = bin_(x_lab[xp.asarray(li)] if xp is not np else x_lab[li], rng)
-        xu = bin_(xb, rng)
-        eps_l = backend.to_device(rng.standard_normal((BL, Z), dtype=np.float32), dtype)
-        eps_u = backend.to_device(rng.standard_normal((C, xu.shape[0], Z), dtype=np.float32), dtype)
-        _, t = model.loss_and_grad(xl, y_lab[li], xu, eps_l, eps_u, check=False, zero_grad=False)
-        return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
+        return model.train_step(xl, y_lab[li], bin_(xb, rng), rng)
     return step
 
 

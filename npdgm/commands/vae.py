@@ -174,12 +174,11 @@ def iwae(model, x, k, seed, batch=100):
 
 # -- npdgm train vae ------------------------------------------------------------------------------
 def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=0):
-    """step(xb, yb, rng) of :func:`npdgm.train.fit`: one -ELBO gradient on a batch (``objective`` "iwae": the
-    k-sample IWAE bound, VAE.iwae_loss_and_grad; ``dynamic``: a new Bernoulli(x) draw of the batch first);
-    fills the grads, returns the loss terms. KL warm-up: at step t (counted from ``start_step``) the KL
-    weight is beta min(1, t / warmup_steps); model.beta holds it (the configured beta stays in model.config)."""
-    dtype, K, Z = model.dtype, (k if objective == "iwae" else model.n_samples), model.z_dim
-    beta, count = model.config["beta"], [start_step]
+    """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`VAE.train_step` (``objective`` "iwae": the
+    k-sample IWAE bound) after the policies of the run: ``dynamic``, a new Bernoulli(x) draw of the batch
+    first; KL warm-up, at step t (counted from ``start_step``) the KL weight is beta min(1, t / warmup_steps)
+    (model.beta holds it; the configured beta stays in model.config)."""
+    dtype, beta, count = model.dtype, model.config["beta"], [start_step]
     if objective == "iwae" and warmup_steps:
         raise ValueError("--kl-warmup applies to --objective elbo (the IWAE bound has no separate KL term)")
 
@@ -189,12 +188,7 @@ def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=
             count[0] += 1
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
-        eps = backend.to_device(rng.standard_normal((K, xb.shape[0], Z), dtype=np.float32), dtype)
-        xb, eps = xb[shard], eps[:, shard]
-        if objective == "iwae":
-            return {"loss": model.iwae_loss_and_grad(xb, eps, check=False, zero_grad=False)[0]}
-        _, t = model.loss_and_grad(xb, eps, check=False, zero_grad=False)  # fit zeroed them
-        return {"loss": t["loss"], "nelbo": t["nelbo"], "recon": t["recon"], "kl": t["kl"]}
+        return model.train_step(xb, rng, shard, objective, k)
     step.shardable = True
     return step
 

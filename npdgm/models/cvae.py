@@ -163,6 +163,14 @@ class CVAE(ELBOMixin, LabelConditioned):
         self._elbo_grad((xt, mu, logvar, eps, out))
         return loss, terms
 
+    def train_step(self, x, y, rng):
+        """One training step's gradient, added into ``grads`` (the loop zeroes them): n_samples noise draws
+        for the labelled batch x (B, x_dim), y (B,) from the run's ``rng`` (:meth:`training_noise`), then
+        :meth:`loss_and_grad`. x must be checked already. Returns the step's terms (0-d arrays)."""
+        eps = self.training_noise(rng, self.n_samples, x.shape[0])
+        _, t = self.loss_and_grad(x, y, eps, check=False, zero_grad=False)
+        return {key: t[key] for key in ("loss", "nelbo", "recon", "kl")}
+
     def __call__(self, *args, **kwargs):
         raise TypeError(f"a {type(self).__name__} has no single forward: call loss(x, y, eps) or "
                         f"loss_and_grad(x, y, eps) for the training loss, log_prob(x, y, k) for log p(x|y), "

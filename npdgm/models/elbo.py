@@ -202,6 +202,12 @@ class ELBOMixin:
         """-log p(x|z) per decoder row (summed over pixels)."""
         return rec_rows(self, out, xt)
 
+    def training_noise(self, rng, k, B):
+        """Noise of one training step, (k, B, z_dim), drawn in float32 from the run's host Generator
+        ``rng`` and moved to the model's backend and dtype: every backend and both dtypes see the same
+        numbers, and a resumed run continues the same stream."""
+        return backend.to_device(rng.standard_normal((k, B, self.z_dim), dtype=np.float32), self.dtype)
+
     def _eps(self, eps, B, rng):
         """Training noise (K, B, z_dim): ``eps`` checked ((S, B, z_dim) or (B, z_dim)), or n_samples draws
         from ``rng`` (default: the model's own generator) when None."""

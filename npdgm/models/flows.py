@@ -215,6 +215,14 @@ class Flow(Model):
             total += float(-self.log_prob(x[s:s + batch_size]).sum())
         return total / x.shape[0]
 
+    def train_step(self, x, rng=None, shard=slice(None)):
+        """One training step's gradient, added into ``grads`` (the loop zeroes them): the rows ``shard`` of
+        the batch x (B, dim) (one process's share of a data-parallel batch) through :meth:`loss_and_grad`.
+        A flow's loss needs no noise (``rng`` is unused; images are dequantized before). Returns
+        {"loss", "nll"} (0-d arrays)."""
+        loss = self.loss_and_grad(x[shard], zero_grad=False)
+        return {"loss": loss, "nll": loss}
+
     def loss_and_grad(self, x, zero_grad=True):
         """Mean NLL in nats over the batch (0-d array) and the gradient of every parameter in ``grads``.
 

@@ -220,6 +220,17 @@ class M2(LabelConditioned):
             self.zero_grad()
         return self._run(x_l, y_l, x_u, eps_l, eps_u, rng, check, True)
 
+    def train_step(self, x_l, y_l, x_u, rng):
+        """One training step's gradient, added into ``grads`` (the loop zeroes them): noise eps_l (B_l, z_dim)
+        and eps_u (C, B_u, z_dim), drawn in that order in float32 from the run's host Generator ``rng``,
+        then :meth:`loss_and_grad` on the labelled (x_l, y_l) and unlabelled x_u batches (checked already).
+        Returns the terms logged while training (0-d arrays)."""
+        draw = lambda shape: backend.to_device(rng.standard_normal(shape, dtype=np.float32), self.dtype)
+        eps_l = draw((x_l.shape[0], self.z_dim))
+        eps_u = draw((self.num_classes, x_u.shape[0], self.z_dim))
+        _, t = self.loss_and_grad(x_l, y_l, x_u, eps_l, eps_u, check=False, zero_grad=False)
+        return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
+
     # -- using the model -----------------------------------------------------------------------
     def logits(self, x, batch=2000):
         """Classifier logits s(x), (B, C)."""

@@ -231,6 +231,22 @@ class VAE(ELBOMixin, Model):
         self._elbo_grad((xt, mu, logvar, eps, out))
         return loss, terms
 
+    def train_step(self, x, rng, shard=slice(None), objective="elbo", k=None):
+        """One training step's gradient, added into ``grads`` (the loop zeroes them): noise for the whole
+        batch x (B, x_dim) from the run's ``rng`` (:meth:`training_noise`: n_samples draws, or ``k`` for
+        ``objective="iwae"``), then the rows ``shard`` of x and noise (one process's share of a data-parallel
+        batch) through :meth:`loss_and_grad` (-ELBO) or :meth:`iwae_loss_and_grad` (the k-sample bound).
+        x must be checked already (:meth:`check_x`). Returns the step's terms (0-d arrays)."""
+        if objective not in ("elbo", "iwae"):
+            raise ValueError(f"objective must be 'elbo' or 'iwae', got {objective!r}")
+        k = (self.n_samples if k is None else k) if objective == "iwae" else self.n_samples
+        eps = self.training_noise(rng, k, x.shape[0])
+        x, eps = x[shard], eps[:, shard]
+        if objective == "iwae":
+            return {"loss": self.iwae_loss_and_grad(x, eps, check=False, zero_grad=False)[0]}
+        _, t = self.loss_and_grad(x, eps, check=False, zero_grad=False)
+        return {key: t[key] for key in ("loss", "nelbo", "recon", "kl")}
+
     def iwae_loss_and_grad(self, x, eps=None, k=None, rng=None, *, zero_grad=True, check=True):
         """The k-sample importance-weighted bound (Burda et al. 2016) and its gradient:
 
