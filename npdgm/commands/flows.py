@@ -101,7 +101,7 @@ def _register_realnvp(train_commands):
 
 def _register_flow2d(train_commands):
     p = train_commands.add_parser(
-        "flow2d", help="RealNVP-style or MAF flow on a 2-D toy density",
+        "flow2d", help="RealNVP, MAF or spline flow on a 2-D toy density (--flow)",
         description="Affine couplings on R^2 (coupling i conditions on coordinate i % 2; s/t MLP 1 -> hidden -> 2, "
                     "bounded scale), or with --flow maf MAF layers (MADE 2 -> hidden -> 4, reversed order between "
                     "layers); standard Gaussian prior, trained on points drawn once from a seeded toy set.")
