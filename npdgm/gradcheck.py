@@ -89,6 +89,29 @@ def check_module_params(module, loss_fn, h=1e-6):
     return check(loss_fn, module.params, analytic, h)
 
 
+def numerical_jacobian(f, x, h=1e-5):
+    """Row-wise Jacobian of f: (B, D) -> (B, E) by central differences, J (B, E, D) with
+    J[b, :, j] = d f(x)_b / d x_bj (f must map every row on its own, as flow layers do)."""
+    J = None
+    for j in range(x.shape[1]):
+        e = np.zeros_like(x)
+        e[:, j] = h
+        col = (f(x + e) - f(x - e)) / (2 * h)
+        if J is None:
+            J = np.zeros((x.shape[0], col.shape[1], x.shape[1]))
+        J[:, :, j] = col
+    return J
+
+
+def numerical_logdet(f, x, h=1e-5):
+    """log|det J| per row (B,) of a row-wise map f: (B, D) -> (B, D): slogdet of :func:`numerical_jacobian`,
+    the brute-force check of a flow's log-determinant; FloatingPointError if a Jacobian is singular."""
+    sign, ld = np.linalg.slogdet(numerical_jacobian(f, x, h))
+    if np.any(sign == 0):
+        raise FloatingPointError("a finite-difference Jacobian is singular")
+    return ld
+
+
 def check_flow_layer(layer, a, rng, direction="forward", h=1e-6):
     """Check a flow layer's backward (``direction`` "forward": ``layer.backward``; "inverse":
     ``layer.inverse_backward``) on float64 input ``a`` (B, D): its parameter and input gradients

@@ -12,19 +12,6 @@ from npdgm.models import autoregressive as AR
 from npdgm.models import flows as F
 
 
-def fd_jacobian(f, x, h=1e-5):
-    b, d = x.shape
-    J = None
-    for j in range(d):
-        e = np.zeros_like(x)
-        e[:, j] = h
-        col = (f(x + e) - f(x - e)) / (2 * h)
-        if J is None:
-            J = np.zeros((b, col.shape[1], d))
-        J[:, :, j] = col
-    return J
-
-
 def _layer(cls, d, rng, **kw):
     layer = cls(d, **{"hidden": [7, 6], "activation": "tanh", "seed": 1, **kw}).flatten()
     layer.flat_params[...] += 0.3 * rng.standard_normal(layer.flat_params.shape)
@@ -38,7 +25,7 @@ def test_made_masks_are_autoregressive(f64, rng, d, hidden):
     for m in made.layers:
         if isinstance(m, AR.MaskedLinear):
             m.W.data[...] = rng.standard_normal(m.W.data.shape)  # masked entries too: the mask must hide them
-    J = fd_jacobian(made.forward, rng.standard_normal((3, d)))
+    J = gradcheck.numerical_jacobian(made.forward, rng.standard_normal((3, d)))
     for block in range(2):
         Jb = np.abs(J[:, block * d:(block + 1) * d, :]).max(axis=0)
         assert np.all(Jb[np.triu_indices(d)] == 0), Jb
@@ -60,10 +47,10 @@ def test_round_trip_triangular_jacobian_and_logdet(f64, rng, cls, d):
     xx, ldi = layer.inverse(y, logdet=True)
     assert np.max(np.abs(xx - x)) < 1e-10
     np.testing.assert_allclose(ldi, -ld, rtol=1e-10, atol=1e-12)
-    J = fd_jacobian(lambda a: layer.forward(a)[0], x)
+    J = gradcheck.numerical_jacobian(lambda a: layer.forward(a)[0], x)
     assert np.abs(J[:, np.triu_indices(d, 1)[0], np.triu_indices(d, 1)[1]]).max() < 1e-9  # lower triangular
     np.testing.assert_allclose(ld, np.linalg.slogdet(J)[1], rtol=1e-7, atol=1e-8)
-    Ji = fd_jacobian(lambda a: layer.inverse(a), y)
+    Ji = gradcheck.numerical_jacobian(lambda a: layer.inverse(a), y)
     np.testing.assert_allclose(ldi, np.linalg.slogdet(Ji)[1], rtol=1e-7, atol=1e-8)
 
 

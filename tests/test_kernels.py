@@ -144,3 +144,16 @@ def test_kl_matches_monte_carlo():
 def test_bad_input_is_a_clear_error(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_numerical_jacobian_and_logdet_of_a_known_map(rng):
+    """gradcheck's brute-force log-det (used on every flow layer) on x -> tanh(x) @ A: J_b = A^T diag(1 - tanh^2)."""
+    from npdgm import gradcheck
+
+    A, x = rng.standard_normal((3, 3)) + 3 * np.eye(3), rng.standard_normal((4, 3))
+    J = gradcheck.numerical_jacobian(lambda v: np.tanh(v) @ A, x)
+    np.testing.assert_allclose(J, A.T[None] * (1 - np.tanh(x) ** 2)[:, None, :], atol=1e-8)
+    want = np.linalg.slogdet(A)[1] + np.log(1 - np.tanh(x) ** 2).sum(1)
+    np.testing.assert_allclose(gradcheck.numerical_logdet(lambda v: np.tanh(v) @ A, x), want, atol=1e-8)
+    with pytest.raises(FloatingPointError, match="singular"):
+        gradcheck.numerical_logdet(lambda v: v * 0, x)
