@@ -387,3 +387,22 @@ def test_models_do_not_import_gradcheck_and_checks_register_every_model():
 
     for kind in ("model.vae[", "model.cvae[", "model.m2[", "model.flow[", "kernel.flow_priors_clamps"):
         assert any(n.startswith(kind) for n in gradcheck.CHECKS), kind
+
+
+def test_check_false_skips_the_noise_finiteness_read_as_it_skips_the_data_check(monkeypatch):
+    """check=False (the trainer, the benchmark, a CUDA-graph capture) must not read the device to check the noise."""
+    from npdgm import backend as B
+    from npdgm.models.cvae import CVAE
+    from npdgm.models.m2 import M2
+    from npdgm.models.vae import VAE
+
+    reads = []
+    monkeypatch.setattr(B, "check_finite", lambda name, a: reads.append(name))
+    x, y = np.full((3, 6), 0.5, np.float32), np.array([0, 1, 0])
+    VAE(x_dim=6, hidden=(4,), z_dim=2).loss_and_grad(x, np.zeros((1, 3, 2), np.float32), check=False)
+    CVAE(x_dim=6, num_classes=2, hidden=(4,), z_dim=2).loss_and_grad(x, y, np.zeros((1, 3, 2), np.float32), check=False)
+    M2(x_dim=6, num_classes=2, hidden=(4,), z_dim=2).loss_and_grad(x, y, x, np.zeros((3, 2), np.float32),
+                                                                   np.zeros((2, 3, 2), np.float32), check=False)
+    assert reads == []
+    VAE(x_dim=6, hidden=(4,), z_dim=2).loss_and_grad(x, np.zeros((1, 3, 2), np.float32))
+    assert reads == ["x", "eps"]          # check=True: the data and the noise

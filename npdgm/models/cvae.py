@@ -156,7 +156,7 @@ class CVAE(ELBOMixin, LabelConditioned):
         if check:
             x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
-        eps = self._eps(eps, x.shape[0], rng)
+        eps = self._eps(eps, x.shape[0], rng, check)
         loss, terms, (xt, mu, logvar, out) = self._forward(x, self._onehot(y), eps)
         if zero_grad:
             self.zero_grad()

@@ -64,8 +64,10 @@ def draw(model, shape, rng):
     return model.xp.asarray(eps).astype(model.dtype, copy=False)
 
 
-def as_noise(model, eps, shape, name="eps"):
-    """Given noise checked to be a finite float array of ``shape``, as a model-dtype backend array."""
+def as_noise(model, eps, shape, name="eps", finite=True):
+    """Given noise checked to be a float array of ``shape`` (and finite, unless ``finite=False``: the
+    callers' ``check=False``, which must not read the device, e.g. inside a CUDA-graph capture), as a
+    model-dtype backend array."""
     if eps.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(eps.shape)}")
     if eps.dtype.kind != "f":
@@ -73,7 +75,8 @@ def as_noise(model, eps, shape, name="eps"):
     xp = model.xp
     eps = xp.asarray(eps) if backend.array_module(eps) is not xp else eps
     eps = eps.astype(model.dtype, copy=False)
-    backend.check_finite(name, eps)       # NaN/inf noise would turn the whole loss into NaN silently
+    if finite:
+        backend.check_finite(name, eps)   # NaN/inf noise would turn the whole loss into NaN silently
     return eps
 
 
@@ -208,7 +211,7 @@ class ELBOMixin:
         numbers, and a resumed run continues the same stream."""
         return backend.to_device(rng.standard_normal((k, B, self.z_dim), dtype=np.float32), self.dtype)
 
-    def _eps(self, eps, B, rng):
+    def _eps(self, eps, B, rng, check=True):
         """Training noise (K, B, z_dim): ``eps`` checked ((S, B, z_dim) or (B, z_dim)), or n_samples draws
         from ``rng`` (default: the model's own generator) when None."""
         if eps is None:
@@ -218,7 +221,7 @@ class ELBOMixin:
         if getattr(eps, "ndim", None) != 3 or eps.shape[0] < 1 or eps.shape[1:] != (B, self.z_dim):
             raise ValueError(f"eps must have shape (samples, batch, z_dim) = (S, {B}, {self.z_dim}) with S >= 1 "
                              f"(or ({B}, {self.z_dim})), got {tuple(getattr(eps, 'shape', ()))}")
-        return as_noise(self, eps, eps.shape)
+        return as_noise(self, eps, eps.shape, finite=check)
 
     def _elbo_grad(self, cache):
         """The batch-mean ELBO loss's backward: d_rec = 1/(K B) per decoder row, d_kl = beta/B per row."""

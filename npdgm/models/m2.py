@@ -177,7 +177,7 @@ class M2(LabelConditioned):
             x_l = self.check_x(x_l, "x_l") if check else x_l
             y_l = self.check_y(y_l, x_l.shape[0], "y_l")
             B = x_l.shape[0]
-            eps_l = _draw(self, (B, Z), rng) if eps_l is None else _as_noise(self, eps_l, (B, Z), "eps_l")
+            eps_l = _draw(self, (B, Z), rng) if eps_l is None else _as_noise(self, eps_l, (B, Z), "eps_l", check)
         if x_u is not None:
             x_u = self.check_x(x_u, "x_u") if check else x_u
             B = x_u.shape[0]
@@ -186,7 +186,7 @@ class M2(LabelConditioned):
             else:
                 if getattr(eps_u, "shape", None) == (B, Z):       # the same draw for every class
                     eps_u = self.xp.broadcast_to(self.xp.asarray(eps_u), (C, B, Z))
-                eps_u = _as_noise(self, eps_u, (C, B, Z), "eps_u")
+                eps_u = _as_noise(self, eps_u, (C, B, Z), "eps_u", check)
         return x_l, y_l, x_u, eps_l, eps_u
 
     def _run(self, x_l, y_l, x_u, eps_l, eps_u, rng, check, backward):

@@ -224,7 +224,7 @@ class VAE(ELBOMixin, Model):
         """
         if check:
             x = self.check_x(x)
-        eps = self._eps(eps, x.shape[0], rng)
+        eps = self._eps(eps, x.shape[0], rng, check)
         loss, terms, (xt, mu, logvar, eps, out) = self._forward(x, eps)
         if zero_grad:
             self.zero_grad()
