@@ -29,8 +29,8 @@ from ..kernels import coupling as C
 from ..kernels.linear import linear_backward, linear_forward
 from ..nn.layers import Activation, Sequential, _host_rng, init_weight
 from ..nn.module import Module, Parameter
-from ..validate import check_float, check_int
-from .flow_layers import FlowLayer, _layer
+from ..validate import check_int
+from .flow_layers import FlowLayer, _layer, check_scale_net
 
 __all__ = ["made_degrees", "made_masks", "MaskedLinear", "MADE", "MAF", "IAF"]
 
@@ -118,11 +118,7 @@ class _Autoregressive(FlowLayer):
         super().__init__(dim)
         if self.dim < 2:
             raise ValueError(f"an autoregressive layer needs dim >= 2, got {self.dim}")
-        if scale not in C.SCALE_CLAMPS:
-            raise ValueError(f"unknown scale clamp {scale!r}; expected one of {C.SCALE_CLAMPS}")
-        scale_bound = check_float(scale_bound, "scale_bound", lo=0, strict_lo=True)
-        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
-        seed = check_int(seed, "seed", lo=0)
+        scale, scale_bound, hidden, seed = check_scale_net(scale, scale_bound, hidden, seed)
         self.scale, self.scale_bound = scale, scale_bound
         self.made = MADE(self.dim, hidden, 2, activation, init, seed)
         self._spec = dict(dim=self.dim, hidden=hidden, activation=activation, scale=scale,

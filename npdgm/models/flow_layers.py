@@ -118,6 +118,15 @@ def _dev_index(idx, x):
     return hit[1]
 
 
+def check_scale_net(scale, scale_bound, hidden, seed):
+    """The options of a layer whose network outputs a clamped log-scale (affine couplings, MAF/IAF),
+    checked: ``(scale, scale_bound, hidden list, seed)``; ValueError/TypeError naming the bad one."""
+    if scale not in C.SCALE_CLAMPS:
+        raise ValueError(f"unknown scale clamp {scale!r}; expected one of {C.SCALE_CLAMPS}")
+    return (scale, check_float(scale_bound, "scale_bound", lo=0, strict_lo=True),
+            [check_int(h, "hidden size", lo=1) for h in hidden], check_int(seed, "seed", lo=0))
+
+
 def _check_input(name, x, dim):
     if getattr(x, "ndim", None) != 2:
         raise ValueError(f"{name} must be a 2-D array (batch, {dim}), got shape {getattr(x, 'shape', type(x))}")
@@ -247,11 +256,7 @@ class AffineCoupling(_Coupling):
     def __init__(self, dim, mask="half", parity=0, hidden=(256, 256), activation="relu", scale="tanh",
                  scale_bound=1.0, image_shape=None, init="torch", seed=0):
         super().__init__(dim, mask, parity, image_shape)
-        if scale not in C.SCALE_CLAMPS:
-            raise ValueError(f"unknown scale clamp {scale!r}; expected one of {C.SCALE_CLAMPS}")
-        scale_bound = check_float(scale_bound, "scale_bound", lo=0, strict_lo=True)
-        hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
-        seed = check_int(seed, "seed", lo=0)
+        scale, scale_bound, hidden, seed = check_scale_net(scale, scale_bound, hidden, seed)
         self.scale, self.scale_bound = scale, scale_bound
         self.net = MLP(self.na, hidden, 2 * self.nb, activation=activation, init=init, rng=seed)
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, scale=scale,
