@@ -129,6 +129,8 @@ def _m2_check(rng, parts="both", shared_eps=False, **kw):
     x_l, y_l = rng.uniform(0, 1, (4, D)), np.array([0, 2, 1, 2])
     x_u = rng.uniform(0, 1, (3, D))
     x_u[0] = 0.0
+    if model.likelihood == "gaussian":   # real-valued features (M1+M2: M2 on M1's latent codes)
+        x_l, x_u = 2 * rng.standard_normal((4, D)), 2 * rng.standard_normal((3, D))
     eps_l = rng.standard_normal((4, Z))
     eps_u = rng.standard_normal((3, Z) if shared_eps else (C, 3, Z))
     args = dict(x_l=x_l, y_l=y_l, eps_l=eps_l) if parts != "unlabelled" else {}
@@ -146,6 +148,9 @@ for _tag, _kw in [
     ("labelled only,elu,alpha=0.7", dict(activation="elu", parts="labelled", alpha=0.7)),
     ("labelled+unlabelled,softplus,labelled_weight=0.3", dict(activation="softplus", labelled_weight=0.3)),
     ("labelled+unlabelled,softplus,beta=2.5", dict(activation="softplus", beta=2.5)),
+    ("labelled+unlabelled,gaussian,learned sigma", dict(activation="softplus", likelihood="gaussian")),
+    ("labelled+unlabelled,gaussian,sigma=0.6,tanh,beta=2", dict(activation="tanh", likelihood="gaussian", sigma=0.6,
+                                                                 beta=2.0)),
 ]:
     register(f"model.m2[{_tag}]")(lambda rng, _kw=_kw: _m2_check(rng, **_kw))
 

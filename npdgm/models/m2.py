@@ -4,7 +4,10 @@ Model, C classes, uniform prior p(y) = 1/C:
 
     q(y|x)    = softmax(s(x)),  s = classifier MLP x_dim -> classifier_hidden -> C
     q(z|x, y) = N(mu, diag exp(logvar)),  [mu | logvar] = encoder([x | e_y])   (a ConditionalMLP)
-    p(x|y, z) = Bernoulli(sigmoid(decoder([z | e_y])))
+    p(x|y, z) = Bernoulli(sigmoid(decoder([z | e_y])))     (likelihood="bernoulli", images in [0, 1])
+              = N(decoder([z | e_y]), diag sigma_x^2)        (likelihood="gaussian": real features such as
+                                                              M1's latent codes, M1+M2; sigma fixed or a
+                                                              learned per-dimension log-variance logvar_x)
 
 Per-image losses (nats), one noise draw eps ~ N(0, I) per (image, class):
 
@@ -42,9 +45,10 @@ from ..kernels import (kl_std_normal_forward, reparameterize_forward, sigmoid_fo
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
-from ..nn import ConditionalMLP
+from ..nn import ConditionalMLP, Parameter
 from .cvae import LabelConditioned
 from ..validate import check_float, check_int
+from .vae import LIKELIHOODS
 from .elbo import as_noise as _as_noise, draw as _draw, elbo_backward, generator as _generator, rec_rows
 
 __all__ = ["M2"]
@@ -52,22 +56,23 @@ __all__ = ["M2"]
 
 @register_model
 class M2(LabelConditioned):
-    """Semi-supervised VAE M2: classifier q(y|x), encoder q(z|x, y), Bernoulli decoder p(x|y, z).
+    """Semi-supervised VAE M2: classifier q(y|x), encoder q(z|x, y), Bernoulli or Gaussian decoder p(x|y, z).
 
     Parameters (kept in :attr:`config`): x_dim, num_classes, hidden (encoder sizes; the decoder uses
     them reversed), classifier_hidden (default: hidden), z_dim, activation, alpha (weight of the
     labelled cross-entropy; the paper's 0.1 N/N_labelled is chosen by ``npdgm train m2``),
     labelled_weight (lambda_l, weight of the labelled -ELBO), beta (KL weight inside L during training),
-    seed, init.
+    likelihood ("bernoulli" | "gaussian"), sigma (Gaussian: fixed std, or None to learn a per-dimension
+    ``logvar_x``), seed, init.
     Parameter names: ``classifier.*``, ``encoder.*`` (encoder.0.W is (x_dim + C, .)), ``decoder.*``
-    (decoder.0.W is (z_dim + C, .)).
+    (decoder.0.W is (z_dim + C, .)), [``logvar_x``].
     """
 
     kind = "m2"
-    likelihood = "bernoulli"
 
     def __init__(self, x_dim=784, num_classes=10, hidden=(500,), z_dim=50, classifier_hidden=None,
-                 activation="softplus", alpha=1.0, labelled_weight=1.0, beta=1.0, seed=0, init="torch"):
+                 activation="softplus", alpha=1.0, labelled_weight=1.0, beta=1.0, likelihood="bernoulli", sigma=None,
+                 seed=0, init="torch"):
         x_dim = check_int(x_dim, "x_dim", lo=1)
         num_classes = check_int(num_classes, "num_classes", lo=1)
         if num_classes < 2:
@@ -85,12 +90,20 @@ class M2(LabelConditioned):
         alpha = check_float(alpha, "alpha", lo=0)
         labelled_weight = check_float(labelled_weight, "labelled_weight", lo=0)
         beta = check_float(beta, "beta", lo=0)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        if sigma is not None:
+            if likelihood != "gaussian":
+                raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
+            sigma = check_float(sigma, "sigma (None: learned)", lo=0, strict_lo=True)
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
         seed = check_int(seed, "seed", lo=0)
         super().__init__(x_dim=x_dim, num_classes=num_classes, hidden=list(hidden), z_dim=z_dim,
                          classifier_hidden=list(classifier_hidden), activation=activation, alpha=float(alpha),
-                         labelled_weight=float(labelled_weight), beta=float(beta), seed=seed, init=init)
+                         labelled_weight=float(labelled_weight), beta=float(beta), likelihood=likelihood, sigma=sigma,
+                         seed=seed, init=init)
+        self.likelihood, self.sigma = likelihood, sigma
         self.x_dim, self.num_classes, self.z_dim, self.hidden = x_dim, num_classes, z_dim, hidden
         self.alpha, self.labelled_weight, self.beta = float(alpha), float(labelled_weight), float(beta)
         dtype = backend.get_dtype()
@@ -101,6 +114,8 @@ class M2(LabelConditioned):
                                       rng=host, dtype=dtype)
         self.decoder = ConditionalMLP(z_dim, num_classes, hidden[::-1], x_dim, activation=activation, init=init,
                                       rng=host, dtype=dtype)
+        if likelihood == "gaussian" and sigma is None:
+            self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
         object.__setattr__(self, "_noise", backend.rng(seed))
         self.flatten()
 
@@ -264,8 +279,9 @@ class M2(LabelConditioned):
         return softmax_expectation_forward(s, L) - softmax_entropy_forward(s)
 
     def decode(self, z, y):
-        """E[x|y, z] = sigmoid(decoder([z | e_y])), (n, x_dim)."""
-        return sigmoid_forward(self._decode_raw(z, y))
+        """E[x|y, z] = sigmoid(decoder([z | e_y])) (Bernoulli) or decoder([z | e_y]) (Gaussian), (n, x_dim)."""
+        out = self._decode_raw(z, y)
+        return sigmoid_forward(out) if self.likelihood == "bernoulli" else out
 
     def class_grid(self, n_per_class=10, rng=0):
         """(C n, x_dim): row c = class c decoded from the same n prior draws (see CVAE.class_grid)."""

@@ -1,0 +1,174 @@
+"""M1 (Kingma, Rezende, Mohamed & Welling 2014): a VAE's posterior means as features for a classifier.
+
+M1, the "latent-feature discriminative model": train a VAE on all images (labels unused), map every image
+to z = mu(x) = E_q[z|x] and fit a classifier on the few labelled pairs (mu(x), y). The paper used a
+(transductive) SVM. Here the classifier is multinomial logistic regression with an L2 penalty (softmax
+regression), because
+
+- its objective is smooth and strictly convex in W: one optimum, which the tests compare with
+  scikit-learn's ``LogisticRegression`` on the same objective (an SVM solver's result depends on its
+  stopping rule and on which of many dual solutions it lands);
+- its gradient is the categorical kernel npdgm already has (:func:`softmax_ce_backward`) and one GEMM;
+- it gives probabilities q(y|x), like M2's classifier (M2's is the same softmax on an MLP).
+
+Objective, features X (N, F) (standardized by the caller), labels y, weights W (F, C), bias b (C,):
+
+    J(W, b) = mean_n CE(softmax(S_n), y_n) + (l2 / 2) ||W||^2,       S = X W + b
+    dS = (softmax(S) - onehot(y)) / N,   dW = X^T dS + l2 W,   db = sum_n dS_n
+
+(scikit-learn's LogisticRegression(C) minimizes C sum_n CE + ||W||^2 / 2: the same optimum for
+C = 1 / (l2 N).) J is minimized by Nesterov's accelerated gradient with step 1/L, where
+L = lambda_max(X1^T X1) / (2 N) + l2 bounds the Hessian (X1 = [X | 1]; the softmax cross-entropy's
+Hessian in the logits is diag(q) - q q^T <= I / 2), restarted whenever J goes up (O'Donoghue & Candes
+2015), until max |grad| < tol.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..kernels import softmax_ce_backward, softmax_ce_forward
+from ..validate import check_float, check_int
+
+__all__ = ["SoftmaxRegression", "fit_softmax_regression", "softmax_regression_loss_and_grad", "choose_l2",
+           "standardizer", "vae_features", "L2_GRID"]
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidates of the cross-validated penalty
+
+
+def softmax_regression_loss_and_grad(W, b, X, y, l2):
+    """J(W, b) = mean CE(softmax(X W + b), y) + (l2/2) ||W||^2 and (dW, db) (module docstring).
+    X (N, F), y (N,) int, W (F, C), b (C,). Returns (J, dW, db), float64."""
+    S = X @ W + b
+    N = X.shape[0]
+    J = float(softmax_ce_forward(S, y).mean()) + 0.5 * l2 * float((W * W).sum())
+    dS = softmax_ce_backward(np.full(N, 1.0 / N), S, y)
+    return J, X.T @ dS + l2 * W, dS.sum(axis=0)
+
+
+def fit_softmax_regression(X, y, num_classes, l2, max_iter=20000, tol=1e-6):
+    """Minimize J (module docstring) from W = 0, b = 0 by restarted Nesterov acceleration with step 1/L.
+    Returns (W, b, info) with info = {"iterations", "loss", "grad_max", "converged"}."""
+    X = np.asarray(X, np.float64)
+    N, F = X.shape
+    C = num_classes
+    X1 = np.concatenate([X, np.ones((N, 1))], axis=1)
+    L = float(np.linalg.eigvalsh(X1.T @ X1 / N)[-1]) / 2 + l2        # the Hessian bound
+    theta = np.zeros((F + 1, C))                                      # [W; b]
+    prev, t = theta.copy(), 1.0
+    J_old = math.inf
+    for it in range(1, max_iter + 1):
+        mom = theta + ((t - 1) / (t + 2)) * (theta - prev)             # look-ahead point
+        J, dW, db = softmax_regression_loss_and_grad(mom[:F], mom[F], X, y, l2)
+        g = np.concatenate([dW, db[None]], axis=0)
+        gmax = float(np.abs(g).max())
+        if gmax < tol:
+            theta = mom
+            break
+        prev, theta = theta, mom - g / L
+        t += 1
+        if J > J_old:                                                  # restart the momentum
+            t, prev = 1.0, theta.copy()
+        J_old = J
+    J, dW, db = softmax_regression_loss_and_grad(theta[:F], theta[F], X, y, l2)
+    gmax = float(max(np.abs(dW).max(), np.abs(db).max()))
+    return theta[:F].copy(), theta[F].copy(), {"iterations": it, "loss": J, "grad_max": gmax,
+                                               "converged": gmax < 10 * tol}
+
+
+class SoftmaxRegression:
+    """Multinomial logistic regression with an L2 penalty on W (module docstring), NumPy on the host.
+
+    ``fit(X, y)`` then ``predict_proba`` / ``predict`` / ``error_rate``; ``W`` (F, C), ``b`` (C,) and
+    ``info`` (iterations, final loss, max |gradient|) after fitting."""
+
+    def __init__(self, num_classes=10, l2=1e-2, max_iter=20000, tol=1e-6):
+        self.num_classes = check_int(num_classes, "num_classes", lo=2)
+        self.l2 = check_float(l2, "l2", lo=0)
+        self.max_iter = check_int(max_iter, "max_iter", lo=1)
+        self.tol = check_float(tol, "tol", lo=0, strict_lo=True)
+        self.W = self.b = None
+
+    def fit(self, X, y):
+        X, y = _xy(X, y, self.num_classes)
+        self.W, self.b, self.info = fit_softmax_regression(X, y, self.num_classes, self.l2, self.max_iter, self.tol)
+        return self
+
+    def logits(self, X):
+        if self.W is None:
+            raise ValueError("this SoftmaxRegression is not fitted yet: call fit(X, y) first")
+        X = np.asarray(X, np.float64)
+        if X.ndim != 2 or X.shape[1] != self.W.shape[0]:
+            raise ValueError(f"X must have shape (n, {self.W.shape[0]}), got {X.shape}")
+        return X @ self.W + self.b
+
+    def predict_proba(self, X):
+        S = self.logits(X)
+        e = np.exp(S - S.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        return self.logits(X).argmax(axis=1)
+
+    def error_rate(self, X, y):
+        return float((self.predict(X) != np.asarray(y)).mean())
+
+
+def _xy(X, y, num_classes):
+    X = np.asarray(X, np.float64)
+    y = np.asarray(y)
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"X must be a non-empty 2-D array (n, features), got shape {X.shape}")
+    if y.shape != (X.shape[0],) or y.dtype.kind not in "iu":
+        raise ValueError(f"y must be {X.shape[0]} integer labels, got shape {y.shape} dtype {y.dtype}")
+    if not np.isfinite(X).all():
+        raise ValueError("X holds NaN or infinite values")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), found {int(y.min())}..{int(y.max())}")
+    return X, y.astype(np.int64)
+
+
+def choose_l2(X, y, num_classes=10, grid=L2_GRID, folds=5, seed=0):
+    """The penalty of ``grid`` with the lowest k-fold cross-validated error on (X, y) (folds stratified by
+    class, seeded; ties -> the larger penalty). Returns (l2, {l2: mean validation error})."""
+    X, y = _xy(X, y, num_classes)
+    folds = check_int(folds, "folds", lo=2)
+    rng = np.random.default_rng([seed, 21])
+    fold = np.empty(len(y), np.int64)
+    for c in np.unique(y):                                   # deal each class's examples round-robin
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = (np.arange(len(idx)) + c) % folds
+    errors = {}
+    for l2 in grid:
+        wrong = 0
+        for f in range(folds):
+            tr, va = fold != f, fold == f
+            clf = SoftmaxRegression(num_classes, l2, max_iter=5000, tol=1e-5).fit(X[tr], y[tr])
+            wrong += int((clf.predict(X[va]) != y[va]).sum())
+        errors[l2] = wrong / len(y)
+    best = min(errors.values())
+    return max(l2 for l2, e in errors.items() if e == best), errors
+
+
+def standardizer(X):
+    """(mean, std) per feature of X (std floored at 1e-6): features (X - mean) / std have unit scale,
+    so one penalty grid fits VAE codes and pixels alike."""
+    X = np.asarray(X, np.float64)
+    return X.mean(axis=0), np.maximum(X.std(axis=0), 1e-6)
+
+
+def vae_features(model, x, sample=False, rng=None, batch=1000):
+    """M1 features of images x (N, x_dim), host float64 (N, z_dim): the posterior means mu(x), or with
+    ``sample`` one draw z = mu + exp(logvar / 2) eps per image (eps from ``rng``)."""
+    from .. import backend
+
+    out = []
+    for s in range(0, len(x), batch):
+        mu, logvar = model.encode(x[s:s + batch])
+        z = mu
+        if sample:
+            eps = backend.to_device(rng.standard_normal(mu.shape, dtype=np.float32), model.dtype)
+            z = mu + model.xp.exp(logvar / 2) * eps
+        out.append(np.asarray(backend.to_host(z), np.float64))
+    return np.concatenate(out)
