@@ -418,6 +418,24 @@ def test_cli_nice_and_realnvp_mnist(tmp_path, capsys):
     assert _cli("flow-sample", tmp_path / "r", "--n", 4, "--temperatures", 0.5, 1.0) == 0
 
 
+def test_cli_maf_mnist_trains_resumes_bit_for_bit_and_samples(tmp_path):
+    common = ["--train-limit", 96, "--test-limit", 32, "--hidden", 12, "--layers", 2, "--batch-size", 32,
+              "--no-progress", "--no-plots"]
+    assert _cli("train", "maf", *common, "--epochs", 2, "--out", tmp_path / "a") == 0
+    g = npdgm.load(tmp_path / "a")
+    assert [type(layer).__name__ for layer in g.layers] == ["LogitTransform", "MAF", "Permutation", "MAF"]
+    assert g.layers[1].made.layers[0].W.data.shape == (784, 12) and g.layers[2].kind == "reverse"
+    s = json.load(open(tmp_path / "a" / "summary.json"))
+    assert s["family"] == "maf" and s["epochs"] == 2
+    assert s["test_bpd"] == pytest.approx(F.bits_per_dim(s["test_nll"], 784))
+    assert {"train_bpd", "test_bpd"} <= set(json.loads(open(tmp_path / "a" / "metrics.jsonl").readline()))
+    assert _cli("train", "maf", *common, "--epochs", 1, "--out", tmp_path / "b") == 0
+    assert _cli("train", "maf", "--resume", tmp_path / "b", "--epochs", 2, "--no-progress", "--no-plots") == 0
+    np.testing.assert_array_equal(npdgm.load(tmp_path / "b").flat_params, g.flat_params)
+    assert _cli("sample", tmp_path / "b", "--n", 2, "--temperatures", 0.7) == 0
+    assert os.path.exists(tmp_path / "b" / "flow-samples-seed0.png")
+
+
 def test_cli_bad_arguments(tmp_path, capsys):
     assert _cli("train", "flow2d", "--n-train", 0, "--out", tmp_path, "--no-progress") == 2
     assert "--train-limit must be >= 1" in capsys.readouterr().err   # --n-train: its deprecated alias

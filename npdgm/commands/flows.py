@@ -1,4 +1,5 @@
-"""``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train flow2d`` (``npdgm sample RUNDIR`` draws from them).
+"""``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train maf``, ``npdgm train flow2d`` (``npdgm sample RUNDIR``
+draws from them).
 
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
     npdgm train flow2d --flow maf --dataset moons         # 8 MAF layers (MADE), reversed order between them
@@ -6,6 +7,7 @@
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
+    npdgm train maf --data mnist --epochs 5               # MAF: logit transform + 5 MADE layers, reversed order
     npdgm train nice --resume runs/nice-... --epochs 6    # continue bit-for-bit
     npdgm sample runs/nice-... --temperatures 0.5 0.8 1.0 # (flow-sample is its old name)
 
@@ -51,9 +53,10 @@ def _data_args(p, image=True, toy=True):
 
 
 def register(commands, train_commands):
-    """npdgm train nice | realnvp | flow2d (``npdgm sample`` is commands/sample.py)."""
+    """npdgm train nice | realnvp | maf | flow2d (``npdgm sample`` is commands/sample.py)."""
     _register_nice(train_commands)
     _register_realnvp(train_commands)
+    _register_maf(train_commands)
     _register_flow2d(train_commands)
 
 
@@ -99,6 +102,28 @@ def _register_realnvp(train_commands):
     p.set_defaults(func=cmd_train, family="realnvp", epochs=None, batch_size=None)
 
 
+def _register_maf(train_commands):
+    p = train_commands.add_parser(
+        "maf", help="MAF (masked autoregressive flow) on MNIST",
+        description="MAF on dequantized MNIST: logit transform, then MAF layers z = (x - mu(x)) exp(-alpha(x)) "
+                    "with (alpha, mu) from a MADE (784 -> hidden -> 2 x 784, masked so output d sees x_<d) and "
+                    "the order reversed (or randomly permuted) between layers; Gaussian prior. The density takes "
+                    "one MADE pass per layer, a sample 784. Loss = mean NLL (nats/image), reported in bits/dim.")
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=positive_int, default=5, help="MAF layers (default 5)")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512], metavar="H",
+                   help="MADE hidden sizes (default 512 512)")
+    g.add_argument("--ordering", choices=["reverse", "random"], default="reverse",
+                   help="permutation between layers (default reverse)")
+    g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh",
+                   help="bound on the log-scale alpha (default tanh: alpha = b tanh(raw / b))")
+    g.add_argument("--scale-bound", type=positive_float, default=2.0, help="b (default 2)")
+    g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
+    _data_args(p, image=True, toy=False)
+    add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train, family="maf", epochs=None)
+
+
 def _register_flow2d(train_commands):
     p = train_commands.add_parser(
         "flow2d", help="RealNVP, MAF or spline flow on a 2-D toy density (--flow)",
@@ -123,7 +148,7 @@ def _register_flow2d(train_commands):
 
 # -- helpers --------------------------------------------------------------------------------------
 def _is_image(run):
-    return run["family"] == "nice" or (run["family"] == "realnvp" and run.get("dataset") == "mnist")
+    return run["family"] in ("nice", "maf") or (run["family"] == "realnvp" and run.get("dataset") == "mnist")
 
 
 def _nice_hidden(args):
@@ -151,6 +176,9 @@ def _run_from_args(args):
         run.update(dataset="mnist", couplings=args.couplings or 8, hidden=args.hidden or [512, 512], mask=args.mask,
                    scale=args.scale, scale_bound=2.0 if args.scale_bound is None else args.scale_bound,
                    actnorm=not args.no_actnorm, alpha=args.alpha, batch_size=args.batch_size or 64)
+    elif fam == "maf":
+        run.update(dataset="mnist", layers=args.layers, hidden=list(args.hidden), ordering=args.ordering,
+                   scale=args.scale, scale_bound=args.scale_bound, alpha=args.alpha, batch_size=args.batch_size)
     else:  # flow2d, or realnvp on a toy set
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
                    hidden=args.hidden or [256, 256], scale=args.scale,
@@ -188,6 +216,9 @@ def build_model(run):
         return flows.realnvp(784, run["couplings"], run["hidden"], mask=run["mask"], image_shape=(28, 28),
                              scale=run["scale"], scale_bound=run["scale_bound"], actnorm=run["actnorm"],
                              alpha=run["alpha"], seed=seed)
+    if run["family"] == "maf":
+        return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
+                         scale_bound=run["scale_bound"], seed=seed)
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)
@@ -232,17 +263,19 @@ def init_actnorm(flow, train_x, image, seed, n=1000):
 
 
 def evaluate(flow, x_test, image):
-    """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images."""
+    """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images (under N ranks each takes its
+    rows of the test set, npdgm.distributed.mean_over_rows)."""
+    from ..distributed import mean_over_rows
     from ..models.flows import bits_per_dim
 
-    nll = flow.nll(x_test, batch_size=1000)
+    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000))
     out = {"nll": nll, "ll": -nll}
     if image:
         out["bpd"] = bits_per_dim(nll, flow.dim)
     return out
 
 
-# -- npdgm train nice | realnvp | flow2d ----------------------------------------------------------
+# -- npdgm train nice | realnvp | maf | flow2d ------------------------------------------------------------
 def make_step(model, image):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`Flow.train_step`, one NLL gradient (images:
     dequantized with fresh noise first, and bits/dim reported); logged as train_loss and train_nll."""
