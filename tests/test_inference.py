@@ -227,3 +227,65 @@ def test_grad_z_with_observed_pixels_finite_differences(f64, rng):
         g = m.log_joint_and_grad_z(x, z, observed=obs)[1]
         rep = check(lambda: float(np.sum(m.log_joint_and_grad_z(x, z, observed=obs)[0])), {"z": z}, {"z": g})
         assert rep["z"][1] < 1e-6, rep
+
+
+# -- the AIS hot loop and the shared-draw naive MC --------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bernoulli_loglik_fast_path_matches_log_joint(rng, dtype):
+    from npdgm import backend
+
+    with backend.use("numpy", np.dtype(dtype).name):
+        m = VAE(x_dim=50, hidden=(16,), z_dim=3, seed=2)
+    m.flat_params[...] += rng.standard_normal(m.flat_params.shape) * 3   # logits far past +-88 in places
+    x = rng.uniform(0, 1, (4, 50)).astype(dtype)
+    x[:, :10] = rng.uniform(0, 1, (4, 10)) < 0.5
+    z = (rng.standard_normal((5, 4, 3)) * 3).astype(dtype)
+    f = I._loglik(m, x)
+    assert np.abs(m.decoder.forward(z.reshape(-1, 3))).max() > 100
+    ll, g = f(z)
+    lj, gj = m.log_joint_and_grad_z(x, z)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(ll, lj - I._log_prior(z), rtol=tol, atol=tol * 100)
+    assert ll.dtype == np.float64 and g.dtype == dtype
+    np.testing.assert_allclose(g, gj + z, rtol=tol, atol=tol * 100)
+    np.testing.assert_allclose(f.grad(z), g, atol=tol * np.abs(g).max())   # sigmoid by another formula
+
+
+def test_leapfrog_inner_steps_call_the_gradient_only(rng):
+    calls = {"full": 0, "grad": 0}
+    P = np.array([[2.0, 0.3], [0.3, 0.5]])
+
+    def full(z):
+        calls["full"] += 1
+        return -0.5 * np.einsum("...i,ij,...j->...", z, P, z), -z @ P
+
+    def grad(z):
+        calls["grad"] += 1
+        return -z @ P
+
+    z0, p0 = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    ref = I.leapfrog(full, z0, full(z0)[1], p0, 0.1, 5)
+    full.grad = grad
+    calls.update(full=0, grad=0)
+    got = I.leapfrog(full, z0, full(z0)[1], p0, 0.1, 5)
+    assert calls == {"full": 2, "grad": 4}             # 1 start (the caller's) + 1 end; 4 inner points
+    for a, b in zip((ref[0], ref[1][0], ref[2]), (got[0], got[1][0], got[2])):
+        np.testing.assert_allclose(a, b, rtol=1e-14)
+
+
+@pytest.mark.parametrize("kw", [dict(likelihood="bernoulli"), dict(likelihood="gaussian", sigma=0.6),
+                                dict(likelihood="gaussian")], ids=["bernoulli", "gauss-fixed", "gauss-learned"])
+def test_naive_table_and_shared_draws(f64, rng, kw):
+    m = _vae(rng, **kw)
+    if m.learned_sigma:
+        m.logvar_x.data[...] = rng.standard_normal(m.x_dim) * 0.5
+    x = _data(m, rng, B=5)
+    out = m.decoder.forward(rng.standard_normal((7, 3)))
+    tab = I._loglik_table(m, x, out)
+    ref = np.stack([-m._rec_rows(out, np.broadcast_to(xb, out.shape)) for xb in x])
+    np.testing.assert_allclose(tab, ref, rtol=1e-12)
+    # the draws are shared by the rows: row b's estimate is the one x[b] alone gets from the same stream
+    full = I.naive_log_px(m, x, 50, rng=7, chunk=8, counts=(20,))
+    one = I.naive_log_px(m, x[2:3], 50, rng=7, chunk=8, counts=(20,))
+    np.testing.assert_allclose(full["est"][2], one["est"][0], rtol=1e-12)
+    np.testing.assert_allclose(full["curve"][20][0][2], one["curve"][20][0][0], rtol=1e-12)
