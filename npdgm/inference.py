@@ -170,7 +170,8 @@ def naive_log_px(model, x, k, rng=None, chunk=4096, counts=()):
     The k prior draws are shared by all rows of x: each draw is one decoder pass, and log p(x_b|z_i) for
     every (b, i) is one matrix product (:func:`_loglik_table`), so 10^5 draws for 1000 images cost 10^5
     decoder rows, not 10^8. Each row's estimate is the same as with its own draws; the rows' estimates
-    are correlated. Blocks of at most ``chunk`` draws, running float64 sums with a running maximum.
+    are correlated. Blocks of at most ``chunk`` draws (fewer when B chunk > 2^22, the (B, draws) table's
+    bound), running float64 sums with a running maximum.
     Returns {"est": (B,), "se": (B,), "curve": {n: (est, se)} for each n in ``counts`` (<= k)}."""
     x = model.check_x(x)
     k, chunk = check_int(k, "k", lo=1), check_int(chunk, "chunk", lo=1)
@@ -181,7 +182,7 @@ def naive_log_px(model, x, k, rng=None, chunk=4096, counts=()):
     x64 = x.astype(np.float64)
     for stop in stops:
         while done < stop:
-            c = min(chunk, stop - done)
+            c = min(chunk, max(1, (1 << 22) // B), stop - done)
             z = _normal(xp.empty((c, Z), dtype=model.dtype), rng)
             lw = _loglik_table(model, x64, model.decoder.forward(z))          # (B, c)
             m_new = xp.maximum(m, lw.max(axis=1))

@@ -52,6 +52,17 @@ def test_naive_plot(run, tmp_path, capsys):
     assert png.stat().st_size > 5000
 
 
+def test_naive_draws_are_shared_by_all_images_whatever_the_batch(run, tmp_path):
+    """naive MC takes all the images in one call (one decoder pass per prior draw): --batch leaves it alone."""
+    means = []
+    for batch in ("2", "100"):
+        js = tmp_path / f"n{batch}.json"
+        assert cli.main(["evaluate", run, "--method", "naive", "--k", "300", "--n-images", "5", "--batch", batch,
+                         "--json", js]) == 0
+        means.append(json.loads(js.read_text())["methods"]["naive"]["mean"])
+    assert means[0] == means[1], means
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--bdmc", "--method", "iwae"], "either --method or --bdmc"),
     (["--method", "iwae", "--plot", "x.png"], "--plot draws the naive-MC figure"),

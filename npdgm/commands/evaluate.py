@@ -4,6 +4,7 @@
     npdgm evaluate runs/vae --method naive --k 100000 --plot naive.png
     npdgm evaluate runs/vae --method ais --steps 1000 --leapfrog 10 --json ais.json
     npdgm evaluate runs/vae --bdmc --n-images 10                      # simulated data: lower / upper bound
+    mpiexec -n 2 npdgm evaluate runs/vae --method iwae ais            # images split over 2 ranks, same numbers
 
 Methods (nats per image, on the first N test images of the run's data, the run's binarization):
 elbo (the mean of k one-sample ELBOs), iwae (k importance samples from q(z|x)), naive (k samples from
@@ -51,6 +52,8 @@ def register(commands, train_commands):
                                                                "against the sample count (1 .. k) (default: none)")
     e.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
+    e.add_argument("--distributed", action="store_true",
+                   help="split the images over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     e.set_defaults(func=cmd_evaluate)
 
 
@@ -59,8 +62,9 @@ def _estimate(model, x, method, args, rng):
     from .. import inference as I
 
     out = []
-    for s in range(0, len(x), args.batch):
-        xb = x[s:s + args.batch]
+    step = len(x) if method == "naive" else args.batch   # naive MC: one set of prior draws for all images
+    for s in range(0, len(x), step):
+        xb = x[s:s + step]
         if method == "elbo":
             r = I.elbo_estimate(model, xb, args.k, rng=rng)
         elif method == "iwae":
@@ -86,20 +90,41 @@ def _load(args):
     run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
     data = args.data or run.get("data")
     x, _ = _load_data(data, "test", args.n_images, run.get("binarize", "none"), run.get("seed", 0))
-    if len(x) < args.n_images:
+    if len(x) < args.n_images and common.is_root():
         print(f"note: the test set holds {len(x)} images; --n-images {args.n_images} lowered to {len(x)}")
     return model, x
 
 
-def _run_methods(model, x, args):
-    rng = np.random.default_rng([args.seed, 16])
+def _draws(model, x, method, args, comm):
+    """Per-image estimates (host float64, all images on every rank) of ``method``: each rank estimates its
+    images [lo, hi) (npdgm.distributed.shard_bounds) and the vectors are summed over ranks. The draws do
+    not depend on the split: image i's come from its own stream (distributed.ImageStreams, key
+    (seed, 16, method)); naive MC's prior draws are shared by all images, one stream with that key."""
+    from ..distributed import ImageStreams, shard_bounds
+
+    key = [args.seed, 16, METHODS.index(method)]
+    lo, hi = shard_bounds(len(x), comm.rank, comm.size)
+    est = np.zeros(len(x))
+    if method == "naive":
+        if hi > lo:
+            est[lo:hi] = _estimate(model, x[lo:hi], method, args, np.random.default_rng(key))
+    else:
+        for s in range(lo, hi, args.batch):
+            e = min(hi, s + args.batch)
+            est[s:e] = _estimate(model, x[s:e], method, args, ImageStreams(key, range(s, e)))
+    return comm.allreduce_sum(est)
+
+
+def _run_methods(model, x, args, comm):
     res = {}
     for method in args.method:
         t0 = time.perf_counter()
-        est = _estimate(model, x, method, args, rng)
+        est = _draws(model, x, method, args, comm)
         r = {"mean": float(est.mean()), "se": float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None,
              "seconds": time.perf_counter() - t0, **_setting(method, args)}
         res[method] = r
+        if comm.rank:
+            continue
         se = "n/a" if r["se"] is None else f"{r['se']:.2f}"
         opts = " ".join(f"{k}={v}" for k, v in _setting(method, args).items())
         print(f"{method:<6} {opts:<32} log p(x) = {r['mean']:9.3f} +- {se} nats/image  ({len(x)} images, "
@@ -138,6 +163,7 @@ def _plot(model, x, args):
 
 def cmd_evaluate(args):
     setup_backend(args)
+    comm = common.world()  # N > 1 ranks: the images of --method are split; --bdmc and --plot run on rank 0
     for opt in ("json", "plot"):
         if getattr(args, opt):
             common.check_out_file(getattr(args, opt), "--" + opt)
@@ -149,9 +175,13 @@ def cmd_evaluate(args):
     model, x = _load(args)
     result = {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed}
     if args.bdmc:
+        if comm.rank:
+            return 0
         result["bdmc"] = _run_bdmc(model, args)
     else:
-        result["methods"] = _run_methods(model, x, args)
+        result["methods"] = _run_methods(model, x, args, comm)
+    if comm.rank:
+        return 0
     if args.plot:
         _plot(model, x, args)
     if args.json:
