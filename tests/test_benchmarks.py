@@ -239,6 +239,50 @@ def test_interleaved_group_and_profile(tmp_path):
     assert prof["linear_ms"] > 0 and prof["optimizer_ms"] > 0
 
 
+def test_plain_runner_stays_plain_beside_a_fused_one(monkeypatch):
+    """--interleave keeps npdgm-numpy and npdgm-numpy-fused in one process: each runner sets the fused CPU
+    switch to its own setting before its step (the switch is global), so the plain row never runs a fused
+    formula and the fused row runs them all (here with the NumPy-reference engine: no extra needed)."""
+    from npdgm.kernels import fused
+
+    real_set, real_run = fused.set_cpu_fused, fused.run
+    monkeypatch.setattr(fused, "set_cpu_fused", lambda flag=True: real_set(flag, "numpy" if flag else None, min_size=0))
+    calls = []
+    monkeypatch.setattr(fused, "run", lambda name, *a, **k: calls.append(name) or real_run(name, *a, **k))
+    try:
+        w = small("vae", **SMALL["vae"])
+        plain = workloads.NpdgmRunner(w, batch=8, backend="numpy", seed=3)
+        fast = workloads.NpdgmRunner(w, batch=8, backend="numpy-fused", seed=3)
+        assert fast.engine == "numpy" and fused.cpu_fused() == "numpy"   # the last one built set the switch
+        plain.step()
+        assert calls == [] and fused.cpu_fused() is None
+        first = plain.loss()
+        fast.step()
+        assert {"adam", "bernoulli_nll_forward", "relu_backward"} <= set(calls)
+        calls.clear()
+        plain.step()
+        assert calls == []
+        assert fast.loss() == pytest.approx(first, rel=1e-5)     # the same first step, two paths
+    finally:
+        real_set(False)
+
+
+def test_profile_of_the_fused_row_profiles_the_fused_path(monkeypatch):
+    """``--profile`` of an npdgm-numpy-fused row splits a fused step (it used to profile plain NumPy)."""
+    from npdgm.bench import profile
+    from npdgm.kernels import fused
+
+    real_set, real_run = fused.set_cpu_fused, fused.run
+    monkeypatch.setattr(fused, "set_cpu_fused", lambda flag=True: real_set(flag, "numpy" if flag else None, min_size=0))
+    calls = []
+    monkeypatch.setattr(fused, "run", lambda name, *a, **k: calls.append(name) or real_run(name, *a, **k))
+    try:
+        res = profile.profile_step("realnvp2d", batch=16, backend="numpy-fused", steps=1)
+    finally:
+        real_set(False)
+    assert res["backend"] == "npdgm-numpy-fused" and {"adam", "affine_coupling_backward"} <= set(calls)
+
+
 # -- shipped as `npdgm bench` -------------------------------------------------------------------
 def test_npdgm_bench_subcommand_runs_the_benchmark(tmp_path, capsys):
     from npdgm.cli import main

@@ -10,7 +10,7 @@ parts add up to the step):
 The GEMM floor (pure matmul time on the same shapes, measured separately) is shown beside the
 linear-layer time: the difference is bias/gradient traffic around the matmuls.
 
-    python -m npdgm.bench.profile vae [--batch N] [--backend numpy] [--steps 20]
+    python -m npdgm.bench.profile vae [--batch N] [--backend numpy|numpy-fused|cupy] [--steps 20]
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m npdgm.bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("workload")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"))
+    p.add_argument("--backend", default="numpy", choices=("numpy", "numpy-fused", "cupy"))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--floor", action="store_true", help="also measure the GEMM floor")

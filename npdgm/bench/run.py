@@ -155,12 +155,10 @@ def _build(spec, backend):
 
             fused.set_tf32(spec.get("tf32", False))
         _gpu_peak_start(gpu_kind)
-        r = NpdgmRunner(w, batch, xp_name, spec["seed"])
+        r = NpdgmRunner(w, batch, backend[len("npdgm-"):], spec["seed"])   # numpy, numpy-fused or cupy
         impl = "library"
         if backend == "npdgm-numpy-fused":
-            from npdgm.kernels import fused
-
-            impl += f"+fused[{fused.set_cpu_fused(True)}]"     # numba's loops on one thread (see set_cpu_fused)
+            impl += f"+fused[{r.engine}]"     # numba's loops on one thread (see set_cpu_fused)
         if xp_name == "cupy" and spec.get("cuda_graph"):
             r.enable_cuda_graph()
             impl += "+graph"
@@ -568,7 +566,7 @@ def _main(args):
                 if r["workload"] == w and r["backend"].startswith("npdgm") and (
                         args.sweep is False or r["batch"] == rows[0]["batch"]):
                     spec = {"kind": "profile", "workload": w, "batch": r["batch"], "threads": args.threads,
-                            "backend": r["backend"].split("-")[1], "seed": args.seed, "floor_ms": r["floor_ms"]}
+                            "backend": r["backend"][len("npdgm-"):], "seed": args.seed, "floor_ms": r["floor_ms"]}
                     profiles.append(_call(spec, isolate))
     from . import harness as H
 

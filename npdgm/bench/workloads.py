@@ -158,12 +158,23 @@ def get_workload(name):
 
 # -- runners ------------------------------------------------------------------------------------
 class NpdgmRunner:
-    """One training step of the library model: zero grads, loss_and_grad, Adam step."""
+    """One training step of the library model: zero grads, loss_and_grad, Adam step.
+
+    ``backend``: "numpy" (the plain NumPy kernels), "numpy-fused" (NumPy arrays through the fused CPU
+    path, :func:`npdgm.kernels.fused.set_cpu_fused`) or "cupy". A NumPy runner sets the fused CPU
+    switch to its own setting before every step, so a plain and a fused runner can share one process."""
 
     def __init__(self, workload, batch, backend="numpy", seed=0):
         from npdgm import backend as B
+        from npdgm.kernels import fused
         from npdgm.optim import Adam
 
+        self.fused = fused
+        self.cpu_state = None
+        if backend in ("numpy", "numpy-fused"):
+            self.engine = fused.set_cpu_fused(backend == "numpy-fused")   # numba's loops on one thread
+            self.cpu_state = fused.cpu_state()
+            backend = "numpy"
         B.set_backend(backend)
         B.set_dtype("float32")
         self.xp = B.xp()
@@ -183,6 +194,8 @@ class NpdgmRunner:
     def step(self):
         from npdgm import backend as B
 
+        if self.cpu_state is not None:
+            self.fused.set_cpu_state(self.cpu_state)
         x = self.batches[self.i % len(self.batches)]
         self.i += 1
         eps = None

@@ -100,6 +100,18 @@ def cpu_fused():
     return _state["cpu"]
 
 
+def cpu_state():
+    """The fused CPU settings now (engine, min_size, threads), to hand to :func:`set_cpu_state` later: a
+    benchmark runner sharing its process with another (``npdgm bench --interleave``) restores its own
+    before each step, so a plain NumPy runner stays plain beside a fused one."""
+    return _state["cpu"], _state["min_size"], _state["threads"]
+
+
+def set_cpu_state(state):
+    """Restore settings from :func:`cpu_state` (no checks, no imports: cheap enough to call every step)."""
+    _state["cpu"], _state["min_size"], _state["threads"] = state
+
+
 def _same_float(arrays, module):
     if not type(arrays[0]).__module__.startswith(module):
         return False
