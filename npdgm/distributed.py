@@ -42,6 +42,52 @@ def shard_bounds(b, rank, size):
     return rank * b // size, (rank + 1) * b // size
 
 
+def rows(b, comm=None):
+    """This rank's rows ``slice(lo, hi)`` of a batch of b rows (:func:`shard_bounds`; all of them in one process,
+    ``comm`` None)."""
+    comm = comm or Single()
+    return slice(*shard_bounds(b, comm.rank, comm.size))
+
+
+def mean_over_rows(n, f, comm=None):
+    """The mean over n rows of a per-row quantity, given ``f(r)`` = its mean over the rows ``r`` (a slice):
+    one process returns ``f(slice(0, n))``; under N ranks each evaluates its shard and the shard-size-weighted
+    means are all-reduced, (1/n) sum_r n_r f(r_r). ``f`` returns a float or a dict of floats (the same keys on
+    every rank; ``comm`` None: one process). Fewer rows than ranks: every rank evaluates them all."""
+    comm = comm or Single()
+    if comm.size == 1 or n < comm.size:
+        return f(slice(0, n))
+    lo, hi = shard_bounds(n, comm.rank, comm.size)
+    v = f(slice(lo, hi))
+    keys = list(v) if isinstance(v, dict) else None
+    tot = comm.allreduce_sum([float(v[k]) * (hi - lo) for k in keys] if keys else [float(v) * (hi - lo)]) / n
+    return {k: float(t) for k, t in zip(keys, tot)} if keys else float(tot[0])
+
+
+class ImageStreams:
+    """A look-alike of a NumPy Generator (``standard_normal``, ``random``) whose draws do not depend on which
+    images share a batch, or which rank evaluates them: image i (its index in the whole evaluation set) has
+    its own stream ``default_rng([*key, i])``. A draw of shape (S, B, ...) (the estimators' layout: samples
+    first, then the B images) stacks along axis 1 image b's draw of shape (S, ...) from its own stream, so
+    an image's estimate is the same in any batch, on any rank and for any number of ranks."""
+
+    def __init__(self, key, index):
+        self.key, self.streams = list(key), [np.random.default_rng([*key, int(i)]) for i in index]
+
+    def _draw(self, draw, size):
+        shape = tuple(size) if np.iterable(size) else (size,)
+        if len(shape) < 2 or shape[1] != len(self.streams):
+            raise ValueError(f"ImageStreams draws arrays of shape (samples, {len(self.streams)} images, ...); "
+                             f"got {shape}")
+        return np.stack([draw(g, shape[:1] + shape[2:]) for g in self.streams], axis=1)
+
+    def standard_normal(self, size, dtype=np.float64):
+        return self._draw(lambda g, s: g.standard_normal(s, dtype=dtype), size)
+
+    def random(self, size, dtype=np.float64):
+        return self._draw(lambda g, s: g.random(s, dtype=dtype), size)
+
+
 class Single:
     """One process: every collective is the identity."""
 

@@ -228,11 +228,12 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     step(xb, yb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
                      (the loop zeroes them before and runs ``optimizer.step()`` after); yb is None
                      without train_y.
-    evaluate(epoch) -> dict of floats (test metrics), optional.
+    evaluate(epoch) -> dict of floats (test metrics), optional; called on every rank (each may take its
+                     share of the test set, npdgm.distributed.rows / mean_over_rows, and reduce).
     comm: a communicator of npdgm.distributed (None: one process). With N > 1 ranks each rank runs
           ``step(xb, yb, rng, shard=slice(lo, hi))`` on its shard of the same global batch (the step draws the
           noise of the whole batch, then slices), the gradient is all-reduced to the full-batch mean, and
-          rank 0 alone evaluates and writes metrics and checkpoints.
+          rank 0 alone writes metrics and checkpoints.
     Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact. A non-finite
     loss or epoch metric raises FloatingPointError (the epoch's record is logged with null values and
     a "nonfinite" list, no checkpoint is written for it).
@@ -277,11 +278,11 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
                 bar.close()
             rec = {"epoch": epoch, "step": epoch * nb, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
             rec["train_seconds"] = round(time.perf_counter() - t0, 3)
-            if not root:  # the other ranks only train
+            if evaluate is not None:  # on every rank: it may split the test set over the ranks and reduce
+                rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
+            if not root:  # the other ranks write nothing
                 records.append(rec)
                 continue
-            if evaluate is not None:
-                rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
             bad = log_record(out, rec, logged)
             logged.append(json.loads(dumps(rec)[0]))
             if bad:  # this epoch is logged (null + "nonfinite") but not checkpointed

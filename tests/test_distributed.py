@@ -153,3 +153,113 @@ def test_batch_smaller_than_world_is_refused(tmp_path):
     args = FLOW + ["--train-limit", "255", "--batch-size", "127", "--epochs", "1"]  # last batch: 1 example
     p = _run(args, tmp_path / "two", n=2, check=False)
     assert p.returncode != 0 and "every batch needs >= 2 examples" in p.stderr
+
+
+# -- evaluation split over the ranks ------------------------------------------------------------------
+def test_image_streams_do_not_depend_on_the_batch_or_the_blocks():
+    key = [3, 16, 1]
+    whole = distributed.ImageStreams(key, range(5)).standard_normal((4, 5, 3))
+    parts = np.concatenate([distributed.ImageStreams(key, range(0, 2)).standard_normal((4, 2, 3)),
+                            distributed.ImageStreams(key, range(2, 5)).standard_normal((4, 3, 3))], axis=1)
+    assert np.array_equal(whole, parts)
+    s = distributed.ImageStreams(key, range(2, 5))  # draws in blocks of samples continue each image's stream
+    assert np.array_equal(np.concatenate([s.standard_normal((1, 3, 3)), s.standard_normal((3, 3, 3))]), whole[:, 2:])
+    u = distributed.ImageStreams(key, [7]).random((6, 1))
+    assert u.shape == (6, 1) and np.array_equal(u[:, 0], np.random.default_rng([*key, 7]).random(6))
+    with pytest.raises(ValueError, match=r"shape \(samples, 5 images, ...\); got \(5, 3\)"):
+        distributed.ImageStreams(key, range(5)).standard_normal((5, 3))
+
+
+def test_rows_and_mean_over_rows_in_one_process():
+    assert distributed.rows(7) == slice(0, 7)
+    seen = []
+    assert distributed.mean_over_rows(7, lambda r: seen.append(r) or {"a": 1.5}) == {"a": 1.5}
+    assert seen == [slice(0, 7)]
+
+
+SPLIT = '''
+import json
+import numpy as np
+from npdgm import backend, distributed
+from npdgm.commands.vae import evaluate_nelbo
+from npdgm.models.vae import VAE
+
+comm = distributed.init()
+backend.set_dtype("float64")
+m = VAE(x_dim=784, hidden=[16], z_dim=3, seed=0)
+x = np.random.default_rng(1).random((23, 784))
+seen, loss = [], m.loss
+m.loss = lambda xb, eps: (seen.append(len(xb)), loss(xb, eps))[1]
+split = evaluate_nelbo(m, x, 0, batch=10, comm=comm)
+rows = list(seen)
+mean = distributed.mean_over_rows(23, lambda r: float(x[r].sum(1).mean()), comm)
+print(json.dumps({"rank": comm.rank, "rows": rows, "split": split, "one": evaluate_nelbo(m, x, 0, batch=10),
+                  "mean": mean, "mean_one": float(x.sum(1).mean())}))
+'''
+
+
+@need_mpi
+def test_training_evaluation_is_split_over_the_ranks(tmp_path):
+    """evaluate_nelbo on 2 ranks: each takes its rows of every batch (10, 10, 3 -> 5/5, 5/5, 1/2) and gets
+    the numbers of one process; mean_over_rows likewise."""
+    (tmp_path / "split.py").write_text(SPLIT)
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(tmp_path / "split.py")], capture_output=True,
+                       text=True, timeout=TIMEOUT, env=_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = sorted((json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rows"] for r in out] == [[5, 5, 1], [5, 5, 2]]
+    for r in out:
+        for k, v in r["one"].items():
+            assert r["split"][k] == pytest.approx(v, rel=1e-12)
+        assert r["mean"] == pytest.approx(r["mean_one"], rel=1e-12)
+
+
+def _evaluate(run, n, batch, js):
+    cmd = ([] if n == 1 else [MPIEXEC, "-n", str(n)]) + [
+        sys.executable, "-m", "npdgm", "evaluate", str(run), "--method", "elbo", "iwae", "naive", "ais", "--k", "20",
+        "--n-images", "7", "--batch", str(batch), "--steps", "5", "--leapfrog", "2", "--chains", "3", "--json", str(js)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    with open(js) as f:
+        return p.stdout, json.load(f)["methods"]
+
+
+@need_mpi
+def test_evaluate_two_ranks_equal_one_process(tmp_path):
+    """npdgm evaluate on 2 ranks (images 0-2 / 3-6) gives the numbers of 1 process, whatever the batching
+    (each image draws from its own stream), and rank 0 alone prints."""
+    _run(VAE + ["--train-limit", "100", "--batch-size", "50", "--epochs", "1", "--dtype", "float64"], tmp_path / "run")
+    _, one = _evaluate(tmp_path / "run", 1, 7, tmp_path / "one.json")
+    _, batched = _evaluate(tmp_path / "run", 1, 2, tmp_path / "batched.json")
+    out, two = _evaluate(tmp_path / "run", 2, 2, tmp_path / "two.json")
+    for m in ("elbo", "iwae", "naive", "ais"):
+        for k in ("mean", "se"):
+            assert batched[m][k] == pytest.approx(one[m][k], rel=1e-10), (m, k)
+            assert two[m][k] == pytest.approx(one[m][k], rel=1e-10), (m, k)
+        assert sum(line.startswith(m + " ") for line in out.splitlines()) == 1, out
+
+
+# -- cvae, m2 and gmm on 2 ranks ------------------------------------------------------------------------
+CVAE = ["train", "cvae", "--hidden", "32", "--z-dim", "4", "--test-limit", "101", "--n-samples", "2"]
+M2 = ["train", "m2", "--hidden", "32", "--z-dim", "4", "--classifier-hidden", "16", "--labels", "20",
+      "--labelled-batch", "15", "--eval-n", "51", "--baseline-steps", "5", "--test-limit", "101"]
+
+
+@need_mpi
+def test_cvae_and_m2_two_ranks_equal_one_process_float64(tmp_path):
+    """Uneven shards: B = 255 = 127 + 128 unlabelled (and CVAE) images, 15 = 7 + 8 labelled M2 images."""
+    for name, args in (("cvae", CVAE), ("m2", M2)):
+        a = args + ["--train-limit", "255", "--batch-size", "255", "--epochs", "2", "--dtype", "float64"]
+        _run(a, tmp_path / f"{name}1")
+        _run(a, tmp_path / f"{name}2", n=2)
+        _assert_same_run(tmp_path / f"{name}1", tmp_path / f"{name}2", 1e-10)
+
+
+@need_mpi
+def test_gmm_two_ranks_equal_one_process(tmp_path):
+    """Data-parallel EM: the same log-likelihood every iteration and the same final mixture."""
+    a = ["train", "gmm", "--dataset", "moons", "--components", "5", "--train-limit", "501", "--max-iter", "30"]
+    _run(a, tmp_path / "one")
+    _run(a, tmp_path / "two", n=2)
+    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+    assert len(_records(tmp_path / "two")) > 5

@@ -97,6 +97,13 @@ def setup_backend(args):
         distributed.init(args.distributed, gpu=backend.get_backend() == "cupy")
 
 
+def world():
+    """The communicator of this process (npdgm.distributed.world(): Single unless launched on N > 1 ranks)."""
+    from .. import distributed
+
+    return distributed.world()
+
+
 def is_root():
     """True on rank 0 (or in a single process): the rank that writes files and prints results."""
     from .. import distributed
@@ -289,7 +296,8 @@ def _resume(args, kind, default_epochs, families, derived, log, upgrade):
     if args.overwrite:
         raise ValueError("--overwrite starts a new run and --resume continues one: give only one of them")
     lock_run(out)
-    remove_leftovers(out)
+    if is_root():  # the other ranks of a data-parallel run leave the directory to rank 0 (no race with its writes)
+        remove_leftovers(out)
     arrays, meta, run = _stored_run(out, args, kind, families)
     run = upgrade(run)
     args.resume = out

@@ -68,28 +68,43 @@ def first_of_each_class(labels, num_classes=10):
     return [firsts[c] for c in range(num_classes) if c in firsts]
 
 
-def evaluate_cvae(model, x, y, seed, batch=1000):
-    """Test -ELBO of log p(x|y) (and its terms) averaged over x with fixed noise."""
+def evaluate_cvae(model, x, y, seed, batch=1000, comm=None):
+    """Test -ELBO of log p(x|y) (and its terms) averaged over x with fixed noise. ``comm`` (None: this process
+    alone): each rank takes its rows of every batch (the batch's noise drawn whole, then sliced) and the sums
+    are all-reduced."""
+    from .. import distributed
+
+    comm = comm or distributed.Single()
     rng = np.random.default_rng([seed, 1])
     sums, n = {"nelbo": 0.0, "recon": 0.0, "kl": 0.0}, len(x)
     for s in range(0, n, batch):
         xb, yb = x[s:s + batch], y[s:s + batch]
         eps = backend.to_device(rng.standard_normal((1, len(xb), model.z_dim), dtype=np.float32), model.dtype)
-        _, t = model.loss(xb, yb, eps)
-        for k in sums:
-            sums[k] += float(t[k]) * len(xb)
-    return {k: v / n for k, v in sums.items()}
+        r = distributed.rows(len(xb), comm)
+        if r.stop > r.start:
+            _, t = model.loss(xb[r], yb[r], eps[:, r])
+            for k in sums:
+                sums[k] += float(t[k]) * (r.stop - r.start)
+    tot = comm.allreduce_sum(list(sums.values()))
+    return {k: float(v) / n for k, v in zip(sums, tot)}
 
 
 def make_step(model, dynamic):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`CVAE.train_step` on the labelled batch
-    (``dynamic``: a new Bernoulli(x) draw of the batch first)."""
+    (``dynamic``: a new Bernoulli(x) draw of the batch first). Under N ranks (``shard``: this rank's rows)
+    the step's noise is drawn for the whole batch as train_step draws it, then the shard's rows go through
+    :meth:`CVAE.loss_and_grad` (tests/test_distributed.py checks it against train_step)."""
     dtype = model.dtype
 
-    def step(xb, yb, rng):
+    def step(xb, yb, rng, shard=slice(None)):
         if dynamic:
             xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(dtype)
-        return model.train_step(xb, yb, rng)
+        if shard == slice(None):
+            return model.train_step(xb, yb, rng)
+        eps = model.training_noise(rng, model.n_samples, xb.shape[0])[:, shard]
+        _, t = model.loss_and_grad(xb[shard], yb[shard], eps, check=False, zero_grad=False)
+        return {key: t[key] for key in ("loss", "nelbo", "recon", "kl")}
+    step.shardable = True
     return step
 
 
@@ -114,7 +129,9 @@ def cmd_train(args):
     print(f"cvae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
     records = common.fit(model, opt, rng, start, run, out, args, make_step(model, run["binarize"] == "dynamic"),
-                         lambda e: evaluate_cvae(model, test_x, y_te, seed), train_x, y_tr)
+                         lambda e: evaluate_cvae(model, test_x, y_te, seed, comm=common.world()), train_x, y_tr)
+    if not common.is_root():
+        return 0
     summary = {"epochs": run["epochs"], "test_n": len(test_x)}
     if records:
         summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})

@@ -262,13 +262,13 @@ def init_actnorm(flow, train_x, image, seed, n=1000):
     flow.log_prob(x)
 
 
-def evaluate(flow, x_test, image):
-    """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images (under N ranks each takes its
-    rows of the test set, npdgm.distributed.mean_over_rows)."""
+def evaluate(flow, x_test, image, comm=None):
+    """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images (``comm``, of npdgm.distributed:
+    each rank takes its rows of the test set and the means are reduced, mean_over_rows; None: one process)."""
     from ..distributed import mean_over_rows
     from ..models.flows import bits_per_dim
 
-    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000))
+    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000), comm)
     out = {"nll": nll, "ll": -nll}
     if image:
         out["bpd"] = bits_per_dim(nll, flow.dim)
@@ -320,7 +320,7 @@ def cmd_train(args):
           f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
           f"-> {out}", flush=True)
     records = common.fit(model, opt, rng, start, run, out, args, make_step(model, image),
-                         lambda e: evaluate(model, test_x, image), train_x)
+                         lambda e: evaluate(model, test_x, image, common.world()), train_x)
     if not common.is_root():
         return 0
     summary = {"family": run["family"], "dataset": run["dataset"], "epochs": run["epochs"],

@@ -81,6 +81,8 @@ def register(commands, train_commands):
     r.add_argument("--dtype", choices=backend.DTYPES, default="float64",
                    help="float type of EM (default float64: covariance factorizations in 50-D want it)")
     common.add_run_dir_args(r, resume=False)
+    r.add_argument("--distributed", action="store_true",
+                   help="data-parallel EM over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     r.add_argument("--no-progress", action="store_true", help="no per-iteration log lines")
     r.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.set_defaults(func=cmd_train)
@@ -173,7 +175,9 @@ def cmd_train(args):
           + f"  train {len(x_tr)}  test {len(x_te)}  backend {backend.get_backend()} {dt}  -> {out}", flush=True)
     callback, records = make_callback(model, train_x, test_x, out, mnist, not args.no_progress)
     t0 = time.perf_counter()
-    model.fit(train_x, callback=callback)
+    model.fit(train_x, callback=callback if common.is_root() else None, comm=common.world())  # EM split over ranks
+    if not common.is_root():
+        return 0
     model.save(os.path.join(out, "checkpoint.npz"), extra_meta={"run": {"args": run}})
     summary = _summary(model, run, train_x, test_x, t0)
     common.write_summary(out, summary)

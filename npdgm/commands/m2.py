@@ -161,9 +161,14 @@ def train_baseline(model_cfg, x_l, y_l, x_te, y_te, steps, lr, binarize, seed, l
     return res
 
 
-def evaluate_m2(model, x_te, y_te, n_eval, seed, batch=500):
-    """test_error on all of x_te; test_nelbo_xy / test_nelbo_x on the first n_eval, fixed noise."""
-    res = {"error": model.error_rate(x_te, y_te)}
+def evaluate_m2(model, x_te, y_te, n_eval, seed, batch=500, comm=None):
+    """test_error on all of x_te; test_nelbo_xy / test_nelbo_x on the first n_eval, fixed noise. ``comm``
+    (None: this process alone): each rank takes its rows (of x_te; of every batch, the batch's noise drawn
+    whole and sliced) and the sums are all-reduced."""
+    from .. import distributed
+
+    comm = comm or distributed.Single()
+    res = {"error": distributed.mean_over_rows(len(x_te), lambda r: model.error_rate(x_te[r], y_te[r]), comm)}
     if n_eval:
         rng = np.random.default_rng([seed, 1])
         sxy = sx = 0.0
@@ -172,9 +177,12 @@ def evaluate_m2(model, x_te, y_te, n_eval, seed, batch=500):
             xb, yb = x_te[s:min(s + batch, n_eval)], y_te[s:min(s + batch, n_eval)]
             e1 = backend.to_device(rng.standard_normal((len(xb), Z), dtype=np.float32), model.dtype)
             e2 = backend.to_device(rng.standard_normal((C, len(xb), Z), dtype=np.float32), model.dtype)
-            sxy += float(model.nelbo(xb, yb, eps=e1).sum())
-            sx += float(model.nelbo(xb, eps=e2).sum())
-        res.update(nelbo_xy=sxy / n_eval, nelbo_x=sx / n_eval)
+            r = distributed.rows(len(xb), comm)
+            if r.stop > r.start:
+                sxy += float(model.nelbo(xb[r], yb[r], eps=e1[r]).sum())
+                sx += float(model.nelbo(xb[r], eps=e2[:, r]).sum())
+        sxy, sx = comm.allreduce_sum([sxy, sx])
+        res.update(nelbo_xy=float(sxy) / n_eval, nelbo_x=float(sx) / n_eval)
     return res
 
 
@@ -221,32 +229,62 @@ def _baseline(out, run, model, x_lab, y_lab, test_x, y_te):
             return json.load(f)
     if not run["baseline_steps"]:
         return {}
+    # under N ranks every rank trains it (the same numbers, no rank waits at the start), rank 0 prints and writes it
     baseline = train_baseline(model.config, x_lab, y_lab, test_x, y_te, run["baseline_steps"], run["baseline_lr"],
-                              run["binarize"], run["seed"])
-    common.write_json(path, baseline)
+                              run["binarize"], run["seed"], log=print if common.is_root() else lambda *a, **k: None)
+    if common.is_root():
+        common.write_json(path, baseline)
     return baseline
 
 
 def make_step(model, x_lab, y_lab, labelled_batch, binarize):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: xb is the unlabelled batch; a labelled batch of
-    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); then :meth:`M2.train_step`."""
-    BL, xp = labelled_batch, model.xp
-    bin_ = _binarizer(binarize, model.dtype)
+    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); then :meth:`M2.train_step`.
+    Under N ranks see :func:`shard_step` (``shard``: this rank's rows of the unlabelled batch)."""
+    from .. import distributed
 
-    def step(xb, yb, rng):
+    BL, xp, comm = labelled_batch, model.xp, distributed.world()
+    bin_ = _binarizer(binarize, model.dtype)
+    if BL < comm.size:
+        raise ValueError(f"with {comm.size} ranks the labelled batch needs >= {comm.size} examples "
+                         f"(--labelled-batch {BL})")
+
+    def step(xb, yb, rng, shard=slice(None)):
         li = rng.integers(0, len(y_lab), BL)
         xl = bin_(x_lab[xp.asarray(li)] if xp is not np else x_lab[li], rng)
-        return model.train_step(xl, y_lab[li], bin_(xb, rng), rng)
+        if shard == slice(None):
+            return model.train_step(xl, y_lab[li], bin_(xb, rng), rng)
+        return shard_step(model, xl, y_lab[li], bin_(xb, rng), rng, distributed.rows(BL, comm), shard)
+    step.shardable = True
     return step
+
+
+def shard_step(model, x_l, y_l, x_u, rng, rl, ru):
+    """This rank's share of :meth:`M2.train_step`: the noise of both whole batches drawn as train_step draws
+    it, then the rows ``rl`` of the labelled batch (B_l) and ``ru`` of the unlabelled one (B_u). The loss
+    is a mean over each batch, and npdgm.train.fit weights a rank's gradient and terms by its unlabelled
+    share n_u / B_u, so the labelled part (gradient and terms) is scaled by c = (n_l / B_l) / (n_u / B_u)
+    first: sum_r (n_u,r / B_u) (c_r g_l,r + g_u,r) = the full-batch gradient."""
+    draw = lambda shape: backend.to_device(rng.standard_normal(shape, dtype=np.float32), model.dtype)
+    eps_l = draw((x_l.shape[0], model.z_dim))
+    eps_u = draw((model.num_classes, x_u.shape[0], model.z_dim))
+    c = ((rl.stop - rl.start) / x_l.shape[0]) / ((ru.stop - ru.start) / x_u.shape[0])
+    _, tl = model.loss_and_grad(x_l[rl], y_l[rl], None, eps_l[rl], None, check=False, zero_grad=False)
+    model.flat_grads *= c
+    _, tu = model.loss_and_grad(None, None, x_u[ru], None, eps_u[:, ru], check=False, zero_grad=False)
+    t = {k: c * tl[k] for k in ("labelled", "ce", "acc_l")}
+    t.update(unlabelled=tu["unlabelled"], entropy=tu["entropy"], loss=c * tl["loss"] + tu["loss"])
+    return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
 
 
 def make_evaluate(model, test_x, y_te, n_eval, seed, baseline):
     """evaluate(epoch) of :func:`npdgm.train.fit`: :func:`evaluate_m2`, printed beside the baseline."""
     def evaluate(epoch):
-        r = evaluate_m2(model, test_x, y_te, n_eval, seed)
-        print(f"epoch {epoch}: test error {r['error']:.4f}" +
-              (f"  (baseline {baseline['baseline_test_error']:.4f})" if baseline else "") +
-              (f"  test -ELBO(x,y) {r['nelbo_xy']:.2f}  U(x) {r['nelbo_x']:.2f}" if n_eval else ""), flush=True)
+        r = evaluate_m2(model, test_x, y_te, n_eval, seed, comm=common.world())
+        if common.is_root():
+            print(f"epoch {epoch}: test error {r['error']:.4f}" +
+                  (f"  (baseline {baseline['baseline_test_error']:.4f})" if baseline else "") +
+                  (f"  test -ELBO(x,y) {r['nelbo_xy']:.2f}  U(x) {r['nelbo_x']:.2f}" if n_eval else ""), flush=True)
         return r
     return evaluate
 
@@ -270,6 +308,8 @@ def cmd_train(args):
     step = make_step(model, x_lab, y_lab, run["labelled_batch"], run["binarize"])
     records = common.fit(model, opt, rng, start, run, out, args, step,
                          make_evaluate(model, test_x, y_te, n_eval, run["seed"], baseline), train_x)
+    if not common.is_root():
+        return 0
     summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha_step": model.alpha,
                "labelled_weight": model.labelled_weight, "beta": model.beta, "test_n": len(test_x), **baseline}
     if records:

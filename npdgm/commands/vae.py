@@ -150,17 +150,25 @@ def _load_data(data, split, limit, binarize, seed):
     return x, y
 
 
-def evaluate_nelbo(model, x, seed, batch=1000):
-    """Test -ELBO (and its terms) averaged over x, with fixed noise (rng seeded by ``seed``)."""
+def evaluate_nelbo(model, x, seed, batch=1000, comm=None):
+    """Test -ELBO (and its terms) averaged over x, with fixed noise (rng seeded by ``seed``). ``comm`` (of
+    npdgm.distributed; None: this process alone): each rank takes its rows of every batch (the batch's noise
+    drawn whole, then sliced) and the sums are all-reduced, the numbers of one process."""
+    from .. import distributed
+
+    comm = comm or distributed.Single()
     rng = np.random.default_rng([seed, 1])
     sums, n = {"nelbo": 0.0, "recon": 0.0, "kl": 0.0}, len(x)
     for s in range(0, n, batch):
         xb = x[s:s + batch]
         eps = backend.to_device(rng.standard_normal((1, len(xb), model.z_dim), dtype=np.float32), model.dtype)
-        _, t = model.loss(xb, eps)  # one noise sample per image whatever n_samples is
-        for key in sums:
-            sums[key] += float(t[key]) * len(xb)
-    return {k: v / n for k, v in sums.items()}
+        r = distributed.rows(len(xb), comm)
+        if r.stop > r.start:
+            _, t = model.loss(xb[r], eps[:, r])  # one noise sample per image whatever n_samples is
+            for key in sums:
+                sums[key] += float(t[key]) * (r.stop - r.start)
+    tot = comm.allreduce_sum(list(sums.values()))
+    return {k: float(v) / n for k, v in zip(sums, tot)}
 
 
 def iwae(model, x, k, seed, batch=100):
@@ -214,8 +222,8 @@ def cmd_train(args):
     per_epoch = -(-len(train_x) // run["batch_size"])
     step = make_step(model, run["binarize"] == "dynamic", run.get("objective", "elbo"), run.get("k", 5),
                      round(run.get("kl_warmup", 0) * per_epoch), start * per_epoch)
-    records = common.fit(model, opt, rng, start, run, out, args, step, lambda e: evaluate_nelbo(model, test_x, seed),
-                         train_x)
+    records = common.fit(model, opt, rng, start, run, out, args, step,
+                         lambda e: evaluate_nelbo(model, test_x, seed, comm=common.world()), train_x)
     if not common.is_root():
         return 0
     model.beta = model.config["beta"]

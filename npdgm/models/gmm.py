@@ -58,6 +58,14 @@ LOG_2PI = math.log(2 * math.pi)
 _CHUNK_ELEMENTS = 1 << 22  # elements of one (chunk, K, D) temporary
 
 
+def _allsum(a, comm):
+    """The sum over the ranks of ``comm`` (npdgm.distributed) of the array ``a`` (reduced on the host in
+    float64, returned in a's dtype and backend); ``a`` itself in one process (comm None)."""
+    if comm is None:
+        return a
+    return array_module(a).asarray(comm.allreduce_sum(backend.to_host(a)), dtype=a.dtype)
+
+
 def _regularize_hint(reg_covar):
     return (f"increase reg_covar (now {reg_covar:g}; try 1e-4 or more), use fewer components, or "
             f"covariance_type='diag'/'spherical'")
@@ -295,13 +303,16 @@ class GaussianMixture(Model):
         lp = logsumexp_forward(lj, axis=1)
         return xp.exp(lj - lp[:, None]), lp
 
-    def _m_step(self, x, resp):
-        """Closed-form maximizer of sum_nk r_nk log pi_k N(x_n; mu_k, Sigma_k) (see the module docstring)."""
+    def _m_step(self, x, resp, comm=None, n=None):
+        """Closed-form maximizer of sum_nk r_nk log pi_k N(x_n; mu_k, Sigma_k) (see the module docstring).
+        ``comm``: x is this rank's shard of n points; the sums over points (N_k, sum_n r_nk x_n, then the
+        scatter matrices) are all-reduced, so every rank gets the parameters of one process."""
         xp = array_module(x)
         N, D = x.shape
+        N = N if n is None else n
         dt = x.dtype
-        nk = resp.sum(0) + 10 * np.finfo(dt).eps                   # (K,)
-        means = (resp.T @ x) / nk[:, None]                          # (K, D)
+        nk = _allsum(resp.sum(0), comm) + 10 * np.finfo(dt).eps     # (K,)
+        means = _allsum(resp.T @ x, comm) / nk[:, None]               # (K, D)
         K = self.n_components
         if self.covariance_type == "full":
             cov = xp.zeros((K, D, D), dtype=dt)
@@ -315,6 +326,7 @@ class GaussianMixture(Model):
                 cov += xp.matmul(wdiff.transpose(0, 2, 1), diff)
             else:
                 cov += (wdiff * diff).sum(1)
+        cov = _allsum(cov, comm)
         if self.covariance_type == "full":
             cov /= nk[:, None, None]
             idx = xp.arange(D)
@@ -343,7 +355,7 @@ class GaussianMixture(Model):
         return xp.eye(K, dtype=x.dtype)[labels]
 
     # -- fitting ----------------------------------------------------------------------------------------------
-    def fit(self, x, rng=None, weights_init=None, means_init=None, covariances_init=None, callback=None):
+    def fit(self, x, rng=None, weights_init=None, means_init=None, covariances_init=None, callback=None, comm=None):
         """Run EM on x (N, D) from n_init initializations; keep the best. Returns self.
 
         rng: seed or host NumPy Generator for the initialization (default: the ``seed`` config).
@@ -352,6 +364,10 @@ class GaussianMixture(Model):
         (the model then holds the parameters that log-likelihood belongs to).
         ``history_`` holds the mean log-likelihood per point of the initial parameters and after every
         M-step; EM makes it non-decreasing.
+        comm: a communicator of npdgm.distributed (data-parallel EM): x is all the data, on every rank. The
+        initialization runs on all of it on every rank (the same draws, the same result); then each rank's
+        E-step takes its rows (distributed.shard_bounds) and the M-step's sums and the log-likelihood are
+        all-reduced, so every rank holds the fit of one process (up to the order of float sums).
         """
         x = self._check_x(x, fitting=True)
         N, D = x.shape
@@ -363,6 +379,16 @@ class GaussianMixture(Model):
         if any(given) and not all(given):
             raise ValueError("give weights_init, means_init and covariances_init together (or none of them)")
         g = as_rng(self.seed if rng is None else rng)
+        comm = comm if comm is not None and 1 < comm.size <= N else None
+        if comm is not None:
+            from ..distributed import shard_bounds
+
+            lo, hi = shard_bounds(N, comm.rank, comm.size)
+            xs = x[lo:hi]
+            xp = array_module(x)
+            mean_ll = lambda lp: float(_allsum(xp.atleast_1d(lp.sum()), comm)[0]) / N
+        else:
+            xs, mean_ll = x, lambda lp: float(lp.mean())
         best = None
         for trial in range(1 if all(given) else self.n_init):
             self.config["dim"] = D
@@ -370,15 +396,15 @@ class GaussianMixture(Model):
                 self.set_params(weights_init, array_module(x).asarray(means_init, dtype=x.dtype), covariances_init)
             else:
                 self._m_step(x, self._init_resp(x, g))
-            resp, lp = self._e_step(x)
-            ll = float(lp.mean())
+            resp, lp = self._e_step(xs)
+            ll = mean_ll(lp)
             history, converged, it = [ll], False, 0
             if callback:
                 callback(trial, 0, ll)
             for it in range(1, self.max_iter + 1):
-                self._m_step(x, resp)
-                resp, lp = self._e_step(x)
-                prev, ll = ll, float(lp.mean())
+                self._m_step(xs, resp, comm, N)
+                resp, lp = self._e_step(xs)
+                prev, ll = ll, mean_ll(lp)
                 history.append(ll)
                 if callback:
                     callback(trial, it, ll)
@@ -538,8 +564,9 @@ class PCAGaussianMixture(Model):
         backend.check_finite(name, x)
         return x
 
-    def fit(self, x, rng=None, callback=None):
-        """PCA by an eigendecomposition of the sample covariance, the residual Gaussian, then EM on V^T (x - m)."""
+    def fit(self, x, rng=None, callback=None, comm=None):
+        """PCA by an eigendecomposition of the sample covariance, the residual Gaussian, then EM on V^T (x - m)
+        (``comm``: data-parallel EM, see :meth:`GaussianMixture.fit`; the PCA runs on every rank)."""
         x = self._check(x)
         xp = array_module(x)
         N = x.shape[0]
@@ -562,7 +589,7 @@ class PCAGaussianMixture(Model):
         if d < D and not bool((self.residual_var.data > 0).all()):
             raise ValueError(f"the data has no variance outside its top {d} principal components; lower pca_dim "
                              f"or raise reg_covar")
-        self.gmm.fit(xc @ self.components.data, rng=rng, callback=callback)
+        self.gmm.fit(xc @ self.components.data, rng=rng, callback=callback, comm=comm)
         self.config["fitted"] = True
         return self
 
