@@ -5,7 +5,6 @@
     npdgm evaluate runs/vae --method ais --steps 1000 --leapfrog 10 --json ais.json
     npdgm evaluate runs/vae --bdmc --n-images 10                      # simulated data: lower / upper bound
     mpiexec -n 2 npdgm evaluate runs/vae --method iwae ais            # images split over 2 ranks, same numbers
-    mpiexec -n 2 npdgm evaluate runs/vae --method iwae ais            # images split over 2 ranks, same numbers
 
 Methods (nats per image, on the first N test images of the run's data, the run's binarization):
 elbo (the mean of k one-sample ELBOs), iwae (k importance samples from q(z|x)), naive (k samples from
@@ -164,7 +163,6 @@ def _plot(model, x, args):
 
 def cmd_evaluate(args):
     setup_backend(args)
-    comm = common.world()  # N > 1 ranks: the images of --method are split; --bdmc and --plot run on rank 0
     comm = common.world()  # N > 1 ranks: the images of --method are split; --bdmc and --plot run on rank 0
     for opt in ("json", "plot"):
         if getattr(args, opt):
