@@ -193,10 +193,14 @@ def test_naive_curve_and_its_figure_one_panel_per_latent_dimension(tmp_path, rng
         assert c["naive"][:, 0].std() > c["naive"][:, 2].std()   # the spread over repeats shrinks with N
         assert np.all(c["iwae"][:, 0] <= c["iwae"][:, 2] + 0.5)
         curves.append(c)
+    capped = I.naive_curve(m, x, counts=(1, 10, 100), repeats=2, rng=0, iwae_max=10)
+    assert np.isfinite(capped["iwae"][:, :2]).all() and np.isnan(capped["iwae"][:, 2]).all()
+    assert np.isfinite(capped["naive"]).all()
+    curves.append(capped)
     path = naive_vs_iwae(curves, str(tmp_path / "n.png"), reference=-5.0)
     import matplotlib.image
 
-    assert matplotlib.image.imread(path).shape[1] > 1000   # two panels side by side
+    assert matplotlib.image.imread(path).shape[1] > 1000   # three panels side by side
 
 
 def test_impute_hmc_matches_gaussian_conditioning_of_a_linear_gaussian_vae(f64):

@@ -157,7 +157,7 @@ def _plot(model, x, args):
     from ..plots import inference as P
 
     counts = sorted({int(c) for c in np.logspace(0, np.log10(args.k), 1 + int(np.log10(args.k)) * 2).round()})
-    curve = I.naive_curve(model, x[:min(len(x), args.batch)], counts, repeats=5, rng=args.seed)
+    curve = I.naive_curve(model, x[:min(len(x), args.batch)], counts, repeats=5, rng=args.seed, iwae_max=5000)
     print(P.naive_vs_iwae(curve, args.plot, title=f"{args.rundir}: naive MC vs IWAE"))
 
 
