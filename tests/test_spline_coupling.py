@@ -39,7 +39,8 @@ def test_spline_is_monotone_continuous_and_identity_in_the_tails(f64, rng):
     np.testing.assert_array_equal(y[out, 1], t[out]) and np.testing.assert_array_equal(ld[out], 0)
     slope = np.exp(ld)
     assert np.max(np.abs(np.diff(slope))) < 0.05  # C^1: no jump at the knots or at +-bound (slope 1 there)
-    np.testing.assert_allclose(slope[np.abs(np.abs(t) - 2) < 1e-3], 1, atol=0.02)
+    edge = np.array([[0.3, -2 + 1e-9], [0.3, 2 - 1e-9]])  # just inside +-bound: slope d_0 = d_K = 1
+    np.testing.assert_allclose(np.exp(layer.forward(edge)[1]), 1, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
@@ -78,3 +79,23 @@ def test_cli_flow2d_spline(tmp_path, capsys):
     assert [type(layer).__name__ for layer in g.layers] == ["SplineCoupling"] * 2 and g.layers[0].bins == 8
     assert main(["train", "flow2d", "--flow", "spline", "--actnorm", "--out", str(tmp_path / "c")]) == 2
     assert "the spline stack has no ActNorm layers" in capsys.readouterr().err
+
+
+def test_zero_conditioner_output_is_the_identity_and_the_layer_calls_the_kernels(f64, rng):
+    """u = 0 (equal bins, raw derivatives 0) is the identity spline: slope min_d + softplus(0 + c) = 1 at every
+    knot. The layer keeps no spline math of its own (npdgm.kernels.spline, in the kernel table)."""
+    from npdgm.kernels import spline as S
+    from npdgm.kernels.table import KERNELS
+    from npdgm.models import flow_layers
+
+    layer = _layer(rng, 4, bins=6)
+    layer.flat_params[...] = 0  # the last layer's weights and bias 0: u = 0 for every input
+    x = rng.standard_normal((7, 4)) * 1.5
+    y, ld = layer.forward(x)
+    np.testing.assert_allclose(y, x, atol=1e-12)
+    np.testing.assert_allclose(ld, 0, atol=1e-12)
+    assert S.derivative_shift(1e-3) == pytest.approx(np.log(np.expm1(1 - 1e-3)))
+    assert not [n for n in dir(flow_layers) if n.startswith("_rq")]
+    assert {"rq_knots", "rq_spline", "rq_spline_inverse", "masked_linear"} <= set(KERNELS)
+    with pytest.raises(ValueError, match="min_derivative must be < 1"):
+        F.SplineCoupling(2, min_derivative=1.0)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from npdgm.kernels.table import ALPHA, TABLE
+from npdgm.kernels.table import ALPHA, SPLINE, TABLE
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -50,6 +50,50 @@ def _reparameterize(mu, logvar, eps):
     return {"z": mu + torch.exp(0.5 * logvar) * eps}
 
 
+def _rq_knots(u):
+    """The knot map of npdgm.kernels.spline with the table's constants (SPLINE)."""
+    K, B, c = (u.shape[-1] + 1) // 3, SPLINE["bound"], math.log(math.expm1(1 - SPLINE["min_derivative"]))
+
+    def knots(raw, lo):
+        size = 2 * B * (lo + (1 - K * lo) * torch.softmax(raw, -1))
+        return torch.cat([torch.zeros_like(size[..., :1]), torch.cumsum(size, -1)], -1) - B
+
+    one = torch.ones_like(u[..., :1])
+    return {"xk": knots(u[..., :K], SPLINE["min_width"]), "yk": knots(u[..., K:2 * K], SPLINE["min_height"]),
+            "d": torch.cat([one, SPLINE["min_derivative"] + _softplus(u[..., 2 * K:] + c), one], -1)}
+
+
+def _rq_bin(v, edges, xk, yk, d):
+    """(x_k, w, y_k, h, d0, d1) of the bin of v (searched in ``edges``) and whether v is inside the knots."""
+    k = (v[..., None] >= edges[..., 1:-1]).sum(-1, keepdim=True)
+    at = lambda a, j: a.gather(-1, j)[..., 0]  # noqa: E731
+    return ((at(xk, k), at(xk, k + 1) - at(xk, k), at(yk, k), at(yk, k + 1) - at(yk, k), at(d, k), at(d, k + 1)),
+            (v >= edges[..., 0]) & (v <= edges[..., -1]))
+
+
+def _rq_logg(xi, s, d0, d1):
+    th = xi * (1 - xi)
+    return 2 * torch.log(s) + torch.log(d1 * xi ** 2 + 2 * s * th + d0 * (1 - xi) ** 2) \
+        - 2 * torch.log(s + (d1 + d0 - 2 * s) * th)
+
+
+def _rq_spline(x, xk, yk, d):
+    (x0, w, y0, h, d0, d1), inside = _rq_bin(x, xk, xk, yk, d)
+    s, xi = h / w, (torch.minimum(torch.maximum(x, xk[..., 0]), xk[..., -1]) - x0) / w
+    th = xi * (1 - xi)
+    y = y0 + h * (s * xi ** 2 + d0 * th) / (s + (d1 + d0 - 2 * s) * th)
+    return {"y": torch.where(inside, y, x), "logg": torch.where(inside, _rq_logg(xi, s, d0, d1), 0 * x)}
+
+
+def _rq_spline_inverse(y, xk, yk, d):
+    (x0, w, y0, h, d0, d1), inside = _rq_bin(y, yk, xk, yk, d)
+    s, dy = h / w, torch.minimum(torch.maximum(y, yk[..., 0]), yk[..., -1]) - y0  # tails: no NaN in the unused branch
+    c = d1 + d0 - 2 * s
+    qa, qb, qc = h * (s - d0) + dy * c, h * d0 - dy * c, -s * dy
+    xi = 2 * qc / (-qb - torch.sqrt(qb * qb - 4 * qa * qc))
+    return {"x": torch.where(inside, x0 + xi * w, y), "logdet_inv": torch.where(inside, -_rq_logg(xi, s, d0, d1), 0 * y)}
+
+
 TORCH = {
     "linear": lambda x, W, b: {"y": x @ W + b},
     "relu": lambda x: {"y": F.relu(x)},
@@ -87,6 +131,10 @@ TORCH = {
     "scale_clamp_tanh": _clamp("tanh"),
     "scale_clamp_atan": _clamp("atan"),
     "scale_clamp_none": _clamp("none"),
+    "masked_linear": lambda x, W, M, b: {"y": x @ (W * M) + b},
+    "rq_knots": _rq_knots,
+    "rq_spline": _rq_spline,
+    "rq_spline_inverse": _rq_spline_inverse,
 }
 
 

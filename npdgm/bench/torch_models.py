@@ -299,7 +299,8 @@ def _rq_spline(P, pre, spec, sp, a, v, inverse):
     W, xk = knots(u[..., :K], spec["min_width"])
     H, yk = knots(u[..., K:2 * K], spec["min_height"])
     one = torch.ones_like(u[..., :1])
-    d = torch.cat([one, spec["min_derivative"] + softplus(u[..., 2 * K:]), one], -1)
+    shift = math.log(math.expm1(1 - spec["min_derivative"]))  # u = 0: slope 1 (npdgm.kernels.spline.derivative_shift)
+    d = torch.cat([one, spec["min_derivative"] + softplus(u[..., 2 * K:] + shift), one], -1)
     inside = v.abs() <= B0
     vc = v.clamp(-B0, B0)
     k = (vc[..., None] >= (yk if inverse else xk)[..., 1:K]).sum(-1, keepdim=True)

@@ -35,6 +35,8 @@ from . import coupling as C
 from . import gaussian as G
 from . import linear as L
 from . import losses as Lo
+from . import masked as Ma
+from . import spline as Sp
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,58 @@ def _(i):
 
 
 _clamp_entry("none")
+
+
+# -- MADE masked linear, rational-quadratic splines ----------------------------------------------------
+@kernel("masked_linear", Ma.masked_linear_forward, Ma.masked_linear_backward,
+        lambda rng, dt: {"x": _std(rng, dt, 8, 5), "W": _std(rng, dt, 5, 4), "M": (rng.random((5, 4)) < 0.5).astype(dt),
+                         "b": _std(rng, dt, 4), "dy": _std(rng, dt, 8, 4)}, "M a fixed 0/1 mask (data)")
+def _(i):
+    dx, dW, db = Ma.masked_linear_backward(i["dy"], i["x"], i["W"], i["M"])
+    return {"y": Ma.masked_linear_forward(i["x"], i["W"], i["M"], i["b"])}, {"x": dx, "W": dW, "b": db}
+
+
+SPLINE = dict(bound=2.0, min_width=0.05, min_height=0.05, min_derivative=1e-3)  # the spline entries' constants
+_SPLINE_NOTE = "K = 4 bins on [-2, 2], min width = min height = 0.05, min derivative 1e-3"
+
+
+def _u(rng, dt):
+    return _std(rng, dt, 3, 2, 11, scale=1.5)
+
+
+@kernel("rq_knots", Sp.rq_knots_forward, Sp.rq_knots_backward,
+        lambda rng, dt: {"u": _u(rng, dt), **{k: _std(rng, dt, 3, 2, 5) for k in ("dxk", "dyk", "dd")}},
+        _SPLINE_NOTE, group="spline")
+def _(i):
+    xk, yk, d = Sp.rq_knots_forward(i["u"], **SPLINE)
+    return {"xk": xk, "yk": yk, "d": d}, {"u": Sp.rq_knots_backward(i["dxk"], i["dyk"], i["dd"], i["u"], **SPLINE)}
+
+
+def _spline_case(a, up):
+    """Knots of a random u (increasing, ends at -+2) and the points ``a`` (3, 2) in [-2.6, 2.6] (some in the
+    identity tails), plus the two upstream gradients."""
+    def make(rng, dt):
+        xk, yk, d = Sp.rq_knots_forward(_u(rng, np.float64), **SPLINE)
+        return {a: rng.uniform(-2.6, 2.6, (3, 2)).astype(dt), "xk": xk.astype(dt), "yk": yk.astype(dt),
+                "d": d.astype(dt), **{u: _std(rng, dt, 3, 2) for u in up}}
+    return make
+
+
+@kernel("rq_spline", Sp.rq_spline_forward, Sp.rq_spline_backward, _spline_case("x", ("dy", "dlogg")), _SPLINE_NOTE,
+        group="spline")
+def _(i):
+    y, logg = Sp.rq_spline_forward(i["x"], i["xk"], i["yk"], i["d"])
+    dx, dxk, dyk, dd = Sp.rq_spline_backward(i["dy"], i["dlogg"], i["x"], i["xk"], i["yk"], i["d"])
+    return {"y": y, "logg": logg}, {"x": dx, "xk": dxk, "yk": dyk, "d": dd}
+
+
+@kernel("rq_spline_inverse", Sp.rq_spline_inverse, Sp.rq_spline_inverse_backward,
+        _spline_case("y", ("dx", "dlogdet_inv")), _SPLINE_NOTE, group="spline")
+def _(i):
+    x, ldi = Sp.rq_spline_inverse(i["y"], i["xk"], i["yk"], i["d"])
+    dy, dxk, dyk, dd = Sp.rq_spline_inverse_backward(i["dx"], i["dlogdet_inv"], x, i["xk"], i["yk"], i["d"])
+    return {"x": x, "logdet_inv": ldi}, {"y": dy, "xk": dxk, "yk": dyk, "d": dd}
+
 
 KERNELS = {k.name: k for k in TABLE}
 if len(KERNELS) != len(TABLE):

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import backend
 from ..kernels import coupling as C
-from ..kernels.linear import linear_backward, linear_forward
+from ..kernels import masked as KM
 from ..nn.layers import Activation, Sequential, _host_rng, init_weight
 from ..nn.module import Module, Parameter
 from ..validate import check_int
@@ -53,7 +53,8 @@ def made_masks(dim, hidden, blocks=2):
 
 
 class MaskedLinear(Module):
-    """y = x @ (W * M) + b, W (in, out), fixed 0/1 mask M (in, out), b (out,).
+    """y = x @ (W * M) + b, W (in, out), fixed 0/1 mask M (in, out), b (out,) (the kernels
+    :func:`~npdgm.kernels.masked.masked_linear_forward` / ``_backward``).
     Backward: dx = dy (W M)^T,  dW = (x^T dy) * M,  db = sum_B dy."""
 
     def __init__(self, mask, init="torch", rng=None):
@@ -66,27 +67,28 @@ class MaskedLinear(Module):
         self.b = Parameter(backend.to_device(b, dt))
         self.mask = backend.to_device(mask, dt)
 
-    def _masked(self):
+    def _mask(self):
+        """The mask on the weights' device and dtype (moved once after a backend or dtype change)."""
         if self.mask.dtype != self.W.data.dtype or backend.array_module(self.mask) is not backend.array_module(
                 self.W.data):
             self.mask = backend.array_module(self.W.data).asarray(backend.to_host(self.mask), dtype=self.W.data.dtype)
-        return self.W.data * self.mask
+        return self.mask
 
     def forward(self, x):
         """x (B, in) -> x (W M) + b (B, out)."""
         self._x = x
-        return linear_forward(x, self._masked(), self.b.data)
+        return KM.masked_linear_forward(x, self.W.data, self._mask(), self.b.data)
 
     def backward(self, dy, need_dx=True):
         """dx = dy (W M)^T;  W.grad += (x^T dy) M;  b.grad += sum_B dy."""
-        dx, dW, db = linear_backward(dy, self._x, self._masked(), need_dx)
-        self.W.grad += dW * self.mask
+        dx, dW, db = KM.masked_linear_backward(dy, self._x, self.W.data, self._mask(), need_dx)
+        self.W.grad += dW
         self.b.grad += db
         return dx
 
     def input_vjp(self, dy):
         """dy (B, out) -> dy (W M)^T (B, in), no parameter gradients."""
-        return dy @ self._masked().T
+        return KM.masked_linear_backward(dy, self._x, self.W.data, self._mask(), params=False)[0]
 
 
 class MADE(Sequential):

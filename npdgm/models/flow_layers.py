@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import backend
 from ..kernels import coupling as C
+from ..kernels import spline as S
 from ..nn import MLP
 from ..nn.module import Module, Parameter
 from ..validate import check_float, check_int
@@ -649,100 +650,7 @@ class InvertibleLinear(FlowLayer):
         return dy
 
 
-# -- rational-quadratic spline coupling (Durkan et al. 2019), linear tails ----------------------------------
-def _rq_knots(u, K, bound, min_w, min_h, min_d):
-    """Raw net outputs u (B, n, 3K-1) -> knots: xk, yk (B, n, K+1) on [-bound, bound], bin widths W and heights
-    H (B, n, K), derivatives d (B, n, K+1) with d_0 = d_K = 1 (the linear tails' slope); plus what the backward
-    needs. W = 2 bound (min_w + (1 - K min_w) softmax(u_w)), xk = -bound + [0, cumsum W]; the same for y;
-    d_interior = min_d + softplus(u_d)."""
-    xp = backend.array_module(u)
-
-    def bins(raw, lo):
-        e = xp.exp(raw - raw.max(axis=-1, keepdims=True))
-        p = e / e.sum(axis=-1, keepdims=True)
-        size = 2 * bound * (lo + (1 - K * lo) * p)
-        knots = xp.concatenate([xp.zeros_like(size[..., :1]), xp.cumsum(size, axis=-1)], axis=-1) - bound
-        return p, size, knots
-
-    pw, W, xk = bins(u[..., :K], min_w)
-    ph, H, yk = bins(u[..., K:2 * K], min_h)
-    ud = u[..., 2 * K:]
-    one = xp.ones_like(ud[..., :1])
-    d = xp.concatenate([one, min_d + xp.logaddexp(0, ud), one], axis=-1)
-    return (xk, W, yk, H, d), (pw, ph, ud)
-
-
-def _rq_knots_backward(g, aux, K, bound, min_w, min_h):
-    """d u (B, n, 3K-1) from the gradients g = (dxk, dW, dyk, dH, dd) of the knot arrays: a knot is -bound plus
-    the sizes before it (d size_j += sum_{i > j} d knot_i), size = 2 bound (lo + (1 - K lo) p), softmax backward
-    dr = p (dp - sum p dp); softplus' = sigmoid."""
-    xp = backend.array_module(g[0])
-    dxk, dW, dyk, dH, dd = g
-    pw, ph, ud = aux
-
-    def back(dknots, dsize, p, lo):
-        rev = xp.cumsum(dknots[..., :0:-1], axis=-1)[..., ::-1]  # sum_{i >= j + 1} d knot_i
-        dp = (dsize + rev) * (2 * bound * (1 - K * lo))
-        return p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-
-    dud = dd[..., 1:K] * (1 / (1 + xp.exp(-ud)))
-    return xp.concatenate([back(dxk, dW, pw, min_w), back(dyk, dH, ph, min_h), dud], axis=-1)
-
-
-def _rq_gather(knots, k):
-    """One-hot bin selection: (x_k, w_k, y_k, h_k, d_k, d_k+1) each (B, n) for bin indices k (B, n)."""
-    xk, W, yk, H, d = knots
-    xp = backend.array_module(xk)
-    K = W.shape[-1]
-    oh = (k[..., None] == xp.arange(K)).astype(xk.dtype)
-    return oh, [(a * oh).sum(axis=-1) for a in (xk[..., :K], W, yk[..., :K], H, d[..., :K], d[..., 1:])]
-
-
-def _rq_scatter(oh, g):
-    """Backward of :func:`_rq_gather`: the six (B, n) gradients back onto the knot arrays (B, n, K[+1])."""
-    xp = backend.array_module(oh)
-    gx, gw, gy, gh, gd0, gd1 = [a[..., None] * oh for a in g]
-    zero = xp.zeros_like(gx[..., :1])
-    return (xp.concatenate([gx, zero], -1), gw, xp.concatenate([gy, zero], -1), gh,
-            xp.concatenate([gd0, zero], -1) + xp.concatenate([zero, gd1], -1))
-
-
-def _rq_eval(x, b):
-    """The spline on its bin (x_k, w, y_k, h, d0, d1) = b:  xi = (x - x_k)/w, s = h/w, th = xi (1 - xi),
-    D = s + (d1 + d0 - 2s) th,  y = y_k + h (s xi^2 + d0 th) / D,
-    log y' = 2 log s + log(d1 xi^2 + 2 s th + d0 (1 - xi)^2) - 2 log D.  Returns (y, logdy, cache)."""
-    xp = backend.array_module(x)
-    x0, w, y0, h, d0, d1 = b
-    xi = (x - x0) / w
-    s = h / w
-    th = xi * (1 - xi)
-    Dn = s + (d1 + d0 - 2 * s) * th
-    num = s * xi * xi + d0 * th
-    M = d1 * xi * xi + 2 * s * th + d0 * (1 - xi) ** 2
-    return y0 + h * num / Dn, 2 * xp.log(s) + xp.log(M) - 2 * xp.log(Dn), (xi, s, th, Dn, num, M)
-
-
-def _rq_eval_backward(dy, dl, b, cache):
-    """Gradients of L = sum(y dy) + sum(logdy dl) of :func:`_rq_eval` w.r.t. (x, x_k, w, y_k, h, d0, d1):
-    R = num/D:  R_xi = ((2 s xi + d0 (1 - 2xi)) D - num c (1 - 2xi)) / D^2 (c = d1 + d0 - 2s),
-    R_s = (xi^2 D - num (1 - 2th)) / D^2,  R_d0 = th (D - num) / D^2,  R_d1 = -num th / D^2;
-    l_xi = M_xi / M - 2 c (1 - 2xi) / D,  l_s = 2/s + 2th/M - 2(1 - 2th)/D,  l_d0 = (1 - xi)^2/M - 2th/D,
-    l_d1 = xi^2/M - 2th/D;  then xi = (x - x_k)/w and s = h/w by the chain rule."""
-    x0, w, y0, h, d0, d1 = b
-    xi, s, th, Dn, num, M = cache
-    c = d1 + d0 - 2 * s
-    D2 = Dn * Dn
-    t = 1 - 2 * xi
-    gxi = dy * h * ((2 * s * xi + d0 * t) * Dn - num * c * t) / D2 \
-        + dl * ((2 * d1 * xi + 2 * s * t - 2 * d0 * (1 - xi)) / M - 2 * c * t / Dn)
-    gs = dy * h * (xi * xi * Dn - num * (1 - 2 * th)) / D2 + dl * (2 / s + 2 * th / M - 2 * (1 - 2 * th) / Dn)
-    gd0 = dy * h * th * (Dn - num) / D2 + dl * ((1 - xi) ** 2 / M - 2 * th / Dn)
-    gd1 = -dy * h * num * th / D2 + dl * (xi * xi / M - 2 * th / Dn)
-    gh = dy * num / Dn + gs / w
-    gx = gxi / w
-    return gx, -gx, -(gxi * xi + gs * s) / w, dy, gh, gd0, gd1
-
-
+# -- rational-quadratic spline coupling (Durkan et al. 2019), linear tails: kernels in npdgm/kernels/spline.py --
 @_layer
 class SplineCoupling(_Coupling):
     """Rational-quadratic spline coupling (Durkan et al. 2019):  y_a = x_a,  y_b = g(x_b; net(x_a)), a monotone
@@ -750,9 +658,10 @@ class SplineCoupling(_Coupling):
     1, matched by d_0 = d_K = 1);  log|det| = sum_j log g'(x_b,j) (0 in the tails).
 
     net: MLP na -> hidden... -> nb (3 bins - 1), per transformed feature [widths K | heights K | interior
-    derivatives K - 1] (softmax, softmax, min_derivative + softplus). The inverse solves the quadratic
-    a xi^2 + b xi + c = 0 in its stable form xi = 2c / (-b - sqrt(b^2 - 4ac)). Backward: the spline's partial
-    derivatives (:func:`_rq_eval_backward`), the one-hot bin scatter, the knot map's backward, then the net.
+    derivatives K - 1] (softmax, softmax, min_derivative + softplus(u + c), c such that u = 0 gives slope 1).
+    The inverse solves the quadratic a xi^2 + b xi + c = 0 in its stable form xi = 2c / (-b - sqrt(b^2 - 4ac)).
+    The kernels (knot map, bin search, spline and inverse, their backwards) are in :mod:`npdgm.kernels.spline`;
+    backward: spline backward -> knot-map backward -> net.
     """
 
     def __init__(self, dim, mask="half", parity=0, hidden=(64, 64), activation="relu", bins=8, bound=3.0,
@@ -763,6 +672,8 @@ class SplineCoupling(_Coupling):
         self.min_width = check_float(min_width, "min_width", lo=0)
         self.min_height = check_float(min_height, "min_height", lo=0)
         self.min_derivative = check_float(min_derivative, "min_derivative", lo=0)
+        if self.min_derivative >= 1:
+            raise ValueError(f"min_derivative must be < 1 (the tails' slope), got {self.min_derivative}")
         if self.bins * max(self.min_width, self.min_height) >= 1:
             raise ValueError(f"bins * min_width and bins * min_height must be < 1, got bins={self.bins}, "
                              f"min_width={self.min_width}, min_height={self.min_height}")
@@ -778,81 +689,56 @@ class SplineCoupling(_Coupling):
         return {"type": "SplineCoupling", **self._spec}
 
     def _knots(self, a):
+        """(u (B, nb, 3K - 1), knots (xk, yk, d)) of the conditioning half a."""
         u = self.net.forward(a).reshape(a.shape[0], self.nb, 3 * self.bins - 1)
-        return _rq_knots(u, self.bins, self.bound, self.min_width, self.min_height, self.min_derivative)
+        return u, S.rq_knots_forward(u, self.bound, self.min_width, self.min_height, self.min_derivative)
 
-    def _transform(self, v, knots, inverse):
-        """(out, logdy of the forward map at the x side, cache) for v (B, nb): the spline inside, identity out."""
-        xp = backend.array_module(v)
-        inside = xp.abs(v) <= self.bound
-        vc = xp.clip(v, -self.bound, self.bound)
-        edges = knots[2] if inverse else knots[0]
-        k = (vc[..., None] >= edges[..., 1:self.bins]).sum(axis=-1)
-        oh, b = _rq_gather(knots, k)
-        if inverse:
-            x0, w, y0, h, d0, d1 = b
-            s, dy = h / w, vc - y0
-            c2 = d1 + d0 - 2 * s
-            qa, qb, qc = h * (s - d0) + dy * c2, h * d0 - dy * c2, -s * dy
-            xi = xp.clip(2 * qc / (-qb - xp.sqrt(xp.maximum(qb * qb - 4 * qa * qc, 0))), 0, 1)
-            xs = x0 + xi * w
-        else:
-            xs = vc
-        ys, ld, cache = _rq_eval(xs, b)
-        out = xp.where(inside, xs if inverse else ys, v)
-        return out, xp.where(inside, ld, 0), (xs, inside, oh, b, cache)
-
-    def _dnet(self, g, oh, aux, need_dx=True):
-        du = _rq_knots_backward(_rq_scatter(oh, g[1:]), aux, self.bins, self.bound, self.min_width,
-                                self.min_height)
+    def _dnet(self, u, dknots, need_dx=True):
+        du = S.rq_knots_backward(*dknots, u, self.bound, self.min_width, self.min_height, self.min_derivative)
         return self.net.backward(du.reshape(du.shape[0], -1), need_dx=need_dx)
+
+    def _dlog(self, dlogdet, like):
+        """dL/dlog g' per element (B, nb) from dL/dlogdet (B,) (zeros for None)."""
+        xp = backend.array_module(like)
+        return xp.zeros_like(like) if dlogdet is None else xp.broadcast_to(dlogdet[:, None], like.shape)
 
     def forward(self, x):
         """knots = net(x_a);  y_a = x_a,  y_b = g(x_b);  logdet = sum_j log g'(x_b,j).
         x (B, D) -> (y (B, D), logdet (B,))."""
         xa, xb = self._split(x)
-        knots, aux = self._knots(xa)
-        yb, ld, t = self._transform(xb, knots, False)
-        self._cache, self._mode = (t, aux), "forward"
-        return self._merge(xa, yb), ld.sum(axis=1)
+        u, knots = self._knots(xa)
+        yb, logg = S.rq_spline_forward(xb, *knots)
+        self._cache, self._mode = (xb, u, knots), "forward"
+        return self._merge(xa, yb), logg.sum(axis=1)
 
     def backward(self, dy, dlogdet=None, need_dx=True):
-        """dx_b = dy_b g' + dlogdet d log g'/dx_b (identity in the tails);  knot gradients from the spline's partial
-        derivatives -> one-hot scatter -> knot-map backward -> net:  dx_a = dy_a + J_net^T du.
+        """dx_b = dy_b g' + dlogdet d log g'/dx_b (identity in the tails);  the knots' gradients from
+        :func:`~npdgm.kernels.spline.rq_spline_backward` -> knot map backward -> net:  dx_a = dy_a + J_net^T du.
         dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with need_dx=False); net's gradients accumulate."""
         self._need("forward")
-        t, aux = self._cache
-        xp = backend.array_module(dy)
+        xb, u, knots = self._cache
         dya, dyb = self._split(dy)
-        dl = xp.zeros((dy.shape[0], 1), dtype=dy.dtype) if dlogdet is None else dlogdet[:, None]
-        inside = t[1]
-        g = _rq_eval_backward(dyb * inside, dl * inside, t[3], t[4])
-        dxb = xp.where(inside, g[0], dyb)
-        dm = self._dnet(g, t[2], aux, need_dx)
+        dxb, *dknots = S.rq_spline_backward(dyb, self._dlog(dlogdet, dyb), xb, *knots)
+        dm = self._dnet(u, dknots, need_dx)
         return self._merge(dya + dm, dxb) if need_dx else None
 
     def inverse(self, y, logdet=False):
         """knots = net(y_a);  x_a = y_a,  x_b = g^-1(y_b) (the quadratic's stable root);  logdet_inv =
         -sum_j log g'(x_b,j).   y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
         ya, yb = self._split(y)
-        knots, aux = self._knots(ya)
-        xb, ld, t = self._transform(yb, knots, True)
-        self._cache, self._mode = (t, aux), "inverse"
+        u, knots = self._knots(ya)
+        xb, ldi = S.rq_spline_inverse(yb, *knots)
+        self._cache, self._mode = (xb, u, knots), "inverse"
         x = self._merge(ya, xb)
-        return (x, -ld.sum(axis=1)) if logdet else x
+        return (x, ldi.sum(axis=1)) if logdet else x
 
     def inverse_backward(self, dx, dlogdet=None):
-        """x_b = g^-1(y_b), logdet_inv = -sum log g'(x_b):  w = dy_b = (dx_b - dlogdet_inv d log g'/dx) / g';
-        the knots get the forward backward's knot gradients with (-w, -dlogdet_inv) (d x / d knots =
-        -(d g / d knots) / g');  dy_a = dx_a + J_net^T du.   dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate."""
+        """x_b = g^-1(y_b), logdet_inv = -sum_j log g'(x_b):  dy_b = (dx_b - dlogdet_inv d log g'/dx) / g';
+        the knots get the forward backward's gradients with (-dy_b, -dlogdet_inv)
+        (:func:`~npdgm.kernels.spline.rq_spline_inverse_backward`);  dy_a = dx_a + J_net^T du.
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate."""
         self._need("inverse")
-        t, aux = self._cache
-        xp = backend.array_module(dx)
+        xb, u, knots = self._cache
         dxa, dxb = self._split(dx)
-        v = xp.zeros((dx.shape[0], 1), dtype=dx.dtype) if dlogdet is None else dlogdet[:, None]
-        inside, b, cache = t[1], t[3], t[4]
-        lx = _rq_eval_backward(0 * dxb, inside + 0 * dxb, b, cache)[0]  # d log g' / dx at fixed knots
-        gp = xp.exp(_rq_eval(t[0], b)[1])  # g'(x)
-        w = xp.where(inside, (dxb - v * lx) / gp, dxb)
-        g = _rq_eval_backward(-w * inside, -v * inside, b, cache)
-        return self._merge(dxa + self._dnet(g, t[2], aux), w)
+        dyb, *dknots = S.rq_spline_inverse_backward(dxb, self._dlog(dlogdet, dxb), xb, *knots)
+        return self._merge(dxa + self._dnet(u, dknots), dyb)
