@@ -263,3 +263,27 @@ def test_gmm_two_ranks_equal_one_process(tmp_path):
     _run(a, tmp_path / "two", n=2)
     _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
     assert len(_records(tmp_path / "two")) > 5
+
+
+# -- npdgm bench --distributed --------------------------------------------------------------------------
+@need_mpi
+def test_bench_distributed_times_one_and_two_ranks(tmp_path, capsys):
+    from npdgm import cli
+
+    js = tmp_path / "dist.json"
+    assert cli.main(["bench", "--distributed", "--workloads", "vae", "--batch", "33", "--ranks", "1,2", "--threads",
+                     "2", "--steps", "2", "--repeats", "1", "--warmup", "1", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["results"]
+    assert [(r["ranks"], r["threads_per_rank"], r["comm"]) for r in rows] == [(1, 2, "none"), (2, 1, "mpi")]
+    assert rows[0]["allreduce_ms"] is None and rows[1]["allreduce_ms"] > 0 and rows[1]["allreduce_only_ms"] > 0
+    assert rows[0]["speedup"] == 1 and rows[1]["speedup"] == pytest.approx(rows[0]["ms_per_step"] / rows[1]["ms_per_step"],
+                                                                          rel=1e-2)
+    assert rows[1]["grad_mb"] == pytest.approx(rows[1]["params"] * 4 / 2 ** 20, abs=0.01)
+    assert "| vae | 33 | 2 x 1 | mpi |" in capsys.readouterr().out
+
+
+def test_bench_distributed_refuses_bad_ranks(capsys):
+    from npdgm import cli
+
+    assert cli.main(["bench", "--distributed", "--ranks", "0"]) == 2
+    assert "npdgm: error: --ranks must list rank counts >= 1, got '0'" in capsys.readouterr().err

@@ -71,6 +71,10 @@ def add_arguments(p):
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--md", default=None, help="write the markdown table to this file")
     p.add_argument("--plot", default=None, help="log-log plot of ms/step and samples/s against batch")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel step time against --ranks (mpiexec, threads / ranks BLAS threads per rank) "
+                        "and the gradient all-reduce's ms per step (npdgm.bench.distributed)")
+    p.add_argument("--ranks", default="1,2", help="--distributed: comma list of rank counts (default 1,2)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -524,6 +528,10 @@ def run(args):
         spec = json.loads(args.child)
         print(json.dumps(CHILD_KINDS[spec["kind"]](spec)))
         return 0
+    if args.distributed:
+        from .distributed import main as distributed_main
+
+        return distributed_main(args)
     restore = harness.set_threads(args.threads)
     try:
         return _main(args)
