@@ -34,6 +34,8 @@ def test_every_method_prints_and_writes_json(run, tmp_path, capsys):
     assert all(np.isfinite(v) and v < 0 for v in m.values())
     assert m["elbo"] < m["iwae"] and m["ais"] > m["elbo"], m
     assert r["methods"]["ais"]["steps"] == 30 and r["methods"]["iwae"]["k"] == 200
+    for v in r["methods"].values():   # the per-image estimates, for paired comparisons between methods
+        assert len(v["per_image"]) == 6 and np.isclose(np.mean(v["per_image"]), v["mean"], rtol=1e-12)
     assert all(v["se"] > 0 and v["seconds"] >= 0 for v in r["methods"].values())
 
 

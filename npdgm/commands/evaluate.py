@@ -121,7 +121,7 @@ def _run_methods(model, x, args, comm):
         t0 = time.perf_counter()
         est = _draws(model, x, method, args, comm)
         r = {"mean": float(est.mean()), "se": float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None,
-             "seconds": time.perf_counter() - t0, **_setting(method, args)}
+             "seconds": time.perf_counter() - t0, **_setting(method, args), "per_image": est.tolist()}
         res[method] = r
         if comm.rank:
             continue
