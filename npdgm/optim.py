@@ -17,6 +17,7 @@ from .validate import check_float
 CHUNK = 1 << 17  # elements per block: 512 KiB of float32 per array, 2.5 MiB for p, g, m, v + scratch
 # (fits L2+L3; measured on a 2-core Zen 4: 1<<17 beat 1<<15 by ~15% on 0.6M and 19M parameters,
 # fewer ufunc calls per step, see benchmarks/README.md)
+NUMBA_THREADED_MIN = 1 << 21  # the fused (numba) update splits over threads from 2M parameters on (measured, see _fused_cpu_step)
 _threads = {"n": None, "pool": None}
 _pool_lock = threading.Lock()
 
@@ -291,17 +292,24 @@ class Adam(Optimizer):
         if any(p is None or g is None for p, g, _, _ in flats):
             return False
         args = (self.t, self.lr, self.b1, self.b2, self.eps, self.wd, self.decoupled)
+        numba = fused.cpu_fused() == "numba"
         for p, g, m, v in flats:
-            if fused.cpu_fused() == "numba":                 # one compiled loop (threads: set_cpu_fused)
-                fused.adam_step(p, g, m, v, *args)
-                continue
+            if numba:   # one compiled loop per thread's span (it releases the GIL), streaming p, g, m, v once
 
-            def span(k, se, p=p, g=g, m=m, v=v):
-                for s, e in _chunks(se[1] - se[0], CHUNK):
-                    s, e = s + se[0], e + se[0]
+                def span(k, se, p=p, g=g, m=m, v=v):
+                    s, e = se
                     fused.adam_step(p[s:e], g[s:e], m[s:e], v[s:e], *args)
 
-            _parallel(span, _spans(p.size, CHUNK, get_num_threads() if p.size >= 4 * CHUNK else 1))
+                threads = get_num_threads() if p.size >= NUMBA_THREADED_MIN else 1
+            else:       # numexpr: one call per cache-sized chunk
+
+                def span(k, se, p=p, g=g, m=m, v=v):
+                    for s, e in _chunks(se[1] - se[0], CHUNK):
+                        s, e = s + se[0], e + se[0]
+                        fused.adam_step(p[s:e], g[s:e], m[s:e], v[s:e], *args)
+
+                threads = get_num_threads() if p.size >= 4 * CHUNK else 1
+            _parallel(span, _spans(p.size, CHUNK, threads))
         return True
 
 

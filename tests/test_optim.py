@@ -241,3 +241,36 @@ def test_fused_cpu_adam_against_the_textbook_update(engine, wd, decoupled):
     finally:
         fused.set_cpu_fused(False)
         optim.set_num_threads(old)
+
+
+def test_fused_numba_adam_split_over_threads_is_bitwise_one_loop(monkeypatch):
+    """The numba Adam (one compiled loop that releases the GIL) split over the optimizer's threads from
+    NUMBA_THREADED_MIN parameters on: the same bits as one loop over the whole buffer."""
+    from npdgm.kernels import fused
+
+    if not fused.engine_available("numba"):
+        pytest.skip("numba absent")
+    rng = np.random.default_rng(5)
+    n = 3 * optim.CHUNK + 11
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    out, spans = [], []
+    real_spans = optim._spans
+    monkeypatch.setattr(optim, "_spans", lambda *a: spans.append(real_spans(*a)) or spans[-1])
+    old = optim.get_num_threads()
+    optim.set_num_threads(2)
+    try:
+        fused.set_cpu_fused(True, "numba", min_size=0)
+        for threshold in (1 << 40, 0):
+            monkeypatch.setattr(optim, "NUMBA_THREADED_MIN", threshold)
+            p = Parameter(p0.copy())
+            opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
+            for g in grads:
+                p.grad[...] = g
+                opt.step()
+            out.append(p.data.copy())
+    finally:
+        fused.set_cpu_fused(False)
+        optim.set_num_threads(old)
+    np.testing.assert_array_equal(out[0], out[1])
+    assert len(spans[0]) == 1 and len(spans[-1]) == 2
