@@ -73,8 +73,27 @@ for _tag, _kw in [
     ("bernoulli,tanh,beta=0.5,K=3", dict(activation="tanh", likelihood="bernoulli", beta=0.5, K=3)),
     ("gaussian,sigma=0.7,elu,beta=2", dict(activation="elu", likelihood="gaussian", sigma=0.7, beta=2.0)),
     ("gaussian,learned,tanh,K=2", dict(activation="tanh", likelihood="gaussian", hidden=(6, 4), K=2)),
+    ("bernoulli,relu,free_bits=0.3,K=2", dict(activation="relu", likelihood="bernoulli", free_bits=0.3, K=2)),
+    ("bernoulli,relu,iaf:2,K=2", dict(activation="relu", likelihood="bernoulli", posterior="iaf:2", iaf_hidden=(8,),
+                                      K=2)),
+    ("gaussian,learned,tanh,iaf:1,beta=0.5", dict(activation="tanh", likelihood="gaussian", posterior="iaf:1",
+                                                  iaf_hidden=(7, 6), beta=0.5)),
 ]:
     register(f"model.vae[{_tag}]")(lambda rng, _kw=_kw: _vae_check(rng, **_kw))
+
+
+@register("model.vae.iwae[bernoulli,tanh,iaf:2,k=4]")
+def _(rng):
+    """The k-sample IWAE loss through an IAF posterior (the IAF log-dets enter log q, so log w)."""
+    from .models.elbo import iwae_forward
+    model = VAE(x_dim=7, hidden=(6,), z_dim=3, activation="tanh", posterior="iaf:2", iaf_hidden=(8,),
+                seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x, eps = rng.uniform(0, 1, (5, 7)), rng.standard_normal((4, 5, 3))
+    model.iwae_loss_and_grad(x, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    loss = lambda: -float(iwae_forward(model, x, model.encoder.forward(x), eps, model.decoder.forward)[0].mean())
+    return check(loss, model.params, analytic)
 
 
 # -- d/dz log p(x, z) (the samplers' gradient, npdgm.inference): every likelihood, one and several chains --

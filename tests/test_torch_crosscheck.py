@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from npdgm.kernels.table import ALPHA, SPLINE, TABLE
+from npdgm.kernels.table import ALPHA, FREE_BITS, SPLINE, TABLE
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -113,6 +113,8 @@ TORCH = {
     "reparameterize": _reparameterize,
     "reparameterize_samples": _reparameterize,
     "kl_std_normal": lambda mu, logvar: {"kl": -0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar)).sum(1)},
+    "kl_free_bits": lambda mu, logvar: {"kl": torch.clamp((-0.5 * (1 + logvar - mu ** 2 - torch.exp(logvar))).mean(0),
+                                                          min=FREE_BITS).sum()},
     "softmax": lambda logits: {"q": torch.softmax(logits, -1)},
     "log_softmax": lambda logits: {"y": torch.log_softmax(logits, -1)},
     "softmax_ce": lambda logits, labels: {"loss": F.cross_entropy(logits, labels, reduction="none")},

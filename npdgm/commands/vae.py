@@ -22,10 +22,23 @@ from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 
 DEFAULT_EPOCHS = 10
-MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
+MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init", "free_bits",
+              "posterior", "iaf_hidden")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
             "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype", "objective", "k",
             "kl_warmup")
+
+
+def _posterior(spec):
+    """argparse type of --posterior: "gaussian" or "iaf:K" (K >= 1)."""
+    import argparse
+
+    from ..models.iaf_posterior import parse_posterior
+    try:
+        parse_posterior(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _add_model_args(p):
@@ -49,6 +62,15 @@ def _add_model_args(p):
     g.add_argument("--kl-warmup", type=nonneg_float, default=0.0, metavar="EPOCHS",
                    help="--objective elbo: the KL weight rises linearly from 0 to --beta over the first EPOCHS epochs, "
                         "step by step (default 0: off)")
+    g.add_argument("--free-bits", type=nonneg_float, default=0.0, metavar="L",
+                   help="--objective elbo, gaussian posterior: free bits (Kingma et al. 2016), the KL term becomes "
+                        "sum_j max(L, batch-mean KL_j), L nats per latent dimension; with --kl-warmup the weight "
+                        "ramps on that term (default 0: off)")
+    g.add_argument("--posterior", type=_posterior, default="gaussian", metavar="{gaussian,iaf:K}",
+                   help="q(z|x): gaussian, or iaf:K = that Gaussian then K inverse autoregressive flow steps "
+                        "(Kingma et al. 2016; KL by Monte Carlo) (default gaussian)")
+    g.add_argument("--iaf-hidden", type=positive_int, nargs="+", default=[200, 200], metavar="H",
+                   help="--posterior iaf:K: hidden sizes of each step's MADE (default 200 200)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--data", default=None, metavar="DIR",
@@ -189,6 +211,11 @@ def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=
     dtype, beta, count = model.dtype, model.config["beta"], [start_step]
     if objective == "iwae" and warmup_steps:
         raise ValueError("--kl-warmup applies to --objective elbo (the IWAE bound has no separate KL term)")
+    if getattr(model, "free_bits", 0.0):
+        if objective == "iwae":
+            raise ValueError("--free-bits applies to --objective elbo (the IWAE bound has no separate KL term)")
+        if not beta:
+            raise ValueError("--free-bits shapes the KL term, which --beta 0 removes; give --beta > 0")
 
     def step(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows; the noise is drawn for the whole batch
         if warmup_steps:

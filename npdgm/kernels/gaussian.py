@@ -43,3 +43,23 @@ def kl_std_normal_backward(dkl, mu, logvar):
     xp = array_module(mu)
     d = dkl[:, None]
     return d * mu, d * 0.5 * (xp.exp(logvar) - 1)
+
+
+def kl_free_bits_forward(mu, logvar, free_bits):
+    """The batch KL term with free bits L nats per latent dimension (Kingma et al. 2016, eq. 15):
+    sum_j max(L, mean_b KL_bj),  KL_bj = 0.5 (mu_bj^2 + exp(logvar_bj) - 1 - logvar_bj).  mu, logvar (B, Z)
+    -> 0-d; L = 0 gives mean_b KL(q(z|x_b) || N(0, I)), the plain batch-mean KL."""
+    check_same_shape("mu", mu, "logvar", logvar)
+    xp = array_module(mu)
+    kl_j = (0.5 * (mu * mu + xp.exp(logvar) - 1 - logvar)).mean(axis=0)
+    return xp.maximum(kl_j, free_bits).sum()
+
+
+def kl_free_bits_backward(dkl, mu, logvar, free_bits):
+    """a_j = [mean_b KL_bj > L] (a dimension under its free bits gets no gradient),
+    dmu = dkl a_j mu / B,  dlogvar = dkl a_j (exp(logvar) - 1) / (2 B).  dkl 0-d.  Returns (dmu, dlogvar)."""
+    xp = array_module(mu)
+    e = xp.exp(logvar)
+    active = (0.5 * (mu * mu + e - 1 - logvar)).mean(axis=0) > free_bits
+    d = dkl * active.astype(mu.dtype) / mu.shape[0]
+    return d * mu, d * 0.5 * (e - 1)

@@ -245,6 +245,23 @@ kernel("reparameterize_samples", G.reparameterize_forward, G.reparameterize_back
        "4 samples: eps (K, B, Z), dmu and dlogvar summed over K")(_reparameterize_run)
 
 
+FREE_BITS = 0.3  # the kl_free_bits entry's L (nats per latent dimension)
+
+
+def _kl_free_bits(rng, dt):
+    """Columns of mean KL ~0.007, ~0.02, ~0.9, ~0.9 (seed 0): two under L = 0.3 (no gradient), two over, far from
+    the kink at L (finite differences stay on one side)."""
+    scale = np.array([0.1, 0.3, 1.5, 2.0])
+    return {"mu": _std(rng, dt, 8, 4) * scale.astype(dt), "logvar": _std(rng, dt, 8, 4, scale=0.1),
+            "dy": np.asarray(rng.standard_normal(), dtype=dt)}
+
+
+@kernel("kl_free_bits", G.kl_free_bits_forward, G.kl_free_bits_backward, _kl_free_bits, f"L = {FREE_BITS}")
+def _(i):
+    dmu, dlv = G.kl_free_bits_backward(i["dy"], i["mu"], i["logvar"], FREE_BITS)
+    return {"kl": G.kl_free_bits_forward(i["mu"], i["logvar"], FREE_BITS)}, {"mu": dmu, "logvar": dlv}
+
+
 # -- categorical (softmax over the last axis) -------------------------------------------------------------
 def _logits(rng, dt, *shape):
     s = rng.standard_normal(shape) * 3

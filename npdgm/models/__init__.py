@@ -2,8 +2,8 @@
 
 Importing this package registers every model kind with ``npdgm.load`` (npdgm/models/registry.py).
 """
-from . import (autoregressive, base, cvae, elbo, flow_layers, flows, gmm, kmeans, m2, registry,  # noqa: F401
-               vae)  # (in __all__)
+from . import (autoregressive, base, cvae, elbo, flow_layers, flows, gmm, iaf_posterior, kmeans, m2,  # noqa: F401
+               registry, vae)  # (in __all__)
 from .base import Model
 from .cvae import CVAE
 from .flows import (IAF, MAF, ActNorm, AdditiveCoupling, AffineCoupling, Flow, FlowLayer, InvertibleLinear,
@@ -18,4 +18,5 @@ __all__ = ["Model", "VAE", "CVAE", "M2", "Flow", "FlowLayer", "AdditiveCoupling"
            "realnvp2d", "maf", "maf2d", "bits_per_dim",
            "GaussianMixture", "PCAGaussianMixture",
            # the modules too, so the API reference documents them
-           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "autoregressive", "flows", "kmeans", "gmm", "registry"]
+           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "autoregressive", "flows", "kmeans", "gmm", "registry",
+           "iaf_posterior"]

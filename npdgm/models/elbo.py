@@ -26,6 +26,18 @@ IWAE (Burda et al. 2016; docs/iwae-logsumexp.md), the k-sample bound per row and
     dmu, dlogvar = reparameterize backward(dz);  dlogvar += 0.5 sum_k dlogw
     encoder.backward([dmu | dlogvar])
 
+Free bits (Kingma et al. 2016; ``model.free_bits`` = L > 0, docs/kl-closed-form.md): the KL term of the batch
+is sum_j max(L, mean_b KL_bj) instead of mean_b sum_j KL_bj; d_kl is then the 0-d weight of that term and
+:func:`npdgm.kernels.gaussian.kl_free_bits_backward` gives a dimension under L no gradient.
+
+IAF posterior (``model.flow``, K IAF steps after the Gaussian, :mod:`npdgm.models.iaf_posterior`,
+docs/iaf-posterior.md): the decoder sees z_K = flow(z_0) and the KL is the one-sample Monte Carlo estimate
+
+    KL_n = log q(z_K|x) - log N(z_K; 0, I) = 0.5 sum_j (z_K^2 - eps^2 - logvar) - LD_n    (per decoder row n)
+
+with LD = sum of the steps' log-dets, so d_kl is (K B,); log w_n = -nll_n - KL_n and the backward adds
+dz_K += d_kl z_K, goes through the steps with dLD = -d_kl, and dlogvar -= 0.5 sum_k d_kl (eps held fixed).
+
 The model provides ``encoder`` and ``decoder`` modules (``backward(dy, need_dx)``), ``likelihood``
 ("bernoulli" | "gaussian"), ``sigma`` / ``logvar_x`` for the Gaussian, ``xp`` and ``dtype``.
 """
@@ -36,12 +48,14 @@ import math
 import numpy as np
 
 from .. import backend
+from ..kernels.gaussian import kl_free_bits_backward
 from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
                        kl_std_normal_backward, logsumexp_backward, logsumexp_forward, reparameterize_backward,
                        reparameterize_forward)
 from ..validate import as_rng
+from .iaf_posterior import flow_backward, flow_forward
 
-__all__ = ["ELBOMixin", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_estimate",
+__all__ = ["ELBOMixin", "posterior_sample", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_estimate",
            "iwae_forward", "iwae_backward", "generator", "draw", "as_noise"]
 
 
@@ -110,26 +124,58 @@ def rec_backward(model, d_rows, out, xt):
     return dout
 
 
+# -- the posterior sample --------------------------------------------------------------------------
+def posterior_sample(model, mu, logvar, eps):
+    """z (K, B, Z) ~ q(z|x) for noise eps (K, B, Z) and the log-det sum LD (K, B) of the IAF steps (None
+    without ``model.flow``): z_0 = mu + exp(logvar / 2) eps, then z = flow(z_0) with an IAF posterior."""
+    z = reparameterize_forward(mu, logvar, eps)
+    flow = getattr(model, "flow", None)
+    if flow is None:
+        return z, None
+    K, B, Z = eps.shape
+    z, ld = flow_forward(flow, z.reshape(K * B, Z))
+    return z.reshape(K, B, Z), ld.reshape(K, B)
+
+
+def _flow_back(model, dz, dld, eps):
+    """dz_0 (K, B, Z) from dz_K (K, B, Z) and dLD (K, B) through the IAF steps of ``model.flow``."""
+    K, B, Z = eps.shape
+    return flow_backward(model.flow, dz.reshape(K * B, Z), dld.reshape(K * B)).reshape(K, B, Z)
+
+
 # -- the ELBO backward ------------------------------------------------------------------------------
 def elbo_backward(model, d_rec, d_kl, cache):
     """Backward of  L = sum_n d_rec_n (-log p(x_n|z_n)) + sum_b d_kl_b KL(q(z|x_b) || N(0, I))  through
     decoder, reparameterization, KL and encoder (see the module docstring); accumulates into the
-    model's gradients. cache = (xt, mu, logvar, eps, out) of the forward; d_rec (N,) with N = the
-    decoder rows (K B), d_kl (B,) or None (beta = 0: no KL term)."""
-    xt, mu, logvar, eps, out = cache
+    model's gradients. cache = (xt, mu, logvar, eps, out) of the forward (+ z_K with an IAF posterior);
+    d_rec (N,) with N = the decoder rows (K B), d_kl (B,) or None (beta = 0: no KL term); with free bits
+    d_kl is the 0-d weight of sum_j max(L, mean_b KL_bj), with an IAF posterior (N,) on the Monte Carlo KL rows."""
+    xt, mu, logvar, eps, out = cache[:5]
     dz = model.decoder.backward(rec_backward(model, d_rec, out, xt)).reshape(eps.shape)
-    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-    if d_kl is not None:
-        dmu_kl, dlv_kl = kl_std_normal_backward(d_kl, mu, logvar)
-        dmu += dmu_kl
-        dlogvar += dlv_kl
+    if getattr(model, "flow", None) is not None:
+        if d_kl is not None:
+            d_kl = d_kl.reshape(eps.shape[:2])
+            dz += d_kl[:, :, None] * cache[5]
+        dz = _flow_back(model, dz, model.xp.zeros(eps.shape[:2], dz.dtype) if d_kl is None else -d_kl, eps)
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        if d_kl is not None:
+            dlogvar -= 0.5 * d_kl.sum(axis=0)[:, None]
+    else:
+        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+        if d_kl is not None:
+            fb = getattr(model, "free_bits", 0.0)
+            dmu_kl, dlv_kl = (kl_free_bits_backward(d_kl, mu, logvar, fb) if fb else
+                              kl_std_normal_backward(d_kl, mu, logvar))
+            dmu += dmu_kl
+            dlogvar += dlv_kl
     model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
 
 
 # -- IWAE ----------------------------------------------------------------------------------------------
 def log_weights(model, x, mu, logvar, eps, decode, observed=None):
     """log w (K, B) = log p(x|z) + log N(z; 0, I) - log q(z|x) = -nll - 0.5 sum_j (z^2 - eps^2 - logvar)
-    for z = reparameterize(mu, logvar, eps), x (B, D), mu/logvar (B, Z), eps (K, B, Z);
+    for z = reparameterize(mu, logvar, eps), x (B, D), mu/logvar (B, Z), eps (K, B, Z); with an IAF
+    posterior z = z_K = flow(z_0) and log q has the steps' log-dets: log w = ... + LD (:func:`posterior_sample`);
     ``decode(z (K B, Z)) -> out (K B, D)`` runs the decoder. Returns (logw, (z, out, xt)).
 
     ``observed`` (B, D) bool: the likelihood of those pixels only, log p(x_o|z). The rows are the same
@@ -137,7 +183,7 @@ def log_weights(model, x, mu, logvar, eps, decode, observed=None):
     (log 2 Bernoulli, (logvar_x + log 2 pi)/2 Gaussian) that does not depend on z: the same for all
     K samples of a row, so it cancels in the normalized weights softmax_k log w (not in log w itself)."""
     xp, B, Z, K = model.xp, x.shape[0], mu.shape[1], eps.shape[0]
-    z = reparameterize_forward(mu, logvar, eps)                                     # (K, B, Z)
+    z, ld = posterior_sample(model, mu, logvar, eps)                                # (K, B, Z)
     out = decode(z.reshape(K * B, Z))
     xt = xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
     if observed is None:
@@ -146,6 +192,8 @@ def log_weights(model, x, mu, logvar, eps, decode, observed=None):
         keep = xp.broadcast_to(observed, (K,) + x.shape).reshape(K * B, -1)
         nll = rec_rows(model, xp.where(keep, out, 0), xp.where(keep, xt, 0))
     logw = -nll.reshape(K, B) - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)
+    if ld is not None:
+        logw = logw + ld
     return logw, (z, out, xt)
 
 
@@ -185,6 +233,8 @@ def iwae_backward(model, d_neg_iwae, cache):
     dlogw = logsumexp_backward(-d_neg_iwae, logw, lse, axis=0)                     # (K, B) = -d a_kb
     d_nll = -dlogw.reshape(K * B)                                                   # d L / d nll rows
     dz = model.decoder.backward(rec_backward(model, d_nll, out, xt)).reshape(K, B, Z) - dlogw[:, :, None] * z
+    if getattr(model, "flow", None) is not None:
+        dz = _flow_back(model, dz, dlogw, eps)                                      # dLD = d L / d log w
     dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
     dlogvar += 0.5 * dlogw.sum(axis=0)[:, None]
     model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
@@ -224,8 +274,16 @@ class ELBOMixin:
         return as_noise(self, eps, eps.shape, finite=check)
 
     def _elbo_grad(self, cache):
-        """The batch-mean ELBO loss's backward: d_rec = 1/(K B) per decoder row, d_kl = beta/B per row."""
+        """The batch-mean ELBO loss's backward: d_rec = 1/(K B) per decoder row, d_kl = beta/B per row
+        (free bits: beta on the batch's free-bits KL; IAF posterior: beta/(K B) per Monte Carlo KL row)."""
         xp, B, K = self.xp, cache[1].shape[0], cache[3].shape[0]
         d_rec = xp.full(K * B, 1.0 / (K * B), dtype=self.dtype)
-        d_kl = xp.full(B, self.beta / B, dtype=self.dtype) if self.beta else None
+        if not self.beta:
+            d_kl = None
+        elif getattr(self, "flow", None) is not None:
+            d_kl = xp.full(K * B, self.beta / (K * B), dtype=self.dtype)
+        elif getattr(self, "free_bits", 0.0):
+            d_kl = xp.asarray(self.beta, dtype=self.dtype)
+        else:
+            d_kl = xp.full(B, self.beta / B, dtype=self.dtype)
         elbo_backward(self, d_rec, d_kl, cache)

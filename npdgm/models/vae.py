@@ -60,7 +60,9 @@ from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
 from ..validate import check_float, check_int
 from .base import Model
-from .elbo import ELBOMixin, iwae_backward, iwae_estimate, iwae_forward, log_weights
+from .elbo import ELBOMixin, iwae_backward, iwae_estimate, iwae_forward, log_weights, posterior_sample
+from .iaf_posterior import build_iaf_posterior, flow_forward, parse_posterior
+from ..kernels.gaussian import kl_free_bits_forward
 from .elbo import as_noise as _as_noise, draw as _draw, generator as _generator  # noqa: F401  (old names)
 
 __all__ = ["VAE"]
@@ -155,20 +157,41 @@ class VAE(ELBOMixin, Model):
         beta        weight of the KL term (1 = the ELBO)
         seed        seed of the weight initialization (and of the default noise generator)
         init        weight init (see ``npdgm.nn.init_weight``; "torch" = PyTorch's Linear default)
+        free_bits   L >= 0 nats per latent dimension (Kingma et al. 2016): the loss's KL term becomes
+                    sum_j max(L, mean_batch KL_j), no gradient for a dimension under L (0 = off; the
+                    reported ``kl`` and ``nelbo`` stay the true ones). Gaussian posterior only.
+        posterior   "gaussian" (q(z|x) = N(mu, sigma^2)) or "iaf:K": that Gaussian, then K IAF steps
+                    (:mod:`npdgm.models.iaf_posterior`; the KL is then a Monte Carlo estimate)
+        iaf_hidden  hidden sizes of each IAF step's MADE (posterior "iaf:K" only)
 
-    Parameter names: ``encoder.{0,2,..}.W/b`` (W is (in, out)), ``decoder.{0,2,..}.W/b`` and, with a
-    learned sigma, ``logvar_x``; all are views into :attr:`flat_params`.
+    Parameter names: ``encoder.{0,2,..}.W/b`` (W is (in, out)), ``decoder.{0,2,..}.W/b``, with a
+    learned sigma ``logvar_x``, with an IAF posterior ``flow.<i>.made.<j>.W/b`` (i = 0, 2, ..: the steps,
+    a reversing Permutation between two); all are views into :attr:`flat_params`.
     """
 
     kind = "vae"
 
     def __init__(self, x_dim=784, hidden=(400,), z_dim=20, activation="relu", likelihood="bernoulli",
-                 sigma=None, n_samples=1, beta=1.0, seed=0, init="torch"):
+                 sigma=None, n_samples=1, beta=1.0, seed=0, init="torch", free_bits=0.0, posterior="gaussian",
+                 iaf_hidden=(200, 200)):
         x_dim, hidden, z_dim, sigma, n_samples, beta, seed = check_vae_options(
             x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init)
+        free_bits = check_float(free_bits, "free_bits", lo=0)
+        steps = parse_posterior(posterior)
+        if isinstance(iaf_hidden, (int, np.integer)):
+            iaf_hidden = (iaf_hidden,)
+        iaf_hidden = [check_int(h, "iaf_hidden size", lo=1) for h in iaf_hidden]
+        if free_bits and steps:
+            raise ValueError(f"free_bits applies to the Gaussian posterior (its closed-form KL per latent "
+                             f"dimension); with posterior={posterior!r} the KL is a Monte Carlo estimate of the "
+                             f"whole vector")
+        extra = {} if not free_bits else {"free_bits": float(free_bits)}
+        if steps:
+            extra.update(posterior=posterior, iaf_hidden=list(iaf_hidden))
         super().__init__(x_dim=x_dim, hidden=list(hidden), z_dim=z_dim, activation=activation,
                          likelihood=likelihood, sigma=sigma, n_samples=n_samples, beta=float(beta), seed=seed,
-                         init=init)
+                         init=init, **extra)
+        self.free_bits, self.posterior = float(free_bits), posterior
         self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, hidden
         self.likelihood, self.sigma, self.n_samples, self.beta = likelihood, sigma, n_samples, float(beta)
         dtype = backend.get_dtype()
@@ -177,6 +200,7 @@ class VAE(ELBOMixin, Model):
         self.decoder = MLP(z_dim, hidden[::-1], x_dim, activation=activation, init=init, rng=host, dtype=dtype)
         if likelihood == "gaussian" and sigma is None:
             self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
+        self.flow = build_iaf_posterior(z_dim, steps, iaf_hidden, activation, seed + 1) if steps else None
         object.__setattr__(self, "_noise", backend.rng(seed))
         self.flatten()
 
@@ -193,13 +217,23 @@ class VAE(ELBOMixin, Model):
         B, Z, K = x.shape[0], self.z_dim, eps.shape[0]
         h = self.encoder.forward(x)
         mu, logvar = h[:, :Z], h[:, Z:]
-        z = reparameterize_forward(mu, logvar, eps)                    # (K, B, Z)
+        if self.flow is None:
+            z = reparameterize_forward(mu, logvar, eps)                # (K, B, Z)
+        else:
+            z, ld = posterior_sample(self, mu, logvar, eps)            # z_K of the IAF steps, LD (K, B)
         out = self.decoder.forward(z.reshape(K * B, Z))                 # (K B, D)
         xt = x if K == 1 else self.xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
-        recon, kl = self._rec_rows(out, xt).mean(), kl_std_normal_forward(mu, logvar).mean()
-        loss = recon + self.beta * kl
+        recon = self._rec_rows(out, xt).mean()
+        if self.flow is not None:                                       # Monte Carlo KL: log q(z_K|x) - log p(z_K)
+            kl = (0.5 * (z * z - eps * eps - logvar).sum(axis=2) - ld).mean()
+            kl_loss = kl
+        else:
+            kl = kl_std_normal_forward(mu, logvar).mean()
+            kl_loss = kl_free_bits_forward(mu, logvar, self.free_bits) if self.free_bits else kl
+        loss = recon + self.beta * kl_loss
         terms = {"loss": loss, "recon": recon, "kl": kl, "nelbo": recon + kl}
-        return loss, terms, (xt, mu, logvar, eps, out)
+        cache = (xt, mu, logvar, eps, out) if self.flow is None else (xt, mu, logvar, eps, out, z)
+        return loss, terms, cache
 
     def loss(self, x, eps=None, rng=None):
         """Forward only: ``(loss, terms)`` as :meth:`loss_and_grad`, no gradients touched."""
@@ -225,10 +259,10 @@ class VAE(ELBOMixin, Model):
         if check:
             x = self.check_x(x)
         eps = self._eps(eps, x.shape[0], rng, check)
-        loss, terms, (xt, mu, logvar, eps, out) = self._forward(x, eps)
+        loss, terms, cache = self._forward(x, eps)
         if zero_grad:
             self.zero_grad()
-        self._elbo_grad((xt, mu, logvar, eps, out))
+        self._elbo_grad(cache)
         return loss, terms
 
     def train_step(self, x, rng, shard=slice(None), objective="elbo", k=None):
@@ -282,7 +316,7 @@ class VAE(ELBOMixin, Model):
 
     # -- what a VAE is used for ----------------------------------------------------------------
     def encode(self, x):
-        """(mu, logvar) of q(z|x), each (B, z_dim)."""
+        """(mu, logvar) of q(z|x), each (B, z_dim); with an IAF posterior those of its Gaussian q(z_0|x)."""
         x = self.check_x(x)
         h = self.encoder.forward(x)
         return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
@@ -313,8 +347,10 @@ class VAE(ELBOMixin, Model):
         return m + self.xp.exp(0.5 * self._logvar_x()) * _draw(self, (n, self.x_dim), rng)
 
     def reconstruct(self, x):
-        """E[x | z = mu(x)]: decode the posterior mean (deterministic)."""
-        return self.decode(self.encode(x)[0])
+        """E[x | z = mu(x)]: decode the posterior mean (deterministic); with an IAF posterior z = flow(mu(x)),
+        the steps applied to the Gaussian's mean (a point of q, not its exact mean)."""
+        mu = self.encode(x)[0]
+        return self.decode(mu if self.flow is None else flow_forward(self.flow, mu)[0])
 
     def log_joint_and_grad_z(self, x, z, check=True, observed=None):
         """log p(x, z) = log p(x|z) + log N(z; 0, I) per row and its gradient with respect to z, the
