@@ -287,3 +287,40 @@ def test_bench_distributed_refuses_bad_ranks(capsys):
 
     assert cli.main(["bench", "--distributed", "--ranks", "0"]) == 2
     assert "npdgm: error: --ranks must list rank counts >= 1, got '0'" in capsys.readouterr().err
+
+
+# -- NCCL (GPU; run by benchmarks/gpu_check.sh through pytest -m gpu, skipped here) -----------------------
+NCCL = '''
+import sys
+import cupy
+import numpy as np
+from npdgm import distributed
+
+comm = distributed.detect(force=True, gpu=True)
+assert comm.name == "nccl" and comm.size == int(sys.argv[1]), (comm.name, comm.size)
+for dt in (np.float32, np.float64):
+    buf = cupy.arange(10, dtype=dt) * (comm.rank + 1)
+    comm.allreduce_mean_(buf)
+    want = np.arange(10, dtype=dt) * (comm.size + 1) / 2      # mean over ranks of r + 1
+    assert buf.dtype == dt and np.allclose(cupy.asnumpy(buf), want), (dt, cupy.asnumpy(buf))
+print("nccl ok", comm.rank, comm.size)
+'''
+
+
+@pytest.mark.gpu
+@need_mpi
+def test_nccl_allreduce_and_the_bench_row(cupy, tmp_path):
+    """NCCLComm on as many ranks as GPUs (1 when one is lent): the all-reduce mean on device buffers of
+    both dtypes; then npdgm bench --distributed --backends cupy times a step through NCCL."""
+    n = max(1, min(2, cupy.cuda.runtime.getDeviceCount()))
+    (tmp_path / "nccl.py").write_text(NCCL)
+    p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(tmp_path / "nccl.py"), str(n)],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0 and p.stdout.count("nccl ok") == n, p.stdout[-2000:] + p.stderr[-2000:]
+    js = tmp_path / "nccl.json"
+    p = subprocess.run([sys.executable, "-m", "npdgm", "bench", "--distributed", "--backends", "cupy", "--workloads",
+                        "vae", "--ranks", str(n), "--steps", "3", "--repeats", "2", "--json", str(js)],
+                       capture_output=True, text=True, timeout=300, env=_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = json.loads(js.read_text())["results"]
+    assert row["comm"] == "nccl" and row["ranks"] == n and row["allreduce_ms"] > 0
