@@ -84,6 +84,53 @@ def test_numba_loops_match_plain_kernels(name):
         _close(fast[k], a, np.finfo(np.float32).eps, f"{name} {k}")
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba absent")
+def test_numba_vector_exp_and_log1p_against_float64():
+    """The float32 loops' exp and log1p (vectorizable polynomials, F.numba_vector_math): within 1 and 2.5
+    ulps of the float64 value over their whole range, and NumPy's answer on inf, -inf, NaN, 0, -0, -1,
+    below -1, the overflow edge and the denormal range."""
+    import numba
+
+    vm = F.numba_vector_math()
+    exp32, log1p32 = vm["_exp32"], vm["_log1p32"]
+
+    @numba.njit(error_model="numpy")
+    def both(x, e, l):
+        for i in range(x.size):
+            e[i] = exp32(x[i])
+            l[i] = log1p32(x[i])
+
+    r = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-110, 95, 400_001), r.standard_normal(50_000) * 4,
+                        np.geomspace(1e-30, 1e30, 100_001), -np.geomspace(1e-30, 1 - 6e-8, 100_001),
+                        [0.0, -0.0, -1.0, -2.0, np.inf, -np.inf, np.nan, 88.7, 88.73, -87.5, -103.5, -104.0]]
+                       ).astype(np.float32)
+    e, l = np.empty_like(x), np.empty_like(x)
+    both(x, e, l)
+    with np.errstate(all="ignore"):
+        for got, ref, want, ulps in ((e, np.exp(x.astype(np.float64)), np.exp(x), 1.0),
+                                     (l, np.log1p(x.astype(np.float64)), np.log1p(x), 2.5)):
+            fin = np.isfinite(ref) & (np.abs(ref) >= np.finfo(np.float32).tiny) & (np.abs(ref) < 3.4e38)
+            err = np.abs(got[fin] - ref[fin]) / np.spacing(np.abs(ref[fin]).astype(np.float32))
+            assert err.max() <= ulps, (x[fin][np.argmax(err)], err.max())
+            odd = ~fin
+            assert np.allclose(got[odd], want[odd], rtol=0.05, atol=1e-44, equal_nan=True), (x[odd], got[odd], want[odd])
+            assert (np.signbit(got[odd]) == np.signbit(want[odd]))[~np.isnan(want[odd])].all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba absent")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_loops_on_every_table_entry(dtype):
+    """Every kernel-table entry through the numba loops (~40 s of compiling): within 1 ulp of the values'
+    scale of the plain kernels here (16 allowed), float64 included (the row sums' order differs)."""
+    for entry in table.TABLE:
+        plain, fast = _plain_and_fused(entry, dtype, "numba")
+        for k, a in plain.items():
+            assert fast[k].dtype == a.dtype and fast[k].shape == a.shape
+            _close(fast[k], a, np.finfo(dtype).eps, f"{entry.name} {k}")
+
+
 def test_fused_cpu_path_is_off_by_default_and_small_arrays_stay_plain(cpu_fused):
     x = np.ones((4, 3), np.float32)
     assert fused.cpu_fused() is None and not fused.on_cpu(x, x)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import warnings
 
+from numpy import ndarray as _ndarray
+
 from ..backend import array_module
 from .formulas import FORMULAS
 
@@ -128,13 +130,24 @@ def on_gpu(*arrays):
 def on_cpu(*arrays):
     """True when the fused CPU path is on and every argument is a NumPy float array of one dtype with
     at least ``min_size`` elements in the largest (0-d arrays take the plain code)."""
-    return (_state["cpu"] is not None and _same_float(arrays, "numpy") and min(a.ndim for a in arrays) > 0
-            and max(a.size for a in arrays) >= _state["min_size"])
+    if _state["cpu"] is None:
+        return False
+    dt = getattr(arrays[0], "dtype", None)
+    if dt is None or dt.kind != "f":
+        return False
+    big = False
+    for a in arrays:
+        if type(a) is not _ndarray or a.dtype != dt or a.ndim == 0:
+            return False
+        big = big or a.size >= _state["min_size"]
+    return big
 
 
 def active(*arrays):
     """The kernels' dispatch test: a fused version runs these arrays (GPU or CPU)."""
-    return on_gpu(*arrays) or on_cpu(*arrays)
+    if type(arrays[0]) is _ndarray:
+        return on_cpu(*arrays)
+    return on_gpu(*arrays)
 
 
 def set_tf32(flag):
@@ -173,6 +186,9 @@ def run(name, *arrays, **scalars):
     kernel for CuPy arrays, else numexpr or the NumPy reference (:func:`set_cpu_fused`'s engine).
     Returns the one output, or a tuple in the formula's output order."""
     f = FORMULAS[name]
+    if _state["cpu"] == "numba" and type(arrays[0]) is _ndarray:        # the CPU hot path: no dicts
+        res = f.numba_call(arrays, scalars, _state["threads"] > 1)
+        return res[0] if len(res) == 1 else res
     if type(arrays[0]).__module__.startswith("cupy"):
         k = cuda_kernel(name)
         args = [a for n, a in zip(f.arrays, arrays) if n not in f.inplace] + [float(scalars[s]) for s in f.scalars]
@@ -180,10 +196,7 @@ def run(name, *arrays, **scalars):
             return k(*args, axis=1)
         return k(*args, *[a for n, a in zip(f.arrays, arrays) if n in f.inplace])
     values = dict(zip(f.arrays, arrays), **scalars)
-    if _state["cpu"] == "numba":
-        res = f.numba(parallel=_state["threads"] > 1, **values)
-    else:
-        res = getattr(f, _state["cpu"] or "numpy")(**values)
+    res = getattr(f, _state["cpu"] or "numpy")(**values)
     out = tuple(res[o] for o in f.outputs)
     return out[0] if len(out) == 1 else out
 
