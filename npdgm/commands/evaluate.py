@@ -11,6 +11,13 @@ elbo (the mean of k one-sample ELBOs), iwae (k importance samples from q(z|x)), 
 the prior p(z)), ais (annealed importance sampling p(z) -> p(z|x), ``--chains`` chains per image,
 ``--steps`` distributions, HMC with ``--leapfrog`` steps). The +- is the standard error of the mean over
 images. The estimators are in :mod:`npdgm.inference`; the math is in docs/inference.md.
+
+    npdgm evaluate runs/cvae --method classify --k 100 --n-images 10000   # test error of a classifier
+
+classify (cvae and m2 runs; alone): the test error on the first N test images. A cvae classifies by Bayes'
+rule, argmax_y log p(x|y) + log p(y) with uniform p(y) and log p(x|y) the IWAE estimate with --k samples
+per class (:meth:`npdgm.CVAE.classify`); an m2 run by its q(y|x) (M1+M2: on the codes of the stored M1 VAE,
+refused when that checkpoint is missing or changed).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from .. import backend
 from . import common
 from .common import nonneg_int, positive_int, setup_backend
 
-METHODS = ("elbo", "iwae", "naive", "ais")
+METHODS = ("elbo", "iwae", "naive", "ais", "classify")
 
 
 def register(commands, train_commands):
@@ -172,6 +179,8 @@ def cmd_evaluate(args):
     if args.plot and "naive" not in (args.method or ()):
         raise ValueError("--plot draws the naive-MC figure: use it with --method naive")
     args.method = args.method or ([] if args.bdmc else ["iwae"])
+    if "classify" in args.method:
+        return _classify(args)
     model, x = _load(args)
     result = {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed}
     if args.bdmc:
@@ -186,4 +195,46 @@ def cmd_evaluate(args):
         _plot(model, x, args)
     if args.json:
         common.write_json(args.json, result)
+    return 0
+
+
+def _classify(args):
+    """--method classify: the test error of a cvae (Bayes rule, IWAE log p(x|y)) or m2 run (q(y|x))."""
+    from ..io import load_arrays
+    from ..models.registry import model_from_arrays
+    from .vae import _load_data
+
+    if args.method != ["classify"]:
+        raise ValueError("--method classify is for cvae and m2 runs: give it alone")
+    arrays, meta = load_arrays(args.rundir)
+    kind = meta.get("kind")
+    if kind not in ("cvae", "m2"):
+        raise ValueError(f"{args.rundir} holds a {kind!r} model; --method classify needs a cvae or m2 run")
+    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
+    x, y = _load_data(args.data or run.get("data"), "test", args.n_images, run.get("binarize", "none"),
+                      run.get("seed", 0))
+    t0 = time.perf_counter()
+    if kind == "m2" and run.get("features"):                 # M1+M2: the codes of the stored M1 VAE
+        from ..models.m1 import vae_features
+        from .m2 import load_features
+
+        vae = load_features(run["features"], run.get("features_sha256"))[0]
+        x = vae_features(vae, vae.check_x(x, "test images"))
+    if kind == "m2":
+        pred = backend.to_host(model.predict(x))
+        setting = {}
+    else:
+        rng = np.random.default_rng([args.seed, 18])
+        pred = np.concatenate([model.classify(x[s:s + args.batch], args.k, rng).argmax(axis=1)
+                               for s in range(0, len(x), args.batch)])
+        setting = {"k": args.k}
+    wrong = np.asarray(pred) != np.asarray(y)
+    r = {"error": float(wrong.mean()), "n_images": len(x), "seconds": time.perf_counter() - t0, **setting,
+         "rule": "q(y|x)" if kind == "m2" else "Bayes rule, IWAE log p(x|y)", "predictions": np.asarray(pred).tolist()}
+    print(f"classify {kind} {' '.join(f'{k}={v}' for k, v in setting.items()):<8} test error = {r['error']:.4f}  "
+          f"({int(wrong.sum())} of {len(x)} test images, {r['seconds']:.1f} s)")
+    if args.json:
+        common.write_json(args.json, {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed,
+                                      "methods": {"classify": r}})
     return 0

@@ -26,6 +26,12 @@ epochs (beta = 3: 11.1%); K = 600 stays at 25-29% and K = 1 (the paper's weighti
 first epochs, where the decoder hardly uses y (the true label lowers -ELBO(x, y) by < 3 nats; with
 beta = 3 by ~30). K = 10, beta = 3: 12.8% after 40 epochs. ``--beta 1 --label-boost 1`` is M2 as published.
 
+M1+M2 (``--features m1:RUN``, RUN an ``npdgm train m1`` run or a VAE run): M2 learns on the latent codes of
+the M1 VAE instead of pixels. Each step encodes the (binarized) images and draws z1 ~ q(z1|x) afresh, as the
+paper does; the test codes are the means mu(x); M2's decoder is Gaussian with a learned per-dimension
+variance (``M2(likelihood="gaussian")``). The checkpoint stores the VAE checkpoint's path and sha256:
+--resume and ``npdgm evaluate RUN --method classify`` refuse a missing or changed M1 VAE.
+
 Before training, a baseline is trained in the same run: the same classifier architecture on the N
 labelled images alone (cross-entropy, Adam, the same input binarization), and its test error is kept in
 baseline.json / summary.json and drawn in curves.png beside M2's test error per epoch.
@@ -53,7 +59,7 @@ DEFAULT_EPOCHS = 10
 DEFAULT_LABEL_BOOST = 100.0
 DEFAULT_BETA = 3.0
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype",
-            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr")
+            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr", "features")
 
 
 def register(commands, train_commands):
@@ -86,6 +92,9 @@ def register(commands, train_commands):
     g.add_argument("--activation", default="softplus",
                    choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default softplus")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
+    g.add_argument("--features", default=None, metavar="m1:RUN",
+                   help="M1+M2: train M2 on the latent codes z1 ~ q(z1|x) of the VAE of the M1 run RUN (npdgm train "
+                        "m1, or a VAE run), drawn afresh each step, with a Gaussian decoder (default: pixels)")
     g.add_argument("--labelled-batch", type=positive_int, default=None,
                    help="labelled images per step, drawn with replacement (default: the --batch-size value)")
     e = p.add_argument_group("evaluation and baseline")
@@ -192,20 +201,50 @@ def _build(args, loaded):
     def build(run):
         x_tr, y_tr = loaded["train"] = _load_data(args.data, "train", args.train_limit, "none", args.seed)
         balanced_labels(y_tr, args.labels, 10, args.seed)            # the errors before any work
+        x_dim, lik = 784, {}
+        if args.features:                                            # M1+M2: the M1 VAE's codes
+            vae, _, path, sha = loaded["m1"] = load_features(args.features)
+            run.update(features="m1:" + os.path.abspath(args.features[3:]), features_vae=os.path.abspath(path),
+                       features_sha256=sha)
+            x_dim, lik = vae.z_dim, {"likelihood": "gaussian"}
         ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha   # CE : -ELBO per labelled image
         lam = min(1.0, args.label_boost * args.labels / len(x_tr))                     # lambda_l
         from ..models.m2 import M2
 
-        return M2(x_dim=784, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
+        return M2(x_dim=x_dim, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
                   classifier_hidden=args.classifier_hidden, activation=args.activation, alpha=ratio * lam,
-                  labelled_weight=lam, beta=args.beta, seed=args.seed, init=args.init)
+                  labelled_weight=lam, beta=args.beta, seed=args.seed, init=args.init, **lik)
     return build
+
+
+def load_features(spec, expect_sha256=None):
+    """(VAE, meta, checkpoint path, sha256) of ``--features m1:RUN`` (see :func:`npdgm.commands.m1.load_m1_vae`:
+    ValueError when the VAE is missing or differs from ``expect_sha256``)."""
+    from .m1 import load_m1_vae
+
+    if not isinstance(spec, str) or not spec.startswith("m1:") or len(spec) == 3:
+        raise ValueError(f"--features {spec}: expected m1:RUN (an npdgm train m1 run or a VAE run directory)")
+    return load_m1_vae(spec[3:], expect_sha256)
+
+
+def feature_encoder(vae):
+    """encode(x, rng) -> z1 = mu(x) + exp(logvar(x) / 2) eps (eps ~ N(0, I) from ``rng``, float32 like all run
+    noise): the M1 VAE's posterior sample, M2's input under M1+M2."""
+    def encode(x, rng):
+        h = vae.encoder.forward(x)
+        mu, logvar = h[:, :vae.z_dim], h[:, vae.z_dim:]
+        eps = backend.to_device(rng.standard_normal(mu.shape, dtype=np.float32), vae.dtype)
+        return mu + vae.xp.exp(0.5 * logvar) * eps
+    return encode
 
 
 def _data(model, run, loaded):
     """(train_x, x_lab, y_lab, test_x, x_te, y_te) of an M2 run: all training images (unlabelled), the
-    --labels balanced labelled ones, the test set (host x_te for the figures)."""
+    --labels balanced labelled ones, the test set (host x_te for the figures). M1+M2: the images stay
+    images (each step encodes them); test_x and x_te are the test codes mu(x)."""
     seed = run["seed"]
+    if run.get("features"):
+        return _feature_data(model, run, loaded)
     x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
     if run["binarize"] == "static":
@@ -221,6 +260,28 @@ def _data(model, run, loaded):
     return train_x, x_lab, y_lab, test_x, x_te, y_te
 
 
+def _feature_data(model, run, loaded):
+    from ..models.m1 import vae_features
+
+    vae = (loaded.get("m1") or load_features(run["features"], run.get("features_sha256")))[0]
+    loaded["m1"] = (vae,)
+    seed = run["seed"]
+    x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
+    lab = balanced_labels(y_tr, run["labels"], 10, seed)
+    if run["binarize"] == "static":
+        from ..data import binarize
+
+        x_tr = binarize(x_tr)
+    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    train_x = vae.check_x(x_tr, "training images")
+    f_te = vae_features(vae, vae.check_x(x_te, "test images"))
+    test_x = model.check_x(f_te, "test codes")
+    y_te = model.check_y(y_te, len(x_te), "test labels")
+    y_lab = model.check_y(y_tr[lab], len(lab), "labels")
+    x_lab = train_x[model.xp.asarray(lab)] if model.xp is not np else train_x[lab]
+    return train_x, x_lab, y_lab, test_x, f_te, y_te
+
+
 def _baseline(out, run, model, x_lab, y_lab, test_x, y_te):
     """The labelled-only baseline: read from OUT/baseline.json, or trained and written there."""
     path = os.path.join(out, "baseline.json")
@@ -230,16 +291,18 @@ def _baseline(out, run, model, x_lab, y_lab, test_x, y_te):
     if not run["baseline_steps"]:
         return {}
     # under N ranks every rank trains it (the same numbers, no rank waits at the start), rank 0 prints and writes it
+    binarize = "none" if run.get("features") else run["binarize"]   # M1+M2: x_lab are the labelled codes mu(x)
     baseline = train_baseline(model.config, x_lab, y_lab, test_x, y_te, run["baseline_steps"], run["baseline_lr"],
-                              run["binarize"], run["seed"], log=print if common.is_root() else lambda *a, **k: None)
+                              binarize, run["seed"], log=print if common.is_root() else lambda *a, **k: None)
     if common.is_root():
         common.write_json(path, baseline)
     return baseline
 
 
-def make_step(model, x_lab, y_lab, labelled_batch, binarize):
+def make_step(model, x_lab, y_lab, labelled_batch, binarize, encode=None):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: xb is the unlabelled batch; a labelled batch of
-    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); then :meth:`M2.train_step`.
+    ``labelled_batch`` is drawn with replacement from (x_lab, y_lab); ``encode(x, rng)`` (M1+M2) maps both
+    batches to codes; then :meth:`M2.train_step`.
     Under N ranks see :func:`shard_step` (``shard``: this rank's rows of the unlabelled batch)."""
     from .. import distributed
 
@@ -252,9 +315,12 @@ def make_step(model, x_lab, y_lab, labelled_batch, binarize):
     def step(xb, yb, rng, shard=slice(None)):
         li = rng.integers(0, len(y_lab), BL)
         xl = bin_(x_lab[xp.asarray(li)] if xp is not np else x_lab[li], rng)
+        xu = bin_(xb, rng)
+        if encode is not None:
+            xl, xu = encode(xl, rng), encode(xu, rng)
         if shard == slice(None):
-            return model.train_step(xl, y_lab[li], bin_(xb, rng), rng)
-        return shard_step(model, xl, y_lab[li], bin_(xb, rng), rng, distributed.rows(BL, comm), shard)
+            return model.train_step(xl, y_lab[li], xu, rng)
+        return shard_step(model, xl, y_lab[li], xu, rng, distributed.rows(BL, comm), shard)
     step.shardable = True
     return step
 
@@ -299,19 +365,29 @@ def cmd_train(args):
         return 0
     model, run, out = r
     train_x, x_lab, y_lab, test_x, x_te, y_te = _data(model, run, loaded)
+    encode = feature_encoder(loaded["m1"][0]) if run.get("features") else None
     n_eval = min(run["eval_n"], len(test_x))
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(y_lab)} "
           f"({len(y_lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
           flush=True)
-    baseline = _baseline(out, run, model, x_lab, y_lab, test_x, y_te)
-    step = make_step(model, x_lab, y_lab, run["labelled_batch"], run["binarize"])
+    if encode is not None:
+        from ..models.m1 import vae_features
+
+        print(f"M1+M2: M2 on the codes of {run['features']} ({run['features_vae']}, sha256 "
+              f"{run['features_sha256'][:12]}..)", flush=True)
+    base_x = x_lab if encode is None else model.check_x(vae_features(loaded["m1"][0], x_lab), "labelled codes")
+    baseline = _baseline(out, run, model, base_x, y_lab, test_x, y_te)
+    step = make_step(model, x_lab, y_lab, run["labelled_batch"], run["binarize"], encode)
     records = common.fit(model, opt, rng, start, run, out, args, step,
                          make_evaluate(model, test_x, y_te, n_eval, run["seed"], baseline), train_x)
     if not common.is_root():
         return 0
     summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha_step": model.alpha,
                "labelled_weight": model.labelled_weight, "beta": model.beta, "test_n": len(test_x), **baseline}
+    if encode is not None:
+        summary.update(features=run["features"], features_vae=run["features_vae"],
+                       features_sha256=run["features_sha256"], baseline_input="M1 codes mu(x)")
     if records:
         last = records[-1]
         summary.update(test_error=last.get("test_error"), test_nelbo_xy=last.get("test_nelbo_xy"),
@@ -323,6 +399,9 @@ def cmd_train(args):
     if not args.no_plots:
         from ..plots import m2 as PM
 
-        conditional_figures(model, out, records, x_te, y_te, run["seed"],
-                            curves=lambda rec, path: PM.curves(rec, path, baseline))
+        curves = lambda rec, path: PM.curves(rec, path, baseline)  # noqa: E731
+        if encode is None:
+            conditional_figures(model, out, records, x_te, y_te, run["seed"], curves=curves)
+        else:                                          # M2 generates codes, not images: the curves only
+            curves(records, os.path.join(out, "curves.png"))
     return 0

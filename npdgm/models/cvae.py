@@ -201,6 +201,31 @@ class CVAE(ELBOMixin, LabelConditioned):
         :meth:`log_likelihood` (``log_prob`` is the torch.distributions / flows name; both stay)."""
         return self.log_likelihood(x, y, k=k, rng=rng, chunk=chunk)
 
+    def classify(self, x, k=100, rng=None, log_prior=None, chunk=1 << 15):
+        """The Bayes-rule classifier of the generative model: log p(y|x) (B, C), host float64, per row
+
+            log p(y|x) = log p(x|y) + log p(y) - logsumexp_c [log p(x|c) + log p(c)],
+
+        with log p(x|y) the IWAE estimate of :meth:`log_likelihood` (k importance samples from q(z|x, y)
+        for each class y: C k decoder passes per image) and log p(y) = ``log_prior`` (C,) (default uniform,
+        -log C). The predicted class is the argmax; an IWAE estimate is below log p(x|y) by a gap that
+        shrinks with k, so a class whose posterior q(z|x, y) fits worse is penalized a little more."""
+        x = self.check_x(x)
+        C = self.num_classes
+        lp = np.full(C, -np.log(C)) if log_prior is None else np.asarray(log_prior, np.float64)
+        if lp.shape != (C,) or not np.isfinite(lp).all():
+            raise ValueError(f"log_prior must be {C} finite log-probabilities, got {lp!r:.80}")
+        rng = _generator(self, rng)                    # one stream across the classes
+        logpx = np.stack([np.asarray(backend.to_host(self.log_likelihood(x, np.full(x.shape[0], c), k, rng, chunk)),
+                                     np.float64) for c in range(C)], axis=1)
+        joint = logpx + lp
+        m = joint.max(axis=1, keepdims=True)
+        return joint - (m + np.log(np.exp(joint - m).sum(axis=1, keepdims=True)))
+
+    def predict(self, x, k=100, rng=None):
+        """argmax_y p(y|x) of :meth:`classify` (uniform p(y)), (B,) host integers."""
+        return self.classify(x, k, rng).argmax(axis=1)
+
     # -- conditional generation ----------------------------------------------------------------
     def decode(self, z, y):
         """E[x|z, y] (Bernoulli probabilities or the Gaussian mean), (n, x_dim)."""

@@ -1,0 +1,235 @@
+"""``npdgm train m1``: M1 (Kingma et al. 2014), a VAE's latent means as features for a classifier.
+
+    npdgm train m1 --vae runs/vae --labels 100 --out runs/m1        # features of a trained VAE run
+    npdgm train m1 --labels 100 --data mnist --epochs 30 --out runs/m1   # train the VAE first (OUT/vae)
+    npdgm train m2 --features m1:runs/m1 --labels 100 ...             # M1+M2: M2 on the M1 codes
+
+Without ``--vae`` the VAE is trained first, into OUT/vae, with the ``npdgm train vae`` options (defaults as in
+the paper: --hidden 600 600, --z-dim 50, softplus, dynamic binarization); ``npdgm train vae --resume OUT/vae``
+continues it. M1 then maps every image to mu(x) = E_q[z|x] (the VAE run's data, binarization and limits;
+``dynamic``: one fixed Bernoulli draw per image, training and test images alike), standardizes each code
+dimension by its mean and std over all training images, and fits softmax regression with an L2 penalty
+(:mod:`npdgm.models.m1`, which says why not an SVM) on the --labels labelled images (balanced, chosen by
+--seed as ``npdgm train m2`` chooses them). --l2 cv (the default) picks the penalty by 5-fold cross-
+validation on the labelled images alone. The labelled-only baseline is the same classifier, penalty chosen
+the same way, on the raw pixels of the same labelled images.
+
+OUT gets m1.json (the VAE checkpoint and its sha256: what ``--features m1:OUT`` loads and checks) and
+summary.json (test_error, baseline_test_error, the penalties and their cross-validated errors).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from .. import backend
+from . import common
+from .common import setup_backend
+
+PAPER_DEFAULTS = {"hidden": [600, 600], "z_dim": 50, "activation": "softplus", "binarize": "dynamic"}
+
+
+_VAE_ONLY = set()     # the train vae options: they shape the VAE that m1 trains, so --vae refuses them
+_NOT_VAE_ONLY = {"data", "seed", "out", "overwrite", "resume", "backend", "no_progress", "no_plots"}
+
+
+def register(commands, train_commands):
+    from .vae import _add_model_args
+
+    p = train_commands.add_parser(
+        "m1", help="M1: a VAE's latent means as features for a classifier trained on a few labels",
+        description="M1 (Kingma et al. 2014): encode every image with a VAE (given by --vae, or trained first with "
+                    "the train vae options into OUT/vae), fit L2-penalized softmax regression on the codes mu(x) of "
+                    "the --labels labelled images, report the test error beside the same classifier on raw pixels.")
+    m = p.add_argument_group("M1")
+    m.add_argument("--vae", metavar="RUN", default=None,
+                   help="a trained VAE run directory or checkpoint (default: train one into OUT/vae first)")
+    m.add_argument("--labels", type=common.positive_int, default=100,
+                   help="labelled training images, balanced over the 10 classes (default 100)")
+    m.add_argument("--l2", default="cv", type=_l2_type,
+                   help="L2 penalty of the classifier, or cv: the best of 1e-4 .. 1 by 5-fold cross-validation "
+                        "on the labelled images (default cv)")
+    before = {a.dest for a in p._actions}
+    _add_model_args(p)
+    common.add_train_args(p, epochs=10, batch_size=128, lr=1e-3)
+    _VAE_ONLY.update({a.dest for a in p._actions} - before - _NOT_VAE_ONLY)
+    for a in p._actions:   # the paper's VAE for M1 (600-600 softplus, 50 latent, binarized MNIST)
+        if a.dest in PAPER_DEFAULTS:
+            a.default = PAPER_DEFAULTS[a.dest]
+            a.help = a.help.split(" (default")[0] + " (default " + (
+                " ".join(map(str, a.default)) if isinstance(a.default, list) else str(a.default)) + " for M1)"
+    p.set_defaults(func=cmd_train, epochs=None)
+
+
+def _l2_type(s):
+    import argparse
+
+    if s == "cv":
+        return s
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be cv or a number >= 0, got {s!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be cv or a number >= 0, got {s}")
+    return v
+
+
+# -- the link from an M1 run to its VAE: path + checksum ------------------------------------------
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def vae_checkpoint(path):
+    """The checkpoint file of a VAE run directory or checkpoint path (ValueError when absent)."""
+    p = os.path.join(path, "checkpoint.npz") if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise ValueError(f"{path}: no VAE checkpoint there (expected a run directory with checkpoint.npz)")
+    return p
+
+
+def resolve_m1(run):
+    """(VAE checkpoint path, its sha256 as the M1 run recorded it) of ``run``: an M1 run directory (its
+    m1.json) or a VAE run directory / checkpoint itself (sha256 of the file now)."""
+    rec = os.path.join(run, "m1.json") if os.path.isdir(run) else None
+    if rec and os.path.isfile(rec):
+        with open(rec) as f:
+            meta = json.load(f)
+        p = meta.get("vae")
+        if not isinstance(p, str) or not isinstance(meta.get("vae_sha256"), str):
+            raise ValueError(f"{rec} names no VAE checkpoint and checksum (vae, vae_sha256)")
+        return (p if os.path.isabs(p) else os.path.join(run, p)), meta["vae_sha256"]
+    if not os.path.exists(run):
+        raise ValueError(f"M1 run {run} does not exist")
+    p = vae_checkpoint(run)
+    return p, sha256(p)
+
+
+def load_m1_vae(run, expect_sha256=None):
+    """The VAE of the M1 run ``run`` (see :func:`resolve_m1`), with (path, sha256). ValueError when its
+    checkpoint is missing, differs from the checksum recorded in m1.json, or from ``expect_sha256`` (the
+    one an M1+M2 run stored when it started): the codes M2 learned on would not be these."""
+    from .vae import _load_vae
+
+    path, sha = resolve_m1(run)
+    if not os.path.isfile(path):
+        raise ValueError(f"M1 run {run}: its VAE checkpoint {path} is missing")
+    now = sha256(path)
+    if now != sha:
+        raise ValueError(f"M1 run {run}: its VAE checkpoint {path} changed since the M1 run recorded it (sha256 "
+                         f"{now[:12]}.. != {sha[:12]}..); train M1 again or restore that checkpoint")
+    if expect_sha256 is not None and now != expect_sha256:
+        raise ValueError(f"M1 run {run}: its VAE checkpoint {path} is not the one this run was trained on (sha256 "
+                         f"{now[:12]}.. != {expect_sha256[:12]}..); the features would differ: restore it, or "
+                         f"start a new run")
+    model, meta = _load_vae(path)
+    return model, meta, path, now
+
+
+def vae_run_data(meta, data=None):
+    """(data, binarize, train_limit, test_limit, seed) of the VAE run in checkpoint ``meta``."""
+    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    return (data or run.get("data"), run.get("binarize", "none"), run.get("train_limit"), run.get("test_limit"),
+            run.get("seed", 0))
+
+
+def load_images(data, split, limit, binarize, seed):
+    """Images for M1 features: as the VAE run saw them, ``dynamic`` binarization as one fixed draw per image
+    (the test set's is the one every command uses; the training set's is seeded [seed, 8])."""
+    from ..data import binarize as _binarize
+    from .vae import _load_data
+
+    x, y = _load_data(data, split, limit, binarize, seed)
+    if binarize == "dynamic" and split == "train":
+        x = _binarize(x, np.random.default_rng([seed, 8]))
+    return x, y
+
+
+# -- npdgm train m1 ---------------------------------------------------------------------------------
+def _train_vae(args, out):
+    """Train the M1 VAE into OUT/vae with the train vae options of ``args``; returns its directory."""
+    import copy
+
+    from . import vae as V
+
+    a = copy.copy(args)
+    a.out, a.resume, a.typed = os.path.join(out, "vae"), None, set()
+    print(f"m1: training the VAE into {a.out}", flush=True)
+    V.cmd_train(a)
+    return a.out
+
+
+def fit_m1(X_lab, y_lab, X_te, y_te, l2, seed, name):
+    """Softmax regression on (X_lab, y_lab) (penalty ``l2`` or cross-validated), its test error on
+    (X_te, y_te). Returns a dict of results keyed with ``name``."""
+    from ..models.m1 import L2_GRID, SoftmaxRegression, choose_l2
+
+    t0 = time.perf_counter()
+    cv = None
+    if l2 == "cv":
+        l2, cv = choose_l2(X_lab, y_lab, 10, seed=seed)
+    clf = SoftmaxRegression(10, l2).fit(X_lab, y_lab)
+    res = {f"{name}test_error": clf.error_rate(X_te, y_te), f"{name}train_error": clf.error_rate(X_lab, y_lab),
+           f"{name}l2": l2, f"{name}iterations": clf.info["iterations"],
+           f"{name}seconds": round(time.perf_counter() - t0, 2)}
+    if cv is not None:
+        res[f"{name}cv_errors"] = {f"{k:g}": v for k, v in cv.items()}
+        res[f"{name}l2_grid"] = [float(g) for g in L2_GRID]
+    return res, clf
+
+
+def cmd_train(args):
+    from ..models.m1 import standardizer, vae_features
+    from .m2 import balanced_labels
+
+    setup_backend(args)
+    if args.resume:
+        raise ValueError("npdgm train m1 has no --resume: continue its VAE with npdgm train vae --resume OUT/vae, "
+                         "then run npdgm train m1 --vae OUT/vae")
+    typed = getattr(args, "typed", set()) or set()
+    if args.vae and typed & _VAE_ONLY:
+        opt = "--" + sorted(typed & _VAE_ONLY)[0].replace("_", "-")
+        raise ValueError(f"{opt} applies to the VAE that m1 trains without --vae; with --vae {args.vae} the VAE run's "
+                         f"options and data are used (drop {opt})")
+    if args.vae:
+        resolve_m1(args.vae)                          # a missing run: refused before the run directory is made
+    out = common.new_run_dir(args.out or common.default_out("m1"), args.overwrite)
+    vae_dir = args.vae or _train_vae(args, out)
+    model, meta, path, sha = load_m1_vae(vae_dir)
+    data, binz, tr_lim, te_lim, vseed = vae_run_data(meta, args.data if args.vae else None)
+    x_tr, y_tr = load_images(data, "train", tr_lim, binz, vseed)
+    x_te, y_te = load_images(data, "test", te_lim, binz, vseed)
+    lab = balanced_labels(y_tr, args.labels, 10, args.seed)
+    t0 = time.perf_counter()
+    f_tr, f_te = vae_features(model, x_tr), vae_features(model, x_te)
+    mean, std = standardizer(f_tr)
+    f_tr, f_te = (f_tr - mean) / std, (f_te - mean) / std
+    print(f"m1: features mu(x) of {len(x_tr)} training and {len(x_te)} test images from {path} (z_dim "
+          f"{model.z_dim}, {time.perf_counter() - t0:.1f} s); classifier on {len(lab)} labelled images", flush=True)
+    res, clf = fit_m1(f_tr[lab], y_tr[lab], f_te, y_te, args.l2, args.seed, "")
+    base, _ = fit_m1(np.asarray(x_tr[lab], np.float64), y_tr[lab], np.asarray(x_te, np.float64), y_te, args.l2,
+                     args.seed, "baseline_")
+    rel = os.path.relpath(path, out)
+    link = {"vae": rel if not rel.startswith("..") else os.path.abspath(path), "vae_sha256": sha,
+            "labels": args.labels, "seed": args.seed, "data": data, "binarize": binz}
+    common.write_json(os.path.join(out, "m1.json"), link)
+    summary = {"classifier": "softmax regression, L2 (npdgm.models.m1)", "features": "VAE posterior mean mu(x), "
+               "standardized", "feature_dim": int(model.z_dim), "vae": link["vae"], "vae_sha256": sha,
+               "labels": args.labels, "seed": args.seed, "test_n": len(x_te), "train_n": len(x_tr), **res, **base,
+               "baseline_input": "raw pixels"}
+    common.write_summary(out, summary)
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(os.path.join(out, "classifier.npz"),
+                       lambda f: np.savez(f, W=clf.W, b=clf.b, mean=mean, std=std))   # logits = ((mu - mean) / std) W + b
+    print(f"M1 test error {res['test_error']:.4f} (l2 {res['l2']:g})  vs labelled-only baseline on pixels "
+          f"{base['baseline_test_error']:.4f} (l2 {base['baseline_l2']:g})  -> {out}", flush=True)
+    return 0
