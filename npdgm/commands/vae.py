@@ -3,6 +3,8 @@
     npdgm train vae                                    # bundled 10k/2k MNIST subset, offline
     npdgm train vae --data mnist --epochs 10 --out runs/vae-full
     npdgm train vae --resume runs/vae-full --epochs 20 # continue bit-for-bit to epoch 20
+    npdgm train vae --data mnist --z-dim 50 --free-bits 0.25     # free bits: 0.25 nats per latent dimension
+    npdgm train vae --data mnist --posterior iaf:2               # q(z|x) = Gaussian then 2 IAF steps
     npdgm sample runs/vae-full --n 100
     npdgm impute runs/vae-full --rows 10 18
 
@@ -207,7 +209,8 @@ def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`VAE.train_step` (``objective`` "iwae": the
     k-sample IWAE bound) after the policies of the run: ``dynamic``, a new Bernoulli(x) draw of the batch
     first; KL warm-up, at step t (counted from ``start_step``) the KL weight is beta min(1, t / warmup_steps)
-    (model.beta holds it; the configured beta stays in model.config)."""
+    (model.beta holds it; the configured beta stays in model.config). With free bits (model.free_bits) the
+    warm-up weight multiplies the free-bits KL term; free bits with the IWAE objective or beta = 0 are refused."""
     dtype, beta, count = model.dtype, model.config["beta"], [start_step]
     if objective == "iwae" and warmup_steps:
         raise ValueError("--kl-warmup applies to --objective elbo (the IWAE bound has no separate KL term)")
