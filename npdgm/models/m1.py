@@ -92,6 +92,8 @@ def fit_softmax_regression(X, y, num_classes, l2, max_iter=2000, tol=1e-6, init=
             if J_new <= J + 1e-4 * step * slope or step < 1e-12:
                 break
             step /= 2
+        if J_new > J + 1e-4 * step * slope:                      # no decrease left at float precision: stop
+            break
         s_, r_ = step * d, g_new - g
         if (s_ * r_).sum() > 1e-12:                              # curvature pair kept only when positive
             S.append(s_)
