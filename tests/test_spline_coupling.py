@@ -76,9 +76,25 @@ def test_cli_flow2d_spline(tmp_path, capsys):
                  "128", "--couplings", "2", "--hidden", "8", "--batch-size", "128", "--epochs", "1", "--no-progress",
                  "--no-plots", "--out", str(tmp_path)]) == 0
     g = npdgm.load(tmp_path)
-    assert [type(layer).__name__ for layer in g.layers] == ["SplineCoupling"] * 2 and g.layers[0].bins == 8
+    assert [type(layer).__name__ for layer in g.layers] == ["SplineCoupling"] * 2
+    assert (g.layers[0].bins, g.layers[0].bound) == (8, 5.0)  # [-5, 5]: the toy sets reach |x| ~ 3.4
     assert main(["train", "flow2d", "--flow", "spline", "--actnorm", "--out", str(tmp_path / "c")]) == 2
     assert "the spline stack has no ActNorm layers" in capsys.readouterr().err
+    assert main(["train", "flow2d", "--flow", "maf", "--bins", "4", "--out", str(tmp_path / "d")]) == 2
+    assert "--bins / --tail-bound go with --flow spline, not --flow maf" in capsys.readouterr().err
+
+
+def test_cli_flow2d_spline_bins_and_tail_bound_and_older_runs(tmp_path):
+    from npdgm.commands import flows as cmd
+    from npdgm.cli import main
+
+    assert main(["train", "flow2d", "--flow", "spline", "--bins", "5", "--tail-bound", "4", "--train-limit", "64",
+                 "--test-limit", "32", "--couplings", "2", "--hidden", "4", "--batch-size", "64", "--epochs", "1",
+                 "--no-progress", "--no-plots", "--out", str(tmp_path)]) == 0
+    layer = npdgm.load(tmp_path).layers[1]
+    assert (layer.bins, layer.bound, layer.spec()["parity"]) == (5, 4.0, 1)
+    old = {"family": "flow2d", "flow": "spline", "couplings": 1, "hidden": [4], "seed": 0}  # stored before bins/bound
+    assert (cmd.build_model(old).layers[0].bins, cmd.build_model(old).layers[0].bound) == (8, 3.0)
 
 
 def test_zero_conditioner_output_is_the_identity_and_the_layer_calls_the_kernels(f64, rng):
@@ -95,6 +111,10 @@ def test_zero_conditioner_output_is_the_identity_and_the_layer_calls_the_kernels
     np.testing.assert_allclose(y, x, atol=1e-12)
     np.testing.assert_allclose(ld, 0, atol=1e-12)
     assert S.derivative_shift(1e-3) == pytest.approx(np.log(np.expm1(1 - 1e-3)))
+    ident = F.SplineCoupling(4, hidden=[5], bins=3, identity_init=True, seed=3)  # only the last net layer is 0
+    y, ld = ident.forward(x)
+    np.testing.assert_allclose(y, x, atol=1e-12) and np.testing.assert_allclose(ld, 0, atol=1e-12)
+    assert F.build_layer(ident.spec()).spec()["identity_init"] is True and np.any(ident.net.layers[0].W.data != 0)
     assert not [n for n in dir(flow_layers) if n.startswith("_rq")]
     assert {"rq_knots", "rq_spline", "rq_spline_inverse", "masked_linear"} <= set(KERNELS)
     with pytest.raises(ValueError, match="min_derivative must be < 1"):

@@ -32,6 +32,7 @@ from ..data import TOYS
 
 NICE_HIDDEN = [1000] * 5          # NICE's coupling MLP: 5 hidden layers of 1000 (Dinh et al. 2014)
 TOY_TRAIN, TOY_TEST = 51200, 10000
+SPLINE2D = {"bins": 8, "bound": 5.0}  # flow2d --flow spline defaults (docs/autoregressive-flows.md: why 5, not 3)
 
 
 def _data_args(p, image=True, toy=True):
@@ -134,13 +135,17 @@ def _register_flow2d(train_commands):
     g = p.add_argument_group("model")
     g.add_argument("--flow", choices=["realnvp", "maf", "spline"], default="realnvp",
                    help="affine couplings (realnvp), masked autoregressive layers (maf) or rational-quadratic "
-                        "spline couplings, 8 bins on [-3, 3] (spline) (default realnvp)")
+                        "spline couplings (spline: --bins, --tail-bound) (default realnvp)")
     g.add_argument("--couplings", type=positive_int, default=8,
                    help="coupling layers, or MAF layers with --flow maf (default 8)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256], metavar="H", help="default 256 256")
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh", help="default tanh")
     g.add_argument("--scale-bound", type=positive_float, default=1.0, help="default 1 (s = tanh(raw))")
     g.add_argument("--actnorm", action="store_true", help="ActNorm before each coupling")
+    g.add_argument("--bins", type=positive_int, default=None, help="--flow spline: bins per spline (default 8)")
+    g.add_argument("--tail-bound", type=positive_float, default=None, metavar="B",
+                   help="--flow spline: the splines live on [-B, B], identity outside (default 5: the toy sets reach "
+                        "|x| ~ 3.4)")
     _data_args(p, image=False, toy=True)
     add_train_args(p, epochs=None, batch_size=512, lr=1e-3, epochs_help="default: from --steps")
     p.set_defaults(func=cmd_train, family="flow2d", epochs=None, steps=3000)
@@ -187,6 +192,12 @@ def _run_from_args(args):
                    test_limit=args.test_limit or TOY_TEST, flow=getattr(args, "flow", "realnvp"))
         if run["flow"] != "realnvp" and run["actnorm"]:
             raise ValueError(f"--actnorm goes with --flow realnvp; the {run['flow']} stack has no ActNorm layers")
+        spline_opts = {k: v for k, v in (("bins", getattr(args, "bins", None)),
+                                         ("bound", getattr(args, "tail_bound", None))) if v is not None}
+        if spline_opts and run["flow"] != "spline":
+            raise ValueError(f"--bins / --tail-bound go with --flow spline, not --flow {run['flow']}")
+        if run["flow"] == "spline":
+            run.update({"bins": SPLINE2D["bins"], "bound": SPLINE2D["bound"], **spline_opts})
     if _is_image(run):
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
     return run
@@ -222,8 +233,9 @@ def build_model(run):
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)
-    if run.get("flow") == "spline":
-        return flows.spline2d(run["couplings"], run["hidden"], seed=seed)
+    if run.get("flow") == "spline":  # runs of older versions stored no bins / bound: theirs were 8 on [-3, 3]
+        return flows.spline2d(run["couplings"], run["hidden"], bins=run.get("bins", 8), bound=run.get("bound", 3.0),
+                              identity_init=run.get("identity_init", False), seed=seed)
     return flows.realnvp2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            actnorm=run["actnorm"], seed=seed)
 

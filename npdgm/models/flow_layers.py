@@ -665,7 +665,8 @@ class SplineCoupling(_Coupling):
     """
 
     def __init__(self, dim, mask="half", parity=0, hidden=(64, 64), activation="relu", bins=8, bound=3.0,
-                 min_width=1e-3, min_height=1e-3, min_derivative=1e-3, image_shape=None, init="torch", seed=0):
+                 min_width=1e-3, min_height=1e-3, min_derivative=1e-3, image_shape=None, init="torch", seed=0,
+                 identity_init=False):
         super().__init__(dim, mask, parity, image_shape)
         self.bins = check_int(bins, "bins", lo=2)
         self.bound = check_float(bound, "bound", lo=0, strict_lo=True)
@@ -680,9 +681,14 @@ class SplineCoupling(_Coupling):
         hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
         seed = check_int(seed, "seed", lo=0)
         self.net = MLP(self.na, hidden, self.nb * (3 * self.bins - 1), activation=activation, init=init, rng=seed)
+        if identity_init:  # the last layer starts at 0: u = 0, the identity spline (Glow's zero-initialized output)
+            last = self.net.layers[-1]
+            last.W.data[...], last.b.data[...] = 0, 0
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, bins=self.bins,
                           bound=self.bound, min_width=self.min_width, min_height=self.min_height,
                           min_derivative=self.min_derivative, init=init, seed=seed)
+        if identity_init:
+            self._spec["identity_init"] = True
 
     def spec(self):
         """The dict that rebuilds this coupling: {"type": "SplineCoupling", dim, mask, parity, hidden, bins, ...}."""
