@@ -174,6 +174,7 @@ def test_cvae_learns(rng):
     """30 Adam steps (batch 50) on 500 bundled images: the -ELBO on 200 of them drops from ~546 by more
     than 200 nats/image (measured: to ~230)."""
     from npdgm import optim
+    from npdgm.cli import main
     from npdgm.data import load_mnist
 
     x, y = load_mnist("train", limit=500)
@@ -232,3 +233,59 @@ def test_cvae_log_prob_is_the_iwae_estimate_of_log_p_x_given_y(f64, rng):
         m.log_prob(x[:3], y, k=2)
     with pytest.raises(TypeError, match=r"call loss\(x, y, eps\).*log_prob\(x, y, k\).*sample\(y\)"):
         m(x, y)
+
+
+def test_cvae_classify_is_bayes_rule_exactly_when_q_is_the_prior(f64, rng):
+    """With the encoder's last layer zero, q(z|x, y) = N(0, I) = p(z), and with the decoder's z-rows zero,
+    p(x|z, y) = Bernoulli(sigmoid(b + W_y)) does not depend on z: every importance weight is p(x|y), so
+    classify gives the exact posterior p(y|x) = p(x|y) p(y) / sum_c p(x|c) p(c), computed here by hand."""
+    m = CVAE(x_dim=6, num_classes=3, hidden=(5,), z_dim=2, activation="tanh", seed=1)
+    m.flat_params[...] = rng.standard_normal(m.flat_params.shape)
+    m.params["encoder.2.W"][...] = 0
+    m.params["encoder.2.b"][...] = 0
+    m.params["decoder.0.W"][:2] = 0                      # rows of z (the label rows follow)
+    x = (rng.uniform(0, 1, (7, 6)) > 0.5).astype(np.float64)
+    logpx = np.stack([(lambda p: (x * np.log(p) + (1 - x) * np.log1p(-p)).sum(1))(
+        m.decode(np.zeros((7, 2)), np.full(7, c))) for c in range(3)], axis=1)
+    prior = np.log([0.2, 0.5, 0.3])
+    want = logpx + prior - np.log(np.exp(logpx + prior).sum(1, keepdims=True))
+    np.testing.assert_allclose(m.classify(x, k=3, rng=0, log_prior=prior), want, rtol=1e-10)
+    uniform = m.classify(x, k=2, rng=0)
+    np.testing.assert_allclose(np.exp(uniform).sum(1), 1, rtol=1e-12)
+    np.testing.assert_array_equal(m.predict(x, k=2, rng=0), logpx.argmax(1))
+    with pytest.raises(ValueError, match="log_prior must be 3 finite"):
+        m.classify(x, log_prior=[0.0, 0.0])
+
+
+def test_cvae_classify_uses_the_iwae_estimate_per_class(f64, rng):
+    """classify's log p(x|y) per class = log_likelihood with that label, the classes drawing one stream in order."""
+    m = CVAE(x_dim=6, num_classes=3, hidden=(5,), z_dim=2, activation="tanh", seed=4)
+    m.flat_params[...] += rng.standard_normal(m.flat_params.shape) * 0.3
+    x = rng.uniform(0, 1, (4, 6))
+    g = np.random.default_rng(5)
+    lp = np.stack([m.log_likelihood(x, np.full(4, c), k=7, rng=g) for c in range(3)], axis=1)
+    want = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    np.testing.assert_allclose(m.classify(x, k=7, rng=np.random.default_rng(5)), want, rtol=1e-10)
+
+
+def test_cli_evaluate_classify(tmp_path, capsys):
+    """npdgm evaluate RUN --method classify: the error of the Bayes-rule classifier on the first N test
+    images, the per-image predictions in --json; refused beside other methods and (test_m1) for an m2 run whose M1 VAE changed."""
+    from npdgm.cli import main
+    from npdgm.data import load_mnist
+
+    out = str(tmp_path / "run")
+    assert main(["train", "cvae", "--epochs", "3", "--hidden", "64", "--z-dim", "4", "--train-limit", "5000",
+                 "--batch-size", "64", "--test-limit", "100", "--no-progress", "--no-plots", "--out", out]) == 0
+    capsys.readouterr()
+    js = tmp_path / "c.json"
+    assert main(["evaluate", out, "--method", "classify", "--k", "5", "--n-images", "60", "--json", js]) == 0
+    line = capsys.readouterr().out
+    r = json.loads(js.read_text())["methods"]["classify"]
+    _, y = load_mnist("test", None, limit=60)
+    assert len(r["predictions"]) == 60 and r["k"] == 5
+    assert r["error"] == pytest.approx(float((np.array(r["predictions"]) != y).mean()))
+    assert f"test error = {r['error']:.4f}" in line
+    assert r["error"] < 0.6                       # three epochs on 5000 images already classify (chance: 0.9)
+    assert main(["evaluate", out, "--method", "classify", "iwae"]) == 2
+    assert "give it alone" in capsys.readouterr().err
