@@ -116,13 +116,15 @@ def run_child(spec):
 
 def _launch(spec):
     """Run one point in fresh processes (``mpiexec -n ranks`` when it needs a communicator)."""
+    import npdgm
+
     from . import harness
-    from .run import _child_pythonpath
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_"))}
     for k in harness.THREAD_ENV + ("NPDGM_NUM_THREADS",):
         env[k] = str(spec["threads"])
-    env["PYTHONPATH"] = _child_pythonpath(env)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(npdgm.__file__)))  # the children import this npdgm
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "npdgm.bench.distributed", json.dumps(spec)]
     if spec["comm"]:
         cmd = [mpiexec(), "-n", str(spec["ranks"])] + cmd
