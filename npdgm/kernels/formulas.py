@@ -11,7 +11,7 @@ float64. ``rows`` names an output that is summed over axis 1 (a per-row loss). F
 * :meth:`Formula.numpy` evaluates it with NumPy: the reference (tests compare it with the plain
   kernel on every input maker of the kernel table);
 * :meth:`Formula.numba` compiles it into one loop (one thread, or ``prange`` over threads; every line runs per element,
-  so Adam reads and writes p, m, v once) and :meth:`Formula.numexpr` runs it as one multithreaded
+  temporaries are locals, so Adam reads and writes p, m, v once) and :meth:`Formula.numexpr` runs it as one multithreaded
   numexpr pass per output: the fused CPU path (:func:`npdgm.kernels.fused.set_cpu_fused`). Numbers
   and other array-free parts are computed in float64 and cast to the arrays' dtype, so float32
   stays float32 as in NumPy;
@@ -27,10 +27,18 @@ numba 0.68, numexpr 2.14; benchmarks/README.md, "Fused CPU path"):
 
 NumPy 2's ufuncs use SIMD (AVX-512) exp/log/sqrt; the PyPI numexpr wheel (no VML) computes them one
 element at a time, so it loses to plain NumPy even though it saves the temporaries. numba's loop
-is vectorized by LLVM and touches every array once. Its costs: a compile per formula, dtype and
-layout at first use (~0.3-1 s; the bench's warm-up absorbs it) and llvmlite (~50 MB), so it stays
-optional. numexpr is kept as the lighter second engine (it may win with a VML build or on CPUs
-where NumPy's ufuncs have no SIMD path); without either the switch falls back to plain NumPy.
+is vectorized by LLVM and touches every array once, given three things (measured again on a 2-core
+Zen 3 VM, one thread, CPU time under load, benchmarks/README.md): ``error_model="numpy"`` (numba's
+default checks every division for zero and raises, which keeps LLVM from vectorizing: Adam on 0.65M
+parameters 7.1 ms -> 0.31 ms); float32 exp and log1p as vectorizable polynomials
+(:func:`numba_vector_math`: without Intel SVML numba calls libm's scalar expf / log1pf per element;
+Bernoulli NLL forward 128 x 784: 2.07 ms -> 0.35 ms, plain NumPy 1.38 ms); and a row sum kept out of
+the elementwise loop (a running float sum is a dependency chain LLVM may not reorder). Its costs: a
+compile per formula, dtype and layout at first use (~0.3-1 s; the bench's warm-up absorbs it), ~10 us
+of dispatch per call (arrays under ``fused.CPU_MIN_SIZE`` stay plain), and llvmlite's memory (~130 MB
+of resident memory once imported and compiling), so it stays optional. numexpr is kept as the lighter
+second engine (it may win with a VML build or on CPUs where NumPy's ufuncs have no SIMD path);
+without either the switch falls back to plain NumPy.
 
 The plain kernels keep their own NumPy code (their numbers define the reference vectors); the
 formulas are written in the same operation order, so NumPy evaluation of a formula matches its

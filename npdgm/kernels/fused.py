@@ -73,8 +73,9 @@ def set_cpu_fused(flag=True, engine=None, min_size=CPU_MIN_SIZE, threads=None):
     costs ~5-10 us). ``threads``: numba's loops run on one thread unless ``threads`` > 1 (measured on 2
     cores: a parallel numba loop between OpenBLAS's multithreaded GEMMs made whole steps slower, its
     workers and OpenBLAS's spinning ones fighting for the cores, while one vectorized thread already
-    streams at memory speed); numexpr uses ``threads`` if given, else its own default.
-    Returns the engine now in use, or None (plain NumPy)."""
+    streams at memory speed); numexpr uses ``threads`` if given, else its own default. (Adam's numba
+    loop is split over npdgm's own optimizer threads instead, from ``optim.NUMBA_THREADED_MIN``
+    parameters on.) Returns the engine now in use, or None (plain NumPy)."""
     if engine is not None and engine not in ENGINES:
         raise ValueError(f"unknown fused CPU engine {engine!r}; expected one of {ENGINES}")
     if flag and engine is None:
