@@ -7,14 +7,15 @@
 For every workload of the benchmark (:mod:`npdgm.bench.workloads`: the same models, batches and Adam) and
 every rank count R in ``--ranks``, this command launches ``mpiexec -n R`` (the mpich wheel's, beside this
 Python, else the one on PATH) with ``--threads / R`` BLAS threads per rank (at least 1), so every row uses
-the same cores. Each rank builds the same model, takes its rows of every global batch of B examples
-(:func:`npdgm.distributed.shard_bounds`; the noise is drawn for the whole batch and sliced), computes its
-gradient, scales it by N n_r / B and all-reduces it (:class:`npdgm.distributed.MPIComm`), then steps Adam,
-exactly as ``npdgm.train.fit`` does. One rank (numpy) is the plain single-process step, with no
-communicator. A row reports rank 0's median ms per step over ``--repeats`` timed blocks, samples/s, the
-time per step spent in the gradient all-reduce (``allreduce_ms``: it includes waiting for the slower
-rank), the all-reduce of the same buffer timed alone after a barrier (``allreduce_only_ms``), and the
-speedup over the one-rank row. With ``--backends cupy`` the all-reduce is NCCL's (every R, also 1).
+the same cores; ``--rounds K`` repeats the rank counts K times, alternating, and keeps each one's median
+round (a drift of the machine's load then hits every rank count alike). Each rank builds the same model,
+takes its rows of every global batch of B examples (:func:`npdgm.distributed.shard_bounds`; the noise is
+drawn for the whole batch and sliced), computes its gradient, scales it by N n_r / B and all-reduces it
+(:class:`npdgm.distributed.MPIComm`), then steps Adam, exactly as ``npdgm.train.fit`` does. One rank
+(numpy) is the plain single-process step, with no communicator. A row reports rank 0's median ms per
+step over ``--repeats`` timed blocks, samples/s, the time per step spent in the gradient all-reduce
+(``allreduce_ms``: it includes waiting for the slower rank), the all-reduce of the same buffer timed alone
+after a barrier (``allreduce_only_ms``), and the speedup over the one-rank row. With ``--backends cupy`` the all-reduce is NCCL's (every R, also 1).
 """
 from __future__ import annotations
 
@@ -165,22 +166,30 @@ def main(args):
     for name in args.workloads.split(","):
         w = get_workload(name)
         batch = args.batch or w.batch
+        runs = {}
+        for rnd in range(args.rounds):  # rounds alternate the rank counts: a drift of the load hits them alike
+            for n in ranks:
+                if batch < n:
+                    continue
+                spec = {"workload": name, "backend": backend, "batch": batch, "ranks": n, "comm": n > 1 or cupy,
+                        "threads": max(1, args.threads // n), "seed": args.seed, "warmup": args.warmup,
+                        "repeats": args.repeats or 5, "steps": args.steps, "target_s": 0.5}
+                row = _launch(spec)
+                runs.setdefault(n, []).append(row)
+                print(f"{name:<10} batch {batch:<5} {n} rank(s) x {spec['threads']} thread(s), round {rnd + 1}: "
+                      f"{row['ms_per_step']:.2f} ms/step" + ("" if row["allreduce_ms"] is None else
+                      f", all-reduce {row['allreduce_ms']:.2f} ms/step (alone {row['allreduce_only_ms']:.2f})"),
+                      file=sys.stderr, flush=True)
         base = None
         for n in ranks:
-            if batch < n:
+            if n not in runs:
                 print(f"note: {name}: batch {batch} < {n} ranks, skipped", file=sys.stderr)
                 continue
-            spec = {"workload": name, "backend": backend, "batch": batch, "ranks": n, "comm": n > 1 or cupy,
-                    "threads": max(1, args.threads // n), "seed": args.seed, "warmup": args.warmup,
-                    "repeats": args.repeats or 5, "steps": args.steps, "target_s": 0.5}
-            row = _launch(spec)
+            row = sorted(runs[n], key=lambda r: r["ms_per_step"])[(len(runs[n]) - 1) // 2]  # the median round
+            row["rounds_ms"] = [r["ms_per_step"] for r in runs[n]]
             base = row["ms_per_step"] if n == 1 else base
             row["speedup"] = None if base is None else round(base / row["ms_per_step"], 3)
             rows.append(row)
-            print(f"{name:<10} batch {batch:<5} {n} rank(s) x {spec['threads']} thread(s): {row['ms_per_step']:.2f} "
-                  f"ms/step" + ("" if row["allreduce_ms"] is None else
-                                f", all-reduce {row['allreduce_ms']:.2f} ms/step (alone {row['allreduce_only_ms']:.2f})")
-                  + ("" if row["speedup"] is None else f", speedup {row['speedup']:.2f}"), file=sys.stderr, flush=True)
     result = {"config": {"ranks": ranks, "threads": args.threads, "backend": backend, "workloads": args.workloads,
                          "batch": args.batch}, "load_average": [load0, load()], "results": rows}
     table = markdown_table(rows)
