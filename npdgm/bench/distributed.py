@@ -15,7 +15,8 @@ drawn for the whole batch and sliced), computes its gradient, scales it by N n_r
 (numpy) is the plain single-process step, with no communicator. A row reports rank 0's median ms per
 step over ``--repeats`` timed blocks, samples/s, the time per step spent in the gradient all-reduce
 (``allreduce_ms``: it includes waiting for the slower rank), the all-reduce of the same buffer timed alone
-after a barrier (``allreduce_only_ms``), and the speedup over the one-rank row. With ``--backends cupy`` the all-reduce is NCCL's (every R, also 1).
+after a barrier (``allreduce_only_ms``), and the speedup over the one-rank row. With ``--backends cupy``
+the all-reduce is NCCL's (every R, also 1).
 """
 from __future__ import annotations
 
