@@ -324,3 +324,17 @@ def test_nccl_allreduce_and_the_bench_row(cupy, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     (row,) = json.loads(js.read_text())["results"]
     assert row["comm"] == "nccl" and row["ranks"] == n and row["allreduce_ms"] > 0
+
+
+@need_mpi
+def test_a_two_rank_run_resumes_on_one_process(tmp_path):
+    """Every rank holds the full state and the checkpoint is the single-process one, so N may change on
+    --resume: 2 ranks for 2 epochs, then 1 process to epoch 3 = 1 process for 3 epochs."""
+    args = FLOW + ["--train-limit", "255", "--batch-size", "85", "--dtype", "float64"]
+    _run(args + ["--epochs", "2"], tmp_path / "two", n=2)
+    p = subprocess.run([sys.executable, "-m", "npdgm", "train", "flow2d", "--resume", str(tmp_path / "two"),
+                        "--epochs", "3", "--no-plots", "--no-progress"], capture_output=True, text=True,
+                       timeout=TIMEOUT, env=_env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    _run(args + ["--epochs", "3"], tmp_path / "one")
+    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
