@@ -78,6 +78,7 @@ def test_cli_flow2d_spline(tmp_path, capsys):
     g = npdgm.load(tmp_path)
     assert [type(layer).__name__ for layer in g.layers] == ["SplineCoupling"] * 2
     assert (g.layers[0].bins, g.layers[0].bound) == (8, 5.0)  # [-5, 5]: the toy sets reach |x| ~ 3.4
+    assert g.layers[0].spec()["identity_init"] is True  # every coupling started as the identity
     assert main(["train", "flow2d", "--flow", "spline", "--actnorm", "--out", str(tmp_path / "c")]) == 2
     assert "the spline stack has no ActNorm layers" in capsys.readouterr().err
     assert main(["train", "flow2d", "--flow", "maf", "--bins", "4", "--out", str(tmp_path / "d")]) == 2
