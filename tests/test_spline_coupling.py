@@ -1,5 +1,7 @@
 """SplineCoupling (rational-quadratic splines, Durkan et al. 2019): exact inverse inside and in the linear tails,
 log-det against a finite-difference Jacobian, a monotone C^1 map, both hand-written backwards, the spec."""
+import inspect
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,9 @@ def test_cli_flow2d_spline_bins_and_tail_bound_and_older_runs(tmp_path):
     assert (layer.bins, layer.bound, layer.spec()["parity"]) == (5, 4.0, 1)
     old = {"family": "flow2d", "flow": "spline", "couplings": 1, "hidden": [4], "seed": 0}  # stored before bins/bound
     assert (cmd.build_model(old).layers[0].bins, cmd.build_model(old).layers[0].bound) == (8, 3.0)
+    assert "identity_init" not in cmd.build_model(old).layers[0].spec()
+    defaults = {k: v.default for k, v in inspect.signature(F.spline2d).parameters.items()}
+    assert cmd.SPLINE2D == {k: defaults[k] for k in ("bins", "bound", "identity_init")}  # CLI = library defaults
 
 
 def test_zero_conditioner_output_is_the_identity_and_the_layer_calls_the_kernels(f64, rng):
