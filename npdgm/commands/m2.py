@@ -355,6 +355,18 @@ def make_evaluate(model, test_x, y_te, n_eval, seed, baseline):
     return evaluate
 
 
+def _m1_inputs(model, run, loaded, x_lab):
+    """(encode, baseline inputs): M1+M2, the step's z1 sampler and the labelled codes mu(x); else (None, x_lab)."""
+    if not run.get("features"):
+        return None, x_lab
+    from ..models.m1 import vae_features
+
+    vae = loaded["m1"][0]
+    print(f"M1+M2: M2 on the codes of {run['features']} ({run['features_vae']}, sha256 "
+          f"{run['features_sha256'][:12]}..)", flush=True)
+    return feature_encoder(vae), model.check_x(vae_features(vae, x_lab), "labelled codes")
+
+
 def cmd_train(args):
     setup_backend(args)
     if not args.resume and args.labelled_batch is None:  # data-dependent default, fixed into the run
@@ -365,18 +377,12 @@ def cmd_train(args):
         return 0
     model, run, out = r
     train_x, x_lab, y_lab, test_x, x_te, y_te = _data(model, run, loaded)
-    encode = feature_encoder(loaded["m1"][0]) if run.get("features") else None
     n_eval = min(run["eval_n"], len(test_x))
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(y_lab)} "
           f"({len(y_lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
           flush=True)
-    if encode is not None:
-        from ..models.m1 import vae_features
-
-        print(f"M1+M2: M2 on the codes of {run['features']} ({run['features_vae']}, sha256 "
-              f"{run['features_sha256'][:12]}..)", flush=True)
-    base_x = x_lab if encode is None else model.check_x(vae_features(loaded["m1"][0], x_lab), "labelled codes")
+    encode, base_x = _m1_inputs(model, run, loaded, x_lab)
     baseline = _baseline(out, run, model, base_x, y_lab, test_x, y_te)
     step = make_step(model, x_lab, y_lab, run["labelled_batch"], run["binarize"], encode)
     records = common.fit(model, opt, rng, start, run, out, args, step,
