@@ -12,6 +12,10 @@ so each rank scales its gradient by N n_r / B (1 for even shards), and :meth:`al
 A communicator has ``rank``, ``size``, ``allreduce_mean_(buf)`` (in place), ``allreduce_sum(values)``
 (a small host vector), ``bcast(obj)``, ``barrier()`` and ``check_same(buf, what)``. :func:`detect`
 picks MPI when launched by ``mpiexec`` with more than one rank, else :class:`Single`.
+
+Evaluation is split too: :func:`rows` is a rank's share of a batch, :func:`mean_over_rows` a mean over
+rows computed by shards and all-reduced, and :class:`ImageStreams` gives every image its own random
+stream, so a Monte Carlo estimate does not depend on which rank (or batch) computes it.
 """
 from __future__ import annotations
 
