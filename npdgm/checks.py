@@ -174,6 +174,20 @@ for _tag, _kw in [
     register(f"model.m2[{_tag}]")(lambda rng, _kw=_kw: _m2_check(rng, **_kw))
 
 
+# -- M1's classifier: L2 softmax regression (npdgm/models/m1.py) -----------------------------------
+def _m1_check(rng, l2):
+    from .models.m1 import softmax_regression_loss_and_grad as f
+
+    X, y = rng.standard_normal((9, 5)) * 3, np.array([0, 1, 2, 3, 0, 1, 2, 3, 3])
+    W, b = rng.standard_normal((5, 4)), rng.standard_normal(4)
+    _, dW, db = f(W, b, X, y, l2)
+    return check(lambda: f(W, b, X, y, l2)[0], {"W": W, "b": b}, {"W": dW, "b": db})
+
+
+for _l2 in (0.0, 0.7):
+    register(f"model.m1.softmax_regression[l2={_l2:g}]")(lambda rng, _l2=_l2: _m1_check(rng, _l2))
+
+
 # -- flows: the loss and the inverse pass of small stacks, and the prior / scale-clamp kernels ---------
 def _flow_grad_report(flow, x, rng):
     """Finite differences of loss_and_grad (every parameter and x) and of the inverse pass

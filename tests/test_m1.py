@@ -196,3 +196,12 @@ def test_m1_plus_m2_stores_and_checks_the_m1_vae(vae_run, tmp_path, capsys):
     assert main(["train", "m2", "--resume", out, "--epochs", "2", "--no-progress", "--no-plots"]) == 0
     assert main(["train", "m2", "--features", "m2:x", "--out", tmp_path / "bad"]) == 2
     assert "expected m1:RUN" in capsys.readouterr().err
+
+
+def test_registered_m1_gradchecks_pass():
+    from npdgm import checks, gradcheck  # noqa: F401  (checks registers the model gradchecks)
+
+    rows = gradcheck.run_all(["model.m1"])
+    assert {(r[0], r[1]) for r in rows} == {(f"model.m1.softmax_regression[l2={l2}]", p) for l2 in ("0", "0.7")
+                                            for p in "Wb"}
+    assert all(r[4] for r in rows), [r for r in rows if not r[4]]
