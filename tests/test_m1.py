@@ -105,7 +105,7 @@ def test_train_m1_with_vae(vae_run, tmp_path):
     vae = npdgm.load(vae_run)
     x_te, y_te = load_images(None, "test", 200, "none", 0)
     c = np.load(out / "classifier.npz")
-    pred = (((vae_features(vae, x_te) - c["mean"]) / c["std"]) @ c["W"] + c["b"]).argmax(1)
+    pred = (((vae_features(vae, x_te) - c["mean"]) / c["scale"]) @ c["W"] + c["b"]).argmax(1)
     assert s["test_error"] == pytest.approx(float((pred != y_te).mean()))
     assert 0 <= s["baseline_test_error"] < 0.9 and s["baseline_train_error"] == 0   # 50 images in 784 dims: separable
 
@@ -139,11 +139,15 @@ def test_train_m1_refusals(vae_run, tmp_path, capsys):
     assert "--l2 must be cv or a number >= 0" in capsys.readouterr().err
 
 
-def test_standardizer_floors_constant_features():
-    X = np.array([[1.0, 5.0], [3.0, 5.0]])
-    mean, std = standardizer(X)
-    np.testing.assert_allclose(mean, [2, 5])
-    np.testing.assert_allclose(std, [1, 1e-6])
+def test_standardizer_one_scale_keeps_inactive_units_small():
+    """One scale for all features (root mean variance), so a constant or near-constant feature (an inactive
+    latent unit) stays near 0 instead of being blown up to unit variance."""
+    X = np.array([[1.0, 5.0, 0.0], [3.0, 5.0, 1e-3], [5.0, 5.0, 0.0]])
+    mean, scale = standardizer(X)
+    np.testing.assert_allclose(mean, X.mean(0))
+    assert scale == pytest.approx(np.sqrt(X.var(0).mean()))
+    assert np.abs((X - mean) / scale)[:, 2].max() < 1e-3
+    assert standardizer(np.ones((3, 2)))[1] == 1e-12
 
 
 def test_feature_encoder_draws_z1_from_q(vae_run, rng):

@@ -7,8 +7,9 @@
 Without ``--vae`` the VAE is trained first, into OUT/vae, with the ``npdgm train vae`` options (defaults as in
 the paper: --hidden 600 600, --z-dim 50, softplus, dynamic binarization); ``npdgm train vae --resume OUT/vae``
 continues it. M1 then maps every image to mu(x) = E_q[z|x] (the VAE run's data, binarization and limits;
-``dynamic``: one fixed Bernoulli draw per image, training and test images alike), standardizes each code
-dimension by its mean and std over all training images, and fits softmax regression with an L2 penalty
+``dynamic``: one fixed Bernoulli draw per image, training and test images alike), centers the codes and
+divides them by one scale (the root mean variance over all training images; one scale, not one per
+dimension, so inactive latent units stay near 0: :func:`npdgm.models.m1.standardizer`), and fits softmax regression with an L2 penalty
 (:mod:`npdgm.models.m1`, which says why not an SVM) on the --labels labelled images (balanced, chosen by
 --seed as ``npdgm train m2`` chooses them). --l2 cv (the default) picks the penalty by 5-fold cross-
 validation on the labelled images alone. The labelled-only baseline is the same classifier, penalty chosen
@@ -51,7 +52,7 @@ def register(commands, train_commands):
     m.add_argument("--labels", type=common.positive_int, default=100,
                    help="labelled training images, balanced over the 10 classes (default 100)")
     m.add_argument("--l2", default="cv", type=_l2_type,
-                   help="L2 penalty of the classifier, or cv: the best of 1e-4 .. 1 by 5-fold cross-validation "
+                   help="L2 penalty of the classifier, or cv: the best of 1e-6 .. 1 by 5-fold cross-validation "
                         "on the labelled images (default cv)")
     before = {a.dest for a in p._actions}
     _add_model_args(p)
@@ -210,8 +211,8 @@ def cmd_train(args):
     lab = balanced_labels(y_tr, args.labels, 10, args.seed)
     t0 = time.perf_counter()
     f_tr, f_te = vae_features(model, x_tr), vae_features(model, x_te)
-    mean, std = standardizer(f_tr)
-    f_tr, f_te = (f_tr - mean) / std, (f_te - mean) / std
+    mean, scale = standardizer(f_tr)
+    f_tr, f_te = (f_tr - mean) / scale, (f_te - mean) / scale
     print(f"m1: features mu(x) of {len(x_tr)} training and {len(x_te)} test images from {path} (z_dim "
           f"{model.z_dim}, {time.perf_counter() - t0:.1f} s); classifier on {len(lab)} labelled images", flush=True)
     res, clf = fit_m1(f_tr[lab], y_tr[lab], f_te, y_te, args.l2, args.seed, "")
@@ -222,14 +223,14 @@ def cmd_train(args):
             "labels": args.labels, "seed": args.seed, "data": data, "binarize": binz}
     common.write_json(os.path.join(out, "m1.json"), link)
     summary = {"classifier": "softmax regression, L2 (npdgm.models.m1)", "features": "VAE posterior mean mu(x), "
-               "standardized", "feature_dim": int(model.z_dim), "vae": link["vae"], "vae_sha256": sha,
+               "centered, one scale", "feature_dim": int(model.z_dim), "vae": link["vae"], "vae_sha256": sha,
                "labels": args.labels, "seed": args.seed, "test_n": len(x_te), "train_n": len(x_tr), **res, **base,
                "baseline_input": "raw pixels"}
     common.write_summary(out, summary)
     from ..io import atomic_write_bytes
 
     atomic_write_bytes(os.path.join(out, "classifier.npz"),
-                       lambda f: np.savez(f, W=clf.W, b=clf.b, mean=mean, std=std))   # logits = ((mu - mean) / std) W + b
+                       lambda f: np.savez(f, W=clf.W, b=clf.b, mean=mean, scale=scale))   # logits = ((mu - mean) / scale) W + b
     print(f"M1 test error {res['test_error']:.4f} (l2 {res['l2']:g})  vs labelled-only baseline on pixels "
           f"{base['baseline_test_error']:.4f} (l2 {base['baseline_l2']:g})  -> {out}", flush=True)
     return 0
