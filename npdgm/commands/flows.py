@@ -122,6 +122,8 @@ def _register_maf(train_commands):
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh",
                    help="bound on the log-scale alpha (default tanh: alpha = b tanh(raw / b))")
     g.add_argument("--scale-bound", type=positive_float, default=2.0, help="b (default 2)")
+    g.add_argument("--actnorm", action="store_true",
+                   help="ActNorm (data-dependent init) before each MAF layer (default: none)")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
     _data_args(p, image=True, toy=False)
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
@@ -186,7 +188,8 @@ def _run_from_args(args):
                    actnorm=not args.no_actnorm, alpha=args.alpha, batch_size=args.batch_size or 64)
     elif fam == "maf":
         run.update(dataset="mnist", layers=args.layers, hidden=list(args.hidden), ordering=args.ordering,
-                   scale=args.scale, scale_bound=args.scale_bound, alpha=args.alpha, batch_size=args.batch_size)
+                   scale=args.scale, scale_bound=args.scale_bound, actnorm=args.actnorm, alpha=args.alpha,
+                   batch_size=args.batch_size)
     else:  # flow2d, or realnvp on a toy set
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
                    hidden=args.hidden or [256, 256], scale=args.scale,
@@ -232,7 +235,7 @@ def build_model(run):
                              alpha=run["alpha"], seed=seed)
     if run["family"] == "maf":
         return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
-                         scale_bound=run["scale_bound"], seed=seed)
+                         scale_bound=run["scale_bound"], actnorm=run["actnorm"], seed=seed)
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)

@@ -332,16 +332,19 @@ def maf2d(n_layers=8, hidden=(256, 256), scale="tanh", scale_bound=1.0, prior="g
 
 
 def maf(dim=784, n_layers=5, hidden=(512, 512), ordering="reverse", logit=True, alpha=0.05, scale="tanh",
-        scale_bound=2.0, prior="gaussian", activation="relu", seed=0, checked="loss"):
+        scale_bound=2.0, prior="gaussian", activation="relu", seed=0, checked="loss", actnorm=False, actnorm_eps=1.0):
     """Masked autoregressive flow (Papamakarios et al. 2017): [LogitTransform] then ``n_layers`` MAF layers with
-    a Permutation (``ordering`` "reverse" or "random", seeded per layer) between consecutive ones. Density in
-    one MADE pass per layer, sampling in D passes per layer."""
+    a Permutation (``ordering`` "reverse" or "random", seeded per layer) between consecutive ones, and with
+    ``actnorm`` an ActNorm before each MAF layer (the paper's batch norm between layers, as data-dependent init;
+    ``actnorm_eps`` as in :func:`realnvp`). Density in one MADE pass per layer, sampling in D passes per layer."""
     if ordering not in ("reverse", "random"):
         raise ValueError(f"unknown ordering {ordering!r}; expected 'reverse' or 'random'")
     layers = [LogitTransform(dim, alpha)] if logit else []
     for i in range(check_int(n_layers, "n_layers", lo=1)):
         if i:
             layers.append(Permutation(dim, ordering, seed=seed * 1000 + i))
+        if actnorm:
+            layers.append(ActNorm(dim, eps=actnorm_eps))
         layers.append(MAF(dim, hidden, activation, scale, scale_bound, seed=seed * 1000 + i))
     return Flow(layers, prior=prior, checked=checked)
 
