@@ -235,7 +235,7 @@ def build_model(run):
                              alpha=run["alpha"], seed=seed)
     if run["family"] == "maf":
         return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
-                         scale_bound=run["scale_bound"], actnorm=run["actnorm"], seed=seed)
+                         scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed)
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)
