@@ -88,21 +88,19 @@ def numba_vector_math():
         return _VECTOR_MATH
     import numba
     import numpy as np
-    from llvmlite import ir
     from numba.core import types
     from numba.extending import intrinsic
 
+    def bitcast(to):                                # reinterpret the 32 bits (float32 <-> int32)
+        return lambda context, builder, sig, args: builder.bitcast(args[0], context.get_value_type(to))
+
     @intrinsic
     def f32_bits(typingctx, x):
-        if x != types.float32:
-            return None
-        return types.int32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+        return (types.int32(types.float32), bitcast(types.int32)) if x == types.float32 else None
 
     @intrinsic
     def bits_f32(typingctx, x):
-        if x != types.int32:
-            return None
-        return types.float32(types.int32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+        return (types.float32(types.int32), bitcast(types.float32)) if x == types.int32 else None
 
     F, I = np.float32, np.int32
     jit = numba.njit(inline="always", error_model="numpy")
