@@ -91,7 +91,8 @@ def _rq_spline_inverse(y, xk, yk, d):
     c = d1 + d0 - 2 * s
     qa, qb, qc = h * (s - d0) + dy * c, h * d0 - dy * c, -s * dy
     xi = 2 * qc / (-qb - torch.sqrt(qb * qb - 4 * qa * qc))
-    return {"x": torch.where(inside, x0 + xi * w, y), "logdet_inv": torch.where(inside, -_rq_logg(xi, s, d0, d1), 0 * y)}
+    return {"x": torch.where(inside, x0 + xi * w, y),
+            "logdet_inv": torch.where(inside, -_rq_logg(xi, s, d0, d1), 0 * y)}
 
 
 TORCH = {

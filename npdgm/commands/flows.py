@@ -7,7 +7,7 @@ draws from them).
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
-    npdgm train maf --data mnist --epochs 5               # MAF: logit transform + 5 MADE layers, reversed order
+    npdgm train maf --data mnist --epochs 5               # MAF: logit + 5 x (ActNorm, MADE layer), order reversed
     npdgm train nice --resume runs/nice-... --epochs 6    # continue bit-for-bit
     npdgm sample runs/nice-... --temperatures 0.5 0.8 1.0 # (flow-sample is its old name)
 
@@ -109,10 +109,11 @@ def _register_realnvp(train_commands):
 def _register_maf(train_commands):
     p = train_commands.add_parser(
         "maf", help="MAF (masked autoregressive flow) on MNIST",
-        description="MAF on dequantized MNIST: logit transform, then MAF layers z = (x - mu(x)) exp(-alpha(x)) "
-                    "with (alpha, mu) from a MADE (784 -> hidden -> 2 x 784, masked so output d sees x_<d) and "
-                    "the order reversed (or randomly permuted) between layers; Gaussian prior. The density takes "
-                    "one MADE pass per layer, a sample 784. Loss = mean NLL (nats/image), reported in bits/dim.")
+        description="MAF on dequantized MNIST: logit transform, then ActNorm + MAF layers, z = (x - mu(x)) "
+                    "exp(-alpha(x)) with (alpha, mu) from a MADE (784 -> hidden -> 2 x 784, masked so output d "
+                    "sees x_<d) and the order reversed (or randomly permuted) between layers; Gaussian prior. The "
+                    "density takes one MADE pass per layer, a sample 784. Loss = mean NLL (nats/image), reported "
+                    "in bits/dim.")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=positive_int, default=5, help="MAF layers (default 5)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512], metavar="H",
@@ -122,8 +123,8 @@ def _register_maf(train_commands):
     g.add_argument("--scale", choices=["tanh", "atan", "none"], default="tanh",
                    help="bound on the log-scale alpha (default tanh: alpha = b tanh(raw / b))")
     g.add_argument("--scale-bound", type=positive_float, default=2.0, help="b (default 2)")
-    g.add_argument("--actnorm", action="store_true",
-                   help="ActNorm (data-dependent init) before each MAF layer (default: none)")
+    g.add_argument("--no-actnorm", action="store_true",
+                   help="no ActNorm (data-dependent init, as realnvp's) before each MAF layer")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
     _data_args(p, image=True, toy=False)
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
@@ -188,7 +189,7 @@ def _run_from_args(args):
                    actnorm=not args.no_actnorm, alpha=args.alpha, batch_size=args.batch_size or 64)
     elif fam == "maf":
         run.update(dataset="mnist", layers=args.layers, hidden=list(args.hidden), ordering=args.ordering,
-                   scale=args.scale, scale_bound=args.scale_bound, actnorm=args.actnorm, alpha=args.alpha,
+                   scale=args.scale, scale_bound=args.scale_bound, actnorm=not args.no_actnorm, alpha=args.alpha,
                    batch_size=args.batch_size)
     else:  # flow2d, or realnvp on a toy set
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,

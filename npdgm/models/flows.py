@@ -355,6 +355,6 @@ def spline2d(n_couplings=8, hidden=(64, 64), bins=8, bound=5.0, prior="gaussian"
     coupling i conditioning on coordinate i % 2, ``bins`` bins on [-bound, bound], identity tails;
     ``identity_init``: every coupling starts as the identity (last net layer 0). The bound must cover the data:
     a point beyond it stays in the identity tail through every layer (the toy sets reach |x| ~ 3.4)."""
-    return Flow([SplineCoupling(2, "half", i % 2, hidden, activation, bins, bound, min_width, min_height, min_derivative,
-                                seed=seed * 1000 + i, identity_init=identity_init)
+    return Flow([SplineCoupling(2, "half", i % 2, hidden, activation, bins, bound, min_width, min_height,
+                                min_derivative, seed=seed * 1000 + i, identity_init=identity_init)
                  for i in range(n_couplings)], prior=prior, checked=checked)
