@@ -55,8 +55,8 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_n
 from ..validate import as_rng
 from .iaf_posterior import flow_backward, flow_forward
 
-__all__ = ["ELBOMixin", "posterior_sample", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights", "iwae_estimate",
-           "iwae_forward", "iwae_backward", "generator", "draw", "as_noise"]
+__all__ = ["ELBOMixin", "posterior_sample", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights",
+           "iwae_estimate", "iwae_forward", "iwae_backward", "generator", "draw", "as_noise"]
 
 
 # -- noise ------------------------------------------------------------------------------------------
