@@ -118,6 +118,28 @@ def test_numba_vector_exp_and_log1p_against_float64():
             assert (np.signbit(got[odd]) == np.signbit(want[odd]))[~np.isnan(want[odd])].all()
 
 
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba absent")
+def test_numba_rows_x_columns_loop_takes_strided_views_columns_and_rows():
+    """The VAE's mu / logvar are column slices of the encoder output (row stride 2 Z, not C-contiguous) and
+    dL/dkl enters as a (B, 1) column: the rows x columns loop reads them in place, with the same bits as
+    contiguous copies, and a (D,) row broadcasts like NumPy's."""
+    r = np.random.default_rng(7)
+    h = r.standard_normal((300, 40)).astype(np.float32)
+    mu, lv = h[:, :20], h[:, 20:]
+    dkl = r.random(300).astype(np.float32)[:, None]
+    f = F.FORMULAS["kl_std_normal_backward"]
+    got = f.numba(dkl=dkl, mu=mu, logvar=lv)
+    want = f.numba(dkl=np.ascontiguousarray(np.broadcast_to(dkl, mu.shape)), mu=np.ascontiguousarray(mu),
+                   logvar=np.ascontiguousarray(lv))
+    for k in ("dmu", "dlogvar"):
+        np.testing.assert_array_equal(got[k], want[k])
+    kl = F.FORMULAS["kl_std_normal_forward"].numba(mu=mu, logvar=lv)["kl"]
+    _close(kl, 0.5 * (mu * mu + np.exp(lv) - 1 - lv).sum(axis=1), np.finfo(np.float32).eps, "kl rows")
+    row = r.standard_normal(20).astype(np.float32)
+    dx = F.FORMULAS["tanh_backward"].numba(dy=mu, y=row)["dx"]
+    np.testing.assert_array_equal(dx, F.FORMULAS["tanh_backward"].numpy(dy=mu, y=row)["dx"])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_NUMBA, reason="numba absent")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
