@@ -2,7 +2,7 @@
 
 Importing this package registers every model kind with ``npdgm.load`` (npdgm/models/registry.py).
 """
-from . import (autoregressive, base, cvae, elbo, flow_layers, flows, gmm, iaf_posterior, kmeans, m2,  # noqa: F401
+from . import (autoregressive, base, cvae, elbo, flow_layers, flows, gmm, iaf_posterior, kmeans, m1, m2,  # noqa: F401
                registry, vae)  # (in __all__)
 from .base import Model
 from .cvae import CVAE
@@ -19,4 +19,4 @@ __all__ = ["Model", "VAE", "CVAE", "M2", "Flow", "FlowLayer", "AdditiveCoupling"
            "GaussianMixture", "PCAGaussianMixture",
            # the modules too, so the API reference documents them
            "base", "elbo", "vae", "cvae", "m2", "flow_layers", "autoregressive", "flows", "kmeans", "gmm", "registry",
-           "iaf_posterior"]
+           "iaf_posterior", "m1"]
