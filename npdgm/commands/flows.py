@@ -135,8 +135,10 @@ def _register_flow2d(train_commands):
     p = train_commands.add_parser(
         "flow2d", help="RealNVP, MAF or spline flow on a 2-D toy density (--flow)",
         description="Affine couplings on R^2 (coupling i conditions on coordinate i % 2; s/t MLP 1 -> hidden -> 2, "
-                    "bounded scale), or with --flow maf MAF layers (MADE 2 -> hidden -> 4, reversed order between "
-                    "layers); standard Gaussian prior, trained on points drawn once from a seeded toy set.")
+                    "bounded scale), with --flow maf MAF layers (MADE 2 -> hidden -> 4, reversed order between "
+                    "layers), or with --flow spline rational-quadratic spline couplings (--bins on [-B, B], "
+                    "--tail-bound B, identity outside; each starts as the identity); standard Gaussian prior, "
+                    "trained on points drawn once from a seeded toy set.")
     p.add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
     g = p.add_argument_group("model")
     g.add_argument("--flow", choices=["realnvp", "maf", "spline"], default="realnvp",
