@@ -9,7 +9,7 @@ Shapes: a state z is (C, B, Z) -- C chains for each of B images (or any leading 
 returns logp of shape z.shape[:-1] (float64) and a gradient of z's shape. Step sizes have the shape of
 logp (or broadcast to it) and are adapted per chain/image during warm-up.
 
-    naive_log_px(model, x, k)       log p(x) ~= logmeanexp_i log p(x|z_i), z_i ~ p(z)   (+ standard error)
+    naive_log_px(model, x, k)       log p(x) ~= logmeanexp_i log p(x|z_i), z_i ~ p(z) shared by the rows (+ s.e.)
     hmc(target, z0, n, warmup)      leapfrog HMC, step size adapted toward an acceptance rate, ESS
     langevin(target, z0, n, ...)    MALA (adjust=True) or the unadjusted Langevin algorithm
     ais(model, x, steps, chains)    annealed importance sampling p(z) -> p(z|x): a stochastic lower bound
