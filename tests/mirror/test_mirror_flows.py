@@ -55,6 +55,8 @@ FLOWS = {
                                                          F.Permutation(5, "reverse"), F.MAF(5, [9], seed=4)]),
                                          lambda r: r.standard_normal((7, 5))),
     "maf2d": (lambda: F.maf2d(n_layers=4, hidden=(8, 8), seed=5), lambda r: r.standard_normal((9, 2))),
+    "maf,image,actnorm": (lambda: F.maf(dim=6, n_layers=2, hidden=(8,), actnorm=True, seed=7),  # npdgm train maf
+                          lambda r: _unit(r, 7, 6)),
     "iaf,invertible linear": (lambda: F.Flow([F.IAF(4, [7], "softplus", seed=6), F.InvertibleLinear(4, seed=7),
                                               F.IAF(4, [6, 6], "tanh", "tanh", 2.0, seed=8)]),
                               lambda r: r.standard_normal((6, 4))),
