@@ -270,7 +270,8 @@ def test_cvae_classify_uses_the_iwae_estimate_per_class(f64, rng):
 
 def test_cli_evaluate_classify(tmp_path, capsys):
     """npdgm evaluate RUN --method classify: the error of the Bayes-rule classifier on the first N test
-    images, the per-image predictions in --json; refused beside other methods and (test_m1) for an m2 run whose M1 VAE changed."""
+    images, the per-image predictions in --json; refused beside other methods (test_m1: for an m2 run whose
+    M1 VAE changed)."""
     from npdgm.cli import main
     from npdgm.data import load_mnist
 

@@ -170,7 +170,8 @@ def test_m1_plus_m2_stores_and_checks_the_m1_vae(vae_run, tmp_path, capsys):
     out = tmp_path / "m2"
     common = ["--hidden", "8", "--z-dim", "3", "--train-limit", "300", "--test-limit", "100", "--baseline-steps", "5",
               "--eval-n", "50", "--no-progress", "--no-plots"]
-    assert main(["train", "m2", "--features", f"m1:{m1}", "--labels", "20", "--epochs", "1", *common, "--out", out]) == 0
+    assert main(["train", "m2", "--features", f"m1:{m1}", "--labels", "20", "--epochs", "1", *common,
+                 "--out", out]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["features_sha256"] == json.loads((m1 / "m1.json").read_text())["vae_sha256"]
     assert s["features"] == f"m1:{os.path.abspath(m1)}" and s["baseline_input"] == "M1 codes mu(x)"

@@ -38,7 +38,8 @@ def register(commands, train_commands):
         "evaluate", help="log p(x) of a VAE run: ELBO, IWAE, naive MC, AIS; --bdmc bounds",
         description="Estimate the mean test log p(x) (nats per image) of the VAE in RUNDIR by each --method, "
                     "or (--bdmc) bound it from both sides on data simulated from the model.")
-    e.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz (a vae run; cvae or m2 with --method classify)")
+    e.add_argument("rundir", metavar="RUNDIR",
+                   help="run directory or checkpoint .npz (a vae run; cvae or m2 with --method classify)")
     e.add_argument("--method", nargs="+", choices=METHODS, default=None,
                    help="estimators to run (default iwae; several allowed); classify, alone: the test error of a "
                         "cvae run (Bayes rule with IWAE log p(x|y), --k per class) or an m2 run (q(y|x))")

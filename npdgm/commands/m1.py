@@ -9,11 +9,11 @@ the paper: --hidden 600 600, --z-dim 50, softplus, dynamic binarization); ``npdg
 continues it. M1 then maps every image to mu(x) = E_q[z|x] (the VAE run's data, binarization and limits;
 ``dynamic``: one fixed Bernoulli draw per image, training and test images alike), centers the codes and
 divides them by one scale (the root mean variance over all training images; one scale, not one per
-dimension, so inactive latent units stay near 0: :func:`npdgm.models.m1.standardizer`), and fits softmax regression with an L2 penalty
-(:mod:`npdgm.models.m1`, which says why not an SVM) on the --labels labelled images (balanced, chosen by
---seed as ``npdgm train m2`` chooses them). --l2 cv (the default) picks the penalty by 5-fold cross-
-validation on the labelled images alone. The labelled-only baseline is the same classifier, penalty chosen
-the same way, on the raw pixels of the same labelled images.
+dimension, so inactive latent units stay near 0: :func:`npdgm.models.m1.standardizer`), and fits softmax
+regression with an L2 penalty (:mod:`npdgm.models.m1`, which says why not an SVM) on the --labels labelled
+images (balanced, chosen by --seed: :func:`balanced_labels`, which ``npdgm train m2`` uses too). --l2 cv
+(the default) picks the penalty by 5-fold cross-validation on the labelled images alone. The labelled-only
+baseline is the same classifier, penalty chosen the same way, on the raw pixels of the same labelled images.
 
 OUT gets m1.json (the VAE checkpoint and its sha256: what ``--features m1:OUT`` loads and checks) and
 summary.json (test_error, baseline_test_error, the penalties and their cross-validated errors).
@@ -78,6 +78,29 @@ def _l2_type(s):
     if not np.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"must be cv or a number >= 0, got {s}")
     return v
+
+
+def balanced_labels(y, n, num_classes=10, seed=0):
+    """Indices of n training examples, n / num_classes of each class, drawn without replacement
+    (seeded); sorted. ValueError when n is not a positive multiple of num_classes, exceeds the
+    data, or a class has too few examples."""
+    y = np.asarray(y)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"--labels must be a positive integer, got {n!r}")
+    if n > len(y):
+        raise ValueError(f"--labels {n} exceeds the {len(y)} training images")
+    if n % num_classes:
+        raise ValueError(f"--labels {n} cannot be balanced over {num_classes} classes; use a multiple of "
+                         f"{num_classes} (e.g. {max(num_classes, n - n % num_classes)})")
+    per = n // num_classes
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(y == c)
+        if len(pool) < per:
+            raise ValueError(f"--labels {n} needs {per} images of class {c} but the training set has {len(pool)}")
+        out.append(rng.choice(pool, per, replace=False))
+    return np.sort(np.concatenate(out))
 
 
 # -- the link from an M1 run to its VAE: path + checksum ------------------------------------------
@@ -189,7 +212,6 @@ def fit_m1(X_lab, y_lab, X_te, y_te, l2, seed, name):
 
 def cmd_train(args):
     from ..models.m1 import standardizer, vae_features
-    from .m2 import balanced_labels
 
     setup_backend(args)
     if args.resume:
@@ -229,8 +251,8 @@ def cmd_train(args):
     common.write_summary(out, summary)
     from ..io import atomic_write_bytes
 
-    atomic_write_bytes(os.path.join(out, "classifier.npz"),
-                       lambda f: np.savez(f, W=clf.W, b=clf.b, mean=mean, scale=scale))   # logits = ((mu - mean) / scale) W + b
+    atomic_write_bytes(os.path.join(out, "classifier.npz"),   # logits: ((mu - mean) / scale) W + b
+                       lambda f: np.savez(f, W=clf.W, b=clf.b, mean=mean, scale=scale))
     print(f"M1 test error {res['test_error']:.4f} (l2 {res['l2']:g})  vs labelled-only baseline on pixels "
           f"{base['baseline_test_error']:.4f} (l2 {base['baseline_l2']:g})  -> {out}", flush=True)
     return 0

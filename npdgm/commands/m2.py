@@ -54,6 +54,7 @@ from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 from .cvae import add_data_args, conditional_figures
 from .vae import _load_data
+from .m1 import balanced_labels  # noqa: F401  (npdgm.commands.m2.balanced_labels: the labelled subset of m1 and m2)
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LABEL_BOOST = 100.0
@@ -106,29 +107,6 @@ def register(commands, train_commands):
     add_data_args(p, binarize="dynamic")
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=100, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)
-
-
-def balanced_labels(y, n, num_classes=10, seed=0):
-    """Indices of n training examples, n / num_classes of each class, drawn without replacement
-    (seeded); sorted. ValueError when n is not a positive multiple of num_classes, exceeds the
-    data, or a class has too few examples."""
-    y = np.asarray(y)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"--labels must be a positive integer, got {n!r}")
-    if n > len(y):
-        raise ValueError(f"--labels {n} exceeds the {len(y)} training images")
-    if n % num_classes:
-        raise ValueError(f"--labels {n} cannot be balanced over {num_classes} classes; use a multiple of "
-                         f"{num_classes} (e.g. {max(num_classes, n - n % num_classes)})")
-    per = n // num_classes
-    rng = np.random.default_rng([seed, 11])
-    out = []
-    for c in range(num_classes):
-        pool = np.flatnonzero(y == c)
-        if len(pool) < per:
-            raise ValueError(f"--labels {n} needs {per} images of class {c} but the training set has {len(pool)}")
-        out.append(rng.choice(pool, per, replace=False))
-    return np.sort(np.concatenate(out))
 
 
 def _binarizer(kind, dtype):
