@@ -20,7 +20,6 @@ summary.json (test_error, baseline_test_error, the penalties and their cross-val
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -28,6 +27,7 @@ import time
 import numpy as np
 
 from .. import backend
+from ..data import sha256_file
 from . import common
 from .common import setup_backend
 
@@ -104,14 +104,6 @@ def balanced_labels(y, n, num_classes=10, seed=0):
 
 
 # -- the link from an M1 run to its VAE: path + checksum ------------------------------------------
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def vae_checkpoint(path):
     """The checkpoint file of a VAE run directory or checkpoint path (ValueError when absent)."""
     p = os.path.join(path, "checkpoint.npz") if os.path.isdir(path) else path
@@ -134,7 +126,7 @@ def resolve_m1(run):
     if not os.path.exists(run):
         raise ValueError(f"M1 run {run} does not exist")
     p = vae_checkpoint(run)
-    return p, sha256(p)
+    return p, sha256_file(p)
 
 
 def load_m1_vae(run, expect_sha256=None):
@@ -146,7 +138,7 @@ def load_m1_vae(run, expect_sha256=None):
     path, sha = resolve_m1(run)
     if not os.path.isfile(path):
         raise ValueError(f"M1 run {run}: its VAE checkpoint {path} is missing")
-    now = sha256(path)
+    now = sha256_file(path)
     if now != sha:
         raise ValueError(f"M1 run {run}: its VAE checkpoint {path} changed since the M1 run recorded it (sha256 "
                          f"{now[:12]}.. != {sha[:12]}..); train M1 again or restore that checkpoint")
