@@ -220,16 +220,9 @@ def _data(model, run, loaded):
     """(train_x, x_lab, y_lab, test_x, x_te, y_te) of an M2 run: all training images (unlabelled), the
     --labels balanced labelled ones, the test set (host x_te for the figures). M1+M2: the images stay
     images (each step encodes them); test_x and x_te are the test codes mu(x)."""
-    seed = run["seed"]
     if run.get("features"):
         return _feature_data(model, run, loaded)
-    x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
-    lab = balanced_labels(y_tr, run["labels"], 10, seed)
-    if run["binarize"] == "static":
-        from ..data import binarize
-
-        x_tr = binarize(x_tr)
-    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_tr, y_tr, lab, x_te, y_te = _images(run, loaded)
     train_x = model.check_x(x_tr, "training images")
     test_x = model.check_x(x_te, "test images")
     y_te = model.check_y(y_te, len(x_te), "test labels")
@@ -238,11 +231,9 @@ def _data(model, run, loaded):
     return train_x, x_lab, y_lab, test_x, x_te, y_te
 
 
-def _feature_data(model, run, loaded):
-    from ..models.m1 import vae_features
-
-    vae = (loaded.get("m1") or load_features(run["features"], run.get("features_sha256")))[0]
-    loaded["m1"] = (vae,)
+def _images(run, loaded):
+    """(x_tr, y_tr, labelled indices, x_te, y_te) of an M2 run: the training images (binarized once when
+    --binarize static), the --labels balanced indices, the test images."""
     seed = run["seed"]
     x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
@@ -251,6 +242,15 @@ def _feature_data(model, run, loaded):
 
         x_tr = binarize(x_tr)
     x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    return x_tr, y_tr, lab, x_te, y_te
+
+
+def _feature_data(model, run, loaded):
+    from ..models.m1 import vae_features
+
+    vae = (loaded.get("m1") or load_features(run["features"], run.get("features_sha256")))[0]
+    loaded["m1"] = (vae,)
+    x_tr, y_tr, lab, x_te, y_te = _images(run, loaded)
     train_x = vae.check_x(x_tr, "training images")
     f_te = vae_features(vae, vae.check_x(x_te, "test images"))
     test_x = model.check_x(f_te, "test codes")
