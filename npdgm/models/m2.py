@@ -48,7 +48,7 @@ from ..nn import INITS, MLP
 from ..nn import ConditionalMLP, Parameter
 from .cvae import LabelConditioned
 from ..validate import check_float, check_int
-from .vae import LIKELIHOODS
+from .vae import check_likelihood
 from .elbo import as_noise as _as_noise, draw as _draw, elbo_backward, generator as _generator, rec_rows
 
 __all__ = ["M2"]
@@ -90,12 +90,7 @@ class M2(LabelConditioned):
         alpha = check_float(alpha, "alpha", lo=0)
         labelled_weight = check_float(labelled_weight, "labelled_weight", lo=0)
         beta = check_float(beta, "beta", lo=0)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-        if sigma is not None:
-            if likelihood != "gaussian":
-                raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
-            sigma = check_float(sigma, "sigma (None: learned)", lo=0, strict_lo=True)
+        sigma = check_likelihood(likelihood, sigma)
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
         seed = check_int(seed, "seed", lo=0)

@@ -70,6 +70,17 @@ __all__ = ["VAE"]
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
+def check_likelihood(likelihood, sigma):
+    """The decoder likelihood's name and its fixed sigma (None: learned, Gaussian only); returns sigma."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    if sigma is not None:
+        if likelihood != "gaussian":
+            raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
+        sigma = check_float(sigma, "sigma (None: learned)", lo=0, strict_lo=True)
+    return sigma
+
+
 def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init):
     """Validate the constructor options shared by VAE and CVAE; returns the normalised
     (x_dim, hidden list, z_dim, sigma, n_samples, beta, seed) or raises ValueError naming the option."""
@@ -79,12 +90,7 @@ def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_sam
         hidden = (hidden,)
     hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
     get_activation(activation)
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
-    if sigma is not None:
-        if likelihood != "gaussian":
-            raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
-        sigma = check_float(sigma, "sigma (None: learned)", lo=0, strict_lo=True)
+    sigma = check_likelihood(likelihood, sigma)
     n_samples = check_int(n_samples, "n_samples", lo=1)
     beta = check_float(beta, "beta", lo=0)
     if init not in INITS:
