@@ -181,6 +181,22 @@ def _names(node):
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+def _hoist(tree, scalar_names, prefix, consts):
+    """``tree`` with every array-free part (only names in ``scalar_names``; function calls stay, their
+    arguments are searched) replaced by a name ``<prefix><k>``, appended to ``consts`` as (name, source)."""
+    class Hoist(ast.NodeTransformer):
+        def visit(self, n):
+            if isinstance(n, ast.Call):
+                n.args = [self.visit(a) for a in n.args]
+                return n
+            if isinstance(n, ast.expr) and _names(n) - set(FUNCTIONS) <= scalar_names:
+                consts.append((f"{prefix}{len(consts)}", ast.unparse(n)))
+                return ast.Name(id=consts[-1][0], ctx=ast.Load())
+            return self.generic_visit(n)
+
+    return Hoist().visit(tree)
+
+
 def _check(node, where):
     """Reject anything outside the formula language (so every engine can run what parses)."""
     for n in ast.walk(node):
@@ -338,23 +354,13 @@ class Formula:
         line hoisted into a named scalar (cached)."""
         if getattr(self, "_ne", None) is None:
             scalar_names = set(self.scalars) | {s[0] for s in self.statements if s[2]}
-            prog, names, count = [], {}, [0]
+            prog, names, consts = [], {}, []
             for lhs, text, is_scalar in self.expressions():
                 hoisted = {}
                 if not is_scalar:
-                    class Hoist(ast.NodeTransformer):
-                        def visit(self, n):
-                            if isinstance(n, ast.Call):
-                                n.args = [self.visit(a) for a in n.args]
-                                return n
-                            if isinstance(n, ast.expr) and _names(n) - set(FUNCTIONS) <= scalar_names:
-                                key = f"_s{count[0]}"
-                                count[0] += 1
-                                hoisted[key] = ast.unparse(n)
-                                return ast.Name(id=key, ctx=ast.Load())
-                            return self.generic_visit(n)
-
-                    tree = Hoist().visit(ast.parse(text, mode="eval"))
+                    start = len(consts)
+                    tree = _hoist(ast.parse(text, mode="eval"), scalar_names, "_s", consts)
+                    hoisted = dict(consts[start:])
                     text = ast.unparse(tree)
                     names[lhs] = _names(tree) - set(FUNCTIONS) - set(hoisted)
                 prog.append((lhs, text, hoisted, is_scalar))
@@ -431,23 +437,12 @@ class Formula:
         if getattr(self, "_nb", None) is None:
             scalar_names = set(self.scalars) | {s[0] for s in self.statements if s[2]}
             scalar_lines, array_lines, consts = [], [], []
-
-            class Hoist(ast.NodeTransformer):
-                def visit(self, n):
-                    if isinstance(n, ast.Call):
-                        n.args = [self.visit(a) for a in n.args]
-                        return n
-                    if isinstance(n, ast.expr) and _names(n) - set(FUNCTIONS) <= scalar_names:
-                        consts.append((f"_c{len(consts)}", ast.unparse(n)))
-                        return ast.Name(id=consts[-1][0], ctx=ast.Load())
-                    return self.generic_visit(n)
-
             import copy
             for lhs, expr, is_scalar in self.statements:
                 if is_scalar:
                     scalar_lines.append(f"{lhs} = {ast.unparse(expr)}")
                 else:
-                    array_lines.append((lhs, Hoist().visit(copy.deepcopy(expr))))
+                    array_lines.append((lhs, _hoist(copy.deepcopy(expr), scalar_names, "_c", consts)))
             self._nb, self._numba_consts = (scalar_lines, array_lines), consts
         return self._nb
 
