@@ -42,6 +42,13 @@ def _records(out):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _assert_two_ranks_match_one(args, out, rel):
+    """Run ``args`` as 1 process into OUT/one and on 2 ranks into OUT/two; the same run to ``rel``."""
+    _run(args, out / "one")
+    _run(args, out / "two", n=2)
+    _assert_same_run(out / "one", out / "two", rel)
+
+
 def _assert_same_run(a, b, rel):
     ra, rb = _records(a), _records(b)
     assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
@@ -84,9 +91,7 @@ def test_detect_is_single_outside_mpiexec(monkeypatch):
 def test_vae_two_ranks_equal_one_process_every_step_float64(tmp_path):
     """One step per epoch (B = 255 = 127 + 128: uneven shards), so each epoch's train loss is one step's."""
     args = VAE + ["--train-limit", "255", "--batch-size", "255", "--epochs", "3", "--dtype", "float64"]
-    _run(args, tmp_path / "one")
-    _run(args, tmp_path / "two", n=2)
-    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+    _assert_two_ranks_match_one(args, tmp_path, 1e-10)
 
 
 @need_mpi
@@ -94,17 +99,13 @@ def test_vae_and_flow2d_two_ranks_uneven_last_batch_float32(tmp_path):
     """B = 45 on 256 examples: shards 22/23 and a last batch of 31 (15/16)."""
     for name, args in (("vae", VAE), ("flow", FLOW)):
         a = args + ["--train-limit", "256", "--batch-size", "45", "--epochs", "1", "--dtype", "float32"]
-        _run(a, tmp_path / f"{name}1")
-        _run(a, tmp_path / f"{name}2", n=2)
-        _assert_same_run(tmp_path / f"{name}1", tmp_path / f"{name}2", 1e-5)
+        _assert_two_ranks_match_one(a, tmp_path / name, 1e-5)
 
 
 @need_mpi
 def test_flow2d_two_ranks_equal_one_process_float64(tmp_path):
     args = FLOW + ["--train-limit", "255", "--batch-size", "85", "--epochs", "2", "--dtype", "float64"]
-    _run(args, tmp_path / "one")
-    _run(args, tmp_path / "two", n=2)
-    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+    _assert_two_ranks_match_one(args, tmp_path, 1e-10)
 
 
 @need_mpi
@@ -248,18 +249,14 @@ def test_cvae_and_m2_two_ranks_equal_one_process_float64(tmp_path):
     """Uneven shards: B = 255 = 127 + 128 unlabelled (and CVAE) images, 15 = 7 + 8 labelled M2 images."""
     for name, args in (("cvae", CVAE), ("m2", M2)):
         a = args + ["--train-limit", "255", "--batch-size", "255", "--epochs", "2", "--dtype", "float64"]
-        _run(a, tmp_path / f"{name}1")
-        _run(a, tmp_path / f"{name}2", n=2)
-        _assert_same_run(tmp_path / f"{name}1", tmp_path / f"{name}2", 1e-10)
+        _assert_two_ranks_match_one(a, tmp_path / name, 1e-10)
 
 
 @need_mpi
 def test_gmm_two_ranks_equal_one_process(tmp_path):
     """Data-parallel EM: the same log-likelihood every iteration and the same final mixture."""
     a = ["train", "gmm", "--dataset", "moons", "--components", "5", "--train-limit", "501", "--max-iter", "30"]
-    _run(a, tmp_path / "one")
-    _run(a, tmp_path / "two", n=2)
-    _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+    _assert_two_ranks_match_one(a, tmp_path, 1e-10)
     assert len(_records(tmp_path / "two")) > 5
 
 
