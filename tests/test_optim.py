@@ -170,6 +170,16 @@ def test_optimizer_has_no_zero_grad():
     assert not hasattr(optim.Optimizer, "zero_grad")
 
 
+def _adam_steps(p0, grads):
+    """The parameters after one Adam (lr 1e-2, weight decay 0.01) step per gradient in ``grads``, from p0."""
+    p = Parameter(p0.copy())
+    opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
+    for g in grads:
+        p.grad[...] = g
+        opt.step()
+    return p.data.copy()
+
+
 def test_threaded_chunked_adam_is_bitwise_the_single_thread_update():
     rng = np.random.default_rng(0)
     n = 5 * optim.CHUNK + 123                      # several chunks, a ragged tail
@@ -180,12 +190,7 @@ def test_threaded_chunked_adam_is_bitwise_the_single_thread_update():
     try:
         for threads in (1, 3):
             optim.set_num_threads(threads)
-            p = Parameter(p0.copy())
-            opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
-            for g in grads:
-                p.grad[...] = g
-                opt.step()
-            out.append(p.data.copy())
+            out.append(_adam_steps(p0, grads))
     finally:
         optim.set_num_threads(old)
     np.testing.assert_array_equal(out[0], out[1])
@@ -263,12 +268,7 @@ def test_fused_numba_adam_split_over_threads_is_bitwise_one_loop(monkeypatch):
         fused.set_cpu_fused(True, "numba", min_size=0)
         for threshold in (1 << 40, 0):
             monkeypatch.setattr(optim, "NUMBA_THREADED_MIN", threshold)
-            p = Parameter(p0.copy())
-            opt = optim.Adam([p], lr=1e-2, weight_decay=0.01)
-            for g in grads:
-                p.grad[...] = g
-                opt.step()
-            out.append(p.data.copy())
+            out.append(_adam_steps(p0, grads))
     finally:
         fused.set_cpu_fused(False)
         optim.set_num_threads(old)
