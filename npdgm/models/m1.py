@@ -26,7 +26,7 @@ import contextlib
 
 import numpy as np
 
-from ..kernels import softmax_ce_backward, softmax_ce_forward
+from ..kernels import softmax_ce_backward, softmax_ce_forward, softmax_forward
 from ..validate import check_float, check_int
 
 __all__ = ["SoftmaxRegression", "fit_softmax_regression", "softmax_regression_loss_and_grad", "choose_l2",
@@ -134,9 +134,7 @@ class SoftmaxRegression:
         return X @ self.W + self.b
 
     def predict_proba(self, X):
-        S = self.logits(X)
-        e = np.exp(S - S.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax_forward(self.logits(X))
 
     def predict(self, X):
         return self.logits(X).argmax(axis=1)
