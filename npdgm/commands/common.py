@@ -269,6 +269,13 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
     return build(run), run, out
 
 
+def run_args(meta):
+    """The training options a checkpoint's meta stores (``meta["run"]["args"]``); {} when it has none."""
+    run = meta.get("run")
+    args = run.get("args") if isinstance(run, dict) else None
+    return args if isinstance(args, dict) else {}
+
+
 def _stored_run(out, args, kind, families):
     """(arrays, meta, run options) of OUT/checkpoint.npz, checked to be a resumable ``kind`` run."""
     from ..io import CheckpointError, load_arrays

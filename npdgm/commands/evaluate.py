@@ -96,7 +96,7 @@ def _load(args):
     from .vae import _load_data, _load_vae
 
     model, meta = _load_vae(args.rundir)
-    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    run = common.run_args(meta)
     data = args.data or run.get("data")
     x, _ = _load_data(data, "test", args.n_images, run.get("binarize", "none"), run.get("seed", 0))
     if len(x) < args.n_images and common.is_root():
@@ -212,7 +212,7 @@ def _classify(args):
     kind = meta.get("kind")
     if kind not in ("cvae", "m2"):
         raise ValueError(f"{args.rundir} holds a {kind!r} model; --method classify needs a cvae or m2 run")
-    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    run = common.run_args(meta)
     model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
     x, y = _load_data(args.data or run.get("data"), "test", args.n_images, run.get("binarize", "none"),
                       run.get("seed", 0))

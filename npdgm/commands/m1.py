@@ -152,7 +152,7 @@ def load_m1_vae(run, expect_sha256=None):
 
 def vae_run_data(meta, data=None):
     """(data, binarize, train_limit, test_limit, seed) of the VAE run in checkpoint ``meta``."""
-    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    run = common.run_args(meta)
     return (data or run.get("data"), run.get("binarize", "none"), run.get("train_limit"), run.get("test_limit"),
             run.get("seed", 0))
 

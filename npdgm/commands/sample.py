@@ -178,7 +178,7 @@ def _scatter(model, kind, meta, args, f, temps, out):
 
     n = args.n or 5000
     panels = []
-    run = meta.get("run", {}).get("args", {}) if isinstance(meta.get("run"), dict) else {}
+    run = common.run_args(meta)
     if run.get("dataset") in TOYS:
         from . import flows, gmm
 

@@ -347,7 +347,7 @@ def cmd_impute(args):
         common.check_out_file(args.out, "--out")
     row_mask(1, args.rows)
     model, meta = _load_vae(args.rundir)
-    run = meta.get("run", {}).get("args", {})
+    run = common.run_args(meta)
     data = args.data or run.get("data")
     binz, seed = run.get("binarize", "none"), run.get("seed", 0)
     x_tr, _ = _load_data(data, "train", run.get("train_limit"), binz, seed)
