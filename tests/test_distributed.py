@@ -5,7 +5,6 @@ and is not run here."""
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 
 from npdgm import distributed
+from npdgm.bench.distributed import mpiexec
 
-_BESIDE = os.path.join(os.path.dirname(sys.executable), "mpiexec")  # the mpich wheel's, in a venv not activated
-MPIEXEC = _BESIDE if os.access(_BESIDE, os.X_OK) else shutil.which("mpiexec")
+MPIEXEC = mpiexec()  # the mpich wheel's beside this Python (a venv not activated), else on PATH
 HAVE_MPI = importlib.util.find_spec("mpi4py") is not None and MPIEXEC is not None
 need_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec (pip install '.[mpi]')")
 TIMEOUT = 60
