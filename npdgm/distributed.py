@@ -141,6 +141,7 @@ class MPIComm(Single):
                 import sys
                 print(f"npdgm: error: rank {self.rank}/{self.size}: {what} got no answer from the other ranks in "
                       f"{self.timeout:g} s (a rank died or hangs); aborting the job", file=sys.stderr, flush=True)
+                time.sleep(0.5)  # let mpiexec forward that line: Abort may end the job before its stderr is read
                 self.comm.Abort(1)
             time.sleep(0.0002)
 
