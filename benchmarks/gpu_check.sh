@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of npdgm, in one go (< 8 minutes; every step has its own timeout):
 #   1. pytest -m gpu                       (the CuPy tests: fused kernels, fused Adam, CUDA graphs)
+#   1b. the NCCL test (mpiexec + NCCL through CuPy, one rank per GPU); -rs says why if it skips
+#       (it needs mpi4py and an mpiexec: pip install ".[mpi]" where there is a network)
 #   2. every fused kernel against its plain version on CuPy (each kernel table entry, float32 and
 #      float64, and Adam/AdamW); prints one line per kernel, fails loudly on a mismatch
 #   3. the three workloads (vae b128, nice b200, realnvp2d b512) on npdgm-cupy, npdgm-cupy + CUDA graph,
@@ -41,7 +43,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to $DEST/NAME.lo
 }
 
 # 1. the GPU tests
-step pytest_gpu 110 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_distributed.py tests
+step nccl 60 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_distributed.py
 
 # 2. every fused kernel against the plain array code on CuPy
 step fused_compare 60 "$PY" - "$DEST/fused_compare.json" <<'EOF'
@@ -99,9 +102,9 @@ print(f"all {len(rows)} fused kernels match their plain versions")
 EOF
 
 # 3. the workloads: npdgm-cupy, torch eager (CPU and CUDA), torch.compile; then npdgm-cupy as a CUDA graph
-step bench 230 "$PY" -m npdgm.bench.run --workloads vae,nice,realnvp2d --backends cupy,torch --repeats 3 \
+step bench 200 "$PY" -m npdgm.bench.run --workloads vae,nice,realnvp2d --backends cupy,torch --repeats 3 \
     --json "$DEST/bench.json" --md "$DEST/bench.md"
-step bench_graph 70 "$PY" -m npdgm.bench.run --workloads vae,nice,realnvp2d --backends cupy --cuda-graph \
+step bench_graph 60 "$PY" -m npdgm.bench.run --workloads vae,nice,realnvp2d --backends cupy --cuda-graph \
     --repeats 3 --json "$DEST/bench_graph.json" --md "$DEST/bench_graph.md"
 
 # the report: gpu_check.json + gpu_check.md
