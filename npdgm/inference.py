@@ -429,7 +429,7 @@ def ais_chains(loglik, z, betas, leapfrog=10, step=0.05, target_accept=0.65, rng
     return logw, z, float(acc) / max(1, len(betas) - 1)
 
 
-def ais(model, x, steps=1000, chains=16, leapfrog=10, schedule_kind="sigmoid", rng=None, step=0.05):
+def ais(model, x, steps=1000, chains=4, leapfrog=2, schedule_kind="sigmoid", rng=None, step=0.05):
     """AIS estimate of log p(x) per row of x (B, x_dim): ``chains`` chains per image from the prior to
     p(z|x) through ``steps`` intermediate distributions with HMC (``leapfrog`` steps) transitions.
     Returns {"est": (B,) = logmeanexp_c log w (a stochastic lower bound), "se": its delta-method standard
@@ -456,7 +456,7 @@ def simulate(model, n, rng=None):
     return x, z
 
 
-def bdmc(model, n=10, steps=1000, chains=16, leapfrog=10, schedule_kind="sigmoid", rng=None, step=0.05):
+def bdmc(model, n=10, steps=1000, chains=4, leapfrog=2, schedule_kind="sigmoid", rng=None, step=0.05):
     """Bidirectional Monte Carlo (Grosse et al. 2015) on n images simulated from the model: forward AIS gives
     a stochastic lower bound of each log p(x), reverse AIS (from the exact posterior sample z that made x,
     betas 1 -> 0) a stochastic upper bound. Returns {"lower": (n,), "upper": (n,), "x": the images}."""
