@@ -17,8 +17,8 @@ import numpy as np
 
 from .. import backend
 from . import common
-from .common import add_train_args, nonneg_float, positive_float, positive_int, setup_backend
-from .vae import _load_data
+from .common import add_train_args, positive_int, setup_backend
+from .vae import _load_data, add_vae_model_args
 
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
@@ -42,18 +42,7 @@ def register(commands, train_commands):
         "cvae", help="conditional VAE on MNIST (sample a chosen digit)",
         description="Train a conditional VAE q(z|x,y), p(x|z,y) on MNIST with hand-written gradients; the label "
                     "enters both networks as a one-hot vector. Loss = -ELBO of log p(x|y) in nats per image.")
-    g = p.add_argument_group("model")
-    g.add_argument("--z-dim", type=positive_int, default=20, help="latent size (default 20)")
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=[400], metavar="H",
-                   help="encoder hidden sizes; the decoder uses them reversed (default 400)")
-    g.add_argument("--activation", default="relu",
-                   choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
-    g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
-                   help="decoder p(x|z,y) (default bernoulli)")
-    g.add_argument("--sigma", type=positive_float, default=None,
-                   help="gaussian: fixed decoder std (default: learn a per-pixel log-variance)")
-    g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
-    g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
+    g = add_vae_model_args(p, decoder="p(x|z,y)")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
     add_data_args(p)
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)

@@ -43,19 +43,25 @@ def _posterior(spec):
     return spec
 
 
-def _add_model_args(p):
+def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)"):
+    """The model options the VAE and the CVAE share; returns the "model" group for more."""
     g = p.add_argument_group("model")
-    g.add_argument("--z-dim", type=positive_int, default=20, help="latent size (default 20; 2 adds the latent figures)")
+    g.add_argument("--z-dim", type=positive_int, default=20, help=z_dim_help)
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[400], metavar="H",
                    help="encoder hidden sizes; the decoder uses them reversed (default 400)")
     g.add_argument("--activation", default="relu",
                    choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
-                   help="decoder p(x|z): bernoulli (BCE from logits) or gaussian (default bernoulli)")
+                   help=f"decoder {decoder}: bernoulli (BCE from logits) or gaussian (default bernoulli)")
     g.add_argument("--sigma", type=positive_float, default=None,
                    help="gaussian: fixed decoder std (the MSE form) (default: learn a per-pixel log-variance)")
     g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
     g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
+    return g
+
+
+def _add_model_args(p):
+    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures)")
     g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="training loss: elbo (-ELBO, --n-samples, --beta) or iwae (the k-sample importance-"
                         "weighted bound, Burda et al. 2016) (default elbo)")
