@@ -66,3 +66,9 @@ def torch_parameters(path, dtype=None):
     flat = flat.to(torch.float64 if dtype is None else dtype)
     params = {n: t.clone().requires_grad_(True) for n, t in unflatten(flat, manifest["layout"]).items()}
     return manifest, params
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|: the comparison of every mirror test (they pass at 1e-8 in float64)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0)) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300)

@@ -12,14 +12,9 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from npdgm.bench import torch_models as M  # noqa: E402
-from layout import torch_parameters  # noqa: E402
+from layout import rel_err, torch_parameters  # noqa: E402
 
 REL = 1e-8
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0)) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
 
 
 def _need(mod):
