@@ -98,21 +98,24 @@ def test_train_m1_with_vae(vae_run, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     link = json.loads((out / "m1.json").read_text())
     assert link["vae_sha256"] == s["vae_sha256"] and os.path.isfile(os.path.join(out, link["vae"]))
-    assert s["l2"] == 0.1 and s["baseline_l2"] == 0.1 and s["feature_dim"] == 4 and s["labels"] == 50
+    keep = link["keep"]
+    assert s["l2"] == 0.1 and s["baseline_l2"] == 0.1 and s["labels"] == 50 and s["z_dim"] == 4
+    assert s["feature_dim"] == len(keep) >= 1 and link["active_std"] == 0.1
     import npdgm
     from npdgm.commands.m1 import load_images
 
     vae = npdgm.load(vae_run)
     x_te, y_te = load_images(None, "test", 200, "none", 0)
     c = np.load(out / "classifier.npz")
-    pred = (((vae_features(vae, x_te) - c["mean"]) / c["scale"]) @ c["W"] + c["b"]).argmax(1)
+    mu = vae_features(vae, x_te)
+    pred = (((mu[:, keep] - c["mean"]) / c["scale"]) @ c["W"] + c["b"]).argmax(1)
     assert s["test_error"] == pytest.approx(float((pred != y_te).mean()))
     assert 0 <= s["baseline_test_error"] < 0.9 and s["baseline_train_error"] == 0   # 50 images in 784 dims: separable
 
 
 def test_train_m1_trains_its_vae_first(tmp_path):
     out = tmp_path / "m1"
-    assert main(["train", "m1", *TINY_VAE, "--labels", "20", "--l2", "1", "--out", out]) == 0
+    assert main(["train", "m1", *TINY_VAE, "--labels", "20", "--l2", "1", "--active-std", "0", "--out", out]) == 0
     link = json.loads((out / "m1.json").read_text())
     assert link["vae"] == os.path.join("vae", "checkpoint.npz") and link["binarize"] == "dynamic"
     import npdgm
@@ -178,7 +181,8 @@ def test_m1_plus_m2_stores_and_checks_the_m1_vae(vae_run, tmp_path, capsys):
     import npdgm
 
     m2 = npdgm.load(out)
-    assert m2.likelihood == "gaussian" and m2.x_dim == 4 and "logvar_x" in m2.params
+    keep = json.loads((m1 / "m1.json").read_text())["keep"]
+    assert m2.likelihood == "gaussian" and m2.x_dim == len(keep) < 4 and "logvar_x" in m2.params   # active units only
     assert main(["evaluate", out, "--method", "classify", "--n-images", "100", "--json", tmp_path / "c.json"]) == 0
     r = json.loads((tmp_path / "c.json").read_text())["methods"]["classify"]
     assert r["error"] == pytest.approx(s["test_error"])          # the same codes as the run's own evaluation
@@ -210,3 +214,40 @@ def test_registered_m1_gradchecks_pass():
     assert {(r[0], r[1]) for r in rows} == {(f"model.m1.softmax_regression[l2={l2}]", p) for l2 in ("0", "0.7")
                                             for p in "Wb"}
     assert all(r[4] for r in rows), [r for r in rows if not r[4]]
+
+
+def test_active_units_and_prune_latents(rng):
+    """The active units are those whose mean varies over the images; the pruned VAE encodes exactly the
+    kept columns of (mu, logvar) and decodes as the original with the dropped units at 0."""
+    from npdgm.models.m1 import active_units, prune_latents
+
+    mu = np.column_stack([rng.standard_normal(200), 0.05 * rng.standard_normal(200), np.full(200, 3.0),
+                          0.5 * rng.standard_normal(200)])
+    assert active_units(mu).tolist() == [0, 3] and active_units(mu, 0).tolist() == [0, 1, 3]
+    assert active_units(mu, 0.01).tolist() == [0, 1, 3] and active_units(mu, 2).tolist() == []
+    with pytest.raises(ValueError, match="codes"):
+        active_units(mu[:1])
+    import npdgm
+
+    vae = npdgm.VAE(x_dim=6, hidden=(5, 4), z_dim=4, activation="softplus", seed=3)
+    vae.flat_params[...] += 0.2 * rng.standard_normal(vae.flat_params.shape).astype(vae.flat_params.dtype)
+    keep = np.array([0, 3])
+    small = prune_latents(vae, keep)
+    x = rng.uniform(0, 1, (7, 6)).astype(np.float32)
+    (m, lv), (m2, lv2) = vae.encode(x), small.encode(x)
+    assert small.z_dim == 2 and small.config["hidden"] == [5, 4]
+    np.testing.assert_array_equal(m2, m[:, keep])
+    np.testing.assert_array_equal(lv2, lv[:, keep])
+    z = rng.standard_normal((7, 2)).astype(np.float32)
+    full = np.zeros((7, 4), np.float32)
+    full[:, keep] = z
+    np.testing.assert_allclose(small.decode(z), vae.decode(full), rtol=1e-6)
+    for bad in ([], [0, 0], [4], [-1]):
+        with pytest.raises(ValueError, match="distinct indices"):
+            prune_latents(vae, bad)
+
+
+def test_m1_active_std_zero_keeps_every_unit_that_varies(vae_run, tmp_path):
+    out = tmp_path / "m1"
+    assert main(["train", "m1", "--vae", vae_run, "--labels", "20", "--l2", "1", "--active-std", "0", "--out", out]) == 0
+    assert json.loads((out / "m1.json").read_text())["keep"] == [0, 1, 2, 3]

@@ -7,7 +7,9 @@
 Without ``--vae`` the VAE is trained first, into OUT/vae, with the ``npdgm train vae`` options (defaults as in
 the paper: --hidden 600 600, --z-dim 50, softplus, dynamic binarization); ``npdgm train vae --resume OUT/vae``
 continues it. M1 then maps every image to mu(x) = E_q[z|x] (the VAE run's data, binarization and limits;
-``dynamic``: one fixed Bernoulli draw per image, training and test images alike), centers the codes and
+``dynamic``: one fixed Bernoulli draw per image, training and test images alike), keeps the active units
+(std over the training images of mu_j(x) > --active-std, as Kingma et al.'s code does; m1.json records them
+and ``--features m1:OUT`` gives M2 these units alone), centers the codes and
 divides them by one scale (the root mean variance over all training images; one scale, not one per
 dimension, so inactive latent units stay near 0: :func:`npdgm.models.m1.standardizer`), and fits softmax
 regression with an L2 penalty (:mod:`npdgm.models.m1`, which says why not an SVM) on the --labels labelled
@@ -54,6 +56,10 @@ def register(commands, train_commands):
     m.add_argument("--l2", default="cv", type=_l2_type,
                    help="L2 penalty of the classifier, or cv: the best of 1e-6 .. 1 by 5-fold cross-validation "
                         "on the labelled images (default cv)")
+    m.add_argument("--active-std", type=common.nonneg_float, default=0.1, metavar="S",
+                   help="keep the latent units whose posterior mean mu_j(x) has a standard deviation over the "
+                        "training images above S (the active units; Kingma et al.'s code: 0.1) as the features, "
+                        "here and for M1+M2 (npdgm train m2 --features m1:OUT); 0 keeps every unit (default 0.1)")
     before = {a.dest for a in p._actions}
     _add_model_args(p)
     common.add_train_args(p, epochs=10, batch_size=128, lr=1e-3)
@@ -113,8 +119,9 @@ def vae_checkpoint(path):
 
 
 def resolve_m1(run):
-    """(VAE checkpoint path, its sha256 as the M1 run recorded it) of ``run``: an M1 run directory (its
-    m1.json) or a VAE run directory / checkpoint itself (sha256 of the file now)."""
+    """(VAE checkpoint path, its sha256 as the M1 run recorded it, the kept latent units or None) of ``run``: an
+    M1 run directory (its m1.json) or a VAE run directory / checkpoint itself (sha256 of the file now, every
+    unit)."""
     rec = os.path.join(run, "m1.json") if os.path.isdir(run) else None
     if rec and os.path.isfile(rec):
         with open(rec) as f:
@@ -122,20 +129,25 @@ def resolve_m1(run):
         p = meta.get("vae")
         if not isinstance(p, str) or not isinstance(meta.get("vae_sha256"), str):
             raise ValueError(f"{rec} names no VAE checkpoint and checksum (vae, vae_sha256)")
-        return (p if os.path.isabs(p) else os.path.join(run, p)), meta["vae_sha256"]
+        keep = meta.get("keep")
+        if keep is not None and (not isinstance(keep, list) or not all(isinstance(k, int) for k in keep)):
+            raise ValueError(f"{rec}: keep must be a list of latent unit indices, got {keep!r}")
+        return (p if os.path.isabs(p) else os.path.join(run, p)), meta["vae_sha256"], keep
     if not os.path.exists(run):
         raise ValueError(f"M1 run {run} does not exist")
     p = vae_checkpoint(run)
-    return p, sha256_file(p)
+    return p, sha256_file(p), None
 
 
-def load_m1_vae(run, expect_sha256=None):
-    """The VAE of the M1 run ``run`` (see :func:`resolve_m1`), with (path, sha256). ValueError when its
-    checkpoint is missing, differs from the checksum recorded in m1.json, or from ``expect_sha256`` (the
-    one an M1+M2 run stored when it started): the codes M2 learned on would not be these."""
+def load_m1_vae(run, expect_sha256=None, prune=True):
+    """The VAE of the M1 run ``run`` (see :func:`resolve_m1`), with (path, sha256): restricted to the active
+    latent units the M1 run kept (m1.json "keep", :func:`npdgm.models.m1.prune_latents`) unless ``prune`` is
+    False. ValueError when its checkpoint is missing, differs from the checksum recorded in m1.json, or from
+    ``expect_sha256`` (the one an M1+M2 run stored when it started): the codes M2 learned on would not be these."""
+    from ..models.m1 import prune_latents
     from .vae import _load_vae
 
-    path, sha = resolve_m1(run)
+    path, sha, keep = resolve_m1(run)
     if not os.path.isfile(path):
         raise ValueError(f"M1 run {run}: its VAE checkpoint {path} is missing")
     now = sha256_file(path)
@@ -147,6 +159,8 @@ def load_m1_vae(run, expect_sha256=None):
                          f"{now[:12]}.. != {expect_sha256[:12]}..); the features would differ: restore it, or "
                          f"start a new run")
     model, meta = _load_vae(path)
+    if prune and keep is not None and len(keep) < model.z_dim:
+        model = prune_latents(model, keep)
     return model, meta, path, now
 
 
@@ -203,7 +217,7 @@ def fit_m1(X_lab, y_lab, X_te, y_te, l2, seed, name):
 
 
 def cmd_train(args):
-    from ..models.m1 import standardizer, vae_features
+    from ..models.m1 import active_units, standardizer, vae_features
 
     setup_backend(args)
     if args.resume:
@@ -218,26 +232,33 @@ def cmd_train(args):
         resolve_m1(args.vae)                          # a missing run: refused before the run directory is made
     out = common.new_run_dir(args.out or common.default_out("m1"), args.overwrite)
     vae_dir = args.vae or _train_vae(args, out)
-    model, meta, path, sha = load_m1_vae(vae_dir)
+    model, meta, path, sha = load_m1_vae(vae_dir, prune=False)
     data, binz, tr_lim, te_lim, vseed = vae_run_data(meta, args.data if args.vae else None)
     x_tr, y_tr = load_images(data, "train", tr_lim, binz, vseed)
     x_te, y_te = load_images(data, "test", te_lim, binz, vseed)
     lab = balanced_labels(y_tr, args.labels, 10, args.seed)
     t0 = time.perf_counter()
     f_tr, f_te = vae_features(model, x_tr), vae_features(model, x_te)
+    keep = active_units(f_tr, args.active_std)
+    if len(keep) == 0:
+        raise ValueError(f"no latent unit of {path} has std_x mu_j(x) > {args.active_std:g} (--active-std): the VAE "
+                         f"encodes nothing; train it longer or lower --active-std")
+    f_tr, f_te = f_tr[:, keep], f_te[:, keep]
     mean, scale = standardizer(f_tr)
     f_tr, f_te = (f_tr - mean) / scale, (f_te - mean) / scale
     print(f"m1: features mu(x) of {len(x_tr)} training and {len(x_te)} test images from {path} (z_dim "
-          f"{model.z_dim}, {time.perf_counter() - t0:.1f} s); classifier on {len(lab)} labelled images", flush=True)
+          f"{model.z_dim}, {len(keep)} active: std > {args.active_std:g}, {time.perf_counter() - t0:.1f} s); classifier on {len(lab)} labelled images", flush=True)
     res, clf = fit_m1(f_tr[lab], y_tr[lab], f_te, y_te, args.l2, args.seed, "")
     base, _ = fit_m1(np.asarray(x_tr[lab], np.float64), y_tr[lab], np.asarray(x_te, np.float64), y_te, args.l2,
                      args.seed, "baseline_")
     rel = os.path.relpath(path, out)
     link = {"vae": rel if not rel.startswith("..") else os.path.abspath(path), "vae_sha256": sha,
-            "labels": args.labels, "seed": args.seed, "data": data, "binarize": binz}
+            "labels": args.labels, "seed": args.seed, "data": data, "binarize": binz, "active_std": args.active_std,
+            "keep": [int(k) for k in keep]}
     common.write_json(os.path.join(out, "m1.json"), link)
-    summary = {"classifier": "softmax regression, L2 (npdgm.models.m1)", "features": "VAE posterior mean mu(x), "
-               "centered, one scale", "feature_dim": int(model.z_dim), "vae": link["vae"], "vae_sha256": sha,
+    summary = {"classifier": "softmax regression, L2 (npdgm.models.m1)", "features": "VAE posterior mean mu(x) of the "
+               "active units, centered, one scale", "feature_dim": int(len(keep)), "z_dim": int(model.z_dim),
+               "active_std": args.active_std, "vae": link["vae"], "vae_sha256": sha,
                "labels": args.labels, "seed": args.seed, "test_n": len(x_te), "train_n": len(x_tr), **res, **base,
                "baseline_input": "raw pixels"}
     common.write_summary(out, summary)

@@ -30,8 +30,9 @@ from ..kernels import softmax_ce_backward, softmax_ce_forward, softmax_forward
 from ..validate import check_float, check_int
 
 __all__ = ["SoftmaxRegression", "fit_softmax_regression", "softmax_regression_loss_and_grad", "choose_l2",
-           "standardizer", "vae_features", "L2_GRID"]
+           "standardizer", "vae_features", "active_units", "prune_latents", "L2_GRID", "ACTIVE_STD"]
 
+ACTIVE_STD = 0.1      # a latent unit is active when std_x mu_j(x) exceeds this (Kingma et al.'s code; Burda et al.)
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidates of the cross-validated penalty
 
 
@@ -205,3 +206,41 @@ def vae_features(model, x, sample=False, rng=None, batch=1000):
             z = mu + model.xp.exp(logvar / 2) * eps
         out.append(np.asarray(backend.to_host(z), np.float64))
     return np.concatenate(out)
+
+
+def active_units(mu, threshold=ACTIVE_STD):
+    """Indices j (sorted, int64) of the latent units whose posterior mean varies over the images:
+    std_n mu_j(x_n) > threshold, for codes mu (N, z_dim). The rest are inactive (q(z_j|x) ~ p(z_j) for every
+    x): their means are ~0 and their posterior samples pure N(0, 1) noise. Kingma et al. (2014) keep only the
+    active units of the M1 VAE (their code: std > 0.1 over 1000 training images) as M2's input; Burda et al.
+    (2016) count Cov_x(E_q[z_j]) > 0.01, the same threshold. threshold 0 keeps every unit that varies at all."""
+    mu = np.asarray(mu, np.float64)
+    if mu.ndim != 2 or mu.shape[0] < 2:
+        raise ValueError(f"mu must be (n >= 2, z_dim) codes, got shape {mu.shape}")
+    threshold = check_float(threshold, "threshold", lo=0)
+    return np.flatnonzero(mu.std(axis=0) > threshold).astype(np.int64)
+
+
+def prune_latents(vae, keep):
+    """A copy of the (Gaussian-posterior) VAE restricted to the latent units ``keep``: z_dim = len(keep), the
+    encoder's output layer keeps the columns of mu_keep and logvar_keep, the decoder's input layer the rows
+    of z_keep; every other weight is copied. Its encode(x) is exactly (mu, logvar)[:, keep] of the original;
+    its decoder is the original's with the dropped z_j set to 0 (the prior mean: for inactive units the
+    decoder hardly depends on them)."""
+    keep = np.asarray(keep, np.int64)
+    Z = vae.z_dim
+    if keep.ndim != 1 or len(keep) == 0 or len(np.unique(keep)) != len(keep) or keep.min() < 0 or keep.max() >= Z:
+        raise ValueError(f"keep must be distinct indices into the {Z} latent units (at least one), got {keep.tolist()}")
+    if getattr(vae, "flow", None) is not None:
+        raise ValueError("prune_latents handles a Gaussian posterior q(z|x); this VAE has an IAF posterior")
+    new = type(vae)(**dict(vae.config, z_dim=int(len(keep))))
+    n_enc = max(int(k.split(".")[1]) for k in vae.params if k.startswith("encoder."))
+    cols = np.concatenate([keep, Z + keep])
+    for name, p in vae.params.items():
+        v = p
+        if name in (f"encoder.{n_enc}.W", f"encoder.{n_enc}.b"):
+            v = p[..., vae.xp.asarray(cols)]
+        elif name == "decoder.0.W":
+            v = p[vae.xp.asarray(keep)]
+        new.params[name][...] = v
+    return new
