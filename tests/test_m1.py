@@ -167,6 +167,31 @@ def test_feature_encoder_draws_z1_from_q(vae_run, rng):
     np.testing.assert_allclose(vae_features(vae, x), mu, rtol=1e-6)
 
 
+def test_code_sampler_draws_z1_from_precomputed_codes(vae_run, rng):
+    """--m1-codes fixed: [mu | logvar] rows computed once, z1 = mu + exp(logvar / 2) eps each step; the same
+    draw as the per-step encoder on the same images and noise."""
+    import npdgm
+    from npdgm.commands.m2 import code_sampler, feature_encoder, posterior_codes
+
+    vae = npdgm.load(vae_run)
+    x = (rng.uniform(0, 1, (5, 784)) < 0.3).astype(np.float32)
+    h = posterior_codes(vae, x, batch=2)
+    mu, logvar = vae.encode(x)
+    np.testing.assert_allclose(h, np.concatenate([mu, logvar], 1), rtol=1e-5, atol=1e-6)   # batch 2 vs 5: float32 GEMM order
+    z = code_sampler(vae.z_dim)(h, np.random.default_rng(3))
+    np.testing.assert_allclose(z, feature_encoder(vae)(x, np.random.default_rng(3)), rtol=1e-5, atol=1e-6)
+
+
+def test_m1_plus_m2_codes_per_step(vae_run, tmp_path):
+    m1 = tmp_path / "m1"
+    assert main(["train", "m1", "--vae", vae_run, "--labels", "20", "--l2", "1", "--out", m1]) == 0
+    out = tmp_path / "m2"
+    assert main(["train", "m2", "--features", f"m1:{m1}", "--m1-codes", "step", "--labels", "20", "--epochs", "1",
+                 "--hidden", "8", "--z-dim", "3", "--train-limit", "300", "--test-limit", "100", "--baseline-steps",
+                 "5", "--eval-n", "50", "--no-progress", "--no-plots", "--out", out]) == 0
+    assert json.loads((out / "summary.json").read_text())["test_error"] < 1
+
+
 def test_m1_plus_m2_stores_and_checks_the_m1_vae(vae_run, tmp_path, capsys):
     m1 = tmp_path / "m1"
     assert main(["train", "m1", "--vae", vae_run, "--labels", "20", "--l2", "1", "--out", m1]) == 0

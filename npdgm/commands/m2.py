@@ -27,8 +27,10 @@ first epochs, where the decoder hardly uses y (the true label lowers -ELBO(x, y)
 beta = 3 by ~30). K = 10, beta = 3: 12.8% after 40 epochs. ``--beta 1 --label-boost 1`` is M2 as published.
 
 M1+M2 (``--features m1:RUN``, RUN an ``npdgm train m1`` run or a VAE run): M2 learns on the latent codes of
-the M1 VAE instead of pixels. Each step encodes the (binarized) images and draws z1 ~ q(z1|x) afresh, as the
-paper does; the test codes are the means mu(x); M2's decoder is Gaussian with a learned per-dimension
+the M1 VAE instead of pixels, on the active units the M1 run kept. ``--m1-codes fixed`` (the default, as Kingma
+et al.'s code): q(z1|x) = (mu, logvar) of every training image is computed once (one fixed binarization, the one
+M1 uses) and each step draws z1 ~ q(z1|x) from it; ``step``: each step binarizes and encodes its images afresh.
+The test codes are the means mu(x); M2's decoder is Gaussian with a learned per-dimension
 variance (``M2(likelihood="gaussian")``). The checkpoint stores the VAE checkpoint's path and sha256:
 --resume and ``npdgm evaluate RUN --method classify`` refuse a missing or changed M1 VAE.
 
@@ -60,7 +62,7 @@ DEFAULT_EPOCHS = 10
 DEFAULT_LABEL_BOOST = 100.0
 DEFAULT_BETA = 3.0
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype",
-            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr", "features")
+            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr", "features", "m1_codes")
 
 
 def register(commands, train_commands):
@@ -96,6 +98,11 @@ def register(commands, train_commands):
     g.add_argument("--features", default=None, metavar="m1:RUN",
                    help="M1+M2: train M2 on the latent codes z1 ~ q(z1|x) of the VAE of the M1 run RUN (npdgm train "
                         "m1, or a VAE run), drawn afresh each step, with a Gaussian decoder (default: pixels)")
+    g.add_argument("--m1-codes", choices=["fixed", "step"], default="fixed",
+                   help="M1+M2: fixed = q(z1|x) (mu, logvar) of every training image computed once (one fixed "
+                        "binarization, as M1 encodes them and as Kingma et al.'s code does), z1 drawn from it each "
+                        "step; step = binarize and encode the images afresh each step (the M1 VAE's forward pass "
+                        "in every step, ~1/3 of its time) (default fixed)")
     g.add_argument("--labelled-batch", type=positive_int, default=None,
                    help="labelled images per step, drawn with replacement (default: the --batch-size value)")
     e = p.add_argument_group("evaluation and baseline")
@@ -245,13 +252,34 @@ def _images(run, loaded):
     return x_tr, y_tr, lab, x_te, y_te
 
 
+def code_sampler(z_dim):
+    """encode(h, rng) -> z1 = mu + exp(logvar / 2) eps for rows h = [mu | logvar] (n, 2 z_dim) of q(z1|x) computed
+    once (``--m1-codes fixed``), eps ~ N(0, I) from ``rng`` (float32 like all run noise)."""
+    def encode(h, rng):
+        mu, logvar = h[:, :z_dim], h[:, z_dim:]
+        eps = backend.to_device(rng.standard_normal(mu.shape, dtype=np.float32), h.dtype)
+        return mu + backend.array_module(h).exp(0.5 * logvar) * eps
+    return encode
+
+
+def posterior_codes(vae, x, batch=1000):
+    """[mu | logvar] (n, 2 z_dim) of q(z1|x) for images x, on the VAE's backend."""
+    return vae.xp.concatenate([vae.encoder.forward(x[s:s + batch]) for s in range(0, len(x), batch)])
+
+
 def _feature_data(model, run, loaded):
     from ..models.m1 import vae_features
+    from .m1 import load_images
 
     vae = (loaded.get("m1") or load_features(run["features"], run.get("features_sha256")))[0]
     loaded["m1"] = (vae,)
     x_tr, y_tr, lab, x_te, y_te = _images(run, loaded)
-    train_x = vae.check_x(x_tr, "training images")
+    if run.get("m1_codes", "step") == "fixed":   # the training images' q(z1|x) once: one fixed binarization
+        x_fix, _ = load_images(run["data"], "train", run["train_limit"], run["binarize"], run["seed"])
+        x_tr = posterior_codes(vae, vae.check_x(x_fix, "training images"))
+        train_x = x_tr
+    else:
+        train_x = vae.check_x(x_tr, "training images")
     f_te = vae_features(vae, vae.check_x(x_te, "test images"))
     test_x = model.check_x(f_te, "test codes")
     y_te = model.check_y(y_te, len(x_te), "test labels")
@@ -334,14 +362,19 @@ def make_evaluate(model, test_x, y_te, n_eval, seed, baseline):
 
 
 def _m1_inputs(model, run, loaded, x_lab):
-    """(encode, baseline inputs): M1+M2, the step's z1 sampler and the labelled codes mu(x); else (None, x_lab)."""
+    """(encode, baseline inputs): M1+M2, the step's z1 sampler and the labelled codes mu(x); else (None, x_lab).
+    ``--m1-codes fixed``: x_lab are the labelled images' [mu | logvar] rows already."""
     if not run.get("features"):
         return None, x_lab
     from ..models.m1 import vae_features
 
     vae = loaded["m1"][0]
+    fixed = run.get("m1_codes", "step") == "fixed"
     print(f"M1+M2: M2 on the codes of {run['features']} ({run['features_vae']}, sha256 "
-          f"{run['features_sha256'][:12]}..)", flush=True)
+          f"{run['features_sha256'][:12]}.., {vae.z_dim} units, z1 drawn each step from q(z1|x) "
+          f"{'computed once' if fixed else 'of that step binarization'})", flush=True)
+    if fixed:
+        return code_sampler(vae.z_dim), model.check_x(x_lab[:, :vae.z_dim], "labelled codes")
     return feature_encoder(vae), model.check_x(vae_features(vae, x_lab), "labelled codes")
 
 
@@ -350,7 +383,8 @@ def cmd_train(args):
     if not args.resume and args.labelled_batch is None:  # data-dependent default, fixed into the run
         args.labelled_batch = args.batch_size
     loaded = {}
-    r = common.resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, _build(args, loaded), derived=("alpha",))
+    r = common.resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, _build(args, loaded), derived=("alpha",),
+                             upgrade=lambda run: {"m1_codes": "step", **run})   # runs from before --m1-codes
     if r is None:
         return 0
     model, run, out = r
@@ -362,7 +396,8 @@ def cmd_train(args):
           flush=True)
     encode, base_x = _m1_inputs(model, run, loaded, x_lab)
     baseline = _baseline(out, run, model, base_x, y_lab, test_x, y_te)
-    step = make_step(model, x_lab, y_lab, run["labelled_batch"], run["binarize"], encode)
+    step = make_step(model, x_lab, y_lab, run["labelled_batch"],
+                     "none" if run.get("features") and run["m1_codes"] == "fixed" else run["binarize"], encode)
     records = common.fit(model, opt, rng, start, run, out, args, step,
                          make_evaluate(model, test_x, y_te, n_eval, run["seed"], baseline), train_x)
     if not common.is_root():
