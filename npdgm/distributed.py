@@ -10,8 +10,19 @@ so each rank scales its gradient by N n_r / B (1 for even shards), and :meth:`al
 (sum over ranks, then / N) leaves the full-batch gradient on every rank.
 
 A communicator has ``rank``, ``size``, ``allreduce_mean_(buf)`` (in place), ``allreduce_sum(values)``
-(a small host vector), ``bcast(obj)``, ``barrier()`` and ``check_same(buf, what)``. :func:`detect`
-picks MPI when launched by ``mpiexec`` with more than one rank, else :class:`Single`.
+(a small host vector), ``bcast(obj)``, ``barrier()``, ``check_same(buf, what)`` and
+``share(model, optimizer)``. :func:`detect` picks MPI when launched by ``mpiexec`` with more than one
+rank, else :class:`Single`.
+
+On one node, :meth:`MPIComm.share` moves a model's flat gradient buffer into an MPI-3 shared-memory
+window (:class:`SharedGrads`): the backward then writes every rank's gradient where all ranks can read it,
+and the all-reduce is one pass over memory (each rank sums its 1/N shard over the ranks and writes the
+result into every rank's buffer) between two barriers, instead of MPICH's copies through its
+shared-memory cells. Given the optimizer too, it keeps one copy per node of the parameters and the
+optimizer state (:class:`SharedStep`) and each rank steps only its 1/N of them (the update is elementwise,
+so the shards give the bits of the whole step), then a barrier: N ranks no longer each run the full
+optimizer pass. Ranks on several nodes (or ``NPDGM_DIST_SHM=0``) keep ``Iallreduce`` and the
+replicated step; ``NPDGM_DIST_SHM=grads`` shares the gradients only.
 
 Evaluation is split too: :func:`rows` is a rank's share of a batch, :func:`mean_over_rows` a mean over
 rows computed by shards and all-reduced, and :class:`ImageStreams` gives every image its own random
@@ -19,6 +30,7 @@ stream, so a Monte Carlo estimate does not depend on which rank (or batch) compu
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -27,6 +39,8 @@ import numpy as np
 
 #: seconds a collective may wait for the other ranks before the job is aborted (env NPDGM_DIST_TIMEOUT)
 DEFAULT_TIMEOUT = 120.0
+#: elements per chunk of the shared-memory reduction: N input chunks and the sum stay in L2 (256 KB in float32)
+SHM_CHUNK = 1 << 16
 
 
 class DistributedError(RuntimeError):
@@ -112,6 +126,149 @@ class Single:
     def check_same(self, buf, what="parameters"):
         return checksum(buf)
 
+    def share(self, model, optimizer=None):
+        """Nothing to share in one process; returns "" (see :meth:`MPIComm.share`)."""
+        return ""
+
+
+def move_grads(model, buf, optimizer=None):
+    """Make ``buf`` (1-D, the size and dtype of ``model.flat_grads``) the model's gradient buffer: its values
+    are copied in, every parameter's ``grad`` becomes a view of it at the same offsets (:meth:`Module.layout`),
+    and ``optimizer``'s (value, gradient) pair that held the old buffer holds ``buf``."""
+    old = model.flat_grads
+    if buf.shape != old.shape or buf.dtype != old.dtype:
+        raise ValueError(f"gradient buffer {buf.shape} {buf.dtype} does not match {old.shape} {old.dtype}")
+    buf[...] = old
+    for p, (_, shape, off) in zip(model.parameters(), model.layout()):
+        zeroed = p.zeroed
+        p.grad = buf[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        p.zeroed = zeroed  # the values moved with it
+    model.flat_grads = buf
+    if optimizer is not None:
+        optimizer.pairs = [(p, buf if g is old else g) for p, g in optimizer.pairs]
+    return buf
+
+
+class SharedGrads:
+    """The flat gradient buffers of all N ranks of one node in one MPI-3 shared-memory window
+    (``MPI.Win.Allocate_shared`` on ``comm``, locked for the window's life with ``Lock_all``): ``bufs[q]`` is
+    rank q's buffer as this process sees it, ``mine`` is this rank's.
+
+    :meth:`reduce_mean_` (collective): after a barrier (every backward has written its buffer) rank r takes
+    its shard [lo, hi) = :func:`shard_bounds` (n, r, N) and, chunk by chunk (:data:`SHM_CHUNK` elements, in
+    L2), computes
+
+        s = ((b_0 + b_1) + b_2 + ... + b_{N-1}) / N          (always in rank order)
+
+    and writes s into every rank's buffer; a second barrier, and every buffer holds the mean. One sum
+    computed once, so every rank gets the same bits, whatever the rank count; the memory traffic is N reads
+    and N writes of a shard per rank (for N = 2: the buffer read once and written once per rank)."""
+
+    def __init__(self, comm, n, dtype):
+        from mpi4py import MPI
+
+        self.MPI, self.comm, self.n, self.dtype = MPI, comm, int(n), np.dtype(dtype)
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.win = MPI.Win.Allocate_shared(self.n * self.dtype.itemsize, self.dtype.itemsize, comm=comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.bufs = [np.frombuffer(self.win.Shared_query(q)[0], self.dtype, self.n) for q in range(self.size)]
+        self.mine = self.bufs[self.rank]
+        self.tmp = np.empty(min(SHM_CHUNK, max(1, self.n)), self.dtype)
+
+    def reduce_mean_(self, fence):
+        """bufs[q] <- (sum over ranks of bufs) / N for every q (see the class); ``fence(what)`` is the
+        barrier with a timeout of the communicator."""
+        self.win.Sync()
+        fence("gradient allreduce")  # every rank's backward has written its buffer
+        self.win.Sync()
+        lo, hi = shard_bounds(self.n, self.rank, self.size)
+        bufs, size = self.bufs, self.size
+        for s in range(lo, hi, SHM_CHUNK):
+            e = min(hi, s + SHM_CHUNK)
+            t = self.tmp[:e - s]
+            np.add(bufs[0][s:e], bufs[1][s:e], out=t)
+            for q in range(2, size):
+                np.add(t, bufs[q][s:e], out=t)
+            t /= size
+            for b in bufs:
+                b[s:e] = t
+        self.win.Sync()
+        fence("gradient allreduce")  # every shard has been written into every buffer
+        self.win.Sync()
+        return self.mine
+
+
+class SharedStep:
+    """One copy per node of a model's flat parameters and of its optimizer's state arrays (Adam's m, v;
+    SGD's momentum buffer), in an MPI-3 shared-memory window allocated by rank 0 of ``comm``, and the
+    sharded optimizer step: :meth:`step` (it replaces ``optimizer.step`` on this rank) runs the optimizer's
+    own update on the views [lo, hi) = :func:`shard_bounds` (n, rank, N) of the parameters, this rank's
+    (all-reduced) gradient and the state, then waits at a barrier, after which every rank reads the whole
+    updated parameter vector. The update of every optimizer here is elementwise, so the N shards give the
+    bits of one whole-buffer step; each rank streams 1/N of the optimizer's memory traffic.
+
+    Preconditions (else :meth:`supported` is False and nothing is shared): the optimizer has one (value,
+    gradient) pair, ``(model.flat_params, model.flat_grads)``, and its state arrays are flat of that size.
+    While shared, a write into the parameters outside the optimizer (``flat_params[...] = ...``) reaches
+    every rank at once; checkpoints (``model.state_dict``, ``optimizer.state_dict``) read the full copy."""
+
+    def __init__(self, comm, model, optimizer, fence):
+        from mpi4py import MPI
+
+        self.opt, self.fence = optimizer, fence
+        rank, size = comm.Get_rank(), comm.Get_size()
+        p = model.flat_params
+        state = [(k, i, a) for k, arrs in optimizer._state().items() for i, a in enumerate(arrs)]
+        n, dt = p.size, p.dtype
+        self.win = MPI.Win.Allocate_shared((1 + len(state)) * n * dt.itemsize if rank == 0 else 0, dt.itemsize,
+                                           comm=comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        mem = np.frombuffer(self.win.Shared_query(0)[0], dt, (1 + len(state)) * n).reshape(1 + len(state), n)
+        if rank == 0:
+            mem[0] = p
+            for j, (_, _, a) in enumerate(state):
+                mem[1 + j] = a
+        self.win.Sync()
+        fence("sharing the parameters")
+        self.win.Sync()
+        p, g = mem[0], model.flat_grads
+        for q, (_, shape, off) in zip(model.parameters(), model.layout()):
+            q.data = p[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        model.flat_params = p
+        optimizer.pairs = [(p, g)]
+        for j, (k, i, _) in enumerate(state):
+            getattr(optimizer, k)[i] = mem[1 + j]
+        lo, hi = shard_bounds(n, rank, size)
+        self.sub = copy.copy(optimizer)  # the same optimizer on this rank's views [lo, hi)
+        self.sub.pairs, self.sub._tmp = [(p[lo:hi], g[lo:hi])], {}
+        for k in {k for k, _, _ in state}:
+            setattr(self.sub, k, [a[lo:hi] for a in getattr(optimizer, k)])
+        self.own = {"pairs", "_tmp", "step", *(k for k, _, _ in state)}
+        optimizer.step = self.step
+
+    @staticmethod
+    def supported(model, optimizer):
+        """True when the optimizer steps exactly the model's flat buffers with flat state (see the class)."""
+        p, g = model.flat_params, model.flat_grads
+        pairs = getattr(optimizer, "pairs", None)
+        if not isinstance(p, np.ndarray) or not pairs or len(pairs) != 1 or pairs[0][0] is not p \
+                or pairs[0][1] is not g or not hasattr(optimizer, "_state") or "step" in vars(optimizer):
+            return False
+        return all(getattr(optimizer, k, None) is arrs and all(isinstance(a, np.ndarray) and a.shape == p.shape
+                                                                 for a in arrs)
+                   for k, arrs in optimizer._state().items())
+
+    def step(self):
+        """The optimizer's step on this rank's shard (hyperparameters and the step count taken from the
+        optimizer, the new count handed back), then a barrier with the communicator's timeout."""
+        opt, sub = self.opt, self.sub
+        sub.__dict__.update({k: v for k, v in vars(opt).items() if k not in self.own})
+        type(opt).step(sub)
+        opt.__dict__.update({k: v for k, v in vars(sub).items() if k not in self.own})
+        self.win.Sync()
+        self.fence("optimizer step")  # every shard of the parameters is updated before anyone reads them
+        self.win.Sync()
+
 
 class MPIComm(Single):
     """mpi4py on host buffers. Collectives are non-blocking (Iallreduce / Ibarrier) polled with ``Test``
@@ -133,6 +290,8 @@ class MPIComm(Single):
         kill = os.environ.get("NPDGM_DIST_KILL", "").split(":")
         self.kill = (int(kill[0]), int(kill[1])) if len(kill) >= 2 else None
         self.hang = len(kill) == 3 and kill[2] == "hang"
+        self.shared = []  # SharedGrads windows made by share (their buffers are all-reduced through them)
+        self.steps = []   # SharedStep of the optimizers that share replaced the step of
 
     def _wait(self, req, what):
         deadline = time.monotonic() + self.timeout
@@ -146,15 +305,61 @@ class MPIComm(Single):
             time.sleep(0.0002)
 
     def allreduce_mean_(self, buf):
-        """buf <- (sum over ranks of buf) / size, in place (host buffer)."""
+        """buf <- (sum over ranks of buf) / size, in place (host buffer): through the shared-memory window
+        when ``buf`` is a buffer of :meth:`share`, else ``Iallreduce``."""
         self.calls += 1
         if self.kill and self.kill == (self.rank, self.calls):
             if self.hang:
                 time.sleep(3600)
             os._exit(3)
+        for w in self.shared:
+            if w.mine is buf:
+                return w.reduce_mean_(self._fence)
         self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), "gradient allreduce")
         buf /= self.size
         return buf
+
+    def _fence(self, what):
+        self._wait(self.comm.Ibarrier(), what)
+
+    def share(self, model, optimizer=None):
+        """Collective, once before training (``train.fit`` calls it): on one node, move ``model.flat_grads``
+        into a shared-memory window (:class:`SharedGrads`, :func:`move_grads`; ``optimizer``'s pair follows),
+        so that :meth:`allreduce_mean_` of it is the one-pass shared-memory reduction; with ``optimizer``,
+        also keep one copy per node of the parameters and the optimizer state and replace
+        ``optimizer.step`` by the sharded step (:class:`SharedStep`). Returns what is shared: "grads+step",
+        "grads" (``NPDGM_DIST_SHM=grads``, or an optimizer that :meth:`SharedStep.supported` refuses), or ""
+        (nothing touched: the all-reduce stays ``Iallreduce``) when the ranks span several nodes,
+        ``NPDGM_DIST_SHM=0``, or a window cannot be made. Calling it again for the same model and optimizer
+        changes nothing."""
+        mode = os.environ.get("NPDGM_DIST_SHM", "1")
+        buf = model.flat_grads
+        if self.size == 1 or mode == "0" or buf is None or not isinstance(buf, np.ndarray):
+            return ""
+        if not any(w.mine is buf for w in self.shared):
+            node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+            one_node = node.Get_size() == self.size  # several nodes: the same answer on every rank
+            node.Free()
+            if not one_node or not self._agree(lambda: self.shared.append(SharedGrads(self.comm, buf.size,
+                                                                                      buf.dtype))):
+                return ""
+            move_grads(model, self.shared[-1].mine, optimizer)
+        if optimizer is None or mode == "grads":
+            return "grads"
+        if getattr(optimizer.step, "__self__", None) in self.steps:
+            return "grads+step"
+        if not self._agree(lambda: SharedStep.supported(model, optimizer)):
+            return "grads"
+        self.steps.append(SharedStep(self.comm, model, optimizer, self._fence))
+        return "grads+step"
+
+    def _agree(self, f):
+        """Run ``f()`` on every rank; True when on none it raised or returned False (a collective decision)."""
+        try:
+            ok = 0 if f() is False else 1
+        except Exception:  # e.g. an MPI without shared windows
+            ok = 0
+        return min(self.comm.allgather(ok)) == 1
 
     def allreduce_sum(self, values):
         v = np.array(values, dtype=np.float64)
@@ -194,6 +399,10 @@ class NCCLComm(MPIComm):
         cupy.cuda.Device(self.rank % cupy.cuda.runtime.getDeviceCount()).use()
         uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+
+    def share(self, model, optimizer=None):
+        """Device buffers: NCCL moves them, nothing to share on the host; returns ""."""
+        return ""
 
     def allreduce_mean_(self, buf):
         self.calls += 1

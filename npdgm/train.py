@@ -251,6 +251,7 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
             raise ValueError(f"with {comm.size} ranks every batch needs >= {comm.size} examples (batch size "
                              f"{batch_size}, last batch {n % batch_size or batch_size}); change --batch-size")
         comm.check_same(model.flat_params, "initial parameters")
+        comm.share(model, optimizer)  # one node: grads, params, optimizer state in shared memory
     os.makedirs(out, exist_ok=True)
     if start_epoch:
         logged = _truncate_metrics(out, start_epoch) if root else read_metrics(out)

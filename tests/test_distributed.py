@@ -85,6 +85,160 @@ def test_detect_is_single_outside_mpiexec(monkeypatch):
     assert c.allreduce_mean_(buf) is buf and list(buf) == [0, 1, 2, 3]
 
 
+def test_move_grads_repoints_every_gradient_and_the_optimizer():
+    """The shared-memory path's re-pointing, in one process: the values move, every grad is a view of the
+    new buffer at its layout offset, a backward writes there, and Adam steps with it."""
+    from npdgm import backend
+    from npdgm.models.vae import VAE
+    from npdgm.optim import Adam
+
+    backend.set_dtype("float64")
+    try:
+        m = VAE(x_dim=12, hidden=[8], z_dim=2, seed=0)
+        opt = Adam(m, lr=1e-2)
+        x = np.random.default_rng(0).random((5, 12))
+        eps = np.random.default_rng(1).standard_normal((5, 2))
+        m.loss_and_grad(x, eps)
+        before, old = m.flat_grads.copy(), m.flat_grads
+        buf = np.full(old.size, np.nan)
+        assert distributed.move_grads(m, buf, opt) is buf and m.flat_grads is buf
+        assert np.array_equal(buf, before) and opt.pairs[0][1] is buf
+        for p, (_, shape, off) in zip(m.parameters(), m.layout()):
+            assert np.shares_memory(p.grad, buf) and p.grad.shape == shape
+            assert np.array_equal(p.grad.ravel(), buf[off:off + p.grad.size])
+        old[...] = 7.0
+        m.loss_and_grad(x, eps)  # zeroes and writes the new buffer only
+        assert np.array_equal(buf, before) and np.all(old == 7.0)
+        p0 = m.flat_params.copy()
+        opt.step()
+        assert not np.array_equal(m.flat_params, p0)
+        with pytest.raises(ValueError, match="does not match"):
+            distributed.move_grads(m, np.zeros(3), opt)
+        assert distributed.Single().share(m, opt) == "" and m.flat_grads is buf
+    finally:
+        backend.set_dtype("float32")
+
+
+SHM = """
+import json
+import os
+import sys
+import numpy as np
+from mpi4py import MPI
+from npdgm import backend, distributed
+from npdgm.models.vae import VAE
+from npdgm.optim import Adam
+
+comm = distributed.detect(force=True)
+out = {"rank": comm.rank}
+for dt in ("float32", "float64"):
+    backend.set_dtype(dt)
+    m, ref = VAE(x_dim=12, hidden=[8], z_dim=2, seed=0), VAE(x_dim=12, hidden=[8], z_dim=2, seed=0)
+    opt, ref_opt = Adam(m, lr=1e-2), Adam(ref, lr=1e-2)     # ref: this process alone, the whole Adam step
+    out["shared_" + dt] = comm.share(m, opt)
+    out["twice_" + dt] = comm.share(m, opt)
+    exact = step_exact = True
+    for i in range(3):
+        x = np.random.default_rng([comm.rank, i]).random((5, 12))
+        m.loss_and_grad(x, np.random.default_rng([10 + comm.rank, i]).standard_normal((5, 2)))  # writes the buffer
+        mine = m.flat_grads.copy()
+        every = MPI.COMM_WORLD.allgather(mine)
+        want = every[0] + every[1]
+        for g in every[2:]:
+            want = want + g
+        want = want / comm.size                                 # the rank-order sum, then / N
+        plain = mine.copy()
+        comm.allreduce_mean_(plain)                             # not a shared buffer: Iallreduce
+        got = comm.allreduce_mean_(m.flat_grads)
+        exact = exact and got is m.flat_grads and bool(np.array_equal(m.flat_grads, want))
+        opt.step()
+        ref.flat_grads[...] = want
+        ref_opt.step()
+        step_exact = step_exact and all(np.array_equal(a, b) for a, b in
+                                        ((m.flat_params, ref.flat_params), (opt.m[0], ref_opt.m[0]),
+                                         (opt.v[0], ref_opt.v[0])))
+    out["exact_" + dt], out["step_exact_" + dt], out["t_" + dt] = exact, step_exact, opt.t
+    out["pairs_" + dt] = opt.pairs[0][0] is m.flat_params and opt.pairs[0][1] is m.flat_grads
+    out["plain_rel_" + dt] = float(np.abs(plain - want).max() / np.abs(want).max())
+    out["views_" + dt] = all(np.shares_memory(p.grad, m.flat_grads) and np.shares_memory(p.data, m.flat_params)
+                             for p in m.parameters())
+    out["state_" + dt] = all(np.array_equal(a, b) for a, b in zip(opt.state_dict().values(),
+                                                                  ref_opt.state_dict().values()))
+    out["sum_" + dt] = distributed.checksum(m.flat_grads)
+    out["params_" + dt] = distributed.checksum(m.flat_params)
+# train.fit shares the buffers of the model it trains (and steps through them)
+from npdgm.train import fit
+m = VAE(x_dim=12, hidden=[8], z_dim=2, seed=0)
+opt = Adam(m, lr=1e-2)
+x = np.random.default_rng(0).random((40, 12))
+fit(m, opt, x, epochs=1, batch_size=20, out=os.path.join(sys.argv[1], "fit"), rng=np.random.default_rng(0),
+    step=lambda xb, yb, rng, shard=slice(None): m.train_step(xb, rng, shard), progress=False, log=lambda s: None,
+    comm=comm)
+out["fit_shared"] = comm.share(m, opt) if any(w.mine is m.flat_grads for w in comm.shared) else ""
+out["fit_params"] = distributed.checksum(m.flat_params)
+with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _shm_script(tmp_path, n, env):
+    (tmp_path / "shm.py").write_text(SHM)
+    p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(tmp_path / "shm.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@need_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_shared_memory_allreduce_and_sharded_step_match_one_process_bitwise(tmp_path, n):
+    """share on one node puts the gradient buffers in an MPI window (the backward writes there) and one copy of
+    the parameters and Adam's m, v in another; allreduce_mean_ of the buffer is ((g_0 + g_1) + g_2 ...) / N
+    exactly, the same bits on every rank (3 ranks: a 3-way sum, uneven shards), and agrees with MPICH's
+    Iallreduce of a plain copy; the sharded Adam step (each rank its 1/N) gives the bits of one process's
+    whole step on that gradient, 3 steps running (parameters, m, v, step count)."""
+    out = _shm_script(tmp_path, n, _env())
+    for r in out:
+        for dt, tol in (("float32", 1e-6), ("float64", 1e-14)):
+            assert r["shared_" + dt] == r["twice_" + dt] == "grads+step", r
+            assert r["exact_" + dt] and r["step_exact_" + dt] and r["state_" + dt] and r["t_" + dt] == 3, (dt, r)
+            assert r["pairs_" + dt] and r["views_" + dt], r
+            assert r["plain_rel_" + dt] <= tol, (dt, r)
+            assert r["sum_" + dt] == out[0]["sum_" + dt] and r["params_" + dt] == out[0]["params_" + dt]
+        assert r["fit_shared"] == "grads+step" and r["fit_params"] == out[0]["fit_params"]
+
+
+@need_mpi
+@pytest.mark.parametrize("mode", ["0", "grads"])
+def test_shared_memory_can_be_switched_off(tmp_path, mode):
+    """NPDGM_DIST_SHM=0: share leaves the buffers alone and the all-reduce is MPICH's; =grads: the gradients
+    only are shared, every rank runs the whole Adam step. The same means and steps either way."""
+    out = _shm_script(tmp_path, 2, _env(NPDGM_DIST_SHM=mode))
+    want = "" if mode == "0" else "grads"
+    for r in out:
+        assert r["shared_float32"] == r["shared_float64"] == r["fit_shared"] == want, r
+        assert r["plain_rel_float32"] <= 1e-6 and r["plain_rel_float64"] <= 1e-14
+        assert r["step_exact_float64"] and r["t_float64"] == 3
+        assert r["params_float64"] == out[0]["params_float64"] and r["fit_params"] == out[0]["fit_params"]
+
+
+@need_mpi
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_a_dead_or_hung_rank_stops_the_shared_memory_allreduce(tmp_path, fault):
+    """Rank 1 exits (or stops answering) at its 2nd all-reduce, the first through the shared window: rank 0
+    waits at the window's barrier, times out (2 s) with the clear error, and the job ends non-zero."""
+    (tmp_path / "shm.py").write_text(SHM)
+    kill = "1:2" + (":hang" if fault == "hang" else "")
+    t0 = time.monotonic()
+    p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(tmp_path / "shm.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=TIMEOUT,
+                       env=_env(NPDGM_DIST_KILL=kill, NPDGM_DIST_TIMEOUT="2"))
+    assert p.returncode != 0 and time.monotonic() - t0 < TIMEOUT
+    assert not (tmp_path / "rank0.json").exists()
+    if fault == "hang":  # an exiting rank may end the job through mpiexec before rank 0's timeout
+        assert "rank 0/2: gradient allreduce got no answer from the other ranks in 2 s" in p.stderr, p.stderr[-2000:]
+
+
 # -- 2 ranks against 1 process -----------------------------------------------------------------------
 @need_mpi
 def test_vae_two_ranks_equal_one_process_every_step_float64(tmp_path):
@@ -270,12 +424,13 @@ def test_bench_distributed_times_one_and_two_ranks(tmp_path, capsys):
     assert cli.main(["bench", "--distributed", "--workloads", "vae", "--batch", "33", "--ranks", "1,2", "--threads",
                      "2", "--steps", "2", "--repeats", "1", "--warmup", "1", "--json", str(js)]) == 0
     rows = json.loads(js.read_text())["results"]
-    assert [(r["ranks"], r["threads_per_rank"], r["comm"]) for r in rows] == [(1, 2, "none"), (2, 1, "mpi")]
+    assert [(r["ranks"], r["threads_per_rank"], r["comm"]) for r in rows] == [(1, 2, "none"), (2, 1, "mpi-shm-sharded")]
     assert rows[0]["allreduce_ms"] is None and rows[1]["allreduce_ms"] > 0 and rows[1]["allreduce_only_ms"] > 0
+    assert rows[1]["optimizer_ms"] > 0
     assert rows[0]["speedup"] == 1
     assert rows[1]["speedup"] == pytest.approx(rows[0]["ms_per_step"] / rows[1]["ms_per_step"], rel=1e-2)
     assert rows[1]["grad_mb"] == pytest.approx(rows[1]["params"] * 4 / 2 ** 20, abs=0.01)
-    assert "| vae | 33 | 2 x 1 | mpi |" in capsys.readouterr().out
+    assert "| vae | 33 | 2 x 1 | mpi-shm-sharded |" in capsys.readouterr().out
 
 
 def test_bench_distributed_refuses_bad_ranks(capsys):

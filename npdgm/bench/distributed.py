@@ -15,8 +15,13 @@ drawn for the whole batch and sliced), computes its gradient, scales it by N n_r
 (numpy) is the plain single-process step, with no communicator. A row reports rank 0's median ms per
 step over ``--repeats`` timed blocks, samples/s, the time per step spent in the gradient all-reduce
 (``allreduce_ms``: it includes waiting for the slower rank), the all-reduce of the same buffer timed alone
-after a barrier (``allreduce_only_ms``), and the speedup over the one-rank row. With ``--backends cupy``
-the all-reduce is NCCL's (every R, also 1).
+after a barrier (``allreduce_only_ms``), and the speedup over the one-rank row. As in ``train.fit``, the
+ranks of one node keep their gradient buffers, and one copy of the parameters and Adam's state, in MPI
+shared memory and each steps its 1/N of the parameters (:meth:`npdgm.distributed.MPIComm.share`; the
+row's comm is then ``mpi-shm-sharded``; ``optimizer_ms`` is that step with its barrier). In the
+environment, ``NPDGM_DIST_SHM=grads`` shares the gradients only (comm ``mpi-shm``: every rank runs the
+whole Adam step) and ``NPDGM_DIST_SHM=0`` times MPICH's ``Iallreduce`` (comm ``mpi``). With ``--backends cupy`` the
+all-reduce is NCCL's (every R, also 1).
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def run_child(spec):
     batch, cupy = spec["batch"], spec["backend"] == "cupy"
     r = NpdgmRunner(w, batch, spec["backend"], spec["seed"])
     comm = distributed.detect(force=True, gpu=cupy) if spec["comm"] else distributed.Single()
-    step, ar = r.step, [0.0]
+    step, ar, shared = r.step, [0.0, 0.0], ""  # seconds in the all-reduce, in the optimizer step
     if spec["comm"]:
         model, opt, axis = r.model, r.opt, _batch_axis(w, batch)
         lo, hi = distributed.shard_bounds(batch, comm.rank, comm.size)
@@ -62,6 +67,7 @@ def run_child(spec):
         if axis is not None:  # this rank's rows of the whole batch's noise
             rows = tuple(slice(lo, hi) if i == axis else slice(None) for i in range(len(r.noise_shape)))
         comm.check_same(model.flat_params, "initial parameters")
+        shared = comm.share(model, opt)  # as train.fit: gradients, parameters, Adam state in node shared memory
 
         def step():  # the step of npdgm.train.fit on N ranks, the all-reduce timed
             from npdgm import backend as B
@@ -80,8 +86,12 @@ def run_child(spec):
             comm.allreduce_mean_(model.flat_grads)
             if cupy:
                 r.sync()
-            ar[0] += time.perf_counter() - t
+            t1 = time.perf_counter()
+            ar[0] += t1 - t
             opt.step()
+            if cupy:
+                r.sync()
+            ar[1] += time.perf_counter() - t1
     for _ in range(spec["warmup"]):
         step()
     r.sync()
@@ -90,12 +100,12 @@ def run_child(spec):
     r.sync()
     est = time.perf_counter() - t0
     steps = spec["steps"] or comm.bcast(max(1, min(200, int(round(spec["target_s"] / max(est, 1e-6))))))
-    ar[0], n0 = 0.0, r.i
+    ar[:], n0 = [0.0, 0.0], r.i
     t = harness.time_steps(step, r.sync, warmup=1, repeats=spec["repeats"], steps=steps)
-    ar_ms = ar[0] / max(1, r.i - n0) * 1e3
+    ar_ms, opt_ms = (a / max(1, r.i - n0) * 1e3 for a in ar)
     only = None
     if spec["comm"]:
-        buf = r.model.flat_grads.copy()
+        buf = r.model.flat_grads  # the buffer itself: a shared one goes through its window (a copy would not)
         comm.barrier()
         r.sync()
         t0 = time.perf_counter()
@@ -106,10 +116,12 @@ def run_child(spec):
     if comm.rank:
         return None
     ms = t["ms_per_step"]
-    return {"workload": spec["workload"], "backend": spec["backend"], "comm": comm.name if spec["comm"] else "none",
+    name = comm.name + {"": "", "grads": "-shm", "grads+step": "-shm-sharded"}[shared] if spec["comm"] else "none"
+    return {"workload": spec["workload"], "backend": spec["backend"], "comm": name,
             "ranks": comm.size, "threads_per_rank": spec["threads"], "batch": batch, "ms_per_step": round(ms, 3),
             "ms_min": round(t["ms_min"], 3), "ms_max": round(t["ms_max"], 3),
             "samples_per_s": round(batch / ms * 1e3, 1), "allreduce_ms": round(ar_ms, 3) if spec["comm"] else None,
+            "optimizer_ms": round(opt_ms, 3) if spec["comm"] else None,
             "allreduce_only_ms": None if only is None else round(only, 3),
             "grad_mb": round(r.model.flat_grads.nbytes / 2 ** 20, 2), "params": int(r.model.flat_params.size),
             "loss": r.loss(), "steps_per_block": t["steps_per_block"], "repeats": t["repeats"],
