@@ -203,6 +203,10 @@ def run(name, *arrays, **scalars):
 
 
 # -- the fused versions (called by the plain kernels when active(...)) --------------------------
+def relu_forward(x):
+    return run("relu_forward", x)
+
+
 def relu_backward(dy, y):
     return run("relu_backward", dy, y)
 
