@@ -166,6 +166,24 @@ for dt in ("float32", "float64"):
                                                                   ref_opt.state_dict().values()))
     out["sum_" + dt] = distributed.checksum(m.flat_grads)
     out["params_" + dt] = distributed.checksum(m.flat_params)
+# SGD with momentum and AdamW: their state is sharded too, the same bits as the whole step
+from npdgm.optim import SGD, AdamW
+for name, make in (("sgd", lambda mod: SGD(mod, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+                   ("adamw", lambda mod: AdamW(mod, lr=1e-2))):
+    m, ref = VAE(x_dim=12, hidden=[8], z_dim=2, seed=1), VAE(x_dim=12, hidden=[8], z_dim=2, seed=1)
+    opt, ref_opt = make(m), make(ref)
+    out["shared_" + name] = comm.share(m, opt)
+    same = True
+    for i in range(3):
+        m.loss_and_grad(np.random.default_rng([comm.rank, i]).random((5, 12)),
+                        np.random.default_rng([10 + comm.rank, i]).standard_normal((5, 2)))
+        comm.allreduce_mean_(m.flat_grads)
+        ref.flat_grads[...] = m.flat_grads
+        opt.step()
+        ref_opt.step()
+        same = same and np.array_equal(m.flat_params, ref.flat_params)
+    out["step_exact_" + name] = same and all(np.array_equal(a, b) for a, b in
+                                             zip(opt.state_dict().values(), ref_opt.state_dict().values()))
 # train.fit shares the buffers of the model it trains (and steps through them)
 from npdgm.train import fit
 m = VAE(x_dim=12, hidden=[8], z_dim=2, seed=0)
@@ -206,6 +224,7 @@ def test_shared_memory_allreduce_and_sharded_step_match_one_process_bitwise(tmp_
             assert r["plain_rel_" + dt] <= tol, (dt, r)
             assert r["sum_" + dt] == out[0]["sum_" + dt] and r["params_" + dt] == out[0]["params_" + dt]
         assert r["fit_shared"] == "grads+step" and r["fit_params"] == out[0]["fit_params"]
+        assert r["shared_sgd"] == r["shared_adamw"] == "grads+step" and r["step_exact_sgd"] and r["step_exact_adamw"]
 
 
 @need_mpi
