@@ -112,6 +112,27 @@ def test_gemm_products_and_floor():
     assert (128, 400, 784, "NT") not in vae and (128, 784, 400, "NN") in vae
 
 
+def test_gemm_floor_times_an_inner_dimension_of_one_as_the_outer_product():
+    """k = 1 (realnvp2d's first layer) is one broadcast multiply in the library, so in the floor too."""
+    calls = []
+
+    class XP:   # numpy, recording which product ran
+        asarray, empty = staticmethod(np.asarray), staticmethod(np.empty)
+
+        @staticmethod
+        def matmul(a, b, out):
+            calls.append(("matmul", a.shape[1]))
+            return np.matmul(a, b, out=out)
+
+        @staticmethod
+        def multiply(a, b, out):
+            calls.append(("multiply", a.shape[1]))
+            return np.multiply(a, b, out=out)
+
+    f = gemm.gemm_floor({(4, 1, 3, "NN"): 1, (4, 3, 2, "NN"): 1}, XP, repeats=1, target_s=0.001)
+    assert {c for c in calls} == {("multiply", 1), ("matmul", 3)} and len(f["products"]) == 2
+
+
 def test_time_steps_counts_and_validates():
     calls = []
     t = harness.time_steps(lambda: calls.append(1), warmup=2, repeats=3, steps=4)

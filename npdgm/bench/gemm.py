@@ -6,7 +6,11 @@ A Linear layer y = x @ W + b (x: (B, in), W: (in, out)) costs three products per
     backward  dW = x.T @ dy    (in, B)  x (B, out)     layout "TN"
 Each distinct product is timed with the backend's own BLAS (OpenBLAS through NumPy on CPU,
 cuBLAS through CuPy on GPU) on preallocated operands with the transposes as views, exactly as
-the library calls it; the floor of a step is the sum over its products. A step cannot be faster
+the library calls it; the floor of a step is the sum over its products. A product with inner
+dimension k = 1 (a flow layer fed by one coordinate) is an outer product: it is timed as the one
+broadcast multiply the library computes it with (``kernels.linear._matmul``), not as an sgemm call
+(which OpenBLAS runs at ~1% of its peak there: realnvp2d's (512, 1) x (1, 256), 0.15 ms as sgemm,
+~0.03 ms as the multiply), so the floor is the product's real cost, not BLAS's worst case. A step cannot be faster
 than its floor, so ms/step divided by the floor says how much time goes elsewhere
 (elementwise work, the optimizer, Python and launch overhead).
 """
@@ -48,7 +52,13 @@ def gemm_floor(products, xp, sync=lambda: None, dtype="float32", repeats=5, targ
     rows, total_ms, total_flop = [], 0.0, 0
     for (m, k, n, layout), count in sorted(products.items()):
         a, b, c = _operands(xp, m, k, n, layout, dtype, rng)
-        t = time_steps(lambda: xp.matmul(a, b, out=c), sync, warmup=2, repeats=repeats, target_s=target_s)
+        if k == 1:      # an outer product: one broadcast multiply (the library's own form)
+            def product(a=a, b=b, c=c):
+                return xp.multiply(a, b, out=c)
+        else:
+            def product(a=a, b=b, c=c):
+                return xp.matmul(a, b, out=c)
+        t = time_steps(product, sync, warmup=2, repeats=repeats, target_s=target_s)
         ms = t["ms_per_step"]
         flop = 2 * m * k * n
         rows.append({"m": m, "k": k, "n": n, "layout": layout, "count": count, "ms": round(ms, 5),
