@@ -247,11 +247,12 @@ class SharedStep:
         optimizer.step = self.step
 
     @staticmethod
-    def supported(model, optimizer):
-        """True when the optimizer steps exactly the model's flat buffers with flat state (see the class)."""
+    def supported(model, optimizer, size):
+        """True when the optimizer steps exactly the model's flat buffers with flat state (see the class) and
+        there are at least ``size`` (number of ranks) parameters, so that no rank's shard is empty."""
         p, g = model.flat_params, model.flat_grads
         pairs = getattr(optimizer, "pairs", None)
-        if not isinstance(p, np.ndarray) or not pairs or len(pairs) != 1 or pairs[0][0] is not p \
+        if not isinstance(p, np.ndarray) or p.size < size or not pairs or len(pairs) != 1 or pairs[0][0] is not p \
                 or pairs[0][1] is not g or not hasattr(optimizer, "_state") or "step" in vars(optimizer):
             return False
         return all(getattr(optimizer, k, None) is arrs and all(isinstance(a, np.ndarray) and a.shape == p.shape
@@ -348,7 +349,7 @@ class MPIComm(Single):
             return "grads"
         if getattr(optimizer.step, "__self__", None) in self.steps:
             return "grads+step"
-        if not self._agree(lambda: SharedStep.supported(model, optimizer)):
+        if not self._agree(lambda: SharedStep.supported(model, optimizer, self.size)):
             return "grads"
         self.steps.append(SharedStep(self.comm, model, optimizer, self._fence))
         return "grads+step"

@@ -115,6 +115,10 @@ def test_move_grads_repoints_every_gradient_and_the_optimizer():
         with pytest.raises(ValueError, match="does not match"):
             distributed.move_grads(m, np.zeros(3), opt)
         assert distributed.Single().share(m, opt) == "" and m.flat_grads is buf
+        # the sharded step needs an optimizer of exactly the flat buffers, and a non-empty shard per rank
+        assert distributed.SharedStep.supported(m, opt, 2)
+        assert not distributed.SharedStep.supported(m, opt, m.flat_params.size + 1)
+        assert not distributed.SharedStep.supported(m, Adam(m.parameters(), lr=1e-2), 2)
     finally:
         backend.set_dtype("float32")
 
