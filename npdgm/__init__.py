@@ -12,12 +12,16 @@ import sys as _sys
 if "numpy" not in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ:
     # OpenBLAS's idle worker threads spin for 2^28 cycles (~0.1 s) after every GEMM before they sleep.
     # npdgm's own threads (the chunked Adam update, npdgm.optim) then share a core with a spinning
-    # thread: on 2 cores the 19M-parameter NICE update took 37 ms instead of 21. 2^12 cycles lets the
-    # workers sleep between steps' GEMM phases. OpenBLAS reads the variable once, when NumPy loads, so
+    # thread: on 2 cores the 19M-parameter NICE update took 37 ms instead of 21. Too short a spin costs
+    # as well: at 2^12 cycles (~2 us) the workers sleep between any two GEMMs of a step and every GEMM
+    # waits for a wake-up (a small one then takes 2-3x its back-to-back time). 2^21 cycles (~0.9 ms at
+    # 2.4 GHz) keeps them awake across a step's elementwise work between products and lets them sleep
+    # early in an optimizer update (measured, 2 threads: fused vae step -6..10 %, realnvp2d -4 %, plain
+    # unchanged within noise). OpenBLAS reads the variable once, when NumPy loads, so
     # it is set for that import only and removed right after: child processes do not inherit npdgm's
     # choice (an npdgm child makes it again). An explicit setting is kept; when NumPy is already
     # loaded nothing is done. (threadpoolctl sets thread counts, not this timeout.)
-    _os.environ["OPENBLAS_THREAD_TIMEOUT"] = "12"
+    _os.environ["OPENBLAS_THREAD_TIMEOUT"] = "21"
     try:
         import numpy as _numpy  # noqa: F401  (OpenBLAS reads OPENBLAS_THREAD_TIMEOUT here)
     finally:

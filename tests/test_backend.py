@@ -150,7 +150,7 @@ def test_cupy_backend_runs_the_same_kernels(cupy):
 
 @pytest.mark.parametrize("preset, want", [(None, "None"), ("20", "20")])
 def test_openblas_thread_timeout_default_when_npdgm_loads_first(preset, want):
-    """import npdgm before NumPy sets OPENBLAS_THREAD_TIMEOUT=12 for NumPy's import only (children do not
+    """import npdgm before NumPy sets OPENBLAS_THREAD_TIMEOUT=21 for NumPy's import only (children do not
     inherit it; see tests/test_packaging.py); a user's value is kept."""
     import os
     import subprocess

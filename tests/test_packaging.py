@@ -105,7 +105,7 @@ print(Spy.seen, os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
 
 
 @pytest.mark.parametrize("preset, first, want", [
-    (None, "", "12 None"),               # set while NumPy loads (OpenBLAS reads it then), gone afterwards
+    (None, "", "21 None"),               # set while NumPy loads (OpenBLAS reads it then), gone afterwards
     ("20", "", "20 20"),                 # a user's value is theirs
     (None, "import numpy", "None None"),  # NumPy loaded first: npdgm changes nothing
 ])

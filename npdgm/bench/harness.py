@@ -14,7 +14,7 @@ import time
 
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_VERBOSE", "OPENBLAS_THREAD_TIMEOUT")
-OPENBLAS_THREAD_TIMEOUT = "12"  # npdgm's own default (npdgm/__init__.py), applied here before NumPy loads
+OPENBLAS_THREAD_TIMEOUT = "21"  # npdgm's own default (npdgm/__init__.py), applied here before NumPy loads
 
 
 def set_threads(n):
