@@ -66,7 +66,7 @@ def _parallel(fn, spans):
 
 def _spans(n, chunk, parts):
     """Split [0, n) into at most ``parts`` contiguous spans of whole chunks (one per thread)."""
-    nchunks = -(-n // chunk)
+    nchunks = max(1, -(-n // chunk))  # an empty array: one empty span
     parts = max(1, min(parts, nchunks))
     per = -(-nchunks // parts)
     return [(s * chunk, min(n, (s + per) * chunk)) for s in range(0, nchunks, per)]

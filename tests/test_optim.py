@@ -274,3 +274,18 @@ def test_fused_numba_adam_split_over_threads_is_bitwise_one_loop(monkeypatch):
         optim.set_num_threads(old)
     np.testing.assert_array_equal(out[0], out[1])
     assert len(spans[0]) == 1 and len(spans[-1]) == 2
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=1e-2), lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=0.1,
+                                  decoupled=True), lambda ps: optim.SGD(ps, lr=1e-2, momentum=0.9)])
+def test_a_step_with_an_empty_parameter_leaves_the_others_right(make):
+    """A 0-element parameter beside a real one: the step must not fail (the chunk split once divided by
+    zero chunks) and the real one moves as it does alone."""
+    g = np.linspace(-1, 1, 5)
+    alone, both = Parameter(np.ones(5)), [Parameter(np.zeros(0)), Parameter(np.ones(5))]
+    for ps in ([alone], both):
+        opt = make(ps)
+        for p in ps:
+            p.grad[...] = g[:p.data.size]
+        opt.step()
+    assert both[0].data.shape == (0,) and np.array_equal(both[1].data, alone.data)
