@@ -41,6 +41,14 @@ def _operands(xp, m, k, n, layout, dtype, rng):
     return a, b, xp.empty((m, n), dtype=dtype)
 
 
+def product(xp, a, b, out):
+    """A function computing ``out = a @ b`` as the floor times it: matmul, or for an inner dimension of
+    1 the one broadcast multiply (an outer product; see the module docstring)."""
+    if a.shape[1] == 1:
+        return lambda: xp.multiply(a, b, out=out)
+    return lambda: xp.matmul(a, b, out=out)
+
+
 def gemm_floor(products, xp, sync=lambda: None, dtype="float32", repeats=5, target_s=0.1):
     """Time every product once per distinct shape; returns {"floor_ms", "gflops", "products": [...]}.
 
@@ -52,13 +60,7 @@ def gemm_floor(products, xp, sync=lambda: None, dtype="float32", repeats=5, targ
     rows, total_ms, total_flop = [], 0.0, 0
     for (m, k, n, layout), count in sorted(products.items()):
         a, b, c = _operands(xp, m, k, n, layout, dtype, rng)
-        if k == 1:      # an outer product: one broadcast multiply (the library's own form)
-            def product(a=a, b=b, c=c):
-                return xp.multiply(a, b, out=c)
-        else:
-            def product(a=a, b=b, c=c):
-                return xp.matmul(a, b, out=c)
-        t = time_steps(product, sync, warmup=2, repeats=repeats, target_s=target_s)
+        t = time_steps(product(xp, a, b, c), sync, warmup=2, repeats=repeats, target_s=target_s)
         ms = t["ms_per_step"]
         flop = 2 * m * k * n
         rows.append({"m": m, "k": k, "n": n, "layout": layout, "count": count, "ms": round(ms, 5),

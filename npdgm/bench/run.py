@@ -215,15 +215,16 @@ def run_group(spec):
     harness.reset_peak_rss()
     built = [(b, *_build(spec, b)) for b in spec["backends"]]
     prods = linear_products(spec["batch"], get_workload(spec["workload"]).layers())
-    from .gemm import _operands
+    from .gemm import _operands, product
 
     rng = numpy.random.default_rng(0)
-    ops = [(_operands(numpy, m, k, n, lay, "float32", rng), c) for (m, k, n, lay), c in sorted(prods.items())]
+    ops = [(product(numpy, *_operands(numpy, m, k, n, lay, "float32", rng)), c)
+           for (m, k, n, lay), c in sorted(prods.items())]
 
     def floor_step():
-        for (a, b, out), c in ops:
+        for fn, c in ops:
             for _ in range(c):
-                numpy.matmul(a, b, out=out)
+                fn()
 
     fns = [(b, step, r.sync) for b, r, step, _, _ in built] + [("floor", floor_step, lambda: None)]
     steps = {}
