@@ -131,10 +131,20 @@ class Optimizer:
         self.pairs = _pairs(params)
         if not self.pairs:
             raise ValueError("optimizer got no parameters")
+        # the Parameters behind the pairs: a gradient still stale after the backward (zero_grad marks
+        # them, a backward that writes with out= clears the mark; nn.module.Parameter) is filled with
+        # its zeros before a step reads it
+        self._params = params.parameters() if isinstance(params, Module) else list(params)
         self.lr = lr
         self.t = 0
         self._tmp = {}  # (pair index, thread index) -> scratch of one chunk, made on first use
         self._t_dev = None  # device step counter of the fused CuPy Adam (CUDA-graph safe)
+
+    def _fill_stale(self):
+        """Write the zeros of every gradient :meth:`Module.zero_grad` marked and no backward wrote."""
+        for p in self._params:
+            if p.stale:
+                p.grad  # noqa: B018  (the getter writes the zeros)
 
     def state_dict(self):
         """Step count and state arrays (host copies), for checkpoints."""
@@ -172,6 +182,7 @@ class SGD(Optimizer):
         return {"buf": self.buf}
 
     def step(self):
+        self._fill_stale()
         self.t += 1
         for i, (p, g) in enumerate(self.pairs):
             d = g + self.wd * p if self.wd else g
@@ -231,6 +242,7 @@ class Adam(Optimizer):
         per cache-sized chunk on each of the :func:`get_num_threads` threads."""
         from .kernels import fused
 
+        self._fill_stale()
         self.t += 1
         if fused.on_gpu(self.pairs[0][0], self.pairs[0][1]):
             xp = backend.array_module(self.pairs[0][0])

@@ -76,6 +76,46 @@ def test_zero_grad_then_backward_overwrites_stale_grads(f64, rng, flat):
         np.testing.assert_allclose(v, 2 * once[k], rtol=1e-12)
 
 
+def test_zero_grad_of_a_flat_module_defers_the_zeros_to_first_use(f64, rng):
+    """Flattened, zero_grad only marks the gradients (``stale``): a Linear backward overwrites them
+    with out= and nothing fills the buffer; a gradient no backward wrote reads as zeros through
+    ``grad``, ``Module.flat_grads`` and the optimizer, never as the previous step's values."""
+    from npdgm.optim import SGD, Adam
+
+    m = MLP(3, [4], 2, rng=0).flatten()
+    x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    m.forward(x)
+    m.backward(dy)
+    old = m._flat_grads.copy()
+    m.zero_grad()
+    assert all(p.zeroed and p.stale for p in m.parameters())
+    np.testing.assert_array_equal(m._flat_grads, old)        # no fill
+    m.forward(x)
+    m.backward(dy)
+    assert not any(p.stale for p in m.parameters())
+    np.testing.assert_array_equal(m._flat_grads, old)        # the same gradient, written once with out=
+    m.zero_grad()
+    np.testing.assert_array_equal(m.flat_grads, 0.0)         # the property writes the zeros first
+    m.zero_grad()
+    first = m.layers[0]
+    np.testing.assert_array_equal(first.W.grad, 0.0)         # so does the getter, one parameter
+    assert not first.W.stale and first.b.stale
+    # a step after a backward that reached only the last layer: the first layer's gradient is zero
+    for opt in (SGD(m, lr=0.1), Adam(m, lr=0.1)):
+        m.forward(x)
+        m.backward(dy)
+        m.zero_grad()
+        m.layers[2].backward(dy)
+        before = first.W.data.copy()
+        opt.step()
+        np.testing.assert_array_equal(first.W.data, before)
+        assert not any(p.stale for p in m.parameters())
+    first.W.accumulate(np.ones(4), 1)                       # accumulate into a stale gradient: zeros + g
+    m.zero_grad()
+    first.W.accumulate(np.ones(4), 1)
+    np.testing.assert_array_equal(first.W.grad, np.outer([0, 1, 0], np.ones(4)))
+
+
 def test_grad_written_by_hand_after_zero_grad_is_kept(f64, rng):
     """Touching p.grad ends the known-zero state, so a Linear backward adds to a hand-written term
     (e.g. a penalty gradient put in before the backward) instead of overwriting it."""

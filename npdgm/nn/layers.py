@@ -74,7 +74,8 @@ class Linear(Module):
         W, b = self.W, self.b
         if W.zeroed and b.zeroed:
             dx, _, _ = linear_backward(dy, self._x, W.data, need_dx, dW=W._grad, db=b._grad)
-            W.zeroed = b.zeroed = False
+            W.overwritten()
+            b.overwritten()
             return dx
         dx, dW, db = linear_backward(dy, self._x, W.data, need_dx)
         W.grad += dW
