@@ -97,6 +97,7 @@ def _rq_spline_inverse(y, xk, yk, d):
 
 TORCH = {
     "linear": lambda x, W, b: {"y": x @ W + b},
+    "linear_relu": lambda x, W, b: {"y": F.relu(x @ W + b)},
     "relu": lambda x: {"y": F.relu(x)},
     "leaky_relu": lambda x: {"y": F.leaky_relu(x, 0.01)},
     "tanh": lambda x: {"y": torch.tanh(x)},

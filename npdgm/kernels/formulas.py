@@ -591,6 +591,11 @@ FORMULAS = {}
 # maximum(x, 0) against a scalar has no SIMD loop (512 x 256 float32: 65 us; this loop ~10 us, measured)
 _f("relu_forward", "y = where(x <= 0, 0, x)", "x")
 _f("relu_backward", "dx = where(y > 0, dy, 0)", "dy y")
+# a Linear layer's bias add and the ReLU after it, in place on the product h = x @ W (b: the (D,) bias row);
+# relu(h + b) bit for bit (npdgm/kernels/linear.py linear_relu_forward): one pass instead of two
+_f("bias_relu_forward", """
+   y = h + b
+   h = where(y <= 0, 0, y)""", "h b", inplace="h")
 _f("leaky_relu_backward", "dx = where(x > 0, dy, dy * slope)", "dy x", "slope")
 _f("tanh_backward", "dx = dy * (1 - y * y)", "dy y")
 _f("sigmoid_forward", """

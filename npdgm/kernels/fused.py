@@ -207,6 +207,11 @@ def relu_forward(x):
     return run("relu_forward", x)
 
 
+def bias_relu_forward(h, b):
+    """In place: h <- max(h + b, 0) (formula ``bias_relu_forward``); returns h."""
+    return run("bias_relu_forward", h, b)
+
+
 def relu_backward(dy, y):
     return run("relu_backward", dy, y)
 

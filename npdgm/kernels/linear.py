@@ -3,11 +3,21 @@
 Layout (the one checkpoints and ports use): W has shape (in, out), b has shape (out,).
 """
 from ..backend import array_module
+from . import fused as _fused
 from ._check import check_2d, check_float, check_same_dtype
+from .activations import relu_backward
 
 
 def linear_forward(x, W, b, out=None):
     """y = x @ W + b.   x: (B, in), W: (in, out), b: (out,) -> y: (B, out)."""
+    xp = array_module(x)
+    y = _product(xp, x, W, b, out)
+    y += b
+    return y
+
+
+def _product(xp, x, W, b, out=None):
+    """x @ W after the shape and dtype checks of a Linear layer."""
     check_2d("x", x)
     check_2d("W", W)
     check_float("x", x)
@@ -16,10 +26,32 @@ def linear_forward(x, W, b, out=None):
         raise ValueError(f"x has {x.shape[1]} features but W expects {W.shape[0]} (W shape {W.shape})")
     if b.shape != (W.shape[1],):
         raise ValueError(f"b must have shape ({W.shape[1]},), got {b.shape}")
+    return _matmul(xp, x, W, out)
+
+
+def linear_relu_forward(x, W, b):
+    """y = max(x @ W + b, 0).   x: (B, in), W: (in, out), b: (out,) -> y: (B, out).
+
+    A Linear layer and the ReLU after it (``nn.Sequential`` calls this for such a pair). Plain: the product, the bias add, the ReLU, as ``relu_forward(linear_forward(...))``
+    computes them; fused CPU/GPU path: the bias add and the ReLU in one pass over the product, in place
+    (formula ``bias_relu_forward``), the same bits. Backward: :func:`linear_relu_backward`."""
     xp = array_module(x)
-    y = _matmul(xp, x, W, out)
-    y += b
-    return y
+    h = _product(xp, x, W, b)
+    if _fused.active(h, b):
+        return _fused.bias_relu_forward(h, b)
+    h += b
+    return xp.maximum(h, 0)
+
+
+def linear_relu_backward(dy, x, W, y, need_dx=True):
+    """Gradients of y = max(x @ W + b, 0), from y (relu_backward, then linear_backward):
+
+    dh = dy * [y > 0]
+    dx = dh @ W.T      (B, in)
+    dW = x.T @ dh      (in, out)
+    db = sum_B dh      (out,)
+    Returns (dx, dW, db); dx is None when ``need_dx`` is False."""
+    return linear_backward(relu_backward(dy, y), x, W, need_dx)
 
 
 def _matmul(xp, a, b, out=None):

@@ -96,6 +96,14 @@ def _(i):
     return {"y": L.linear_forward(i["x"], i["W"], i["b"])}, {"x": dx, "W": dW, "b": db}
 
 
+@kernel("linear_relu", L.linear_relu_forward, L.linear_relu_backward, _linear,
+        "a Linear layer and its ReLU; fused: the bias add and the ReLU in one pass")
+def _(i):
+    y = L.linear_relu_forward(i["x"], i["W"], i["b"])
+    dx, dW, db = L.linear_relu_backward(i["dy"], i["x"], i["W"], y)
+    return {"y": y}, {"x": dx, "W": dW, "b": db}
+
+
 # -- activations: the backward takes x or y, whichever A.ACTIVATIONS says ----------------------------
 def _activation(rng, dt):
     return {"x": _std(rng, dt, 8, 6, scale=3.0), "dy": _std(rng, dt, 8, 6)}

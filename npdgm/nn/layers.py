@@ -7,7 +7,7 @@ import numpy
 
 from .. import backend
 from ..kernels.activations import get_activation
-from ..kernels.linear import linear_backward, linear_forward
+from ..kernels.linear import linear_backward, linear_forward, linear_relu_forward
 from .module import Module, Parameter
 
 INITS = ("torch", "xavier_uniform", "xavier_normal", "kaiming_normal", "zeros")
@@ -68,6 +68,17 @@ class Linear(Module):
         self._x = x
         return linear_forward(x, self.W.data, self.b.data)
 
+    def forward_relu(self, x, act):
+        """``act.forward(self.forward(x))`` for the ReLU ``act`` after this layer, through
+        ``linear_relu_forward`` (the fused path adds the bias and applies the ReLU in one pass); both
+        layers keep what their backward needs."""
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            return act.forward(self.forward(x))     # forward's own error message
+        self._x = x
+        y = linear_relu_forward(x, self.W.data, self.b.data)
+        act._cache = y
+        return y
+
     def backward(self, dy, need_dx=True):
         """dx = dy @ W.T;  W.grad += x.T @ dy;  b.grad += sum_B dy  (written straight into the
         gradients when they were just zeroed: the usual one backward per zero_grad)."""
@@ -116,8 +127,16 @@ class Sequential(Module):
             self._modules[str(i)] = m
 
     def forward(self, x):
-        for m in self.layers:
-            x = m.forward(x)
+        layers, i = self.layers, 0
+        while i < len(layers):
+            m = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if type(m) is Linear and type(nxt) is Activation and nxt.name == "relu":
+                x = m.forward_relu(x, nxt)      # the pair through linear_relu_forward: one pass when fused
+                i += 2
+            else:
+                x = m.forward(x)
+                i += 1
         return x
 
     def backward(self, dy, need_dx=True):
