@@ -216,6 +216,8 @@ def gaussian_logprob_backward(dlogp, z):
 def logistic_logprob_forward(z):
     """Standard logistic log-density per row: sum_d -(softplus(z_d) + softplus(-z_d))
     = sum_d -(|z_d| + 2 log1p(exp(-|z_d|)))."""
+    if _fused.active(z):
+        return _fused.logistic_logprob_forward(z)
     xp = array_module(z)
     a = xp.abs(z)
     return -(a + 2 * xp.log1p(xp.exp(-a))).sum(axis=1)

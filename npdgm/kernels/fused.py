@@ -294,6 +294,10 @@ def affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s):
     return run("affine_coupling_inverse_backward", dxb, _column(dlogdet_inv, xb), xb, s)
 
 
+def logistic_logprob_forward(z):
+    return run("logistic_logprob_forward", z)
+
+
 def adam_step(p, g, m, v, t, lr, b1, b2, eps, wd=0.0, decoupled=False):
     """In place: one Adam (AdamW with ``decoupled``) update of p, m, v from g (formula ``adam``).
     ``t``: the step, already counted for this one; on CuPy a 0-d float64 device counter (so a captured
