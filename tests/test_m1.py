@@ -177,7 +177,7 @@ def test_code_sampler_draws_z1_from_precomputed_codes(vae_run, rng):
     x = (rng.uniform(0, 1, (5, 784)) < 0.3).astype(np.float32)
     h = posterior_codes(vae, x, batch=2)
     mu, logvar = vae.encode(x)
-    np.testing.assert_allclose(h, np.concatenate([mu, logvar], 1), rtol=1e-5, atol=1e-6)   # batch 2 vs 5: float32 GEMM order
+    np.testing.assert_allclose(h, np.concatenate([mu, logvar], 1), rtol=1e-5, atol=1e-6)   # batches 2 vs 5: GEMM order
     z = code_sampler(vae.z_dim)(h, np.random.default_rng(3))
     np.testing.assert_allclose(z, feature_encoder(vae)(x, np.random.default_rng(3)), rtol=1e-5, atol=1e-6)
 
@@ -274,5 +274,6 @@ def test_active_units_and_prune_latents(rng):
 
 def test_m1_active_std_zero_keeps_every_unit_that_varies(vae_run, tmp_path):
     out = tmp_path / "m1"
-    assert main(["train", "m1", "--vae", vae_run, "--labels", "20", "--l2", "1", "--active-std", "0", "--out", out]) == 0
+    assert main(["train", "m1", "--vae", vae_run, "--labels", "20", "--l2", "1", "--active-std", "0",
+                 "--out", out]) == 0
     assert json.loads((out / "m1.json").read_text())["keep"] == [0, 1, 2, 3]

@@ -247,7 +247,8 @@ def cmd_train(args):
     mean, scale = standardizer(f_tr)
     f_tr, f_te = (f_tr - mean) / scale, (f_te - mean) / scale
     print(f"m1: features mu(x) of {len(x_tr)} training and {len(x_te)} test images from {path} (z_dim "
-          f"{model.z_dim}, {len(keep)} active: std > {args.active_std:g}, {time.perf_counter() - t0:.1f} s); classifier on {len(lab)} labelled images", flush=True)
+          f"{model.z_dim}, {len(keep)} active: std > {args.active_std:g}, {time.perf_counter() - t0:.1f} s); "
+          f"classifier on {len(lab)} labelled images", flush=True)
     res, clf = fit_m1(f_tr[lab], y_tr[lab], f_te, y_te, args.l2, args.seed, "")
     base, _ = fit_m1(np.asarray(x_tr[lab], np.float64), y_tr[lab], np.asarray(x_te, np.float64), y_te, args.l2,
                      args.seed, "baseline_")
