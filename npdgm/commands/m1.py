@@ -216,9 +216,22 @@ def fit_m1(X_lab, y_lab, X_te, y_te, l2, seed, name):
     return res, clf
 
 
-def cmd_train(args):
+def m1_features(model, x_tr, x_te, active_std, path):
+    """(train, test features, kept units, mean, scale): mu(x) of the active units (std over the training images
+    > ``active_std``), centered and divided by one scale (:func:`npdgm.models.m1.standardizer`)."""
     from ..models.m1 import active_units, standardizer, vae_features
 
+    f_tr, f_te = vae_features(model, x_tr), vae_features(model, x_te)
+    keep = active_units(f_tr, active_std)
+    if len(keep) == 0:
+        raise ValueError(f"no latent unit of {path} has std_x mu_j(x) > {active_std:g} (--active-std): the VAE "
+                         f"encodes nothing; train it longer or lower --active-std")
+    f_tr, f_te = f_tr[:, keep], f_te[:, keep]
+    mean, scale = standardizer(f_tr)
+    return (f_tr - mean) / scale, (f_te - mean) / scale, keep, mean, scale
+
+
+def cmd_train(args):
     setup_backend(args)
     if args.resume:
         raise ValueError("npdgm train m1 has no --resume: continue its VAE with npdgm train vae --resume OUT/vae, "
@@ -238,14 +251,7 @@ def cmd_train(args):
     x_te, y_te = load_images(data, "test", te_lim, binz, vseed)
     lab = balanced_labels(y_tr, args.labels, 10, args.seed)
     t0 = time.perf_counter()
-    f_tr, f_te = vae_features(model, x_tr), vae_features(model, x_te)
-    keep = active_units(f_tr, args.active_std)
-    if len(keep) == 0:
-        raise ValueError(f"no latent unit of {path} has std_x mu_j(x) > {args.active_std:g} (--active-std): the VAE "
-                         f"encodes nothing; train it longer or lower --active-std")
-    f_tr, f_te = f_tr[:, keep], f_te[:, keep]
-    mean, scale = standardizer(f_tr)
-    f_tr, f_te = (f_tr - mean) / scale, (f_te - mean) / scale
+    f_tr, f_te, keep, mean, scale = m1_features(model, x_tr, x_te, args.active_std, path)
     print(f"m1: features mu(x) of {len(x_tr)} training and {len(x_te)} test images from {path} (z_dim "
           f"{model.z_dim}, {len(keep)} active: std > {args.active_std:g}, {time.perf_counter() - t0:.1f} s); "
           f"classifier on {len(lab)} labelled images", flush=True)
