@@ -304,6 +304,26 @@ def test_profile_of_the_fused_row_profiles_the_fused_path(monkeypatch):
     assert res["backend"] == "npdgm-numpy-fused" and {"adam", "affine_coupling_backward"} <= set(calls)
 
 
+def test_profile_times_every_linear_layer_also_the_ones_run_with_their_relu(monkeypatch):
+    """nn.Sequential runs a Linear + ReLU pair through Linear.forward_relu: the profile's "linear" part
+    must include those forwards (it timed Linear.forward alone, so they fell into "elementwise")."""
+    from npdgm.bench import profile
+    from npdgm.nn import layers
+
+    import time
+
+    real = layers.Linear.forward_relu
+
+    def slow(self, x, act):       # 2 ms per pair: 16 pairs per realnvp2d step
+        time.sleep(0.002)
+        return real(self, x, act)
+
+    monkeypatch.setattr(layers.Linear, "forward_relu", slow)
+    res = profile.profile_step("realnvp2d", batch=16, backend="numpy", steps=1)
+    assert res["linear_ms"] >= 16 * 2 and res["elementwise_ms"] < 16 * 2
+    assert layers.Linear.forward_relu is slow       # restored after the profile
+
+
 # -- shipped as `npdgm bench` -------------------------------------------------------------------
 def test_npdgm_bench_subcommand_runs_the_benchmark(tmp_path, capsys):
     from npdgm.cli import main

@@ -4,8 +4,9 @@ The step is split by wall-clock timers around its phases (warm steps, mean over 
 parts add up to the step):
     zero_grad        model.zero_grad()
     loss_and_grad    forward + backward; inside it, every Linear layer's forward/backward is timed
-                     (matmul + bias add + grad accumulation = "linear layers"); the rest is
-                     elementwise work (activations, losses, couplings) and Python overhead
+                     (matmul + bias add + grad accumulation = "linear layers"; a Linear + ReLU pair
+                     that nn.Sequential runs through ``Linear.forward_relu`` counts with its ReLU);
+                     the rest is elementwise work (activations, losses, couplings) and Python overhead
     optimizer        Adam.step()
 The GEMM floor (pure matmul time on the same shapes, measured separately) is shown beside the
 linear-layer time: the difference is bias/gradient traffic around the matmuls.
@@ -33,7 +34,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
     r = NpdgmRunner(w, batch, backend, seed)
     sync = r.sync
     acc = {"linear": 0.0}
-    orig_f, orig_b = layers.Linear.forward, layers.Linear.backward
+    orig_f, orig_b, orig_fr = layers.Linear.forward, layers.Linear.backward, layers.Linear.forward_relu
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -49,6 +50,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
     for _ in range(3):
         r.step()
     layers.Linear.forward, layers.Linear.backward = timed(orig_f), timed(orig_b)
+    layers.Linear.forward_relu = timed(orig_fr)
     try:
         for i in range(steps):
             x = r.batches[i % len(r.batches)]
@@ -74,6 +76,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
             rec["step"].append(t3 - t0)
     finally:
         layers.Linear.forward, layers.Linear.backward = orig_f, orig_b
+        layers.Linear.forward_relu = orig_fr
     # means, not medians: the parts of a step add up to the step exactly
     med = {k: statistics.fmean(v) * 1e3 for k, v in rec.items()}
     return {"workload": w.name, "backend": f"npdgm-{backend}", "batch": batch, "step_ms": med["step"],
