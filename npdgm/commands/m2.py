@@ -39,8 +39,8 @@ labelled images alone (cross-entropy, Adam, the same input binarization), and it
 baseline.json / summary.json and drawn in curves.png beside M2's test error per epoch.
 
 metrics.jsonl (and metrics.csv) per epoch: train_* averaged over the epoch's steps (labelled = mean L(x, y),
-ce, unlabelled = mean U(x), both with the KL weighted by beta; entropy, acc_l), test_error (classifier on every test image),
-test_nelbo_xy (mean -ELBO(x, y) with the true labels) and test_nelbo_x (mean U(x) >= -log p(x)) on
+ce, unlabelled = mean U(x), both with the KL weighted by beta; entropy, acc_l), test_error (classifier on every
+test image), test_nelbo_xy (mean -ELBO(x, y) with the true labels) and test_nelbo_x (mean U(x) >= -log p(x)) on
 --eval-n test images, in nats per image.
 """
 from __future__ import annotations
