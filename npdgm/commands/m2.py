@@ -213,14 +213,10 @@ def load_features(spec, expect_sha256=None):
 
 
 def feature_encoder(vae):
-    """encode(x, rng) -> z1 = mu(x) + exp(logvar(x) / 2) eps (eps ~ N(0, I) from ``rng``, float32 like all run
-    noise): the M1 VAE's posterior sample, M2's input under M1+M2."""
-    def encode(x, rng):
-        h = vae.encoder.forward(x)
-        mu, logvar = h[:, :vae.z_dim], h[:, vae.z_dim:]
-        eps = backend.to_device(rng.standard_normal(mu.shape, dtype=np.float32), vae.dtype)
-        return mu + vae.xp.exp(0.5 * logvar) * eps
-    return encode
+    """encode(x, rng) -> z1 ~ q(z1|x) of the M1 VAE (:func:`code_sampler` on its encoder's output): M2's input
+    under M1+M2 with ``--m1-codes step``."""
+    sample = code_sampler(vae.z_dim)
+    return lambda x, rng: sample(vae.encoder.forward(x), rng)
 
 
 def _data(model, run, loaded):
@@ -253,13 +249,15 @@ def _images(run, loaded):
 
 
 def code_sampler(z_dim):
-    """encode(h, rng) -> z1 = mu + exp(logvar / 2) eps for rows h = [mu | logvar] (n, 2 z_dim) of q(z1|x) computed
-    once (``--m1-codes fixed``), eps ~ N(0, I) from ``rng`` (float32 like all run noise)."""
-    def encode(h, rng):
+    """sample(h, rng) -> z1 = mu + exp(logvar / 2) eps (kernels.reparameterize_forward) for rows h = [mu | logvar]
+    (n, 2 z_dim) of q(z1|x), eps ~ N(0, I) from ``rng`` (float32 like all run noise)."""
+    from ..kernels import reparameterize_forward
+
+    def sample(h, rng):
         mu, logvar = h[:, :z_dim], h[:, z_dim:]
         eps = backend.to_device(rng.standard_normal(mu.shape, dtype=np.float32), h.dtype)
-        return mu + backend.array_module(h).exp(0.5 * logvar) * eps
-    return encode
+        return reparameterize_forward(mu, logvar, eps)
+    return sample
 
 
 def posterior_codes(vae, x, batch=1000):
