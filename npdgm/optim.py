@@ -11,7 +11,7 @@ import os
 import threading
 
 from . import backend
-from .nn.module import Module, Parameter
+from .nn.module import Module, Parameter, fill_stale
 from .validate import check_float
 
 CHUNK = 1 << 17  # elements per block: 512 KiB of float32 per array, 2.5 MiB for p, g, m, v + scratch
@@ -140,12 +140,6 @@ class Optimizer:
         self._tmp = {}  # (pair index, thread index) -> scratch of one chunk, made on first use
         self._t_dev = None  # device step counter of the fused CuPy Adam (CUDA-graph safe)
 
-    def _fill_stale(self):
-        """Write the zeros of every gradient :meth:`Module.zero_grad` marked and no backward wrote."""
-        for p in self._params:
-            if p.stale:
-                p.grad  # noqa: B018  (the getter writes the zeros)
-
     def state_dict(self):
         """Step count and state arrays (host copies), for checkpoints."""
         return {"t": self.t, **{f"{k}.{i}": backend.to_host(a).copy()
@@ -182,7 +176,7 @@ class SGD(Optimizer):
         return {"buf": self.buf}
 
     def step(self):
-        self._fill_stale()
+        fill_stale(self._params)
         self.t += 1
         for i, (p, g) in enumerate(self.pairs):
             d = g + self.wd * p if self.wd else g
@@ -242,7 +236,7 @@ class Adam(Optimizer):
         per cache-sized chunk on each of the :func:`get_num_threads` threads."""
         from .kernels import fused
 
-        self._fill_stale()
+        fill_stale(self._params)
         self.t += 1
         if fused.on_gpu(self.pairs[0][0], self.pairs[0][1]):
             xp = backend.array_module(self.pairs[0][0])

@@ -75,6 +75,14 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def fill_stale(params):
+    """Write the zeros of every gradient in ``params`` that :meth:`Module.zero_grad` marked stale and no
+    backward overwrote (see :class:`Parameter`)."""
+    for p in params:
+        if p.stale:
+            p.grad  # noqa: B018  (the getter writes the zeros)
+
+
 class Module:
     """Base class: parameters and child modules assigned as attributes are registered by name."""
 
@@ -125,9 +133,7 @@ class Module:
         :class:`Parameter`) are filled with zeros first, so its values are the gradients."""
         buf = self._flat_grads
         if buf is not None:
-            for p in self.parameters():
-                if p.stale:
-                    p.grad  # noqa: B018  (the getter writes the zeros)
+            fill_stale(self.parameters())
         return buf
 
     @flat_grads.setter
