@@ -97,6 +97,7 @@ def machine_info():
     try:
         import npdgm
         info["npdgm"] = npdgm.__version__
+        info["keep_heap"] = npdgm.KEEP_HEAP     # freed memory kept for reuse (npdgm/__init__.py)
     except ImportError:
         pass
     try:
