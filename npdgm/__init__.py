@@ -32,10 +32,11 @@ def _keep_freed_heap():
     """Let glibc's malloc keep freed memory for reuse instead of returning it to the kernel at once.
 
     A training step allocates and frees the same few-hundred-KB arrays (activations, gradients) again
-    and again. With glibc's defaults, blocks above its (adaptive) mmap threshold and any free top of the
-    heap above 2x that threshold go back to the kernel, so the next step's arrays fault their pages in
-    afresh (~30 brk calls per RealNVP-2d step; in a VM each page fault is slow). Measured on 2 cores,
-    fused path: a RealNVP-2d step 18.6-19.0 -> 14.8-15.1 ms, its 16 ReLU backwards 2.7 -> 0.75 ms.
+    and again. With glibc's defaults, blocks above its adaptive mmap threshold (128 KiB until a larger
+    block is freed) and any free top of the heap above 2x that threshold go back to the kernel, so the
+    next step's arrays fault their pages in afresh (~1,100 faults and ~30 brk calls per RealNVP-2d step).
+    Measured on 2 cores, fused path, a fresh process: a RealNVP-2d step 18.6-19.0 -> 14.8-15.1 ms, its 16
+    ReLU backwards 2.7 -> 0.75 ms (where glibc had adapted already, as in ``npdgm bench``: no change).
     So: arrays below 32 MiB come from the heap (M_MMAP_THRESHOLD; larger ones, e.g. a 19M-parameter
     model's flat buffers, are still mapped), and up to 256 MiB of free heap top stays with the process
     (M_TRIM_THRESHOLD). Setting the trim threshold alone would be worse: it fixes the mmap threshold
