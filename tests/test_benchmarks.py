@@ -254,10 +254,23 @@ def test_interleaved_group_and_profile(tmp_path):
     assert {r["backend"] for r in out["results"]} >= {"npdgm-numpy"}
     assert all(len(r["blocks_ms"]) == 2 and r["x_floor"] > 0 for r in out["results"])
     assert out["floors"][0]["interleaved"] and out["floors"][0]["floor_ms"] > 0
+    by = {r["backend"]: r for r in out["results"]}
+    assert by["npdgm-numpy"]["x_floor_paired"] > 0 and "paired x floor" in (tmp_path / "out.md").read_text()
+    if "torch-eager" in by:
+        assert by["torch-eager"]["x_torch_paired"] == 1.0
     (prof,) = out["profile"]
     parts = prof["zero_grad_ms"] + prof["linear_ms"] + prof["elementwise_ms"] + prof["optimizer_ms"]
     assert parts == pytest.approx(prof["step_ms"], rel=0.05)
     assert prof["linear_ms"] > 0 and prof["optimizer_ms"] > 0
+
+
+def test_paired_ratios_pool_every_round():
+    """pool_paired: the block ratios of every round, per (workload, backend, batch); a row timed alone (no
+    "paired") adds nothing."""
+    rows = [{"workload": "vae", "backend": "npdgm-numpy", "batch": 8, "paired": {"x_floor": [1.5, 1.4]}},
+            {"workload": "vae", "backend": "npdgm-numpy", "batch": 8, "paired": {"x_floor": [1.6, 1.5, 1.5]}},
+            {"workload": "vae", "backend": "torch-eager", "batch": 8}]
+    assert run.pool_paired(rows) == {("vae", "npdgm-numpy", 8): {"x_floor": [1.5, 1.4, 1.6, 1.5, 1.5]}}
 
 
 def test_plain_runner_stays_plain_beside_a_fused_one(monkeypatch):

@@ -244,6 +244,10 @@ def run_group(spec):
                 "blocks_ms": [round(x, 4) for x in b], "steps_per_block": steps[name], "repeats": len(b)}
 
     rows = [_row(spec, b, r, summary(b), impl, gk) for b, r, _, impl, gk in built]
+    for row in rows:                                   # each block over the floor's / torch's block beside it
+        row["paired"] = {"x_floor": [round(a / f, 4) for a, f in zip(blocks[row["backend"]], blocks["floor"])]}
+        if "torch-eager" in blocks:
+            row["paired"]["x_torch"] = [round(a / t, 4) for a, t in zip(blocks[row["backend"]], blocks["torch-eager"])]
     fl = summary("floor")
     floor = {"workload": spec["workload"], "device": "cpu", "batch": spec["batch"], "threads": spec["threads"],
              "floor_ms": fl["ms_per_step"], "gflop_per_step": sum(2 * m * k * n * c for (m, k, n, _), c in
@@ -414,13 +418,20 @@ def _fmt(v, nd=2):
 
 
 def markdown_table(rows):
+    """The results as a markdown table; with ``--interleave`` two more columns, the paired ratios
+    (the median of block / floor block and block / torch block, :func:`pool_paired`)."""
+    paired = any("x_floor_paired" in r for r in rows)
     head = ["workload", "backend", "impl", "device", "threads", "batch", "ms/step", "samples/s", "floor ms",
-            "x floor", "x torch", "peak RSS MB", "GPU peak MB"]
+            "x floor", "x torch"] + (["paired x floor", "paired x torch"] if paired else []) + [
+            "peak RSS MB", "GPU peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = [r["workload"], r["backend"], r["impl"], r["device"], r["threads"], r["batch"],
                 _fmt(r["ms_per_step"], 3), _fmt(r["samples_per_s"], 0), _fmt(r["floor_ms"], 3),
-                _fmt(r["x_floor"]), _fmt(r["x_torch"]), _fmt(r["peak_rss_mb"], 0), _fmt(r["gpu_peak_mb"], 0)]
+                _fmt(r["x_floor"]), _fmt(r["x_torch"])]
+        if paired:
+            vals += [_fmt(r.get("x_floor_paired")), _fmt(r.get("x_torch_paired"))]
+        vals += [_fmt(r["peak_rss_mb"], 0), _fmt(r["gpu_peak_mb"], 0)]
         lines.append("| " + " | ".join(map(str, vals)) + " |")
     return "\n".join(lines)
 
@@ -504,6 +515,17 @@ def _run_plan(points, floors, interleave, isolate, rows, floor_rows):
               f"[{r['ms_min']:.3f}..{r['ms_max']:.3f}]", file=sys.stderr)
 
 
+def pool_paired(rows):
+    """``--interleave``: {(workload, backend, batch): {"x_floor": [...], "x_torch": [...]}}, every round's
+    block ratios pooled. A block's ratio to the floor (or torch) block timed right after it in the same
+    process cancels the machine's drift between blocks, which the ratio of two medians does not."""
+    out = {}
+    for r in rows:
+        for k, v in r.get("paired", {}).items():
+            out.setdefault((r["workload"], r["backend"], r["batch"]), {}).setdefault(k, []).extend(v)
+    return out
+
+
 def median_rounds(rows, key, field):
     """One row per ``key``: the round whose ``field`` is the median (the lower middle for an even count),
     with every round's value in ``rounds``. Order of first appearance is kept."""
@@ -565,9 +587,14 @@ def _main(args):
         if args.rounds > 1:
             print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
         _run_plan(points, floors, args.interleave, isolate, rows, floor_rows)
+    paired = pool_paired(rows)
     rows = median_rounds(rows, ("workload", "backend", "batch"), "ms_per_step")
     floor_rows = median_rounds(floor_rows, ("workload", "device", "batch"), "floor_ms")
     attach_ratios(rows, floor_rows)
+    for r in rows:
+        r.pop("paired", None)
+        for k, v in paired.get((r["workload"], r["backend"], r["batch"]), {}).items():
+            r[f"{k}_paired"] = round(statistics.median(v), 3)
     profiles = []
     if args.profile:
         for w in sorted({r["workload"] for r in rows}):
