@@ -244,10 +244,13 @@ def run_group(spec):
                 "blocks_ms": [round(x, 4) for x in b], "steps_per_block": steps[name], "repeats": len(b)}
 
     rows = [_row(spec, b, r, summary(b), impl, gk) for b, r, _, impl, gk in built]
-    for row in rows:                                   # each block over the floor's / torch's block beside it
-        row["paired"] = {"x_floor": [round(a / f, 4) for a, f in zip(blocks[row["backend"]], blocks["floor"])]}
+    def ratios(name, over):                            # each block over the block of ``over`` timed beside it
+        return [round(a / b, 4) for a, b in zip(blocks[name], blocks[over])]
+
+    for row in rows:
+        row["paired"] = {"x_floor": ratios(row["backend"], "floor")}
         if "torch-eager" in blocks:
-            row["paired"]["x_torch"] = [round(a / t, 4) for a, t in zip(blocks[row["backend"]], blocks["torch-eager"])]
+            row["paired"]["x_torch"] = ratios(row["backend"], "torch-eager")
     fl = summary("floor")
     floor = {"workload": spec["workload"], "device": "cpu", "batch": spec["batch"], "threads": spec["threads"],
              "floor_ms": fl["ms_per_step"], "gflop_per_step": sum(2 * m * k * n * c for (m, k, n, _), c in
