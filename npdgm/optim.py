@@ -17,7 +17,8 @@ from .validate import check_float
 CHUNK = 1 << 17  # elements per block: 512 KiB of float32 per array, 2.5 MiB for p, g, m, v + scratch
 # (fits L2+L3; measured on a 2-core Zen 4: 1<<17 beat 1<<15 by ~15% on 0.6M and 19M parameters,
 # fewer ufunc calls per step, see benchmarks/README.md)
-NUMBA_THREADED_MIN = 1 << 21  # the fused (numba) update splits over threads from 2M parameters on (measured, see _fused_cpu_step)
+# the fused (numba) update splits over threads from 2M parameters on (measured, see _fused_cpu_step)
+NUMBA_THREADED_MIN = 1 << 21
 _threads = {"n": None, "pool": None}
 _pool_lock = threading.Lock()
 

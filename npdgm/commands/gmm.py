@@ -75,7 +75,8 @@ def register(commands, train_commands):
                    help=f"MNIST: use the first N test images (default: all); 2-D: test points drawn "
                         f"(default {TOY_TEST}, as flow2d)")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of the data draw, dequantization and init (default 0)")
+    r.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the data draw, dequantization and init (default 0)")
     r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     r.add_argument("--dtype", choices=backend.DTYPES, default="float64",

@@ -89,7 +89,8 @@ def _add_model_args(p):
     d.add_argument("--train-limit", type=positive_int, default=None,
                    help="use the first N training images (default: all)")
     d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images (default: all)")
-    d.add_argument("--iwae-k", type=positive_int, default=100, help="importance samples for log p(x) at the end (default 100)")
+    d.add_argument("--iwae-k", type=positive_int, default=100,
+                   help="importance samples for log p(x) at the end (default 100)")
     d.add_argument("--iwae-n", type=nonneg_int, default=1000,
                    help="test images for the IWAE estimate (default 1000; 0 skips it)")
     d.add_argument("--impute-rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
@@ -97,7 +98,8 @@ def _add_model_args(p):
     d.add_argument("--impute-steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
     d.add_argument("--impute-k", type=nonneg_int, default=100,
                    help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
-    d.add_argument("--impute-n", type=positive_int, default=500, help="test images for the imputation errors (default 500)")
+    d.add_argument("--impute-n", type=positive_int, default=500,
+                   help="test images for the imputation errors (default 500)")
 
 
 def register(commands, train_commands):

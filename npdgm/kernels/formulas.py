@@ -10,9 +10,9 @@ float64. ``rows`` names an output that is summed over axis 1 (a per-row loss). F
 
 * :meth:`Formula.numpy` evaluates it with NumPy: the reference (tests compare it with the plain
   kernel on every input maker of the kernel table);
-* :meth:`Formula.numba` compiles it into one loop (one thread, or ``prange`` over threads; every line runs per element,
-  temporaries are locals, so Adam reads and writes p, m, v once) and :meth:`Formula.numexpr` runs it as one multithreaded
-  numexpr pass per output: the fused CPU path (:func:`npdgm.kernels.fused.set_cpu_fused`). Numbers
+* :meth:`Formula.numba` compiles it into one loop (one thread, or ``prange`` over threads; every line runs per
+  element, temporaries are locals, so Adam reads and writes p, m, v once) and :meth:`Formula.numexpr` runs it as one
+  multithreaded numexpr pass per output: the fused CPU path (:func:`npdgm.kernels.fused.set_cpu_fused`). Numbers
   and other array-free parts are computed in float64 and cast to the arrays' dtype, so float32
   stays float32 as in NumPy;
 * :meth:`Formula.cuda` writes the CUDA source of a ``cupy.ElementwiseKernel`` (or the map
@@ -421,8 +421,9 @@ class Formula:
         if fn is None:
             lines, _ = self._numba_lines()
             consts = [f"_T({t})" for _, t in self._numba_consts]
+            ret = f"    return ({', '.join(consts)}{',' if consts else ''})"
             src = "\n".join([f"def _consts(_T, {', '.join(self.scalars) or '_unused=0'}):"]
-                            + [f"    {s}" for s in lines] + [f"    return ({', '.join(consts)}{',' if consts else ''})"])
+                            + [f"    {s}" for s in lines] + [ret])
             ns = dict(_MATH)
             exec(compile(src, f"<formula {self.name} constants>", "exec"), ns)
             fn = cache["fn"] = ns["_consts"]
@@ -488,8 +489,8 @@ class Formula:
             # a row sum: the row's values into a scratch row first (that loop vectorizes; a running sum
             # would not), then summed in float64 with four partial sums (a fixed order: the same bits
             # on one thread or many)
-            head = ["for _r in prange(_n0):"] + ([f"    _row = np.empty(_n1, {self.rows}.dtype)"] if self.rows else []) + [
-                "    for _c in range(_n1):"]
+            scratch = [f"    _row = np.empty(_n1, {self.rows}.dtype)"] if self.rows else []
+            head = ["for _r in prange(_n0):"] + scratch + ["    for _c in range(_n1):"]
             if self.rows:
                 post = ["    _a0 = _a1 = _a2 = _a3 = 0.0",
                         "    _m = _n1 - _n1 % 4",

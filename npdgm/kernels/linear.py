@@ -33,8 +33,9 @@ def linear_relu_forward(x, W, b):
     """y = max(x @ W + b, 0).   x: (B, in), W: (in, out), b: (out,) -> y: (B, out).
 
     A Linear layer and the ReLU after it (``nn.Sequential`` calls this for such a pair). Plain: the
-    product, the bias add, the ReLU, as ``relu_forward(linear_forward(...))`` computes them; fused CPU/GPU path: the bias add and the ReLU in one pass over the product, in place
-    (formula ``bias_relu_forward``), the same bits. Backward: :func:`linear_relu_backward`."""
+    product, the bias add, the ReLU, as ``relu_forward(linear_forward(...))`` computes them; fused
+    CPU/GPU path: the bias add and the ReLU in one pass over the product, in place (formula
+    ``bias_relu_forward``), the same bits. Backward: :func:`linear_relu_backward`."""
     xp = array_module(x)
     h = _product(xp, x, W, b)
     if _fused.active(h, b):

@@ -20,10 +20,11 @@ The objective of :meth:`M2.loss_and_grad` for a labelled batch (x_l, y_l) and an
 
 (either batch may be left out). With ``beta`` != 1 the KL term inside L (in both parts) is weighted
 by beta (a beta-VAE form of M2: a larger beta makes class information in z dearer than in y);
-:meth:`M2.nelbo` always reports the true bound (beta = 1). lambda_l (``labelled_weight``) = 1 weighs a labelled image like an
-unlabelled one in each step; the paper's objective summed over the data set, divided by N, is
-lambda_l = N_l / N with alpha = 0.1 (its alpha = 0.1 N on the mean cross-entropy). U is evaluated for all classes at once: the encoder's x-part is
-computed once and every x is decoded under each of the C labels ((C B, .) rows, class-major).
+:meth:`M2.nelbo` always reports the true bound (beta = 1). lambda_l (``labelled_weight``) = 1 weighs a
+labelled image like an unlabelled one in each step; the paper's objective summed over the data set,
+divided by N, is lambda_l = N_l / N with alpha = 0.1 (its alpha = 0.1 N on the mean cross-entropy).
+U is evaluated for all classes at once: the encoder's x-part is computed once and every x is decoded
+under each of the C labels ((C B, .) rows, class-major).
 
 Backward of U (B rows, weight w = 1/B each), with q = softmax(s), Lmat[b, c] = L(x_b, c):
 

@@ -19,7 +19,8 @@ def _adam(rng, dt):
 
 
 @register("adam_step", "m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  "
-                       "p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps);  3 steps, lr=1e-2, betas=(0.9, 0.999)", _adam)
+                       "p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps);  "
+                       "3 steps, lr=1e-2, betas=(0.9, 0.999)", _adam)
 def _(i):
     from ..nn.module import Parameter
     from ..optim import Adam
