@@ -256,6 +256,7 @@ def test_interleaved_group_and_profile(tmp_path):
     assert out["floors"][0]["interleaved"] and out["floors"][0]["floor_ms"] > 0
     by = {r["backend"]: r for r in out["results"]}
     assert by["npdgm-numpy"]["x_floor_paired"] > 0 and "paired x floor" in (tmp_path / "out.md").read_text()
+    assert by["npdgm-numpy"]["step_alloc_mb"] > 0
     if "torch-eager" in by:
         assert by["torch-eager"]["x_torch_paired"] == 1.0
     (prof,) = out["profile"]
@@ -382,3 +383,16 @@ def test_checkout_shim_and_isolated_children_from_any_directory(tmp_path, monkey
     assert out["results"][0]["backend"] == "npdgm-numpy" and out["results"][0]["ms_per_step"] > 0
     assert "usage: python -m benchmarks.run" in subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "-h"], cwd=work, env=env, capture_output=True, text=True).stdout
+
+
+def test_step_alloc_counts_a_steps_temporaries():
+    """harness.step_alloc_mb: the peak of what the steps allocate above what was live before them (so the
+    engine's import and compiled code, which peak RSS also counts, stay out of it)."""
+    keep = np.zeros(1 << 20)                               # 8 MiB live before: not counted
+
+    def step():
+        t = np.ones(1 << 19)                               # a 4 MiB temporary, freed at return
+        return float(t[0] + keep[0])
+
+    assert harness.step_alloc_mb(step) == pytest.approx(4.0, abs=0.1)
+    assert harness.step_alloc_mb(lambda: None) < 0.01

@@ -153,6 +153,23 @@ def peak_rss_mb():
     return kb / 1024
 
 
+def step_alloc_mb(step, sync=lambda: None, steps=3):
+    """Peak MiB that ``steps`` calls of ``step`` allocate above what was live before them, as
+    tracemalloc sees it (Python objects and NumPy's array memory; not CuPy's or torch's allocators): a
+    step's temporaries, without what peak RSS also counts (libraries loaded, code compiled)."""
+    import tracemalloc
+
+    sync()
+    tracemalloc.start()
+    try:
+        for _ in range(steps):
+            step()
+        sync()
+        return tracemalloc.get_traced_memory()[1] / 2**20    # traced since start(): the baseline is 0
+    finally:
+        tracemalloc.stop()
+
+
 # -- timing -------------------------------------------------------------------------------------
 def time_steps(step, sync=lambda: None, *, warmup=3, repeats=5, steps=None, target_s=0.5, max_steps=200):
     """Time ``step()`` after ``warmup`` calls: ``repeats`` blocks of ``steps`` calls each, ``sync()``

@@ -31,7 +31,7 @@ from . import harness
 SWEEP = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 BACKENDS = ("numpy", "numpy-fused", "cupy", "torch")
 ROW_FIELDS = ("workload", "backend", "impl", "device", "threads", "batch", "ms_per_step", "ms_min", "ms_max",
-              "samples_per_s", "floor_ms", "x_floor", "x_torch", "peak_rss_mb", "gpu_peak_mb", "loss",
+              "samples_per_s", "floor_ms", "x_floor", "x_torch", "peak_rss_mb", "step_alloc_mb", "gpu_peak_mb", "loss",
               "params", "steps_per_block", "repeats")
 RESULT_FIELDS = ("machine", "config", "results", "floors", "skipped", "profile")
 
@@ -183,11 +183,15 @@ def _build(spec, backend):
 def _row(spec, backend, r, t, impl, gpu_kind):
     ms = t["ms_per_step"]
     batch = spec["batch"]
+    alloc = None
+    if backend in ("npdgm-numpy", "npdgm-numpy-fused"):       # tracemalloc sees NumPy's memory only
+        alloc = round(harness.step_alloc_mb(r.step), 2)
     return {"workload": spec["workload"], "backend": backend, "impl": impl,
             "device": _device_name(gpu_kind is not None), "threads": spec["threads"], "batch": batch,
             "ms_per_step": round(ms, 4), "ms_min": round(t["ms_min"], 4), "ms_max": round(t["ms_max"], 4),
             "samples_per_s": round(batch / ms * 1e3, 1), "floor_ms": None, "x_floor": None, "x_torch": None,
-            "peak_rss_mb": round(harness.peak_rss_mb(), 1), "gpu_peak_mb": _gpu_peak_mb(gpu_kind),
+            "peak_rss_mb": round(harness.peak_rss_mb(), 1), "step_alloc_mb": alloc,
+            "gpu_peak_mb": _gpu_peak_mb(gpu_kind),
             "loss": r.loss(), "params": r.num_parameters(), "steps_per_block": t["steps_per_block"],
             "repeats": t["repeats"], "blocks_ms": t["blocks_ms"]}
 
@@ -426,7 +430,7 @@ def markdown_table(rows):
     paired = any("x_floor_paired" in r for r in rows)
     head = ["workload", "backend", "impl", "device", "threads", "batch", "ms/step", "samples/s", "floor ms",
             "x floor", "x torch"] + (["paired x floor", "paired x torch"] if paired else []) + [
-            "peak RSS MB", "GPU peak MB"]
+            "peak RSS MB", "step alloc MB", "GPU peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = [r["workload"], r["backend"], r["impl"], r["device"], r["threads"], r["batch"],
@@ -434,7 +438,7 @@ def markdown_table(rows):
                 _fmt(r["x_floor"]), _fmt(r["x_torch"])]
         if paired:
             vals += [_fmt(r.get("x_floor_paired")), _fmt(r.get("x_torch_paired"))]
-        vals += [_fmt(r["peak_rss_mb"], 0), _fmt(r["gpu_peak_mb"], 0)]
+        vals += [_fmt(r["peak_rss_mb"], 0), _fmt(r.get("step_alloc_mb")), _fmt(r["gpu_peak_mb"], 0)]
         lines.append("| " + " | ".join(map(str, vals)) + " |")
     return "\n".join(lines)
 
