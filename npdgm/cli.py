@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import __version__, backend
+from . import KEEP_HEAP, __version__, backend
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, flows, gmm, m1, m2, sample, vae
 from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
@@ -49,6 +49,7 @@ def _cmd_info(args):
     print(f"backend {name}  dtype {backend.get_dtype()}  cupy usable: {backend.cupy_available()}")
     if problem:
         print(f"problem: {problem} (commands without --backend stop with this error)")
+    print(f"malloc keeps freed memory: {KEEP_HEAP} (NPDGM_KEEP_HEAP; glibc only)")
     try:
         from threadpoolctl import threadpool_info
 

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import npdgm
 from npdgm import cli
 
 
@@ -21,4 +22,5 @@ def test_python_dash_m_works_like_the_script():
 
 def test_info(capsys):
     assert cli.main(["info"]) == 0
-    assert "backend numpy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backend numpy" in out and f"malloc keeps freed memory: {npdgm.KEEP_HEAP}" in out
