@@ -396,8 +396,11 @@ class NCCLComm(MPIComm):
         import cupy
         from cupy.cuda import nccl
 
+        if not getattr(nccl, "available", False):   # the module imports without libnccl (pip wheels lack it)
+            raise DistributedError("NCCL is not available to CuPy (cupy.cuda.nccl.available is False): install "
+                                   "it (pip install nvidia-nccl-cu12, or -cu11 for CUDA 11) or run on one GPU")
         self.cupy, self.nccl = cupy, nccl
-        cupy.cuda.Device(self.rank % cupy.cuda.runtime.getDeviceCount()).use()
+        use_device(self.rank)
         uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
 
@@ -421,6 +424,16 @@ def launched_by_mpi():
         if int(os.environ.get(key, "1") or 1) > 1:
             return True
     return False
+
+
+def use_device(rank):
+    """Make GPU ``rank`` mod (number of GPUs) CuPy's current device; returns its index. Call it before the
+    model's arrays are made: CuPy allocates on the current device."""
+    import cupy
+
+    dev = rank % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(dev).use()
+    return dev
 
 
 def detect(force=False, gpu=False):

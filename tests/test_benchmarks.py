@@ -207,6 +207,19 @@ def test_gpu_rows_skip_without_cupy():
     assert any("CuPy" in n for n in notes)
 
 
+def test_cuda_graph_step_refuses_the_plain_cupy_kernels():
+    """With the fused kernels off, Adam's bias corrections are host values a captured graph would replay
+    unchanged: the capture is refused (before CuPy is touched, so this runs anywhere)."""
+    from npdgm.kernels import fused
+
+    fused.set_enabled(False)
+    try:
+        with pytest.raises(RuntimeError, match="needs the fused kernels"):
+            fused.CudaGraphStep(lambda: None, ())
+    finally:
+        fused.set_enabled(True)
+
+
 # -- GPU paths: CUDA graphs against eager steps (skipped without CuPy; the fused kernels: tests/test_fused.py) ---
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vae", "realnvp2d"])

@@ -481,11 +481,32 @@ print("nccl ok", comm.rank, comm.size)
 '''
 
 
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="needs mpi4py")
+def test_nccl_missing_from_cupy_is_a_clear_error(monkeypatch):
+    """cupy.cuda.nccl imports without libnccl (CuPy's pip wheels do not carry it) and only sets
+    available = False: NCCLComm says so instead of failing on a missing nccl.get_unique_id."""
+    import types
+
+    nccl = types.SimpleNamespace(available=False)
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.ModuleType("cupy.cuda")
+    fake.cuda.nccl = nccl
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", nccl)
+    with pytest.raises(distributed.DistributedError, match="NCCL is not available to CuPy"):
+        distributed.NCCLComm()
+
+
 @pytest.mark.gpu
 @need_mpi
 def test_nccl_allreduce_and_the_bench_row(cupy, tmp_path):
     """NCCLComm on as many ranks as GPUs (1 when one is lent): the all-reduce mean on device buffers of
     both dtypes; then npdgm bench --distributed --backends cupy times a step through NCCL."""
+    from cupy.cuda import nccl
+
+    if not nccl.available:
+        pytest.skip("CuPy has no NCCL here (cupy.cuda.nccl.available is False)")
     n = max(1, min(2, cupy.cuda.runtime.getDeviceCount()))
     (tmp_path / "nccl.py").write_text(NCCL)
     p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(tmp_path / "nccl.py"), str(n)],

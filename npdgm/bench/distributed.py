@@ -57,8 +57,8 @@ def run_child(spec):
     harness.set_threads(spec["threads"])
     w = get_workload(spec["workload"])
     batch, cupy = spec["batch"], spec["backend"] == "cupy"
-    r = NpdgmRunner(w, batch, spec["backend"], spec["seed"])
     comm = distributed.detect(force=True, gpu=cupy) if spec["comm"] else distributed.Single()
+    r = NpdgmRunner(w, batch, spec["backend"], spec["seed"])   # after detect: NCCL chose this rank's GPU
     step, ar, shared = r.step, [0.0, 0.0], ""  # seconds in the all-reduce, in the optimizer step
     if spec["comm"]:
         model, opt, axis = r.model, r.opt, _batch_axis(w, batch)

@@ -119,11 +119,14 @@ def _gpu_peak_start(kind):
         torch.cuda.reset_peak_memory_stats()
 
 
-def _gpu_peak_mb(kind):
+def _gpu_peak_mb(kind, graph=None):
+    """Peak GPU memory of the point: CuPy's default pool (it only grows: its size is its peak) plus a
+    CUDA graph step's private pool, or torch's peak allocation."""
     if kind == "cupy":
         import cupy
 
-        return cupy.get_default_memory_pool().total_bytes() / 2**20  # the pool only grows: its peak
+        own = graph.pool.total_bytes() if graph is not None else 0
+        return (cupy.get_default_memory_pool().total_bytes() + own) / 2**20
     if kind == "torch-cuda":
         import torch
 
@@ -191,7 +194,7 @@ def _row(spec, backend, r, t, impl, gpu_kind):
             "ms_per_step": round(ms, 4), "ms_min": round(t["ms_min"], 4), "ms_max": round(t["ms_max"], 4),
             "samples_per_s": round(batch / ms * 1e3, 1), "floor_ms": None, "x_floor": None, "x_torch": None,
             "peak_rss_mb": round(harness.peak_rss_mb(), 1), "step_alloc_mb": alloc,
-            "gpu_peak_mb": _gpu_peak_mb(gpu_kind),
+            "gpu_peak_mb": _gpu_peak_mb(gpu_kind, getattr(r, "graph", None)),
             "loss": r.loss(), "params": r.num_parameters(), "steps_per_block": t["steps_per_block"],
             "repeats": t["repeats"], "blocks_ms": t["blocks_ms"]}
 

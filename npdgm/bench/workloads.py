@@ -220,7 +220,8 @@ class NpdgmRunner:
                 return ()
             return (self.noise_rng.standard_normal(self.noise_shape, dtype=np.float32),)
 
-        graph = CudaGraphStep(dev_step, (self.batches[0], *noise()), optimizers=[self.opt], warmup=warmup)
+        graph = self.graph = CudaGraphStep(dev_step, (self.batches[0], *noise()), optimizers=[self.opt],
+                                           warmup=warmup)
 
         def step():
             x = self.batches[self.i % len(self.batches)]

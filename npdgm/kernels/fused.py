@@ -323,16 +323,23 @@ class CudaGraphStep:
     can reuse (and overwrite) them between replays. ``optimizers``: their host step counters are
     advanced on every replay (their device counters advance inside the graph).
     ``warmup`` eager calls run first (allocations settle, kernels compile); they are real steps.
+    Every value computed on the host is frozen into the graph at capture: the learning rate (a schedule
+    has no effect on the replays) and, with the fused kernels off, Adam's bias corrections, so capture
+    refuses that case.
     """
 
     def __init__(self, fn, inputs, optimizers=(), warmup=2):
+        if not enabled():
+            raise RuntimeError("a CUDA graph step needs the fused kernels (fused.set_enabled(True)): without them "
+                               "Adam's bias corrections are host values that the graph would replay unchanged")
         import cupy
 
         self.cupy = cupy
         self.optimizers = list(optimizers)
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
+        cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the
+        with cupy.cuda.using_allocator(self.pool.malloc), self.stream:   # copies and fills queued before
             self.static = [cupy.array(a) for a in inputs]
             for _ in range(max(1, int(warmup))):
                 fn(*self.static)
@@ -341,10 +348,16 @@ class CudaGraphStep:
             self.stream.begin_capture()
             try:
                 self.out = fn(*self.static)     # recorded, not run: undo its host-side step count
+            except BaseException:
+                try:                            # end the capture, but report fn's error, not end_capture's
+                    self.stream.end_capture()
+                except Exception:
+                    pass
+                raise
             finally:
-                self.graph = self.stream.end_capture()
-            for o, t in zip(self.optimizers, host_t):
-                o.t = t
+                for o, t in zip(self.optimizers, host_t):
+                    o.t = t
+            self.graph = self.stream.end_capture()
         self.stream.synchronize()
 
     def __call__(self, *inputs):
