@@ -70,6 +70,23 @@ def epoch_axis(ax, label="epoch"):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def finish_curves(ax, ylabel, title, xlabel="epoch"):
+    """The end of every curve panel: whole-number x axis (:func:`epoch_axis`), labels, grid, legend."""
+    epoch_axis(ax, xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def train_test_lines(ax, records, keys):
+    """One line per (key, label) in ``keys`` over the records' epochs: test keys solid, train dashed."""
+    for key, lab in keys:
+        pts = [(r["epoch"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
+
+
 def training_curves(records, path, keys=None, title="training curves", ylabel="loss (nats)", labels=None):
     """Plot metrics.jsonl records (list of dicts with "epoch") for ``keys`` (default: every train_/test_ key);
     ``labels`` maps a key to its legend text (default: the key with spaces, "test_nll" -> "test nll")."""
@@ -81,11 +98,7 @@ def training_curves(records, path, keys=None, title="training curves", ylabel="l
         pts = [(r["epoch"], r[k]) for r in records if k in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=(labels or {}).get(k, k.replace("_", " ")))
-    epoch_axis(ax)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    finish_curves(ax, ylabel, title)
     return _save(fig, path)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _save, epoch_axis, pyplot, save_image_grid, square_axes, square_limit
+from . import _save, finish_curves, pyplot, save_image_grid, square_axes, square_limit
 from .. import backend
 
 
@@ -69,11 +69,7 @@ def em_curves(records, path, title="EM", keys=("train_nll", "test_nll")):
         pts = [(r["iteration"], r[k]) for r in records if k in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=EM_LABELS.get(k, k.replace("_", " ")))
-    epoch_axis(ax, "EM iteration")
-    ax.set_ylabel("negative log-likelihood (nats per point)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    finish_curves(ax, "negative log-likelihood (nats per point)", title, "EM iteration")
     return _save(fig, path)
 
 

@@ -2,7 +2,7 @@
 baseline, and the bounds (test -ELBO(x, y), U(x); train labelled / unlabelled losses)."""
 from __future__ import annotations
 
-from . import _save, epoch_axis, pyplot
+from . import _save, finish_curves, pyplot, train_test_lines
 
 
 def curves(records, path, baseline=None):
@@ -17,20 +17,9 @@ def curves(records, path, baseline=None):
     if baseline and "baseline_test_error" in baseline:
         a.axhline(100 * baseline["baseline_test_error"], color="C3", ls="--",
                   label=f"labelled-only baseline ({100 * baseline['baseline_test_error']:.1f}%)")
-    epoch_axis(a)
-    a.set_ylabel("test error (%)")
-    a.set_title("classification error")
-    a.grid(alpha=0.3)
-    a.legend()
-    for key, lab in [("test_nelbo_xy", "test -ELBO(x, y)"), ("test_nelbo_x", "test U(x)"),
-                     ("train_labelled", "train L(x, y), labelled (KL x beta)"),
-                     ("train_unlabelled", "train U(x) (KL x beta)")]:
-        pts = [(r["epoch"], r[key]) for r in records if key in r]
-        if pts:
-            b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
-    epoch_axis(b)
-    b.set_ylabel("nats per image")
-    b.set_title("bounds")
-    b.grid(alpha=0.3)
-    b.legend()
+    finish_curves(a, "test error (%)", "classification error")
+    train_test_lines(b, records, [("test_nelbo_xy", "test -ELBO(x, y)"), ("test_nelbo_x", "test U(x)"),
+                                  ("train_labelled", "train L(x, y), labelled (KL x beta)"),
+                                  ("train_unlabelled", "train U(x) (KL x beta)")])
+    finish_curves(b, "nats per image", "bounds")
     return _save(fig, path)

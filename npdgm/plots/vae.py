@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
-from . import _save, epoch_axis, pyplot, save_image_grid
+from . import _save, finish_curves, pyplot, save_image_grid, train_test_lines
 
 
 def _h(a):
@@ -102,19 +102,8 @@ def curves(records, path, summary=None):
     if nll is not None and ep:   # test_iwae_nll: its older name (old summary.json files)
         a.plot([ep[-1]], [nll], marker="*", ms=12, ls="",
                label=f"test -log p(x), IWAE k={summary['iwae_k']} (n={summary['iwae_n']})")
-    epoch_axis(a)
-    a.set_ylabel("nats per image")
-    a.set_title("negative ELBO")
-    a.grid(alpha=0.3)
-    a.legend()
-    for key, lab in [("test_recon", "test reconstruction"), ("test_kl", "test KL"),
-                     ("train_recon", "train reconstruction"), ("train_kl", "train KL")]:
-        pts = [(r["epoch"], r[key]) for r in records if key in r]
-        if pts:
-            b.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
-    epoch_axis(b)
-    b.set_ylabel("nats per image")
-    b.set_title("the two terms")
-    b.grid(alpha=0.3)
-    b.legend()
+    finish_curves(a, "nats per image", "negative ELBO")
+    train_test_lines(b, records, [("test_recon", "test reconstruction"), ("test_kl", "test KL"),
+                                  ("train_recon", "train reconstruction"), ("train_kl", "train KL")])
+    finish_curves(b, "nats per image", "the two terms")
     return _save(fig, path)
