@@ -66,6 +66,19 @@ class LabelConditioned(Model):
     """What CVAE and M2 share: a label-conditioned encoder/decoder pair (``self.encoder``,
     ``self.decoder``: ConditionalMLPs), input and label checks, and q(z|x, y)."""
 
+    def _build_nets(self, host, dtype, activation, init):
+        """The encoder [x | e_y] -> hidden -> [mu | logvar] and the decoder [z | e_y] -> reversed hidden ->
+        x, drawn from the host generator ``host`` in that order; a learned per-pixel ``logvar_x`` for a
+        Gaussian likelihood without a fixed sigma. Then the parameters are flattened."""
+        C, hidden = self.num_classes, self.hidden
+        self.encoder = ConditionalMLP(self.x_dim, C, hidden, 2 * self.z_dim, activation=activation, init=init,
+                                      rng=host, dtype=dtype)
+        self.decoder = ConditionalMLP(self.z_dim, C, hidden[::-1], self.x_dim, activation=activation, init=init,
+                                      rng=host, dtype=dtype)
+        if self.likelihood == "gaussian" and self.sigma is None:
+            self.logvar_x = Parameter(backend.to_device(np.zeros(self.x_dim), dtype))
+        self.flatten()
+
     def check_x(self, x, name="x"):
         return _check_x(self, x, name)
 
@@ -113,16 +126,8 @@ class CVAE(ELBOMixin, LabelConditioned):
                          beta=float(beta), seed=seed, init=init)
         self.x_dim, self.num_classes, self.z_dim, self.hidden = x_dim, num_classes, z_dim, hidden
         self.likelihood, self.sigma, self.n_samples, self.beta = likelihood, sigma, n_samples, float(beta)
-        dtype = backend.get_dtype()
-        host = np.random.default_rng(seed)
-        self.encoder = ConditionalMLP(x_dim, num_classes, hidden, 2 * z_dim, activation=activation, init=init,
-                                      rng=host, dtype=dtype)
-        self.decoder = ConditionalMLP(z_dim, num_classes, hidden[::-1], x_dim, activation=activation, init=init,
-                                      rng=host, dtype=dtype)
-        if likelihood == "gaussian" and sigma is None:
-            self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
         object.__setattr__(self, "_noise", backend.rng(seed))
-        self.flatten()
+        self._build_nets(np.random.default_rng(seed), backend.get_dtype(), activation, init)
 
     # -- the loss and its gradient -------------------------------------------------------------
     def _forward(self, x, e, eps):

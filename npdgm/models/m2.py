@@ -46,7 +46,6 @@ from ..kernels import (kl_std_normal_forward, reparameterize_forward, sigmoid_fo
                        softmax_expectation_backward, softmax_expectation_forward, softmax_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP
-from ..nn import ConditionalMLP, Parameter
 from .cvae import LabelConditioned
 from ..validate import check_float, check_int
 from .vae import check_likelihood
@@ -106,14 +105,8 @@ class M2(LabelConditioned):
         host = np.random.default_rng(seed)
         self.classifier = MLP(x_dim, classifier_hidden, num_classes, activation=activation, init=init, rng=host,
                               dtype=dtype)
-        self.encoder = ConditionalMLP(x_dim, num_classes, hidden, 2 * z_dim, activation=activation, init=init,
-                                      rng=host, dtype=dtype)
-        self.decoder = ConditionalMLP(z_dim, num_classes, hidden[::-1], x_dim, activation=activation, init=init,
-                                      rng=host, dtype=dtype)
-        if likelihood == "gaussian" and sigma is None:
-            self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
         object.__setattr__(self, "_noise", backend.rng(seed))
-        self.flatten()
+        self._build_nets(host, dtype, activation, init)      # the encoder and decoder draw after the classifier
 
     @property
     def log_prior_y(self):
