@@ -400,7 +400,7 @@ class NCCLComm(MPIComm):
             raise DistributedError("NCCL is not available to CuPy (cupy.cuda.nccl.available is False): install "
                                    "it (pip install nvidia-nccl-cu12, or -cu11 for CUDA 11) or run on one GPU")
         self.cupy, self.nccl = cupy, nccl
-        use_device(self.rank)
+        cupy.cuda.Device(self.rank % cupy.cuda.runtime.getDeviceCount()).use()   # before any model array
         uid = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
         self.nccl_comm = nccl.NcclCommunicator(self.size, uid, self.rank)
 
@@ -424,16 +424,6 @@ def launched_by_mpi():
         if int(os.environ.get(key, "1") or 1) > 1:
             return True
     return False
-
-
-def use_device(rank):
-    """Make GPU ``rank`` mod (number of GPUs) CuPy's current device; returns its index. Call it before the
-    model's arrays are made: CuPy allocates on the current device."""
-    import cupy
-
-    dev = rank % cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(dev).use()
-    return dev
 
 
 def detect(force=False, gpu=False):

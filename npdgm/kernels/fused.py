@@ -338,8 +338,10 @@ class CudaGraphStep:
         self.optimizers = list(optimizers)
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        cupy.cuda.get_current_stream().synchronize()   # a non-blocking stream does not wait for the
-        with cupy.cuda.using_allocator(self.pool.malloc), self.stream:   # copies and fills queued before
+        # the non-blocking stream does not wait for the current one: let the copies and fills queued there
+        # (the model's parameters, the optimizer's zeros) finish before it reads them
+        cupy.cuda.get_current_stream().synchronize()
+        with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
             self.static = [cupy.array(a) for a in inputs]
             for _ in range(max(1, int(warmup))):
                 fn(*self.static)
