@@ -129,13 +129,15 @@ class Optimizer:
         lr = check_float(lr, "lr")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if not isinstance(params, Module):
+            params = list(params)           # read twice below: a generator would leave self._params empty
         self.pairs = _pairs(params)
         if not self.pairs:
             raise ValueError("optimizer got no parameters")
         # the Parameters behind the pairs: a gradient still stale after the backward (zero_grad marks
         # them, a backward that writes with out= clears the mark; nn.module.Parameter) is filled with
         # its zeros before a step reads it
-        self._params = params.parameters() if isinstance(params, Module) else list(params)
+        self._params = params.parameters() if isinstance(params, Module) else params
         self.lr = lr
         self.t = 0
         self._tmp = {}  # (pair index, thread index) -> scratch of one chunk, made on first use

@@ -100,8 +100,10 @@ def test_zero_grad_of_a_flat_module_defers_the_zeros_to_first_use(f64, rng):
     first = m.layers[0]
     np.testing.assert_array_equal(first.W.grad, 0.0)         # so does the getter, one parameter
     assert not first.W.stale and first.b.stale
-    # a step after a backward that reached only the last layer: the first layer's gradient is zero
-    for opt in (SGD(m, lr=0.1), Adam(m, lr=0.1)):
+    # a step after a backward that reached only the last layer: the first layer's gradient is zero (also
+    # for optimizers given the parameters one by one, as a generator)
+    for opt in (SGD(m, lr=0.1), Adam(m, lr=0.1), SGD(iter(m.parameters()), lr=0.1),
+                Adam((p for p in m.parameters()), lr=0.1)):
         m.forward(x)
         m.backward(dy)
         m.zero_grad()
