@@ -133,15 +133,15 @@ class Single:
 
 def move_grads(model, buf, optimizer=None):
     """Make ``buf`` (1-D, the size and dtype of ``model.flat_grads``) the model's gradient buffer: its values
-    are copied in, every parameter's ``grad`` becomes a view of it at the same offsets (:meth:`Module.layout`),
+    are copied in, every parameter's ``grad`` becomes a view of it at the same offsets (:meth:`Module.views`),
     and ``optimizer``'s (value, gradient) pair that held the old buffer holds ``buf``."""
     old = model.flat_grads
     if buf.shape != old.shape or buf.dtype != old.dtype:
         raise ValueError(f"gradient buffer {buf.shape} {buf.dtype} does not match {old.shape} {old.dtype}")
     buf[...] = old
-    for p, (_, shape, off) in zip(model.parameters(), model.layout()):
+    for p, view in zip(model.parameters(), model.views(buf)):
         zeroed = p.zeroed
-        p.grad = buf[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        p.grad = view
         p.zeroed = zeroed  # the values moved with it
     model.flat_grads = buf
     if optimizer is not None:
@@ -232,8 +232,8 @@ class SharedStep:
         fence("sharing the parameters")
         self.win.Sync()
         p, g = mem[0], model.flat_grads
-        for q, (_, shape, off) in zip(model.parameters(), model.layout()):
-            q.data = p[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        for q, view in zip(model.parameters(), model.views(p)):
+            q.data = view
         model.flat_params = p
         optimizer.pairs = [(p, g)]
         for j, (k, i, _) in enumerate(state):

@@ -161,6 +161,12 @@ class Module:
             off += int(p.data.size)
         return out
 
+    def views(self, buf):
+        """[view of the 1-D ``buf`` for every parameter]: its slice at :meth:`layout`'s offset, in its shape,
+        in :meth:`parameters` order (how a flat buffer holds the parameters, or their gradients)."""
+        return [buf[off:off + int(numpy.prod(shape, dtype=numpy.int64))].reshape(shape)
+                for _, shape, off in self.layout()]
+
     def flatten(self):
         """Move every parameter and gradient into one contiguous buffer each (views keep their names)."""
         ps = self.parameters()
@@ -168,19 +174,16 @@ class Module:
             return self
         xp = backend.array_module(ps[0].data)
         dtype = ps[0].data.dtype
-        total = sum(int(p.data.size) for p in ps)
-        flat, gflat = xp.empty(total, dtype=dtype), xp.zeros(total, dtype=dtype)
-        off = 0
         for p in ps:
             if p.data.dtype != dtype:
                 raise TypeError(f"cannot flatten parameters of mixed dtypes ({p.data.dtype} vs {dtype})")
-            n = int(p.data.size)
-            view = flat[off:off + n].reshape(p.data.shape)
+        total = sum(int(p.data.size) for p in ps)
+        flat, gflat = xp.empty(total, dtype=dtype), xp.zeros(total, dtype=dtype)
+        for p, view, gview in zip(ps, self.views(flat), self.views(gflat)):
             view[...] = p.data
             p.data = view
-            p._grad = gflat[off:off + n].reshape(p.data.shape)
+            p._grad = gview
             p.zeroed, p.stale = True, False  # a fresh zero buffer (old gradient values are not carried over)
-            off += n
         object.__setattr__(self, "flat_params", flat)
         object.__setattr__(self, "flat_grads", gflat)
         return self
