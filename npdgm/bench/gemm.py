@@ -42,11 +42,11 @@ def _operands(xp, m, k, n, layout, dtype, rng):
 
 
 def product(xp, a, b, out):
-    """A function computing ``out = a @ b`` as the floor times it: matmul, or for an inner dimension of
-    1 the one broadcast multiply (an outer product; see the module docstring)."""
-    if a.shape[1] == 1:
-        return lambda: xp.multiply(a, b, out=out)
-    return lambda: xp.matmul(a, b, out=out)
+    """A function computing ``out = a @ b`` as the library computes it (``kernels.linear._matmul``): matmul,
+    or for an inner dimension of 1 the one broadcast multiply (an outer product; see the module docstring)."""
+    from npdgm.kernels.linear import _matmul
+
+    return lambda: _matmul(xp, a, b, out)
 
 
 def gemm_floor(products, xp, sync=lambda: None, dtype="float32", repeats=5, target_s=0.1):

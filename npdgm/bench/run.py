@@ -251,6 +251,7 @@ def run_group(spec):
                 "blocks_ms": [round(x, 4) for x in b], "steps_per_block": steps[name], "repeats": len(b)}
 
     rows = [_row(spec, b, r, summary(b), impl, gk) for b, r, _, impl, gk in built]
+
     def ratios(name, over):                            # each block over the block of ``over`` timed beside it
         return [round(a / b, 4) for a, b in zip(blocks[name], blocks[over])]
 
