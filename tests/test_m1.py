@@ -165,6 +165,8 @@ def test_feature_encoder_draws_z1_from_q(vae_run, rng):
     eps = np.random.default_rng(7).standard_normal(mu.shape, dtype=np.float32)
     np.testing.assert_allclose(z, mu + np.exp(logvar / 2) * eps, rtol=1e-5)
     np.testing.assert_allclose(vae_features(vae, x), mu, rtol=1e-6)
+    drawn = vae_features(vae, x, sample=True, rng=np.random.default_rng(7))    # the same draw, host float64
+    np.testing.assert_array_equal(drawn, np.asarray(mu + np.exp(logvar / 2) * eps, np.float64))
 
 
 def test_code_sampler_draws_z1_from_precomputed_codes(vae_run, rng):

@@ -196,6 +196,7 @@ def vae_features(model, x, sample=False, rng=None, batch=1000):
     """M1 features of images x (N, x_dim), host float64 (N, z_dim): the posterior means mu(x), or with
     ``sample`` one draw z = mu + exp(logvar / 2) eps per image (eps from ``rng``)."""
     from .. import backend
+    from ..kernels import reparameterize_forward
 
     out = []
     for s in range(0, len(x), batch):
@@ -203,7 +204,7 @@ def vae_features(model, x, sample=False, rng=None, batch=1000):
         z = mu
         if sample:
             eps = backend.to_device(rng.standard_normal(mu.shape, dtype=np.float32), model.dtype)
-            z = mu + model.xp.exp(logvar / 2) * eps
+            z = reparameterize_forward(mu, logvar, eps)
         out.append(np.asarray(backend.to_host(z), np.float64))
     return np.concatenate(out)
 
