@@ -167,6 +167,8 @@ def test_feature_encoder_draws_z1_from_q(vae_run, rng):
     np.testing.assert_allclose(vae_features(vae, x), mu, rtol=1e-6)
     drawn = vae_features(vae, x, sample=True, rng=np.random.default_rng(7))    # the same draw, host float64
     np.testing.assert_array_equal(drawn, np.asarray(mu + np.exp(logvar / 2) * eps, np.float64))
+    with pytest.raises(ValueError, match="draws its noise from rng"):
+        vae_features(vae, x, sample=True)
 
 
 def test_code_sampler_draws_z1_from_precomputed_codes(vae_run, rng):

@@ -198,6 +198,8 @@ def vae_features(model, x, sample=False, rng=None, batch=1000):
     from .. import backend
     from ..kernels import reparameterize_forward
 
+    if sample and rng is None:
+        raise ValueError("vae_features(sample=True) draws its noise from rng: pass a numpy Generator")
     out = []
     for s in range(0, len(x), batch):
         mu, logvar = model.encode(x[s:s + batch])
