@@ -135,3 +135,24 @@ def test_cli_train_resume_evaluate_sample(tmp_path, capsys):
 def test_cli_bad_posterior_is_one_error_line(tmp_path, capsys):
     assert cli.main(["train", "vae", *TINY, "--posterior", "iaf:0", "--out", str(tmp_path / "r")]) == 2
     assert "posterior must be 'gaussian' or 'iaf:K'" in capsys.readouterr().err
+
+
+def test_iaf_steps_are_separated_by_the_reversing_permutation():
+    """Between two IAF steps sits a Permutation that reverses z (Kingma et al. 2016), so the composed Jacobian
+    dz_K/dz_0 is dense; without it every step is lower-triangular in one order and so is their product."""
+    from npdgm.models.autoregressive import IAF
+    from npdgm.models.flow_layers import Permutation
+    from npdgm.models.iaf_posterior import build_iaf_posterior, flow_forward
+    with backend.use(dtype="float64"):
+        flow = build_iaf_posterior(4, 3, hidden=(6,), activation="tanh", seed=1)
+    kinds = [type(layer) for layer in flow.layers]
+    assert kinds == [IAF, Permutation, IAF, Permutation, IAF]
+    for perm in flow.layers[1::2]:
+        np.testing.assert_array_equal(perm.perm, [3, 2, 1, 0])
+    rng = np.random.default_rng(0)
+    for p in flow.parameters():
+        p.data[...] = rng.standard_normal(p.shape) * 0.5
+    z0, h = rng.standard_normal((1, 4)), 1e-6
+    J = np.stack([(flow_forward(flow, z0 + h * e)[0] - flow_forward(flow, z0 - h * e)[0])[0] / (2 * h)
+                  for e in np.eye(4)], axis=1)                          # J[i, j] = dz_K,i / dz_0,j
+    assert np.abs(np.triu(J, 1)).max() > 1e-3 and np.abs(np.tril(J, -1)).max() > 1e-3, J

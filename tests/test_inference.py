@@ -293,3 +293,31 @@ def test_naive_table_and_shared_draws(f64, rng, kw):
     one = I.naive_log_px(m, x[2:3], 50, rng=7, chunk=8, counts=(20,))
     np.testing.assert_allclose(full["est"][2], one["est"][0], rtol=1e-12)
     np.testing.assert_allclose(full["curve"][20][0][2], one["curve"][20][0][0], rtol=1e-12)
+
+
+def test_naive_mc_at_small_k_is_logmeanexp_of_its_own_draws(f64):
+    """Replays the estimator's k prior draws: est = logmeanexp_i log p(x|z_i) (a mean over k, not k + 1) and
+    se = std_i(w_i) / (sqrt(k) mean_i(w_i)) with the population std; k = 7 draws, so a wrong count shows."""
+    m = _linear_gaussian()
+    x, _ = I.simulate(m, 3, rng=1)
+    k = 7
+    out = I.naive_log_px(m, x, k, rng=np.random.default_rng(4), chunk=100)
+    z = np.random.default_rng(4).standard_normal((k, m.z_dim))
+    lw = I._loglik_table(m, x, m.decoder.forward(z))                   # (B, k)
+    np.testing.assert_allclose(out["est"], I.logmeanexp(lw, axis=1), rtol=1e-12)
+    w = np.exp(lw - lw.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(out["se"], w.std(axis=1) / (math.sqrt(k) * w.mean(axis=1)), rtol=1e-9)
+
+
+def test_ais_standard_error_is_the_delta_method_over_its_returned_log_weights(f64):
+    """AIS's se over C chains is std_c(w_c) / (sqrt(C) mean_c(w_c)), w = exp(log w): checked against the
+    log-weights it returns (C = 5, so sqrt(C - 1) or a sample std would show)."""
+    m = _linear_gaussian()
+    x, _ = I.simulate(m, 4, rng=1)
+    a = I.ais(m, x, steps=10, chains=5, leapfrog=2, rng=0)
+    logw = np.asarray(a["logw"])
+    assert logw.shape == (5, 4)
+    np.testing.assert_allclose(a["est"], I.logmeanexp(logw, axis=0), rtol=1e-12)
+    w = np.exp(logw - logw.max(axis=0))
+    np.testing.assert_allclose(a["se"], w.std(axis=0) / (math.sqrt(5) * w.mean(axis=0)), rtol=1e-12)
+    assert np.all(a["se"] > 0)

@@ -42,15 +42,16 @@ def test_adam_matches_transcription(wd, decoupled, rng):
         np.testing.assert_allclose(param.data, want, rtol=1e-12, atol=1e-14)
 
 
-def test_sgd_momentum_matches_transcription(rng):
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_sgd_momentum_matches_transcription(rng, dampening):
     p0 = rng.standard_normal(10)
     grads = [rng.standard_normal(10) for _ in range(4)]
     param = Parameter(p0.copy())
-    opt = optim.SGD([param], lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt = optim.SGD([param], lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.01)
     p, buf = p0.copy(), None
     for g in grads:
         d = g + 0.01 * p
-        buf = d.copy() if buf is None else 0.9 * buf + d
+        buf = d.copy() if buf is None else 0.9 * buf + (1 - dampening) * d
         p = p - 0.1 * buf
         param.grad[...] = g
         opt.step()
@@ -85,7 +86,7 @@ def test_optimizer_bad_arguments():
         optim.Adam([Parameter(np.zeros(2))], betas=(1.0, 0.9))
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "sgd-dampening", "adam", "adamw"])
 def test_matches_torch_optim(kind, rng):
     torch = pytest.importorskip("torch")
     p0 = rng.standard_normal(1000)
@@ -95,6 +96,9 @@ def test_matches_torch_optim(kind, rng):
     if kind == "sgd":
         ours, theirs = optim.SGD([param], 0.05, momentum=0.9, weight_decay=0.01, nesterov=True), \
             torch.optim.SGD([tp], 0.05, momentum=0.9, weight_decay=0.01, nesterov=True)
+    elif kind == "sgd-dampening":
+        ours, theirs = optim.SGD([param], 0.05, momentum=0.9, dampening=0.3, weight_decay=0.01), \
+            torch.optim.SGD([tp], 0.05, momentum=0.9, dampening=0.3, weight_decay=0.01)
     elif kind == "adam":
         ours, theirs = optim.Adam([param], 0.01, weight_decay=0.01), torch.optim.Adam([tp], 0.01, weight_decay=0.01)
     else:
