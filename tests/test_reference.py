@@ -27,13 +27,16 @@ def test_committed_set_holds_every_kernel_table_entry_with_the_makers_inputs(tmp
     with open(os.path.join(COMMITTED, "manifest.json")) as f:
         stored = json.load(f)["cases"]
     assert sorted(stored) == KERNEL_CASES
-    # the makers are frozen: a fresh export draws exactly the committed inputs
+    # the makers are frozen: a fresh export draws the committed inputs. Some makers pass their draws through
+    # exp / softmax / cumsum, whose last bit depends on the CPU's SIMD kernels, so the committed file (made on
+    # another machine) is matched to a few ulps, not bit for bit; a changed maker moves them far more.
     export_reference(tmp_path, names=KERNEL_CASES)
     for name in KERNEL_CASES:
         with np.load(os.path.join(COMMITTED, f"{name}.npz")) as a, np.load(tmp_path / f"{name}.npz") as b:
             assert sorted(a.files) == sorted(b.files), name
             for key in (k for k in a.files if k.startswith("input/")):
-                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
+                assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, f"{name}:{key}"
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-13, atol=1e-15, err_msg=f"{name}:{key}")
 
 
 def test_export_is_deterministic_and_documented(tmp_path):
