@@ -65,4 +65,5 @@ KEEP_HEAP = _keep_freed_heap()
 from . import backend, kernels, nn, optim  # noqa: E402
 from .backend import get_backend, set_backend, set_dtype  # noqa: E402
 from .models.registry import load  # noqa: E402
+from .train import fit_model as fit  # noqa: E402
 from .models import *  # noqa: E402,F401,F403

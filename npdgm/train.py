@@ -299,3 +299,89 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
                                   if saved else f"no epoch finished, {out} holds no checkpoint"))
         raise
     return records
+
+
+# -- npdgm.fit: the loop above with what `npdgm train` wires around it ----------------------------------------
+def _fit_parts(model, x, y, seed):
+    """(x, y, step, evaluate) for :func:`fit_model`: the model's own ``train_step`` and its test metrics
+    (-ELBO and its terms with fixed noise for a VAE / CVAE, mean NLL for a flow)."""
+    kind = getattr(model, "kind", None)
+    if kind == "vae":
+        x = model.check_x(x)
+
+        def step(xb, yb, rng, shard=slice(None)):
+            return model.train_step(xb, rng, shard)
+        step.shardable = True
+
+        def loss(xb, yb, rng):
+            return model.loss(xb, rng=rng)[1]
+    elif kind == "cvae":
+        if y is None:
+            raise ValueError("a cvae trains on labelled data: pass y (B,) integer labels")
+        x = model.check_x(x)
+        y = model.check_y(y, x.shape[0])
+
+        def step(xb, yb, rng):
+            return model.train_step(xb, yb, rng)
+
+        def loss(xb, yb, rng):
+            return model.loss(xb, yb, rng=rng)[1]
+    elif kind == "flow":
+        model._validate("x", x)
+        backend.check_finite("x", x)
+
+        def step(xb, yb, rng, shard=slice(None)):
+            return model.train_step(xb, rng, shard)
+        step.shardable = True
+        loss = None
+    else:
+        raise TypeError(f"npdgm.fit trains vae, cvae and flow models, not {kind!r}: use `npdgm train {kind}` "
+                        f"(M2's labelled + unlabelled batches) or the model's own fit (EM for the GMMs)")
+
+    def evaluate(test_x, test_y, batch=1000):
+        if loss is None:
+            return {"nll": model.nll(test_x, batch_size=batch)}
+        rng, sums = np.random.default_rng([seed, 1]), {}
+        for s in range(0, len(test_x), batch):
+            xb, yb = test_x[s:s + batch], None if test_y is None else test_y[s:s + batch]
+            terms = loss(xb, yb, rng)
+            for k in ("nelbo", "recon", "kl"):
+                sums[k] = sums.get(k, 0.0) + float(terms[k]) * len(xb)
+        return {k: v / len(test_x) for k, v in sums.items()}
+    return x, y, step, evaluate
+
+
+def fit_model(model, x, y=None, *, out, epochs=10, batch_size=128, lr=1e-3, seed=0, test_x=None, test_y=None,
+              resume=False, clip=None, progress=True, log=print):
+    """Train a VAE, CVAE or flow on ``x`` (and labels ``y`` for a CVAE) with Adam, as ``npdgm train`` does:
+    a progress bar, test metrics each epoch when ``test_x`` is given, metrics.jsonl / metrics.csv and an
+    atomic checkpoint.npz in the run directory ``out`` after every epoch. ``resume=True`` continues the
+    run in ``out`` (weights, optimizer state, RNG) where it stopped, bit for bit; without it ``out`` must
+    not hold a checkpoint yet. Randomness (shuffling, noise) comes from ``default_rng(seed)``.
+    Exported as ``npdgm.fit``. Returns the records of every epoch in ``out``/metrics.jsonl."""
+    from .optim import Adam
+
+    x, y, step, evaluate = _fit_parts(model, x, y, seed)
+    if test_x is not None:
+        test_x = _fit_parts(model, test_x, test_y, seed)[0]
+    ckpt = os.path.join(os.fspath(out), "checkpoint.npz")
+    opt = Adam(model, lr=lr)
+    if not resume:
+        if os.path.exists(ckpt):
+            raise FileExistsError(f"{out} already holds a run (checkpoint.npz): pass resume=True to continue it, "
+                                  f"or another out")
+        rng, start = np.random.default_rng(seed), 0
+    else:
+        arrays, meta = load_arrays(ckpt)
+        def plain(config):  # as stored (JSON lists for tuples), the initialisation seed aside
+            return {k: v for k, v in json.loads(json.dumps(config)).items() if k != "seed"}
+        if meta.get("kind") != model.kind or plain(meta.get("config") or {}) != plain(model.config):
+            raise CheckpointError(f"{ckpt} holds a {meta.get('kind')} with config {meta.get('config')}, not this "
+                                  f"{model.kind} ({model.config})")
+        model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+        rng, start = restore_checkpoint(out, opt)
+    run = {"api": "npdgm.fit", "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "clip": clip}
+    fit(model, opt, x, y, epochs=epochs, batch_size=batch_size, out=out, rng=rng, step=step, start_epoch=start,
+        evaluate=None if test_x is None else (lambda epoch: evaluate(test_x, test_y)), run_meta={"args": run},
+        progress=progress, log=log, clip=clip)
+    return read_metrics(out)
