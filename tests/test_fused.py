@@ -47,8 +47,9 @@ def _plain_and_fused(entry, dtype, engine):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_fused_formulas_match_plain_kernels_on_every_table_entry(dtype, engine, monkeypatch):
     """The NumPy reference of every formula is the plain kernel to the last bit (same operation order);
-    numexpr (its own exp/log1p) is bitwise in float64 here and within 16 float32 ulps of the values'
-    scale in float32. Every formula but Adam's (tests/test_optim.py) is reached by some entry."""
+    numexpr and numba (their own exp/log1p, whose last bit depends on the CPU and the library's SIMD path)
+    are within 16 ulps of the values' scale. Every formula but Adam's (tests/test_optim.py) is reached by
+    some entry."""
     called = set()
     run = fused.run
     monkeypatch.setattr(fused, "run", lambda name, *a, **k: called.add(name) or run(name, *a, **k))
@@ -59,7 +60,7 @@ def test_fused_formulas_match_plain_kernels_on_every_table_entry(dtype, engine, 
         for k, a in plain.items():
             b = fast[k]
             assert b.dtype == a.dtype and b.shape == a.shape, (entry.name, k)
-            if engine == "numpy" or dtype == np.float64:
+            if engine == "numpy":
                 np.testing.assert_array_equal(b, a, err_msg=f"{entry.name} {k}")
             else:
                 _close(b, a, eps, f"{entry.name} {k}")
