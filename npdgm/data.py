@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._filelock import wait_lock
+
 BUNDLED = os.path.join(os.path.dirname(__file__), "bundled", "mnist_subset.npz")
 FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -341,10 +343,40 @@ def _reason(e):
     return str(e) or type(e).__name__
 
 
+def _declared_length(resp):
+    """The body length a response declares (its Content-Length), or None when it declares none."""
+    try:
+        n = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
+def _append_body(resp, part, start, size, bar):
+    """Write ``resp``'s body into ``part`` from byte ``start`` (``start`` = 0: a new file), never past ``size``
+    bytes: a body longer than the ``size - start`` bytes left is another file (``part`` removed, ValueError).
+    Return the number of body bytes written."""
+    left, sent = size - start, 0
+    with open(part, "ab" if start else "wb") as f:
+        while True:
+            chunk = resp.read(min(1 << 16, left - sent + 1))  # one byte past the end tells a longer body
+            if not chunk:
+                return sent
+            if sent + len(chunk) > left:
+                break
+            f.write(chunk)
+            sent += len(chunk)
+            bar.update(len(chunk))
+    os.remove(part)
+    raise ValueError(f"sends more than the published {size:,} bytes: another file, stopped there and removed")
+
+
 def _fetch(url, part, size, bar, timeout, attempts=3):
     """Append ``url``'s bytes to ``part`` from its current length (HTTP Range) until it holds ``size`` bytes.
     A server that ignores Range (200 instead of 206) or rejects it (416) gets a clean restart from byte 0; a
-    connection cut mid-file is resumed, up to ``attempts`` requests in all while each one makes progress."""
+    connection cut mid-file is resumed, up to ``attempts`` requests in all while each one makes progress.
+    Nothing past ``size`` bytes is read: a larger Content-Length is refused before the body, a longer body
+    without one is cut one byte past the end (and the ``part`` removed)."""
     import urllib.error
     import urllib.request
 
@@ -368,14 +400,13 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
             if have and (resp.status != 206 or
                          not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
                 have = 0  # Range ignored: the body is the whole file
+            body = _declared_length(resp)
+            if body is not None and body > size - have:
+                raise ValueError(f"declares {body:,} bytes{f' from byte {have:,}' if have else ''} where the "
+                                 f"published file has {size:,}: another file, not fetched")
             bar.reset(total=size)
             bar.update(have)
-            sent, body = 0, int(resp.headers.get("Content-Length") or -1)
-            with open(part, "ab" if have else "wb") as f:
-                for chunk in iter(lambda: resp.read(1 << 16), b""):
-                    f.write(chunk)
-                    sent += len(chunk)
-                    bar.update(len(chunk))
+            sent = _append_body(resp, part, have, size, bar)
         got = os.path.getsize(part)
         if sent == body and got != size:  # a whole response, but another file than the published one
             os.remove(part)
@@ -392,50 +423,66 @@ def download(name, root=None, progress=None, timeout=30.0, log=None, mirrors=())
 
     Each file: mirrors in order, into ``FILE.part`` (resumed by a later call), checked against its published
     sha256 (a mismatch deletes it and tries the next mirror), then renamed to ``FILE``. A file already there
-    is checked, never overwritten. ``progress``: a tqdm bar per file (None: when stderr is a terminal).
-    ``log``: a function given one line per file. ``mirrors``: base URLs tried before the built-in ones
-    (a local or institutional copy)."""
-    import http.client
-
-    from tqdm import tqdm
-
+    is checked, never overwritten. One download at a time per data set directory: a second one waits for
+    the lock on ``DIR/.lock`` and then finds the files there. ``progress``: a tqdm bar per file (None: when
+    stderr is a terminal). ``log``: a function given one line per file. ``mirrors``: base URLs tried before
+    the built-in ones (a local or institutional copy)."""
     src = _source(name)
     d = dataset_dir(name, root)
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the cache directory {d}: {e}") from e
-    progress = sys.stderr.isatty() if progress is None else progress
-    for fname, (size, sha) in src.files.items():
-        target = os.path.join(d, fname)
-        if os.path.exists(target):
-            got = sha256_file(target)
-            if got != sha:
-                raise DataError(f"{target} is already there but is not the published file (sha256 {got}, expected "
-                                f"{sha}); delete it and run the download again")
-            log and log(f"{name}/{fname}: present, sha256 ok")
-            continue
-        part, tried = target + ".part", []
-        for mirror in (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors):
-            url = mirror + fname
-            with tqdm(total=size, desc=fname, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                      disable=not progress) as bar:
-                try:
-                    _fetch(url, part, size, bar, timeout)
-                except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets: OSError
-                    tried.append(f"{url} ({_reason(e)})")
-                    continue
-            got = sha256_file(part)
-            if got == sha:
-                os.replace(part, target)
-                log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, sha256 ok")
-                break
-            os.remove(part)
-            tried.append(f"{url} (sha256 {got} instead of {sha}: file removed)")
-        else:
-            kept = f"; {os.path.getsize(part):,} bytes kept in {part} for the next try" if os.path.exists(part) else ""
-            raise DownloadError(f"could not download {name} file {fname} from any mirror: {'; '.join(tried)}{kept}")
+    lock_path = os.path.join(d, ".lock")
+
+    def waiting():
+        log and log(f"{name}: another download into {d} holds {lock_path}; waiting for it to end")
+
+    try:
+        lock = wait_lock(lock_path, on_wait=waiting)
+    except OSError as e:
+        raise DataError(f"cannot lock the cache directory {d} ({lock_path}): {e}") from e
+    with lock:
+        progress = sys.stderr.isatty() if progress is None else progress
+        urls = (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors)
+        for fname, (size, sha) in src.files.items():
+            _download_file(name, os.path.join(d, fname), size, sha, urls, progress, timeout, log)
     return d
+
+
+def _download_file(name, target, size, sha, mirrors, progress, timeout, log):
+    """One file of ``download``: ``target`` checked if present, else fetched from the first good mirror."""
+    import http.client
+
+    from tqdm import tqdm
+
+    fname = os.path.basename(target)
+    if os.path.exists(target):
+        got = sha256_file(target)
+        if got != sha:
+            raise DataError(f"{target} is already there but is not the published file (sha256 {got}, expected "
+                            f"{sha}); delete it and run the download again")
+        log and log(f"{name}/{fname}: present, sha256 ok")
+        return
+    part, tried = target + ".part", []
+    for mirror in mirrors:
+        url = mirror + fname
+        with tqdm(total=size, desc=fname, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                  disable=not progress) as bar:
+            try:
+                _fetch(url, part, size, bar, timeout)
+            except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets: OSError
+                tried.append(f"{url} ({_reason(e)})")
+                continue
+        got = sha256_file(part)
+        if got == sha:
+            os.replace(part, target)
+            log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, sha256 ok")
+            return
+        os.remove(part)
+        tried.append(f"{url} (sha256 {got} instead of {sha}: file removed)")
+    kept = f"; {os.path.getsize(part):,} bytes kept in {part} for the next try" if os.path.exists(part) else ""
+    raise DownloadError(f"could not download {name} file {fname} from any mirror: {'; '.join(tried)}{kept}")
 
 
 def cache_status(name, root=None):

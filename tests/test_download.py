@@ -7,6 +7,7 @@ import http.server
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -31,12 +32,19 @@ def _fake_set(seed, n_train=6, n_test=4):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """GET with Range support. ``server.cuts[path] = k``: the first k responses for path stop after
-    ``server.cut_at`` bytes and drop the connection. ``server.ranges = False``: Range is ignored (200)."""
+    ``server.cut_at`` bytes and drop the connection. ``server.ends[path] = n``: every response stops at byte
+    n of the file (and drops the connection). ``server.ranges = False``: Range is ignored (200).
+    ``server.zeros[path] = (length, limit)``: 200 and up to ``limit`` zero bytes, declaring Content-Length
+    ``length`` (None: none); ``server.streamed[path]`` counts the bytes the client took.
+    ``server.pause``: seconds between 64 KiB blocks of a file."""
 
     def do_GET(self):
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append((self.path, rng))
+        if self.path in srv.zeros:
+            self._stream_zeros(*srv.zeros[self.path])
+            return
         body = srv.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -52,14 +60,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        end = srv.ends.get(self.path, len(body))
         if srv.cuts.get(self.path, 0) > 0:
             srv.cuts[self.path] -= 1
-            self.wfile.write(body[start:start + srv.cut_at])
+            end = min(end, start + srv.cut_at)
+        for i in range(start, end, 1 << 16):
+            self.wfile.write(body[i:min(i + (1 << 16), end)])
+            time.sleep(srv.pause)
+        if end < len(body):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
-            return
-        self.wfile.write(body[start:])
+
+    def _stream_zeros(self, length, limit):
+        self.send_response(200)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.server.streamed[self.path] = 0
+        block = bytes(1 << 16)
+        try:
+            while self.server.streamed[self.path] < limit:
+                self.wfile.write(block)
+                self.server.streamed[self.path] += len(block)
+        except OSError:  # the client hung up: what it took is counted
+            pass
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -73,6 +99,7 @@ def server(monkeypatch):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.files, srv.requests, srv.cuts, srv.cut_at, srv.ranges = {}, [], {}, 0, True
+    srv.ends, srv.zeros, srv.streamed, srv.pause = {}, {}, {}, 0
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     t.start()
@@ -113,7 +140,7 @@ def test_download_then_load_by_name(server, cache, monkeypatch, capsys):
     assert cli.main(["data", "download", "mnist", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "train with --data mnist" in out and out.count("sha256 ok") == 4
-    assert sorted(os.listdir(cache / "mnist")) == sorted(files)           # no .part left behind
+    assert sorted(os.listdir(cache / "mnist")) == sorted([*files, ".lock"])  # no .part left behind
     x, y = data.load_mnist("train", "mnist")
     assert x.shape == (6, 784) and np.array_equal(y, arrays["train-labels-idx1-ubyte"])
     assert np.array_equal(x * 255, arrays["train-images-idx3-ubyte"].reshape(6, -1))
