@@ -85,28 +85,63 @@ class DataError(ValueError):
     """A data file is missing, of the wrong kind, truncated, or inconsistent."""
 
 
-def read_idx(path):
-    """Read an IDX file (raw or .gz): magic 0x0000 08 <ndim>, big-endian uint32 sizes, uint8 data."""
-    opener = gzip.open if str(path).endswith(".gz") else open
+IDX_MAX_BYTES = 1 << 31  # 2 GiB of pixels (2.7 million 28x28 images): a header declaring more is refused
+DEFLATE_MAX_RATIO = 1032   # deflate inflates at most ~1032x: a .gz of c bytes holds at most ~1032 c bytes
+
+
+def read_idx(path, item_shape=None, max_bytes=IDX_MAX_BYTES):
+    """Read an IDX file (raw or .gz): magic 0x0000 08 <ndim>, big-endian uint32 sizes, uint8 data.
+
+    The header's shape is checked before any data is read: against ``item_shape`` (the sizes after the
+    first, e.g. (28, 28) for images, () for labels; None: any), ``max_bytes``, and what the file can hold
+    (a raw file its size less the header, a .gz at most ``DEFLATE_MAX_RATIO`` times its size). The data is
+    read with that bound, so a gzip bomb inflates no further than its header declares."""
+    gz, n, shape = str(path).endswith(".gz"), 0, ()
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        with (gzip.open if gz else open)(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b"\0\0\x08":
+                raise DataError(f"{path} is not an unsigned-byte IDX file (magic {magic.hex() or 'empty'})")
+            dims = f.read(4 * magic[3])
+            if len(dims) < 4 * magic[3]:
+                raise DataError(f"{path} is truncated inside its header")
+            shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4))
+            n = math.prod(shape)
+            _check_idx_shape(path, shape, item_shape, max_bytes, _idx_capacity(path, gz) - 4 - len(dims))
+            raw = f.read(n + 1)  # one byte past the declared data tells a longer file
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
     except zlib.error as e:  # a corrupt deflate stream inside a well-formed gzip header
         raise DataError(f"cannot read {path}: corrupt gzip data ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex() or 'empty'})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    except MemoryError:
+        raise DataError(f"cannot read {path}: its {n:,} bytes of data (shape {shape}) do not fit in memory") from None
+    if len(raw) != n:
+        raise DataError(f"{path} should hold {n} bytes of data for shape {shape}, has "
+                        f"{'more' if len(raw) > n else len(raw)} (truncated or wrong file)")
+    return np.frombuffer(raw, dtype=np.uint8, count=n).reshape(shape)
+
+
+def _idx_capacity(path, gz):
+    """The most bytes ``path`` can hold once read: its size, times ``DEFLATE_MAX_RATIO`` for a .gz (plus
+    slack for its header); None for a file of no known size (a pipe, a device)."""
+    if not os.path.isfile(path):
+        return None
+    size = os.path.getsize(path)
+    return size * DEFLATE_MAX_RATIO + 1024 if gz else size
+
+
+def _check_idx_shape(path, shape, item_shape, max_bytes, capacity):
+    """DataError naming ``path`` unless the IDX header's ``shape`` is plausible (see ``read_idx``)."""
     n = math.prod(shape)
-    if len(raw) - header != n:
-        raise DataError(f"{path} should hold {n} bytes of data for shape {shape}, has {len(raw) - header} "
+    if item_shape is not None and (len(shape) != 1 + len(item_shape) or shape[1:] != tuple(item_shape)):
+        want = "(N" + "".join(f", {s}" for s in item_shape) + (",)" if not item_shape else ")")
+        raise DataError(f"{path} holds shape {shape}; expected {want}")
+    if n > max_bytes:
+        raise DataError(f"{path} declares shape {shape}, {n:,} bytes of data: more than the {max_bytes:,} "
+                        f"an IDX file is read up to (a wrong or hostile file)")
+    if capacity is not None and n > capacity:
+        raise DataError(f"{path} declares shape {shape}, {n:,} bytes of data, more than the file can hold "
                         f"(truncated or wrong file)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _idx_path(data_dir, name):
@@ -200,6 +235,9 @@ def resolve_data(data=None):
     if os.path.isfile(data):
         raise DataError(f"data path {data} is a file, not a directory: give the directory that holds the four IDX "
                         f"files, or a data set name ({names})")
+    if os.path.exists(data) and not os.path.isdir(data):  # a device, a pipe, a socket
+        raise DataError(f"data path {data} is not a directory: give the directory that holds the four IDX "
+                        f"files, or a data set name ({names})")
     if not os.path.isdir(data):
         raise DataError(f"data directory {data} does not exist (or name a data set: {names})")
     return data
@@ -216,8 +254,11 @@ def load_uint8(split="train", data=None):
             images, labels = z[f"{split}_images"], z[f"{split}_labels"]
         where = f"bundled subset ({split})"
     else:
-        images = read_idx(_find(data_dir, FILES[(split, "images")]))
-        labels = read_idx(_find(data_dir, FILES[(split, "labels")]))
+        images_path = _find(data_dir, FILES[(split, "images")])
+        images = read_idx(images_path, item_shape=(28, 28))
+        if len(images) == 0:
+            raise DataError(f"{images_path} holds 0 images (shape {images.shape}): an empty or wrong file")
+        labels = read_idx(_find(data_dir, FILES[(split, "labels")]), item_shape=())
         where = f"{data_dir} ({split})"
     _check_pair(images, labels, where)
     return images, labels
@@ -229,7 +270,7 @@ def load_dataset(split="train", data=None, dtype=np.float32, limit=None):
     images, labels = load_uint8(split, data)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return images.reshape(len(images), -1).astype(dtype) / dtype(255), labels.astype(np.int64)
+    return images.reshape(len(images), 28 * 28).astype(dtype) / dtype(255), labels.astype(np.int64)
 
 
 load_mnist = load_dataset            # the historical names: every data set goes through the same IDX reader
