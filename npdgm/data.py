@@ -26,6 +26,8 @@ Rebuild the bundled subset (reproducible, seeded) from a directory of the full M
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import math
@@ -482,7 +484,9 @@ def download(name, root=None, progress=None, timeout=30.0, log=None, mirrors=())
     try:
         lock = wait_lock(lock_path, on_wait=waiting)
     except OSError as e:
-        raise DataError(f"cannot lock the cache directory {d} ({lock_path}): {e}") from e
+        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
+            raise DataError(f"cannot lock the cache directory {d} ({lock_path}): {e}") from e
+        lock = contextlib.nullcontext()  # a read-only cache: nobody downloads into it, its files are checked
     with lock:
         progress = sys.stderr.isatty() if progress is None else progress
         urls = (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors)

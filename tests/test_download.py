@@ -413,3 +413,17 @@ def test_two_downloads_into_one_cache_take_turns(server, cache, monkeypatch):
     assert len(waited) == 1 and sum("present, sha256 ok" in s for s in waited[0]) == 4
     for f, b in files.items():
         assert (cache / "mnist" / f).read_bytes() == b
+
+
+def test_a_read_only_cache_is_still_checked(server, cache, monkeypatch, capsys):
+    """The lock file cannot be created in a read-only cache: its files are checked without a lock."""
+    files, _ = _fake_set(16)
+    _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
+    data.download("mnist", progress=False)
+
+    def read_only(path, on_wait=None):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data, "wait_lock", read_only)
+    assert cli.main(["data", "download", "mnist", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("present, sha256 ok") == 4
