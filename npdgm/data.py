@@ -26,6 +26,8 @@ Rebuild the bundled subset (reproducible, seeded) from a directory of the full M
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import math
@@ -35,6 +37,8 @@ import zlib
 from typing import NamedTuple
 
 import numpy as np
+
+from ._filelock import wait_lock
 
 BUNDLED = os.path.join(os.path.dirname(__file__), "bundled", "mnist_subset.npz")
 FILES = {
@@ -83,28 +87,63 @@ class DataError(ValueError):
     """A data file is missing, of the wrong kind, truncated, or inconsistent."""
 
 
-def read_idx(path):
-    """Read an IDX file (raw or .gz): magic 0x0000 08 <ndim>, big-endian uint32 sizes, uint8 data."""
-    opener = gzip.open if str(path).endswith(".gz") else open
+IDX_MAX_BYTES = 1 << 31  # 2 GiB of pixels (2.7 million 28x28 images): a header declaring more is refused
+DEFLATE_MAX_RATIO = 1032   # deflate inflates at most ~1032x: a .gz of c bytes holds at most ~1032 c bytes
+
+
+def read_idx(path, item_shape=None, max_bytes=IDX_MAX_BYTES):
+    """Read an IDX file (raw or .gz): magic 0x0000 08 <ndim>, big-endian uint32 sizes, uint8 data.
+
+    The header's shape is checked before any data is read: against ``item_shape`` (the sizes after the
+    first, e.g. (28, 28) for images, () for labels; None: any), ``max_bytes``, and what the file can hold
+    (a raw file its size less the header, a .gz at most ``DEFLATE_MAX_RATIO`` times its size). The data is
+    read with that bound, so a gzip bomb inflates no further than its header declares."""
+    gz, n, shape = str(path).endswith(".gz"), 0, ()
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        with (gzip.open if gz else open)(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b"\0\0\x08":
+                raise DataError(f"{path} is not an unsigned-byte IDX file (magic {magic.hex() or 'empty'})")
+            dims = f.read(4 * magic[3])
+            if len(dims) < 4 * magic[3]:
+                raise DataError(f"{path} is truncated inside its header")
+            shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4))
+            n = math.prod(shape)
+            _check_idx_shape(path, shape, item_shape, max_bytes, _idx_capacity(path, gz) - 4 - len(dims))
+            raw = f.read(n + 1)  # one byte past the declared data tells a longer file
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read {path}: {e}") from e
     except zlib.error as e:  # a corrupt deflate stream inside a well-formed gzip header
         raise DataError(f"cannot read {path}: corrupt gzip data ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex() or 'empty'})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    except MemoryError:
+        raise DataError(f"cannot read {path}: its {n:,} bytes of data (shape {shape}) do not fit in memory") from None
+    if len(raw) != n:
+        raise DataError(f"{path} should hold {n} bytes of data for shape {shape}, has "
+                        f"{'more' if len(raw) > n else len(raw)} (truncated or wrong file)")
+    return np.frombuffer(raw, dtype=np.uint8, count=n).reshape(shape)
+
+
+def _idx_capacity(path, gz):
+    """The most bytes ``path`` can hold once read: its size, times ``DEFLATE_MAX_RATIO`` for a .gz (plus
+    slack for its header); None for a file of no known size (a pipe, a device)."""
+    if not os.path.isfile(path):
+        return None
+    size = os.path.getsize(path)
+    return size * DEFLATE_MAX_RATIO + 1024 if gz else size
+
+
+def _check_idx_shape(path, shape, item_shape, max_bytes, capacity):
+    """DataError naming ``path`` unless the IDX header's ``shape`` is plausible (see ``read_idx``)."""
     n = math.prod(shape)
-    if len(raw) - header != n:
-        raise DataError(f"{path} should hold {n} bytes of data for shape {shape}, has {len(raw) - header} "
+    if item_shape is not None and (len(shape) != 1 + len(item_shape) or shape[1:] != tuple(item_shape)):
+        want = "(N" + "".join(f", {s}" for s in item_shape) + (",)" if not item_shape else ")")
+        raise DataError(f"{path} holds shape {shape}; expected {want}")
+    if n > max_bytes:
+        raise DataError(f"{path} declares shape {shape}, {n:,} bytes of data: more than the {max_bytes:,} "
+                        f"an IDX file is read up to (a wrong or hostile file)")
+    if capacity is not None and n > capacity:
+        raise DataError(f"{path} declares shape {shape}, {n:,} bytes of data, more than the file can hold "
                         f"(truncated or wrong file)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def _idx_path(data_dir, name):
@@ -198,6 +237,9 @@ def resolve_data(data=None):
     if os.path.isfile(data):
         raise DataError(f"data path {data} is a file, not a directory: give the directory that holds the four IDX "
                         f"files, or a data set name ({names})")
+    if os.path.exists(data) and not os.path.isdir(data):  # a device, a pipe, a socket
+        raise DataError(f"data path {data} is not a directory: give the directory that holds the four IDX "
+                        f"files, or a data set name ({names})")
     if not os.path.isdir(data):
         raise DataError(f"data directory {data} does not exist (or name a data set: {names})")
     return data
@@ -214,8 +256,11 @@ def load_uint8(split="train", data=None):
             images, labels = z[f"{split}_images"], z[f"{split}_labels"]
         where = f"bundled subset ({split})"
     else:
-        images = read_idx(_find(data_dir, FILES[(split, "images")]))
-        labels = read_idx(_find(data_dir, FILES[(split, "labels")]))
+        images_path = _find(data_dir, FILES[(split, "images")])
+        images = read_idx(images_path, item_shape=(28, 28))
+        if len(images) == 0:
+            raise DataError(f"{images_path} holds 0 images (shape {images.shape}): an empty or wrong file")
+        labels = read_idx(_find(data_dir, FILES[(split, "labels")]), item_shape=())
         where = f"{data_dir} ({split})"
     _check_pair(images, labels, where)
     return images, labels
@@ -227,7 +272,7 @@ def load_dataset(split="train", data=None, dtype=np.float32, limit=None):
     images, labels = load_uint8(split, data)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return images.reshape(len(images), -1).astype(dtype) / dtype(255), labels.astype(np.int64)
+    return images.reshape(len(images), 28 * 28).astype(dtype) / dtype(255), labels.astype(np.int64)
 
 
 load_mnist = load_dataset            # the historical names: every data set goes through the same IDX reader
@@ -341,10 +386,40 @@ def _reason(e):
     return str(e) or type(e).__name__
 
 
+def _declared_length(resp):
+    """The body length a response declares (its Content-Length), or None when it declares none."""
+    try:
+        n = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return n if n >= 0 else None
+
+
+def _append_body(resp, part, start, size, bar):
+    """Write ``resp``'s body into ``part`` from byte ``start`` (``start`` = 0: a new file), never past ``size``
+    bytes: a body longer than the ``size - start`` bytes left is another file (``part`` removed, ValueError).
+    Return the number of body bytes written."""
+    left, sent = size - start, 0
+    with open(part, "ab" if start else "wb") as f:
+        while True:
+            chunk = resp.read(min(1 << 16, left - sent + 1))  # one byte past the end tells a longer body
+            if not chunk:
+                return sent
+            if sent + len(chunk) > left:
+                break
+            f.write(chunk)
+            sent += len(chunk)
+            bar.update(len(chunk))
+    os.remove(part)
+    raise ValueError(f"sends more than the published {size:,} bytes: another file, stopped there and removed")
+
+
 def _fetch(url, part, size, bar, timeout, attempts=3):
     """Append ``url``'s bytes to ``part`` from its current length (HTTP Range) until it holds ``size`` bytes.
     A server that ignores Range (200 instead of 206) or rejects it (416) gets a clean restart from byte 0; a
-    connection cut mid-file is resumed, up to ``attempts`` requests in all while each one makes progress."""
+    connection cut mid-file is resumed, up to ``attempts`` requests in all while each one makes progress.
+    Nothing past ``size`` bytes is read: a larger Content-Length is refused before the body, a longer body
+    without one is cut one byte past the end (and the ``part`` removed)."""
     import urllib.error
     import urllib.request
 
@@ -368,14 +443,13 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
             if have and (resp.status != 206 or
                          not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
                 have = 0  # Range ignored: the body is the whole file
+            body = _declared_length(resp)
+            if body is not None and body > size - have:
+                raise ValueError(f"declares {body:,} bytes{f' from byte {have:,}' if have else ''} where the "
+                                 f"published file has {size:,}: another file, not fetched")
             bar.reset(total=size)
             bar.update(have)
-            sent, body = 0, int(resp.headers.get("Content-Length") or -1)
-            with open(part, "ab" if have else "wb") as f:
-                for chunk in iter(lambda: resp.read(1 << 16), b""):
-                    f.write(chunk)
-                    sent += len(chunk)
-                    bar.update(len(chunk))
+            sent = _append_body(resp, part, have, size, bar)
         got = os.path.getsize(part)
         if sent == body and got != size:  # a whole response, but another file than the published one
             os.remove(part)
@@ -392,50 +466,68 @@ def download(name, root=None, progress=None, timeout=30.0, log=None, mirrors=())
 
     Each file: mirrors in order, into ``FILE.part`` (resumed by a later call), checked against its published
     sha256 (a mismatch deletes it and tries the next mirror), then renamed to ``FILE``. A file already there
-    is checked, never overwritten. ``progress``: a tqdm bar per file (None: when stderr is a terminal).
-    ``log``: a function given one line per file. ``mirrors``: base URLs tried before the built-in ones
-    (a local or institutional copy)."""
-    import http.client
-
-    from tqdm import tqdm
-
+    is checked, never overwritten. One download at a time per data set directory: a second one waits for
+    the lock on ``DIR/.lock`` and then finds the files there. ``progress``: a tqdm bar per file (None: when
+    stderr is a terminal). ``log``: a function given one line per file. ``mirrors``: base URLs tried before
+    the built-in ones (a local or institutional copy)."""
     src = _source(name)
     d = dataset_dir(name, root)
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the cache directory {d}: {e}") from e
-    progress = sys.stderr.isatty() if progress is None else progress
-    for fname, (size, sha) in src.files.items():
-        target = os.path.join(d, fname)
-        if os.path.exists(target):
-            got = sha256_file(target)
-            if got != sha:
-                raise DataError(f"{target} is already there but is not the published file (sha256 {got}, expected "
-                                f"{sha}); delete it and run the download again")
-            log and log(f"{name}/{fname}: present, sha256 ok")
-            continue
-        part, tried = target + ".part", []
-        for mirror in (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors):
-            url = mirror + fname
-            with tqdm(total=size, desc=fname, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                      disable=not progress) as bar:
-                try:
-                    _fetch(url, part, size, bar, timeout)
-                except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets: OSError
-                    tried.append(f"{url} ({_reason(e)})")
-                    continue
-            got = sha256_file(part)
-            if got == sha:
-                os.replace(part, target)
-                log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, sha256 ok")
-                break
-            os.remove(part)
-            tried.append(f"{url} (sha256 {got} instead of {sha}: file removed)")
-        else:
-            kept = f"; {os.path.getsize(part):,} bytes kept in {part} for the next try" if os.path.exists(part) else ""
-            raise DownloadError(f"could not download {name} file {fname} from any mirror: {'; '.join(tried)}{kept}")
+    lock_path = os.path.join(d, ".lock")
+
+    def waiting():
+        log and log(f"{name}: another download into {d} holds {lock_path}; waiting for it to end")
+
+    try:
+        lock = wait_lock(lock_path, on_wait=waiting)
+    except OSError as e:
+        if not (isinstance(e, PermissionError) or e.errno == errno.EROFS):
+            raise DataError(f"cannot lock the cache directory {d} ({lock_path}): {e}") from e
+        lock = contextlib.nullcontext()  # a read-only cache: nobody downloads into it, its files are checked
+    with lock:
+        progress = sys.stderr.isatty() if progress is None else progress
+        urls = (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors)
+        for fname, (size, sha) in src.files.items():
+            _download_file(name, os.path.join(d, fname), size, sha, urls, progress, timeout, log)
     return d
+
+
+def _download_file(name, target, size, sha, mirrors, progress, timeout, log):
+    """One file of ``download``: ``target`` checked if present, else fetched from the first good mirror."""
+    import http.client
+
+    from tqdm import tqdm
+
+    fname = os.path.basename(target)
+    if os.path.exists(target):
+        got = sha256_file(target)
+        if got != sha:
+            raise DataError(f"{target} is already there but is not the published file (sha256 {got}, expected "
+                            f"{sha}); delete it and run the download again")
+        log and log(f"{name}/{fname}: present, sha256 ok")
+        return
+    part, tried = target + ".part", []
+    for mirror in mirrors:
+        url = mirror + fname
+        with tqdm(total=size, desc=fname, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                  disable=not progress) as bar:
+            try:
+                _fetch(url, part, size, bar, timeout)
+            except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets: OSError
+                tried.append(f"{url} ({_reason(e)})")
+                continue
+        got = sha256_file(part)
+        if got == sha:
+            os.replace(part, target)
+            log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, sha256 ok")
+            return
+        os.remove(part)
+        tried.append(f"{url} (sha256 {got} instead of {sha}: file removed)")
+    kept = f"; {os.path.getsize(part):,} bytes kept in {part} for the next try" if os.path.exists(part) else ""
+    raise DownloadError(f"could not download {name} file {fname} from any mirror: {'; '.join(tried)}{kept}")
 
 
 def cache_status(name, root=None):

@@ -163,3 +163,78 @@ def test_a_name_wins_over_a_directory_of_that_name_and_says_how_to_reach_it(tmp_
         data.load_mnist("test", "mnist")
     assert data.load_mnist("test", "./mnist")[0].shape == (4, 784)
 
+
+
+def test_an_idx_set_of_zero_images_names_the_file(tmp_path, capsys):
+    """0 images reached load_dataset's reshape before: `cannot reshape array of size 0`, no file named."""
+    _fake_mnist(str(tmp_path))
+    p = str(tmp_path / "train-images-idx3-ubyte.gz")
+    _write_idx(p, np.zeros((0, 28, 28)))
+    _write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros(0))
+    with pytest.raises(data.DataError, match=rf"^{p} holds 0 images"):
+        data.load_mnist("train", str(tmp_path))
+    from npdgm import cli
+
+    assert cli.main(["train", "gmm", "--dataset", "mnist", "--data", str(tmp_path), "--out",
+                     str(tmp_path / "run"), "--no-progress", "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"npdgm: error: {p} holds 0 images (shape (0, 28, 28)): an empty or wrong file"]
+
+
+def _gzip_bomb(path, header_shape, inflated_mb):
+    """A .gz of a few hundred KB: an IDX header declaring ``header_shape`` followed by ``inflated_mb`` MB of
+    zeros (concatenated gzip members of 16 MB each, which gzip reads as one stream)."""
+    member = gzip.compress(bytes(16 << 20), compresslevel=9, mtime=0)
+    header = bytes([0, 0, 8, len(header_shape)]) + b"".join(int(s).to_bytes(4, "big") for s in header_shape)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header, mtime=0))
+        for _ in range(inflated_mb // 16):
+            f.write(member)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((100, 28, 28), r"should hold 78400 bytes of data for shape \(100, 28, 28\), has more"),
+    ((10 ** 6, 28, 28), r"declares shape \(1000000, 28, 28\), 784,000,000 bytes of data, more than the file can "
+                        r"hold"),
+    ((2 ** 32 - 1, 28, 28), r"declares .* more than the 2,147,483,648 an IDX file is read up to"),
+    ((100, 32, 32), r"holds shape \(100, 32, 32\); expected \(N, 28, 28\)"),
+])
+def test_a_gzip_bomb_is_refused_without_inflating_it(tmp_path, shape, message):
+    """A small .gz inflating to GBs was read whole before (`out of memory ()`, no file named). Now the header is
+    checked first and the data read only up to its declared size: memory stays far below the inflated size."""
+    import tracemalloc
+
+    _fake_mnist(str(tmp_path))
+    p = str(tmp_path / "train-images-idx3-ubyte.gz")
+    _gzip_bomb(p, shape, inflated_mb=256)
+    assert os.path.getsize(p) < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(data.DataError, match=rf"^{p} {message}"):
+            data.load_mnist("train", str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2 ** 20:.0f} MiB allocated to refuse a 256 MB gzip bomb"
+
+
+def test_labels_must_be_one_dimensional_and_a_raw_file_is_checked_against_its_size(tmp_path):
+    p = str(tmp_path / "labels")
+    _write_idx(p, np.zeros((4, 2)))
+    with pytest.raises(data.DataError, match=rf"{p} holds shape \(4, 2\); expected \(N,\)"):
+        data.read_idx(p, item_shape=())
+    with open(p, "wb") as f:                        # a raw header declaring a billion labels over 3 bytes
+        f.write(bytes([0, 0, 8, 1]) + (10 ** 9).to_bytes(4, "big") + b"abc")
+    with pytest.raises(data.DataError, match=rf"{p} declares shape \(1000000000,\), 1,000,000,000 bytes of data, "
+                                             r"more than the file can hold"):
+        data.read_idx(p)
+
+
+def test_a_data_path_that_is_a_device_is_refused_at_once(tmp_path):
+    """--data /dev/zero said `does not exist`; nothing is read from it."""
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero here")
+    with pytest.raises(data.DataError, match="data path /dev/zero is not a directory"):
+        data.load_mnist("train", "/dev/zero")
+    with pytest.raises(data.DataError, match=r"/dev/zero is not an unsigned-byte IDX file \(magic 00000000\)"):
+        data.read_idx("/dev/zero")

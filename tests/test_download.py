@@ -7,6 +7,7 @@ import http.server
 import os
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -31,12 +32,19 @@ def _fake_set(seed, n_train=6, n_test=4):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """GET with Range support. ``server.cuts[path] = k``: the first k responses for path stop after
-    ``server.cut_at`` bytes and drop the connection. ``server.ranges = False``: Range is ignored (200)."""
+    ``server.cut_at`` bytes and drop the connection. ``server.ends[path] = n``: every response stops at byte
+    n of the file (and drops the connection). ``server.ranges = False``: Range is ignored (200).
+    ``server.zeros[path] = (length, limit)``: 200 and up to ``limit`` zero bytes, declaring Content-Length
+    ``length`` (None: none); ``server.streamed[path]`` counts the bytes the client took.
+    ``server.pause``: seconds between 64 KiB blocks of a file."""
 
     def do_GET(self):
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append((self.path, rng))
+        if self.path in srv.zeros:
+            self._stream_zeros(*srv.zeros[self.path])
+            return
         body = srv.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -52,14 +60,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        end = srv.ends.get(self.path, len(body))
         if srv.cuts.get(self.path, 0) > 0:
             srv.cuts[self.path] -= 1
-            self.wfile.write(body[start:start + srv.cut_at])
+            end = min(end, start + srv.cut_at)
+        for i in range(start, end, 1 << 16):
+            self.wfile.write(body[i:min(i + (1 << 16), end)])
+            time.sleep(srv.pause)
+        if end < len(body):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
-            return
-        self.wfile.write(body[start:])
+
+    def _stream_zeros(self, length, limit):
+        self.send_response(200)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.server.streamed[self.path] = 0
+        block = bytes(1 << 16)
+        try:
+            while self.server.streamed[self.path] < limit:
+                self.wfile.write(block)
+                self.server.streamed[self.path] += len(block)
+        except OSError:  # the client hung up: what it took is counted
+            pass
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
@@ -73,6 +99,7 @@ def server(monkeypatch):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.files, srv.requests, srv.cuts, srv.cut_at, srv.ranges = {}, [], {}, 0, True
+    srv.ends, srv.zeros, srv.streamed, srv.pause = {}, {}, {}, 0
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     t.start()
@@ -113,7 +140,7 @@ def test_download_then_load_by_name(server, cache, monkeypatch, capsys):
     assert cli.main(["data", "download", "mnist", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "train with --data mnist" in out and out.count("sha256 ok") == 4
-    assert sorted(os.listdir(cache / "mnist")) == sorted(files)           # no .part left behind
+    assert sorted(os.listdir(cache / "mnist")) == sorted([*files, ".lock"])  # no .part left behind
     x, y = data.load_mnist("train", "mnist")
     assert x.shape == (6, 784) and np.array_equal(y, arrays["train-labels-idx1-ubyte"])
     assert np.array_equal(x * 255, arrays["train-images-idx3-ubyte"].reshape(6, -1))
@@ -279,3 +306,124 @@ def test_registry_lists_two_or_more_mirrors_and_a_sha256_per_file():
         assert len(src.mirrors) >= 2 and all(m.endswith("/") for m in src.mirrors), name
         assert sorted(src.files) == sorted(f + ".gz" for f in data.FILES.values())
         assert all(len(sha) == 64 and size > 0 for size, sha in src.files.values())
+
+
+@pytest.mark.parametrize("length, says", [
+    (None, "sends more than the published {size:,} bytes: another file, stopped there and removed"),
+    (50_000_000, "declares 50,000,000 bytes where the published file has {size:,}: another file, not fetched"),
+])
+def test_a_mirror_cannot_fill_the_disk(server, cache, monkeypatch, capsys, length, says):
+    """A mirror answering 200 with endless zeros (no Content-Length) grew the .part without bound, and a declared
+    50 MB body was read whole before it was refused. Now nothing past the published size is read."""
+    files, _ = _fake_set(11)
+    name = "train-images-idx3-ubyte.gz"
+    size = len(files[name])
+    _register(monkeypatch, server, "mnist", files, [_dead_url()])
+    server.zeros[f"/evil/{name}"] = (length, 64 << 20)
+    monkeypatch.delenv("NPDGM_DEBUG", raising=False)
+    assert cli.main(["data", "download", "mnist", "--no-progress", "--mirror", server.url + "/evil/"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"npdgm: error: could not download mnist file {name} from any "
+                                               f"mirror: {server.url}/evil/{name} ({says.format(size=size)}); ")
+    assert os.listdir(cache / "mnist") == [".lock"]                    # no .part, oversized or not
+    time.sleep(0.1)                                                    # the server notices the hang-up
+    assert server.streamed[f"/evil/{name}"] < 16 << 20                 # socket buffers, not the 64 MB offered
+
+
+def test_a_206_declaring_more_than_is_left_is_refused_and_the_part_kept(server, cache, monkeypatch):
+    files, _ = _fake_set(12, n_train=40)
+    name = "train-images-idx3-ubyte.gz"
+    size = len(files[name])
+    _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
+    os.makedirs(cache / "mnist")
+    (cache / "mnist" / (name + ".part")).write_bytes(files[name][:100])
+    server.files[f"/mnist/{name}"] = files[name] + bytes(1000)       # the same start, 1000 bytes longer
+    with pytest.raises(data.DownloadError, match=rf"\(declares {size - 100 + 1000:,} bytes from byte 100 where "
+                                                 rf"the published file has {size:,}: another file, not fetched\); "
+                                                 r"100 bytes kept"):
+        data.download("mnist", progress=False)
+    assert (cache / "mnist" / (name + ".part")).read_bytes() == files[name][:100]
+
+
+def test_a_download_one_byte_short_is_refused_and_its_part_kept(server, cache, monkeypatch):
+    """Planted bug: a file one byte short accepted as complete. It must be refused with the `closed after N of M
+    bytes` error, the .part kept for the next try (not removed as a checksum mismatch)."""
+    files, _ = _fake_set(13, n_train=40)
+    name = "train-images-idx3-ubyte.gz"
+    size = len(files[name])
+    _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
+    server.ends[f"/mnist/{name}"] = size - 1               # every response stops one byte before the end
+    with pytest.raises(data.DownloadError, match=rf"{name} \(connection closed after {size - 1} of {size} bytes\); "
+                                                 rf"{size - 1:,} bytes kept in .*{name}.part for the next try$"):
+        data.download("mnist", progress=False)
+    assert (cache / "mnist" / (name + ".part")).read_bytes() == files[name][:-1]
+    assert not (cache / "mnist" / name).exists()
+    server.ends.clear()
+    data.download("mnist", progress=False)                  # the next run fetches the last byte
+    assert [r for p, r in server.requests if p.endswith(name)][-1] == f"bytes={size - 1}-"
+    assert (cache / "mnist" / name).read_bytes() == files[name]
+
+
+def test_cache_status_counts_only_files_of_the_published_size(cache, monkeypatch, capsys):
+    """Planted bug: a cached file one byte larger than published reported as present. One byte more or less
+    is `other size`, and `data list` does not call the set complete."""
+    files, _ = _fake_set(14)
+    sums = {f: (len(b), hashlib.sha256(b).hexdigest()) for f, b in files.items()}
+    monkeypatch.setitem(data.DATASETS, "mnist", data.Source("MNIST", "test", ("http://127.0.0.1:9/",), sums))
+    d = cache / "mnist"
+    os.makedirs(d)
+    exact, larger, shorter, partial = sorted(files)
+    (d / exact).write_bytes(files[exact])
+    (d / larger).write_bytes(files[larger] + b"\0")
+    (d / shorter).write_bytes(files[shorter][:-1])
+    (d / (partial + ".part")).write_bytes(files[partial][:10])
+    where, ok, bad, parts = data.cache_status("mnist")
+    assert where == str(d) and ok == [exact] and sorted(bad) == sorted([larger, shorter])
+    assert parts == [partial + ".part"]
+    (d / shorter).write_bytes(files[shorter])
+    (d / partial).write_bytes(files[partial])
+    assert sorted(data.cache_status("mnist")[1]) == sorted(files.keys() - {larger})
+    assert cli.main(["data", "list"]) == 0
+    assert "mnist          partial 3/4, 1 other size, 1 .part" in capsys.readouterr().out
+
+
+def test_two_downloads_into_one_cache_take_turns(server, cache, monkeypatch):
+    """Two concurrent downloads of one data set: one died with FileNotFoundError on the .part rename. The
+    second now waits for the cache entry's lock, then finds every file there: each is fetched once."""
+    files, _ = _fake_set(15, n_train=200)                 # a 160 KB images file: 3 blocks, a pause after each
+    _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
+    server.pause = 0.05
+    start, results, logs = threading.Barrier(2), [None, None], [[], []]
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = data.download("mnist", progress=False, log=logs[i].append)
+        except Exception as e:  # the failure is the finding: kept to assert on
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == [str(cache / "mnist")] * 2, results
+    assert sorted(p for p, _ in server.requests) == sorted(f"/mnist/{f}" for f in files)    # each file once
+    waited = [lines for lines in logs if "waiting for it to end" in lines[0]]
+    assert len(waited) == 1 and sum("present, sha256 ok" in s for s in waited[0]) == 4
+    for f, b in files.items():
+        assert (cache / "mnist" / f).read_bytes() == b
+
+
+def test_a_read_only_cache_is_still_checked(server, cache, monkeypatch, capsys):
+    """The lock file cannot be created in a read-only cache: its files are checked without a lock."""
+    files, _ = _fake_set(16)
+    _register(monkeypatch, server, "mnist", files, [server.url + "/mnist/"])
+    data.download("mnist", progress=False)
+
+    def read_only(path, on_wait=None):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(data, "wait_lock", read_only)
+    assert cli.main(["data", "download", "mnist", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("present, sha256 ok") == 4
