@@ -116,3 +116,48 @@ def test_bad_arguments_are_clear_errors(rng):
         K.conv_transpose2d_forward(rng.standard_normal((1, 3, 2, 2)), W, None, stride=1, output_padding=1)
     with pytest.raises(ValueError, match="divisible by 2"):
         K.squeeze_forward(rng.standard_normal((1, 1, 3, 4)))
+
+
+# -- the convolutional VAE (VAE(arch="conv")) -----------------------------------------------------------------
+def _conv_vae(**kw):
+    from npdgm import backend
+    from npdgm.models.vae import VAE
+
+    with backend.use(dtype="float64"):
+        return VAE(**{"x_dim": 64, "z_dim": 3, "arch": "conv", "channels": (3, 4), "image_shape": (1, 8, 8),
+                      "seed": 0, **kw})
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_conv_vae_loss_gradient_matches_central_differences(likelihood, rng):
+    from npdgm.gradcheck import compare, numerical_grad
+
+    m = _conv_vae(likelihood=likelihood)
+    x, eps = rng.random((4, 64)), rng.standard_normal((1, 4, 3))
+    m.loss_and_grad(x, eps)
+    err, rel = compare(m.flat_grads.copy(), numerical_grad(lambda: float(m.loss(x, eps)[0]), m.flat_params))
+    assert rel < 1e-6, (err, rel)
+    names = [n for n, *_ in m.layout()]
+    assert "encoder.1.W" in names and m.params["encoder.1.W"].shape == (3, 1, 4, 4)      # Conv2d (out, in, k, k)
+    assert m.params["decoder.3.W"].shape == (4, 3, 4, 4)                                 # ConvTranspose2d (in, out)
+
+
+def test_conv_vae_saves_loads_and_refuses_bad_shapes(tmp_path, rng):
+    import npdgm
+    from npdgm.models.vae import VAE
+
+    m = _conv_vae()
+    m.save(tmp_path / "c.npz")
+    back = npdgm.load(tmp_path / "c.npz")
+    assert back.config == m.config and back.config["arch"] == "conv"
+    x, eps = rng.random((3, 64)), rng.standard_normal((1, 3, 3))
+    np.testing.assert_array_equal(back.loss(x, eps)[0], m.loss(x, eps)[0])
+    with pytest.raises(ValueError, match="image_shape .* C H W = x_dim"):
+        VAE(x_dim=784, arch="conv", image_shape=(1, 28, 27))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        VAE(x_dim=30 * 30, arch="conv", image_shape=(1, 30, 30))
+    with pytest.raises(ValueError, match="not hidden"):
+        VAE(arch="conv", hidden=(100,))
+    with pytest.raises(ValueError, match="arch must be"):
+        VAE(arch="resnet")
+    assert "arch" not in VAE(x_dim=6, hidden=(4,), z_dim=2).config      # MLP checkpoints keep their config
