@@ -43,10 +43,14 @@ def check_config_size(config, layout, path, kind):
     cap = 2 * max(dims) + 1 if dims else 1 << 20  # a parameter-free model: only masks/permutations of `dim`
     max_len = 2 * len(layout) + 16
 
+    # a convolutional model's x_dim is C H W of its image_shape (checked by the constructor before it
+    # allocates) and shows in no parameter's shape; the image_shape entries are walked
+    skip = _UNSIZED | ({"x_dim"} if isinstance(config, dict) and "image_shape" in config else set())
+
     def walk(v, where):
         if isinstance(v, dict):
             for k, x in v.items():
-                if k not in _UNSIZED:
+                if k not in skip:
                     walk(x, f"{where}.{k}" if where else str(k))
         elif isinstance(v, list):
             if len(v) > max_len:

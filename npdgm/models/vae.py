@@ -58,6 +58,7 @@ from ..kernels.losses import (bernoulli_nll_backward, bernoulli_nll_forward, gau
                               gaussian_nll_forward)
 from ..kernels.activations import get_activation
 from ..nn import INITS, MLP, Parameter
+from ..nn.conv import conv_decoder, conv_encoder
 from ..validate import check_float, check_int
 from .base import Model
 from .elbo import ELBOMixin, iwae_backward, iwae_estimate, iwae_forward, log_weights, posterior_sample
@@ -179,7 +180,18 @@ class VAE(ELBOMixin, Model):
 
     def __init__(self, x_dim=784, hidden=(400,), z_dim=20, activation="relu", likelihood="bernoulli",
                  sigma=None, n_samples=1, beta=1.0, seed=0, init="torch", free_bits=0.0, posterior="gaussian",
-                 iaf_hidden=(200, 200)):
+                 iaf_hidden=(200, 200), arch="mlp", channels=(32, 64), image_shape=(1, 28, 28)):
+        if arch not in ("mlp", "conv"):
+            raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
+        if arch == "conv":
+            channels = [check_int(c, "channels entry", lo=1) for c in channels]
+            image_shape = [check_int(a, "image_shape entry", lo=1) for a in image_shape]
+            if not channels or len(image_shape) != 3 or int(np.prod(image_shape)) != x_dim:
+                raise ValueError(f"arch='conv' needs >= 1 channels and image_shape (C, H, W) with C H W = x_dim "
+                                 f"({x_dim}), got channels={channels}, image_shape={image_shape}")
+            if np.atleast_1d(hidden).tolist() not in ([], [400]):
+                raise ValueError(f"arch='conv' sizes its nets by channels={channels}, not hidden={hidden}")
+            hidden = ()
         x_dim, hidden, z_dim, sigma, n_samples, beta, seed = check_vae_options(
             x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init)
         free_bits = check_float(free_bits, "free_bits", lo=0)
@@ -194,6 +206,8 @@ class VAE(ELBOMixin, Model):
         extra = {} if not free_bits else {"free_bits": float(free_bits)}
         if steps:
             extra.update(posterior=posterior, iaf_hidden=list(iaf_hidden))
+        if arch == "conv":
+            extra.update(arch=arch, channels=list(channels), image_shape=list(image_shape))
         super().__init__(x_dim=x_dim, hidden=list(hidden), z_dim=z_dim, activation=activation,
                          likelihood=likelihood, sigma=sigma, n_samples=n_samples, beta=float(beta), seed=seed,
                          init=init, **extra)
@@ -202,8 +216,12 @@ class VAE(ELBOMixin, Model):
         self.likelihood, self.sigma, self.n_samples, self.beta = likelihood, sigma, n_samples, float(beta)
         dtype = backend.get_dtype()
         host = np.random.default_rng(seed)
-        self.encoder = MLP(x_dim, hidden, 2 * z_dim, activation=activation, init=init, rng=host, dtype=dtype)
-        self.decoder = MLP(z_dim, hidden[::-1], x_dim, activation=activation, init=init, rng=host, dtype=dtype)
+        if arch == "conv":  # DCGAN-style nets on the (C, H, W) image; x stays a flat vector outside them
+            self.encoder = conv_encoder(image_shape, channels, 2 * z_dim, activation, rng=host, dtype=dtype)
+            self.decoder = conv_decoder(z_dim, channels, image_shape, activation, rng=host, dtype=dtype)
+        else:
+            self.encoder = MLP(x_dim, hidden, 2 * z_dim, activation=activation, init=init, rng=host, dtype=dtype)
+            self.decoder = MLP(z_dim, hidden[::-1], x_dim, activation=activation, init=init, rng=host, dtype=dtype)
         if likelihood == "gaussian" and sigma is None:
             self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
         self.flow = build_iaf_posterior(z_dim, steps, iaf_hidden, activation, seed + 1) if steps else None
