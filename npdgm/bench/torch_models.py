@@ -63,9 +63,41 @@ def mlp(P, prefix, activation, x):
     return x
 
 
+def conv_encoder(P, cfg, x):
+    """npdgm.nn.conv.conv_encoder: Reshape (0), 4x4 stride-2 Conv2d + activation pairs (1, 2), (3, 4), ...,
+    Reshape, Linear."""
+    C, H, W = cfg["image_shape"]
+    act, n = ACTIVATIONS[cfg["activation"]], len(cfg["channels"])
+    h = x.reshape(-1, C, H, W)
+    for k in range(n):
+        h = act(F.conv2d(h, P[f"encoder.{1 + 2 * k}.W"], P[f"encoder.{1 + 2 * k}.b"], stride=2, padding=1))
+    return h.flatten(1) @ P[f"encoder.{2 * n + 2}.W"] + P[f"encoder.{2 * n + 2}.b"]
+
+
+def conv_decoder(P, cfg, z):
+    """npdgm.nn.conv.conv_decoder: Linear (0) + activation, Reshape, 4x4 stride-2 ConvTranspose2d layers at
+    3, 5, ... (activation between them, none after the last), Reshape."""
+    C, H, W = cfg["image_shape"]
+    act, ch = ACTIVATIONS[cfg["activation"]], cfg["channels"]
+    n = len(ch)
+    h = act(z @ P["decoder.0.W"] + P["decoder.0.b"]).reshape(-1, ch[-1], H >> n, W >> n)
+    for k in range(n):
+        h = F.conv_transpose2d(h, P[f"decoder.{3 + 2 * k}.W"], P[f"decoder.{3 + 2 * k}.b"], stride=2, padding=1)
+        if k < n - 1:
+            h = act(h)
+    return h.flatten(1)
+
+
+def _net(P, cfg, part, x):
+    """The VAE's encoder or decoder: an MLP, or the convolutional nets of arch="conv"."""
+    if cfg.get("arch", "mlp") == "conv":
+        return (conv_encoder if part == "encoder" else conv_decoder)(P, cfg, x)
+    return mlp(P, part, cfg["activation"], x)
+
+
 # -- VAE -----------------------------------------------------------------------------------------------
 def vae_encode(P, cfg, x):
-    h = mlp(P, "encoder", cfg["activation"], x)
+    h = _net(P, cfg, "encoder", x)
     Z = cfg["z_dim"]
     return h[:, :Z], h[:, Z:]
 
@@ -84,7 +116,7 @@ def vae_terms(P, cfg, x, eps):
     mu, logvar = vae_encode(P, cfg, x)
     K, B, Z = eps.shape
     z = mu + torch.exp(0.5 * logvar) * eps
-    out = mlp(P, "decoder", cfg["activation"], z.reshape(K * B, Z))
+    out = _net(P, cfg, "decoder", z.reshape(K * B, Z))
     recon = _nll_rows(P, cfg, out, x if K == 1 else x.repeat(K, 1)).mean()
     kl = (0.5 * (mu ** 2 + torch.exp(logvar) - 1 - logvar).sum(dim=1)).mean()
     return {"loss": recon + cfg["beta"] * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
@@ -95,7 +127,7 @@ def vae_iwae(P, cfg, x, eps):
     mu, logvar = vae_encode(P, cfg, x)
     K, B, Z = eps.shape
     z = mu + torch.exp(0.5 * logvar) * eps
-    out = mlp(P, "decoder", cfg["activation"], z.reshape(K * B, Z))
+    out = _net(P, cfg, "decoder", z.reshape(K * B, Z))
     log_px = -_nll_rows(P, cfg, out, x.repeat(K, 1)).reshape(K, B)
     log_pz = -0.5 * (z ** 2 + LOG_2PI).sum(dim=2)
     log_qz = -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(dim=2)
@@ -103,7 +135,7 @@ def vae_iwae(P, cfg, x, eps):
 
 
 def vae_decode(P, cfg, z):
-    out = mlp(P, "decoder", cfg["activation"], z)
+    out = _net(P, cfg, "decoder", z)
     return torch.sigmoid(out) if cfg["likelihood"] == "bernoulli" else out
 
 

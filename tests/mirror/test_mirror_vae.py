@@ -48,6 +48,10 @@ CONFIGS = {
     "gaussian,sigma=0.3,softplus": dict(x_dim=10, hidden=[8], z_dim=2, activation="softplus",
                                         likelihood="gaussian", sigma=0.3, beta=2.0),
     "bernoulli,leaky_relu,sigmoid": dict(x_dim=8, hidden=[6, 5], z_dim=2, activation="leaky_relu"),
+    "conv,bernoulli,relu,K=2": dict(x_dim=64, hidden=[], z_dim=3, arch="conv", channels=[3, 4],
+                                    image_shape=[1, 8, 8], n_samples=2),
+    "conv,gaussian,learned,elu,2 channels": dict(x_dim=2 * 8 * 4, hidden=[], z_dim=2, arch="conv", channels=[3],
+                                                 image_shape=[2, 8, 4], activation="elu", likelihood="gaussian"),
 }
 
 
