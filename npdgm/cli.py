@@ -17,11 +17,11 @@ import sys
 
 from . import KEEP_HEAP, __version__, backend
 from .bench import run as bench_run
-from .commands import cvae, data, evaluate, flows, gmm, m1, m2, sample, vae
+from .commands import cvae, data, evaluate, export, flows, gmm, m1, m2, sample, vae
 from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
                               release_locks, setup_backend, typed_options)
 
-COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate)
+COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate, export)
 
 
 def _cmd_gradcheck(args):

@@ -181,3 +181,119 @@ def save_model(model, path, extra_arrays=None, extra_meta=None):
     arrays, meta = model_arrays(model)
     arrays.update(extra_arrays or {})
     save_arrays(path, arrays, {"version": __version__, **meta, **(extra_meta or {})})
+
+
+# -- safetensors: the same weights + manifest in the ecosystem's container ------------------------------------
+#: safetensors dtype codes of the float types npdgm stores
+ST_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+MAX_ST_HEADER = 1 << 24
+
+
+def save_safetensors(path, tensors, metadata):
+    """Atomically write named host arrays as a ``.safetensors`` file: an unsigned 64-bit little-endian
+    header length N, N bytes of JSON ``{name: {"dtype": "F32" | "F64", "shape": [...], "data_offsets":
+    [begin, end]}, "__metadata__": {str: str}}`` (padded with spaces to a multiple of 8), then each tensor's
+    C-order little-endian bytes in the header's order, ``begin``/``end`` counted from the end of the header."""
+    codes = {v: k for k, v in ST_DTYPES.items()}
+    header, off, data = {}, 0, []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype.newbyteorder("<") not in codes:
+            raise TypeError(f"{name}: safetensors export holds float32 / float64 tensors, got {a.dtype}")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+        data.append(a)
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(f):
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for a in data:
+            f.write(a.tobytes())
+    atomic_write_bytes(path, write)
+
+
+def load_safetensors(path):
+    """``(tensors, metadata)`` of a ``.safetensors`` file. Nothing is trusted: the header must fit the file
+    (and 16 MiB), be a JSON object of known float dtypes whose offsets tile the data from 0 to the end of
+    the file, each the size of its shape; every failure is a CheckpointError naming the file and the
+    tensor, raised before any tensor is read."""
+    path = os.fspath(path)
+
+    def bad(msg):
+        return CheckpointError(f"{path}: not a readable safetensors file ({msg})")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if n is None or n > min(size - 8, MAX_ST_HEADER):
+                raise bad(f"header length {n} does not fit the file of {size} bytes" if n is not None else
+                          f"{size} bytes, shorter than its header length")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise bad(f"header is not JSON: {e}") from e
+            if not isinstance(header, dict):
+                raise bad(f"header is a {type(header).__name__}, not an object")
+            meta = header.pop("__metadata__", {})
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                raise bad("__metadata__ must map names to strings")
+            entries, end = [], 8 + n
+            for name, e in header.items():
+                ok = isinstance(e, dict) and e.get("dtype") in ST_DTYPES and isinstance(e.get("shape"), list) \
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"]) \
+                    and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                if not ok:
+                    raise bad(f"tensor {name!r}: needs dtype F32/F64, a shape of sizes and two data_offsets, "
+                              f"got {e!r:.200}")
+                entries.append((e["data_offsets"], name, e))
+            pos = 0
+            for (b, e_), name, e in sorted(entries, key=lambda t: t[0]):
+                want = math.prod(e["shape"]) * ST_DTYPES[e["dtype"]].itemsize
+                if b != pos or e_ - b != want:
+                    raise bad(f"tensor {name!r}: data_offsets {[b, e_]} do not follow on at {pos} with the "
+                              f"{want} bytes of shape {e['shape']}")
+                pos = e_
+            if end + pos != size:
+                raise bad(f"the tensors hold {pos} bytes but the file has {size - end} after the header")
+            tensors = {}
+            for (b, e_), name, e in sorted(entries, key=lambda t: t[0]):
+                f.seek(end + b)
+                tensors[name] = np.frombuffer(f.read(e_ - b), ST_DTYPES[e["dtype"]]).reshape(e["shape"])
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    return tensors, meta
+
+
+def model_to_safetensors(model, path):
+    """Write a model's parameters by name (``encoder.0.W``, ...) with its manifest (kind, config, layout,
+    dtype, version) as the JSON string ``__metadata__["npdgm"]``."""
+    from . import __version__
+
+    arrays, meta = model_arrays(model)
+    save_safetensors(path, {k[len("param/"):]: v for k, v in arrays.items()},
+                     {"npdgm": json.dumps({"format": FORMAT, "version": __version__, **meta}, default=_json_scalar)})
+
+
+def arrays_from_safetensors(path):
+    """``(arrays, meta)`` as :func:`load_arrays` returns them, from a file :func:`model_to_safetensors`
+    wrote: every tensor must be a parameter its manifest's layout names."""
+    tensors, st_meta = load_safetensors(path)
+    try:
+        meta = json.loads(st_meta["npdgm"])
+    except KeyError:
+        raise CheckpointError(f"{path}: a safetensors file without npdgm's manifest (__metadata__['npdgm']); "
+                              f"it holds tensors {sorted(tensors)[:5]}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: __metadata__['npdgm'] is not a JSON manifest ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), list):
+        raise CheckpointError(f"{path}: __metadata__['npdgm'] must be a JSON object with a layout")
+    arrays = {f"param/{k}": v for k, v in tensors.items()}
+    check_layout(meta["layout"], arrays, meta.get("dtype", "float32"), path)
+    unknown = sorted(set(tensors) - {str(e[0]) for e in meta["layout"]})
+    if unknown:
+        raise CheckpointError(f"{path}: tensors {unknown[:5]} are not parameters of the manifest's layout")
+    return arrays, meta

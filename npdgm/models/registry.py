@@ -15,7 +15,7 @@ import os
 
 from .. import backend
 from ..backend import DTYPES
-from ..io import CheckpointError, check_layout, load_arrays
+from ..io import CheckpointError, arrays_from_safetensors, check_layout, load_arrays
 
 MODELS = {}  # kind -> class with from_config(config)
 
@@ -109,6 +109,10 @@ def model_from_arrays(arrays, meta, path="checkpoint"):
 
 
 def load(path):
-    """Load a model saved by ``model.save(path)`` or a training run directory (its checkpoint)."""
-    arrays, meta = load_arrays(path)
+    """Load a model saved by ``model.save(path)``, a training run directory (its checkpoint), or a
+    ``.safetensors`` file written by ``npdgm export --format safetensors``."""
+    if os.fspath(path).endswith(".safetensors"):
+        arrays, meta = arrays_from_safetensors(path)
+    else:
+        arrays, meta = load_arrays(path)
     return model_from_arrays(arrays, meta, os.fspath(path))
