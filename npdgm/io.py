@@ -22,9 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 import zipfile
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -87,50 +90,204 @@ def save_arrays(path, arrays, meta):
     atomic_write_bytes(path, lambda f: np.savez(f, **payload))
 
 
-def load_arrays(path):
-    """Read ``(arrays, meta)`` from a checkpoint, with a clear error when it is not one."""
+# Bounds on what a file may make the loader do (checked before anything is inflated or allocated).
+MAX_MANIFEST_BYTES = 1 << 24   # the JSON manifest of any npdgm model is far smaller
+MAX_MANIFEST_DEPTH = 32        # nesting of the manifest's JSON (npdgm writes about 6 levels)
+MAX_INFLATION = 32             # declared bytes per byte of file (npdgm stores members uncompressed) ...
+INFLATION_SLACK = 1 << 20      # ... plus this much, for a small compressed file
+MAX_COUNT = 1 << 53            # epochs and optimizer steps of any real run
+_OPT_MEMBER = re.compile(r"opt/[A-Za-z_]+\.[0-9]+")   # optimizer state: opt/m.0, opt/v.0, opt/buf.0
+
+
+class Header(NamedTuple):
+    """What an .npy member declares before its data: shape, dtype, and the data's byte offset in the member."""
+    shape: tuple
+    dtype: np.dtype
+    fortran: bool
+    offset: int
+
+
+def checkpoint_path(path):
+    """``path`` or ``path/checkpoint.npz`` when it is a directory; a CheckpointError unless a regular file
+    is there (a device such as /dev/zero or a FIFO would be read without end)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.npz")
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path}: cannot read the checkpoint (Is a directory)")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a device, FIFO or socket); a checkpoint is the "
+                              f"checkpoint.npz of a run or a file written by model.save")
+    return path
+
+
+def load_arrays(path):
+    """Read ``(arrays, meta)`` from a checkpoint, with a clear error when it is not one.
+
+    Nothing is inflated before it is bounded: the members' declared sizes (zip central directory) must fit
+    ``MAX_INFLATION`` x the file size, every member must be an .npy array whose header agrees with its
+    declared size, the manifest is read first, and each other member must be one the manifest accounts for
+    (:func:`check_members`) before its data is read."""
+    path = checkpoint_path(path)
     if not zipfile.is_zipfile(path):  # np.load would also take a .npy (one array) or a pickle
         try:
             with open(path, "rb") as f:
                 head = f.read(6)
-        except OSError as e:  # a directory named *.npz, no permission
+        except OSError as e:  # no permission
             raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from e
         what = "a .npy file (one array)" if head == b"\x93NUMPY" else "corrupt or truncated, or not an .npz archive"
         raise CheckpointError(f"{path} is not a readable npdgm checkpoint ({what}; a checkpoint is the "
                               f"checkpoint.npz of a run or a file written by model.save)")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+        with zipfile.ZipFile(path) as zf:
+            infos = _member_infos(zf, path)
+            if "__meta__" not in infos:
+                raise CheckpointError(f"{path} has no __meta__ manifest; not an npdgm checkpoint")
+            meta = _read_manifest(zf, infos.pop("__meta__"), path)
+            headers = {k: _read_header(zf, info, k, path) for k, info in infos.items()}
+            check_members(headers, meta, path)
+            arrays = {k: _read_data(zf, infos[k], headers[k], k, path) for k in infos}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, ValueError, EOFError,
+            zlib.error) as e:
         raise CheckpointError(f"{path} is not a readable npdgm checkpoint (corrupt or truncated: {e})") from e
-    if "__meta__" not in arrays:
-        raise CheckpointError(f"{path} has no __meta__ manifest; not an npdgm checkpoint")
-    raw = arrays.pop("__meta__")
-    if raw.dtype != np.uint8 or raw.ndim != 1:
+    return arrays, meta
+
+
+def _member_infos(zf, path):
+    """{name without .npy: ZipInfo}; every member an .npy, no name twice, the declared sizes bounded."""
+    infos, declared = {}, 0
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise CheckpointError(f"{path}: member {info.filename!r} is not an .npy array")
+        name = info.filename[:-4]
+        if name in infos:
+            raise CheckpointError(f"{path}: member {info.filename!r} is stored twice")
+        infos[name] = info
+        declared += info.file_size
+    size = os.path.getsize(path)
+    if declared > MAX_INFLATION * size + INFLATION_SLACK:
+        raise CheckpointError(f"{path}: its members declare {declared} bytes uncompressed in a file of {size} bytes "
+                              f"(more than {MAX_INFLATION}x; a zip bomb?); refusing to inflate them")
+    return infos
+
+
+def _read_header(zf, info, name, path):
+    """The .npy header of member ``name``, checked against the member's declared size (only the header is
+    inflated)."""
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        try:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: member {name} is not an .npy array ({e})") from e
+        offset = f.tell()
+    if dtype.hasobject:
+        raise CheckpointError(f"{path}: member {name} holds Python objects ({dtype}); checkpoints hold numbers only")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset + nbytes != info.file_size:
+        raise CheckpointError(f"{path}: member {name} declares shape {list(shape)} of {dtype} ({nbytes} bytes) but "
+                              f"the archive declares {max(info.file_size - offset, 0)} bytes of data for it")
+    return Header(tuple(shape), dtype, fortran, offset)
+
+
+def _read_data(zf, info, header, name, path):
+    """The array of member ``name`` (its size already checked against ``header``); the CRC is verified."""
+    a = np.empty(header.shape[::-1] if header.fortran else header.shape, header.dtype)
+    with zf.open(info) as f:
+        f.read(header.offset)
+        got = f.readinto(memoryview(a.reshape(-1).view(np.uint8))) if a.size else 0
+        if got != a.nbytes or f.read(1):
+            raise CheckpointError(f"{path}: member {name} holds {got} bytes of data, its header declares {a.nbytes}")
+    return a.T if header.fortran else a
+
+
+def _depth(value):
+    """How deep lists and objects nest in a JSON value (a scalar 0, [1] 1, {"a": [1]} 2), counted to one
+    past the bound, without recursion."""
+    deepest, todo = 0, [(value, 1)] if isinstance(value, (list, dict)) else []
+    while todo:
+        v, d = todo.pop()
+        deepest = max(deepest, d)
+        if d <= MAX_MANIFEST_DEPTH:
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (list, dict)))
+    return deepest
+
+
+def _read_manifest(zf, info, path):
+    """The manifest: the JSON object in member __meta__ (uint8 bytes), its depth and fields checked."""
+    header = _read_header(zf, info, "__meta__", path)
+    if header.dtype != np.uint8 or len(header.shape) != 1:
         raise CheckpointError(f"{path}: __meta__ must be the UTF-8 bytes of a JSON object (uint8, 1-D), "
-                              f"got {raw.dtype} with shape {raw.shape}")
+                              f"got {header.dtype} with shape {header.shape}")
+    if header.shape[0] > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{path}: __meta__ holds {header.shape[0]} bytes, more than a manifest can "
+                              f"({MAX_MANIFEST_BYTES})")
+    raw = _read_data(zf, info, header, "__meta__", path)
+    too_deep = f"{path}: the manifest nests deeper than {MAX_MANIFEST_DEPTH} levels; not an npdgm checkpoint"
     try:
         meta = json.loads(raw.tobytes().decode())
+    except RecursionError:
+        raise CheckpointError(too_deep) from None
     except ValueError as e:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({e})") from e
+    if _depth(meta) > MAX_MANIFEST_DEPTH:
+        raise CheckpointError(too_deep)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: the manifest must be a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
     if "dtype" in meta and meta["dtype"] not in DTYPES:
         raise CheckpointError(f"{path}: manifest dtype {meta['dtype']!r} is not one of {DTYPES}")
-    if "layout" in meta:
-        check_layout(meta["layout"], arrays, meta.get("dtype", "float32"), path)
-    return arrays, meta
+    for field in ("epoch", "opt_t"):  # a training checkpoint's counters
+        if field in meta:
+            try:
+                v = check_int(meta[field], f"manifest field {field}", lo=0)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from e
+            if v > MAX_COUNT:
+                raise CheckpointError(f"{path}: manifest field {field}={v} is more than any run counts (2**53)")
+    return meta
+
+
+def check_members(headers, meta, path="checkpoint"):
+    """Every member must be one the manifest accounts for, with the size it allows: ``param/<name>`` of
+    the layout with its shape and dtype, ``param/<buffer>`` a 0-d flag (flows' ActNorm), ``opt/<state>.<i>``
+    at most as many elements as the model has parameters (in the model's dtype). A manifest without a
+    layout (not a model) bounds nothing beyond :data:`MAX_INFLATION`."""
+    if "layout" not in meta:
+        return
+    layout, dtype = meta["layout"], np.dtype(meta.get("dtype", "float32"))
+    check_layout(layout, headers, dtype.name, path)
+    names = {"param/" + entry[0] for entry in layout}
+    n_params = sum(math.prod(entry[1]) for entry in layout)
+    for k, h in headers.items():
+        if k in names:
+            continue
+        if k.startswith("param/"):
+            ok, what = h.shape == () and h.dtype == dtype, f"a 0-d {dtype} flag (a buffer outside the layout)"
+        elif _OPT_MEMBER.fullmatch(k):
+            ok, what = math.prod(h.shape) <= n_params and h.dtype == dtype, \
+                f"optimizer state of at most {n_params} {dtype} values (the model's parameters)"
+        else:
+            raise CheckpointError(f"{path}: unknown member {k} (shape {list(h.shape)}, {h.dtype}); an npdgm "
+                                  f"checkpoint holds __meta__, param/* and opt/* only")
+        if not ok:
+            raise CheckpointError(f"{path}: member {k} has shape {list(h.shape)} of {h.dtype}; expected {what}")
 
 
 def check_layout(layout, arrays, dtype, path="checkpoint"):
-    """Check a manifest ``layout`` against the stored arrays, as docs/checkpoints.md promises a port:
+    """Check a manifest ``layout`` against the stored arrays (or their :class:`Header`), as docs/checkpoints.md
+    promises a port:
     a list of ``[name, shape, offset]``, names unique, ``param/<name>`` stored with exactly ``shape``
     and ``dtype``, offsets contiguous (the first 0, each next = previous offset + previous size)."""
     def bad(msg):
@@ -163,6 +320,16 @@ def check_layout(layout, arrays, dtype, path="checkpoint"):
             raise bad(f"gives {name!r} the offset {offset}, expected {expect} (offsets are contiguous in "
                       f"layout order: previous offset + previous size)")
         expect += math.prod(shape)
+
+
+def check_finite(a, what, path="checkpoint"):
+    """CheckpointError naming ``path`` and ``what`` when the float array ``a`` holds NaN or inf values
+    (a diverged run's weights, or a damaged file: they would give NaN samples and metrics)."""
+    if a.dtype.kind in "fc":
+        bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise CheckpointError(f"{path}: {what} holds {bad} NaN/inf value{'s' if bad > 1 else ''} "
+                                  f"(of {a.size}); the run diverged or the file is damaged")
 
 
 def model_arrays(model):

@@ -22,17 +22,37 @@ import time
 import numpy as np
 
 from . import backend
-from .io import CheckpointError, atomic_write_bytes, load_arrays, save_model
+from .io import CheckpointError, atomic_write_bytes, check_finite, checkpoint_path, load_arrays, save_model
 
 
 def rng_state_json(rng):
     return json.dumps(rng.bit_generator.state)
 
 
-def rng_from_json(s):
-    state = json.loads(s)
-    bg = getattr(np.random, state["bit_generator"])()
-    bg.state = state
+# The bit generators npdgm writes (np.random.default_rng): a file names one of these, never a function to call.
+BIT_GENERATORS = {"PCG64": np.random.PCG64}
+
+
+def rng_from_json(s, path="checkpoint"):
+    """The Generator whose ``bit_generator.state`` :func:`rng_state_json` wrote; CheckpointError naming
+    ``path`` and the field for anything else."""
+    def bad(why):
+        return CheckpointError(f"{path}: manifest field rng {why}")
+
+    if not isinstance(s, str):
+        raise bad(f"must be the JSON text of a generator state, got {type(s).__name__}")
+    try:
+        state = json.loads(s)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"is not valid JSON ({type(e).__name__})") from None
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if not isinstance(name, str) or name not in BIT_GENERATORS:
+        raise bad(f"names the bit generator {name!r:.60}; npdgm writes only {sorted(BIT_GENERATORS)}")
+    bg = BIT_GENERATORS[name]()
+    try:
+        bg.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise bad(f"is not a valid {name} state ({e})") from None
     return np.random.Generator(bg)
 
 
@@ -44,15 +64,22 @@ def save_checkpoint(out, model, optimizer, rng, epoch, run_meta):
 
 
 def restore_checkpoint(out, optimizer):
-    """Load optimizer state from RUNDIR/checkpoint.npz; returns (rng, epoch)."""
-    arrays, meta = load_arrays(out)
+    """Load optimizer state from RUNDIR/checkpoint.npz; returns (rng, epoch). The state must be finite (an
+    inf in Adam's v would freeze its parameters) and the fields epoch, opt_t and rng valid."""
+    path = checkpoint_path(out)
+    arrays, meta = load_arrays(path)
+    for field in ("epoch", "rng"):
+        if field not in meta:
+            raise CheckpointError(f"{path}: the manifest has no field {field}; not a training checkpoint")
     state = {k[len("opt/"):]: v for k, v in arrays.items() if k.startswith("opt/")}
+    for k, v in state.items():
+        check_finite(v, f"optimizer state opt/{k}", path)
     state["t"] = meta.get("opt_t", 0)
     try:
         optimizer.load_state_dict(state)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{out}: optimizer state does not match the model: {e}") from e
-    return rng_from_json(meta["rng"]), int(meta["epoch"])
+        raise CheckpointError(f"{path}: optimizer state does not match the model: {e}") from e
+    return rng_from_json(meta["rng"], path), meta["epoch"]
 
 
 def dumps(obj, indent=None):

@@ -272,20 +272,48 @@ def run_args(meta):
     return args if isinstance(args, dict) else {}
 
 
+def _run_name(kind, run):
+    """The ``npdgm train`` command of a stored run: its flow family (nice, realnvp, ...) or its kind."""
+    family = run.get("family")
+    return family if kind == "flow" and isinstance(family, str) else str(kind)
+
+
+# the shared training options a stored run must hold valid values of (a file may be crafted or damaged)
+_STORED_CHECKS = {"epochs": dict(lo=0), "batch_size": dict(lo=1), "seed": dict(lo=0)}
+
+
+def _check_stored_options(run, path):
+    """CheckpointError naming ``path`` and the field unless the stored epochs, batch_size, seed are
+    integers in range and lr (and clip, when set) finite and > 0."""
+    from ..io import CheckpointError
+    from ..validate import check_float, check_int
+
+    try:
+        for k, bounds in _STORED_CHECKS.items():
+            if k in run:
+                check_int(run[k], f"run.args.{k}", **bounds)
+        for k in ("lr", "clip"):
+            if k in run and (run[k] is not None or k == "lr"):
+                check_float(run[k], f"run.args.{k}", lo=0, strict_lo=True)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: manifest field {e}") from e
+
+
 def _stored_run(out, args, kind, families):
     """(arrays, meta, run options) of OUT/checkpoint.npz, checked to be a resumable ``kind`` run."""
-    from ..io import CheckpointError, load_arrays
+    from ..io import CheckpointError, checkpoint_path, load_arrays
 
-    arrays, meta = load_arrays(out)
+    path = checkpoint_path(out)
+    arrays, meta = load_arrays(path)
     run = meta.get("run")
     run = run.get("args") if isinstance(run, dict) else None
     if not isinstance(run, dict):
-        raise CheckpointError(f"{out}/checkpoint.npz holds no training options (saved by model.save?); "
-                              f"it cannot be resumed")
+        raise CheckpointError(f"{path} holds no training options (saved by model.save?); it cannot be resumed")
     if meta.get("kind") != kind or (families and run.get("family") not in families):
-        held = meta.get("kind") if not families else f"{meta.get('kind')} ({run.get('family')})"
-        raise ValueError(f"--resume {args.resume}: the checkpoint holds a {held!r} run, not a "
-                         f"{kind if not families else '/'.join(families)} run")
+        held, asked = _run_name(meta.get("kind"), run), getattr(args, "model", None) or kind
+        raise ValueError(f"--resume {args.resume}: {out} holds a {held} run, not a {asked} run: `npdgm train "
+                         f"{asked}` cannot continue it (continue it with `npdgm train {held} --resume {args.resume}`)")
+    _check_stored_options(run, path)
     return arrays, meta, dict(run)
 
 

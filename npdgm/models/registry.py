@@ -15,7 +15,7 @@ import os
 
 from .. import backend
 from ..backend import DTYPES
-from ..io import CheckpointError, arrays_from_safetensors, check_layout, load_arrays
+from ..io import CheckpointError, arrays_from_safetensors, check_finite, check_layout, load_arrays
 
 MODELS = {}  # kind -> class with from_config(config)
 
@@ -65,10 +65,11 @@ def check_config_size(config, layout, path, kind):
     walk(config, "")
 
 
-def model_from_arrays(arrays, meta, path="checkpoint"):
+def model_from_arrays(arrays, meta, path="checkpoint", allow_nonfinite=False):
     """Rebuild the model a checkpoint describes and load its weights. The manifest's kind, config and
     layout are checked against the arrays before the model is built, and the built model's layout
-    against the manifest's after (see the module docstring); any mismatch is a CheckpointError."""
+    against the manifest's after (see the module docstring); any mismatch is a CheckpointError, and so
+    is a NaN/inf parameter unless ``allow_nonfinite`` (to inspect a diverged run)."""
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: the manifest must be a JSON object, got a {type(meta).__name__}")
     kind = meta.get("kind")
@@ -86,6 +87,9 @@ def model_from_arrays(arrays, meta, path="checkpoint"):
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: manifest dtype {dtype!r} is not one of {DTYPES}")
     check_layout(meta["layout"], arrays, dtype, path)
+    if not allow_nonfinite:
+        for name, _, _ in meta["layout"]:
+            check_finite(arrays["param/" + name], f"parameter {name}", path)
     check_config_size(config, meta["layout"], path, kind)
     try:
         with backend.use(dtype=dtype):
@@ -108,11 +112,12 @@ def model_from_arrays(arrays, meta, path="checkpoint"):
     return model
 
 
-def load(path):
+def load(path, allow_nonfinite=False):
     """Load a model saved by ``model.save(path)``, a training run directory (its checkpoint), or a
-    ``.safetensors`` file written by ``npdgm export --format safetensors``."""
+    ``.safetensors`` file written by ``npdgm export --format safetensors``. A parameter holding NaN/inf
+    is refused (CheckpointError naming it) unless ``allow_nonfinite=True``."""
     if os.fspath(path).endswith(".safetensors"):
         arrays, meta = arrays_from_safetensors(path)
     else:
         arrays, meta = load_arrays(path)
-    return model_from_arrays(arrays, meta, os.fspath(path))
+    return model_from_arrays(arrays, meta, os.fspath(path), allow_nonfinite)
