@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from npdgm.kernels.table import ALPHA, FREE_BITS, SPLINE, TABLE
+from npdgm.kernels.table import ALPHA, CONV, FREE_BITS, SPLINE, TABLE
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -139,6 +139,10 @@ TORCH = {
     "rq_knots": _rq_knots,
     "rq_spline": _rq_spline,
     "rq_spline_inverse": _rq_spline_inverse,
+    "conv2d": lambda x, W, b: {"y": F.conv2d(x, W, b, **CONV)},
+    "conv_transpose2d": lambda x, W, b: {"y": F.conv_transpose2d(x, W, b, **CONV)},
+    "squeeze": lambda x: {"y": F.pixel_unshuffle(x, 2)},
+    "unsqueeze": lambda x: {"y": F.pixel_shuffle(x, 2)},
 }
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import activations as A
 from . import categorical as Cat
+from . import conv as Cv
 from . import coupling as C
 from . import gaussian as G
 from . import linear as L
@@ -436,6 +437,42 @@ def _(i):
     x, ldi = Sp.rq_spline_inverse(i["y"], i["xk"], i["yk"], i["d"])
     dy, dxk, dyk, dd = Sp.rq_spline_inverse_backward(i["dx"], i["dlogdet_inv"], x, i["xk"], i["yk"], i["d"])
     return {"x": x, "logdet_inv": ldi}, {"y": dy, "xk": dxk, "yk": dyk, "d": dd}
+
+
+# -- convolutions (NCHW): odd sizes, a stride, padding and a dilation in one case ------------------------
+CONV = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))   # the conv entries' geometry
+_CONV_NOTE = "x (2, 3, 7, 6), W 3x3, stride (2, 1), padding (1, 2), dilation (1, 2)"
+
+
+@kernel("conv2d", Cv.conv2d_forward, Cv.conv2d_backward,
+        lambda rng, dt: {"x": _std(rng, dt, 2, 3, 7, 6), "W": _std(rng, dt, 4, 3, 3, 3), "b": _std(rng, dt, 4),
+                         "dy": _std(rng, dt, 2, 4, 4, 6)}, _CONV_NOTE, group="conv")
+def _(i):
+    dx, dW, db = Cv.conv2d_backward(i["dy"], i["x"], i["W"], **CONV)
+    return {"y": Cv.conv2d_forward(i["x"], i["W"], i["b"], **CONV)}, {"x": dx, "W": dW, "b": db}
+
+
+@kernel("conv_transpose2d", Cv.conv_transpose2d_forward, Cv.conv_transpose2d_backward,
+        lambda rng, dt: {"x": _std(rng, dt, 2, 4, 4, 6), "W": _std(rng, dt, 4, 3, 3, 3), "b": _std(rng, dt, 3),
+                         "dy": _std(rng, dt, 2, 3, 7, 6)}, _CONV_NOTE + " (the adjoint: y (2, 3, 7, 6))",
+        group="conv")
+def _(i):
+    dx, dW, db = Cv.conv_transpose2d_backward(i["dy"], i["x"], i["W"], **CONV)
+    return {"y": Cv.conv_transpose2d_forward(i["x"], i["W"], i["b"], **CONV)}, {"x": dx, "W": dW, "b": db}
+
+
+@kernel("squeeze", Cv.squeeze_forward, Cv.squeeze_backward,
+        lambda rng, dt: {"x": _std(rng, dt, 2, 3, 4, 6), "dy": _std(rng, dt, 2, 12, 2, 3)}, "factor 2",
+        group="conv")
+def _(i):
+    return {"y": Cv.squeeze_forward(i["x"])}, {"x": Cv.squeeze_backward(i["dy"])}
+
+
+@kernel("unsqueeze", Cv.unsqueeze_forward, Cv.unsqueeze_backward,
+        lambda rng, dt: {"x": _std(rng, dt, 2, 12, 2, 3), "dy": _std(rng, dt, 2, 3, 4, 6)}, "factor 2",
+        group="conv")
+def _(i):
+    return {"y": Cv.unsqueeze_forward(i["x"])}, {"x": Cv.unsqueeze_backward(i["dy"])}
 
 
 KERNELS = {k.name: k for k in TABLE}
