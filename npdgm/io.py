@@ -29,6 +29,7 @@ import zlib
 import numpy as np
 
 from .backend import DTYPES
+from .runfiles import note_written
 from .validate import check_int
 
 FORMAT = "npdgm-checkpoint"
@@ -49,6 +50,7 @@ def atomic_write_bytes(path, write):
     tmp = None
     try:
         os.makedirs(d, exist_ok=True)
+        note_written(path)  # a run directory lists the files npdgm wrote (npdgm.runfiles)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
         umask = os.umask(0)
         os.umask(umask)
