@@ -136,6 +136,11 @@ def main(argv=None):
         if comm.rank == 0:     # the ranks share rank 0's run directory: it alone says what it holds
             note = str(e) if isinstance(e, Interrupted) else f"interrupted: {interrupt_note()}".rstrip(": ")
             print(f"npdgm: {note}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # a collective the interrupted rank left cannot finish: MPI_Finalize would complain
+            release_locks()
+            sys.stdout.flush()
+            comm.part()
+            os._exit(130)
         return 130
     except (ValueError, TypeError, KeyError, backend.BackendError, CheckpointError, FloatingPointError,
             OSError, MemoryError) as e:

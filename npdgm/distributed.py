@@ -319,10 +319,10 @@ class MPIComm(Single):
         self.sent = []
         self.calls = 0
         # fault injection for tests: "RANK:CALL" -> that rank exits at its CALL-th gradient allreduce,
-        # "RANK:CALL:hang" -> it stops answering there (sleeps)
+        # "RANK:CALL:hang" -> it stops answering there (sleeps), "RANK:CALL:int" -> it gets SIGINT (Ctrl-C) there
         kill = os.environ.get("NPDGM_DIST_KILL", "").split(":")
         self.kill = (int(kill[0]), int(kill[1])) if len(kill) >= 2 else None
-        self.hang = len(kill) == 3 and kill[2] == "hang"
+        self.fault = kill[2] if len(kill) == 3 else "exit"
         self.shared = []  # SharedGrads windows made by share (their buffers are all-reduced through them)
         self.steps = []   # SharedStep of the optimizers that share replaced the step of
 
@@ -333,6 +333,13 @@ class MPIComm(Single):
         """Tell every other rank that this one was interrupted (Ctrl-C): each raises :class:`RankInterrupted`
         at its next wait for a collective (within :data:`NOTICE_POLL` s), instead of waiting for the timeout."""
         self.sent += [self.notes.isend(self.rank, dest=q, tag=self.NOTICE) for q in range(self.size) if q != self.rank]
+
+    def part(self, seconds=10.0):
+        """After an interrupt, wait (at most ``seconds``) until every rank has stopped as well: the first rank
+        to exit ends the job, and rank 0 must have said what the run directory holds by then."""
+        req, deadline = self.notes.Ibarrier(), time.monotonic() + seconds
+        while not req.Test() and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _check_notices(self):
         status = self.MPI.Status()
@@ -360,7 +367,11 @@ class MPIComm(Single):
         when ``buf`` is a buffer of :meth:`share`, else ``Iallreduce``."""
         self.calls += 1
         if self.kill and self.kill == (self.rank, self.calls):
-            if self.hang:
+            if self.fault == "int":
+                import signal
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler raises KeyboardInterrupt here
+            if self.fault == "hang":
                 time.sleep(3600)
             os._exit(3)
         for w in self.shared:
