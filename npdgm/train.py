@@ -6,6 +6,7 @@ A run directory holds
     metrics.jsonl    one JSON object per finished epoch
     metrics.csv      the same records, one column per key (rewritten atomically with each record)
     *.png            figures written by the model's command
+    .npdgm-files     the names of the files npdgm wrote there (npdgm.runfiles; --overwrite removes those)
 
 All randomness of a run (shuffling and every noise array) comes from one host NumPy
 Generator whose state is checkpointed, so ``--resume`` continues exactly where the run

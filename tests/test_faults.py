@@ -330,7 +330,8 @@ def test_overwrite_refuses_a_directory_that_holds_no_npdgm_run(tmp_path, capsys)
 def test_overwrite_removes_only_the_files_npdgm_wrote(tmp_path, capsys, vae_run):
     run = _copy(vae_run, tmp_path / "r")
     listed = open(os.path.join(run, ".npdgm-files")).read().splitlines()
-    assert listed[0].startswith("# npdgm vae run") and {"checkpoint.npz", "metrics.jsonl", "summary.json"} <= set(listed)
+    assert listed[0].startswith("# npdgm vae run")
+    assert {"checkpoint.npz", "metrics.jsonl", "summary.json"} <= set(listed)
     open(os.path.join(run, "photo.png"), "wb").write(b"photo")
     open(os.path.join(run, "curves.png"), "wb").write(b"an old figure")     # npdgm's name, written by npdgm
     with open(os.path.join(run, ".npdgm-files"), "a") as f:
@@ -372,7 +373,7 @@ def test_interrupt_in_the_first_epoch_says_so_and_the_same_command_starts_over(t
     line = _interrupted_line(capsys)
     assert f"no epoch finished, so {out} holds no checkpoint" in line and "same command" in line
     assert cli.main(["train", "cvae", *TINY[:8], "--epochs", "1", "--out", out, "--no-progress"]) == 2
-    assert f"holds a vae run stopped before its first checkpoint" in _err(capsys)
+    assert "holds a vae run stopped before its first checkpoint" in _err(capsys)
     assert cli.main(argv) == 0                                    # the same command reuses the directory
     assert "reusing the directory of a vae run" in capsys.readouterr().out
     assert [r["epoch"] for r in train.read_metrics(out)] == [1]

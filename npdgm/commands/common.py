@@ -2,9 +2,12 @@
 directory (a new one, ``--overwrite``, ``--resume``, its lock and the leftovers of a killed run).
 
 A run directory is owned by one process at a time (``fcntl.flock`` on ``RUNDIR/.lock``). A new run
-refuses a directory that already holds files unless ``--overwrite`` is given; ``--resume RUN`` keeps
+refuses a directory that already holds files unless ``--overwrite`` is given, which removes only the
+files npdgm wrote there (:mod:`npdgm.runfiles`) and only in a directory that holds an npdgm run; a run
+of the same command stopped before its first checkpoint is started over. ``--resume RUN`` keeps
 the run's stored options: it applies a new --lr, --epochs, --clip or --data (and logs it), and
-refuses any other option that differs from the stored run.
+refuses any other option that differs from the stored run. After Ctrl-C, :func:`interrupt_note` says
+what the run directory holds.
 """
 from __future__ import annotations
 

@@ -191,7 +191,7 @@ def _train_vae(args, out):
     from . import vae as V
 
     a = copy.copy(args)
-    a.out, a.resume, a.typed = os.path.join(out, "vae"), None, set()
+    a.out, a.resume, a.typed, a.model = os.path.join(out, "vae"), None, set(), "vae"
     print(f"m1: training the VAE into {a.out}", flush=True)
     V.cmd_train(a)
     return a.out
