@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import sys
 
-from . import KEEP_HEAP, __version__, backend
+from . import KEEP_HEAP, __version__, backend, distributed
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, export, flows, gmm, m1, m2, sample, vae
-from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
-                              release_locks, setup_backend, typed_options)
+from .commands.common import (ArgumentParser, add_train_args, default_out, interrupt_note,  # noqa: F401
+                              nonneg_int, release_locks, setup_backend, typed_options)
+from .train import Interrupted
 
 COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate, export)
 
@@ -128,12 +129,25 @@ def main(argv=None):
     try:
         with backend.use():  # a command's --backend / --dtype end with it (matters when called from Python)
             return args.func(args) or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        comm = distributed.world()
+        if comm.size > 1 and not isinstance(e.__cause__ or e, distributed.RankInterrupted):
+            comm.interrupt()   # the other ranks stop at their next collective instead of waiting for its timeout
+        if comm.rank == 0:     # the ranks share rank 0's run directory: it alone says what it holds
+            note = str(e) if isinstance(e, Interrupted) else f"interrupted: {interrupt_note()}".rstrip(": ")
+            print(f"npdgm: {note}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # a collective the interrupted rank left cannot finish: MPI_Finalize would complain
+            release_locks()
+            sys.stdout.flush()
+            comm.part()
+            os._exit(130)
         return 130
     except (ValueError, TypeError, KeyError, backend.BackendError, CheckpointError, FloatingPointError,
             OSError, MemoryError) as e:
         if os.environ.get("NPDGM_DEBUG"):
             raise
+        if getattr(e, "rank0_reports", False) and distributed.world().rank != 0:
+            return 2   # raised alike on every rank (a diverged data-parallel run): rank 0 says it once
         msg = _os_error(e) if isinstance(e, OSError) else str(e) if not isinstance(e, MemoryError) else \
             f"out of memory ({e})"
         print(f"npdgm: error: {' '.join(msg.split())}", file=sys.stderr)

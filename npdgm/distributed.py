@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import time
 
@@ -43,8 +44,37 @@ DEFAULT_TIMEOUT = 120.0
 SHM_CHUNK = 1 << 16
 
 
+#: seconds between two looks for another rank's interrupt notice while a collective waits
+NOTICE_POLL = 0.01
+
+
 class DistributedError(RuntimeError):
     """The ranks disagree (different parameters at start) or one of them stopped answering."""
+
+
+class RankInterrupted(KeyboardInterrupt):
+    """Another rank was interrupted (Ctrl-C) and told this one (:meth:`MPIComm.interrupt`): this rank stops
+    as if it had been interrupted itself; ``rank`` is the one that was."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        super().__init__(f"rank {rank} was interrupted")
+
+
+def timeout_from_env(environ=None):
+    """Seconds a collective may wait (:data:`DEFAULT_TIMEOUT`, or $NPDGM_DIST_TIMEOUT: a positive number);
+    ValueError naming the variable otherwise."""
+    raw = (os.environ if environ is None else environ).get("NPDGM_DIST_TIMEOUT", "")
+    if not raw.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        v = float(raw)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"NPDGM_DIST_TIMEOUT must be a positive number of seconds (how long a collective waits "
+                         f"for the other ranks), got {raw!r}")
+    return v
 
 
 def checksum(buf):
@@ -284,20 +314,47 @@ class MPIComm(Single):
         self.MPI = MPI
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.timeout = float(os.environ.get("NPDGM_DIST_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
+        self.timeout = timeout_from_env() if timeout is None else timeout
+        self.notes = self.comm.Dup()  # interrupt notices (:meth:`interrupt`), apart from the collectives
+        self.sent = []
         self.calls = 0
         # fault injection for tests: "RANK:CALL" -> that rank exits at its CALL-th gradient allreduce,
-        # "RANK:CALL:hang" -> it stops answering there (sleeps)
+        # "RANK:CALL:hang" -> it stops answering there (sleeps), "RANK:CALL:int" -> it gets SIGINT (Ctrl-C) there
         kill = os.environ.get("NPDGM_DIST_KILL", "").split(":")
         self.kill = (int(kill[0]), int(kill[1])) if len(kill) >= 2 else None
-        self.hang = len(kill) == 3 and kill[2] == "hang"
+        self.fault = kill[2] if len(kill) == 3 else "exit"
         self.shared = []  # SharedGrads windows made by share (their buffers are all-reduced through them)
         self.steps = []   # SharedStep of the optimizers that share replaced the step of
 
+    #: the tag of an interrupt notice on ``self.notes``
+    NOTICE = 1
+
+    def interrupt(self):
+        """Tell every other rank that this one was interrupted (Ctrl-C): each raises :class:`RankInterrupted`
+        at its next wait for a collective (within :data:`NOTICE_POLL` s), instead of waiting for the timeout."""
+        self.sent += [self.notes.isend(self.rank, dest=q, tag=self.NOTICE) for q in range(self.size) if q != self.rank]
+
+    def part(self, seconds=10.0):
+        """After an interrupt, wait (at most ``seconds``) until every rank has stopped as well: the first rank
+        to exit ends the job, and rank 0 must have said what the run directory holds by then."""
+        req, deadline = self.notes.Ibarrier(), time.monotonic() + seconds
+        while not req.Test() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _check_notices(self):
+        status = self.MPI.Status()
+        if self.notes.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.NOTICE, status=status):
+            raise RankInterrupted(self.notes.recv(source=status.Get_source(), tag=self.NOTICE))
+
     def _wait(self, req, what):
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        deadline, look = start + self.timeout, start + NOTICE_POLL
         while not req.Test():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > look:  # another rank may have been interrupted: it will not join this collective
+                self._check_notices()
+                look = now + NOTICE_POLL
+            if now > deadline:
                 import sys
                 print(f"npdgm: error: rank {self.rank}/{self.size}: {what} got no answer from the other ranks in "
                       f"{self.timeout:g} s (a rank died or hangs); aborting the job", file=sys.stderr, flush=True)
@@ -310,7 +367,11 @@ class MPIComm(Single):
         when ``buf`` is a buffer of :meth:`share`, else ``Iallreduce``."""
         self.calls += 1
         if self.kill and self.kill == (self.rank, self.calls):
-            if self.hang:
+            if self.fault == "int":
+                import signal
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler raises KeyboardInterrupt here
+            if self.fault == "hang":
                 time.sleep(3600)
             os._exit(3)
         for w in self.shared:

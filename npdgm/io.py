@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import DTYPES
+from .runfiles import note_written
 from .validate import check_int
 
 FORMAT = "npdgm-checkpoint"
@@ -52,6 +53,7 @@ def atomic_write_bytes(path, write):
     tmp = None
     try:
         os.makedirs(d, exist_ok=True)
+        note_written(path)  # a run directory lists the files npdgm wrote (npdgm.runfiles)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
         umask = os.umask(0)
         os.umask(umask)

@@ -6,6 +6,7 @@ A run directory holds
     metrics.jsonl    one JSON object per finished epoch
     metrics.csv      the same records, one column per key (rewritten atomically with each record)
     *.png            figures written by the model's command
+    .npdgm-files     the names of the files npdgm wrote there (npdgm.runfiles; --overwrite removes those)
 
 All randomness of a run (shuffling and every noise array) comes from one host NumPy
 Generator whose state is checkpointed, so ``--resume`` continues exactly where the run
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import backend
 from .io import CheckpointError, atomic_write_bytes, check_finite, checkpoint_path, load_arrays, save_model
+from .runfiles import note_written
 
 
 def rng_state_json(rng):
@@ -137,6 +139,7 @@ def read_metrics(out):
 def append_line(path, line):
     """Append ``line`` and a newline to ``path``; an OSError (full disk) names the file."""
     try:
+        note_written(path)
         with open(path, "a") as f:
             f.write(line + "\n")
     except OSError as e:
@@ -185,6 +188,19 @@ def _last_checkpoint(out, epoch, bad_epochs):
         return (f"the last checkpoint in {out} (epoch {epoch}) is intact but its evaluation was already "
                 f"non-finite")
     return f"the last checkpoint in {out} (epoch {epoch}) is intact"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit` (on this rank, or on another one that told this one): ``out`` and
+    ``saved`` (the epoch of its checkpoint, 0 for none) say what the run directory holds; ``str()`` says it
+    in one line, with how to continue."""
+
+    def __init__(self, out, saved, where=""):
+        self.out, self.saved = out, saved
+        super().__init__(f"interrupted{where}: " + (f"the checkpoint in {out} holds epoch {saved}; continue with "
+                                                    f"--resume {out}" if saved else
+                                                    f"no epoch finished, so {out} holds no checkpoint; run the "
+                                                    f"same command again to start over"))
 
 
 def _progress(total, desc, enabled):
@@ -261,7 +277,8 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
           ``step(xb, yb, rng, shard=slice(lo, hi))`` on its shard of the same global batch (the step draws the
           noise of the whole batch, then slices), the gradient is all-reduced to the full-batch mean, and
           rank 0 alone writes metrics and checkpoints.
-    Returns the list of epoch records. On Ctrl-C the last checkpoint is left intact. A non-finite
+    Returns the list of epoch records. On Ctrl-C (or when another rank was interrupted) it raises
+    :class:`Interrupted`, which says what the last checkpoint holds (it is left intact). A non-finite
     loss or epoch metric raises FloatingPointError (the epoch's record is logged with null values and
     a "nonfinite" list, no checkpoint is written for it).
     """
@@ -288,17 +305,17 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
         logged = []
     bad_epochs = {r.get("epoch") for r in logged if r.get("nonfinite") or dumps(r)[1]}
     nb = math.ceil(n / batch_size)
-    records, saved = [], start_epoch
+    records, saved, bar = [], start_epoch, None
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             bar = _progress(nb, f"epoch {epoch}/{epochs}", progress and root)
 
             def stop(i, loss):
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at epoch {epoch}, batch {i}; "
-                                             f"{_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate "
-                                             f"or add --clip")
+                if not math.isfinite(loss):   # the all-reduced loss: every rank stops here, rank 0 reports
+                    raise _said_by_rank0(FloatingPointError(
+                        f"loss became {loss} at epoch {epoch}, batch {i}; {_last_checkpoint(out, saved, bad_epochs)}"
+                        f": lower the learning rate or add --clip"))
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}")
             sums = _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop, comm)
@@ -308,24 +325,33 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
             rec["train_seconds"] = round(time.perf_counter() - t0, 3)
             if evaluate is not None:  # on every rank: it may split the test set over the ranks and reduce
                 rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
-            if not root:  # the other ranks write nothing
-                records.append(rec)
-                continue
-            bad = log_record(out, rec, logged)
-            logged.append(json.loads(dumps(rec)[0]))
-            if bad:  # this epoch is logged (null + "nonfinite") but not checkpointed
-                raise FloatingPointError(
+            # the record is the same on every rank (evaluate reduces): every rank stops on a non-finite one,
+            # rank 0 alone writes it (logged with null + "nonfinite", not checkpointed) and says so
+            bad = log_record(out, rec, logged) if root else dumps(rec)[1]
+            if root:
+                logged.append(json.loads(dumps(rec)[0]))
+            if bad:
+                raise _said_by_rank0(FloatingPointError(
                     f"epoch {epoch} gave non-finite " + ", ".join(f"{k}={rec[k]}" for k in bad) +
-                    f"; {_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate or add --clip")
+                    f"; {_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate or add --clip"))
             records.append(rec)
-            save_checkpoint(out, model, optimizer, rng, epoch, run_meta or {})
-            saved = epoch
-            log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-    except KeyboardInterrupt:
-        log(f"\ninterrupted: " + (f"the checkpoint in {out} holds epoch {saved}; continue with --resume {out}"
-                                  if saved else f"no epoch finished, {out} holds no checkpoint"))
-        raise
+            if root:
+                save_checkpoint(out, model, optimizer, rng, epoch, run_meta or {})
+                log("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+            saved = epoch   # on every rank: the epoch of rank 0's checkpoint
+    except KeyboardInterrupt as e:
+        if bar is not None:
+            bar.close()
+        where = f" (on rank {e.rank})" if getattr(e, "rank", None) is not None else ""
+        raise _said_by_rank0(Interrupted(out, saved, where)) from e
     return records
+
+
+def _said_by_rank0(exc):
+    """Mark ``exc`` as raised alike on every rank of a data-parallel run: only rank 0 prints it (it alone
+    knows the run directory, see :func:`npdgm.cli.main`)."""
+    exc.rank0_reports = True
+    return exc
 
 
 # -- npdgm.fit: the loop above with what `npdgm train` wires around it ----------------------------------------

@@ -533,3 +533,42 @@ def test_a_two_rank_run_resumes_on_one_process(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     _run(args + ["--epochs", "3"], tmp_path / "one")
     _assert_same_run(tmp_path / "one", tmp_path / "two", 1e-10)
+
+
+# -- issue 23: interrupts and divergence under MPI: rank 0 alone speaks, nobody waits for the timeout ----
+@need_mpi
+def test_an_interrupted_rank_stops_the_others_and_rank0_alone_reports(tmp_path):
+    out = tmp_path / "r"
+    t0 = time.monotonic()   # rank 1 gets SIGINT at its 13th gradient allreduce: epoch 4 of 4 batches
+    p = _run([*VAE, "--train-limit", "200", "--batch-size", "50", "--epochs", "8"], out, n=2, check=False,
+             env=_env(NPDGM_DIST_KILL="1:13:int", NPDGM_DIST_TIMEOUT="40"))
+    assert p.returncode == 130, p.stdout[-2000:] + p.stderr[-2000:]
+    assert time.monotonic() - t0 < 30   # not the collective timeout
+    assert p.stderr.strip().splitlines() == [f"npdgm: interrupted (on rank 1): the checkpoint in {out} holds epoch 3; "
+                                             f"continue with --resume {out}"]
+
+
+@need_mpi
+def test_a_diverged_two_rank_run_is_reported_once(tmp_path):
+    p = _run([*VAE, "--train-limit", "200", "--batch-size", "50", "--epochs", "2", "--lr", "100"], tmp_path / "r",
+             n=2, check=False, env=_env(PYTHONWARNINGS="ignore"))
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint was written" in err[0], err
+
+
+def test_dist_timeout_must_be_a_positive_number():
+    assert distributed.timeout_from_env({}) == distributed.DEFAULT_TIMEOUT
+    assert distributed.timeout_from_env({"NPDGM_DIST_TIMEOUT": "2.5"}) == 2.5
+    for bad in ("abc", "-5", "0", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"NPDGM_DIST_TIMEOUT must be a positive number.*got '{bad}'"):
+            distributed.timeout_from_env({"NPDGM_DIST_TIMEOUT": bad})
+
+
+@need_mpi
+def test_a_bad_dist_timeout_is_one_line_naming_the_variable(tmp_path):
+    p = _run([*VAE, "--train-limit", "100", "--epochs", "1", "--distributed"], tmp_path / "r", check=False,
+             env=_env(NPDGM_DIST_TIMEOUT="abc"))
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "npdgm: error: NPDGM_DIST_TIMEOUT must be a positive number of seconds (how long a collective waits for the "
+        "other ranks), got 'abc'"]

@@ -313,3 +313,120 @@ def test_files_have_ordinary_permissions(tmp_path):
         os.umask(old)
     for p in ("r/checkpoint.npz", "r/summary.json", "r/metrics.jsonl", "m.npz"):
         assert stat.S_IMODE(os.stat(tmp_path / p).st_mode) == 0o640, p
+
+
+# -- issue 23: --overwrite, interrupts, run directory names ---------------------------------------
+def test_overwrite_refuses_a_directory_that_holds_no_npdgm_run(tmp_path, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "photo.png").write_bytes(b"a user's photo")
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", str(proj), *extra]) == 2
+        err = _err(capsys)
+        assert f"--out {proj} holds files that npdgm did not write (photo.png)" in err and "pick another" in err
+    assert (proj / "photo.png").read_bytes() == b"a user's photo"
+
+
+def test_overwrite_removes_only_the_files_npdgm_wrote(tmp_path, capsys, vae_run):
+    run = _copy(vae_run, tmp_path / "r")
+    listed = open(os.path.join(run, ".npdgm-files")).read().splitlines()
+    assert listed[0].startswith("# npdgm vae run")
+    assert {"checkpoint.npz", "metrics.jsonl", "summary.json"} <= set(listed)
+    open(os.path.join(run, "photo.png"), "wb").write(b"photo")
+    open(os.path.join(run, "curves.png"), "wb").write(b"an old figure")     # npdgm's name, written by npdgm
+    with open(os.path.join(run, ".npdgm-files"), "a") as f:
+        f.write("curves.png\n../outside.txt\n")                              # a crafted name outside: ignored
+    open(tmp_path / "outside.txt", "w").write("keep")
+    assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", run, "--overwrite"]) == 0
+    assert open(os.path.join(run, "photo.png"), "rb").read() == b"photo"
+    assert not os.path.exists(os.path.join(run, "curves.png")) and (tmp_path / "outside.txt").exists()
+    assert "photo.png" not in open(os.path.join(run, ".npdgm-files")).read()
+
+
+def test_overwrite_of_a_run_made_before_the_list_removes_known_names_only(tmp_path, capsys, vae_run):
+    run = _copy(vae_run, tmp_path / "r")
+    os.remove(os.path.join(run, ".npdgm-files"))
+    for f in ("photo.png", "samples.png"):
+        open(os.path.join(run, f), "wb").write(b"x")
+    assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", run, "--overwrite"]) == 0
+    assert os.path.exists(os.path.join(run, "photo.png")) and not os.path.exists(os.path.join(run, "samples.png"))
+
+
+def _interrupt(monkeypatch, module, name):
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(module, name, stop)
+
+
+def _interrupted_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("npdgm: interrupted"), err
+    return err[0]
+
+
+def test_interrupt_in_the_first_epoch_says_so_and_the_same_command_starts_over(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "r")
+    argv = ["train", "vae", *TINY, "--epochs", "1", "--out", out]
+    with monkeypatch.context() as m:
+        _interrupt(m, train, "_epoch")
+        assert cli.main(argv) == 130
+    line = _interrupted_line(capsys)
+    assert f"no epoch finished, so {out} holds no checkpoint" in line and "same command" in line
+    assert cli.main(["train", "cvae", *TINY[:8], "--epochs", "1", "--out", out, "--no-progress"]) == 2
+    assert "holds a vae run stopped before its first checkpoint" in _err(capsys)
+    assert cli.main(argv) == 0                                    # the same command reuses the directory
+    assert "reusing the directory of a vae run" in capsys.readouterr().out
+    assert [r["epoch"] for r in train.read_metrics(out)] == [1]
+
+
+def test_interrupt_in_the_final_evaluation_says_resume_writes_the_summary(tmp_path, capsys, monkeypatch):
+    from npdgm.commands import vae
+
+    out = str(tmp_path / "r")
+    with monkeypatch.context() as m:
+        _interrupt(m, vae, "imputation_errors")
+        assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--out", out]) == 130
+    line = _interrupted_line(capsys)
+    assert f"training finished (the checkpoint in {out} holds epoch 1)" in line and f"--resume {out}" in line
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    assert cli.main(["train", "vae", "--resume", out, "--no-progress", "--no-plots"]) == 0
+    assert os.path.exists(os.path.join(out, "summary.json"))
+
+
+def test_interrupt_in_the_m2_baseline_says_so_and_the_same_command_starts_over(tmp_path, capsys, monkeypatch):
+    from npdgm.commands import m2
+
+    out = str(tmp_path / "r")
+    argv = ["train", "m2", "--train-limit", "100", "--test-limit", "30", "--hidden", "8", "--z-dim", "2",
+            "--labels", "20", "--batch-size", "50", "--labelled-batch", "10", "--eval-n", "10", "--baseline-steps",
+            "2", "--epochs", "1", "--no-progress", "--no-plots", "--out", out]
+    with monkeypatch.context() as m:
+        _interrupt(m, m2, "train_baseline")
+        assert cli.main(argv) == 130
+    assert f"no epoch finished, so {out} holds no checkpoint" in _interrupted_line(capsys)
+    with monkeypatch.context() as m:     # stopped in its first epoch, after the baseline was written
+        _interrupt(m, train, "_epoch")
+        assert cli.main(argv) == 130
+    assert os.path.exists(os.path.join(out, "baseline.json"))
+    assert "no epoch finished" in _interrupted_line(capsys)
+    assert cli.main(argv) == 0
+    assert os.path.exists(os.path.join(out, "checkpoint.npz"))
+
+
+def test_default_run_names_do_not_collide(tmp_path, monkeypatch):
+    import time
+
+    from npdgm.commands import common
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20250101-120000")   # started in the same second
+    names = [common.default_out("vae") for _ in range(3)]
+    assert names == [os.path.join("runs", "vae-20250101-120000" + s) for s in ("", "-2", "-3")]
+    assert all(os.path.isdir(n) for n in names)
+
+
+def test_out_a_symlink_loop_is_a_clear_error(tmp_path, capsys):
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    assert cli.main(["train", "vae", *TINY, "--out", str(tmp_path / "a")]) == 2
+    assert f"--out {tmp_path / 'a'} is a symbolic link that leads nowhere" in _err(capsys)

@@ -147,3 +147,40 @@ def test_fit_batches_labels_with_their_rows(tmp_path):
     with pytest.raises(ValueError, match="train_y has 3 rows"):
         train.fit(model, opt, x, y[:3], epochs=1, batch_size=16, out=str(tmp_path), rng=np.random.default_rng(0),
                   step=step, progress=False, log=lambda *a: None)
+
+
+def test_fit_interrupted_says_what_the_checkpoint_holds(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in epoch 2: train.Interrupted (a KeyboardInterrupt) names the epoch of the intact checkpoint and
+    prints nothing itself (the command line prints it once, on stderr)."""
+    out = str(tmp_path / "run")
+    calls, epoch = [0], train._epoch
+
+    def stop_in_epoch_2(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return epoch(*a, **k)
+    monkeypatch.setattr(train, "_epoch", stop_in_epoch_2)
+    with pytest.raises(train.Interrupted) as e:
+        _run(out, 3)
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.saved == 1
+    assert str(e.value) == f"interrupted: the checkpoint in {out} holds epoch 1; continue with --resume {out}"
+    assert capsys.readouterr().out == "" and io.load_arrays(out)[1]["epoch"] == 1
+
+
+def test_writes_into_a_run_directory_are_listed(tmp_path):
+    from npdgm import runfiles
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir()
+    other.mkdir()
+    runfiles.start_list(str(run), "vae")
+    for _ in range(2):
+        io.atomic_write_bytes(run / "a.json", lambda f: f.write(b"{}"))
+        train.append_line(str(run / "m.jsonl"), "{}")
+    io.atomic_write_bytes(other / "b.json", lambda f: f.write(b"{}"))
+    assert runfiles.read_list(str(run)) == ("vae", ["a.json", "m.jsonl"])
+    assert os.listdir(other) == ["b.json"]           # a directory without a list gets none
+    with open(run / runfiles.LIST, "a") as f:
+        f.write("cut-sho")                            # an append cut short by a kill: ignored
+    assert runfiles.read_list(str(run))[1] == ["a.json", "m.jsonl"]

@@ -2,9 +2,12 @@
 directory (a new one, ``--overwrite``, ``--resume``, its lock and the leftovers of a killed run).
 
 A run directory is owned by one process at a time (an exclusive lock on ``RUNDIR/.lock``). A new run
-refuses a directory that already holds files unless ``--overwrite`` is given; ``--resume RUN`` keeps
+refuses a directory that already holds files unless ``--overwrite`` is given, which removes only the
+files npdgm wrote there (:mod:`npdgm.runfiles`) and only in a directory that holds an npdgm run; a run
+of the same command stopped before its first checkpoint is started over. ``--resume RUN`` keeps
 the run's stored options: it applies a new --lr, --epochs, --clip or --data (and logs it), and
-refuses any other option that differs from the stored run.
+refuses any other option that differs from the stored run. After Ctrl-C, :func:`interrupt_note` says
+what the run directory holds.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import os
 import re
 import sys
 
-from .. import backend
+from .. import backend, runfiles
 from .._filelock import try_lock
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
@@ -113,9 +116,33 @@ def is_root():
 
 
 def default_out(name):
+    """A new directory runs/NAME-YYYYMMDD-HHMMSS, made here by rank 0 (``-2``, ``-3``, ... appended while
+    that name is taken: ``os.mkdir`` fails on a name another run made in the same second); every rank of a
+    data-parallel run gets rank 0's name."""
     import time
 
-    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    made = _make_new_dir(base) if is_root() else None
+    made = world().bcast(made)
+    if isinstance(made, OSError):
+        raise ValueError(f"cannot make the run directory {base} (give --out): {made.strerror or made}")
+    return made
+
+
+def _make_new_dir(base, tries=1000):
+    """The first of BASE, BASE-2, BASE-3, ... that did not exist, made atomically; the OSError otherwise."""
+    try:
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        for i in range(1, tries + 1):
+            path = base if i == 1 else f"{base}-{i}"
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue
+        return FileExistsError(17, f"{tries} run directories of that name exist")
+    except OSError as e:
+        return e
 
 
 def typed_options(parser, argv):
@@ -134,7 +161,6 @@ def typed_options(parser, argv):
 
 
 # -- the run directory ------------------------------------------------------------------------------
-RUN_FILES = ("checkpoint.npz", "metrics.jsonl", "summary.json", "baseline.json")
 _LOCKS = []  # open lock files of this process, closed by release_locks()
 
 
@@ -161,23 +187,51 @@ def remove_leftovers(out):
         os.remove(p)
 
 
-def new_run_dir(out, overwrite):
-    """Create and lock the run directory ``out`` for a new run: refused when ``out`` is a file, or
-    holds files and ``overwrite`` is false (with it, the old run's files and figures are removed)."""
+def _listing(files):
+    return ", ".join(files[:4]) + (", ..." if len(files) > 4 else "")
+
+
+def new_run_dir(out, overwrite, kind="run", log=print):
+    """Create and lock the run directory ``out`` for a new ``kind`` run (the command's name) and start its
+    list of written files (:mod:`npdgm.runfiles`). An existing directory must be empty, or hold an npdgm
+    run: with ``overwrite`` the files npdgm wrote there are removed (nothing else); without it only a
+    ``kind`` run that stopped before its first checkpoint, holding nothing but npdgm's files, is reused.
+    Anything else is refused with one line naming --out."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is an existing file, not a run directory")
-    os.makedirs(out, exist_ok=True)
+    if os.path.islink(out) and not os.path.exists(out):
+        raise ValueError(f"--out {out} is a symbolic link that leads nowhere (a loop or a missing target); "
+                         f"give a directory")
+    if is_root():
+        runfiles.note_written(os.path.normpath(out))  # a run made inside a run directory is one of its files
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError as e:
+        raise ValueError(f"--out {out}: {e.filename or out} exists and is not a directory (a file, or a symbolic "
+                         f"link that leads nowhere)") from None
     if not is_root():  # rank 0 checks, locks and cleans the directory for the other ranks of a data-parallel run
         return out
     lock_run(out)
     remove_leftovers(out)
-    files = sorted(f for f in os.listdir(out) if f != ".lock")
-    if files and not overwrite:
-        raise ValueError(f"--out {out} already holds files ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})"
-                         f"; continue that run with --resume {out}, replace it with --overwrite, or pick a new --out")
-    for f in files:
-        if f in RUN_FILES or f.endswith(".png"):
-            os.remove(os.path.join(out, f))
+    files = sorted(f for f in os.listdir(out) if f not in (".lock", runfiles.LIST))
+    if files:
+        held = runfiles.npdgm_names(out)
+        if held is None:
+            raise ValueError(f"--out {out} holds files that npdgm did not write ({_listing(files)}); a run needs a "
+                             f"new or empty directory: pick another --out")
+        theirs = [f for f in files if f not in held[1]]
+        unfinished = not runfiles.has_results(out)
+        if not overwrite and not (unfinished and held[0] == kind and not theirs):
+            if unfinished:
+                raise ValueError(f"--out {out} holds {f'a {held[0]} run' if held[0] else 'a run'} stopped before its "
+                                 f"first checkpoint ({_listing(files)}), nothing to resume: start again there with "
+                                 f"--overwrite, or pick a new --out")
+            raise ValueError(f"--out {out} already holds files ({_listing(files)}); continue that run with --resume "
+                             f"{out}, replace it with --overwrite, or pick a new --out")
+        if not overwrite:
+            log(f"{out}: reusing the directory of a {kind} run that stopped before its first checkpoint")
+        runfiles.remove_written(out)
+    runfiles.start_list(out, kind)
     return out
 
 
@@ -253,7 +307,11 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
     derived: model config keys computed from options rather than copied (a typed one is refused);
     upgrade(run) -> run: maps the option names of an older stored run to today's (before comparing)."""
     if args.resume:
-        return _resume(args, kind, default_epochs, families, derived, log, upgrade or (lambda r: r))
+        r = _resume(args, kind, default_epochs, families, derived, log, upgrade or (lambda r: r))
+        if r is None:
+            return None
+        model, run, out, done = r
+        return model, run, track(out, run, done)
     done = _epochs_done(args.out) if args.epochs == 0 and args.out and not args.overwrite else None
     if done is not None:
         log(f"{args.out}: already at epoch {done} (asked for 0 epochs); nothing changed")
@@ -261,8 +319,36 @@ def resume_or_new(args, kind, new_run, default_epochs, build, families=None, der
     run = new_run(args) if callable(new_run) else {k: getattr(args, k) for k in new_run}
     if default_epochs is not None or args.epochs is not None:
         run["epochs"] = default_epochs if args.epochs is None else args.epochs
-    out = new_run_dir(args.out or default_out(kind), args.overwrite)
-    return build(run), run, out
+    out = new_run_dir(args.out or default_out(kind), args.overwrite, getattr(args, "model", None) or kind, log)
+    return build(run), run, track(out, run, done=0)
+
+
+# -- what an interrupted run leaves --------------------------------------------------------------------
+_RUN = {}   # the run directory this process trains in: "out", "done" (epoch of its checkpoint), "epochs"
+
+
+def track(out, run, done, note=None):
+    """Remember ``out`` as this process's run, its checkpoint at epoch ``done`` of ``run["epochs"]`` (see
+    :func:`interrupt_note`; ``note``: what to say instead); returns ``out``."""
+    _RUN.clear()
+    _RUN.update(out=out, done=done, epochs=run.get("epochs"), note=note)
+    return out
+
+
+def interrupt_note():
+    """One line on what the run directory of this process holds after Ctrl-C outside the training loop
+    (which says it itself, :class:`npdgm.train.Interrupted`) and how to continue; "" without a run."""
+    if not _RUN:
+        return ""
+    out, done, epochs = _RUN["out"], _RUN["done"], _RUN["epochs"]
+    if _RUN["note"]:
+        return _RUN["note"]
+    if not done:
+        return f"no epoch finished, so {out} holds no checkpoint; run the same command again to start over"
+    if done == epochs:
+        return (f"training finished (the checkpoint in {out} holds epoch {done}) but its summary was not written; "
+                f"--resume {out} writes it")
+    return f"the checkpoint in {out} holds epoch {done}; continue with --resume {out}"
 
 
 def run_args(meta):
@@ -339,7 +425,7 @@ def _resume(args, kind, default_epochs, families, derived, log, upgrade):
         log(f"{out}: already at epoch {done} (asked for {run['epochs']}); nothing changed")
         return None
     backend.set_dtype(meta.get("dtype", "float32"))
-    return model_from_arrays(arrays, meta, out), run, out
+    return model_from_arrays(arrays, meta, out), run, out, done
 
 
 def start_training(model, run, out, resume):
@@ -365,6 +451,7 @@ def fit(model, opt, rng, start, run, out, args, step, evaluate, train_x, train_y
     train.fit(model, opt, train_x, train_y, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
               step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run},
               progress=not args.no_progress, clip=run["clip"], comm=comm)
+    track(out, run, done=run["epochs"])
     return train.read_metrics(out)
 
 

@@ -169,7 +169,8 @@ def cmd_train(args):
         raise ValueError(f"--pca-dim must be <= {x_tr.shape[1]}, got {run['pca_dim']}")
     dt = backend.get_dtype()
     train_x, test_x = backend.to_device(x_tr, dt), backend.to_device(x_te, dt)
-    out = common.new_run_dir(args.out or default_out(f"gmm-{run['dataset']}"), args.overwrite)
+    out = common.new_run_dir(args.out or default_out(f"gmm-{run['dataset']}"), args.overwrite, "gmm")
+    common.track(out, {}, 0)
     model = build_model(run)
     print(f"gmm on {run['dataset']}: K={run['components']} {run['covariance_type']}"
           + (f" on PCA-{run['pca_dim']}" if mnist else "")

@@ -191,7 +191,7 @@ def _train_vae(args, out):
     from . import vae as V
 
     a = copy.copy(args)
-    a.out, a.resume, a.typed = os.path.join(out, "vae"), None, set()
+    a.out, a.resume, a.typed, a.model = os.path.join(out, "vae"), None, set(), "vae"
     print(f"m1: training the VAE into {a.out}", flush=True)
     V.cmd_train(a)
     return a.out
@@ -243,8 +243,11 @@ def cmd_train(args):
                          f"options and data are used (drop {opt})")
     if args.vae:
         resolve_m1(args.vae)                          # a missing run: refused before the run directory is made
-    out = common.new_run_dir(args.out or common.default_out("m1"), args.overwrite)
+    out = common.new_run_dir(args.out or common.default_out("m1"), args.overwrite, "m1")
+    common.track(out, {}, 0)
     vae_dir = args.vae or _train_vae(args, out)
+    common.track(out, {}, 0, note=f"{out} holds no M1 result yet; the VAE in {vae_dir} is trained: npdgm train m1 "
+                                  f"--vae {vae_dir} --out NEWDIR fits the classifier on it")
     model, meta, path, sha = load_m1_vae(vae_dir, prune=False)
     data, binz, tr_lim, te_lim, vseed = vae_run_data(meta, args.data if args.vae else None)
     x_tr, y_tr = load_images(data, "train", tr_lim, binz, vseed)

@@ -103,9 +103,13 @@ def training_curves(records, path, keys=None, title="training curves", ylabel="l
 
 
 def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write ``fig`` to ``path`` atomically (:func:`npdgm.io.atomic_write_bytes`: a kill leaves no half
+    figure, and a run directory lists it among the files npdgm wrote), in the format of its extension."""
+    from ..io import atomic_write_bytes
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format=fmt, dpi=110))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
