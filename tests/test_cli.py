@@ -1,5 +1,8 @@
+import argparse
 import subprocess
 import sys
+
+import pytest
 
 import npdgm
 from npdgm import cli
@@ -24,3 +27,58 @@ def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "backend numpy" in out and f"malloc keeps freed memory: {npdgm.KEEP_HEAP}" in out
+
+
+def _leaf_commands(parser, path=()):
+    """Every subcommand path of ``parser`` (aliases once), walked from its subparsers actions."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    seen = set()
+    for name, sp in subs[0].choices.items():
+        if id(sp) not in seen:
+            seen.add(id(sp))
+            yield from _leaf_commands(sp, path + (name,))
+
+
+LEAVES = [path for path, _ in _leaf_commands(cli.build_parser())]
+
+
+def _stubbed_parser():
+    """cli.build_parser with every command's work replaced by ``return 0``: parsing alone is tested."""
+    p = _real_build_parser()
+    for _, leaf in _leaf_commands(p):
+        leaf.set_defaults(func=lambda args: 0)
+    return p
+
+
+_real_build_parser = cli.build_parser
+
+
+def test_the_parser_walk_finds_every_command():
+    assert {("data", "path"), ("train", "vae"), ("evaluate",), ("info",), ("bench",)} <= set(LEAVES)
+    assert len(LEAVES) >= 20
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=" ".join)
+def test_every_command_bare_and_help_exits_cleanly(path, monkeypatch, capsys):
+    """Bare: 0 (parsed, the work stubbed out) or 2 with a one-line error pointing at -h; -h: 0 and a usage.
+    Never a traceback, never argparse's SUPPRESS sentinel (``npdgm data path`` once crashed on it)."""
+    monkeypatch.setattr(cli, "build_parser", _stubbed_parser)
+    code = cli.main(list(path))
+    out, err = capsys.readouterr()
+    assert code in (0, 2), (path, code, err)
+    if code == 2:
+        assert err.startswith("npdgm: error: ") and err.count("\n") == 1 and "-h)" in err, err
+    assert "SUPPRESS" not in out + err and "Traceback" not in out + err
+    assert cli.main(list(path) + ["-h"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: npdgm " + " ".join(path)) and not err
+
+
+def test_data_path_without_a_name_prints_the_cache(tmp_path, capsys):
+    assert cli.main(["data", "path", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path)
+    assert cli.main(["data", "path", "mnist", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "mnist")

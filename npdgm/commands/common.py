@@ -119,17 +119,22 @@ def default_out(name):
 
 def typed_options(parser, argv):
     """The dests of the options the user typed in ``argv``: ``parser`` (consumed: its defaults are
-    suppressed) parses ``argv`` again, so only typed options reach the namespace."""
+    suppressed) parses ``argv`` again, so only typed options reach the namespace. Positionals keep their
+    defaults (argparse checks an absent optional positional's default against its choices) and are left out."""
+    positional = set()
+
     def suppress(p):
         p._defaults.clear()
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
                 for sp in a.choices.values():
                     suppress(sp)
-            else:
+            elif a.option_strings:
                 a.default = argparse.SUPPRESS
+            else:
+                positional.add(a.dest)
     suppress(parser)
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(parser.parse_args(argv))) - positional
 
 
 # -- the run directory ------------------------------------------------------------------------------
