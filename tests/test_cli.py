@@ -82,3 +82,41 @@ def test_data_path_without_a_name_prints_the_cache(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path)
     assert cli.main(["data", "path", "mnist", "--dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "mnist")
+
+
+def test_training_into_a_pipe_prints_one_line_per_epoch_and_no_carriage_returns(tmp_path):
+    """Output to a file or pipe gets no progress bar (its redraws made a 71 KB log for 10 epochs): one line per
+    epoch on stdout, and stderr without the bar's carriage returns or blank lines."""
+    r = subprocess.run([sys.executable, "-m", "npdgm", "train", "vae", "--epochs", "3", "--train-limit", "256",
+                        "--test-limit", "64", "--batch-size", "32", "--no-plots", "--iwae-n", "0", "--impute-k", "0",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stdout + r.stderr and "\n\n" not in r.stdout + r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines() if line.startswith("epoch=")] == \
+        ["epoch=1", "epoch=2", "epoch=3"]
+    assert r.stderr == ""
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from npdgm import train
+
+    class Tty:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, s):
+            return len(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Tty(False))
+    assert train.progress_bar(10, "x") is None
+    monkeypatch.setattr(sys, "stderr", Tty(True))
+    assert train.progress_bar(10, "x", enabled=False) is None
+    bar = train.progress_bar(10, "x")
+    assert bar is not None
+    bar.close()
