@@ -20,6 +20,7 @@ from .bench import run as bench_run
 from .commands import cvae, data, evaluate, flows, gmm, m1, m2, sample, vae
 from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
                               release_locks, setup_backend, typed_options)
+from .train import progress
 
 COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate)
 
@@ -28,7 +29,7 @@ def _cmd_gradcheck(args):
     from . import checks  # noqa: F401  (registers the kernel and module checks)
     from . import gradcheck, models  # noqa: F401  (models register their own)
 
-    rows = gradcheck.run_all(args.only, seed=args.seed)
+    rows = gradcheck.run_all(args.only, seed=args.seed, progress=lambda items: progress(items, "gradcheck"))
     if not rows:
         print(f"no check matches {args.only}", file=sys.stderr)
         return 2
@@ -64,7 +65,8 @@ def _cmd_info(args):
 def _cmd_export_reference(args):
     from .reference import export_reference
 
-    m = export_reference(args.outdir, args.dtype, args.seed)
+    m = export_reference(args.outdir, args.dtype, args.seed,
+                         progress=lambda items: progress(items, f"reference cases -> {args.outdir}"))
     print(f"wrote {len(m['cases'])} reference cases ({args.dtype}, seed {args.seed}) to {args.outdir}")
     return 0
 

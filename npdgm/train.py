@@ -180,6 +180,21 @@ def stage(message, enabled=True):
         print(f"{message} ...", file=sys.stderr, flush=True)
 
 
+def progress(items, desc, enabled=True):
+    """Iterate ``items`` (a sized iterable) behind a progress bar on a terminal; elsewhere one ``desc ...`` line."""
+    bar = progress_bar(len(items), desc, enabled)
+    if bar is None:
+        stage(desc, enabled)
+        yield from items
+        return
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def _batches(train_x, train_y, perm, batch_size):
     """(xb, yb) minibatches of ``train_x`` (and ``train_y``, else None) in the order ``perm``."""
     def take(a, idx):

@@ -120,3 +120,21 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     bar = train.progress_bar(10, "x")
     assert bar is not None
     bar.close()
+
+
+def test_long_jobs_say_what_they_do(tmp_path, capsys):
+    """Off a terminal every long stage prints one line to stderr: figures, each estimator, sampling, gradcheck,
+    export-reference (on a terminal a bar replaces the line where the work is a loop)."""
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "vae", "--epochs", "1", "--train-limit", "128", "--test-limit", "32", "--iwae-n", "0",
+                     "--impute-k", "0", "--hidden", "16", "--z-dim", "2", "--out", run]) == 0
+    assert f"drawing figures into {run} ...\n" in capsys.readouterr().err
+    assert cli.main(["evaluate", run, "--method", "iwae", "ais", "--n-images", "4", "--k", "4", "--steps", "3"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["iwae: 4 images, k=4 ...", "ais: 4 images, steps=3 leapfrog=2 chains=4 ..."]
+    assert cli.main(["sample", run, "--n", "4"]) == 0
+    assert capsys.readouterr().err.startswith("sampling from the vae run -> ")
+    assert cli.main(["gradcheck", "--only", "kernel.linear"]) == 0
+    assert capsys.readouterr().err == "gradcheck ...\n"
+    assert cli.main(["export-reference", str(tmp_path / "ref"), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().err == f"reference cases -> {tmp_path / 'ref'} ...\n"

@@ -111,6 +111,13 @@ def is_root():
     return distributed.world().rank == 0
 
 
+def stage_figures(out, args):
+    """The line that says figures are being drawn (they can take a while), on rank 0 unless --no-progress."""
+    from ..train import stage
+
+    stage(f"drawing figures into {out}", is_root() and not getattr(args, "no_progress", False))
+
+
 def default_out(name):
     import time
 

@@ -127,6 +127,7 @@ def cmd_train(args):
         print(f"test -ELBO of log p(x|y): {summary['test_nelbo']:.3f} nats/image", flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
+        common.stage_figures(out, args)
         conditional_figures(model, out, records, x_te, y_te, seed)
     return 0
 

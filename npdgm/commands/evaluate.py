@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import backend
 from . import common
+from ..train import progress, stage
 from .common import nonneg_int, positive_int, setup_backend
 
 METHODS = ("elbo", "iwae", "naive", "ais", "classify")
@@ -128,6 +129,8 @@ def _draws(model, x, method, args, comm):
 def _run_methods(model, x, args, comm):
     res = {}
     for method in args.method:
+        stage(f"{method}: {len(x)} images, {' '.join(f'{k}={v}' for k, v in _setting(method, args).items())}",
+              comm.rank == 0)
         t0 = time.perf_counter()
         est = _draws(model, x, method, args, comm)
         r = {"mean": float(est.mean()), "se": float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None,
@@ -148,7 +151,7 @@ def _run_bdmc(model, args):
     rng = np.random.default_rng([args.seed, 17])
     t0 = time.perf_counter()
     lo, hi = [], []
-    for s in range(0, args.n_images, args.batch):
+    for s in progress(range(0, args.n_images, args.batch), f"bdmc: {args.n_images} simulated images"):
         r = I.bdmc(model, min(args.batch, args.n_images - s), args.steps, args.chains, args.leapfrog, rng=rng)
         lo.append(backend.to_host(r["lower"]))
         hi.append(backend.to_host(r["upper"]))
@@ -166,6 +169,7 @@ def _plot(model, x, args):
     from .. import inference as I
     from ..plots import inference as P
 
+    stage(f"naive-vs-IWAE figure -> {args.plot}")
     counts = sorted({int(c) for c in np.logspace(0, np.log10(args.k), 1 + int(np.log10(args.k)) * 2).round()})
     curve = I.naive_curve(model, x[:min(len(x), args.batch)], counts, repeats=5, rng=args.seed, iwae_max=5000)
     print(P.naive_vs_iwae(curve, args.plot, title=f"{args.rundir}: naive MC vs IWAE"))

@@ -355,6 +355,7 @@ def cmd_train(args):
         msg += f"  ({summary['test_bpd']:.4f} bits/dim; log-likelihood {summary['test_ll']:.2f} nats)"
     print(msg, flush=True)
     if not args.no_plots:
+        common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te, image)
     return 0
 

@@ -190,6 +190,7 @@ def cmd_train(args):
                 f"{summary['test_nll_pca']:.2f} nats (not comparable with pixel-space NLLs)")
     print(msg, flush=True)
     if not args.no_plots:
+        common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te)
     return 0
 

@@ -414,6 +414,7 @@ def cmd_train(args):
               (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
+        common.stage_figures(out, args)
         from ..plots import m2 as PM
 
         curves = lambda rec, path: PM.curves(rec, path, baseline)  # noqa: E731

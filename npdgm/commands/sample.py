@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .. import backend
+from .. import backend, train
 from ..data import TOYS
 from . import common
 from .common import nonneg_int, positive_float, positive_int, setup_backend
@@ -139,6 +139,7 @@ def cmd_sample(args):
     out = args.out or os.path.join(rundir, f"{'flow-' if kind == 'flow' else ''}samples-seed{args.seed}.png")
     temps = args.temperatures or FLOW_TEMPERATURES
     f = sampler(model, kind, args.draw, temps[-1])
+    train.stage(f"sampling from the {kind} run -> {out}")
     if dim == 2:
         _scatter(model, kind, meta, args, f, temps, out)
     elif kind == "flow":

@@ -273,6 +273,7 @@ def cmd_train(args):
     print(_imputation_line(imp[0]), flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
+        common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te, y_te, imp)
     return 0
 
