@@ -18,7 +18,7 @@ import sys
 from . import KEEP_HEAP, __version__, backend
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, flows, gmm, m1, m2, sample, vae
-from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
+from .commands.common import (ArgumentParser, add_train_args, default_out, group, nonneg_int,  # noqa: F401
                               release_locks, setup_backend, typed_options)
 from .train import progress
 
@@ -88,18 +88,20 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"npdgm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gradcheck", help="finite-difference check of every backward (float64)")
-    g.add_argument("--only", nargs="*", default=None,
-                   help="run checks whose name contains any of these (default: every check)")
-    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the check inputs (default 0)")
+    group(g, "evaluation").add_argument("--only", nargs="*", default=None,
+                                        help="run checks whose name contains any of these (default: every check)")
+    group(g, "run").add_argument("--seed", type=nonneg_int, default=0, help="seed of the check inputs (default 0)")
     g.set_defaults(func=_cmd_gradcheck)
     sub.add_parser("info", help="versions, backend and BLAS").set_defaults(func=_cmd_info)
     e = sub.add_parser("export-reference", help="write reference inputs/outputs/gradients for porting")
-    e.add_argument("outdir")
-    e.add_argument("--dtype", choices=backend.DTYPES, default="float64", help="float type (default float64)")
-    e.add_argument("--seed", type=nonneg_int, default=0, help="seed of the reference inputs (default 0)")
+    e.add_argument("outdir", metavar="OUTDIR", help="directory to write the .npz cases and manifest.json into "
+                                                    "(made if missing)")
+    r = group(e, "run")
+    r.add_argument("--dtype", choices=backend.DTYPES, default="float64", help="float type (default float64)")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of the reference inputs (default 0)")
     e.set_defaults(func=_cmd_export_reference)
     c = sub.add_parser("check-reference", help="re-run npdgm against a reference directory")
-    c.add_argument("outdir")
+    c.add_argument("outdir", metavar="OUTDIR", help="a directory written by npdgm export-reference")
     c.set_defaults(func=_cmd_check_reference)
     bench_run.register(sub)   # npdgm bench: npdgm/bench/run.py
     t = sub.add_parser("train", help="train a model (npdgm train -h lists them)")

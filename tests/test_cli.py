@@ -132,9 +132,63 @@ def test_long_jobs_say_what_they_do(tmp_path, capsys):
     assert cli.main(["evaluate", run, "--method", "iwae", "ais", "--n-images", "4", "--k", "4", "--steps", "3"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == ["iwae: 4 images, k=4 ...", "ais: 4 images, steps=3 leapfrog=2 chains=4 ..."]
-    assert cli.main(["sample", run, "--n", "4"]) == 0
-    assert capsys.readouterr().err.startswith("sampling from the vae run -> ")
     assert cli.main(["gradcheck", "--only", "kernel.linear"]) == 0
     assert capsys.readouterr().err == "gradcheck ...\n"
     assert cli.main(["export-reference", str(tmp_path / "ref"), "--dtype", "float32"]) == 0
     assert capsys.readouterr().err == f"reference cases -> {tmp_path / 'ref'} ...\n"
+
+
+def _options(parser):
+    return [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS
+            and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))]
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=" ".join)
+def test_every_options_help_shows_its_default(path):
+    leaf = dict(_leaf_commands(cli.build_parser()))[path]
+    fmt = leaf._get_formatter()
+    for a in _options(leaf):
+        text = fmt._expand_help(a)
+        assert "default: " in text, (path, a.option_strings, text)
+
+
+SHARED_GROUP = {"seed": "run", "backend": "run", "dtype": "run", "distributed": "run", "no_progress": "run",
+                "no_plots": "run", "resume": "run", "overwrite": "run", "data": "data", "dataset": "data",
+                "train_limit": "data", "test_limit": "data", "binarize": "data"}
+
+
+@pytest.mark.parametrize("path", [p for p in LEAVES if p != ("bench",)], ids=" ".join)
+def test_option_groups_have_the_same_names_everywhere(path):
+    """Options sit in groups named from common.GROUPS (the generic one holds only -h); an option that several
+    commands share is in the same group in each."""
+    from npdgm.commands.common import GROUPS
+
+    leaf = dict(_leaf_commands(cli.build_parser()))[path]
+    for g in leaf._action_groups:
+        actions = [a for a in g._group_actions if a.option_strings and a.dest != "help"]
+        assert g.title in GROUPS or not actions, (path, g.title, [a.dest for a in actions])
+        for a in actions:
+            assert SHARED_GROUP.get(a.dest, g.title) == g.title, (path, a.dest, g.title)
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["evaluate", "R", "--n-images", "7"], "n_images", 7), (["evaluate", "R", "--n", "7"], "n_images", 7),
+    (["evaluate", "R", "--batch", "9"], "batch", 9), (["evaluate", "R", "--batch-size", "9"], "batch", 9),
+    (["evaluate", "R", "--steps", "5"], "steps", 5), (["evaluate", "R", "--ais-steps", "5"], "steps", 5),
+    (["evaluate", "R", "--plot", "a.png"], "plot", "a.png"), (["evaluate", "R", "--png", "a.png"], "plot", "a.png"),
+    (["sample", "R", "--out", "a.png"], "out", "a.png"), (["sample", "R", "--png", "a.png"], "out", "a.png"),
+    (["impute", "R", "--out", "a.png"], "out", "a.png"), (["impute", "R", "--png", "a.png"], "out", "a.png"),
+    (["bench", "--batch", "8"], "batch", 8), (["bench", "--batch-size", "8"], "batch", 8),
+    (["train", "vae", "--batch", "8"], "batch_size", 8), (["train", "vae", "--batch-size", "8"], "batch_size", 8),
+    (["train", "flow2d", "--n-train", "8"], "train_limit", 8), (["train", "flow2d", "--train-limit", "8"],
+                                                                "train_limit", 8),
+])
+def test_old_and_new_spellings_parse_to_the_same_option(argv, dest, value):
+    assert getattr(cli.build_parser().parse_args(argv), dest) == value
+
+
+def test_data_help_names_what_it_accepts():
+    leaf = dict(_leaf_commands(cli.build_parser()))
+    for path in [("train", "vae"), ("train", "cvae"), ("train", "m2"), ("train", "gmm"), ("evaluate",), ("impute",)]:
+        (a,) = [a for a in leaf[path]._actions if a.dest == "data"]
+        assert all(w in a.help for w in ("bundled", "mnist", "fashion-mnist", "directory")), (path, a.help)

@@ -41,8 +41,59 @@ nonneg_float = _number(float, 0)             # finite, >= 0
 finite_float = _number(float)                # finite
 
 
+# option groups, the same titles in every subcommand (an option shared by commands sits in the same one)
+GROUPS = ("model", "data", "evaluation", "sampling", "training", "output", "run")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help shows its default: a help's own ``default X`` reads ``default: X``, and
+    ``(default: X)`` is added where the help names none (so -h shows defaults one way in every subcommand)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.default == argparse.SUPPRESS:
+            return text
+        text = re.sub(r"(^|\(|; )default (?=\S)", r"\1default: ", text)
+        return text if "default: " in text else text + f" (default: {show_default(action)})"
+
+
+def show_default(action):
+    """An option's default as a user types it: lists space-separated, None as none, flags as off/on."""
+    v = action.default
+    if action.nargs == 0 and isinstance(v, bool):
+        v = "on" if v else "off"
+    elif v is None:
+        v = "none"
+    elif isinstance(v, (list, tuple)):
+        v = " ".join(map(str, v))
+    return str(v).replace("%", "%%")
+
+
+def group(parser, title):
+    """The option group ``title`` (one of GROUPS) of ``parser``, made on first use: options of one kind added
+    by several helpers land in one section of -h."""
+    assert title in GROUPS, title
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
+
+
+def add_data_arg(g, default=None):
+    """--data: a data set name or a directory (the names listed in the help)."""
+    from ..data import DATA_HELP
+
+    help = DATA_HELP if default is None else DATA_HELP.split(" (default")[0] + f" (default: {default})"
+    g.add_argument("--data", default=None, metavar="NAME|DIR", help=help)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``npdgm: error: --opt must ... (see PROG -h)``."""
+    """argparse whose errors are one line, ``npdgm: error: --opt must ... (see PROG -h)``, and whose -h shows
+    every option's default (DefaultsHelpFormatter)."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*a, **kw)
 
     def error(self, message):
         m = re.match(r"argument (\S+?)(?:/\S+)?: (must .*)", message)
@@ -65,25 +116,26 @@ def add_run_dir_args(g, resume=True):
 def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batch_help=None):
     """Options every ``npdgm train <model>`` shares. A run's options are stored in its checkpoint, so
     with --resume an option not typed keeps the run's value (the help says so where it matters)."""
-    g = p.add_argument_group("training")
+    g = group(p, "training")
     g.add_argument("--epochs", type=nonneg_int, default=epochs,
                    help=f"number of epochs ({epochs_help or f'default {epochs}'}; on --resume the stored value)")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+    g.add_argument("--batch-size", "--batch", type=positive_int, default=batch_size, dest="batch_size",
                    help=f"minibatch size ({batch_help or f'default {batch_size}'})")
     g.add_argument("--lr", type=positive_float, default=lr,
                    help=f"Adam learning rate (default {lr:g}; on --resume the stored value)")
     g.add_argument("--clip", type=positive_float, default=None,
                    help="clip the global gradient norm to this value (default: no clipping; on --resume the "
                         "stored value)")
-    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialization, shuffling and noise (default 0)")
-    g.add_argument("--backend", choices=backend.BACKENDS, default=None,
+    r = group(p, "run")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialization, shuffling and noise (default 0)")
+    r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
-    g.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
-    add_run_dir_args(g)
-    g.add_argument("--distributed", action="store_true",
+    r.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
+    add_run_dir_args(r)
+    r.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-plots", action="store_true", help="skip the figures")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar, no stage lines")
+    r.add_argument("--no-plots", action="store_true", help="skip the figures")
 
 
 def setup_backend(args):

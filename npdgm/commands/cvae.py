@@ -26,9 +26,8 @@ RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_si
 
 
 def add_data_args(p, binarize="none"):
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, metavar="DIR",
-                   help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
+    d = common.group(p, "data")
+    common.add_data_arg(d)
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default=binarize,
                    help="none: grey levels in [0, 1]; static: x > 0.5; dynamic: a new Bernoulli(x) draw per "
                         f"batch (test set drawn once) (default {binarize})")

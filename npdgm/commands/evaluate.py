@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from .. import backend
-from . import common
 from ..train import progress, stage
+from . import common
 from .common import nonneg_int, positive_int, setup_backend
 
 METHODS = ("elbo", "iwae", "naive", "ais", "classify")
@@ -41,29 +41,36 @@ def register(commands, train_commands):
                     "or (--bdmc) bound it from both sides on data simulated from the model.")
     e.add_argument("rundir", metavar="RUNDIR",
                    help="run directory or checkpoint .npz (a vae run; cvae or m2 with --method classify)")
-    e.add_argument("--method", nargs="+", choices=METHODS, default=None,
+    d = common.group(e, "data")
+    common.add_data_arg(d, default="the run's data")
+    d.add_argument("--n", "--n-images", type=positive_int, default=100, dest="n_images",
+                   help="test images (default 100; --n-images is its old name)")
+    v = common.group(e, "evaluation")
+    v.add_argument("--method", nargs="+", choices=METHODS, default=None,
                    help="estimators to run (default iwae; several allowed); classify, alone: the test error of a "
                         "cvae run (Bayes rule with IWAE log p(x|y), --k per class) or an m2 run (q(y|x))")
-    e.add_argument("--bdmc", action="store_true", help="BDMC on --n-images images simulated from the model: AIS "
+    v.add_argument("--bdmc", action="store_true", help="BDMC on --n images simulated from the model: AIS "
                                                        "lower bound and reverse-AIS upper bound")
-    e.add_argument("--k", type=positive_int, default=1000, help="samples per image for elbo/iwae/naive "
+    v.add_argument("--k", type=positive_int, default=1000, help="importance samples per image for elbo/iwae/naive "
                                                                 "(default 1000)")
-    e.add_argument("--n-images", type=positive_int, default=100, help="test images (default 100)")
-    e.add_argument("--steps", type=positive_int, default=1000, help="ais/bdmc: intermediate distributions "
-                                                                    "(default 1000)")
-    e.add_argument("--leapfrog", type=positive_int, default=2, help="ais/bdmc: leapfrog steps per HMC "
+    v.add_argument("--ais-steps", "--steps", type=positive_int, default=1000, dest="steps",
+                   help="ais/bdmc: intermediate distributions (default 1000; --steps is its old name)")
+    v.add_argument("--leapfrog", type=positive_int, default=2, help="ais/bdmc: leapfrog steps per HMC "
                                                                     "transition (default 2)")
-    e.add_argument("--chains", type=positive_int, default=4, help="ais/bdmc: chains per image (default 4; with "
+    v.add_argument("--chains", type=positive_int, default=4, help="ais/bdmc: chains per image (default 4; with "
                    "1000 steps and 2 leapfrog steps a few CPU-minutes per 1000 images, see docs/inference.md)")
-    e.add_argument("--batch", type=positive_int, default=100, help="images per batch (default 100)")
-    e.add_argument("--seed", type=nonneg_int, default=0, help="seed of all draws (default 0)")
-    e.add_argument("--data", default=None, help="MNIST directory (default: the run's)")
-    e.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here (default: none)")
-    e.add_argument("--plot", default=None, metavar="PNG", help="naive: a figure of the naive and IWAE estimates "
-                                                               "against the sample count (1 .. k) (default: none)")
-    e.add_argument("--backend", choices=backend.BACKENDS, default=None,
+    v.add_argument("--batch-size", "--batch", type=positive_int, default=100, dest="batch",
+                   help="images per batch (default 100; --batch is its old name)")
+    o = common.group(e, "output")
+    o.add_argument("--json", default=None, metavar="JSON", help="also write the results as JSON here (default: none)")
+    o.add_argument("--png", "--plot", default=None, dest="plot", metavar="PNG",
+                   help="naive: a figure of the naive and IWAE estimates against the sample count (1 .. k) "
+                        "(default: none; --plot is its old name)")
+    r = common.group(e, "run")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of all draws (default 0)")
+    r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
-    e.add_argument("--distributed", action="store_true",
+    r.add_argument("--distributed", action="store_true",
                    help="split the images over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     e.set_defaults(func=cmd_evaluate)
 
