@@ -12,14 +12,15 @@ Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from . import KEEP_HEAP, __version__, backend
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, flows, gmm, m1, m2, sample, vae
-from .commands.common import (ArgumentParser, add_train_args, default_out, group, nonneg_int,  # noqa: F401
-                              release_locks, setup_backend, typed_options)
+from .commands.common import (ArgumentParser, add_train_args, config_argv, default_out, format_config,  # noqa: F401
+                              group, nonneg_int, read_config, release_locks, setup_backend, typed_options)
 from .train import progress
 
 COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate)
@@ -118,15 +119,55 @@ def _os_error(e):
     return f"{e.filename}: {e.strerror or e}" + (f" -> {e.filename2}" if e.filename2 else "")
 
 
+def _leaf_parser(parser, args):
+    """The subparser that parsed ``args`` (``npdgm train vae``'s for a train command)."""
+    for name in (args.command, getattr(args, "model", None)):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name is None:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
+def _with_config(argv, args):
+    """``argv`` with the options of ``--config FILE`` put before the typed ones (typed ones win), less --config."""
+    leaf = _leaf_parser(build_parser(), args)
+    tokens = config_argv(leaf, read_config(args.config), args.config)
+    rest, skip = [], False
+    for a in argv[2:]:
+        if skip or a.startswith("--config="):
+            skip = False
+            continue
+        skip = a == "--config"
+        if not skip:
+            rest.append(a)
+    return argv[:2] + tokens + rest
+
+
+def _parse(argv):
+    """(args, argv after --config) of ``npdgm ARGV``; SystemExit on an argparse error or -h."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        argv = _with_config(argv, args)
+        args = build_parser().parse_args(argv)
+    return args, argv
+
+
 def main(argv=None):
     """Run ``npdgm ARGV``; returns the exit code (0 ok, 2 error, 130 Ctrl-C). Errors print one
     ``npdgm: error: ...`` line to stderr (NPDGM_DEBUG=1 shows the traceback instead)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        args = build_parser().parse_args(argv)
+        args, argv = _parse(argv)
         args.typed = typed_options(build_parser(), argv)  # what the user typed (--resume compares it)
     except SystemExit as e:
         return e.code
+    except (ValueError, OSError) as e:  # a --config file that cannot be read
+        print(f"npdgm: error: {_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", None):
+        print(format_config(_leaf_parser(build_parser(), args), args, args.print_config))
+        return 0
     from .io import CheckpointError
 
     try:

@@ -192,3 +192,56 @@ def test_data_help_names_what_it_accepts():
     for path in [("train", "vae"), ("train", "cvae"), ("train", "m2"), ("train", "gmm"), ("evaluate",), ("impute",)]:
         (a,) = [a for a in leaf[path]._actions if a.dest == "data"]
         assert all(w in a.help for w in ("bundled", "mnist", "fashion-mnist", "directory")), (path, a.help)
+
+
+def _printed_config(argv, capsys):
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+@pytest.mark.parametrize("model", ["vae", "flow2d", "m2"])
+def test_print_config_fed_to_config_gives_the_same_options(tmp_path, capsys, fmt, model):
+    if fmt == "toml":
+        pytest.importorskip("tomllib")
+    typed = ["--epochs", "3", "--hidden", "64", "32", "--no-plots", "--seed", "7", "--clip", "2.5"]
+    text = _printed_config(["train", model, *typed, "--print-config", fmt], capsys)
+    path = tmp_path / f"run.{fmt}"
+    path.write_text(text)
+    again = _printed_config(["train", model, "--config", str(path), "--print-config", fmt], capsys)
+    assert again == text
+    direct = cli.build_parser().parse_args(["train", model, *typed])
+    via_file, argv = cli._parse(["train", model, "--config", str(path)])
+    assert {k: v for k, v in vars(via_file).items() if k != "func"} == \
+        {k: v for k, v in vars(direct).items() if k != "func"}
+
+
+def test_config_values_lose_to_typed_options(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text('{"epochs": 3, "lr": 0.01, "no-plots": true, "hidden": [8]}')
+    args, _ = cli._parse(["train", "vae", "--config", str(path), "--lr", "0.5"])
+    assert (args.epochs, args.lr, args.no_plots, args.hidden) == (3, 0.5, True, [8])
+    assert cli.main(["train", "vae", "--config", str(path), "--lr", "0.5", "--print-config"]) == 0
+    assert '"lr": 0.5' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, msg", [
+    ('{"no_such": 1}', "has no option 'no_such'"), ("[1, 2]", "expected a table"), ("{", "not valid JSON"),
+    ('{"no_plots": 3}', "no_plots is a flag"), ('{"epochs": -1}', "--epochs must be >= 0"),
+])
+def test_bad_config_is_one_error_line(tmp_path, capsys, text, msg):
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    assert cli.main(["train", "vae", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("npdgm: error: ") and err.count("\n") == 1 and msg in err, err
+
+
+def test_toml_config_without_tomllib_says_to_use_json(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "run.toml"
+    path.write_text("epochs = 3\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)
+    assert cli.main(["train", "vae", "--config", str(path)]) == 2
+    assert "TOML needs Python >= 3.11" in capsys.readouterr().err
+    assert cli.main(["train", "vae", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err

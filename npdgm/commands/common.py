@@ -136,6 +136,74 @@ def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batc
                    help="data-parallel over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar, no stage lines")
     r.add_argument("--no-plots", action="store_true", help="skip the figures")
+    r.add_argument("--config", metavar="FILE", default=None,
+                   help="read options from FILE: .json, or .toml with Python >= 3.11, as --print-config writes "
+                        "them; options typed on the command line win (default: none)")
+    r.add_argument("--print-config", nargs="?", const="json", choices=("json", "toml"), default=None,
+                   help="print the effective options as a --config file (json, or toml) and exit (default: off)")
+
+
+# -- --config / --print-config: a run's options as a file ----------------------------------------------
+CONFIG_SKIP = {"config", "print_config", "help"}
+
+
+def read_config(path):
+    """``{dest: value}`` of a --config file: JSON, or TOML where tomllib exists (Python >= 3.11)."""
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:
+            raise ValueError(f"--config {path}: reading TOML needs Python >= 3.11 (tomllib); write the options as "
+                             f"JSON (--print-config json)") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--config {path}: not valid TOML ({e})") from None
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a table of option = value, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _config_actions(parser):
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in CONFIG_SKIP}
+
+
+def config_argv(parser, values, path):
+    """The command-line tokens that give ``values`` ({dest: value}) to ``parser``'s options (argparse then
+    checks them as if typed; null = the default)."""
+    actions, argv = _config_actions(parser), []
+    for k, v in values.items():
+        a = actions.get(k)
+        if a is None:
+            raise ValueError(f"--config {path}: {parser.prog} has no option {k!r}")
+        if v is None:
+            continue
+        if a.nargs == 0:
+            if not isinstance(v, bool):
+                raise ValueError(f"--config {path}: {k} is a flag: true or false, got {v!r}")
+            argv += [a.option_strings[0]] if v != a.default else []
+        else:
+            argv += [a.option_strings[0], *map(str, v if isinstance(v, list) else [v])]
+    return argv
+
+
+def format_config(parser, args, fmt="json"):
+    """The effective options of ``args`` as a --config file (TOML leaves out the unset ones: it has no null)."""
+    import json
+
+    values = {k: getattr(args, k) for k in _config_actions(parser) if hasattr(args, k)}
+    if fmt == "json":
+        return json.dumps(values, indent=2)
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None)
 
 
 def setup_backend(args):
