@@ -42,11 +42,14 @@ def register(commands, train_commands):
                                  help="no progress bar (none either when stderr is not a terminal)")
     d.set_defaults(func=_cmd_download)
     ls = sub.add_parser("list", help="the cache directory and the data sets in it")
-    group(ls, "data").add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
+    group(ls, "data").add_argument("--dir", default=None,
+                                   help="cache directory (default $NPDGM_DATA or the user cache directory)")
     ls.set_defaults(func=_cmd_list)
     pa = sub.add_parser("path", help="print the cache directory, or one data set's directory")
-    pa.add_argument("name", nargs="?", choices=names, default=None, metavar="NAME")
-    group(pa, "data").add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
+    pa.add_argument("name", nargs="?", choices=names, default=None, metavar="NAME",
+                    help=f"a data set: {', '.join(names)} (default: print the cache directory itself)")
+    group(pa, "data").add_argument("--dir", default=None,
+                                   help="cache directory (default $NPDGM_DATA or the user cache directory)")
     pa.set_defaults(func=_cmd_path)
 
 
