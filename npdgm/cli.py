@@ -12,15 +12,17 @@ Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from . import KEEP_HEAP, __version__, backend, distributed
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, export, flows, gmm, m1, m2, sample, vae
-from .commands.common import (ArgumentParser, add_train_args, default_out, interrupt_note,  # noqa: F401
-                              nonneg_int, release_locks, setup_backend, typed_options)
-from .train import Interrupted
+from .commands.common import (ArgumentParser, add_train_args, config_argv, default_out, format_config,  # noqa: F401
+                              group, interrupt_note, nonneg_int, read_config, release_locks, setup_backend,
+                              typed_options)
+from .train import Interrupted, progress
 
 COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate, export)
 
@@ -29,7 +31,7 @@ def _cmd_gradcheck(args):
     from . import checks  # noqa: F401  (registers the kernel and module checks)
     from . import gradcheck, models  # noqa: F401  (models register their own)
 
-    rows = gradcheck.run_all(args.only, seed=args.seed)
+    rows = gradcheck.run_all(args.only, seed=args.seed, progress=lambda items: progress(items, "gradcheck"))
     if not rows:
         print(f"no check matches {args.only}", file=sys.stderr)
         return 2
@@ -65,7 +67,8 @@ def _cmd_info(args):
 def _cmd_export_reference(args):
     from .reference import export_reference
 
-    m = export_reference(args.outdir, args.dtype, args.seed)
+    m = export_reference(args.outdir, args.dtype, args.seed,
+                         progress=lambda items: progress(items, f"reference cases -> {args.outdir}"))
     print(f"wrote {len(m['cases'])} reference cases ({args.dtype}, seed {args.seed}) to {args.outdir}")
     return 0
 
@@ -87,18 +90,20 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"npdgm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gradcheck", help="finite-difference check of every backward (float64)")
-    g.add_argument("--only", nargs="*", default=None,
-                   help="run checks whose name contains any of these (default: every check)")
-    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the check inputs (default 0)")
+    group(g, "evaluation").add_argument("--only", nargs="*", default=None,
+                                        help="run checks whose name contains any of these (default: every check)")
+    group(g, "run").add_argument("--seed", type=nonneg_int, default=0, help="seed of the check inputs (default 0)")
     g.set_defaults(func=_cmd_gradcheck)
     sub.add_parser("info", help="versions, backend and BLAS").set_defaults(func=_cmd_info)
     e = sub.add_parser("export-reference", help="write reference inputs/outputs/gradients for porting")
-    e.add_argument("outdir")
-    e.add_argument("--dtype", choices=backend.DTYPES, default="float64", help="float type (default float64)")
-    e.add_argument("--seed", type=nonneg_int, default=0, help="seed of the reference inputs (default 0)")
+    e.add_argument("outdir", metavar="OUTDIR", help="directory to write the .npz cases and manifest.json into "
+                                                    "(made if missing)")
+    r = group(e, "run")
+    r.add_argument("--dtype", choices=backend.DTYPES, default="float64", help="float type (default float64)")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of the reference inputs (default 0)")
     e.set_defaults(func=_cmd_export_reference)
     c = sub.add_parser("check-reference", help="re-run npdgm against a reference directory")
-    c.add_argument("outdir")
+    c.add_argument("outdir", metavar="OUTDIR", help="a directory written by npdgm export-reference")
     c.set_defaults(func=_cmd_check_reference)
     bench_run.register(sub)   # npdgm bench: npdgm/bench/run.py
     t = sub.add_parser("train", help="train a model (npdgm train -h lists them)")
@@ -115,15 +120,55 @@ def _os_error(e):
     return f"{e.filename}: {e.strerror or e}" + (f" -> {e.filename2}" if e.filename2 else "")
 
 
+def _leaf_parser(parser, args):
+    """The subparser that parsed ``args`` (``npdgm train vae``'s for a train command)."""
+    for name in (args.command, getattr(args, "model", None)):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name is None:
+            break
+        parser = subs[0].choices[name]
+    return parser
+
+
+def _with_config(argv, args):
+    """``argv`` with the options of ``--config FILE`` put before the typed ones (typed ones win), less --config."""
+    leaf = _leaf_parser(build_parser(), args)
+    tokens = config_argv(leaf, read_config(args.config), args.config)
+    rest, skip = [], False
+    for a in argv[2:]:
+        if skip or a.startswith("--config="):
+            skip = False
+            continue
+        skip = a == "--config"
+        if not skip:
+            rest.append(a)
+    return argv[:2] + tokens + rest
+
+
+def _parse(argv):
+    """(args, argv after --config) of ``npdgm ARGV``; SystemExit on an argparse error or -h."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        argv = _with_config(argv, args)
+        args = build_parser().parse_args(argv)
+    return args, argv
+
+
 def main(argv=None):
     """Run ``npdgm ARGV``; returns the exit code (0 ok, 2 error, 130 Ctrl-C). Errors print one
     ``npdgm: error: ...`` line to stderr (NPDGM_DEBUG=1 shows the traceback instead)."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        args = build_parser().parse_args(argv)
+        args, argv = _parse(argv)
         args.typed = typed_options(build_parser(), argv)  # what the user typed (--resume compares it)
     except SystemExit as e:
         return e.code
+    except (ValueError, OSError) as e:  # a --config file that cannot be read
+        print(f"npdgm: error: {_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", None):
+        print(format_config(_leaf_parser(build_parser(), args), args, args.print_config))
+        return 0
     from .io import CheckpointError
 
     try:

@@ -131,13 +131,13 @@ def check_flow_layer(layer, a, rng, direction="forward", h=1e-6):
     return check(loss, arrays, analytic, h)
 
 
-def run_all(names=None, seed=0):
-    """Run registered checks; returns [(check name, input name, max_abs, max_rel, passed)]."""
+def run_all(names=None, seed=0, progress=None):
+    """Run registered checks; returns [(check name, input name, max_abs, max_rel, passed)].
+    progress(items) -> iterable: wraps the selected (name, check) pairs (e.g. npdgm.train.progress)."""
     rows = []
+    chosen = [(name, fn) for name, fn in CHECKS.items() if not names or any(s in name for s in names)]
     with backend.use("numpy", "float64"):
-        for name, fn in CHECKS.items():
-            if names and not any(s in name for s in names):
-                continue
+        for name, fn in (progress or iter)(chosen):
             report = fn(np.random.default_rng(seed))
             for inp, (abs_err, rel_err) in report.items():
                 rows.append((name, inp, abs_err, rel_err, rel_err < TOL))

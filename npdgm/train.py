@@ -26,6 +26,8 @@ from . import backend
 from .io import CheckpointError, atomic_write_bytes, check_finite, checkpoint_path, load_arrays, save_model
 from .runfiles import note_written
 
+LOSS_REFRESH_S = 0.25  # the progress bar's loss= is at most this old
+
 
 def rng_state_json(rng):
     return json.dumps(rng.bit_generator.state)
@@ -203,14 +205,37 @@ class Interrupted(KeyboardInterrupt):
                                                     f"same command again to start over"))
 
 
-def _progress(total, desc, enabled):
-    if not enabled:
+def progress_bar(total, desc, enabled=True, **kw):
+    """A tqdm bar on stderr, or None when not ``enabled``, when stderr is not a terminal (a log file would get
+    every redraw; callers print one line per epoch or stage there) or without tqdm."""
+    if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+def stage(message, enabled=True):
+    """Print one ``message ...`` line to stderr before a long stage (figures, estimates) so no work is silent."""
+    if enabled:
+        print(f"{message} ...", file=sys.stderr, flush=True)
+
+
+def progress(items, desc, enabled=True):
+    """Iterate ``items`` (a sized iterable) behind a progress bar on a terminal; elsewhere one ``desc ...`` line."""
+    bar = progress_bar(len(items), desc, enabled)
+    if bar is None:
+        stage(desc, enabled)
+        yield from items
+        return
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def _batches(train_x, train_y, perm, batch_size):
@@ -243,11 +268,12 @@ def _shard_step(model, step, xb, yb, rng, comm):
 
 def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop, comm=None):
     """One pass over the shuffled data: zero grads, ``step``, clip, ``optimizer.step()``; returns the
-    sums of the step terms. ``stop(i, loss)`` is called every 50 batches and on the last."""
+    sums of the step terms. ``stop(i, loss)`` is called every 50 batches, on the last, and with a bar whenever
+    LOSS_REFRESH_S seconds have passed (the bar's loss= stays current; reading the loss syncs a GPU)."""
     from .optim import clip_grad_norm
 
     perm = rng.permutation(int(train_x.shape[0]))
-    nb, sums = math.ceil(len(perm) / batch_size), {}
+    nb, sums, shown = math.ceil(len(perm) / batch_size), {}, time.perf_counter()
     for i, (xb, yb) in enumerate(_batches(train_x, train_y, perm, batch_size)):
         model.zero_grad()
         terms = step(xb, yb, rng) if comm is None or comm.size == 1 else _shard_step(model, step, xb, yb, rng, comm)
@@ -258,7 +284,9 @@ def _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar,
             sums[k] = sums.get(k, 0.0) + v
         if bar is not None:
             bar.update(1)
-        if i % 50 == 0 or i == nb - 1:
+        due = bar is not None and time.perf_counter() - shown >= LOSS_REFRESH_S
+        if due or i % 50 == 0 or i == nb - 1:
+            shown = time.perf_counter()
             stop(i, float(terms["loss"]))
     return sums
 
@@ -309,7 +337,7 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
-            bar = _progress(nb, f"epoch {epoch}/{epochs}", progress and root)
+            bar = progress_bar(nb, f"epoch {epoch}/{epochs}", progress and root)
 
             def stop(i, loss):
                 if not math.isfinite(loss):   # the all-reduced loss: every rank stops here, rank 0 reports

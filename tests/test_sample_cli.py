@@ -164,7 +164,7 @@ def test_help_says_resume_keeps_stored_epochs(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "vae", "-h"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default 10; on --resume the stored value)" in out
+    assert "(default: 10; on --resume the stored value)" in out
 
 
 # -- old stored option names keep resuming ---------------------------------------------------------------

@@ -44,7 +44,8 @@ def add_arguments(p):
                    help="comma list of numpy, numpy-fused (the fused CPU path: numba or numexpr), cupy, torch "
                         "(default: numpy,torch)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--batch", type=int, default=None, help="batch size (default: each workload's own)")
+    g.add_argument("--batch-size", "--batch", type=int, default=None, dest="batch",
+                   help="batch size (default: each workload's own; --batch is its old name)")
     g.add_argument("--sweep", action="store_true", help=f"batch sizes {SWEEP[0]}..{SWEEP[-1]} (see --sweep-batches)")
     p.add_argument("--sweep-batches", default=",".join(map(str, SWEEP)), help="batch sizes of --sweep")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block (default: ~0.5 s blocks)")

@@ -45,8 +45,59 @@ nonneg_float = _number(float, 0)             # finite, >= 0
 finite_float = _number(float)                # finite
 
 
+# option groups, the same titles in every subcommand (an option shared by commands sits in the same one)
+GROUPS = ("model", "data", "evaluation", "sampling", "training", "output", "run")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help shows its default: a help's own ``default X`` reads ``default: X``, and
+    ``(default: X)`` is added where the help names none (so -h shows defaults one way in every subcommand)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.default == argparse.SUPPRESS:
+            return text
+        text = re.sub(r"(^|\(|; )default (?=\S)", r"\1default: ", text)
+        return text if "default: " in text else text + f" (default: {show_default(action)})"
+
+
+def show_default(action):
+    """An option's default as a user types it: lists space-separated, None as none, flags as off/on."""
+    v = action.default
+    if action.nargs == 0 and isinstance(v, bool):
+        v = "on" if v else "off"
+    elif v is None:
+        v = "none"
+    elif isinstance(v, (list, tuple)):
+        v = " ".join(map(str, v))
+    return str(v).replace("%", "%%")
+
+
+def group(parser, title):
+    """The option group ``title`` (one of GROUPS) of ``parser``, made on first use: options of one kind added
+    by several helpers land in one section of -h."""
+    assert title in GROUPS, title
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
+
+
+def add_data_arg(g, default=None):
+    """--data: a data set name or a directory (the names listed in the help)."""
+    from ..data import DATA_HELP
+
+    help = DATA_HELP if default is None else DATA_HELP.split(" (default")[0] + f" (default: {default})"
+    g.add_argument("--data", default=None, metavar="NAME|DIR", help=help)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``npdgm: error: --opt must ... (see PROG -h)``."""
+    """argparse whose errors are one line, ``npdgm: error: --opt must ... (see PROG -h)``, and whose -h shows
+    every option's default (DefaultsHelpFormatter)."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*a, **kw)
 
     def error(self, message):
         m = re.match(r"argument (\S+?)(?:/\S+)?: (must .*)", message)
@@ -69,25 +120,94 @@ def add_run_dir_args(g, resume=True):
 def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batch_help=None):
     """Options every ``npdgm train <model>`` shares. A run's options are stored in its checkpoint, so
     with --resume an option not typed keeps the run's value (the help says so where it matters)."""
-    g = p.add_argument_group("training")
+    g = group(p, "training")
     g.add_argument("--epochs", type=nonneg_int, default=epochs,
                    help=f"number of epochs ({epochs_help or f'default {epochs}'}; on --resume the stored value)")
-    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+    g.add_argument("--batch-size", "--batch", type=positive_int, default=batch_size, dest="batch_size",
                    help=f"minibatch size ({batch_help or f'default {batch_size}'})")
     g.add_argument("--lr", type=positive_float, default=lr,
                    help=f"Adam learning rate (default {lr:g}; on --resume the stored value)")
     g.add_argument("--clip", type=positive_float, default=None,
                    help="clip the global gradient norm to this value (default: no clipping; on --resume the "
                         "stored value)")
-    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialization, shuffling and noise (default 0)")
-    g.add_argument("--backend", choices=backend.BACKENDS, default=None,
+    r = group(p, "run")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialization, shuffling and noise (default 0)")
+    r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
-    g.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
-    add_run_dir_args(g)
-    g.add_argument("--distributed", action="store_true",
+    r.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
+    add_run_dir_args(r)
+    r.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-plots", action="store_true", help="skip the figures")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar, no stage lines")
+    r.add_argument("--no-plots", action="store_true", help="skip the figures")
+    r.add_argument("--config", metavar="FILE", default=None,
+                   help="read options from FILE: .json, or .toml with Python >= 3.11, as --print-config writes "
+                        "them; options typed on the command line win (default: none)")
+    r.add_argument("--print-config", nargs="?", const="json", choices=("json", "toml"), default=None,
+                   help="print the effective options as a --config file (json, or toml) and exit (default: off)")
+
+
+# -- --config / --print-config: a run's options as a file ----------------------------------------------
+CONFIG_SKIP = {"config", "print_config", "help"}
+
+
+def read_config(path):
+    """``{dest: value}`` of a --config file: JSON, or TOML where tomllib exists (Python >= 3.11)."""
+    import json
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:
+            raise ValueError(f"--config {path}: reading TOML needs Python >= 3.11 (tomllib); write the options as "
+                             f"JSON (--print-config json)") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--config {path}: not valid TOML ({e})") from None
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a table of option = value, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _config_actions(parser):
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest not in CONFIG_SKIP}
+
+
+def config_argv(parser, values, path):
+    """The command-line tokens that give ``values`` ({dest: value}) to ``parser``'s options (argparse then
+    checks them as if typed; null = the default)."""
+    actions, argv = _config_actions(parser), []
+    for k, v in values.items():
+        a = actions.get(k)
+        if a is None:
+            raise ValueError(f"--config {path}: {parser.prog} has no option {k!r}")
+        if v is None:
+            continue
+        if a.nargs == 0:
+            if not isinstance(v, bool):
+                raise ValueError(f"--config {path}: {k} is a flag: true or false, got {v!r}")
+            argv += [a.option_strings[0]] if v != a.default else []
+        else:
+            argv += [a.option_strings[0], *map(str, v if isinstance(v, list) else [v])]
+    return argv
+
+
+def format_config(parser, args, fmt="json"):
+    """The effective options of ``args`` as a --config file (TOML leaves out the unset ones: it has no null)."""
+    import json
+
+    values = {k: getattr(args, k) for k in _config_actions(parser) if hasattr(args, k)}
+    if fmt == "json":
+        return json.dumps(values, indent=2)
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None)
 
 
 def setup_backend(args):
@@ -113,6 +233,13 @@ def is_root():
     from .. import distributed
 
     return distributed.world().rank == 0
+
+
+def stage_figures(out, args):
+    """The line that says figures are being drawn (they can take a while), on rank 0 unless --no-progress."""
+    from ..train import stage
+
+    stage(f"drawing figures into {out}", is_root() and not getattr(args, "no_progress", False))
 
 
 def default_out(name):
@@ -147,17 +274,22 @@ def _make_new_dir(base, tries=1000):
 
 def typed_options(parser, argv):
     """The dests of the options the user typed in ``argv``: ``parser`` (consumed: its defaults are
-    suppressed) parses ``argv`` again, so only typed options reach the namespace."""
+    suppressed) parses ``argv`` again, so only typed options reach the namespace. Positionals keep their
+    defaults (argparse checks an absent optional positional's default against its choices) and are left out."""
+    positional = set()
+
     def suppress(p):
         p._defaults.clear()
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):
                 for sp in a.choices.values():
                     suppress(sp)
-            else:
+            elif a.option_strings:
                 a.default = argparse.SUPPRESS
+            else:
+                positional.add(a.dest)
     suppress(parser)
-    return set(vars(parser.parse_args(argv)))
+    return set(vars(parser.parse_args(argv))) - positional
 
 
 # -- the run directory ------------------------------------------------------------------------------

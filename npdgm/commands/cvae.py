@@ -26,9 +26,8 @@ RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_si
 
 
 def add_data_args(p, binarize="none"):
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, metavar="DIR",
-                   help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
+    d = common.group(p, "data")
+    common.add_data_arg(d)
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default=binarize,
                    help="none: grey levels in [0, 1]; static: x > 0.5; dynamic: a new Bernoulli(x) draw per "
                         f"batch (test set drawn once) (default {binarize})")
@@ -127,6 +126,7 @@ def cmd_train(args):
         print(f"test -ELBO of log p(x|y): {summary['test_nelbo']:.3f} nats/image", flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
+        common.stage_figures(out, args)
         conditional_figures(model, out, records, x_te, y_te, seed)
     return 0
 

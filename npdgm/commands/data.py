@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from .common import group
+
 
 def register(commands, train_commands):
     from ..data import DATASETS
@@ -29,21 +31,25 @@ def register(commands, train_commands):
                                    "--data NAME.")
     d.add_argument("names", nargs="*", default=["mnist"], metavar="NAME",  # choices + nargs="*" rejects a list default
                    help=f"data sets to fetch: {', '.join(names)} (default mnist)")
-    d.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
-    d.add_argument("--mirror", action="append", default=[], metavar="URL",
+    g = group(d, "data")
+    g.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
+    g.add_argument("--mirror", action="append", default=[], metavar="URL",
                    help="a base URL holding the .gz files, tried before the built-in mirrors (repeatable; "
                         "default: only the built-in ones)")
-    d.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a mirror is given up "
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a mirror is given up "
                                                                "(default 30)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a "
-                                                             "terminal)")
+    group(d, "run").add_argument("--no-progress", action="store_true",
+                                 help="no progress bar (none either when stderr is not a terminal)")
     d.set_defaults(func=_cmd_download)
     ls = sub.add_parser("list", help="the cache directory and the data sets in it")
-    ls.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
+    group(ls, "data").add_argument("--dir", default=None,
+                                   help="cache directory (default $NPDGM_DATA or the user cache directory)")
     ls.set_defaults(func=_cmd_list)
     pa = sub.add_parser("path", help="print the cache directory, or one data set's directory")
-    pa.add_argument("name", nargs="?", choices=names, default=None, metavar="NAME")
-    pa.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
+    pa.add_argument("name", nargs="?", choices=names, default=None, metavar="NAME",
+                    help=f"a data set: {', '.join(names)} (default: print the cache directory itself)")
+    group(pa, "data").add_argument("--dir", default=None,
+                                   help="cache directory (default $NPDGM_DATA or the user cache directory)")
     pa.set_defaults(func=_cmd_path)
 
 

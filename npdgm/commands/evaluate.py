@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from .. import backend
+from ..train import progress, stage
 from . import common
 from .common import nonneg_int, positive_int, setup_backend
 
@@ -40,29 +41,36 @@ def register(commands, train_commands):
                     "or (--bdmc) bound it from both sides on data simulated from the model.")
     e.add_argument("rundir", metavar="RUNDIR",
                    help="run directory or checkpoint .npz (a vae run; cvae or m2 with --method classify)")
-    e.add_argument("--method", nargs="+", choices=METHODS, default=None,
+    d = common.group(e, "data")
+    common.add_data_arg(d, default="the run's data")
+    d.add_argument("--n", "--n-images", type=positive_int, default=100, dest="n_images",
+                   help="test images (default 100; --n-images is its old name)")
+    v = common.group(e, "evaluation")
+    v.add_argument("--method", nargs="+", choices=METHODS, default=None,
                    help="estimators to run (default iwae; several allowed); classify, alone: the test error of a "
                         "cvae run (Bayes rule with IWAE log p(x|y), --k per class) or an m2 run (q(y|x))")
-    e.add_argument("--bdmc", action="store_true", help="BDMC on --n-images images simulated from the model: AIS "
+    v.add_argument("--bdmc", action="store_true", help="BDMC on --n images simulated from the model: AIS "
                                                        "lower bound and reverse-AIS upper bound")
-    e.add_argument("--k", type=positive_int, default=1000, help="samples per image for elbo/iwae/naive "
+    v.add_argument("--k", type=positive_int, default=1000, help="importance samples per image for elbo/iwae/naive "
                                                                 "(default 1000)")
-    e.add_argument("--n-images", type=positive_int, default=100, help="test images (default 100)")
-    e.add_argument("--steps", type=positive_int, default=1000, help="ais/bdmc: intermediate distributions "
-                                                                    "(default 1000)")
-    e.add_argument("--leapfrog", type=positive_int, default=2, help="ais/bdmc: leapfrog steps per HMC "
+    v.add_argument("--ais-steps", "--steps", type=positive_int, default=1000, dest="steps",
+                   help="ais/bdmc: intermediate distributions (default 1000; --steps is its old name)")
+    v.add_argument("--leapfrog", type=positive_int, default=2, help="ais/bdmc: leapfrog steps per HMC "
                                                                     "transition (default 2)")
-    e.add_argument("--chains", type=positive_int, default=4, help="ais/bdmc: chains per image (default 4; with "
+    v.add_argument("--chains", type=positive_int, default=4, help="ais/bdmc: chains per image (default 4; with "
                    "1000 steps and 2 leapfrog steps a few CPU-minutes per 1000 images, see docs/inference.md)")
-    e.add_argument("--batch", type=positive_int, default=100, help="images per batch (default 100)")
-    e.add_argument("--seed", type=nonneg_int, default=0, help="seed of all draws (default 0)")
-    e.add_argument("--data", default=None, help="MNIST directory (default: the run's)")
-    e.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here (default: none)")
-    e.add_argument("--plot", default=None, metavar="PNG", help="naive: a figure of the naive and IWAE estimates "
-                                                               "against the sample count (1 .. k) (default: none)")
-    e.add_argument("--backend", choices=backend.BACKENDS, default=None,
+    v.add_argument("--batch-size", "--batch", type=positive_int, default=100, dest="batch",
+                   help="images per batch (default 100; --batch is its old name)")
+    o = common.group(e, "output")
+    o.add_argument("--json", default=None, metavar="JSON", help="also write the results as JSON here (default: none)")
+    o.add_argument("--png", "--plot", default=None, dest="plot", metavar="PNG",
+                   help="naive: a figure of the naive and IWAE estimates against the sample count (1 .. k) "
+                        "(default: none; --plot is its old name)")
+    r = common.group(e, "run")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of all draws (default 0)")
+    r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
-    e.add_argument("--distributed", action="store_true",
+    r.add_argument("--distributed", action="store_true",
                    help="split the images over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     e.set_defaults(func=cmd_evaluate)
 
@@ -128,6 +136,8 @@ def _draws(model, x, method, args, comm):
 def _run_methods(model, x, args, comm):
     res = {}
     for method in args.method:
+        stage(f"{method}: {len(x)} images, {' '.join(f'{k}={v}' for k, v in _setting(method, args).items())}",
+              comm.rank == 0)
         t0 = time.perf_counter()
         est = _draws(model, x, method, args, comm)
         r = {"mean": float(est.mean()), "se": float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else None,
@@ -148,7 +158,7 @@ def _run_bdmc(model, args):
     rng = np.random.default_rng([args.seed, 17])
     t0 = time.perf_counter()
     lo, hi = [], []
-    for s in range(0, args.n_images, args.batch):
+    for s in progress(range(0, args.n_images, args.batch), f"bdmc: {args.n_images} simulated images"):
         r = I.bdmc(model, min(args.batch, args.n_images - s), args.steps, args.chains, args.leapfrog, rng=rng)
         lo.append(backend.to_host(r["lower"]))
         hi.append(backend.to_host(r["upper"]))
@@ -166,6 +176,7 @@ def _plot(model, x, args):
     from .. import inference as I
     from ..plots import inference as P
 
+    stage(f"naive-vs-IWAE figure -> {args.plot}")
     counts = sorted({int(c) for c in np.logspace(0, np.log10(args.k), 1 + int(np.log10(args.k)) * 2).round()})
     curve = I.naive_curve(model, x[:min(len(x), args.batch)], counts, repeats=5, rng=args.seed, iwae_max=5000)
     print(P.naive_vs_iwae(curve, args.plot, title=f"{args.rundir}: naive MC vs IWAE"))

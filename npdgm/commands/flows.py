@@ -39,10 +39,9 @@ SPLINE2D = {"bins": 8, "bound": 5.0, "identity_init": True}
 
 
 def _data_args(p, image=True, toy=True):
-    d = p.add_argument_group("data and evaluation")
+    d = common.group(p, "data")
     if image:
-        d.add_argument("--data", default=None, metavar="DIR",
-                       help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
+        common.add_data_arg(d)
     # --n-train / --n-test: the 2-D spelling of older versions, still accepted
     mn, toy_n = ("MNIST: use the first N {} images (default: all)", "2-D: {} points drawn once (default {})")
     both = lambda what, n: "; ".join(([mn.format(what)] if image else []) + ([toy_n.format(what, n)] if toy else []))
@@ -51,7 +50,7 @@ def _data_args(p, image=True, toy=True):
     d.add_argument("--test-limit", *(["--n-test"] if toy else []), type=positive_int, default=None,
                    dest="test_limit", metavar="N", help=both("test", TOY_TEST))
     if toy:
-        d.add_argument("--steps", type=positive_int, default=None,
+        common.group(p, "training").add_argument("--steps", type=positive_int, default=None,
                        help="2-D: optimizer steps; sets --epochs to ceil(steps / batches per epoch) (default "
                             f"{'3000' if not image else 'none: 10 epochs'}; on --resume the stored epochs)")
 
@@ -69,7 +68,7 @@ def _register_nice(train_commands):
         "nice", help="NICE (additive couplings) on MNIST",
         description="NICE on dequantized MNIST: additive couplings (MLP D/2 -> hidden sizes -> D/2, ReLU), "
                     "half split alternating, diagonal scaling, logistic prior. Loss = mean NLL (nats/image).")
-    g = p.add_argument_group("model")
+    g = common.group(p, "model")
     g.add_argument("--couplings", type=positive_int, default=4, help="additive coupling layers (default 4)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=None, metavar="H",
                    help="hidden sizes of each coupling MLP, one width repeated (default 1000 1000 1000 1000 1000)")
@@ -88,8 +87,9 @@ def _register_realnvp(train_commands):
         description="Affine couplings y_b = x_b exp(s(x_a)) + t(x_a) with a bounded scale. On MNIST: logit "
                     "transform, ActNorm + coupling (MLP nets, checkerboard masks alternating). On 2-D toys: "
                     "the flow2d model.")
-    p.add_argument("--dataset", choices=("mnist",) + TOYS, default="mnist", help="default mnist")
-    g = p.add_argument_group("model")
+    common.group(p, "data").add_argument("--dataset", choices=("mnist",) + TOYS, default="mnist",
+                                         help="default mnist")
+    g = common.group(p, "model")
     g.add_argument("--couplings", type=positive_int, default=None, help="coupling layers (default 8)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=None, metavar="H",
                    help="coupling MLP hidden sizes (default 512 512 on MNIST, 256 256 in 2-D)")
@@ -114,7 +114,7 @@ def _register_maf(train_commands):
                     "sees x_<d) and the order reversed (or randomly permuted) between layers; Gaussian prior. The "
                     "density takes one MADE pass per layer, a sample 784. Loss = mean NLL (nats/image), reported "
                     "in bits/dim.")
-    g = p.add_argument_group("model")
+    g = common.group(p, "model")
     g.add_argument("--layers", type=positive_int, default=5, help="MAF layers (default 5)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[512, 512], metavar="H",
                    help="MADE hidden sizes (default 512 512)")
@@ -139,8 +139,8 @@ def _register_flow2d(train_commands):
                     "layers), or with --flow spline rational-quadratic spline couplings (--bins on [-B, B], "
                     "--tail-bound B, identity outside; each starts as the identity); standard Gaussian prior, "
                     "trained on points drawn once from a seeded toy set.")
-    p.add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
-    g = p.add_argument_group("model")
+    common.group(p, "data").add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
+    g = common.group(p, "model")
     g.add_argument("--flow", choices=["realnvp", "maf", "spline"], default="realnvp",
                    help="affine couplings (realnvp), masked autoregressive layers (maf) or rational-quadratic "
                         "spline couplings (spline: --bins, --tail-bound) (default realnvp)")
@@ -355,6 +355,7 @@ def cmd_train(args):
         msg += f"  ({summary['test_bpd']:.4f} bits/dim; log-likelihood {summary['test_ll']:.2f} nats)"
     print(msg, flush=True)
     if not args.no_plots:
+        common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te, image)
     return 0
 

@@ -46,8 +46,8 @@ def register(commands, train_commands):
                     "steps, no gradients). On MNIST the mixture lives on the top --pca-dim principal components "
                     "and a Gaussian covers the discarded directions, so the test NLL is a density on the "
                     "(dequantized) pixels, comparable with the flows' NLL.")
-    p.add_argument("--dataset", choices=DATASETS, default="moons", help="default moons")
-    g = p.add_argument_group("model")
+    common.group(p, "data").add_argument("--dataset", choices=DATASETS, default="moons", help="default moons")
+    g = common.group(p, "model")
     g.add_argument("--components", type=positive_int, default=10, help="mixture components K (default 10)")
     g.add_argument("--covariance-type", choices=("full", "diag", "spherical"), default="full", help="default full")
     g.add_argument("--init", choices=("kmeans", "k-means++", "random", "random_from_data"), default="kmeans",
@@ -64,9 +64,8 @@ def register(commands, train_commands):
     g.add_argument("--residual-reg", type=nonneg_float, default=1e-5,
                    help="MNIST: added to the variances of the discarded directions (default 1e-5, chosen on "
                         "held-out training images; the smallest are ~1e-6, pixels that are always black)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, metavar="DIR",
-                   help="MNIST IDX directory (default $NPDGM_DATA, else the bundled 10k/2k subset)")
+    d = common.group(p, "data")
+    common.add_data_arg(d)
     # --n-train / --n-test: the 2-D spelling of older versions, still accepted
     d.add_argument("--train-limit", "--n-train", type=positive_int, default=None, dest="train_limit", metavar="N",
                    help=f"MNIST: use the first N training images (default: all); 2-D: training points drawn "
@@ -74,7 +73,7 @@ def register(commands, train_commands):
     d.add_argument("--test-limit", "--n-test", type=positive_int, default=None, dest="test_limit", metavar="N",
                    help=f"MNIST: use the first N test images (default: all); 2-D: test points drawn "
                         f"(default {TOY_TEST}, as flow2d)")
-    r = p.add_argument_group("run")
+    r = common.group(p, "run")
     r.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the data draw, dequantization and init (default 0)")
     r.add_argument("--backend", choices=backend.BACKENDS, default=None,
@@ -84,7 +83,7 @@ def register(commands, train_commands):
     common.add_run_dir_args(r, resume=False)
     r.add_argument("--distributed", action="store_true",
                    help="data-parallel EM over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
-    r.add_argument("--no-progress", action="store_true", help="no per-iteration log lines")
+    r.add_argument("--no-progress", action="store_true", help="no per-iteration log lines, no stage lines")
     r.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.set_defaults(func=cmd_train)
 
@@ -191,6 +190,7 @@ def cmd_train(args):
                 f"{summary['test_nll_pca']:.2f} nats (not comparable with pixel-space NLLs)")
     print(msg, flush=True)
     if not args.no_plots:
+        common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te)
     return 0
 

@@ -48,7 +48,7 @@ def register(commands, train_commands):
         description="M1 (Kingma et al. 2014): encode every image with a VAE (given by --vae, or trained first with "
                     "the train vae options into OUT/vae), fit L2-penalized softmax regression on the codes mu(x) of "
                     "the --labels labelled images, report the test error beside the same classifier on raw pixels.")
-    m = p.add_argument_group("M1")
+    m = common.group(p, "model")
     m.add_argument("--vae", metavar="RUN", default=None,
                    help="a trained VAE run directory or checkpoint (default: train one into OUT/vae first)")
     m.add_argument("--labels", type=common.positive_int, default=100,

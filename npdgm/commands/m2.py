@@ -72,7 +72,7 @@ def register(commands, train_commands):
                     "loss -ELBO(x,y) + alpha CE, unlabelled loss sum_y q(y|x) (-ELBO(x,y)) - H(q(y|x)) summed over "
                     "all classes exactly. Reports the test classification error each epoch and a labelled-only "
                     "baseline classifier.")
-    g = p.add_argument_group("model")
+    g = common.group(p, "model")
     g.add_argument("--labels", type=positive_int, default=100,
                    help="number of labelled training images, balanced over the 10 classes (default 100)")
     g.add_argument("--alpha", type=nonneg_float, default=None,
@@ -105,7 +105,7 @@ def register(commands, train_commands):
                         "in every step, ~1/3 of its time) (default fixed)")
     g.add_argument("--labelled-batch", type=positive_int, default=None,
                    help="labelled images per step, drawn with replacement (default: the --batch-size value)")
-    e = p.add_argument_group("evaluation and baseline")
+    e = common.group(p, "evaluation")
     e.add_argument("--eval-n", type=nonneg_int, default=2000,
                    help="test images for the per-epoch ELBO terms (default 2000; the error uses all)")
     e.add_argument("--baseline-steps", type=nonneg_int, default=1000,
@@ -414,6 +414,7 @@ def cmd_train(args):
               (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
+        common.stage_figures(out, args)
         from ..plots import m2 as PM
 
         curves = lambda rec, path: PM.curves(rec, path, baseline)  # noqa: E731

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .. import backend
+from .. import backend, train
 from ..data import TOYS
 from . import common
 from .common import nonneg_int, positive_float, positive_int, setup_backend
@@ -34,20 +34,24 @@ def register(commands, train_commands):
         description="Draw samples from the run in RUNDIR (or a checkpoint .npz): an image grid for MNIST models, a "
                     "scatter plot for 2-D ones (flow2d, gmm on a toy set); --npy saves them all.")
     s.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
-    s.add_argument("--n", type=positive_int, default=None,
+    g = common.group(s, "sampling")
+    g.add_argument("--n", type=positive_int, default=None,
                    help=f"number of samples (default 100 images; flows on MNIST: 12 per temperature; 2-D runs: 5000 "
                         f"points per panel); made {SAMPLE_CHUNK} at a time, the PNG shows at most {GRID_MAX} images")
-    s.add_argument("--nrow", type=positive_int, default=10, help="images per grid row (default 10)")
-    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the prior draws (default 0)")
-    s.add_argument("--draw", action="store_true", help="vae: draw x ~ p(x|z) instead of showing E[x|z] "
+    g.add_argument("--draw", action="store_true", help="vae: draw x ~ p(x|z) instead of showing E[x|z] "
                                                        "(default: E[x|z])")
-    s.add_argument("--temperatures", type=positive_float, nargs="+", default=None, metavar="T",
+    g.add_argument("--temperatures", type=positive_float, nargs="+", default=None, metavar="T",
                    help="flows: prior temperatures, one grid row (MNIST) or scatter panel (2-D) each "
                         f"(default {' '.join(map(str, FLOW_TEMPERATURES))}; --npy uses the last)")
-    s.add_argument("--out", default=None, help="PNG path (default RUNDIR/samples-seed<S>.png; flows: "
-                                               "RUNDIR/flow-samples-seed<S>.png)")
-    s.add_argument("--npy", default=None, help="also save the samples as a .npy array here (default: none)")
-    s.add_argument("--backend", choices=backend.BACKENDS, default=None,
+    o = common.group(s, "output")
+    o.add_argument("--png", "--out", default=None, dest="out", metavar="PNG",
+                   help="figure path (default RUNDIR/samples-seed<S>.png; flows: RUNDIR/flow-samples-seed<S>.png; "
+                        "--out is its old name)")
+    o.add_argument("--nrow", type=positive_int, default=10, help="images per grid row (default 10)")
+    o.add_argument("--npy", default=None, help="also save the samples as a .npy array here (default: none)")
+    r = common.group(s, "run")
+    r.add_argument("--seed", type=nonneg_int, default=0, help="seed of the prior draws (default 0)")
+    r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     s.set_defaults(func=cmd_sample)
 
@@ -144,6 +148,7 @@ def cmd_sample(args):
     elif kind == "flow":
         from ..plots import flows as P
 
+        train.stage(f"sampling {args.n or 12} images per temperature from the flow -> {out}")  # MAF: 784 passes each
         P.sample_grids(model, out, temperatures=temps, n_per_row=args.n or 12, seed=args.seed)
         if args.npy:
             save_npy(args.npy, args.n or 12, f, args.seed)

@@ -45,12 +45,13 @@ def _posterior(spec):
 
 def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)"):
     """The model options the VAE and the CVAE share; returns the "model" group for more."""
-    g = p.add_argument_group("model")
+    g = common.group(p, "model")
     g.add_argument("--z-dim", type=positive_int, default=20, help=z_dim_help)
     g.add_argument("--hidden", type=positive_int, nargs="+", default=[400], metavar="H",
                    help="encoder hidden sizes; the decoder uses them reversed (default 400)")
     g.add_argument("--activation", default="relu",
-                   choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"], help="default relu")
+                   choices=["relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid"],
+                   help="hidden-layer nonlinearity (default relu)")
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help=f"decoder {decoder}: bernoulli (BCE from logits) or gaussian (default bernoulli)")
     g.add_argument("--sigma", type=positive_float, default=None,
@@ -80,15 +81,15 @@ def _add_model_args(p):
     g.add_argument("--iaf-hidden", type=positive_int, nargs="+", default=[200, 200], metavar="H",
                    help="--posterior iaf:K: hidden sizes of each step's MADE (default 200 200)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
-    d = p.add_argument_group("data and evaluation")
-    d.add_argument("--data", default=None, metavar="DIR",
-                   help="directory with the MNIST IDX files (default $NPDGM_DATA, else the bundled subset)")
+    d = common.group(p, "data")
+    common.add_data_arg(d)
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
                    help="none: grey levels in [0, 1] (PyTorch example); static: x > 0.5; dynamic: a new "
                         "Bernoulli(x) draw per batch (test set drawn once) (default none)")
     d.add_argument("--train-limit", type=positive_int, default=None,
                    help="use the first N training images (default: all)")
     d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images (default: all)")
+    d = common.group(p, "evaluation")   # a stage's settings carry its name: --iwae-k, --impute-steps, ...
     d.add_argument("--iwae-k", type=positive_int, default=100,
                    help="importance samples for log p(x) at the end (default 100)")
     d.add_argument("--iwae-n", type=nonneg_int, default=1000,
@@ -112,19 +113,25 @@ def register(commands, train_commands):
     p.set_defaults(func=cmd_train, epochs=None)  # None: DEFAULT_EPOCHS, or the stored value on --resume
 
     if "impute" not in commands.choices:
-        i = commands.add_parser("impute", help="fill hidden rows of test digits with a trained VAE")
+        i = commands.add_parser("impute", help="fill hidden rows of test digits with a trained VAE",
+                                description="Hide image rows of test digits and fill them in with the VAE in "
+                                            "RUNDIR (--n, --k, --steps as train vae's --impute-n/-k/-steps).")
         i.add_argument("rundir", metavar="RUNDIR", help="run directory or checkpoint .npz")
-        i.add_argument("--data", default=None, metavar="DIR", help="MNIST directory (default: the run's data)")
-        i.add_argument("--rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
+        d = common.group(i, "data")
+        common.add_data_arg(d, default="the run's data")
+        d.add_argument("--n", type=positive_int, default=1000, help="test images for the error (default 1000)")
+        e = common.group(i, "evaluation")
+        e.add_argument("--rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
                        help="image rows [START, STOP) to hide (default 10 18)")
-        i.add_argument("--steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
-        i.add_argument("--k", type=nonneg_int, default=100,
+        e.add_argument("--steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
+        e.add_argument("--k", type=nonneg_int, default=100,
                        help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
-        i.add_argument("--n", type=positive_int, default=1000, help="test images for the error (default 1000)")
-        i.add_argument("--show", type=nonneg_int, default=10, help="images in the figure (default 10)")
-        i.add_argument("--out", default=None, help="PNG path (default RUNDIR/imputation.png)")
-        i.add_argument("--backend", choices=backend.BACKENDS, default=None,
-                       help="array backend (default: $NPDGM_BACKEND or numpy)")
+        o = common.group(i, "output")
+        o.add_argument("--show", type=nonneg_int, default=10, help="images in the figure (default 10)")
+        o.add_argument("--png", "--out", default=None, dest="out", metavar="PNG",
+                       help="figure path (default RUNDIR/imputation.png; --out is its old name)")
+        common.group(i, "run").add_argument("--backend", choices=backend.BACKENDS, default=None,
+                                            help="array backend (default: $NPDGM_BACKEND or numpy)")
         i.set_defaults(func=cmd_impute)
 
 
@@ -273,6 +280,7 @@ def cmd_train(args):
     print(_imputation_line(imp[0]), flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:
+        common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te, y_te, imp)
     return 0
 

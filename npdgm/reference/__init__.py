@@ -42,8 +42,9 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-4}  # max |error| / max(1, |referen
 
 
 # -- export / check ---------------------------------------------------------------------------
-def export_reference(outdir, dtype="float64", seed=0, names=None):
-    """Write every case's .npz and manifest.json into ``outdir``; returns the manifest."""
+def export_reference(outdir, dtype="float64", seed=0, names=None, progress=None):
+    """Write every case's .npz and manifest.json into ``outdir``; returns the manifest.
+    progress(items) -> iterable: wraps the (name, case) pairs (e.g. npdgm.train.progress)."""
     dt = np.dtype(dtype)
     if dt.name not in backend.DTYPES:
         raise ValueError(f"dtype must be one of {backend.DTYPES}, got {dtype!r}")
@@ -53,22 +54,20 @@ def export_reference(outdir, dtype="float64", seed=0, names=None):
         raise ReferenceFileError(f"{outdir} is a file; export-reference writes a directory of .npz files "
                                  f"and manifest.json (give a new or existing directory)")
     try:
-        return _export(outdir, dt, seed, names)
+        return _export(outdir, dt, seed, names, progress or iter)
     except OSError as e:
         where = e.filename or outdir
         raise ReferenceFileError(f"{where}: cannot write the reference vectors ({e.strerror or e})") from e
 
 
-def _export(outdir, dt, seed, names):
+def _export(outdir, dt, seed, names, progress):
     """export_reference's writing part (any OSError is reported by the caller, naming the file)."""
     os.makedirs(outdir, exist_ok=True)
     manifest = {"npdgm_version": __version__, "dtype": dt.name, "seed": seed,
                 "tolerance": TOLERANCE[dt.name], "error": "max|npdgm - reference| / max(1, max|reference|)",
                 "cases": {}}
     with backend.use("numpy", dt.name):
-        for name, case in sorted(CASES.items()):
-            if names and name not in names:
-                continue
+        for name, case in progress([(n, c) for n, c in sorted(CASES.items()) if not names or n in names]):
             inputs = case["make"](np.random.default_rng([seed, zlib.crc32(name.encode())]), dt)
             outputs, grads = case["run"](inputs)
             arrays = {**{f"input/{k}": v for k, v in inputs.items()},
