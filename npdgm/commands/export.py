@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from .common import group
+
 FORMATS = ("safetensors",)
 
 
@@ -20,7 +22,8 @@ def register(commands, train_commands):
                                         "npdgm.load reads it back.")
     p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint .npz")
     p.add_argument("out", metavar="OUT", help="the file to write (e.g. model.safetensors)")
-    p.add_argument("--format", choices=FORMATS, default="safetensors", help="container (default safetensors)")
+    group(p, "output").add_argument("--format", choices=FORMATS, default="safetensors",
+                                    help="container (default safetensors)")
     p.set_defaults(func=_cmd_export)
 
 
