@@ -3,8 +3,8 @@ directory (a new one, ``--overwrite``, ``--resume``, its lock and the leftovers 
 
 A run directory is owned by one process at a time (``fcntl.flock`` on ``RUNDIR/.lock``). A new run
 refuses a directory that already holds files unless ``--overwrite`` is given; ``--resume RUN`` keeps
-the run's stored options: it applies a new --lr, --epochs, --clip or --data (and logs it), and
-refuses any other option that differs from the stored run.
+the run's stored options: it applies a new --lr, --epochs, --clip, --data or evaluation-only option
+(--iwae-k, ...) and logs it, and refuses any other option that differs from the stored run.
 """
 from __future__ import annotations
 
