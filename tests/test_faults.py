@@ -447,3 +447,8 @@ def test_bench_output_path_checked_before_the_benchmark(monkeypatch, capsys):
     err = _err(capsys)
     assert e.value.code == 2 and "--json /proc/x.json" in err, err
     assert "cannot create a file in /proc" in err or "/proc is not writable" in err, err   # root / not root
+
+
+def test_cvae_sigma_too_small_is_refused_up_front(tmp_path, run_cli):
+    code, _, err = run_cli("train", "cvae", "--likelihood", "gaussian", "--sigma", "1e-30", "--out", tmp_path / "r")
+    assert code == 2 and "--sigma 1e-30 is too small for float32" in err and not os.path.exists(tmp_path / "r")
