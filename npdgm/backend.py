@@ -188,3 +188,22 @@ def check_finite(name: str, a) -> None:
         n_nan = int(m.isnan(a).sum())
         n_inf = int(m.isinf(a).sum())
         raise ValueError(f"{name} contains non-finite values ({n_nan} NaN, {n_inf} inf)")
+
+
+def available_memory():
+    """Bytes the current backend can still allocate, about: the GPU's free memory plus what CuPy's pool holds
+    free (cupy), or the host's MemAvailable (numpy, Linux; free pages elsewhere); None when unknown."""
+    if get_backend() == "cupy":
+        cp = _load_cupy()
+        return int(cp.cuda.Device().mem_info[0]) + int(cp.get_default_memory_pool().free_bytes())
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None

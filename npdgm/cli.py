@@ -13,8 +13,12 @@ Each model family adds its own subcommands from ``npdgm/commands/<family>.py`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+
+import numpy as np
 
 from . import KEEP_HEAP, __version__, backend, distributed
 from .bench import run as bench_run
@@ -154,6 +158,17 @@ def _parse(argv):
     return args, argv
 
 
+@contextlib.contextmanager
+def quiet_numpy():
+    """NumPy's floating-point warnings (``RuntimeWarning: overflow encountered in exp``) off while a command
+    runs, in every thread: the commands check their numbers themselves (a diverged run, a non-finite summary
+    or model) and say in one error line which epoch, option, parameter or file is at fault."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero|underflow) encountered",
+                                RuntimeWarning)
+        yield
+
+
 def main(argv=None):
     """Run ``npdgm ARGV``; returns the exit code (0 ok, 2 error, 130 Ctrl-C). Errors print one
     ``npdgm: error: ...`` line to stderr (NPDGM_DEBUG=1 shows the traceback instead)."""
@@ -172,7 +187,7 @@ def main(argv=None):
     from .io import CheckpointError
 
     try:
-        with backend.use():  # a command's --backend / --dtype end with it (matters when called from Python)
+        with backend.use(), quiet_numpy():  # a command's --backend / --dtype end with it (called from Python)
             return args.func(args) or 0
     except KeyboardInterrupt as e:
         comm = distributed.world()

@@ -205,6 +205,42 @@ class Interrupted(KeyboardInterrupt):
                                                     f"same command again to start over"))
 
 
+def _count_nonfinite(a):
+    """``(n_nan, n_inf)`` of array ``a`` (host or device), ``(0, 0)`` when it is finite (one pass then)."""
+    xp = backend.array_module(a)
+    if bool(xp.isfinite(a).all()):
+        return 0, 0
+    return int(xp.isnan(a).sum()), int(xp.isinf(a).sum())
+
+
+def nonfinite_state(model, optimizer):
+    """Where training has left the finite numbers: the first model parameter, then the first optimizer state
+    array (Adam's m and v: a gradient whose square overflows makes v inf and freezes its parameters although
+    the loss stays finite) holding NaN or inf, as ``"parameter NAME (N NaN, M inf)"``; None when all are
+    finite. Reads ``optimizer.state_dict()`` from outside: any optimizer with a state dict works."""
+    arrays = [(f"parameter {k}", v) for k, v in model.params.items()]
+    arrays += [(f"optimizer state {k}", v) for k, v in optimizer.state_dict().items() if hasattr(v, "shape")]
+    for name, a in arrays:
+        n_nan, n_inf = _count_nonfinite(a)
+        if n_nan or n_inf:
+            return f"{name} ({n_nan} NaN, {n_inf} inf)"
+    return None
+
+
+class Diverged(FloatingPointError):
+    """Training left the finite numbers; the message says where and what the run directory holds."""
+
+
+def _diverged(what, out, saved, bad_epochs, first):
+    """Diverged(``what`` + the state of the run directory + advice). ``first``: the loss was already non-finite
+    at the initial parameters, before any update, so the learning rate is not the cause."""
+    if first:
+        return Diverged(f"{what}, at the initial parameters (before any update): the learning rate is not the "
+                        f"cause; an option of the model or the data makes the loss overflow (a scale too small or "
+                        f"too large for the dtype); {_last_checkpoint(out, saved, bad_epochs)}")
+    return Diverged(f"{what}; {_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate or add --clip")
+
+
 def progress_bar(total, desc, enabled=True, **kw):
     """A tqdm bar on stderr, or None when not ``enabled``, when stderr is not a terminal (a log file would get
     every redraw; callers print one line per epoch or stage there) or without tqdm."""
@@ -334,6 +370,10 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     bad_epochs = {r.get("epoch") for r in logged if r.get("nonfinite") or dumps(r)[1]}
     nb = math.ceil(n / batch_size)
     records, saved, bar = [], start_epoch, None
+    if start_epoch and epochs > start_epoch and (where := nonfinite_state(model, optimizer)):
+        raise _said_by_rank0(Diverged(
+            f"the checkpoint in {out} (epoch {start_epoch}) holds a non-finite {where}: it cannot be continued; "
+            f"start a new run with a lower learning rate or --clip"))
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
@@ -341,27 +381,39 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
 
             def stop(i, loss):
                 if not math.isfinite(loss):   # the all-reduced loss: every rank stops here, rank 0 reports
-                    raise _said_by_rank0(FloatingPointError(
-                        f"loss became {loss} at epoch {epoch}, batch {i}; {_last_checkpoint(out, saved, bad_epochs)}"
-                        f": lower the learning rate or add --clip"))
+                    raise _said_by_rank0(_diverged(f"loss became {loss} at epoch {epoch}, batch {i}", out, saved,
+                                                   bad_epochs, first=start_epoch == 0 and epoch == 1 and i == 0))
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}")
-            sums = _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop, comm)
-            if bar is not None:
-                bar.close()
+            try:  # a model's own non-finite check (e.g. a flow layer's output) gets the run directory's state
+                sums = _epoch(model, optimizer, train_x, train_y, batch_size, rng, step, clip, bar, stop, comm)
+                train_seconds = round(time.perf_counter() - t0, 3)
+                if where := nonfinite_state(model, optimizer):
+                    raise _said_by_rank0(_diverged(f"epoch {epoch} left a non-finite {where}", out, saved,
+                                                   bad_epochs, False))
+                evaluated = evaluate(epoch) if evaluate is not None else {}  # on every rank (it may reduce)
+            except Diverged:
+                raise
+            except FloatingPointError as e:
+                raise _said_by_rank0(_diverged(
+                    f"epoch {epoch}: {e}", out, saved, bad_epochs,
+                    first=start_epoch == 0 and epoch == 1 and getattr(optimizer, "t", 1) == 0)) from e
+            finally:
+                if bar is not None:
+                    bar.close()
+                    bar = None
             rec = {"epoch": epoch, "step": epoch * nb, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
-            rec["train_seconds"] = round(time.perf_counter() - t0, 3)
-            if evaluate is not None:  # on every rank: it may split the test set over the ranks and reduce
-                rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
+            rec["train_seconds"] = train_seconds
+            rec.update({f"test_{k}": float(v) for k, v in evaluated.items()})
             # the record is the same on every rank (evaluate reduces): every rank stops on a non-finite one,
             # rank 0 alone writes it (logged with null + "nonfinite", not checkpointed) and says so
             bad = log_record(out, rec, logged) if root else dumps(rec)[1]
             if root:
                 logged.append(json.loads(dumps(rec)[0]))
             if bad:
-                raise _said_by_rank0(FloatingPointError(
-                    f"epoch {epoch} gave non-finite " + ", ".join(f"{k}={rec[k]}" for k in bad) +
-                    f"; {_last_checkpoint(out, saved, bad_epochs)}: lower the learning rate or add --clip"))
+                raise _said_by_rank0(_diverged(f"epoch {epoch} gave non-finite " +
+                                               ", ".join(f"{k}={rec[k]}" for k in bad), out, saved, bad_epochs,
+                                               False))
             records.append(rec)
             if root:
                 save_checkpoint(out, model, optimizer, rng, epoch, run_meta or {})

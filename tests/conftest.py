@@ -60,3 +60,24 @@ def cupy():
     import cupy
 
     return cupy
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*argv) -> (exit code, stdout, stderr)`` of ``npdgm ARGV`` in this process, asserting that no
+    RuntimeWarning (numpy's "overflow encountered in exp" and the like) reached the user: none was issued
+    through the warnings machinery (pytest would otherwise record it silently) and none is in stderr."""
+    import warnings
+
+    from npdgm import cli
+
+    def run(*argv):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = cli.main([str(a) for a in argv])
+        cap = capsys.readouterr()
+        leaked = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+                  if issubclass(w.category, RuntimeWarning)]
+        assert not leaked and "RuntimeWarning" not in cap.err, (leaked, cap.err)
+        return code, cap.out, cap.err
+    return run

@@ -175,3 +175,22 @@ def test_kl_warmup_with_iwae_objective_is_refused(tmp_path, capsys):
     argv = ["train", "vae", *TINY, "--kl-warmup", "1", "--objective", "iwae", "--out", str(tmp_path / "x")]
     assert cli.main(argv) == 2
     assert "--kl-warmup applies to --objective elbo" in capsys.readouterr().err
+
+
+def test_evaluate_a_non_finite_model_leaks_no_numpy_warning(run, tmp_path, run_cli):
+    """Issue 23: `evaluate` on a diverged model printed numpy's "RuntimeWarning: invalid value encountered in
+    matmul" (whether such a checkpoint is refused or evaluated to NaN, no warning may reach the user)."""
+    import shutil
+
+    from npdgm import io
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(run, bad)
+    arrays, meta = io.load_arrays(bad)
+    for k in arrays:
+        if k.startswith("param/"):
+            arrays[k][...] = np.nan
+    arrays["param/encoder.0.W"][:5] = np.inf
+    io.save_arrays(f"{bad}/checkpoint.npz", arrays, meta)
+    code, _, err = run_cli("evaluate", bad, "--method", "elbo", "iwae", "--k", "5", "--n-images", "3")
+    assert code in (0, 2) and err.count("\n") <= 1, err

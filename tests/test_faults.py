@@ -430,3 +430,142 @@ def test_out_a_symlink_loop_is_a_clear_error(tmp_path, capsys):
     os.symlink(tmp_path / "a", tmp_path / "b")
     assert cli.main(["train", "vae", *TINY, "--out", str(tmp_path / "a")]) == 2
     assert f"--out {tmp_path / 'a'} is a symbolic link that leads nowhere" in _err(capsys)
+
+
+# -- issue 23: divergence without NaN, numpy warnings, sizes checked before the work ----------------------
+NICE = ["--train-limit", "128", "--test-limit", "32", "--hidden", "8", "--couplings", "2", "--batch-size", "64",
+        "--no-progress", "--no-plots"]
+MAF = ["--train-limit", "128", "--test-limit", "32", "--hidden", "8", "--layers", "2", "--batch-size", "64",
+       "--no-progress", "--no-plots"]
+
+
+def test_diverging_without_nan_inf_in_adam_state_is_divergence(tmp_path, run_cli):
+    # --beta 1e38: the loss stays finite (4e36), the squared gradient overflows Adam's v and freezes the weights
+    out = str(tmp_path / "r")
+    code, _, err = run_cli("train", "vae", *TINY, "--epochs", "2", "--beta", "1e38", "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "non-finite optimizer state v." in err and "no checkpoint was written" in err
+    assert not os.path.exists(os.path.join(out, "checkpoint.npz"))
+
+
+def test_resume_of_a_checkpoint_with_inf_optimizer_state_is_refused(tmp_path, run_cli, vae_run):
+    run = _copy(vae_run, tmp_path / "r")
+    arrays, meta = io.load_arrays(run)
+    arrays["opt/v.0"][:5] = np.inf   # what an older version saved after a --lr 100 run
+    io.save_arrays(os.path.join(run, "checkpoint.npz"), arrays, meta)
+    code, _, err = run_cli("train", "vae", "--resume", run, "--epochs", "2", "--no-progress", "--no-plots")
+    assert code == 2 and "holds a non-finite optimizer state v.0 (0 NaN, 5 inf)" in err and "intact" not in err
+    assert io.load_arrays(run)[1]["epoch"] == 1
+
+
+def test_nonfinite_state_names_the_parameter_or_the_optimizer_array():
+    import test_io_train as T
+
+    model = T.TinyRegressor()
+    opt = npdgm.optim.Adam(model, lr=1e-2)
+    assert train.nonfinite_state(model, opt) is None
+    name = next(iter(model.params))
+    model.params[name][...] = np.nan
+    assert train.nonfinite_state(model, opt).startswith(f"parameter {name} (")
+    model.params[name][...] = 0
+    opt.state_dict()  # host copies: the check reads the state through the public dict
+    opt.load_state_dict({**opt.state_dict(), "m.0": np.full_like(opt.state_dict()["m.0"], np.inf)})
+    assert train.nonfinite_state(model, opt).startswith("optimizer state m.0 (0 NaN, ")
+
+
+@pytest.mark.parametrize("model,argv", [("nice", NICE), ("maf", MAF), ("flow2d", FLOW2D)])
+def test_flow_divergence_says_what_the_checkpoint_holds(tmp_path, run_cli, model, argv):
+    out = str(tmp_path / "r")
+    code, _, err = run_cli("train", model, *argv, "--epochs", "1", "--lr", "1e6", "--out", out)
+    assert code == 2 and "epoch 1: " in err and f"no checkpoint was written to {out} (no epoch finished)" in err, err
+    good = str(tmp_path / "g")
+    assert run_cli("train", model, *argv, "--epochs", "1", "--out", good)[0] == 0
+    code, _, err = run_cli("train", model, "--resume", good, "--epochs", "3", "--lr", "1e6", "--no-progress",
+                           "--no-plots")
+    assert code == 2 and f"the last checkpoint in {good} (epoch 1) is intact" in err, err
+
+
+def test_sigma_too_small_for_the_dtype_is_refused_up_front(tmp_path, run_cli):
+    out = str(tmp_path / "r")
+    code, _, err = run_cli("train", "vae", *TINY, "--likelihood", "gaussian", "--sigma", "1e-30", "--out", out)
+    assert code == 2 and "--sigma 1e-30 is too small for float32" in err and "learning rate" not in err, err
+    assert not os.path.exists(out)
+    assert run_cli("train", "vae", *TINY, "--likelihood", "gaussian", "--sigma", "1e-30", "--dtype", "float64",
+                   "--epochs", "1", "--out", out)[0] == 0
+
+
+def test_loss_non_finite_before_any_update_is_not_blamed_on_the_learning_rate(tmp_path):
+    import test_io_train as T
+
+    model = T.TinyRegressor()
+    with pytest.raises(FloatingPointError, match="at the initial parameters") as e:
+        train.fit(model, npdgm.optim.Adam(model, lr=1e-2), np.ones((32, 3), np.float32), epochs=1, batch_size=16,
+                  out=str(tmp_path / "r"), rng=np.random.default_rng(0), step=lambda xb, yb, rng: {"loss": np.inf},
+                  progress=False, log=lambda *a: None)
+    assert "learning rate is not the cause" in str(e.value) and "lower the learning rate" not in str(e.value)
+
+
+def _scale_weights(run, factor):
+    arrays, meta = io.load_arrays(run)
+    for k in arrays:
+        if k.startswith(("param/encoder", "param/decoder")):
+            arrays[k] = arrays[k] * np.float32(factor)
+    io.save_arrays(os.path.join(run, "checkpoint.npz"), arrays, meta)
+
+
+def test_gaussian_vae_whose_imputation_overflows_finishes_with_a_summary(tmp_path, run_cli):
+    # a finite model whose encode/decode iteration overflows (weights x30; a --lr 0.3 run could end so), killed
+    # before its summary: the resume writes summary.json with what is known and blames the model, not the input
+    run = str(tmp_path / "r")
+    argv = [*TINY, "--likelihood", "gaussian", "--impute-steps", "20", "--epochs", "1"]
+    assert run_cli("train", "vae", *argv, "--out", run)[0] == 0
+    os.remove(os.path.join(run, "summary.json"))
+    _scale_weights(run, 30)
+    code, _, err = run_cli("train", "vae", "--resume", run)
+    assert code == 2 and "impute: the model's reconstruction became non-finite" in err, err
+    assert "x contains non-finite" not in err and err.count("\n") == 1
+    s = _strict(os.path.join(run, "summary.json"))
+    assert s["impute_mse_vae"] is None and "impute_mse_vae" in s["nonfinite"] and s["iwae_k"] == 3
+    code, out, _ = run_cli("train", "vae", "--resume", run)      # the run is finished: resuming changes nothing
+    assert code == 0 and "already at epoch 1" in out
+
+
+def test_iwae_k_too_large_is_refused_before_training(tmp_path, run_cli):
+    out = str(tmp_path / "r")
+    code, _, err = run_cli("train", "vae", *TINY, "--iwae-k", str(10**12), "--out", out)
+    assert code == 2 and err.startswith(f"npdgm: error: --iwae-k {10**12}: the final IWAE estimate") and "GiB" in err
+    assert not os.path.exists(out)
+
+
+def test_evaluation_options_change_on_resume(tmp_path, run_cli, vae_run):
+    # a run that died in its final evaluation (no summary.json) is finished with other evaluation options
+    run = _copy(vae_run, tmp_path / "r")
+    os.remove(os.path.join(run, "summary.json"))
+    code, out, err = run_cli("train", "vae", "--resume", run, "--iwae-k", "2", "--impute-k", "2", "--no-plots")
+    assert code == 0, err
+    assert "resume: --iwae-k 3 -> 2" in out and "resume: --impute-k 0 -> 2" in out
+    s = _strict(os.path.join(run, "summary.json"))
+    assert s["iwae_k"] == 2 and s["impute_k"] == 2 and io.load_arrays(run)[1]["epoch"] == 1
+
+
+def test_spline_flow2d_at_a_large_lr_leaks_no_numpy_warning(tmp_path, run_cli):
+    code, _, err = run_cli("train", "flow2d", "--flow", "spline", *FLOW2D, "--epochs", "3", "--lr", "1e4",
+                           "--out", tmp_path / "r")
+    assert code in (0, 2), err   # whichever way it ends, no RuntimeWarning reached stderr (run_cli asserts it)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_bench_output_path_checked_before_the_benchmark(monkeypatch, capsys):
+    from npdgm.bench import run as B
+
+    monkeypatch.setattr(B, "_main", lambda args: pytest.fail("the benchmark ran before --json was checked"))
+    with pytest.raises(SystemExit) as e:   # bench checks its options through its parser (exit 2, one line)
+        cli.main(["bench", "--json", "/proc/x.json"])
+    err = _err(capsys)
+    assert e.value.code == 2 and "--json /proc/x.json" in err, err
+    assert "cannot create a file in /proc" in err or "/proc is not writable" in err, err   # root / not root
+
+
+def test_cvae_sigma_too_small_is_refused_up_front(tmp_path, run_cli):
+    code, _, err = run_cli("train", "cvae", "--likelihood", "gaussian", "--sigma", "1e-30", "--out", tmp_path / "r")
+    assert code == 2 and "--sigma 1e-30 is too small for float32" in err and not os.path.exists(tmp_path / "r")

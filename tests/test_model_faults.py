@@ -255,6 +255,19 @@ def test_vae_rejects_non_finite_eps_and_fill(rng):
         np.testing.assert_array_equal(out[mask], np.broadcast_to(np.asarray(fill, np.float32), x.shape)[mask])
 
 
+def test_vae_impute_overflow_blames_the_model_not_the_input(rng):
+    """Issue 23: a Gaussian decoder with large (finite) weights makes the encode/decode iteration overflow; the
+    error said "x contains non-finite values", the input being finite."""
+    m, x = _vae(likelihood="gaussian"), rng.random((3, 6)).astype(np.float32)
+    for v in m.params.values():
+        v *= 1e4
+    mask = np.zeros((3, 6), bool)
+    mask[:, :3] = True
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match=r"reconstruction became non-finite at "
+                                                                            r"step \d+ of 50 .*the input is finite"):
+        m.impute(x, mask, steps=50)
+
+
 def test_cvae_and_m2_reject_non_finite_noise(rng):
     x, y = rng.random((3, 6)), np.array([0, 1, 2])
     c = npdgm.CVAE(x_dim=6, num_classes=3, hidden=(5,), z_dim=2)

@@ -84,6 +84,38 @@ def test_sample_2d_temperatures_one_panel_each(runs, tmp_path, monkeypatch):
     assert seen == [["moons test data", "samples, T=0.5", "samples, T=0.8", "samples, T=1"]]
 
 
+def test_sample_2d_huge_n_is_capped_in_the_png(runs, tmp_path, monkeypatch, run_cli):
+    """Issue 23: ``sample FLOW2D_RUN --n 1000000000`` drew 10^9 points per panel and never ended; the PNG now
+    shows the first SCATTER_MAX per panel (as image runs show GRID_MAX) and says so; --npy would save all n."""
+    import npdgm.plots as P
+    from npdgm.commands import sample as S
+
+    drawn, sampler, seen = [0], S.sampler, []
+
+    def counting(*a, **k):
+        f = sampler(*a, **k)
+
+        def g(n, rng):
+            drawn[0] += n
+            assert drawn[0] <= 10 * S.SCATTER_MAX, "drawing far more points than the PNG can show"
+            return f(n, rng)
+        return g
+    monkeypatch.setattr(S, "sampler", counting)
+    monkeypatch.setattr(P, "scatter_panels", lambda panels, path, title=None: seen.append((panels, title)))
+    code, out, _ = run_cli("sample", runs["flow2d"], "--n", 10**9, "--temperatures", "1", "--out", tmp_path / "f.png")
+    assert code == 0 and f"the PNG shows the first {S.SCATTER_MAX} of the {10**9} samples per panel" in out
+    (panels, title), = seen
+    assert len(panels[-1][1]) == S.SCATTER_MAX and f"the first {S.SCATTER_MAX} of {10**9}" in title
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_sample_npy_on_a_virtual_filesystem_names_the_reason(runs, run_cli):
+    """Issue 23: ``--npy /proc/nope.npy`` said "would need 0.0 GiB but /proc has 0.0 GiB free"."""
+    code, _, err = run_cli("sample", runs["flow2d"], "--npy", "/proc/nope.npy")
+    assert code == 2 and err.startswith("npdgm: error: --npy /proc/nope.npy: ") and "GiB" not in err, err
+    assert "cannot create a file in /proc: a virtual filesystem" in err or "/proc is not writable" in err, err
+
+
 def test_sample_flow_npy_in_chunks_equals_one_draw(runs, tmp_path, monkeypatch):
     from npdgm.commands import sample as S
 

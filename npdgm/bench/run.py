@@ -92,6 +92,14 @@ def check_args(p, a):
         p.error("--warmup must be >= 1")
     if a.rounds < 1:
         p.error(f"--rounds must be >= 1, got {a.rounds}")
+    from ..commands.common import check_out_file
+
+    for opt in ("json", "md", "plot"):  # before the benchmark, not after it
+        if getattr(a, opt, None) and not a.child:
+            try:
+                check_out_file(getattr(a, opt), f"--{opt}")
+            except ValueError as e:
+                p.error(str(e))
     return a
 
 
@@ -630,6 +638,9 @@ def _main(args):
     out = {"machine": machine, "config": _config(args),
            "results": rows, "floors": floor_rows, "skipped": notes, "profile": profiles,
            "elapsed_s": round(time.time() - t0, 1)}
+    for path in (args.json, args.md, args.plot):  # checked to be writable before the benchmark (check_args)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -5,9 +5,9 @@ A run directory is owned by one process at a time (an exclusive lock on ``RUNDIR
 refuses a directory that already holds files unless ``--overwrite`` is given, which removes only the
 files npdgm wrote there (:mod:`npdgm.runfiles`) and only in a directory that holds an npdgm run; a run
 of the same command stopped before its first checkpoint is started over. ``--resume RUN`` keeps
-the run's stored options: it applies a new --lr, --epochs, --clip or --data (and logs it), and
-refuses any other option that differs from the stored run. After Ctrl-C, :func:`interrupt_note` says
-what the run directory holds.
+the run's stored options: it applies a new --lr, --epochs, --clip, --data or evaluation-only option
+(--iwae-k, ...) and logs it, and refuses any other option that differs from the stored run. After Ctrl-C,
+:func:`interrupt_note` says what the run directory holds.
 """
 from __future__ import annotations
 
@@ -370,6 +370,9 @@ def new_run_dir(out, overwrite, kind="run", log=print):
 # options that say how to run, not what is trained: never compared with the stored run
 _NEUTRAL = {"resume", "out", "overwrite", "no_progress", "no_plots", "backend", "command", "model", "func"}
 _CHANGEABLE = ("epochs", "lr", "clip", "data")
+# options of the evaluation after training only (they change no trained number): a run that ran out of memory in
+# its final IWAE estimate is finished with a smaller --iwae-k
+_EVALUATION = ("iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n")
 
 
 def _same(a, b):
@@ -380,26 +383,27 @@ def _same(a, b):
 def apply_typed(args, run, config, log=print, derived=()):
     """Compare the options typed with ``--resume`` with the stored run (``run`` from the checkpoint,
     ``config`` the model's, less its ``derived`` keys): apply --epochs/--lr/--clip/--data (and
-    $NPDGM_DATA over a stored data path) to ``run`` and log them; raise ValueError, before applying
-    anything, for any other option that differs or is not stored."""
+    $NPDGM_DATA over a stored data path) and the evaluation-only options (--iwae-k, ...) to ``run`` and
+    log them; raise ValueError, before applying anything, for any other option that differs or is not stored."""
     typed = getattr(args, "typed", None)   # set by cli.main; without it only a given --epochs counts
     typed = {"epochs"} if typed is None and getattr(args, "epochs", None) is not None else typed or set()
     show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
     changes = []
     for k in sorted(typed - _NEUTRAL):
         opt, new = "--" + k.replace("_", "-"), getattr(args, k)
-        if k in _CHANGEABLE:
+        if k in _CHANGEABLE or k in _EVALUATION:
             if not _same(run.get(k), new):
                 changes.append((k, opt, new))
         elif k in run or (k in config and k not in derived):
             old = run[k] if k in run else config[k]
             if not _same(old, new):
                 raise ValueError(f"--resume {args.resume}: {opt} {show(new)} differs from the run's {show(old)}; a "
-                                 f"resumed run keeps its options (only --epochs, --lr, --clip, --data may change): "
-                                 f"drop {opt} or start a new run with --out")
+                                 f"resumed run keeps its options (only --epochs, --lr, --clip, --data and evaluation "
+                                 f"options such as --iwae-k may change): drop {opt} or start a new run with --out")
         else:
             raise ValueError(f"--resume {args.resume}: {opt} cannot be given with --resume (the run keeps the "
-                             f"options it was started with; only --epochs, --lr, --clip, --data may change)")
+                             f"options it was started with; only --epochs, --lr, --clip, --data and evaluation "
+                             f"options such as --iwae-k may change)")
     for k, opt, new in changes:
         log(f"resume: {opt} {run.get(k)} -> {new}")
         run[k] = new
@@ -607,7 +611,26 @@ def check_out_file(path, opt):
         raise ValueError(f"{opt} {path}: {d} is a file, not a directory")
     if not os.access(d, os.W_OK):
         raise ValueError(f"{opt} {path}: directory {d} is not writable")
+    _probe_dir(d, f"{opt} {path}")
     return path
+
+
+def _probe_dir(d, what):
+    """ValueError naming ``what`` unless a file can be created (and is removed again) in the directory ``d``:
+    os.access says yes for a read-write mount of /proc or /sys, where no file can be made."""
+    import shutil
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".npdgm-probe-"):
+            pass
+    except OSError as e:
+        try:
+            virtual = shutil.disk_usage(d).total == 0
+        except OSError:
+            virtual = False
+        why = "a virtual filesystem (it reports no size), not one for files" if virtual else e.strerror or str(e)
+        raise ValueError(f"{what}: cannot create a file in {d}: {why}") from None
 
 
 def write_summary(out, summary):

@@ -18,7 +18,7 @@ import numpy as np
 from .. import backend
 from . import common
 from .common import add_train_args, positive_int, setup_backend
-from .vae import _load_data, add_vae_model_args
+from .vae import _load_data, add_vae_model_args, check_sigma
 
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
@@ -100,6 +100,8 @@ def cmd_train(args):
     from ..models.cvae import CVAE
 
     setup_backend(args)
+    if not args.resume:
+        check_sigma(args.sigma, args.dtype)
     r = common.resume_or_new(
         args, "cvae", RUN_KEYS, DEFAULT_EPOCHS,
         lambda run: CVAE(x_dim=784, num_classes=10, seed=run["seed"], **{k: getattr(args, k) for k in MODEL_KEYS}))

@@ -24,6 +24,7 @@ from .common import nonneg_int, positive_float, positive_int, setup_backend
 
 SAMPLE_CHUNK = 1000                   # samples generated at a time (a few MB per chunk); a multiple of 10
 GRID_MAX = 400                        # images drawn in the PNG
+SCATTER_MAX = 50000                   # points per scatter panel of a 2-D run (--npy saves all n)
 FLOW_TEMPERATURES = [0.5, 0.7, 0.85, 1.0]
 KINDS = ("vae", "cvae", "m2", "flow", "gmm", "pca_gmm")
 
@@ -37,7 +38,8 @@ def register(commands, train_commands):
     g = common.group(s, "sampling")
     g.add_argument("--n", type=positive_int, default=None,
                    help=f"number of samples (default 100 images; flows on MNIST: 12 per temperature; 2-D runs: 5000 "
-                        f"points per panel); made {SAMPLE_CHUNK} at a time, the PNG shows at most {GRID_MAX} images")
+                        f"points per panel); made {SAMPLE_CHUNK} at a time, the PNG shows at most {GRID_MAX} images "
+                        f"or {SCATTER_MAX} points per panel (--npy saves all n)")
     g.add_argument("--draw", action="store_true", help="vae: draw x ~ p(x|z) instead of showing E[x|z] "
                                                        "(default: E[x|z])")
     g.add_argument("--temperatures", type=positive_float, nargs="+", default=None, metavar="T",
@@ -182,6 +184,10 @@ def _scatter(model, kind, meta, args, f, temps, out):
     from ..plots import scatter_panels
 
     n = args.n or 5000
+    n_show = min(n, SCATTER_MAX)  # the panels show the first n_show of the n samples, --npy gets all n
+    if n_show < n:
+        print(f"the PNG shows the first {n_show} of the {n} samples per panel"
+              + ("" if args.npy else "; give --npy to save all of them"), flush=True)
     panels = []
     run = common.run_args(meta)
     if run.get("dataset") in TOYS:
@@ -190,10 +196,11 @@ def _scatter(model, kind, meta, args, f, temps, out):
         panels.append((f"{run['dataset']} test data", (gmm if kind == "gmm" else flows).load_data(run)[1]))
     if kind == "flow":
         for t in temps:
-            panels.append((f"samples, T={t:g}", np.concatenate(list(chunks(sampler(model, kind, temperature=t), n,
-                                                                             args.seed)))))
+            panels.append((f"samples, T={t:g}", np.concatenate(list(chunks(sampler(model, kind, temperature=t),
+                                                                             n_show, args.seed)))))
     else:
-        panels.append((f"samples of the {kind} model", np.concatenate(list(chunks(f, n, args.seed)))))
-    scatter_panels(panels, out, title=f"{n} samples per panel (seed {args.seed})")
+        panels.append((f"samples of the {kind} model", np.concatenate(list(chunks(f, n_show, args.seed)))))
+    shown = f"{n}" if n == n_show else f"the first {n_show} of {n}"
+    scatter_panels(panels, out, title=f"{shown} samples per panel (seed {args.seed})")
     if args.npy:
         save_npy(args.npy, n, f, args.seed)

@@ -15,6 +15,7 @@ figures; docs/metrics.md lists every key.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 
 DEFAULT_EPOCHS = 10
+IWAE_BATCH = 100  # test images per IWAE block: its log-weights are (k, IWAE_BATCH) float64
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init", "free_bits",
               "posterior", "iaf_hidden")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
@@ -210,7 +212,7 @@ def evaluate_nelbo(model, x, seed, batch=1000, comm=None):
     return {k: float(v) / n for k, v in zip(sums, tot)}
 
 
-def iwae(model, x, k, seed, batch=100):
+def iwae(model, x, k, seed, batch=IWAE_BATCH):
     """Mean IWAE estimate of log p(x) over x (nats per image), fixed noise."""
     rng = np.random.default_rng([seed, 2])
     tot = 0.0
@@ -220,6 +222,32 @@ def iwae(model, x, k, seed, batch=100):
 
 
 # -- npdgm train vae ------------------------------------------------------------------------------
+def check_sigma(sigma, dtype, x_dim=784):
+    """ValueError naming --sigma when the fixed decoder std is so small that the Gaussian loss and its gradient,
+    of size x_dim / sigma^2, or Adam's square of the gradient overflow ``dtype`` before any update: sigma must be
+    >= sqrt(x_dim / sqrt(max)) (float32: 6.6e-09). None (a learned variance) passes."""
+    if sigma is None:
+        return
+    lo = math.sqrt(x_dim / math.sqrt(float(np.finfo(dtype).max)))
+    if sigma < lo:
+        raise ValueError(f"--sigma {sigma:g} is too small for {np.dtype(dtype).name}: the Gaussian decoder's loss "
+                         f"and gradients scale as 1/sigma^2 = 1e{-2 * math.log10(sigma):.0f} and overflow before the "
+                         f"first update; give --sigma >= {lo:.2g}"
+                         + (" (or --dtype float64)" if np.dtype(dtype) != np.float64 else ""))
+
+
+def check_eval_sizes(run):
+    """ValueError naming --iwae-k, before any training, when the final IWAE estimate would not fit in the memory
+    the backend has now: its log-weights are k x min(iwae_n, IWAE_BATCH) float64, held twice (the array and the
+    exp of its shifted copy). The other evaluation options need memory bounded by the test set."""
+    k, n = run.get("iwae_k", 100), min(run.get("iwae_n", 1000), IWAE_BATCH)
+    need, free = 2 * 8 * k * n, backend.available_memory()
+    if n and free is not None and need > free:
+        raise ValueError(f"--iwae-k {k}: the final IWAE estimate of log p(x) would hold {need / 2**30:.3g} GiB of "
+                         f"importance weights ({k} x {n} test images x 8 bytes, twice) but {free / 2**30:.3g} GiB "
+                         f"are available; lower --iwae-k (or skip the estimate with --iwae-n 0)")
+
+
 def make_step(model, dynamic, objective="elbo", k=5, warmup_steps=0, start_step=0):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`VAE.train_step` (``objective`` "iwae": the
     k-sample IWAE bound) after the policies of the run: ``dynamic``, a new Bernoulli(x) draw of the batch
@@ -250,11 +278,15 @@ def cmd_train(args):
     from ..models.vae import VAE
 
     setup_backend(args)
+    if not args.resume:  # sizes and scales checked before a run directory is made
+        check_sigma(args.sigma, args.dtype)
+        check_eval_sizes(vars(args))
     cfg = {k: getattr(args, k) for k in MODEL_KEYS}
     r = common.resume_or_new(args, "vae", RUN_KEYS, DEFAULT_EPOCHS, lambda run: VAE(x_dim=784, seed=run["seed"], **cfg))
     if r is None:
         return 0
     model, run, out = r
+    check_eval_sizes(run)
     row_mask(1, run["impute_rows"])
     seed = run["seed"]
     x_tr, _ = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
@@ -274,11 +306,17 @@ def cmd_train(args):
     model.beta = model.config["beta"]
     summary = _summary(model, run, records, test_x)
     n_imp = max(10, min(run.get("impute_n", 500), len(x_te)))
-    imp = imputation_errors(model, x_te[:n_imp], x_tr.mean(axis=0), run["impute_rows"], run["impute_steps"],
-                            run.get("impute_k", 100), seed)
-    summary.update(imp[0])
-    print(_imputation_line(imp[0]), flush=True)
-    common.write_summary(out, summary)
+    try:
+        imp, failed = imputation_errors(model, x_te[:n_imp], x_tr.mean(axis=0), run["impute_rows"],
+                                        run["impute_steps"], run.get("impute_k", 100), seed), None
+        summary.update(imp[0])
+        print(_imputation_line(imp[0]), flush=True)
+    except FloatingPointError as e:  # the model overflows: summary.json still records what is known (null + listed)
+        failed, summary["impute_mse_vae"] = e, float("nan")
+    try:
+        common.write_summary(out, summary)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}" + (f"; {failed}" if failed else "")) from None
     if not args.no_plots:
         common.stage_figures(out, args)
         _figures(model, run, out, records, summary, x_te, y_te, imp)

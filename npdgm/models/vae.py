@@ -449,8 +449,14 @@ class VAE(ELBOMixin, Model):
         steps = check_int(steps, "steps", lo=0)
         fill = _check_fill(self, fill, x_obs.shape)
         cur = xp.where(mask, fill, x_obs).astype(self.dtype, copy=False)
-        for _ in range(steps):
-            cur = xp.where(mask, self.reconstruct(cur), x_obs)
+        for s in range(steps):
+            rec = self.reconstruct(cur)
+            if not bool(xp.isfinite(rec).all()):  # the model's fault, not x's: say so before encode blames x
+                raise FloatingPointError(
+                    f"impute: the model's reconstruction became non-finite at step {s + 1} of {steps} "
+                    f"({int(xp.isnan(rec).sum())} NaN, {int(xp.isinf(rec).sum())} inf values): its weights make "
+                    f"the encode/decode iteration overflow; the input is finite")
+            cur = xp.where(mask, rec, x_obs)
         return cur
 
     def _prep_mask(self, x, mask):
