@@ -370,10 +370,6 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     bad_epochs = {r.get("epoch") for r in logged if r.get("nonfinite") or dumps(r)[1]}
     nb = math.ceil(n / batch_size)
     records, saved, bar = [], start_epoch, None
-    if start_epoch and epochs > start_epoch and (where := nonfinite_state(model, optimizer)):
-        raise _said_by_rank0(Diverged(
-            f"the checkpoint in {out} (epoch {start_epoch}) holds a non-finite {where}: it cannot be continued; "
-            f"start a new run with a lower learning rate or --clip"))
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             t0 = time.perf_counter()
