@@ -115,17 +115,18 @@ def supported(exe):
 
 
 def readme_lists():
-    """(ported, not ported) case names from port/c/README.md's two lines ``ported: ...`` / ``not ported: ...``."""
+    """(ported, not ported, extra) case names from port/c/README.md's lines ``ported: ...``, ``not ported: ...``
+    (reference cases) and ``extra: ...`` (driver cases that are not reference cases)."""
     text = open(os.path.join(PORT, "README.md")).read()
     found = {}
-    for label in ("ported", "not ported"):
+    for label in ("ported", "not ported", "extra"):
         m = re.search(rf"^{label}: (.+)$", text, re.M)
         assert m, f"port/c/README.md has no line '{label}: ...'"
         found[label] = [n.strip() for n in m.group(1).split(",")]
-    return found["ported"], found["not ported"]
+    return found["ported"], found["not ported"], found["extra"]
 
 
-PORTED, NOT_PORTED = readme_lists() if os.path.isdir(PORT) else ([], [])
+PORTED, NOT_PORTED, EXTRA = readme_lists() if os.path.isdir(PORT) else ([], [], [])
 CASES = [(s, n) for s, names in SETS.items() for n in names if n in PORTED]
 
 
@@ -138,10 +139,33 @@ def test_port_matches_the_reference_vectors(port, refset, name):
 
 def test_readme_states_what_is_ported_and_the_driver_agrees(port):
     every = [n for names in SETS.values() for n in names]
-    assert sorted(PORTED) == sorted(supported(port))
+    assert sorted(PORTED + EXTRA) == sorted(supported(port))
     assert sorted(PORTED + NOT_PORTED) == sorted(every), "port/c/README.md must list every reference case once"
     assert {"linear", "bernoulli_nll", "reparameterize", "kl_std_normal", "affine_coupling_half", "adam_step",
             "vae_bernoulli"} <= set(PORTED)
+
+
+def test_vae_training_steps_match_npdgm(port):
+    """The C training step (gradient, then Adam) three times on the vae_bernoulli batch and noise gives npdgm's
+    losses and parameters (VAE.loss_and_grad + optim.Adam, lr 1e-2), by the same error rule."""
+    from npdgm import backend
+    from npdgm.models.registry import MODELS
+    from npdgm.optim import Adam
+
+    stored, tol = load_case("models-f64", "vae_bernoulli")
+    config = json.loads(stored["input/model"].tobytes().decode())["config"]
+    with backend.use("numpy", "float64"):
+        model = MODELS["vae"].from_config(config)
+        model.flat_params[...] = stored["input/params"]
+        opt, losses = Adam(model, lr=1e-2), []
+        for _ in range(3):
+            losses.append(float(model.loss_and_grad(stored["input/x"], stored["input/eps"])[0]))
+            opt.step()
+    want = {"output/loss": np.array(losses), "output/params": model.flat_params.copy()}
+    got = run_port(port, "vae_bernoulli_train", {**port_inputs(stored), "steps": 3.0, "lr": 1e-2})
+    errs = errors(got, want)
+    assert all(e <= tol for e in errs.values()), errs
+    assert losses[2] < losses[0] and np.abs(want["output/params"] - stored["input/params"]).max() > 1e-3
 
 
 def test_the_comparison_catches_a_wrong_kernel(port):

@@ -551,8 +551,9 @@ static void case_adam_step(Tensors *in, Tensors *out, const void *arg) {
     for (int s = 0; s < 3; s++) adam_step(&opt, pn, g[s]->data);
 }
 
-static void case_vae_bernoulli(Tensors *in, Tensors *out, const void *arg) {
-    (void)arg;
+/* the VAE config from the vae_bernoulli inputs (hidden, beta, activation, likelihood; x and eps give x_dim,
+ * z_dim), checked against params */
+static VAEConfig vae_config(Tensors *in) {
     char act[64], lik[64];
     VAEConfig c = {0};
     Tensor *x = need(in, "x", 2), *eps = need(in, "eps", 3), *hidden = need(in, "hidden", 1);
@@ -576,6 +577,14 @@ static void case_vae_bernoulli(Tensors *in, Tensors *out, const void *arg) {
                                         (long long)x->dims[0]);
     size_t P = vae_num_params(&c);
     if (params->n != P) die("case %s: params has %zu entries, the VAE's layout %zu", g_case, params->n, P);
+    return c;
+}
+
+static void case_vae_bernoulli(Tensors *in, Tensors *out, const void *arg) {
+    (void)arg;
+    VAEConfig c = vae_config(in);
+    Tensor *x = need(in, "x", 2), *eps = need(in, "eps", 3), *params = need(in, "params", 1);
+    size_t P = params->n;
     double *grads = malloc(sizeof(double) * P);
     VAETerms terms;
     if (!grads || vae_loss_and_grad(&c, params->data, x->data, eps->data, I(x->dims[0]), I(eps->dims[0]), grads,
@@ -596,6 +605,35 @@ static void case_vae_bernoulli(Tensors *in, Tensors *out, const void *arg) {
         memcpy(emit(out, key, nd, dims), grads + offset, sizeof(double) * (size_t)shape[0] * shape[1]);
     }
     free(grads);
+}
+
+/* vae_bernoulli_train (not a reference case): the vae_bernoulli inputs plus steps and lr (0-d); that many
+ * training steps (vae_train_step: the gradient at the same x and eps, then Adam with betas (0.9, 0.999),
+ * eps 1e-8) -> output/loss (steps,) (each step's loss before its update) and output/params (the flat buffer
+ * after the last step) */
+static void case_vae_bernoulli_train(Tensors *in, Tensors *out, const void *arg) {
+    (void)arg;
+    VAEConfig c = vae_config(in);
+    Tensor *x = need(in, "x", 2), *eps = need(in, "eps", 3), *params = need(in, "params", 1);
+    double steps = need(in, "steps", 0)->data[0], lr = need(in, "lr", 0)->data[0];
+    if (!(steps >= 1 && steps <= 1e6 && steps == floor(steps))) die("case %s: steps must be a count >= 1", g_case);
+    if (!(lr > 0 && isfinite(lr))) die("case %s: lr must be a positive number", g_case);
+    int64_t n_steps = (int64_t)steps;
+    double *losses = emit(out, "output/loss", 1, &n_steps), *p = emit_like(out, "output/params", params);
+    double *grads = calloc(params->n, sizeof(double)), *m = calloc(params->n, sizeof(double));
+    double *v = calloc(params->n, sizeof(double));
+    if (!grads || !m || !v) die("out of memory");
+    memcpy(p, params->data, sizeof(double) * params->n);
+    Adam opt = {lr, 0.9, 0.999, 1e-8, 0, m, v, params->n};
+    for (int64_t s = 0; s < n_steps; s++) {
+        VAETerms terms;
+        if (vae_train_step(&c, p, grads, &opt, x->data, eps->data, I(x->dims[0]), I(eps->dims[0]), &terms) != 0)
+            die("out of memory");
+        losses[s] = terms.loss;
+    }
+    free(grads);
+    free(m);
+    free(v);
 }
 
 static const Case CASES[] = {
@@ -642,6 +680,7 @@ static const Case CASES[] = {
     {"unsqueeze", case_squeeze, "un"},
     {"adam_step", case_adam_step, NULL},
     {"vae_bernoulli", case_vae_bernoulli, NULL},
+    {"vae_bernoulli_train", case_vae_bernoulli_train, NULL},
 };
 
 int main(int argc, char **argv) {
