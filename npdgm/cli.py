@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import KEEP_HEAP, __version__, backend
+from . import __version__, accel, backend
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, flows, gmm, m1, m2, sample, vae
 from .commands.common import (ArgumentParser, add_train_args, default_out, nonneg_int,  # noqa: F401
@@ -49,7 +49,11 @@ def _cmd_info(args):
     print(f"backend {name}  dtype {backend.get_dtype()}  cupy usable: {backend.cupy_available()}")
     if problem:
         print(f"problem: {problem} (commands without --backend stop with this error)")
-    print(f"malloc keeps freed memory: {KEEP_HEAP} (NPDGM_KEEP_HEAP; glibc only)")
+    engines = [e for e in accel.AUTO_ORDER if accel.engine_available(e)]
+    print(f"fast wing: --accel auto runs {engines[0] if engines else 'threads (no numba / numexpr)'}; "
+          f"installed engines: {', '.join(engines) or 'none'}; process settings at switch-on:")
+    for line in accel.process.describe():
+        print(f"  {line}")
     try:
         from threadpoolctl import threadpool_info
 
