@@ -129,6 +129,7 @@ def main(argv=None):
         return e.code
     from .io import CheckpointError
 
+    wing = accel.state()   # a command's --accel ends with it, as its --backend / --dtype do
     try:
         with backend.use():  # a command's --backend / --dtype end with it (matters when called from Python)
             return args.func(args) or 0
@@ -143,6 +144,7 @@ def main(argv=None):
         print(f"npdgm: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     finally:
+        accel.set_state(wing)
         release_locks()
 
 

@@ -464,3 +464,30 @@ def test_accel_off_after_on_reproduces_the_reference_bits_of_a_vae_step(cpu_fuse
     again = step()
     assert again[0] == ref[0] and np.array_equal(again[1], ref[1])
     np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_train_accel_option_is_recorded_and_off_gives_the_reference_bits(tmp_path):
+    """``npdgm train vae --accel off`` runs the reference whatever the wing's state before (its checkpoint is
+    the bits of a reference run) and records "off"; the default (auto) records the engine it ran; the
+    command leaves the wing as it found it."""
+    from npdgm.cli import main
+    from npdgm.io import load_arrays
+
+    common = ["train", "vae", "--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--no-plots",
+              "--no-progress", "--overwrite"]
+    runs = {}
+    for name, wing_before, opt in (("ref", "off", ["--accel", "off"]), ("off", "numpy", ["--accel", "off"]),
+                                   ("auto", "off", [])):
+        accel.enable(wing_before)
+        try:
+            assert main([*common, "--out", str(tmp_path / name), *opt]) == 0
+            assert accel.engine() == ("off" if wing_before == "off" else "numpy")      # restored
+        finally:
+            accel.disable()
+        runs[name] = load_arrays(str(tmp_path / name))
+    assert runs["ref"][1]["run"]["accel"] == runs["off"][1]["run"]["accel"] == "off"
+    assert runs["auto"][1]["run"]["accel"] == accel.enable("auto")
+    accel.disable()
+    for k, a in runs["ref"][0].items():
+        if k.startswith("param"):
+            np.testing.assert_array_equal(runs["off"][0][k], a, err_msg=k)

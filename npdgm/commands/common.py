@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from .. import backend
+from .. import accel, backend
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
 
@@ -79,11 +79,20 @@ def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batc
     g.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     g.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
+    add_accel_arg(g)
     add_run_dir_args(g)
     g.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plots", action="store_true", help="skip the figures")
+
+
+def add_accel_arg(g):
+    """--accel: the fast wing (npdgm.accel) for this command; :func:`setup_backend` switches it."""
+    g.add_argument("--accel", choices=accel.CHOICES, default="auto",
+                   help="fast wing: fused kernels, fused Linear+ReLU, threaded/fused Adam (default auto: the "
+                        "fastest installed engine, numba then numexpr; off: the reference kernels, bit for bit; "
+                        "the checkpoint records what ran)")
 
 
 def setup_backend(args):
@@ -93,6 +102,8 @@ def setup_backend(args):
         backend.set_backend(args.backend)
     if getattr(args, "dtype", None):
         backend.set_dtype(args.dtype)
+    if getattr(args, "accel", None):
+        accel.enable(args.accel)
     if hasattr(args, "distributed"):
         distributed.init(args.distributed, gpu=backend.get_backend() == "cupy")
 
@@ -339,7 +350,7 @@ def fit(model, opt, rng, start, run, out, args, step, evaluate, train_x, train_y
     if comm.size > 1 and not getattr(step, "shardable", False):
         raise ValueError(f"this model does not support data-parallel training yet ({comm.size} ranks)")
     train.fit(model, opt, train_x, train_y, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
-              step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run},
+              step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run, "accel": accel.engine()},
               progress=not args.no_progress, clip=run["clip"], comm=comm)
     return train.read_metrics(out)
 
