@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of npdgm, in one go (< 8 minutes; every step has its own timeout):
-#   1. pytest -m gpu                       (the CuPy tests: fused kernels, fused Adam, CUDA graphs)
+#   1. pytest -m gpu                       (the CuPy tests: the fast wing's kernels, fused Adam, CUDA graphs)
 #   1b. the NCCL test (mpiexec + NCCL through CuPy, one rank per GPU); -rs says why if it skips
 #       (it needs mpi4py and an mpiexec: pip install ".[mpi]" where there is a network)
-#   2. every fused kernel against its plain version on CuPy (each kernel table entry, float32 and
+#   2. every fast-wing twin (npdgm/accel) against its reference on CuPy (each kernel table entry, float32 and
 #      float64, and Adam/AdamW); prints one line per kernel, fails loudly on a mismatch
 #   3. the three workloads (vae b128, nice b200, realnvp2d b512) on npdgm-cupy, npdgm-cupy + CUDA graph,
 #      torch eager and torch.compile (CUDA) through the bench harness, with the GPU GEMM floor
@@ -46,13 +46,14 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to $DEST/NAME.lo
 step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/test_distributed.py tests
 step nccl 60 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_distributed.py
 
-# 2. every fused kernel against the plain array code on CuPy
+# 2. every fast-wing twin (npdgm.accel.enable) against the reference array code (accel off) on CuPy
 step fused_compare 60 "$PY" - "$DEST/fused_compare.json" <<'EOF'
 import json, sys
 import numpy as np
 import cupy
-from npdgm import optim
-from npdgm.kernels import fused, table
+from npdgm import accel, optim
+from npdgm.accel.optim import CHUNK
+from npdgm.kernels import table
 from npdgm.nn import Parameter
 
 def flat(out_grads):
@@ -68,26 +69,26 @@ rows = []
 for dtype, tol in ((np.float32, 32 * np.finfo(np.float32).eps), (np.float64, 64 * np.finfo(np.float64).eps)):
     for e in table.TABLE:
         inputs = {k: cupy.asarray(v) for k, v in e.make(np.random.default_rng(1), dtype).items()}
-        fused.set_enabled(False)
+        accel.disable()
         plain = {k: cupy.asnumpy(v) for k, v in flat(e.run(inputs)).items()}
-        fused.set_enabled(True)
+        accel.enable()
         fast = {k: cupy.asnumpy(v) for k, v in flat(e.run(inputs)).items()}
         w = max(worst(fast[k], plain[k], tol) for k in plain)
         rows.append({"kernel": e.name, "dtype": np.dtype(dtype).name, "worst_over_tol": w, "ok": w <= 1})
     for wd, dec in ((0.0, False), (0.1, False), (0.1, True)):
         rng = np.random.default_rng(2)
-        p0 = rng.standard_normal(3 * optim.CHUNK + 7).astype(dtype)
+        p0 = rng.standard_normal(3 * CHUNK + 7).astype(dtype)
         gs = [rng.standard_normal(p0.size).astype(dtype) for _ in range(4)]
         res = {}
         for mode in ("plain", "fused"):
-            fused.set_enabled(mode == "fused")
+            accel.enable() if mode == "fused" else accel.disable()
             p = Parameter(cupy.asarray(p0))
             opt = optim.Adam([p], lr=1e-2, weight_decay=wd, decoupled=dec)
             for g in gs:
                 p.grad[...] = cupy.asarray(g)
                 opt.step()
             res[mode] = cupy.asnumpy(p.data)
-        fused.set_enabled(True)
+        accel.disable()
         w = worst(res["fused"], res["plain"], tol * 4)
         rows.append({"kernel": f"adam(wd={wd}, decoupled={dec})", "dtype": np.dtype(dtype).name,
                      "worst_over_tol": w, "ok": w <= 1})

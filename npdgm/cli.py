@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from . import KEEP_HEAP, __version__, backend, distributed
+from . import __version__, accel, backend, distributed
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, export, flows, gmm, m1, m2, sample, vae
 from .commands.common import (ArgumentParser, add_train_args, config_argv, default_out, format_config,  # noqa: F401
@@ -56,7 +56,11 @@ def _cmd_info(args):
     print(f"backend {name}  dtype {backend.get_dtype()}  cupy usable: {backend.cupy_available()}")
     if problem:
         print(f"problem: {problem} (commands without --backend stop with this error)")
-    print(f"malloc keeps freed memory: {KEEP_HEAP} (NPDGM_KEEP_HEAP; glibc only)")
+    engines = [e for e in accel.AUTO_ORDER if accel.engine_available(e)]
+    print(f"fast wing: --accel auto runs {engines[0] if engines else 'threads (no numba / numexpr)'}; "
+          f"installed engines: {', '.join(engines) or 'none'}; process settings at switch-on:")
+    for line in accel.process.describe():
+        print(f"  {line}")
     try:
         from threadpoolctl import threadpool_info
 
@@ -186,6 +190,7 @@ def main(argv=None):
         return 0
     from .io import CheckpointError
 
+    wing = accel.state()   # a command's --accel ends with it, as its --backend / --dtype do
     try:
         with backend.use(), quiet_numpy():  # a command's --backend / --dtype end with it (called from Python)
             return args.func(args) or 0
@@ -213,6 +218,7 @@ def main(argv=None):
         print(f"npdgm: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     finally:
+        accel.set_state(wing)
         release_locks()
 
 

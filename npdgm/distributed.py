@@ -170,9 +170,7 @@ def move_grads(model, buf, optimizer=None):
         raise ValueError(f"gradient buffer {buf.shape} {buf.dtype} does not match {old.shape} {old.dtype}")
     buf[...] = old
     for p, view in zip(model.parameters(), model.views(buf)):
-        zeroed = p.zeroed
         p.grad = view
-        p.zeroed = zeroed  # the values moved with it
     model.flat_grads = buf
     if optimizer is not None:
         optimizer.pairs = [(p, buf if g is old else g) for p, g in optimizer.pairs]

@@ -207,20 +207,18 @@ def test_gpu_rows_skip_without_cupy():
     assert any("CuPy" in n for n in notes)
 
 
-def test_cuda_graph_step_refuses_the_plain_cupy_kernels():
-    """With the fused kernels off, Adam's bias corrections are host values a captured graph would replay
+def test_cuda_graph_step_refuses_the_reference_wing():
+    """With the fast wing off, Adam's bias corrections are host values a captured graph would replay
     unchanged: the capture is refused (before CuPy is touched, so this runs anywhere)."""
-    from npdgm.kernels import fused
+    from npdgm import accel
+    from npdgm.accel.cuda import CudaGraphStep
 
-    fused.set_enabled(False)
-    try:
-        with pytest.raises(RuntimeError, match="needs the fused kernels"):
-            fused.CudaGraphStep(lambda: None, ())
-    finally:
-        fused.set_enabled(True)
+    accel.disable()
+    with pytest.raises(RuntimeError, match="needs the fast wing"):
+        CudaGraphStep(lambda: None, ())
 
 
-# -- GPU paths: CUDA graphs against eager steps (skipped without CuPy; the fused kernels: tests/test_fused.py) ---
+# -- GPU paths: CUDA graphs against eager steps (skipped without CuPy; the fused kernels: tests/test_accel.py) ---
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["vae", "realnvp2d"])
 def test_cuda_graph_step_matches_eager_steps(cupy, name):
@@ -288,67 +286,79 @@ def test_paired_ratios_pool_every_round():
 
 
 def test_plain_runner_stays_plain_beside_a_fused_one(monkeypatch):
-    """--interleave keeps npdgm-numpy and npdgm-numpy-fused in one process: each runner sets the fused CPU
-    switch to its own setting before its step (the switch is global), so the plain row never runs a fused
-    formula and the fused row runs them all (here with the NumPy-reference engine: no extra needed)."""
-    from npdgm.kernels import fused
+    """--interleave keeps npdgm-numpy and npdgm-numpy-fused in one process: each runner sets the fast wing's
+    switch to its own state before its step (the switch is global), so the reference row never runs a fused
+    formula and the fast row runs them all (here with the NumPy engine: no extra needed)."""
+    from npdgm import accel
+    from npdgm.accel import engines, twins
 
-    real_set, real_run = fused.set_cpu_fused, fused.run
-    monkeypatch.setattr(fused, "set_cpu_fused", lambda flag=True: real_set(flag, "numpy" if flag else None, min_size=0))
+    real_enable, real_run = accel.enable, engines.run
+    monkeypatch.setattr(accel, "enable", lambda engine="auto", **k: real_enable(
+        "off" if engine == "off" else "numpy", min_size=0))
     calls = []
-    monkeypatch.setattr(fused, "run", lambda name, *a, **k: calls.append(name) or real_run(name, *a, **k))
+    record = lambda name, *a, **k: calls.append(name) or real_run(name, *a, **k)  # noqa: E731
+    monkeypatch.setattr(engines, "run", record)
+    monkeypatch.setattr(twins, "run", record)
     try:
         w = small("vae", **SMALL["vae"])
         plain = workloads.NpdgmRunner(w, batch=8, backend="numpy", seed=3)
         fast = workloads.NpdgmRunner(w, batch=8, backend="numpy-fused", seed=3)
-        assert fast.engine == "numpy" and fused.cpu_fused() == "numpy"   # the last one built set the switch
+        assert fast.engine == "numpy" and accel.engine() == "numpy"   # the last one built set the switch
         plain.step()
-        assert calls == [] and fused.cpu_fused() is None
+        assert calls == [] and accel.engine() == "off"
         first = plain.loss()
         fast.step()
-        assert {"adam", "bernoulli_nll_forward", "relu_backward"} <= set(calls)
+        assert {"adam", "bernoulli_nll_forward", "relu_backward", "bias_relu_forward"} <= set(calls)
         calls.clear()
         plain.step()
         assert calls == []
         assert fast.loss() == pytest.approx(first, rel=1e-5)     # the same first step, two paths
     finally:
-        real_set(False)
+        real_enable("off")
 
 
 def test_profile_of_the_fused_row_profiles_the_fused_path(monkeypatch):
-    """``--profile`` of an npdgm-numpy-fused row splits a fused step (it used to profile plain NumPy)."""
+    """``--profile`` of an npdgm-numpy-fused row splits a fast-wing step (it used to profile plain NumPy)."""
+    from npdgm import accel
+    from npdgm.accel import engines, twins
     from npdgm.bench import profile
-    from npdgm.kernels import fused
 
-    real_set, real_run = fused.set_cpu_fused, fused.run
-    monkeypatch.setattr(fused, "set_cpu_fused", lambda flag=True: real_set(flag, "numpy" if flag else None, min_size=0))
+    real_enable, real_run = accel.enable, engines.run
+    monkeypatch.setattr(accel, "enable", lambda engine="auto", **k: real_enable(
+        "off" if engine == "off" else "numpy", min_size=0))
     calls = []
-    monkeypatch.setattr(fused, "run", lambda name, *a, **k: calls.append(name) or real_run(name, *a, **k))
+    record = lambda name, *a, **k: calls.append(name) or real_run(name, *a, **k)  # noqa: E731
+    monkeypatch.setattr(engines, "run", record)
+    monkeypatch.setattr(twins, "run", record)
     try:
         res = profile.profile_step("realnvp2d", batch=16, backend="numpy-fused", steps=1)
     finally:
-        real_set(False)
+        real_enable("off")
     assert res["backend"] == "npdgm-numpy-fused" and {"adam", "affine_coupling_backward"} <= set(calls)
 
 
 def test_profile_times_every_linear_layer_also_the_ones_run_with_their_relu(monkeypatch):
-    """nn.Sequential runs a Linear + ReLU pair through Linear.forward_relu: the profile's "linear" part
-    must include those forwards (it timed Linear.forward alone, so they fell into "elementwise")."""
+    """The fast wing's Sequential runs a Linear + ReLU pair through linear_relu_forward: the profile's
+    "linear" part must include those forwards (it timed Linear.forward alone, so they fell into "elementwise")."""
+    from npdgm import accel
+    from npdgm.accel import layers as fused_layers
     from npdgm.bench import profile
-    from npdgm.nn import layers
 
     import time
 
-    real = layers.Linear.forward_relu
+    real = fused_layers.linear_relu_forward
 
-    def slow(self, x, act):       # 2 ms per pair: 16 pairs per realnvp2d step
+    def slow(x, W, b):       # 2 ms per pair: 16 pairs per realnvp2d step
         time.sleep(0.002)
-        return real(self, x, act)
+        return real(x, W, b)
 
-    monkeypatch.setattr(layers.Linear, "forward_relu", slow)
-    res = profile.profile_step("realnvp2d", batch=16, backend="numpy", steps=1)
+    monkeypatch.setattr(fused_layers, "linear_relu_forward", slow)
+    try:
+        res = profile.profile_step("realnvp2d", batch=16, backend="numpy-fused", steps=1)
+    finally:
+        accel.disable()
     assert res["linear_ms"] >= 16 * 2 and res["elementwise_ms"] < 16 * 2
-    assert layers.Linear.forward_relu is slow       # restored after the profile
+    assert fused_layers.linear_relu_forward is slow       # restored after the profile
 
 
 # -- shipped as `npdgm bench` -------------------------------------------------------------------

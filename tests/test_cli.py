@@ -26,7 +26,7 @@ def test_python_dash_m_works_like_the_script():
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "backend numpy" in out and f"malloc keeps freed memory: {npdgm.KEEP_HEAP}" in out
+    assert "backend numpy" in out and "glibc malloc keeps freed memory:" in out and "OPENBLAS_THREAD_TIMEOUT:" in out
 
 
 def _leaf_commands(parser, path=()):

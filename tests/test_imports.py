@@ -150,6 +150,31 @@ def test_io_and_kernels_import_no_model():
         assert not any(t.startswith(("npdgm.models", "npdgm.commands", "npdgm.cli")) for t in g[low]), (low, g[low])
 
 
+REFERENCE_WING = ("npdgm.backend", "npdgm.kernels", "npdgm.nn", "npdgm.models", "npdgm.optim", "npdgm.train",
+                  "npdgm.inference")
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for t in graph.get(todo.pop(), ()):
+            if t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return seen
+
+
+def test_the_reference_wing_never_imports_the_fast_wing():
+    """backend, kernels, nn, models, optim, train, inference (and the package facade ``import npdgm``) reach
+    no module of npdgm.accel, directly or through another module: the fast wing registers its twins from
+    outside (npdgm/kernels/dispatch.py)."""
+    g = import_graph()
+    reference = [m for m in g if m == "npdgm" or m.startswith(REFERENCE_WING)]
+    assert "npdgm.kernels.activations" in reference and "npdgm.accel" in g
+    bad = {m: sorted(t for t in _reachable(g, m) if t.startswith("npdgm.accel")) for m in reference}
+    assert not any(bad.values()), {m: ts for m, ts in bad.items() if ts}
+
+
 def package_graph(graph):
     """The graph between top-level parts (npdgm.models.vae -> models), for reading."""
     def part(m):

@@ -53,9 +53,8 @@ def test_backward_accumulates(f64, rng):
 
 
 @pytest.mark.parametrize("flat", [False, True])
-def test_zero_grad_then_backward_overwrites_stale_grads(f64, rng, flat):
-    """After zero_grad a Linear writes its gradient with out= (Parameter.zeroed); the result must be
-    the gradient itself whatever the buffer held before, and later backwards must add to it."""
+def test_zero_grad_then_backwards_add_from_zero(f64, rng, flat):
+    """zero_grad clears whatever the gradients held; later backwards add to them."""
     m = MLP(3, [4], 2, rng=0)
     if flat:
         m.flatten()
@@ -64,10 +63,8 @@ def test_zero_grad_then_backward_overwrites_stale_grads(f64, rng, flat):
     m.backward(dy)
     once = {k: v.copy() for k, v in m.grads.items()}
     for g in m.grads.values():
-        g[...] = 7.0                        # stale values a plain backward would add to
-    assert not any(p.zeroed for p in m.parameters())
+        g[...] = 7.0                        # old values a backward would add to
     m.zero_grad()
-    assert all(p.zeroed for p in m.parameters())
     m.forward(x)
     m.backward(dy)
     m.forward(x)
@@ -76,32 +73,19 @@ def test_zero_grad_then_backward_overwrites_stale_grads(f64, rng, flat):
         np.testing.assert_allclose(v, 2 * once[k], rtol=1e-12)
 
 
-def test_zero_grad_of_a_flat_module_defers_the_zeros_to_first_use(f64, rng):
-    """Flattened, zero_grad only marks the gradients (``stale``): a Linear backward overwrites them
-    with out= and nothing fills the buffer; a gradient no backward wrote reads as zeros through
-    ``grad``, ``Module.flat_grads`` and the optimizer, never as the previous step's values."""
+def test_zero_grad_of_a_flat_module_zeroes_the_buffer_for_every_optimizer(f64, rng):
+    """Flattened, zero_grad is one fill of the gradient buffer: a step after a backward that reached only
+    the last layer leaves the first layer where it was (also for optimizers given the parameters one by
+    one, as a generator)."""
     from npdgm.optim import SGD, Adam
 
     m = MLP(3, [4], 2, rng=0).flatten()
     x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
     m.forward(x)
     m.backward(dy)
-    old = m._flat_grads.copy()
     m.zero_grad()
-    assert all(p.zeroed and p.stale for p in m.parameters())
-    np.testing.assert_array_equal(m._flat_grads, old)        # no fill
-    m.forward(x)
-    m.backward(dy)
-    assert not any(p.stale for p in m.parameters())
-    np.testing.assert_array_equal(m._flat_grads, old)        # the same gradient, written once with out=
-    m.zero_grad()
-    np.testing.assert_array_equal(m.flat_grads, 0.0)         # the property writes the zeros first
-    m.zero_grad()
+    np.testing.assert_array_equal(m.flat_grads, 0.0)
     first = m.layers[0]
-    np.testing.assert_array_equal(first.W.grad, 0.0)         # so does the getter, one parameter
-    assert not first.W.stale and first.b.stale
-    # a step after a backward that reached only the last layer: the first layer's gradient is zero (also
-    # for optimizers given the parameters one by one, as a generator)
     for opt in (SGD(m, lr=0.1), Adam(m, lr=0.1), SGD(iter(m.parameters()), lr=0.1),
                 Adam((p for p in m.parameters()), lr=0.1)):
         m.forward(x)
@@ -111,16 +95,13 @@ def test_zero_grad_of_a_flat_module_defers_the_zeros_to_first_use(f64, rng):
         before = first.W.data.copy()
         opt.step()
         np.testing.assert_array_equal(first.W.data, before)
-        assert not any(p.stale for p in m.parameters())
-    first.W.accumulate(np.ones(4), 1)                       # accumulate into a stale gradient: zeros + g
     m.zero_grad()
     first.W.accumulate(np.ones(4), 1)
     np.testing.assert_array_equal(first.W.grad, np.outer([0, 1, 0], np.ones(4)))
 
 
 def test_grad_written_by_hand_after_zero_grad_is_kept(f64, rng):
-    """Touching p.grad ends the known-zero state, so a Linear backward adds to a hand-written term
-    (e.g. a penalty gradient put in before the backward) instead of overwriting it."""
+    """A Linear backward adds to a hand-written term (e.g. a penalty gradient put in before the backward)."""
     m = MLP(3, [4], 2, rng=0).flatten()
     x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
     m.forward(x)
@@ -129,10 +110,11 @@ def test_grad_written_by_hand_after_zero_grad_is_kept(f64, rng):
     m.zero_grad()
     lin = m.layers[0]
     lin.W.grad += 0.5 * lin.W.data
-    assert not lin.W.zeroed and m.layers[2].W.zeroed
+    lin.b.accumulate(np.array([1.0, 2.0]), slice(0, 2))
     m.forward(x)
     m.backward(dy)
     np.testing.assert_allclose(lin.W.grad, once["0.W"] + 0.5 * lin.W.data, rtol=1e-12)
+    np.testing.assert_allclose(lin.b.grad, once["0.b"] + [1.0, 2.0, 0.0, 0.0], rtol=1e-12)
     np.testing.assert_allclose(m.grads["2.W"], once["2.W"], rtol=1e-12)
 
 
@@ -180,29 +162,6 @@ def test_module_subclass_must_call_super_init():
 def test_float64_override():
     with backend.use(dtype="float64"):
         assert Linear(2, 2, rng=0).W.data.dtype == np.float64
-
-
-def test_reading_grad_does_not_change_state_and_writes_are_explicit(f64, rng):
-    """Parameter.grad is a plain getter (issue 14): reading it, or Module.grads, leaves ``zeroed`` as it
-    was; ``p.grad += g`` (the setter) and ``p.accumulate(g, index)`` are the write paths and clear it."""
-    m = MLP(3, [4], 2, rng=0).flatten()
-    m.zero_grad()
-    lin = m.layers[0]
-    _ = lin.W.grad, m.grads, lin.W.grad[0, 0]
-    assert all(p.zeroed for p in m.parameters())
-    lin.b.accumulate(np.array([1.0, 2.0]), slice(0, 2))
-    assert not lin.b.zeroed and lin.W.zeroed
-    np.testing.assert_array_equal(lin.b.grad, [1.0, 2.0, 0.0, 0.0])
-    lin.W.grad += 1.0
-    assert not lin.W.zeroed
-    x, dy = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
-    m.forward(x)
-    m.backward(dy)                      # adds to the hand-written terms instead of overwriting them
-    ref = MLP(3, [4], 2, rng=0).flatten()
-    ref.forward(x)
-    ref.backward(dy)
-    np.testing.assert_allclose(lin.W.grad, ref.grads["0.W"] + 1.0, rtol=1e-12)
-    np.testing.assert_allclose(lin.b.grad, ref.grads["0.b"] + [1.0, 2.0, 0.0, 0.0], rtol=1e-12)
 
 
 def test_conditional_mlp_lives_in_nn_and_matches_the_concatenated_mlp(f64, rng):

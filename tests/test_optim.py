@@ -4,8 +4,18 @@ import math
 import numpy as np
 import pytest
 
-from npdgm import optim
+from npdgm import accel, optim
+from npdgm.accel import engines
+from npdgm.accel import optim as fast_optim
 from npdgm.nn import MLP, Parameter
+
+
+@pytest.fixture
+def threaded_adam():
+    """The fast wing with no CPU engine: Adam.step is the chunked threaded twin (switched off after)."""
+    assert accel.enable("threads") == "threads"
+    yield
+    accel.disable()
 
 
 def _quadratic_grads(p, target):
@@ -133,8 +143,8 @@ def test_adam_trains_a_small_regression():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.05, False), (0.05, True)])
-def test_textbook_adam_update_against_the_fast_chunked_step(dtype, wd, decoupled, rng):
-    """optim.adam_update (the paper's lines, whole arrays) beside Adam.step (chunked over 4 threads, bias
+def test_textbook_adam_update_against_the_fast_chunked_step(dtype, wd, decoupled, rng, threaded_adam):
+    """optim.adam_update (the paper's lines, whole arrays) beside the wing's Adam.step (chunked over 4 threads, bias
     corrections folded into two scalars: a = lr sqrt(1-b2^t)/(1-b1^t), e = eps sqrt(1-b2^t)).
 
     m and v take the same operations in the same order: bit-for-bit equal. The parameter update is the
@@ -142,12 +152,12 @@ def test_textbook_adam_update_against_the_fast_chunked_step(dtype, wd, decoupled
     NOT bit-for-bit: ~1-2% of the entries differ, each by at most a few ulps of max(|p_old|, |p_new|)
     (measured: <= 6; they are the last bits of the step where |p| is about the size of the step). The
     check restarts the textbook from the fast p every step so the ulps cannot add up."""
-    n = 3 * optim.CHUNK + 123                           # several chunks, a partial one, threads used
+    n = 3 * fast_optim.CHUNK + 123                            # several chunks, a partial one, threads used
     p_fast = (rng.standard_normal(n) * 0.5).astype(dtype)
     p_book = p_fast.copy()
     param = Parameter(p_fast)
-    old = optim.get_num_threads()
-    optim.set_num_threads(4)
+    old = fast_optim.get_num_threads()
+    fast_optim.set_num_threads(4)
     try:
         opt = optim.Adam([param], lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decoupled=decoupled)
         m, v = np.zeros(n, dtype), np.zeros(n, dtype)
@@ -166,7 +176,22 @@ def test_textbook_adam_update_against_the_fast_chunked_step(dtype, wd, decoupled
             assert ulps.max() <= 8, (t, ulps.max())
             assert (param.data != p_book).mean() < 0.05                   # mostly identical bits
     finally:
-        optim.set_num_threads(old)
+        fast_optim.set_num_threads(old)
+
+
+def test_reference_adam_step_is_the_textbook_update_bit_for_bit(rng):
+    """With the wing off, Adam.step is optim.adam_update on every parameter array: the same bits."""
+    n = 1000
+    param = Parameter(rng.standard_normal(n).astype(np.float32))
+    p, m, v = param.data.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    opt = optim.Adam([param], lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+    for t in range(1, 4):
+        g = rng.standard_normal(n).astype(np.float32)
+        param.grad[...] = g
+        opt.step()
+        optim.adam_update(p, g, m, v, t, 3e-3, 0.8, 0.99, 1e-6, 0.05)
+        np.testing.assert_array_equal(param.data, p)
+        np.testing.assert_array_equal(opt.m[0], m)
 
 
 def test_optimizer_has_no_zero_grad():
@@ -184,50 +209,46 @@ def _adam_steps(p0, grads):
     return p.data.copy()
 
 
-def test_threaded_chunked_adam_is_bitwise_the_single_thread_update():
+def test_threaded_chunked_adam_is_bitwise_the_single_thread_update(threaded_adam):
     rng = np.random.default_rng(0)
-    n = 5 * optim.CHUNK + 123                      # several chunks, a ragged tail
+    n = 5 * fast_optim.CHUNK + 123                       # several chunks, a ragged tail
     p0 = rng.standard_normal(n).astype(np.float32)
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
     out = []
-    old = optim.get_num_threads()
+    old = fast_optim.get_num_threads()
     try:
         for threads in (1, 3):
-            optim.set_num_threads(threads)
+            fast_optim.set_num_threads(threads)
             out.append(_adam_steps(p0, grads))
     finally:
-        optim.set_num_threads(old)
+        fast_optim.set_num_threads(old)
     np.testing.assert_array_equal(out[0], out[1])
-    spans = optim._spans(n, optim.CHUNK, 3)
+    spans = fast_optim._spans(n, fast_optim.CHUNK, 3)
     assert spans[0][0] == 0 and spans[-1][1] == n and len(spans) == 3
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
 
 
 def _engines():
-    from npdgm.kernels import fused
-
-    return [pytest.param(e, marks=pytest.mark.skipif(not fused.engine_available(e), reason=f"{e} absent"))
-            for e in fused.ENGINES]
+    return [pytest.param(e, marks=pytest.mark.skipif(not engines.engine_available(e), reason=f"{e} absent"))
+            for e in engines.ENGINES]
 
 
 @pytest.mark.parametrize("engine", _engines())
 @pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.05, False), (0.05, True)])
 def test_fused_cpu_adam_against_the_textbook_update(engine, wd, decoupled):
-    """With the fused CPU path on, Adam.step runs the formula ``adam`` (one pass over p, g, m, v: numba's
+    """With a CPU engine on, the wing's Adam.step runs the formula ``adam`` (one pass over p, g, m, v: numba's
     loop, or numexpr / the NumPy reference per chunk on 2 threads). Against optim.adam_update: m and v
     within 2 ulps (numba and numexpr may contract a*b + c differently), p within 8 ulps of
     max(|p_old|, |p_new|) per step (the textbook folds the bias corrections differently); against the
-    plain fast step the NumPy reference is bit-for-bit (same operations in the same order)."""
-    from npdgm.kernels import fused
-
+    chunked threaded step the NumPy evaluation is bit-for-bit (same operations in the same order)."""
     rng = np.random.default_rng(3)
-    n = 4 * optim.CHUNK + 77                                # threads and a partial chunk
+    n = 4 * fast_optim.CHUNK + 77                                # threads and a partial chunk
     p0 = (rng.standard_normal(n) * 0.5).astype(np.float32)
     fast, plain = Parameter(p0.copy()), Parameter(p0.copy())
     kw = dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decoupled=decoupled)
     opt_fast, opt_plain = optim.Adam([fast], **kw), optim.Adam([plain], **kw)
-    old = optim.get_num_threads()
-    optim.set_num_threads(2)
+    old = fast_optim.get_num_threads()
+    fast_optim.set_num_threads(2)
     try:
         for t in range(1, 5):
             g = rng.standard_normal(n).astype(np.float32) * (10.0 ** (t - 2))
@@ -236,9 +257,9 @@ def test_fused_cpu_adam_against_the_textbook_update(engine, wd, decoupled):
             book, m, v = fast.data.copy(), opt_fast.m[0].copy(), opt_fast.v[0].copy()   # all start alike
             plain.data[...], opt_plain.m[0][...], opt_plain.v[0][...] = book, m, v
             p_old = book.copy()
-            assert fused.set_cpu_fused(True, engine, min_size=0) == engine
+            assert accel.enable(engine, min_size=0) == engine
             opt_fast.step()
-            fused.set_cpu_fused(False)
+            accel.enable("threads")
             opt_plain.step()
             optim.adam_update(book, g, m, v, t, 3e-3, 0.8, 0.99, 1e-6, wd, decoupled)
             for a, b in ((opt_fast.m[0], m), (opt_fast.v[0], v)):
@@ -248,48 +269,51 @@ def test_fused_cpu_adam_against_the_textbook_update(engine, wd, decoupled):
             if engine == "numpy":
                 np.testing.assert_array_equal(fast.data, plain.data)
     finally:
-        fused.set_cpu_fused(False)
-        optim.set_num_threads(old)
+        accel.disable()
+        fast_optim.set_num_threads(old)
 
 
 def test_fused_numba_adam_split_over_threads_is_bitwise_one_loop(monkeypatch):
     """The numba Adam (one compiled loop that releases the GIL) split over the optimizer's threads from
     NUMBA_THREADED_MIN parameters on: the same bits as one loop over the whole buffer."""
-    from npdgm.kernels import fused
-
-    if not fused.engine_available("numba"):
+    if not engines.engine_available("numba"):
         pytest.skip("numba absent")
     rng = np.random.default_rng(5)
-    n = 3 * optim.CHUNK + 11
+    n = 3 * fast_optim.CHUNK + 11
     p0 = rng.standard_normal(n).astype(np.float32)
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
     out, spans = [], []
-    real_spans = optim._spans
-    monkeypatch.setattr(optim, "_spans", lambda *a: spans.append(real_spans(*a)) or spans[-1])
-    old = optim.get_num_threads()
-    optim.set_num_threads(2)
+    real_spans = fast_optim._spans
+    monkeypatch.setattr(fast_optim, "_spans", lambda *a: spans.append(real_spans(*a)) or spans[-1])
+    old = fast_optim.get_num_threads()
+    fast_optim.set_num_threads(2)
     try:
-        fused.set_cpu_fused(True, "numba", min_size=0)
+        accel.enable("numba", min_size=0)
         for threshold in (1 << 40, 0):
-            monkeypatch.setattr(optim, "NUMBA_THREADED_MIN", threshold)
+            monkeypatch.setattr(fast_optim, "NUMBA_THREADED_MIN", threshold)
             out.append(_adam_steps(p0, grads))
     finally:
-        fused.set_cpu_fused(False)
-        optim.set_num_threads(old)
+        accel.disable()
+        fast_optim.set_num_threads(old)
     np.testing.assert_array_equal(out[0], out[1])
     assert len(spans[0]) == 1 and len(spans[-1]) == 2
 
 
 @pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=1e-2), lambda ps: optim.Adam(ps, lr=1e-2, weight_decay=0.1,
                                   decoupled=True), lambda ps: optim.SGD(ps, lr=1e-2, momentum=0.9)])
-def test_a_step_with_an_empty_parameter_leaves_the_others_right(make):
+@pytest.mark.parametrize("wing", ["off", "threads"])
+def test_a_step_with_an_empty_parameter_leaves_the_others_right(make, wing):
     """A 0-element parameter beside a real one: the step must not fail (the chunk split once divided by
     zero chunks) and the real one moves as it does alone."""
     g = np.linspace(-1, 1, 5)
     alone, both = Parameter(np.ones(5)), [Parameter(np.zeros(0)), Parameter(np.ones(5))]
-    for ps in ([alone], both):
-        opt = make(ps)
-        for p in ps:
-            p.grad[...] = g[:p.data.size]
-        opt.step()
+    accel.enable(wing)
+    try:
+        for ps in ([alone], both):
+            opt = make(ps)
+            for p in ps:
+                p.grad[...] = g[:p.data.size]
+            opt.step()
+    finally:
+        accel.disable()
     assert both[0].data.shape == (0,) and np.array_equal(both[1].data, alone.data)

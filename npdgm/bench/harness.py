@@ -14,7 +14,7 @@ import time
 
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_VERBOSE", "OPENBLAS_THREAD_TIMEOUT")
-OPENBLAS_THREAD_TIMEOUT = "21"  # npdgm's own default (npdgm/__init__.py), applied here before NumPy loads
+OPENBLAS_THREAD_TIMEOUT = "21"  # the fast wing's choice (npdgm/accel/process.py), applied here before NumPy loads
 
 
 def set_threads(n):
@@ -28,7 +28,7 @@ def set_threads(n):
     keys = THREAD_ENV + ("NPDGM_NUM_THREADS",)
     old_env = {k: os.environ.get(k) for k in keys + ("OPENBLAS_THREAD_TIMEOUT",)}
     old_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
-    optim = sys.modules.get("npdgm.optim")
+    optim = sys.modules.get("npdgm.accel.optim")    # the fast wing's optimizer threads, when loaded
     old_optim = optim._threads["n"] if optim is not None else None
     for k in keys:
         os.environ[k] = str(n)
@@ -96,8 +96,9 @@ def machine_info():
         pass
     try:
         import npdgm
+        from npdgm.accel import process
         info["npdgm"] = npdgm.__version__
-        info["keep_heap"] = npdgm.KEEP_HEAP     # freed memory kept for reuse (npdgm/__init__.py)
+        info["keep_heap"] = process.settings()["malloc keeps freed memory"]   # npdgm/accel/process.py
     except ImportError:
         pass
     try:

@@ -5,7 +5,7 @@ parts add up to the step):
     zero_grad        model.zero_grad()
     loss_and_grad    forward + backward; inside it, every Linear layer's forward/backward is timed
                      (matmul + bias add + grad accumulation = "linear layers"; a Linear + ReLU pair
-                     that nn.Sequential runs through ``Linear.forward_relu`` counts with its ReLU);
+                     that the fast wing's Sequential runs through ``linear_relu_forward`` counts with its ReLU);
                      the rest is elementwise work (activations, losses, couplings) and Python overhead
     optimizer        Adam.step()
 The GEMM floor (pure matmul time on the same shapes, measured separately) is shown beside the
@@ -24,6 +24,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
     import numpy as np
 
     from npdgm import backend as B
+    from npdgm.accel import layers as fused_layers
     from npdgm.nn import layers
 
     from .npdgm_models import loss_and_grad
@@ -34,7 +35,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
     r = NpdgmRunner(w, batch, backend, seed)
     sync = r.sync
     acc = {"linear": 0.0}
-    orig_f, orig_b, orig_fr = layers.Linear.forward, layers.Linear.backward, layers.Linear.forward_relu
+    orig_f, orig_b, orig_fr = layers.Linear.forward, layers.Linear.backward, fused_layers.linear_relu_forward
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -50,7 +51,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
     for _ in range(3):
         r.step()
     layers.Linear.forward, layers.Linear.backward = timed(orig_f), timed(orig_b)
-    layers.Linear.forward_relu = timed(orig_fr)
+    fused_layers.linear_relu_forward = timed(orig_fr)
     try:
         for i in range(steps):
             x = r.batches[i % len(r.batches)]
@@ -76,7 +77,7 @@ def profile_step(workload, batch=None, backend="numpy", seed=0, steps=20, floor_
             rec["step"].append(t3 - t0)
     finally:
         layers.Linear.forward, layers.Linear.backward = orig_f, orig_b
-        layers.Linear.forward_relu = orig_fr
+        fused_layers.linear_relu_forward = orig_fr
     # means, not medians: the parts of a step add up to the step exactly
     med = {k: statistics.fmean(v) * 1e3 for k, v in rec.items()}
     return {"workload": w.name, "backend": f"npdgm-{backend}", "batch": batch, "step_ms": med["step"],

@@ -41,8 +41,8 @@ def add_arguments(p):
     p.add_argument("--workloads", default="vae,nice,realnvp2d",
                    help="comma list of vae, nice, realnvp2d (default: all three)")
     p.add_argument("--backends", default="numpy,torch",
-                   help="comma list of numpy, numpy-fused (the fused CPU path: numba or numexpr), cupy, torch "
-                        "(default: numpy,torch)")
+                   help="comma list of numpy (the reference wing: --accel off), numpy-fused (the fast wing: "
+                        "--accel auto, numba or numexpr), cupy, torch (default: numpy,torch)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--batch-size", "--batch", type=int, default=None, dest="batch",
                    help="batch size (default: each workload's own; --batch is its old name)")
@@ -167,14 +167,14 @@ def _build(spec, backend):
         xp_name = backend.split("-")[1]
         if xp_name == "cupy":
             gpu_kind = "cupy"
-            from npdgm.kernels import fused
+            from npdgm.accel.cuda import set_tf32
 
-            fused.set_tf32(spec.get("tf32", False))
+            set_tf32(spec.get("tf32", False))
         _gpu_peak_start(gpu_kind)
         r = NpdgmRunner(w, batch, backend[len("npdgm-"):], spec["seed"])   # numpy, numpy-fused or cupy
         impl = "library"
         if backend == "npdgm-numpy-fused":
-            impl += f"+fused[{r.engine}]"     # numba's loops on one thread (see set_cpu_fused)
+            impl += f"+accel[{r.engine}]"     # numba's loops on one thread (see accel.engines.set_engine)
         if xp_name == "cupy" and spec.get("cuda_graph"):
             r.enable_cuda_graph()
             impl += "+graph"
@@ -287,9 +287,9 @@ def run_floor(spec):
     if spec["device"] == "gpu":
         import cupy as xp
 
-        from npdgm.kernels import fused
+        from npdgm.accel.cuda import set_tf32
 
-        fused.set_tf32(spec.get("tf32", False))
+        set_tf32(spec.get("tf32", False))
         sync = xp.cuda.get_current_stream().synchronize
     else:
         import numpy as xp
@@ -375,9 +375,9 @@ def plan(args):
     if "numpy" in backends:
         run_backends.append(("npdgm-numpy", "cpu"))
     if "numpy-fused" in backends:
-        from npdgm.kernels import fused
+        from npdgm.accel import engine_available
 
-        if fused.engine_available("numba") or fused.engine_available("numexpr"):
+        if engine_available("numba") or engine_available("numexpr"):
             run_backends.append(("npdgm-numpy-fused", "cpu"))
         else:
             notes.append("numpy-fused: neither numba nor numexpr is installed; the fused CPU row is skipped")

@@ -160,20 +160,20 @@ def get_workload(name):
 class NpdgmRunner:
     """One training step of the library model: zero grads, loss_and_grad, Adam step.
 
-    ``backend``: "numpy" (the plain NumPy kernels), "numpy-fused" (NumPy arrays through the fused CPU
-    path, :func:`npdgm.kernels.fused.set_cpu_fused`) or "cupy". A NumPy runner sets the fused CPU
-    switch to its own setting before every step, so a plain and a fused runner can share one process."""
+    ``backend``: "numpy" (the reference wing: ``--accel off``), "numpy-fused" (the fast wing with the fastest
+    installed engine: ``--accel auto``, :func:`npdgm.accel.enable`) or "cupy" (the fast wing's CUDA kernels).
+    A runner sets the wing's switch to its own state before every step, so a reference and a fast runner
+    can share one process."""
 
     def __init__(self, workload, batch, backend="numpy", seed=0):
+        from npdgm import accel
         from npdgm import backend as B
-        from npdgm.kernels import fused
         from npdgm.optim import Adam
 
-        self.fused = fused
-        self.cpu_state = None
-        if backend in ("numpy", "numpy-fused"):
-            self.engine = fused.set_cpu_fused(backend == "numpy-fused")   # numba's loops on one thread
-            self.cpu_state = fused.cpu_state()
+        self.accel = accel
+        self.engine = accel.enable() if backend != "numpy" else accel.enable("off")   # numba's loops: one thread
+        self.accel_state = accel.state()
+        if backend == "numpy-fused":
             backend = "numpy"
         B.set_backend(backend)
         B.set_dtype("float32")
@@ -194,8 +194,7 @@ class NpdgmRunner:
     def step(self):
         from npdgm import backend as B
 
-        if self.cpu_state is not None:
-            self.fused.set_cpu_state(self.cpu_state)
+        self.accel.set_state(self.accel_state)
         x = self.batches[self.i % len(self.batches)]
         self.i += 1
         eps = None
@@ -208,7 +207,7 @@ class NpdgmRunner:
         """Replace :meth:`step` by the replay of a captured CUDA graph of the same step (CuPy only):
         the batch and the noise are copied into static device buffers, then one graph launch runs
         forward, backward and the fused Adam update."""
-        from npdgm.kernels.fused import CudaGraphStep
+        from npdgm.accel.cuda import CudaGraphStep
 
         def dev_step(x, *eps):
             loss = self._loss_and_grad(self.model, x, eps[0] if eps else None)

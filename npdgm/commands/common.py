@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-from .. import backend, runfiles
+from .. import accel, backend, runfiles
 from .._filelock import try_lock
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
@@ -135,6 +135,7 @@ def add_train_args(p, epochs=10, batch_size=128, lr=1e-3, epochs_help=None, batc
     r.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend (default: $NPDGM_BACKEND or numpy)")
     r.add_argument("--dtype", choices=backend.DTYPES, default="float32", help="float type (default float32)")
+    add_accel_arg(r)
     add_run_dir_args(r)
     r.add_argument("--distributed", action="store_true",
                    help="data-parallel over MPI ranks (default: on when started by mpiexec -n N, N > 1)")
@@ -210,6 +211,14 @@ def format_config(parser, args, fmt="json"):
     return "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None)
 
 
+def add_accel_arg(g):
+    """--accel: the fast wing (npdgm.accel) for this command; :func:`setup_backend` switches it."""
+    g.add_argument("--accel", choices=accel.CHOICES, default="auto",
+                   help="fast wing: fused kernels, fused Linear+ReLU, threaded/fused Adam (default auto: the "
+                        "fastest installed engine, numba then numexpr; off: the reference kernels, bit for bit; "
+                        "the checkpoint records what ran)")
+
+
 def setup_backend(args):
     from .. import distributed
 
@@ -217,6 +226,8 @@ def setup_backend(args):
         backend.set_backend(args.backend)
     if getattr(args, "dtype", None):
         backend.set_dtype(args.dtype)
+    if getattr(args, "accel", None):
+        accel.enable(args.accel)
     if hasattr(args, "distributed"):
         distributed.init(args.distributed, gpu=backend.get_backend() == "cupy")
 
@@ -585,7 +596,7 @@ def fit(model, opt, rng, start, run, out, args, step, evaluate, train_x, train_y
     if comm.size > 1 and not getattr(step, "shardable", False):
         raise ValueError(f"this model does not support data-parallel training yet ({comm.size} ranks)")
     train.fit(model, opt, train_x, train_y, epochs=run["epochs"], batch_size=run["batch_size"], out=out, rng=rng,
-              step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run},
+              step=step, evaluate=evaluate, start_epoch=start, run_meta={"args": run, "accel": accel.engine()},
               progress=not args.no_progress, clip=run["clip"], comm=comm)
     track(out, run, done=run["epochs"])
     return train.read_metrics(out)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 
 from ..backend import array_module
-from . import fused as _fused
 from ._check import check_same_shape
+from .dispatch import twinnable
 
 LOG_2PI = math.log(2 * math.pi)
 SCALE_CLAMPS = ("tanh", "atan", "none")
@@ -55,18 +55,15 @@ def scale_clamp_backward(ds, raw, s, kind="tanh", bound=1.0):
 
 
 # -- affine coupling (the transformed half) --------------------------------------------------
+@twinnable
 def affine_coupling_forward(xb, s, t):
     """y_b = x_b * exp(s) + t;  logdet = sum_j s_j.   xb, s, t: (B, nb) -> (y_b (B, nb), logdet (B,))."""
     check_same_shape("xb", xb, "s", s)
     check_same_shape("xb", xb, "t", t)
-    if _fused.active(xb, s, t):
-        return _fused.affine_coupling_forward(xb, s, t)
-    xp = array_module(xb)
-    yb = xb * xp.exp(s)
-    yb += t
-    return yb, s.sum(axis=1)
+    return xb * array_module(xb).exp(s) + t, s.sum(axis=1)
 
 
+@twinnable
 def affine_coupling_backward(dyb, dlogdet, xb, s):
     """Gradients of y_b = x_b * exp(s) + t, logdet = sum s:
 
@@ -76,8 +73,6 @@ def affine_coupling_backward(dyb, dlogdet, xb, s):
     Returns (dx_b, ds, dt); ``dlogdet`` (B,) may be None (no gradient reaches the log-det).
     """
     check_same_shape("dyb", dyb, "xb", xb)
-    if _fused.active(dyb, xb, s) and (dlogdet is None or _fused.active(dlogdet, xb)):
-        return _fused.affine_coupling_backward(dyb, dlogdet, xb, s)
     xp = array_module(xb)
     dxb = dyb * xp.exp(s)
     ds = dxb * xb
@@ -86,17 +81,14 @@ def affine_coupling_backward(dyb, dlogdet, xb, s):
     return dxb, ds, dyb
 
 
+@twinnable
 def affine_coupling_inverse(yb, s, t):
     """x_b = (y_b - t) * exp(-s);  logdet_inv = -sum_j s_j."""
     check_same_shape("yb", yb, "s", s)
-    if _fused.active(yb, s, t):
-        return _fused.affine_coupling_inverse(yb, s, t)
-    xp = array_module(yb)
-    xb = yb - t
-    xb *= xp.exp(-s)
-    return xb, -s.sum(axis=1)
+    return (yb - t) * array_module(yb).exp(-s), -s.sum(axis=1)
 
 
+@twinnable
 def affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s):
     """Gradients of x_b = (y_b - t) * exp(-s), logdet_inv = -sum s, written with x_b = the inverse's output:
 
@@ -106,8 +98,6 @@ def affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s):
     Returns (dy_b, ds, dt).
     """
     check_same_shape("dxb", dxb, "xb", xb)
-    if _fused.active(dxb, xb, s) and (dlogdet_inv is None or _fused.active(dlogdet_inv, xb)):
-        return _fused.affine_coupling_inverse_backward(dxb, dlogdet_inv, xb, s)
     xp = array_module(xb)
     dyb = dxb * xp.exp(-s)
     ds = -(dxb * xb)
@@ -213,11 +203,10 @@ def gaussian_logprob_backward(dlogp, z):
     return -dlogp[:, None] * z
 
 
+@twinnable
 def logistic_logprob_forward(z):
     """Standard logistic log-density per row: sum_d -(softplus(z_d) + softplus(-z_d))
     = sum_d -(|z_d| + 2 log1p(exp(-|z_d|)))."""
-    if _fused.active(z):
-        return _fused.logistic_logprob_forward(z)
     xp = array_module(z)
     a = xp.abs(z)
     return -(a + 2 * xp.log1p(xp.exp(-a))).sum(axis=1)

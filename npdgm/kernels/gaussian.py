@@ -1,24 +1,22 @@
 """Diagonal Gaussian q(z|x) = N(mu, exp(logvar)): reparameterization and KL to N(0, I)."""
 from ..backend import array_module
-from . import fused as _fused
 from ._check import check_same_shape
+from .dispatch import twinnable
 
 
+@twinnable
 def reparameterize_forward(mu, logvar, eps):
     """z = mu + exp(logvar / 2) * eps.   mu, logvar, eps: (B, Z) (eps may be (K, B, Z))."""
     check_same_shape("mu", mu, "logvar", logvar)
     if eps.shape[-mu.ndim:] != mu.shape:
         raise ValueError(f"eps must end with shape {mu.shape}, got {eps.shape}")
-    if _fused.active(mu, logvar, eps):
-        return _fused.reparameterize_forward(mu, logvar, eps)
     return mu + array_module(mu).exp(0.5 * logvar) * eps
 
 
+@twinnable
 def reparameterize_backward(dz, logvar, eps):
     """dmu = dz,  dlogvar = dz * eps * exp(logvar / 2) / 2   (summed over leading sample axes).
     Returns (dmu, dlogvar)."""
-    if _fused.active(dz, logvar, eps):
-        return _fused.reparameterize_backward(dz, logvar, eps)
     xp = array_module(dz)
     dlv = dz * eps * (0.5 * xp.exp(0.5 * logvar))
     extra = tuple(range(dz.ndim - logvar.ndim))
@@ -27,19 +25,17 @@ def reparameterize_backward(dz, logvar, eps):
     return dz, dlv
 
 
+@twinnable
 def kl_std_normal_forward(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, I)) per row = 0.5 * sum_j (mu^2 + exp(logvar) - 1 - logvar) -> (B,)."""
     check_same_shape("mu", mu, "logvar", logvar)
-    if _fused.active(mu, logvar):
-        return _fused.kl_std_normal_forward(mu, logvar)
     xp = array_module(mu)
     return 0.5 * (mu * mu + xp.exp(logvar) - 1 - logvar).sum(axis=1)
 
 
+@twinnable
 def kl_std_normal_backward(dkl, mu, logvar):
     """dmu = dkl * mu,  dlogvar = dkl * (exp(logvar) - 1) / 2.  Returns (dmu, dlogvar)."""
-    if _fused.active(dkl, mu, logvar):
-        return _fused.kl_std_normal_backward(dkl, mu, logvar)
     xp = array_module(mu)
     d = dkl[:, None]
     return d * mu, d * 0.5 * (xp.exp(logvar) - 1)

@@ -4,13 +4,14 @@
 import math
 
 from ..backend import array_module
-from . import fused as _fused
 from ._check import check_2d, check_same_shape
 from .activations import sigmoid_forward, softplus_forward
+from .dispatch import twinnable
 
 LOG_2PI = math.log(2 * math.pi)
 
 
+@twinnable
 def bernoulli_nll_forward(logits, x):
     """-log Bernoulli(x | sigmoid(l)) summed over features = sum_d softplus(l) - x * l.
 
@@ -18,21 +19,13 @@ def bernoulli_nll_forward(logits, x):
     """
     check_2d("logits", logits)
     check_same_shape("logits", logits, "x", x)
-    if _fused.active(logits, x):
-        return _fused.bernoulli_nll_forward(logits, x)
-    nll = softplus_forward(logits)          # a fresh array: subtract in place
-    nll -= x * logits
-    return nll.sum(axis=1)
+    return (softplus_forward(logits) - x * logits).sum(axis=1)
 
 
+@twinnable
 def bernoulli_nll_backward(dloss, logits, x):
     """dl = dloss[:, None] * (sigmoid(l) - x)."""
-    if _fused.active(dloss, logits, x):
-        return _fused.bernoulli_nll_backward(dloss, logits, x)
-    dl = sigmoid_forward(logits)            # a fresh array: finish in place
-    dl -= x
-    dl *= dloss[:, None]
-    return dl
+    return (sigmoid_forward(logits) - x) * dloss[:, None]
 
 
 def gaussian_nll_forward(mu, x, logvar):

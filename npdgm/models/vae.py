@@ -64,7 +64,7 @@ from .base import Model
 from .elbo import ELBOMixin, iwae_backward, iwae_estimate, iwae_forward, log_weights, posterior_sample
 from .iaf_posterior import build_iaf_posterior, flow_forward, parse_posterior
 from ..kernels.gaussian import kl_free_bits_forward
-from .elbo import as_noise as _as_noise, draw as _draw, generator as _generator  # noqa: F401  (old names)
+from .elbo import draw as _draw, generator as _generator
 
 __all__ = ["VAE"]
 

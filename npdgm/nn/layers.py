@@ -7,7 +7,8 @@ import numpy
 
 from .. import backend
 from ..kernels.activations import get_activation
-from ..kernels.linear import linear_backward, linear_forward, linear_relu_forward
+from ..kernels.dispatch import twinnable
+from ..kernels.linear import linear_backward, linear_forward
 from .module import Module, Parameter
 
 INITS = ("torch", "xavier_uniform", "xavier_normal", "kaiming_normal", "zeros")
@@ -68,29 +69,11 @@ class Linear(Module):
         self._x = x
         return linear_forward(x, self.W.data, self.b.data)
 
-    def forward_relu(self, x, act):
-        """``act.forward(self.forward(x))`` for the ReLU ``act`` after this layer, through
-        ``linear_relu_forward`` (the fused path adds the bias and applies the ReLU in one pass); both
-        layers keep what their backward needs."""
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            return act.forward(self.forward(x))     # forward's own error message
-        self._x = x
-        y = linear_relu_forward(x, self.W.data, self.b.data)
-        act._cache = y
-        return y
-
     def backward(self, dy, need_dx=True):
-        """dx = dy @ W.T;  W.grad += x.T @ dy;  b.grad += sum_B dy  (written straight into the
-        gradients when they were just zeroed: the usual one backward per zero_grad)."""
-        W, b = self.W, self.b
-        if W.zeroed and b.zeroed:
-            dx, _, _ = linear_backward(dy, self._x, W.data, need_dx, dW=W._grad, db=b._grad)
-            W.overwritten()
-            b.overwritten()
-            return dx
-        dx, dW, db = linear_backward(dy, self._x, W.data, need_dx)
-        W.grad += dW
-        b.grad += db
+        """dx = dy @ W.T;  W.grad += x.T @ dy;  b.grad += sum_B dy."""
+        dx, dW, db = linear_backward(dy, self._x, self.W.data, need_dx)
+        self.W.grad += dW
+        self.b.grad += db
         return dx
 
 
@@ -126,17 +109,10 @@ class Sequential(Module):
                 raise TypeError(f"Sequential item {i} is {type(m).__name__}, not a Module")
             self._modules[str(i)] = m
 
+    @twinnable
     def forward(self, x):
-        layers, i = self.layers, 0
-        while i < len(layers):
-            m = layers[i]
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if type(m) is Linear and type(nxt) is Activation and nxt.name == "relu":
-                x = m.forward_relu(x, nxt)      # the pair through linear_relu_forward: one pass when fused
-                i += 2
-            else:
-                x = m.forward(x)
-                i += 1
+        for m in self.layers:
+            x = m.forward(x)
         return x
 
     def backward(self, dy, need_dx=True):

@@ -1,6 +1,7 @@
-"""Fused formulas (npdgm/kernels/formulas.py) against the plain kernels: the NumPy reference and the
-numexpr CPU path on every input maker of the kernel table, the generated CUDA source compiled and run
-as C++ on the CPU, and (``pytest -m gpu``) the generated CuPy kernels on a GPU."""
+"""The fast wing (npdgm/accel/) against the reference: every twin beside its reference kernel on every
+input maker of the kernel table (the formulas' NumPy evaluation, numexpr and numba on the CPU), the
+generated CUDA source compiled and run as C++ on the CPU, and (``pytest -m gpu``) the generated CuPy
+kernels on a GPU. The reference never imports the wing (tests/test_imports.py)."""
 import os
 import shutil
 import subprocess
@@ -9,21 +10,23 @@ import sys
 import numpy as np
 import pytest
 
-from npdgm import backend
-from npdgm.kernels import formulas as F
-from npdgm.kernels import fused, table
+from npdgm import accel, backend
+from npdgm import kernels as K
+from npdgm.accel import cuda, engines, twins
+from npdgm.accel import formulas as F
+from npdgm.kernels import dispatch, table
 
-HAVE_NUMEXPR = fused.engine_available("numexpr")
-HAVE_NUMBA = fused.engine_available("numba")
+HAVE_NUMEXPR = engines.engine_available("numexpr")
+HAVE_NUMBA = engines.engine_available("numba")
 ENGINES = ["numpy", pytest.param("numexpr", marks=pytest.mark.skipif(not HAVE_NUMEXPR, reason="numexpr absent"))]
 NUMBA_ENTRIES = ("relu", "bernoulli_nll", "reparameterize_samples")  # ~0.5 s of compiling per formula
 
 
 @pytest.fixture
 def cpu_fused():
-    """fused.set_cpu_fused(...) for the test, restored to plain NumPy after it."""
-    yield fused.set_cpu_fused
-    fused.set_cpu_fused(False)
+    """accel.enable(...) for the test, switched off (the reference) after it."""
+    yield accel.enable
+    accel.disable()
 
 
 def _arrays(out_grads):
@@ -35,24 +38,24 @@ def _arrays(out_grads):
 def _plain_and_fused(entry, dtype, engine):
     inputs = entry.make(np.random.default_rng(11), dtype)
     plain = _arrays(entry.run(inputs))
-    fused.set_cpu_fused(True, engine, min_size=0)
+    accel.enable(engine, min_size=0)
     try:
         fast = _arrays(entry.run(inputs))
     finally:
-        fused.set_cpu_fused(False)
+        accel.disable()
     return plain, fast
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_fused_formulas_match_plain_kernels_on_every_table_entry(dtype, engine, monkeypatch):
-    """The NumPy reference of every formula is the plain kernel to the last bit (same operation order);
-    numexpr and numba (their own exp/log1p, whose last bit depends on the CPU and the library's SIMD path)
-    are within 16 ulps of the values' scale. Every formula but Adam's (tests/test_optim.py) is reached by
-    some entry."""
+def test_twins_match_reference_kernels_on_every_table_entry(dtype, engine, monkeypatch):
+    """Every twin (a formula evaluated by NumPy) is its reference kernel to the last bit (same operation
+    order); numexpr and numba (their own exp/log1p, whose last bit depends on the CPU and the library's SIMD
+    path) are within 16 ulps of the values' scale. Every formula but Adam's (tests/test_optim.py) is reached
+    by some entry."""
     called = set()
-    run = fused.run
-    monkeypatch.setattr(fused, "run", lambda name, *a, **k: called.add(name) or run(name, *a, **k))
+    run = twins.run
+    monkeypatch.setattr(twins, "run", lambda name, *a, **k: called.add(name) or run(name, *a, **k))
     eps = np.finfo(dtype).eps
     for entry in table.TABLE:
         plain, fast = _plain_and_fused(entry, dtype, engine)
@@ -156,21 +159,26 @@ def test_numba_loops_on_every_table_entry(dtype):
 
 def test_fused_cpu_path_is_off_by_default_and_small_arrays_stay_plain(cpu_fused):
     x = np.ones((4, 3), np.float32)
-    assert fused.cpu_fused() is None and not fused.on_cpu(x, x)
-    assert cpu_fused(True, "numpy", min_size=13) == "numpy"
-    assert not fused.on_cpu(x, x) and fused.on_cpu(np.ones((13,), np.float32))
-    assert not fused.on_cpu(x, x.astype(np.float64)) and not fused.on_cpu(np.ones(20, np.int64))
-    with pytest.raises(ValueError, match="unknown fused CPU engine 'jax'"):
-        cpu_fused(True, "jax")
+    assert accel.engine() == "off" and engines.cpu_engine() is None and not engines.on_cpu(x, x)
+    assert not dispatch.twins()
+    assert cpu_fused("numpy", min_size=13) == "numpy" == accel.engine()
+    assert not engines.on_cpu(x, x) and engines.on_cpu(np.ones((13,), np.float32))
+    assert not engines.on_cpu(x, x.astype(np.float64)) and not engines.on_cpu(np.ones(20, np.int64))
+    with pytest.raises(ValueError, match="unknown accel engine 'jax'"):
+        cpu_fused("jax")
 
 
-def test_without_numexpr_the_switch_warns_and_stays_plain(cpu_fused, monkeypatch):
-    monkeypatch.setattr(fused, "engine_available", lambda e: e == "numpy")
-    with pytest.warns(RuntimeWarning, match="neither numba nor numexpr is installed"):
-        assert cpu_fused(True) is None
-    assert fused.cpu_fused() is None
+def test_auto_without_numba_and_numexpr_runs_the_threaded_optimizer_only(cpu_fused, monkeypatch):
+    """auto takes the first installed of numba, numexpr; without either the wing stays on with no CPU
+    engine ("threads": reference kernels, the chunked threaded Adam); naming a missing engine is an error."""
+    monkeypatch.setattr(accel, "engine_available", lambda e: e == "numexpr")
+    assert cpu_fused("auto") == "numexpr"
+    monkeypatch.setattr(accel, "engine_available", lambda e: e == "numpy")
+    monkeypatch.setattr(engines, "engine_available", lambda e: e == "numpy")
+    assert cpu_fused("auto") == "threads" == accel.engine()
+    assert engines.cpu_engine() is None and dispatch.twins()
     with pytest.raises(ImportError, match="fused CPU engine 'numexpr' is not installed"):
-        cpu_fused(True, "numexpr")
+        cpu_fused("numexpr")
 
 
 @pytest.mark.skipif(not HAVE_NUMEXPR, reason="numexpr absent")
@@ -211,8 +219,23 @@ def test_temporaries_are_inlined_and_a_stale_read_is_refused():
         F.Formula("stale", "a = 2 * m\nm = m + 1\nx = a + m", "m", inplace="m", outputs="m x").expressions()
 
 
-def test_every_fused_kernel_is_a_formula_and_the_docstring_tells_the_choice():
-    assert {n for n in dir(fused) if n.endswith(("_forward", "_backward", "_inverse"))} <= set(F.FORMULAS)
+def test_every_twinnable_reference_has_a_twin_of_its_name_and_the_docstring_tells_the_choice():
+    """Every ``@twinnable`` kernel gets a twin of the same name at switch-on (and Sequential.forward,
+    Adam.step theirs); switching off removes them all."""
+    import inspect
+
+    from npdgm.kernels import activations, coupling, gaussian, linear, losses
+
+    refs = {f.twin_name for m in (activations, coupling, gaussian, linear, losses)
+            for _, f in inspect.getmembers(m) if hasattr(f, "twin_name")}
+    assert all(ref.__name__ == twin.__name__ for ref, twin in twins.TWINS)
+    assert len(refs) == 21
+    try:
+        accel.enable("numpy")
+        assert set(dispatch.twins()) == refs | {"npdgm.nn.layers.Sequential.forward", "npdgm.optim.Adam.step"}
+    finally:
+        accel.disable()
+    assert dispatch.twins() == {}
     assert "numba" in F.__doc__ and "numexpr" in F.__doc__
 
 
@@ -295,12 +318,12 @@ def test_cupy_fused_kernels_match_plain_cupy_and_numpy(cupy, entry):
     host = _arrays(entry.run(inputs))
     dev = {k: cupy.asarray(v) for k, v in inputs.items()}
     try:
-        fused.set_enabled(False)
+        accel.disable()
         plain = {k: cupy.asnumpy(v) for k, v in _dev_arrays(entry.run(dev)).items()}
-        fused.set_enabled(True)
+        accel.enable()
         fast = {k: cupy.asnumpy(v) for k, v in _dev_arrays(entry.run(dev)).items()}
     finally:
-        fused.set_enabled(True)
+        accel.disable()
     for k, h in host.items():
         scale = np.abs(h) + np.abs(h).max()
         for other in (plain[k], fast[k]):
@@ -316,14 +339,15 @@ def _dev_arrays(out_grads):
 @pytest.mark.parametrize("wd, decoupled", [(0.0, False), (0.1, False), (0.1, True)])
 def test_cupy_fused_adam_matches_plain_update(cupy, wd, decoupled):
     from npdgm import optim
+    from npdgm.accel.optim import CHUNK
     from npdgm.nn import Parameter
 
     r = np.random.default_rng(2)
-    p0 = r.standard_normal(3 * optim.CHUNK + 7).astype(np.float32)
+    p0 = r.standard_normal(3 * CHUNK + 7).astype(np.float32)
     grads = [r.standard_normal(p0.size).astype(np.float32) for _ in range(4)]
     out = {}
     for mode in ("numpy", "plain", "fused"):
-        fused.set_enabled(mode == "fused")
+        accel.enable() if mode == "fused" else accel.disable()
         try:
             p = Parameter(p0.copy() if mode == "numpy" else cupy.asarray(p0))
             opt = optim.Adam([p], lr=1e-2, weight_decay=wd, decoupled=decoupled)
@@ -332,24 +356,23 @@ def test_cupy_fused_adam_matches_plain_update(cupy, wd, decoupled):
                 opt.step()
             out[mode] = backend.to_host(p.data)
         finally:
-            fused.set_enabled(True)
+            accel.disable()
     np.testing.assert_allclose(out["fused"], out["plain"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["fused"], out["numpy"], rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_only_paths_are_inert_without_cupy():
-    """fused.* never runs CuPy code for NumPy arrays; without CuPy its switches are no-ops and nothing
+    """The wing never runs CuPy code for NumPy arrays; without CuPy its switches are no-ops and nothing
     imports cupy."""
-    from npdgm import kernels as K
     from npdgm.bench import workloads
 
     x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
-    assert not fused.on_gpu(x)
+    assert not engines.on_gpu(x)
     np.testing.assert_array_equal(K.relu_backward(x, np.maximum(x, 0)), x * (x > 0))
     try:
         import cupy  # noqa: F401
     except ImportError:
-        assert fused.set_tf32(True) is False
+        assert cuda.set_tf32(True) is False
         assert "cupy" not in sys.modules
         w = type(workloads.get_workload("vae"))()
         w.x_dim, w.hidden, w.z_dim = 784, 32, 4
@@ -357,6 +380,7 @@ def test_gpu_only_paths_are_inert_without_cupy():
             workloads.NpdgmRunner(w, batch=4, backend="cupy")
     finally:
         backend.set_backend("numpy")
+        accel.disable()
 
 
 def test_gpu_check_script_is_valid_bash_and_says_no_gpu(tmp_path):
@@ -376,10 +400,10 @@ def test_bench_has_a_fused_cpu_row(monkeypatch):
     from npdgm.bench import run
 
     args = run.parse_args(["--backends", "numpy,numpy-fused", "--workloads", "vae", "--no-floor"])
-    monkeypatch.setattr(fused, "engine_available", lambda e: e == "numexpr")
+    monkeypatch.setattr(accel, "engine_available", lambda e: e == "numexpr")
     points, _, notes = run.plan(args)
     assert [p["backend"] for p in points] == ["npdgm-numpy", "npdgm-numpy-fused"]
-    monkeypatch.setattr(fused, "engine_available", lambda e: e == "numpy")
+    monkeypatch.setattr(accel, "engine_available", lambda e: e == "numpy")
     points, _, notes = run.plan(args)
     assert [p["backend"] for p in points] == ["npdgm-numpy"]
     assert any("numpy-fused: neither numba nor numexpr" in n for n in notes)
@@ -392,8 +416,79 @@ def test_numba_parallel_loop_is_bitwise_the_serial_one(cpu_fused):
     dy, y = (r.standard_normal((300, 40)).astype(np.float32) for _ in range(2))
     outs = []
     for threads in (1, 2):
-        assert cpu_fused(True, "numba", min_size=0, threads=threads) == "numba"
-        assert fused._state["threads"] == threads
-        outs.append(fused.tanh_backward(dy, y))
+        assert cpu_fused("numba", min_size=0, threads=threads) == "numba"
+        assert engines._state["threads"] == threads
+        outs.append(K.tanh_backward(dy, y))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], dy * (1 - y * y))
+
+
+def test_sequential_twin_fuses_linear_relu_pairs_with_the_reference_bits(cpu_fused):
+    """The wing's Sequential.forward runs each Linear + ReLU pair through the bias-add + ReLU formula: the
+    forward, the caches the backward reads, and so the gradients are the reference's bits."""
+    from npdgm.nn import MLP
+
+    rng = np.random.default_rng(6)
+    x, dy = rng.standard_normal((64, 30)).astype(np.float32), rng.standard_normal((64, 5)).astype(np.float32)
+    out = []
+    for wing in ("off", "numpy"):
+        cpu_fused(wing, min_size=0)
+        m = MLP(30, [40, 20], 5, rng=0).flatten()
+        y = m.forward(x)
+        m.backward(dy)
+        out.append((y, m.flat_grads.copy()))
+    np.testing.assert_array_equal(out[1][0], out[0][0])
+    np.testing.assert_array_equal(out[1][1], out[0][1])
+
+
+def test_accel_off_after_on_reproduces_the_reference_bits_of_a_vae_step(cpu_fused):
+    """A VAE step (loss, gradients, Adam) with the wing switched on and off again is the reference's
+    step bit for bit: switching off leaves nothing behind."""
+    from npdgm import VAE
+    from npdgm.optim import Adam
+
+    rng = np.random.default_rng(7)
+    x = (rng.random((32, 20)) > 0.5).astype(np.float32)
+    eps = rng.standard_normal((32, 3)).astype(np.float32)
+
+    def step():
+        m = VAE(x_dim=20, hidden=(16,), z_dim=3, seed=0)
+        opt = Adam(m, lr=1e-2)
+        loss, _ = m.loss_and_grad(x, eps)
+        opt.step()
+        return float(loss), m.flat_params.copy()
+
+    ref = step()
+    cpu_fused("auto", min_size=0)
+    fast = step()
+    accel.disable()
+    again = step()
+    assert again[0] == ref[0] and np.array_equal(again[1], ref[1])
+    np.testing.assert_allclose(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_train_accel_option_is_recorded_and_off_gives_the_reference_bits(tmp_path):
+    """``npdgm train vae --accel off`` runs the reference whatever the wing's state before (its checkpoint is
+    the bits of a reference run) and records "off"; the default (auto) records the engine it ran; the
+    command leaves the wing as it found it."""
+    from npdgm.cli import main
+    from npdgm.io import load_arrays
+
+    common = ["train", "vae", "--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--no-plots",
+              "--no-progress", "--overwrite"]
+    runs = {}
+    for name, wing_before, opt in (("ref", "off", ["--accel", "off"]), ("off", "numpy", ["--accel", "off"]),
+                                   ("auto", "off", [])):
+        accel.enable(wing_before)
+        try:
+            assert main([*common, "--out", str(tmp_path / name), *opt]) == 0
+            assert accel.engine() == ("off" if wing_before == "off" else "numpy")      # restored
+        finally:
+            accel.disable()
+        runs[name] = load_arrays(str(tmp_path / name))
+    assert runs["ref"][1]["run"]["accel"] == runs["off"][1]["run"]["accel"] == "off"
+    assert runs["auto"][1]["run"]["accel"] == accel.enable("auto")
+    accel.disable()
+    for k, a in runs["ref"][0].items():
+        if k.startswith("param"):
+            np.testing.assert_array_equal(runs["off"][0][k], a, err_msg=k)
