@@ -148,8 +148,6 @@ def _register_glow(train_commands):
     g.add_argument("--depth", type=positive_int, default=4, help="flow steps per level (default 4)")
     g.add_argument("--hidden", type=positive_int, default=32, metavar="H",
                    help="channels of each coupling's conv net (default 32)")
-    g.add_argument("--logit", action="store_true", help="logit-transform the pixels first (off in the paper)")
-    g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
     _data_args(p, image=True, toy=False)
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train, family="glow", epochs=None)
@@ -221,8 +219,8 @@ def _run_from_args(args):
         if 28 % 2 ** args.levels:
             raise ValueError(f"--levels {args.levels}: MNIST's 28x28 images allow --levels 1 or 2 (each level "
                              f"halves H and W)")
-        run.update(dataset="mnist", levels=args.levels, depth=args.depth, hidden=args.hidden, logit=args.logit,
-                   alpha=args.alpha, batch_size=args.batch_size)
+        run.update(dataset="mnist", levels=args.levels, depth=args.depth, hidden=args.hidden,
+                   batch_size=args.batch_size)
     else:  # flow2d, or realnvp on a toy set
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
                    hidden=args.hidden or [256, 256], scale=args.scale,
@@ -270,8 +268,7 @@ def build_model(run):
         return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
                          scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed)
     if run["family"] == "glow":
-        return flows.glow((1, 28, 28), run["levels"], run["depth"], run["hidden"], logit=run["logit"],
-                          alpha=run["alpha"], seed=seed)
+        return flows.glow((1, 28, 28), run["levels"], run["depth"], run["hidden"], seed=seed)
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)

@@ -30,6 +30,7 @@ from ..nn.layers import Activation, Sequential
 from ..nn.module import Parameter
 from ..validate import check_float, check_int
 from .flow_layers import FlowLayer, InvertibleLinear, _layer
+from .registry import SHAPE_FREE_TYPES
 
 __all__ = ["Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvAffineCoupling", "check_image_shape"]
 
@@ -45,6 +46,12 @@ def check_image_shape(image_shape, dim):
     if int(np.prod(shape)) > dim:
         raise ValueError(f"image_shape {shape} holds {int(np.prod(shape))} features, more than the flow's dim {dim}")
     return shape
+
+
+def _image_layer(cls):
+    """Register a flow layer spec and mark it as sized by its channels only (checkpoint size bound)."""
+    SHAPE_FREE_TYPES.add(cls.__name__)
+    return _layer(cls)
 
 
 class _ImageLayer(FlowLayer):
@@ -102,7 +109,7 @@ class _ImageLayer(FlowLayer):
         return backend.array_module(img).zeros(img.shape[0], dtype=img.dtype)
 
 
-@_layer
+@_image_layer
 class Squeeze(_ImageLayer):
     """Space to depth: (C, H, W) -> (4C, H/2, W/2), y[c 4 + 2 i + j, h, w] = x[c, 2 h + i, 2 w + j]
     (PyTorch's pixel_unshuffle, :func:`npdgm.kernels.conv.squeeze_forward`). A permutation of the features:
@@ -134,7 +141,7 @@ class Squeeze(_ImageLayer):
         return unsqueeze_backward(dimg)
 
 
-@_layer
+@_image_layer
 class ChannelActNorm(_ImageLayer):
     """Glow's activation normalization per channel:  y[b, c, h, w] = (x[b, c, h, w] + loc_c) exp(ls_c),
     log|det| = H W sum_c ls_c.
@@ -226,7 +233,7 @@ def _image(rows, shape):
     return rows.reshape(-1, H, W, C).transpose(0, 3, 1, 2)
 
 
-@_layer
+@_image_layer
 class InvertibleConv1x1(_ImageLayer):
     """Glow's invertible 1x1 convolution: the same C x C linear map at every pixel,
     y[b, :, h, w] = x[b, :, h, w] W  with W = P L (U + diag(s)) the LU parameterization of
@@ -279,7 +286,7 @@ def log_sigmoid(x):
     return -softplus_forward(-x)
 
 
-@_layer
+@_image_layer
 class ConvAffineCoupling(_ImageLayer):
     """Glow's affine coupling on channels (openai/glow's ``affine_coupling``): x_a = the first C//2 channels
     (conditioning), x_b the others;  h = NN(x_a),  t = h[:, 0::2],  r = h[:, 1::2],  s = sigmoid(r + 2),
