@@ -18,5 +18,5 @@ __all__ = ["Model", "VAE", "CVAE", "M2", "Flow", "FlowLayer", "AdditiveCoupling"
            "realnvp2d", "maf", "maf2d", "glow", "bits_per_dim",
            "GaussianMixture", "PCAGaussianMixture",
            # the modules too, so the API reference documents them
-           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "autoregressive", "flows", "glow_layers", "kmeans", "gmm",
-           "registry", "iaf_posterior", "m1"]
+           "base", "elbo", "vae", "cvae", "m2", "flow_layers", "autoregressive", "flows", "glow_layers", "kmeans",
+           "gmm", "registry", "iaf_posterior", "m1"]
