@@ -43,8 +43,10 @@ def _torch_glow_logprob(flow, P, x):
     return (-0.5 * h ** 2 - 0.5 * math.log(2 * math.pi)).sum(1) + logdet
 
 
-@pytest.mark.parametrize("shape,levels,depth,hidden", [((1, 8, 8), 2, 2, 6), ((3, 4, 4), 1, 2, 5),
-                                                        ((2, 4, 4), 2, 1, 4)])
+CASES = [((1, 8, 8), 2, 2, 6), ((3, 4, 4), 1, 2, 5), ((2, 4, 4), 2, 1, 4)]
+
+
+@pytest.mark.parametrize("shape,levels,depth,hidden", CASES)
 def test_glow_loss_and_every_gradient_match_pytorch(f64, rng, shape, levels, depth, hidden):
     fl = NF.glow(shape, levels=levels, depth=depth, hidden=hidden, seed=3)
     d = int(np.prod(shape))
