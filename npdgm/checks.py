@@ -47,7 +47,7 @@ for _name in ("relu", "tanh", "elu", "softplus"):
 # with central differences of the forward-only loss.
 from .models.cvae import CVAE  # noqa: E402
 from .models.flows import (IAF, MAF, ActNorm, AdditiveCoupling, AffineCoupling, Flow,  # noqa: E402
-                           InvertibleLinear, LogitTransform, Permutation, Scaling, SplineCoupling)
+                           InvertibleLinear, LogitTransform, Permutation, Scaling, SplineCoupling, glow)
 from .models.m2 import M2  # noqa: E402
 from .models.vae import VAE  # noqa: E402
 
@@ -222,6 +222,15 @@ def _flow_grad_report(flow, x, rng):
     return rep
 
 
+def _moved(flow, rng, shape):
+    """``flow`` after its data-dependent init on a random batch of ``shape`` and with every parameter moved by
+    N(0, 0.1^2) (zero-initialized layers would hide wrong gradients upstream of them; at 0.2 the inverse of a
+    random z reaches 1e13 through the sigmoid scales and central differences lose their digits)."""
+    flow.forward(rng.uniform(0, 1, shape))
+    flow.flat_params[...] += 0.1 * rng.standard_normal(flow.flat_params.shape)
+    return flow
+
+
 def _register_flow_checks():
     def unit(rng, n, d):
         return rng.uniform(0.05, 0.95, (n, d))
@@ -255,6 +264,9 @@ def _register_flow_checks():
         "spline": lambda rng: (Flow([SplineCoupling(4, "half", 0, [6], "tanh", bins=4, bound=2.0, seed=6),
                                      SplineCoupling(4, "alternate", 1, [5], "softplus", bins=3, bound=2.5, seed=7)]),
                                rng.standard_normal((6, 4)) * 1.5),
+        # Glow on 2x4x4 images, 2 levels (squeeze, split), parameters moved off their (zero) init
+        "glow": lambda rng: (_moved(glow((2, 4, 4), levels=2, depth=2, hidden=4, seed=1), rng, (5, 32)),
+                             rng.uniform(0, 1, (5, 32))),
     }
     for tag, make in cases.items():
         def fn(rng, make=make):

@@ -1,4 +1,5 @@
-"""``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train maf``, ``npdgm train flow2d`` (``npdgm sample RUNDIR``
+"""``npdgm train nice``, ``npdgm train realnvp``, ``npdgm train maf``, ``npdgm train glow``, ``npdgm train flow2d``
+(``npdgm sample RUNDIR``
 draws from them).
 
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
@@ -8,6 +9,7 @@ draws from them).
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
     npdgm train maf --data mnist --epochs 5               # MAF: logit + 5 x (ActNorm, MADE layer), order reversed
+    npdgm train glow --data mnist --epochs 5              # Glow: 2 levels x 4 steps, conv couplings (32 channels)
     npdgm train nice --resume runs/nice-... --epochs 6    # continue bit-for-bit
     npdgm sample runs/nice-... --temperatures 0.5 0.8 1.0 # (flow-sample is its old name)
 
@@ -56,10 +58,11 @@ def _data_args(p, image=True, toy=True):
 
 
 def register(commands, train_commands):
-    """npdgm train nice | realnvp | maf | flow2d (``npdgm sample`` is commands/sample.py)."""
+    """npdgm train nice | realnvp | maf | glow | flow2d (``npdgm sample`` is commands/sample.py)."""
     _register_nice(train_commands)
     _register_realnvp(train_commands)
     _register_maf(train_commands)
+    _register_glow(train_commands)
     _register_flow2d(train_commands)
 
 
@@ -131,6 +134,25 @@ def _register_maf(train_commands):
     p.set_defaults(func=cmd_train, family="maf", epochs=None)
 
 
+def _register_glow(train_commands):
+    p = train_commands.add_parser(
+        "glow", help="Glow (multi-scale, 1x1 convolutions, conv couplings) on MNIST",
+        description="Glow on dequantized MNIST: --levels levels of squeeze (space to depth) + --depth steps of "
+                    "(per-channel ActNorm, invertible 1x1 convolution with the LU parameterization, affine coupling "
+                    "on channels with a conv net 3x3 -> 1x1 -> 3x3 zero-initialized, scale sigmoid(r + 2)), half "
+                    "the channels factored out to the standard normal prior after every level but the last. "
+                    "Loss = mean NLL (nats/image), reported in bits/dim.")
+    g = p.add_argument_group("model")
+    g.add_argument("--levels", type=positive_int, default=2,
+                   help="levels (squeezes); 28x28 allows 1 or 2 (default 2: 28 -> 14 -> 7)")
+    g.add_argument("--depth", type=positive_int, default=4, help="flow steps per level (default 4)")
+    g.add_argument("--hidden", type=positive_int, default=32, metavar="H",
+                   help="channels of each coupling's conv net (default 32)")
+    _data_args(p, image=True, toy=False)
+    add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
+    p.set_defaults(func=cmd_train, family="glow", epochs=None)
+
+
 def _register_flow2d(train_commands):
     p = train_commands.add_parser(
         "flow2d", help="RealNVP, MAF or spline flow on a 2-D toy density (--flow)",
@@ -161,7 +183,7 @@ def _register_flow2d(train_commands):
 
 # -- helpers --------------------------------------------------------------------------------------
 def _is_image(run):
-    return run["family"] in ("nice", "maf") or (run["family"] == "realnvp" and run.get("dataset") == "mnist")
+    return run["family"] in ("nice", "maf", "glow") or (run["family"] == "realnvp" and run.get("dataset") == "mnist")
 
 
 def _nice_hidden(args):
@@ -192,6 +214,12 @@ def _run_from_args(args):
     elif fam == "maf":
         run.update(dataset="mnist", layers=args.layers, hidden=list(args.hidden), ordering=args.ordering,
                    scale=args.scale, scale_bound=args.scale_bound, actnorm=not args.no_actnorm, alpha=args.alpha,
+                   batch_size=args.batch_size)
+    elif fam == "glow":
+        if 28 % 2 ** args.levels:
+            raise ValueError(f"--levels {args.levels}: MNIST's 28x28 images allow --levels 1 or 2 (each level "
+                             f"halves H and W)")
+        run.update(dataset="mnist", levels=args.levels, depth=args.depth, hidden=args.hidden,
                    batch_size=args.batch_size)
     else:  # flow2d, or realnvp on a toy set
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
@@ -239,6 +267,8 @@ def build_model(run):
     if run["family"] == "maf":
         return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
                          scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed)
+    if run["family"] == "glow":
+        return flows.glow((1, 28, 28), run["levels"], run["depth"], run["hidden"], seed=seed)
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
                            seed=seed)
@@ -271,9 +301,7 @@ def init_actnorm(flow, train_x, image, seed, n=1000):
     """Data-dependent ActNorm init on the first ``n`` training examples (dequantized with their own seeded
     noise, so the training RNG stream and hence resume are unaffected) instead of the first minibatch:
     per-pixel statistics of 64 images are too noisy for MNIST's nearly constant border pixels."""
-    from ..models.flows import ActNorm
-
-    if not any(isinstance(layer, ActNorm) and not layer.initialized for layer in flow.layers):
+    if not any(getattr(layer, "initialized", True) is False for layer in flow.layers):  # (Channel)ActNorm
         return
     x = train_x[:n]
     if image:
@@ -296,7 +324,7 @@ def evaluate(flow, x_test, image, comm=None):
     return out
 
 
-# -- npdgm train nice | realnvp | maf | flow2d ------------------------------------------------------------
+# -- npdgm train nice | realnvp | maf | glow | flow2d ------------------------------------------------------------
 def make_step(model, image):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`Flow.train_step`, one NLL gradient (images:
     dequantized with fresh noise first, and bits/dim reported); logged as train_loss and train_nll."""

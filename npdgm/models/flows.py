@@ -12,7 +12,8 @@ The layers and masks live in :mod:`npdgm.models.flow_layers` (re-exported here, 
 ``flows.AffineCoupling`` still works): AdditiveCoupling (NICE), AffineCoupling (RealNVP, bounded
 scale), Permutation, Scaling, ActNorm, LogitTransform, each with forward / backward / inverse /
 inverse_backward (shapes in their docstrings). This module: the container :class:`Flow`.
-Factories used by the CLI and the benchmarks: :func:`nice`, :func:`realnvp2d`, :func:`realnvp`.
+Factories used by the CLI and the benchmarks: :func:`nice`, :func:`realnvp2d`, :func:`realnvp`, :func:`maf`,
+:func:`glow` (its image layers are in :mod:`npdgm.models.glow_layers`).
 
     >>> import npdgm, numpy as np
     >>> flow = npdgm.models.flows.realnvp2d(n_couplings=8, hidden=(256, 256), seed=0)
@@ -35,10 +36,12 @@ from .flow_layers import (FLOW_LAYERS, MASKS, ActNorm, AdditiveCoupling, AffineC
                           InvertibleLinear, LogitTransform, Permutation, Scaling, SplineCoupling, _check_input,
                           build_layer, make_mask)
 from .autoregressive import IAF, MAF  # noqa: E402,F401  (registers the MAF / IAF layer specs)
+from .glow_layers import ChannelActNorm, ConvAffineCoupling, InvertibleConv1x1, Squeeze  # noqa: F401  (and specs)
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
            "LogitTransform", "InvertibleLinear", "SplineCoupling", "MAF", "IAF", "Flow", "make_mask", "nice",
-           "realnvp2d", "realnvp", "maf2d", "maf", "spline2d", "bits_per_dim", "FLOW_LAYERS"]
+           "realnvp2d", "realnvp", "maf2d", "maf", "spline2d", "glow", "bits_per_dim", "FLOW_LAYERS",
+           "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvAffineCoupling"]
 
 
 def bits_per_dim(nll_nats, dim, levels=256):
@@ -358,3 +361,33 @@ def spline2d(n_couplings=8, hidden=(64, 64), bins=8, bound=5.0, prior="gaussian"
     return Flow([SplineCoupling(2, "half", i % 2, hidden, activation, bins, bound, min_width, min_height,
                                 min_derivative, seed=seed * 1000 + i, identity_init=identity_init)
                  for i in range(n_couplings)], prior=prior, checked=checked)
+
+
+def glow(image_shape=(1, 28, 28), levels=2, depth=4, hidden=64, logit=False, alpha=0.05, prior="gaussian", seed=0,
+         checked="loss", actnorm_eps=1e-6):
+    """Glow (Kingma & Dhariwal 2018) on flattened (C, H, W) images: [LogitTransform], then ``levels`` levels of
+    Squeeze + ``depth`` steps of (ChannelActNorm, InvertibleConv1x1, ConvAffineCoupling with ``hidden`` channels),
+    and after every level but the last a split: the next level works on the first half of the channels and the
+    second half is factored out to the standard normal prior (layers of :mod:`npdgm.models.glow_layers`).
+
+    MNIST (1, 28, 28) with 2 levels: (4, 14, 14) -> split -> (2, 14, 14) -> squeeze (8, 7, 7); 3 levels would
+    need H and W divisible by 8 (pad to 32 first). ``actnorm_eps`` as ChannelActNorm's eps (openai/glow: 1e-6)."""
+    C, H, W = (check_int(s, "image_shape entry", lo=1) for s in image_shape)
+    levels, depth = check_int(levels, "levels", lo=1), check_int(depth, "depth", lo=1)
+    if H % 2 ** levels or W % 2 ** levels:
+        raise ValueError(f"glow with {levels} levels squeezes {levels} times: H and W must be divisible by "
+                         f"{2 ** levels}, got {H}x{W}")
+    dim = C * H * W
+    layers = [LogitTransform(dim, alpha)] if logit else []
+    shape = (C, H, W)
+    for level in range(levels):
+        squeeze = Squeeze(dim, shape)
+        layers.append(squeeze)
+        shape = squeeze.out_shape
+        for k in range(depth):
+            i = seed * 1000 + level * depth + k
+            layers += [ChannelActNorm(dim, shape, eps=actnorm_eps), InvertibleConv1x1(dim, shape, seed=i),
+                       ConvAffineCoupling(dim, shape, hidden, seed=i)]
+        if level < levels - 1:  # split: the last C/2 channels leave for the prior
+            shape = (shape[0] // 2, shape[1], shape[2])
+    return Flow(layers, prior=prior, checked=checked)

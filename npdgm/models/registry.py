@@ -30,6 +30,10 @@ def register_model(cls):
 # and real-valued options, which an older file may hold as JSON integers (beta: 2).
 _UNSIZED = frozenset({"seed", "max_iter", "n_init", "n_samples", "sigma", "beta", "alpha", "labelled_weight",
                       "tol", "reg_covar", "residual_reg", "eps", "scale_bound"})
+# Layer spec types (a dict's "type") whose "dim" and "image_shape" size nothing built at load time: fully
+# convolutional layers, whose parameters do not depend on H, W or the flat row length (Glow's image layers add
+# themselves, npdgm/models/glow_layers.py); their channels C = image_shape[0] and other entries are walked.
+SHAPE_FREE_TYPES = set()
 
 
 def check_config_size(config, layout, path, kind):
@@ -49,8 +53,11 @@ def check_config_size(config, layout, path, kind):
 
     def walk(v, where):
         if isinstance(v, dict):
+            free = {"dim", "image_shape"} if v.get("type") in SHAPE_FREE_TYPES else set()
+            if free and isinstance(v.get("image_shape"), list):  # its channels C size parameters: walked
+                walk(v["image_shape"][:1], f"{where}.image_shape")
             for k, x in v.items():
-                if k not in skip:
+                if k not in skip and k not in free:
                     walk(x, f"{where}.{k}" if where else str(k))
         elif isinstance(v, list):
             if len(v) > max_len:
