@@ -52,7 +52,8 @@ def atomic_write_bytes(path, write):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        if hasattr(os, "fchmod"):  # Windows before Python 3.13 has none (and no Unix permission bits)
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -66,6 +67,34 @@ def atomic_write_bytes(path, write):
             raise OSError(e.errno, f"{why} (the previous {os.path.basename(path)} is unchanged)"
                           if os.path.exists(path) else why, path) from e
         raise
+
+
+_WINDOWS = os.name == "nt"
+
+
+def lock_file(path):
+    """Open ``path`` (created if missing) and take an exclusive lock on it without waiting:
+    ``fcntl.flock`` on POSIX, ``msvcrt.locking`` of its first byte on Windows. Returns the open file;
+    closing it (or the process ending) releases the lock. Raises :class:`BlockingIOError` when another
+    process holds it."""
+    f = open(path, "a+b")
+    try:
+        if _WINDOWS:
+            import msvcrt  # only on Windows
+
+            f.seek(0)
+            try:
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            except OSError as e:  # locked elsewhere: PermissionError (EACCES) or EDEADLOCK
+                raise BlockingIOError(e.errno, f"{path} is locked by another process") from e
+        else:
+            import fcntl  # only on POSIX
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _json_scalar(o):

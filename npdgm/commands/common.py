@@ -1,7 +1,8 @@
 """What every ``npdgm train <model>`` shares: option types, the training options, and the run
 directory (a new one, ``--overwrite``, ``--resume``, its lock and the leftovers of a killed run).
 
-A run directory is owned by one process at a time (``fcntl.flock`` on ``RUNDIR/.lock``). A new run
+A run directory is owned by one process at a time (:func:`npdgm.io.lock_file` on ``RUNDIR/.lock``:
+flock on POSIX, msvcrt.locking on Windows). A new run
 refuses a directory that already holds files unless ``--overwrite`` is given; ``--resume RUN`` keeps
 the run's stored options: it applies a new --lr, --epochs, --clip or --data (and logs it), and
 refuses any other option that differs from the stored run.
@@ -16,6 +17,7 @@ import re
 import sys
 
 from .. import backend
+from ..io import lock_file
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
 
@@ -139,15 +141,11 @@ _LOCKS = []  # open lock files of this process, closed by release_locks()
 
 def lock_run(out):
     """Hold an exclusive lock on OUT/.lock until :func:`release_locks` (or the process ends)."""
-    import fcntl
-
     if not is_root():  # the other ranks of a data-parallel run share rank 0's lock
         return
-    f = open(os.path.join(out, ".lock"), "a")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f = lock_file(os.path.join(out, ".lock"))
     except BlockingIOError:
-        f.close()
         raise ValueError(f"another npdgm process is using {out} (it holds {os.path.join(out, '.lock')}); "
                          f"wait for it to end or choose another --out") from None
     _LOCKS.append(f)
