@@ -189,6 +189,7 @@ def _scatter(model, kind, meta, args, f, temps, out):
                                                                              args.seed)))))
     else:
         panels.append((f"samples of the {kind} model", np.concatenate(list(chunks(f, n, args.seed)))))
-    scatter_panels(panels, out, title=f"{n} samples per panel (seed {args.seed})")
+    scatter_panels(panels, out, title=f"{n:,} samples per temperature (seed {args.seed})" if kind == "flow"
+                   else f"{n:,} samples (seed {args.seed})")
     if args.npy:
         save_npy(args.npy, n, f, args.seed)
