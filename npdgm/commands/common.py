@@ -14,9 +14,10 @@ import glob
 import math
 import os
 import re
+import shutil
 import sys
 
-from .. import backend
+from .. import backend, tensorboard
 from ..io import lock_file
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
@@ -57,6 +58,9 @@ def add_run_dir_args(g, resume=True):
                                                "directory with files is refused unless --overwrite")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out even if it holds an older run (whose files are removed)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to RUNDIR/tensorboard (needs tensorboardX: "
+                        "pip install \"npdgm[tensorboard]\")")
     if resume:
         g.add_argument("--resume", metavar="RUNDIR", default=None,
                        help="continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with its "
@@ -97,6 +101,8 @@ def setup_backend(args):
         backend.set_dtype(args.dtype)
     if hasattr(args, "distributed"):
         distributed.init(args.distributed, gpu=backend.get_backend() == "cupy")
+    if getattr(args, "tensorboard", False):  # until release_locks(): the command's end
+        tensorboard.enable()
 
 
 def world():
@@ -152,6 +158,8 @@ def lock_run(out):
 
 
 def release_locks():
+    """The end of a command: unlock its run directories and close its TensorBoard event files."""
+    tensorboard.disable()
     while _LOCKS:
         _LOCKS.pop().close()
 
@@ -180,11 +188,14 @@ def new_run_dir(out, overwrite):
     for f in files:
         if f in RUN_FILES or f.endswith(".png"):
             os.remove(os.path.join(out, f))
+        elif f == tensorboard.FOLDER:
+            shutil.rmtree(os.path.join(out, f))
     return out
 
 
 # options that say how to run, not what is trained: never compared with the stored run
-_NEUTRAL = {"resume", "out", "overwrite", "no_progress", "no_plots", "backend", "command", "model", "func"}
+_NEUTRAL = {"resume", "out", "overwrite", "no_progress", "no_plots", "backend", "command", "model", "func",
+            "tensorboard"}
 _CHANGEABLE = ("epochs", "lr", "clip", "data")
 
 
