@@ -47,7 +47,8 @@ def test_private_names_are_left_out(make_api, tmp_path):
     (pkg / "_hidden" / "__init__.py").write_text("")
     (pkg / "_private.py").write_text("")
     (pkg / "mod.py").write_text('"""M."""\ndef f(a, *, b=2):\n    """F."""\ndef _g():\n    pass\n'
-                                'class C:\n    def __init__(self, n):\n        """C."""\n    def _h(self):\n        pass\n')
+                                'class C:\n    def __init__(self, n):\n        """C."""\n'
+                                '    def _h(self):\n        pass\n')
     mods = make_api.public_modules(str(pkg))
     assert list(mods) == ["pkg", "pkg.mod"]
     page = make_api.module_page("pkg.mod", mods["pkg.mod"])

@@ -38,7 +38,8 @@ def test_runtime_dependencies_are_numpy_matplotlib_tqdm_and_everything_else_is_a
     deps = {re.split(r"[<>=!~; \[]", d)[0] for d in meta["dependencies"]}
     assert deps == {"numpy", "matplotlib", "tqdm"}
     extras = meta["optional-dependencies"]
-    assert {"gpu-cuda12", "gpu-cuda13", "fast", "numba", "mpi", "torch", "docs", "test", "dev", "tensorboard"} <= set(extras)
+    assert {"gpu-cuda12", "gpu-cuda13", "fast", "numba", "mpi", "torch", "docs", "test", "dev",
+            "tensorboard"} <= set(extras)
     assert "gpu" not in extras  # one CUDA major per extra, named
     assert any(d.startswith("cupy-cuda12x") for d in extras["gpu-cuda12"])
     assert any(d.startswith("cupy-cuda13x") for d in extras["gpu-cuda13"])
