@@ -25,7 +25,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "mirror"))
 
-import torch  # noqa: E402
+try:
+    import torch
+except ImportError:
+    sys.exit("port_to_torch.py needs PyTorch: pip install \"npdgm[torch]\" (on Linux the CPU build is smaller: "
+             "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
 
 import npdgm  # noqa: E402
 from npdgm.bench import torch_models  # noqa: E402
@@ -34,7 +38,7 @@ from npdgm.plots import save_image_grid  # noqa: E402
 
 
 def train_tiny(out):
-    """1 epoch on the bundled 10k MNIST subset, a 784-200-8 VAE (about 15 s on one core)."""
+    """1 epoch on the bundled 10k MNIST subset, a 784-200-8 VAE."""
     from npdgm import cli
 
     rc = cli.main(["train", "vae", "--epochs", "1", "--test-limit", "200", "--hidden", "200",

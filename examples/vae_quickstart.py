@@ -1,7 +1,7 @@
 """A VAE on the bundled MNIST subset with the public API: a hand-written training loop, the ELBO and the
 IWAE estimate of log p(x), samples, imputation, save / load.
 
-    python examples/vae_quickstart.py            # ~30 s on two CPU cores; writes runs/vae-quickstart/*.png
+    python examples/vae_quickstart.py            # writes runs/vae-quickstart/*.png
 
 The same model from the command line: ``npdgm train vae`` (see ``npdgm train vae -h``).
 """

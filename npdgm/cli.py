@@ -43,12 +43,34 @@ def _cmd_gradcheck(args):
     return 0 if all(r[4] for r in rows) else 1
 
 
+INFO_PACKAGES = ("matplotlib", "tqdm", "torch", "numba", "numexpr", "mpi4py", "threadpoolctl", "tensorboardX")
+
+
+def package_versions(names=INFO_PACKAGES):
+    """{distribution name: its installed version, or "not installed"}, read from the package metadata
+    (nothing is imported, so torch costs no start-up time here)."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def _cmd_info(args):
     import platform
 
     import numpy
 
-    print(f"npdgm {__version__}  python {platform.python_version()}  numpy {numpy.__version__}")
+    from .data import data_root
+
+    print(f"npdgm {__version__}  python {platform.python_version()}  numpy {numpy.__version__}  "
+          f"{platform.system()} {platform.machine()}")
+    print("optional: " + "  ".join(f"{name} {version}" for name, version in package_versions().items()))
+    print(f"data cache: {data_root()} (NPDGM_DATA {'set' if os.environ.get('NPDGM_DATA') else 'unset'})")
     try:
         name, problem = backend.get_backend(), None
     except backend.BackendError as e:  # a bad NPDGM_BACKEND: reported, not a traceback

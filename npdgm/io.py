@@ -57,7 +57,8 @@ def atomic_write_bytes(path, write):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        if hasattr(os, "fchmod"):  # Windows before Python 3.13 has none (and no Unix permission bits)
+            os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -71,6 +72,7 @@ def atomic_write_bytes(path, write):
             raise OSError(e.errno, f"{why} (the previous {os.path.basename(path)} is unchanged)"
                           if os.path.exists(path) else why, path) from e
         raise
+
 
 
 def _json_scalar(o):

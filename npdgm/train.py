@@ -164,12 +164,17 @@ def write_csv(out, records):
     atomic_write_bytes(os.path.join(out, "metrics.csv"), lambda f: f.write(buf.getvalue().encode()))
 
 
+RECORD_HOOKS = []  # callables (out, record) run after each logged record (npdgm.tensorboard adds one)
+
+
 def log_record(out, rec, records):
-    """Append ``rec`` to RUNDIR/metrics.jsonl (strict JSON, see :func:`dumps`) and rewrite metrics.csv
-    from ``records`` + rec; returns the record's non-finite keys."""
+    """Append ``rec`` to RUNDIR/metrics.jsonl (strict JSON, see :func:`dumps`), rewrite metrics.csv
+    from ``records`` + rec and pass the record to each of :data:`RECORD_HOOKS`; returns its non-finite keys."""
     line, bad = dumps(rec)
     append_line(os.path.join(out, "metrics.jsonl"), line)
     write_csv(out, [*records, json.loads(line)])
+    for hook in RECORD_HOOKS:
+        hook(out, json.loads(line))
     return bad
 
 

@@ -38,14 +38,15 @@ def test_runtime_dependencies_are_numpy_matplotlib_tqdm_and_everything_else_is_a
     deps = {re.split(r"[<>=!~; \[]", d)[0] for d in meta["dependencies"]}
     assert deps == {"numpy", "matplotlib", "tqdm"}
     extras = meta["optional-dependencies"]
-    assert {"gpu-cuda12", "gpu-cuda13", "fast", "numba", "mpi", "torch", "docs", "test", "dev"} <= set(extras)
+    assert {"gpu-cuda12", "gpu-cuda13", "fast", "numba", "mpi", "torch", "docs", "test", "dev",
+            "tensorboard"} <= set(extras)
     assert "gpu" not in extras  # one CUDA major per extra, named
     assert any(d.startswith("cupy-cuda12x") for d in extras["gpu-cuda12"])
     assert any(d.startswith("cupy-cuda13x") for d in extras["gpu-cuda13"])
     assert any(d.startswith("scikit-learn") for d in extras["test"])
     # every third-party module npdgm imports is a dependency or an extra (imported lazily, guarded)
     provided = {"numpy", "matplotlib", "tqdm", "cupy", "torch", "threadpoolctl", "numexpr", "numba", "mpi4py",
-                "pooch", "platformdirs", "tensorboard"}
+                "pooch", "platformdirs", "tensorboard", "tensorboardX"}
     assert _third_party_imports() <= provided, _third_party_imports() - provided
     assert "scipy" not in _third_party_imports()
 

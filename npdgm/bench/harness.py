@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -148,6 +147,10 @@ def peak_rss_mb():
     """Peak resident set size in MiB: VmHWM (since the last reset), else getrusage's lifetime peak."""
     kb = _proc_status_kb("VmHWM")
     if kb is None:
+        try:
+            import resource  # POSIX only: on Windows there is no peak to report
+        except ImportError:
+            return None
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if sys.platform == "darwin":
             kb //= 1024

@@ -198,11 +198,12 @@ def _row(spec, backend, r, t, impl, gpu_kind):
     alloc = None
     if backend in ("npdgm-numpy", "npdgm-numpy-fused"):       # tracemalloc sees NumPy's memory only
         alloc = round(harness.step_alloc_mb(r.step), 2)
+    peak = harness.peak_rss_mb()  # None on Windows
     return {"workload": spec["workload"], "backend": backend, "impl": impl,
             "device": _device_name(gpu_kind is not None), "threads": spec["threads"], "batch": batch,
             "ms_per_step": round(ms, 4), "ms_min": round(t["ms_min"], 4), "ms_max": round(t["ms_max"], 4),
             "samples_per_s": round(batch / ms * 1e3, 1), "floor_ms": None, "x_floor": None, "x_torch": None,
-            "peak_rss_mb": round(harness.peak_rss_mb(), 1), "step_alloc_mb": alloc,
+            "peak_rss_mb": None if peak is None else round(peak, 1), "step_alloc_mb": alloc,
             "gpu_peak_mb": _gpu_peak_mb(gpu_kind, getattr(r, "graph", None)),
             "loss": r.loss(), "params": r.num_parameters(), "steps_per_block": t["steps_per_block"],
             "repeats": t["repeats"], "blocks_ms": t["blocks_ms"]}

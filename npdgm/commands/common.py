@@ -1,7 +1,8 @@
 """What every ``npdgm train <model>`` shares: option types, the training options, and the run
 directory (a new one, ``--overwrite``, ``--resume``, its lock and the leftovers of a killed run).
 
-A run directory is owned by one process at a time (an exclusive lock on ``RUNDIR/.lock``). A new run
+A run directory is owned by one process at a time (an exclusive lock on ``RUNDIR/.lock``:
+flock on POSIX, msvcrt.locking on Windows, :mod:`npdgm._filelock`). A new run
 refuses a directory that already holds files unless ``--overwrite`` is given, which removes only the
 files npdgm wrote there (:mod:`npdgm.runfiles`) and only in a directory that holds an npdgm run; a run
 of the same command stopped before its first checkpoint is started over. ``--resume RUN`` keeps
@@ -16,9 +17,9 @@ import glob
 import math
 import os
 import re
-import sys
+import shutil
 
-from .. import accel, backend, runfiles
+from .. import accel, backend, runfiles, tensorboard
 from .._filelock import try_lock
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
@@ -110,6 +111,9 @@ def add_run_dir_args(g, resume=True):
                                                "directory with files is refused unless --overwrite")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out even if it holds an older run (whose files are removed)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to RUNDIR/tensorboard (needs tensorboardX: "
+                        "pip install \"npdgm[tensorboard]\")")
     if resume:
         g.add_argument("--resume", metavar="RUNDIR", default=None,
                        help="continue the run in RUNDIR (or RUNDIR/checkpoint.npz) from its last checkpoint with its "
@@ -230,6 +234,8 @@ def setup_backend(args):
         accel.enable(args.accel)
     if hasattr(args, "distributed"):
         distributed.init(args.distributed, gpu=backend.get_backend() == "cupy")
+    if getattr(args, "tensorboard", False):  # until release_locks(): the command's end
+        tensorboard.enable()
 
 
 def world():
@@ -319,6 +325,8 @@ def lock_run(out):
 
 
 def release_locks():
+    """The end of a command: unlock its run directories and close its TensorBoard event files."""
+    tensorboard.disable()
     while _LOCKS:
         _LOCKS.pop().close()
 
@@ -357,12 +365,13 @@ def new_run_dir(out, overwrite, kind="run", log=print):
     lock_run(out)
     remove_leftovers(out)
     files = sorted(f for f in os.listdir(out) if f not in (".lock", runfiles.LIST))
+    tb = os.path.join(out, tensorboard.FOLDER)
     if files:
         held = runfiles.npdgm_names(out)
         if held is None:
             raise ValueError(f"--out {out} holds files that npdgm did not write ({_listing(files)}); a run needs a "
                              f"new or empty directory: pick another --out")
-        theirs = [f for f in files if f not in held[1]]
+        theirs = [f for f in files if f not in held[1] and f != tensorboard.FOLDER]
         unfinished = not runfiles.has_results(out)
         if not overwrite and not (unfinished and held[0] == kind and not theirs):
             if unfinished:
@@ -374,12 +383,15 @@ def new_run_dir(out, overwrite, kind="run", log=print):
         if not overwrite:
             log(f"{out}: reusing the directory of a {kind} run that stopped before its first checkpoint")
         runfiles.remove_written(out)
+        if os.path.isdir(tb):   # --tensorboard's event files (not listed: tensorboardX writes them)
+            shutil.rmtree(tb)
     runfiles.start_list(out, kind)
     return out
 
 
 # options that say how to run, not what is trained: never compared with the stored run
-_NEUTRAL = {"resume", "out", "overwrite", "no_progress", "no_plots", "backend", "command", "model", "func"}
+_NEUTRAL = {"resume", "out", "overwrite", "no_progress", "no_plots", "backend", "command", "model", "func",
+            "tensorboard"}
 _CHANGEABLE = ("epochs", "lr", "clip", "data")
 # options of the evaluation after training only (they change no trained number): a run that ran out of memory in
 # its final IWAE estimate is finished with a smaller --iwae-k

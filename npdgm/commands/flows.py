@@ -396,7 +396,9 @@ def _figures(model, run, out, records, summary, x_te, image):
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
     else:
         P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),
-                        title=f"{run['dataset']}: test NLL {summary.get('test_nll', float('nan')):.3f} nats",
+                        title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}: "
+                              f"test NLL {summary.get('test_nll', float('nan')):.3f} nats",
                         seed=run["seed"])
-        P.nll_curves(records, os.path.join(out, "curves.png"), title=f"flow2d on {run['dataset']}")
+        P.nll_curves(records, os.path.join(out, "curves.png"),
+                     title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
     print(f"figures in {out}", flush=True)

@@ -200,7 +200,8 @@ def _scatter(model, kind, meta, args, f, temps, out):
                                                                              n_show, args.seed)))))
     else:
         panels.append((f"samples of the {kind} model", np.concatenate(list(chunks(f, n_show, args.seed)))))
-    shown = f"{n}" if n == n_show else f"the first {n_show} of {n}"
-    scatter_panels(panels, out, title=f"{shown} samples per panel (seed {args.seed})")
+    shown = f"{n:,}" if n == n_show else f"the first {n_show:,} of {n:,}"
+    scatter_panels(panels, out, title=f"{shown} samples per temperature (seed {args.seed})" if kind == "flow"
+                   else f"{shown} samples (seed {args.seed})")
     if args.npy:
         save_npy(args.npy, n, f, args.seed)

@@ -58,16 +58,17 @@ def save_image_grid(images, path, nrow=10, title=None, shape=(28, 28), row_label
     if title:
         import textwrap
 
-        ax.set_title("\n".join(textwrap.wrap(title, max(20, int(width / 0.1)))))
+        ax.set_title("\n".join(w for line in title.split("\n") for w in textwrap.wrap(line, max(20, int(width / 0.1)))))
     return _save(fig, path)
 
 
 def epoch_axis(ax, label="epoch"):
-    """Label the x axis and put ticks on whole numbers only (epochs, EM iterations)."""
+    """Label the x axis and put ticks on whole numbers only (epochs, EM iterations), also for a
+    single epoch (min_n_ticks=1: the default falls back to fractional ticks on a short range)."""
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel(label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def finish_curves(ax, ylabel, title, xlabel="epoch"):
@@ -76,29 +77,45 @@ def finish_curves(ax, ylabel, title, xlabel="epoch"):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
-def train_test_lines(ax, records, keys):
-    """One line per (key, label) in ``keys`` over the records' epochs: test keys solid, train dashed."""
-    for key, lab in keys:
-        pts = [(r["epoch"], r[key]) for r in records if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker=".", ls="-" if key.startswith("test") else "--", label=lab)
+TRAIN_STYLE, TEST_STYLE = "-", "--"  # every curve figure: a term keeps its colour, train solid, test dashed
 
 
-def training_curves(records, path, keys=None, title="training curves", ylabel="loss (nats)", labels=None):
-    """Plot metrics.jsonl records (list of dicts with "epoch") for ``keys`` (default: every train_/test_ key);
-    ``labels`` maps a key to its legend text (default: the key with spaces, "test_nll" -> "test nll")."""
+def paired_lines(ax, records, terms, x="epoch", color=0):
+    """For each ``(label, train_key, test_key)`` in ``terms`` (either key may be None): one colour,
+    the train line solid and the test line dashed, legends "train LABEL" / "test LABEL". Colours
+    start at ``C{color}``."""
+    for i, (label, *keys) in enumerate(terms):
+        for key, split, ls in zip(keys, ("train", "test"), (TRAIN_STYLE, TEST_STYLE)):
+            pts = [(r[x], r[key]) for r in records if key and key in r and x in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=4, ls=ls, color=f"C{color + i}", label=f"{split} {label}")
+
+
+def pair_keys(keys):
+    """Group metric keys into ``(label, train_key, test_key)`` by what follows ``train_`` / ``test_``,
+    in order of first appearance ("train_nll", "test_nll" -> ("nll", "train_nll", "test_nll"))."""
+    terms = {}
+    for k in keys:
+        split, _, name = k.partition("_")
+        terms.setdefault(name, {})[split] = k
+    return [(name, d.get("train"), d.get("test")) for name, d in terms.items()]
+
+
+def training_curves(records, path, keys=None, title="training curves", ylabel="loss (nats)", labels=None, x="epoch"):
+    """Plot metrics.jsonl records for ``keys`` (default: every train_/test_ key) over ``x`` (``"epoch"``,
+    or ``"step"`` for runs logged per step); train and test of one quantity share a colour (train solid,
+    test dashed). ``labels`` maps the quantity (the key without train_/test_) to its legend text."""
     plt = pyplot()
     keys = keys or sorted({k for r in records for k in r if k.startswith(("train_", "test_")) and
                            isinstance(r[k], (int, float)) and not k.endswith("seconds")})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        pts = [(r["epoch"], r[k]) for r in records if k in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=(labels or {}).get(k, k.replace("_", " ")))
-    finish_curves(ax, ylabel, title)
+    paired_lines(ax, records, [((labels or {}).get(name, name.replace("_", " ")), tr, te)
+                               for name, tr, te in pair_keys(keys)], x=x)
+    finish_curves(ax, ylabel, title, xlabel=x)
     return _save(fig, path)
 
 
@@ -138,7 +155,9 @@ def scatter_panels(panels, path, title=None, max_points=20000):
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
     for ax, (name, _), p in zip(axes[0], panels, pts):
         ax.scatter(p[:, 0], p[:, 1], s=1, alpha=0.3)
-        ax.set_title(f"{name} ({len(p)})")
+        ax.set_title(f"{name} ({len(p):,} points)")
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
     square_axes(axes[0], lim)
     if title:
         fig.suptitle(title)

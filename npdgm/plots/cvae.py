@@ -34,5 +34,4 @@ def style_transfer(model, x, y, path, title=None):
     C = model.num_classes
     return save_image_grid(rows, path, nrow=C + 1, row_labels=[f"y={int(c)}" for c in np.asarray(to_host(y))],
                            col_labels=["input"] + [str(c) for c in range(C)],
-                           title=title or f"style transfer: the input encoded with its label y, decoded under "
-                                          f"labels 0..{C - 1}")
+                           title=title or "style transfer: z = mu(input, y), decoded under each label")

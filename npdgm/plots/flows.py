@@ -38,7 +38,7 @@ def flow2d_panels(flow, data, path, title=None, n_samples=None, seed=0, temperat
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.3))
     rng = [[-lim, lim], [-lim, lim]]
     axes[0].hist2d(data[:, 0], data[:, 1], bins=120, range=rng, cmap="magma")
-    axes[0].set_title(f"data ({len(data)} points)")
+    axes[0].set_title(f"data ({len(data):,} points)")
     axes[1].imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
     axes[1].contour(xs, ys, dens, levels=dens.max() * np.array([0.02, 0.1, 0.3, 0.6, 0.9]), colors="white",
                     linewidths=0.5, alpha=0.6)
@@ -46,13 +46,19 @@ def flow2d_panels(flow, data, path, title=None, n_samples=None, seed=0, temperat
     axes[2].hist2d(samples[:, 0], samples[:, 1], bins=120, range=rng, cmap="magma")
     axes[2].set_title(f"samples x = f^-1(z) (T={temperature:g})")
     zl = max(4.0, float(np.percentile(np.abs(z), 99.5)))
-    axes[3].scatter(z[:, 0], z[:, 1], s=1, alpha=0.3, c=np.arctan2(data[:, 1], data[:, 0]), cmap="hsv")
+    angle = axes[3].scatter(z[:, 0], z[:, 1], s=1, alpha=0.3, c=np.degrees(np.arctan2(data[:, 1], data[:, 0])),
+                            cmap="hsv", vmin=-180, vmax=180)
+    fig.colorbar(angle, ax=axes[3], ticks=[-180, -90, 0, 90, 180], fraction=0.046, pad=0.04,
+                 label="colour: angle of x around the origin (degrees)")
     t = np.linspace(0, 2 * np.pi, 200)
     for r in (1, 2, 3):
         axes[3].plot(r * np.cos(t), r * np.sin(t), "k--", lw=0.6, alpha=0.6)
     square_axes(axes[3:], zl)
     axes[3].set_title(f"latent z = f(x) of the data ({flow.prior} prior)")
     square_axes(axes[:3], lim)
+    for ax, (h, v) in zip(axes, [("x1", "x2")] * 3 + [("z1", "z2")]):
+        ax.set_xlabel(h)
+        ax.set_ylabel(v)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -74,12 +80,13 @@ def bpd_curves(records, path, title="flow training"):
     """train/test bits per dimension per epoch."""
     return training_curves(records, path, keys=[k for k in ("train_bpd", "test_bpd") if any(k in r for r in records)],
                            title=title, ylabel="bits / dim",
-                           labels={"train_bpd": "train bits/dim", "test_bpd": "test bits/dim"})
+                           labels={"bpd": "bits/dim"})
 
 
-def nll_curves(records, path, title="flow training"):
-    """train/test mean NLL (nats) per epoch (train_nll; runs of older versions logged it as train_loss only)."""
+def nll_curves(records, path, title="flow training", x="epoch"):
+    """train/test mean NLL (nats) per epoch, or per optimizer step with ``x="step"`` (train_nll; runs of
+    older versions logged it as train_loss only)."""
     records = [{"train_nll": r["train_loss"], **r} if "train_loss" in r else r for r in records]
+    x = x if all(x in r for r in records) else "epoch"
     return training_curves(records, path, keys=[k for k in ("train_nll", "test_nll") if any(k in r for r in records)],
-                           title=title, ylabel="negative log-likelihood (nats)",
-                           labels={"train_nll": "train NLL", "test_nll": "test NLL"})
+                           title=title, ylabel="negative log-likelihood (nats)", labels={"nll": "NLL"}, x=x)

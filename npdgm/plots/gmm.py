@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _save, finish_curves, pyplot, save_image_grid, square_axes, square_limit
+from . import _save, finish_curves, pair_keys, paired_lines, pyplot, save_image_grid, square_axes, square_limit
 from .. import backend
 
 
@@ -58,17 +58,12 @@ def gmm2d_panels(gmm, data, path, title=None, n_samples=None, seed=0):
     return _save(fig, path)
 
 
-EM_LABELS = {"train_nll": "train NLL", "test_nll": "test NLL"}
-
-
 def em_curves(records, path, title="EM", keys=("train_nll", "test_nll")):
     """Train/test NLL (nats per point) after every EM iteration (iteration 0 = the initialization)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        pts = [(r["iteration"], r[k]) for r in records if k in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=EM_LABELS.get(k, k.replace("_", " ")))
+    paired_lines(ax, records, [("NLL" if name == "nll" else name.replace("_", " "), tr, te)
+                               for name, tr, te in pair_keys(keys)], x="iteration")
     finish_curves(ax, "negative log-likelihood (nats per point)", title, "EM iteration")
     return _save(fig, path)
 

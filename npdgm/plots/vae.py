@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
-from . import _save, finish_curves, pyplot, save_image_grid, train_test_lines
+from . import _save, finish_curves, paired_lines, pyplot, save_image_grid, tile
 
 
 def _h(a):
@@ -66,15 +66,27 @@ def latent_scatter(model, x, labels, path, title="encoded test digits: mu(x)"):
 
 def manifold(model, path, n=20, lo=0.05, hi=0.95):
     """2-D latent: decoded images on an n x n grid of z = (Phi^-1(u1), Phi^-1(u2)), u in [lo, hi]
-    (Gaussian quantiles, as in Kingma & Welling's figure)."""
+    (Gaussian quantiles, as in Kingma & Welling's figure); z1 grows to the right, z2 upwards, and the
+    ticks give z at a few grid columns / rows."""
     if model.z_dim != 2:
         raise ValueError(f"manifold needs a 2-D latent, this VAE has z_dim={model.z_dim}")
     from statistics import NormalDist
 
     g = np.array([NormalDist().inv_cdf(u) for u in np.linspace(lo, hi, n)])
     z = np.array([[a, b] for b in g[::-1] for a in g])  # rows: z2 from high to low; cols: z1
-    return save_image_grid(_h(model.decode(z)), path, nrow=n,
-                           title=f"decoded manifold, z on Gaussian quantiles [{lo}, {hi}]")
+    plt = pyplot()
+    grid = tile(np.clip(_h(model.decode(z)), 0, 1), n)
+    fig, ax = plt.subplots(figsize=(n * 0.45 + 1.2, n * 0.45 + 1.0))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    centre = [1 + 29 * i + 14 for i in range(n)]          # pixel centre of grid column / row i (28 + 1 pad)
+    every = max(1, n // 5)
+    cols = list(range(0, n, every)) + ([n - 1] if (n - 1) % every else [])
+    ax.set_xticks([centre[i] for i in cols], [f"{g[i]:.2f}" for i in cols])
+    ax.set_yticks([centre[i] for i in cols], [f"{g[::-1][i]:.2f}" for i in cols])
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(f"decoded manifold E[x|z], z on Gaussian quantiles [{lo}, {hi}]")
+    return _save(fig, path)
 
 
 def imputation(original, masked, imputed, path, title="imputation", cond_mean=None):
@@ -85,25 +97,28 @@ def imputation(original, masked, imputed, path, title="imputation", cond_mean=No
     if cond_mean is not None:
         rows.append(_h(cond_mean))
         labels.append("E[x_m | x_o]")
+        title += "\nlast row: E[x_missing | x_observed], importance-sampled"
     return save_image_grid(np.concatenate(rows), path, nrow=len(rows[0]), title=title, row_labels=labels)
 
 
 def curves(records, path, summary=None):
-    """Left: train / test -ELBO per epoch (and the final IWAE -log p(x) estimate when given).
-    Right: test reconstruction and KL terms."""
+    """Three panels, one colour per term, train solid and test dashed: the -ELBO (with the final IWAE
+    -log p(x) estimate when given), its reconstruction term and its KL term (on its own axis: it is an
+    order of magnitude below the others). A run trained on the IWAE bound logs no train -ELBO: its
+    train line in the first panel is that bound (``train_loss``)."""
     plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 4))
+    paired_lines(a, records, [("-ELBO", "train_nelbo", "test_nelbo")])
+    if not any("train_nelbo" in r for r in records):
+        paired_lines(a, records, [("-IWAE bound (the objective)", "train_loss", None)], color=3)
     ep = [r["epoch"] for r in records]
-    for key, lab in [("train_nelbo", "train -ELBO"), ("test_nelbo", "test -ELBO")]:
-        pts = [(r["epoch"], r[key]) for r in records if key in r]
-        if pts:
-            a.plot(*zip(*pts), marker="o", label=lab)
     nll = summary.get("test_nll", summary.get("test_iwae_nll")) if summary and "iwae_k" in summary else None
     if nll is not None and ep:   # test_iwae_nll: its older name (old summary.json files)
-        a.plot([ep[-1]], [nll], marker="*", ms=12, ls="",
+        a.plot([ep[-1]], [nll], marker="*", ms=12, ls="", color="C2",
                label=f"test -log p(x), IWAE k={summary['iwae_k']} (n={summary['iwae_n']})")
     finish_curves(a, "nats per image", "negative ELBO")
-    train_test_lines(b, records, [("test_recon", "test reconstruction"), ("test_kl", "test KL"),
-                                  ("train_recon", "train reconstruction"), ("train_kl", "train KL")])
-    finish_curves(b, "nats per image", "the two terms")
+    paired_lines(b, records, [("reconstruction", "train_recon", "test_recon")], color=1)
+    finish_curves(b, "nats per image", "reconstruction -E_q log p(x|z)")
+    paired_lines(c, records, [("KL", "train_kl", "test_kl")], color=4)
+    finish_curves(c, "nats per image", "KL(q(z|x) || p(z))")
     return _save(fig, path)
