@@ -20,8 +20,9 @@ def register(commands, train_commands):
     p = commands.add_parser("export", help="write a trained model as .safetensors or ONNX graphs",
                             description="Export the model of a run directory or checkpoint file. safetensors: every "
                                         "parameter by name, the manifest (kind, config, layout) as metadata; "
-                                        "npdgm.load reads it back. onnx: a directory of ONNX graphs (opset 17, float32, "
-                                        "symbolic batch) with manifest.json naming their inputs and outputs.")
+                                        "npdgm.load reads it back. onnx: a directory of ONNX graphs (opset 17, "
+                                        "float32, symbolic batch) with manifest.json naming their inputs and "
+                                        "outputs.")
     p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint .npz")
     p.add_argument("out", metavar="OUT", help="the file to write (e.g. model.safetensors); "
                    "for --format onnx the directory to write")
