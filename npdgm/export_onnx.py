@@ -13,7 +13,8 @@ parameter an initializer under its documented name (``encoder.0.W``, (in, out); 
                 classify(x) -> logits, probs = q(y|x), and its nelbo is -ELBO(x, y) + log C (the -log p(y) term)
     Flow        log_prob(x) -> log_prob, logdet;  sample(z) -> x, logdet (log|det dx/dz|), z the base noise
                 (scale it by a temperature outside); MAF's sampling and IAF's density are an ONNX Loop of D
-                MADE passes; InvertibleLinear's inverse uses W^-1 computed on the host in float64
+                MADE passes; InvertibleLinear's inverse uses W^-1 computed on the host in float64; a spline
+                coupling's bin lookup is a comparison count and one-hot gathers (elementwise ops only)
 
 :func:`onnx_graphs` returns the ``onnx.ModelProto`` of each graph, :func:`export_onnx` writes them and
 ``manifest.json`` (inputs, outputs, shapes, opset). A model or layer without graphs raises :class:`ExportError`.
@@ -493,9 +494,84 @@ def _prior_logprob(b, prior, z, dim):
     return b.op("Neg", b.rowsum(b.add(a, b.scale(b.op("Softplus", b.op("Neg", a)), 2.0))))
 
 
-# -- spline coupling ---------------------------------------------------------------------------------------
+# -- spline coupling (npdgm.kernels.spline) ----------------------------------------------------------------
+def _knots(b, u, K, bound, lo):
+    """Knot positions -bound + [0, cumsum size], size = 2 bound (lo + (1 - K lo) softmax(u)), (B, nb, K + 1)."""
+    size = b.scale(b.add(b.const(lo), b.scale(b.op("Softmax", u, axis=-1), 1 - K * lo)), 2 * bound)
+    zero = b.scale(b.cols(size, 0, 1, axis=2), 0.0)
+    cum = b.op("CumSum", size, b.const(2, np.int64))
+    return b.sub(b.op("Concat", zero, cum, axis=2), b.const(bound))
+
+
+def _bin(b, v, edges, knots, K):
+    """(x_k, w, y_k, h, d0, d1), each (B, nb, 1), of the bin k = #{interior edges <= v} (rq_search), gathered
+    by one-hot rows (the kernel's _gather)."""
+    xk, yk, d = knots
+    k = b.op("ReduceSum", b.op("Cast", b.op("GreaterOrEqual", v, b.cols(edges, 1, K, axis=2)), to=1),
+             b.ints([2]), keepdims=1)
+    r = b.const(np.arange(K + 1))
+    o0 = b.op("Cast", b.op("Equal", k, r), to=1)
+    o1 = b.op("Cast", b.op("Equal", b.add(k, b.const(1.0)), r), to=1)
+
+    def pick(a, o):
+        return b.op("ReduceSum", b.mul(a, o), b.ints([2]), keepdims=1)
+
+    x0, y0 = pick(xk, o0), pick(yk, o0)
+    return x0, b.sub(pick(xk, o1), x0), y0, b.sub(pick(yk, o1), y0), pick(d, o0), pick(d, o1)
+
+
+def _bin_eval(b, xv, bn):
+    """y = y_k + h (s xi^2 + d0 th) / D and log g' = 2 log s + log M - 2 log D (the kernel's _bin_eval)."""
+    x0, w, y0, h, d0, d1 = bn
+    xi = b.div(b.sub(xv, x0), w)
+    s = b.div(h, w)
+    one_m = b.sub(b.const(1.0), xi)
+    th = b.mul(xi, one_m)
+    Dn = b.add(s, b.mul(b.sub(b.add(d1, d0), b.scale(s, 2.0)), th))
+    num = b.add(b.mul(s, b.mul(xi, xi)), b.mul(d0, th))
+    M = b.add(b.add(b.mul(d1, b.mul(xi, xi)), b.scale(b.mul(s, th), 2.0)), b.mul(d0, b.mul(one_m, one_m)))
+    logg = b.sub(b.add(b.scale(b.log(s), 2.0), b.log(M)), b.scale(b.log(Dn), 2.0))
+    return b.add(y0, b.div(b.mul(h, num), Dn)), logg
+
+
 def _spline_coupling(b, layer, x, inverse):
-    raise ExportError("SplineCoupling has no ONNX export yet")
+    """y_b = g(x_b; net(x_a)) (inverse: the quadratic's stable root), identity outside [-bound, bound];
+    logdet = sum log g' (inverse: -sum log g'(x_b)). Elementwise on (B, nb, 1) against knots (B, nb, K + 1)."""
+    from .kernels.spline import derivative_shift
+
+    K, nb, bound = layer.bins, layer.nb, layer.bound
+    xa, xb = _split(b, layer, x)
+    u = b.op("Reshape", _module(b, layer.net, xa), b.ints([0, nb, 3 * K - 1]))
+    xk = _knots(b, b.cols(u, 0, K, axis=2), K, bound, layer.min_width)
+    yk = _knots(b, b.cols(u, K, 2 * K, axis=2), K, bound, layer.min_height)
+    one = b.add(b.scale(b.cols(u, 0, 1, axis=2), 0.0), b.const(1.0))
+    shift = b.const(derivative_shift(layer.min_derivative))
+    inner = b.op("Softplus", b.add(b.cols(u, 2 * K, 3 * K - 1, axis=2), shift))
+    d = b.op("Concat", one, b.add(b.const(layer.min_derivative), inner), one, axis=2)
+    v = b.op("Unsqueeze", xb, b.ints([2]))
+    edges = yk if inverse else xk
+    lo, hi = b.cols(edges, 0, 1, axis=2), b.cols(edges, K, K + 1, axis=2)
+    inside = b.op("And", b.op("GreaterOrEqual", v, lo), b.op("LessOrEqual", v, hi))
+    vc = b.op("Max", b.op("Min", v, hi), lo)
+    bn = _bin(b, vc, edges, (xk, yk, d), K)
+    if inverse:   # xi = 2c / (-b - sqrt(b^2 - 4ac)), clipped to [0, 1]
+        x0, w, y0, h, d0, d1 = bn
+        s, dy = b.div(h, w), b.sub(vc, y0)
+        c2 = b.sub(b.add(d1, d0), b.scale(s, 2.0))
+        qa = b.add(b.mul(h, b.sub(s, d0)), b.mul(dy, c2))
+        qb = b.sub(b.mul(h, d0), b.mul(dy, c2))
+        qc = b.op("Neg", b.mul(s, dy))
+        disc = b.op("Sqrt", b.op("Max", b.sub(b.mul(qb, qb), b.scale(b.mul(qa, qc), 4.0)), b.const(0.0)))
+        xi = b.div(b.scale(qc, 2.0), b.sub(b.op("Neg", qb), disc))
+        xi = b.op("Max", b.op("Min", xi, b.const(1.0)), b.const(0.0))
+        out = b.add(x0, b.mul(xi, w))
+        logg = b.op("Neg", _bin_eval(b, out, bn)[1])
+    else:
+        out, logg = _bin_eval(b, vc, bn)
+    out = b.op("Where", inside, out, v)
+    logg = b.op("Where", inside, logg, b.const(0.0))
+    yb = b.op("Squeeze", out, b.ints([2]))
+    return _merge(b, layer, xa, yb), b.rowsum(b.op("Squeeze", logg, b.ints([2])))
 
 
 # -- entry points ------------------------------------------------------------------------------------------
