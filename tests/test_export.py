@@ -111,3 +111,13 @@ def test_foreign_or_mismatched_tensors_are_refused(tmp_path):
         npdgm.load(p)
     with pytest.raises(TypeError, match="float32 / float64"):
         save_safetensors(p, {"a": np.zeros(2, np.int64)}, {})
+
+
+def test_onnx_without_the_onnx_package_is_one_line(tmp_path, capsys, monkeypatch):
+    """Runs in the bare venv too: --format onnx names the extra to install, no traceback, writes nothing."""
+    monkeypatch.setitem(sys.modules, "onnx", None)          # `import onnx` now raises ImportError
+    _vae().save(tmp_path / "m.npz")
+    assert cli.main(["export", str(tmp_path / "m.npz"), str(tmp_path / "out"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'npdgm[export]'" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,8 @@ def test_runtime_dependencies_are_numpy_matplotlib_tqdm_and_everything_else_is_a
     assert any(d.startswith("scikit-learn") for d in extras["test"])
     # every third-party module npdgm imports is a dependency or an extra (imported lazily, guarded)
     provided = {"numpy", "matplotlib", "tqdm", "cupy", "torch", "threadpoolctl", "numexpr", "numba", "mpi4py",
-                "pooch", "platformdirs", "tensorboard", "tensorboardX"}
+                "pooch", "platformdirs", "tensorboard", "tensorboardX", "onnx"}
+    assert {"onnx", "onnxruntime"} <= {re.split(r"[<>=!~; \[]", d)[0] for d in extras["export"]}
     assert _third_party_imports() <= provided, _third_party_imports() - provided
     assert "scipy" not in _third_party_imports()
 

@@ -1,0 +1,610 @@
+"""ONNX graphs of a trained model, built with the ``onnx`` library's helpers from the model's layers (no torch).
+
+    npdgm export runs/vae --format onnx vae_onnx/      # encode.onnx, decode.onnx, elbo.onnx, manifest.json
+
+One ``.onnx`` file per graph, opset :data:`OPSET`, float32, the batch dimension symbolic ("batch"), every
+parameter an initializer under its documented name (``encoder.0.W``, (in, out); a MADE weight as
+``<name>.masked`` = W * mask). Randomness is an input, as in npdgm itself. The graphs (docs/export.md):
+
+    VAE         encode(x) -> mu, logvar;  decode(z) -> logits, probs (Bernoulli) | mean (Gaussian);
+                elbo(x, eps (B, Z)) -> nelbo, recon, kl per row (one noise draw; with an IAF posterior
+                the KL is the one-sample Monte Carlo estimate, as in training)
+    CVAE, M2    the same with a label input y (int64 (B,), one-hot inside the graph); M2 also
+                classify(x) -> logits, probs = q(y|x), and its nelbo is -ELBO(x, y) + log C (the -log p(y) term)
+    Flow        log_prob(x) -> log_prob, logdet;  sample(z) -> x, logdet (log|det dx/dz|), z the base noise
+                (scale it by a temperature outside); MAF's sampling and IAF's density are an ONNX Loop of D
+                MADE passes; InvertibleLinear's inverse uses W^-1 computed on the host in float64; a spline
+                coupling's bin lookup is a comparison count and one-hot gathers (elementwise ops only)
+
+:func:`onnx_graphs` returns the ``onnx.ModelProto`` of each graph, :func:`export_onnx` writes them and
+``manifest.json`` (inputs, outputs, shapes, opset). A model or layer without graphs raises :class:`ExportError`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from . import backend
+from .io import atomic_write_bytes
+
+__all__ = ["OPSET", "IR_VERSION", "ExportError", "onnx_graphs", "export_onnx"]
+
+OPSET = 17
+IR_VERSION = 8          # what onnxruntime >= 1.17 reads (the onnx library would stamp its newest)
+BATCH = "batch"
+LOG_2PI = math.log(2 * math.pi)
+
+
+class ExportError(ValueError):
+    """A model, layer or option that has no ONNX graph (one line naming it)."""
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("npdgm export --format onnx needs the onnx package: pip install 'npdgm[export]'") from None
+    return onnx
+
+
+# -- the graph builder -------------------------------------------------------------------------------------
+class _Builder:
+    """Nodes and initializers of one graph; every op returns the name of its output."""
+
+    def __init__(self, onnx, names):
+        self.onnx, self.h = onnx, onnx.helper
+        self.names = names                       # id(Parameter) -> documented name
+        self.nodes, self.inits, self._n = [], {}, 0
+
+    def _fresh(self, stem):
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def init(self, name, array, dtype=np.float32):
+        """An initializer ``name`` holding ``array`` (once per name)."""
+        if name not in self.inits:
+            a = np.asarray(array, dtype=dtype)
+            self.inits[name] = self.onnx.numpy_helper.from_array(a, name)
+        return name
+
+    def const(self, value, dtype=np.float32):
+        return self.init(self._fresh("const"), value, dtype)
+
+    def ints(self, values):
+        return self.const(np.asarray(values, dtype=np.int64), np.int64)
+
+    def param(self, p, suffix="", value=None):
+        """The initializer of Parameter ``p`` under its documented name (float32 on the host)."""
+        name = self.names[id(p)] + suffix
+        return self.init(name, backend.to_host(p.data) if value is None else value)
+
+    def op(self, op_type, *inputs, outputs=1, **attrs):
+        outs = [self._fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(self.h.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def rename(self, value, name):
+        """Give the graph output ``name`` to ``value`` (an Identity node)."""
+        self.nodes.append(self.h.make_node("Identity", [value], [name]))
+        return name
+
+    # small vocabulary ---------------------------------------------------------------------------------
+    def add(self, a, b):
+        return self.op("Add", a, b)
+
+    def sub(self, a, b):
+        return self.op("Sub", a, b)
+
+    def mul(self, a, b):
+        return self.op("Mul", a, b)
+
+    def div(self, a, b):
+        return self.op("Div", a, b)
+
+    def scale(self, a, c):
+        return self.mul(a, self.const(c))
+
+    def exp(self, a):
+        return self.op("Exp", a)
+
+    def log(self, a):
+        return self.op("Log", a)
+
+    def cols(self, x, start, stop, axis=1):
+        """x[:, start:stop] (on ``axis``)."""
+        return self.op("Slice", x, self.ints([start]), self.ints([stop]), self.ints([axis]))
+
+    def take(self, x, idx):
+        """x[:, idx] for a host index array."""
+        return self.op("Gather", x, self.ints(np.asarray(idx, dtype=np.int64)), axis=1)
+
+    def rowsum(self, a, axis=1):
+        return self.op("ReduceSum", a, self.ints([axis]), keepdims=0)
+
+    def per_row(self, scalar, like):
+        """A (B,) vector holding the 0-d ``scalar``, B = like's batch size."""
+        return self.op("Expand", scalar, self.op("Shape", like, start=0, end=1))
+
+    def graph(self, name, inputs, outputs, doc):
+        """The ModelProto: inputs/outputs as [(name, shape, elem type)]."""
+        h, T = self.h, self.onnx.TensorProto
+        vi = [h.make_tensor_value_info(n, getattr(T, t), s) for n, s, t in inputs]
+        vo = [h.make_tensor_value_info(n, getattr(T, t), s) for n, s, t in outputs]
+        g = h.make_graph(self.nodes, name, vi, vo, initializer=list(self.inits.values()), doc_string=doc)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", OPSET)], producer_name="npdgm",
+                         doc_string=doc)
+        m.ir_version = IR_VERSION
+        return m
+
+
+# -- layers of npdgm.nn ------------------------------------------------------------------------------------
+def _pair(v):
+    return (int(v), int(v)) if np.ndim(v) == 0 else tuple(int(a) for a in v)
+
+
+def _activation(b, x, name):
+    """The activations of npdgm.kernels.activations (leaky_relu slope 0.01, elu alpha 1)."""
+    if name == "relu":
+        return b.op("Relu", x)
+    if name == "leaky_relu":
+        return b.op("LeakyRelu", x, alpha=0.01)
+    if name == "tanh":
+        return b.op("Tanh", x)
+    if name == "sigmoid":
+        return b.op("Sigmoid", x)
+    if name == "softplus":
+        return b.op("Softplus", x)
+    if name == "elu":
+        return b.op("Elu", x, alpha=1.0)
+    if name == "identity":
+        return b.op("Identity", x)
+    raise ExportError(f"activation {name!r} has no ONNX form here")
+
+
+def _conv(b, m, x, transposed):
+    kh, kw = m.kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+    attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw], dilations=[dh, dw])
+    if transposed:
+        attrs["output_padding"] = list(_pair(m.output_padding))
+        return b.op("ConvTranspose", x, b.param(m.W), b.param(m.b), **attrs)
+    return b.op("Conv", x, b.param(m.W), b.param(m.b), **attrs)
+
+
+def _module(b, m, x):
+    """The forward of an npdgm.nn module (Sequential / MLP / MADE, Linear, MaskedLinear, Activation,
+    Conv2d, ConvTranspose2d, Reshape) applied to the graph value x."""
+    from .models.autoregressive import MaskedLinear
+    from .nn.conv import Conv2d, ConvTranspose2d, Reshape
+    from .nn.layers import Activation, Linear, Sequential
+
+    if isinstance(m, Sequential):
+        for layer in m.layers:
+            x = _module(b, layer, x)
+        return x
+    if isinstance(m, Linear):
+        return b.add(b.op("MatMul", x, b.param(m.W)), b.param(m.b))
+    if isinstance(m, MaskedLinear):
+        masked = backend.to_host(m.W.data) * backend.to_host(m.mask)
+        return b.add(b.op("MatMul", x, b.param(m.W, ".masked", masked)), b.param(m.b))
+    if isinstance(m, Activation):
+        return _activation(b, x, m.name)
+    if isinstance(m, Reshape):
+        return b.op("Reshape", x, b.ints([0, *m.shape]))     # 0: keep the batch dimension
+    if isinstance(m, (Conv2d, ConvTranspose2d)):
+        return _conv(b, m, x, isinstance(m, ConvTranspose2d))
+    raise ExportError(f"{type(m).__name__} has no ONNX export")
+
+
+# -- the VAE family ----------------------------------------------------------------------------------------
+def _vec(n):
+    return [BATCH, int(n)]
+
+
+def _labelled(b, model, a):
+    """[a | e_y] for the label input "y" (int64 (B,)): OneHot inside the graph."""
+    e = b.op("OneHot", "y", b.const(model.num_classes, np.int64), b.const([0.0, 1.0]), axis=-1)
+    return b.op("Concat", a, e, axis=1)
+
+
+def _encoder(b, model, x, label):
+    h = _module(b, model.encoder, _labelled(b, model, x) if label else x)
+    Z = model.z_dim
+    return b.cols(h, 0, Z), b.cols(h, Z, 2 * Z)
+
+
+def _decoder(b, model, z, label):
+    return _module(b, model.decoder, _labelled(b, model, z) if label else z)
+
+
+def _nll_rows(b, model, out, x):
+    """-log p(x|z) per row: Bernoulli sum softplus(l) - x l;  Gaussian 0.5 sum (x - m)^2 e^-lv + lv + log 2 pi."""
+    if model.likelihood == "bernoulli":
+        return b.rowsum(b.sub(b.op("Softplus", out), b.mul(x, out)))
+    if model.sigma is None:
+        lv = b.param(model.logvar_x)
+    else:
+        lv = b.const(2 * math.log(model.sigma))
+    r = b.sub(x, out)
+    terms = b.add(b.add(b.mul(b.mul(r, r), b.exp(b.op("Neg", lv))), lv), b.const(LOG_2PI))
+    return b.scale(b.rowsum(b.op("Expand", terms, b.op("Shape", out))), 0.5)
+
+
+def _elbo_graph(b, model, label, prior_term=0.0):
+    """nelbo, recon, kl per row for x, eps (B, Z) (and y): z = mu + e^(logvar/2) eps [-> IAF steps]."""
+    mu, logvar = _encoder(b, model, "x", label)
+    z = b.add(mu, b.mul(b.exp(b.scale(logvar, 0.5)), "eps"))
+    flow = getattr(model, "flow", None)
+    if flow is None:
+        kl = b.scale(b.rowsum(b.sub(b.sub(b.add(b.mul(mu, mu), b.exp(logvar)), b.const(1.0)), logvar)), 0.5)
+    else:   # one-sample KL: log q(z_K|x) - log N(z_K) = 0.5 sum (z_K^2 - eps^2 - logvar) - LD
+        ld = None
+        for layer in flow.layers:
+            z, ldi = _layer_inverse(b, layer, z)
+            ld = ldi if ld is None else (ld if ldi is None else b.add(ld, ldi))
+        q = b.scale(b.rowsum(b.sub(b.sub(b.mul(z, z), b.mul("eps", "eps")), logvar)), 0.5)
+        kl = q if ld is None else b.sub(q, ld)
+    recon = _nll_rows(b, model, _decoder(b, model, z, label), "x")
+    nelbo = b.add(recon, kl)
+    if prior_term:
+        nelbo = b.add(nelbo, b.const(prior_term))
+    return b.rename(nelbo, "nelbo"), b.rename(recon, "recon"), b.rename(kl, "kl")
+
+
+def _vae_family(onnx, model, names):
+    """encode / decode / elbo (+ classify for M2) of a VAE, CVAE or M2."""
+    label = model.kind in ("cvae", "m2")
+    D, Z = model.x_dim, model.z_dim
+    y_in = [("y", [BATCH], "INT64")] if label else []
+    ys = ", y" if label else ""
+    graphs = {}
+
+    b = _Builder(onnx, names)
+    mu, logvar = _encoder(b, model, "x", label)
+    b.rename(mu, "mu"), b.rename(logvar, "logvar")
+    graphs["encode"] = b.graph("encode", [("x", _vec(D), "FLOAT")] + y_in,
+                               [("mu", _vec(Z), "FLOAT"), ("logvar", _vec(Z), "FLOAT")],
+                               f"q(z|x{ys}) = N(mu, exp(logvar))")
+
+    b = _Builder(onnx, names)
+    out = _decoder(b, model, "z", label)
+    if model.likelihood == "bernoulli":
+        b.rename(out, "logits")
+        b.rename(b.op("Sigmoid", out), "probs")
+        outs, doc = [("logits", _vec(D), "FLOAT"), ("probs", _vec(D), "FLOAT")], "p(x|z) = Bernoulli(sigmoid(logits))"
+    else:
+        b.rename(out, "mean")
+        outs, doc = [("mean", _vec(D), "FLOAT")], "p(x|z) = N(mean, sigma^2)"
+    graphs["decode"] = b.graph("decode", [("z", _vec(Z), "FLOAT")] + y_in, outs, doc)
+
+    b = _Builder(onnx, names)
+    prior = math.log(model.num_classes) if model.kind == "m2" else 0.0
+    _elbo_graph(b, model, label, prior)
+    graphs["elbo"] = b.graph("elbo", [("x", _vec(D), "FLOAT")] + y_in + [("eps", _vec(Z), "FLOAT")],
+                             [(n, [BATCH], "FLOAT") for n in ("nelbo", "recon", "kl")],
+                             f"-ELBO(x{ys}) per row for the noise eps: nelbo = recon + kl"
+                             + (" + log C" if prior else ""))
+
+    if model.kind == "m2":
+        b = _Builder(onnx, names)
+        s = _module(b, model.classifier, "x")
+        b.rename(s, "logits")
+        b.rename(b.op("Softmax", s, axis=1), "probs")
+        C = model.num_classes
+        graphs["classify"] = b.graph("classify", [("x", _vec(D), "FLOAT")],
+                                     [("logits", _vec(C), "FLOAT"), ("probs", _vec(C), "FLOAT")],
+                                     "q(y|x) = softmax(logits)")
+    return graphs
+
+
+# -- flows -------------------------------------------------------------------------------------------------
+def _clamp(b, raw, kind, bound):
+    """s = b tanh(raw / b) | (2 b / pi) atan(raw / b) | raw (npdgm.kernels.coupling.scale_clamp_forward)."""
+    if kind == "tanh":
+        return b.scale(b.op("Tanh", b.scale(raw, 1.0 / bound)), bound)
+    if kind == "atan":
+        return b.scale(b.op("Atan", b.scale(raw, 1.0 / bound)), 2 * bound / math.pi)
+    return raw
+
+
+def _split(b, layer, x):
+    return b.take(x, np.flatnonzero(layer.mask_bool)), b.take(x, np.flatnonzero(~layer.mask_bool))
+
+
+def _merge(b, layer, a, c):
+    order = np.concatenate([np.flatnonzero(layer.mask_bool), np.flatnonzero(~layer.mask_bool)])
+    return b.take(b.op("Concat", a, c, axis=1), np.argsort(order))
+
+
+def _coupling(b, layer, x, inverse):
+    """Additive (y_b = x_b + m(x_a)) and affine (y_b = x_b e^s + t, logdet sum s) couplings and inverses."""
+    from .models.flow_layers import AdditiveCoupling
+
+    xa, xb = _split(b, layer, x)
+    h = _module(b, layer.net, xa)
+    if isinstance(layer, AdditiveCoupling):
+        return _merge(b, layer, xa, b.sub(xb, h) if inverse else b.add(xb, h)), None
+    nb = layer.nb
+    s = _clamp(b, b.cols(h, 0, nb), layer.scale, layer.scale_bound)
+    t = b.cols(h, nb, 2 * nb)
+    if inverse:
+        yb, ld = b.mul(b.sub(xb, t), b.exp(b.op("Neg", s))), b.op("Neg", b.rowsum(s))
+    else:
+        yb, ld = b.add(b.mul(xb, b.exp(s)), t), b.rowsum(s)
+    return _merge(b, layer, xa, yb), ld
+
+
+def _made(b, layer, x):
+    """(alpha, mu) = (clamp(raw), mu) of the layer's MADE at x."""
+    h = _module(b, layer.made, x)
+    D = layer.dim
+    return _clamp(b, b.cols(h, 0, D), layer.scale, layer.scale_bound), b.cols(h, D, 2 * D)
+
+
+def _one_pass(b, layer, x):
+    """z = (x - mu(x)) e^-alpha(x), logdet = -sum alpha: MAF's density pass, IAF's sampling pass."""
+    alpha, mu = _made(b, layer, x)
+    return b.mul(b.sub(x, mu), b.exp(b.op("Neg", alpha))), b.op("Neg", b.rowsum(alpha))
+
+
+def _d_pass(b, layer, z):
+    """x = F^-1(z): D iterations of x <- z e^alpha(x) + mu(x) from x = 0, an ONNX Loop whose body is one MADE
+    pass; logdet = +sum alpha(x) at the final x."""
+    h = b.h
+    T = b.onnx.TensorProto
+    outer, b.nodes = b.nodes, []
+    it, cond, xin = b._fresh("iter"), b._fresh("cond"), b._fresh("x_in")
+    alpha, mu = _made(b, layer, xin)
+    xout = b.add(b.mul(z, b.exp(alpha)), mu)
+    cout = b.op("Identity", cond)
+    body = h.make_graph(b.nodes, b._fresh("maf_pass"),
+                        [h.make_tensor_value_info(it, T.INT64, []), h.make_tensor_value_info(cond, T.BOOL, []),
+                         h.make_tensor_value_info(xin, T.FLOAT, None)],
+                        [h.make_tensor_value_info(cout, T.BOOL, []), h.make_tensor_value_info(xout, T.FLOAT, None)])
+    b.nodes = outer
+    x0 = b.op("Mul", z, b.const(0.0))
+    x = b.op("Loop", b.const(layer.dim, np.int64), b.const(True, np.bool_), x0, body=body)
+    alpha, _ = _made(b, layer, x)
+    return x, b.rowsum(alpha)
+
+
+def _scaled(b, x, ls, inverse):
+    """x e^ls (inverse: x e^-ls) and logdet sum ls (inverse: -sum ls) per row."""
+    total = b.op("ReduceSum", ls, keepdims=0)
+    if inverse:
+        return b.mul(x, b.exp(b.op("Neg", ls))), b.per_row(b.op("Neg", total), x)
+    return b.mul(x, b.exp(ls)), b.per_row(total, x)
+
+
+def _logit(b, layer, x, inverse):
+    """p = a + (1 - 2a) x, y = log p - log(1 - p), logdet = sum log(1 - 2a) - log p - log(1 - p); the inverse
+    x = (sigmoid(y) - a) / (1 - 2a), logdet = sum -softplus(-y) - softplus(y) - log(1 - 2a)."""
+    a = layer.alpha
+    c = math.log(1 - 2 * a)
+    if inverse:
+        x_out = b.scale(b.sub(b.op("Sigmoid", x), b.const(a)), 1.0 / (1 - 2 * a))
+        t = b.add(b.op("Softplus", b.op("Neg", x)), b.op("Softplus", x))
+        return x_out, b.sub(b.op("Neg", b.rowsum(t)), b.scale(b.per_row(b.const(1.0), x), c * layer.dim))
+    p = b.add(b.const(a), b.scale(x, 1 - 2 * a))
+    lp, l1p = b.log(p), b.log(b.sub(b.const(1.0), p))
+    ld = b.sub(b.scale(b.per_row(b.const(1.0), x), c * layer.dim), b.rowsum(b.add(lp, l1p)))
+    return b.sub(lp, l1p), ld
+
+
+def _invertible_linear(b, layer, x, inverse):
+    """y = x[:, perm] L1 U1 (L1 = tril(L, -1) + I, U1 = triu(U, 1) + diag(sign e^log_s)), logdet sum log_s;
+    the inverse x = (y W^-1)[:, perm^-1] with W^-1 = (L1 U1)^-1 from the host in float64."""
+    L = backend.to_host(layer.L.data).astype(np.float64)
+    U = backend.to_host(layer.U.data).astype(np.float64)
+    ls = backend.to_host(layer.log_s.data).astype(np.float64)
+    n = layer.dim
+    total = b.op("ReduceSum", b.param(layer.log_s), keepdims=0)
+    if inverse:
+        W = (np.tril(L, -1) + np.eye(n)) @ (np.triu(U, 1) + np.diag(layer.sign_host * np.exp(ls)))
+        y = b.op("MatMul", x, b.const(np.linalg.inv(W)))
+        return b.take(y, layer.inv), b.per_row(b.op("Neg", total), x)
+    lo, up = b.const(np.tril(np.ones((n, n)), -1)), b.const(np.triu(np.ones((n, n)), 1))
+    eye = b.const(np.eye(n))
+    L1 = b.add(b.mul(b.param(layer.L), lo), eye)
+    s = b.mul(b.const(layer.sign_host), b.exp(b.param(layer.log_s)))
+    U1 = b.add(b.mul(b.param(layer.U), up), b.mul(s, eye))
+    y = b.op("MatMul", b.op("MatMul", b.take(x, layer.perm), L1), U1)
+    return y, b.per_row(total, x)
+
+
+def _layer_forward(b, layer, x):
+    """(y, logdet or None for 0) of one flow layer in the density direction."""
+    return _flow_layer(b, layer, x, False)
+
+
+def _layer_inverse(b, layer, y):
+    """(x, logdet_inv or None for 0) of one flow layer in the sampling direction."""
+    return _flow_layer(b, layer, y, True)
+
+
+def _flow_layer(b, layer, x, inverse):
+    from .models import flow_layers as F
+    from .models.autoregressive import IAF, MAF
+
+    if isinstance(layer, (F.AdditiveCoupling, F.AffineCoupling)):
+        return _coupling(b, layer, x, inverse)
+    if isinstance(layer, F.SplineCoupling):
+        return _spline_coupling(b, layer, x, inverse)
+    if isinstance(layer, F.Permutation):
+        return b.take(x, layer.inv if inverse else layer.perm), None
+    if isinstance(layer, F.Scaling):
+        return _scaled(b, x, b.param(layer.log_scale), inverse)
+    if isinstance(layer, F.ActNorm):
+        if not layer.initialized:
+            raise ExportError("an ActNorm layer was never initialized (its first forward pass sets loc and "
+                              "log_scale from the data): train the flow or run log_prob on data before exporting")
+        if inverse:
+            u, ld = _scaled(b, x, b.param(layer.log_scale), True)
+            return b.sub(u, b.param(layer.loc)), ld
+        return _scaled(b, b.add(x, b.param(layer.loc)), b.param(layer.log_scale), False)
+    if isinstance(layer, F.LogitTransform):
+        return _logit(b, layer, x, inverse)
+    if isinstance(layer, F.InvertibleLinear):
+        return _invertible_linear(b, layer, x, inverse)
+    if isinstance(layer, (MAF, IAF)):
+        one_pass = isinstance(layer, MAF) != inverse
+        return _one_pass(b, layer, x) if one_pass else _d_pass(b, layer, x)
+    raise ExportError(f"flow layer {type(layer).__name__} has no ONNX export yet")
+
+
+def _flow_graphs(onnx, model, names):
+    from .kernels.coupling import PRIORS
+
+    if model.prior not in PRIORS:
+        raise ExportError(f"prior {model.prior!r} has no ONNX export")
+    D = model.dim
+    graphs = {}
+    for direction in ("log_prob", "sample"):
+        b = _Builder(onnx, names)
+        inverse = direction == "sample"
+        h, total = ("z" if inverse else "x"), None
+        order = reversed(model.layers) if inverse else model.layers
+        for layer in order:
+            h, ld = _flow_layer(b, layer, h, inverse)
+            total = ld if total is None else (total if ld is None else b.add(total, ld))
+        if total is None:
+            total = b.per_row(b.const(0.0), h)
+        if inverse:
+            b.rename(h, "x"), b.rename(total, "logdet")
+            graphs["sample"] = b.graph(
+                "sample", [("z", _vec(D), "FLOAT")], [("x", _vec(D), "FLOAT"), ("logdet", [BATCH], "FLOAT")],
+                "x = f^-1(z) for base noise z; logdet = log|det dx/dz| per row")
+            continue
+        b.rename(b.add(_prior_logprob(b, model.prior, h, D), total), "log_prob")
+        b.rename(total, "logdet")
+        graphs["log_prob"] = b.graph(
+            "log_prob", [("x", _vec(D), "FLOAT")], [("log_prob", [BATCH], "FLOAT"), ("logdet", [BATCH], "FLOAT")],
+            f"log p(x) = log p_Z(f(x)) + logdet per row ({model.prior} prior); logdet = log|det df/dx|")
+    return graphs
+
+
+def _prior_logprob(b, prior, z, dim):
+    """gaussian -0.5 sum z^2 - 0.5 D log 2 pi;  logistic -sum (|z| + 2 softplus(-|z|))."""
+    if prior == "gaussian":
+        return b.sub(b.scale(b.rowsum(b.mul(z, z)), -0.5), b.const(0.5 * LOG_2PI * dim))
+    a = b.op("Abs", z)
+    return b.op("Neg", b.rowsum(b.add(a, b.scale(b.op("Softplus", b.op("Neg", a)), 2.0))))
+
+
+# -- spline coupling (npdgm.kernels.spline) ----------------------------------------------------------------
+def _knots(b, u, K, bound, lo):
+    """Knot positions -bound + [0, cumsum size], size = 2 bound (lo + (1 - K lo) softmax(u)), (B, nb, K + 1)."""
+    size = b.scale(b.add(b.const(lo), b.scale(b.op("Softmax", u, axis=-1), 1 - K * lo)), 2 * bound)
+    zero = b.scale(b.cols(size, 0, 1, axis=2), 0.0)
+    cum = b.op("CumSum", size, b.const(2, np.int64))
+    return b.sub(b.op("Concat", zero, cum, axis=2), b.const(bound))
+
+
+def _bin(b, v, edges, knots, K):
+    """(x_k, w, y_k, h, d0, d1), each (B, nb, 1), of the bin k = #{interior edges <= v} (rq_search), gathered
+    by one-hot rows (the kernel's _gather)."""
+    xk, yk, d = knots
+    k = b.op("ReduceSum", b.op("Cast", b.op("GreaterOrEqual", v, b.cols(edges, 1, K, axis=2)), to=1),
+             b.ints([2]), keepdims=1)
+    r = b.const(np.arange(K + 1))
+    o0 = b.op("Cast", b.op("Equal", k, r), to=1)
+    o1 = b.op("Cast", b.op("Equal", b.add(k, b.const(1.0)), r), to=1)
+
+    def pick(a, o):
+        return b.op("ReduceSum", b.mul(a, o), b.ints([2]), keepdims=1)
+
+    x0, y0 = pick(xk, o0), pick(yk, o0)
+    return x0, b.sub(pick(xk, o1), x0), y0, b.sub(pick(yk, o1), y0), pick(d, o0), pick(d, o1)
+
+
+def _bin_eval(b, xv, bn):
+    """y = y_k + h (s xi^2 + d0 th) / D and log g' = 2 log s + log M - 2 log D (the kernel's _bin_eval)."""
+    x0, w, y0, h, d0, d1 = bn
+    xi = b.div(b.sub(xv, x0), w)
+    s = b.div(h, w)
+    one_m = b.sub(b.const(1.0), xi)
+    th = b.mul(xi, one_m)
+    Dn = b.add(s, b.mul(b.sub(b.add(d1, d0), b.scale(s, 2.0)), th))
+    num = b.add(b.mul(s, b.mul(xi, xi)), b.mul(d0, th))
+    M = b.add(b.add(b.mul(d1, b.mul(xi, xi)), b.scale(b.mul(s, th), 2.0)), b.mul(d0, b.mul(one_m, one_m)))
+    logg = b.sub(b.add(b.scale(b.log(s), 2.0), b.log(M)), b.scale(b.log(Dn), 2.0))
+    return b.add(y0, b.div(b.mul(h, num), Dn)), logg
+
+
+def _spline_coupling(b, layer, x, inverse):
+    """y_b = g(x_b; net(x_a)) (inverse: the quadratic's stable root), identity outside [-bound, bound];
+    logdet = sum log g' (inverse: -sum log g'(x_b)). Elementwise on (B, nb, 1) against knots (B, nb, K + 1)."""
+    from .kernels.spline import derivative_shift
+
+    K, nb, bound = layer.bins, layer.nb, layer.bound
+    xa, xb = _split(b, layer, x)
+    u = b.op("Reshape", _module(b, layer.net, xa), b.ints([0, nb, 3 * K - 1]))
+    xk = _knots(b, b.cols(u, 0, K, axis=2), K, bound, layer.min_width)
+    yk = _knots(b, b.cols(u, K, 2 * K, axis=2), K, bound, layer.min_height)
+    one = b.add(b.scale(b.cols(u, 0, 1, axis=2), 0.0), b.const(1.0))
+    shift = b.const(derivative_shift(layer.min_derivative))
+    inner = b.op("Softplus", b.add(b.cols(u, 2 * K, 3 * K - 1, axis=2), shift))
+    d = b.op("Concat", one, b.add(b.const(layer.min_derivative), inner), one, axis=2)
+    v = b.op("Unsqueeze", xb, b.ints([2]))
+    edges = yk if inverse else xk
+    lo, hi = b.cols(edges, 0, 1, axis=2), b.cols(edges, K, K + 1, axis=2)
+    inside = b.op("And", b.op("GreaterOrEqual", v, lo), b.op("LessOrEqual", v, hi))
+    vc = b.op("Max", b.op("Min", v, hi), lo)
+    bn = _bin(b, vc, edges, (xk, yk, d), K)
+    if inverse:   # xi = 2c / (-b - sqrt(b^2 - 4ac)), clipped to [0, 1]
+        x0, w, y0, h, d0, d1 = bn
+        s, dy = b.div(h, w), b.sub(vc, y0)
+        c2 = b.sub(b.add(d1, d0), b.scale(s, 2.0))
+        qa = b.add(b.mul(h, b.sub(s, d0)), b.mul(dy, c2))
+        qb = b.sub(b.mul(h, d0), b.mul(dy, c2))
+        qc = b.op("Neg", b.mul(s, dy))
+        disc = b.op("Sqrt", b.op("Max", b.sub(b.mul(qb, qb), b.scale(b.mul(qa, qc), 4.0)), b.const(0.0)))
+        xi = b.div(b.scale(qc, 2.0), b.sub(b.op("Neg", qb), disc))
+        xi = b.op("Max", b.op("Min", xi, b.const(1.0)), b.const(0.0))
+        out = b.add(x0, b.mul(xi, w))
+        logg = b.op("Neg", _bin_eval(b, out, bn)[1])
+    else:
+        out, logg = _bin_eval(b, vc, bn)
+    out = b.op("Where", inside, out, v)
+    logg = b.op("Where", inside, logg, b.const(0.0))
+    yb = b.op("Squeeze", out, b.ints([2]))
+    return _merge(b, layer, xa, yb), b.rowsum(b.op("Squeeze", logg, b.ints([2])))
+
+
+# -- entry points ------------------------------------------------------------------------------------------
+def onnx_graphs(model):
+    """{graph name: onnx.ModelProto} of a VAE, CVAE, M2 or Flow (module docstring); ExportError otherwise."""
+    onnx = _onnx()
+    names = {id(p): n for n, p in model.named_parameters()}
+    kind = getattr(model, "kind", type(model).__name__)
+    if kind in ("vae", "cvae", "m2"):
+        return _vae_family(onnx, model, names)
+    if kind == "flow":
+        return _flow_graphs(onnx, model, names)
+    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, flow)")
+
+
+def _io(values):
+    return [{"name": v.name, "dtype": "int64" if v.type.tensor_type.elem_type == 7 else "float32",
+             "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+
+def export_onnx(model, out_dir):
+    """Write ``<graph>.onnx`` for every graph of :func:`onnx_graphs` and ``manifest.json`` into ``out_dir``
+    (created if needed); returns the manifest dict."""
+    graphs = onnx_graphs(model)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"OUT {out_dir} is a file; --format onnx writes a directory of .onnx files")
+    manifest = {"format": "npdgm-onnx", "kind": model.kind, "opset": OPSET, "ir_version": IR_VERSION,
+                "dtype": "float32", "config": model.config, "graphs": {}}
+    for name, m in graphs.items():
+        data = m.SerializeToString()
+        atomic_write_bytes(os.path.join(out_dir, f"{name}.onnx"), lambda f, d=data: f.write(d))
+        manifest["graphs"][name] = {"file": f"{name}.onnx", "doc": m.doc_string,
+                                    "inputs": _io(m.graph.input), "outputs": _io(m.graph.output)}
+    text = json.dumps(manifest, indent=1) + "\n"
+    atomic_write_bytes(os.path.join(out_dir, "manifest.json"), lambda f: f.write(text.encode()))
+    return manifest

@@ -1,0 +1,233 @@
+"""npdgm export --format onnx: every graph, run in onnxruntime on small random models, gives npdgm's own
+outputs (float32, normwise relative error 1e-5, log-dets included); onnx.checker accepts each file; the CLI
+writes the directory and its manifest; what has no graph is refused in one line."""
+import json
+
+import numpy as np
+import pytest
+
+from npdgm import cli
+from npdgm.kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward, softmax_forward
+from npdgm.models import flows as F
+from npdgm.models.cvae import CVAE
+from npdgm.models.elbo import rec_rows
+from npdgm.models.m2 import M2
+from npdgm.models.vae import VAE
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from npdgm.export_onnx import ExportError, export_onnx, onnx_graphs  # noqa: E402
+
+RTOL = 1e-5
+
+
+def _perturb(m, scale=0.2, seed=0):
+    m.flat_params[...] += np.random.default_rng(seed).standard_normal(m.flat_params.shape).astype(m.dtype) * scale
+    return m
+
+
+def _run(proto, **feeds):
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def _close(got, want, rtol=RTOL):
+    """float32 agreement: max |got - want| <= rtol max |want| (and the same shape)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    assert np.all(np.isfinite(got))
+    assert np.abs(got - want).max() <= rtol * max(np.abs(want).max(), 1e-30), np.abs(got - want).max()
+
+
+def _data(rng, B, D, unit=True):
+    return (rng.random((B, D)) if unit else rng.standard_normal((B, D))).astype(np.float32)
+
+
+# -- the VAE family ----------------------------------------------------------------------------------------
+def _check_vae(m, label=False, B=5):
+    rng = np.random.default_rng(3)
+    x = _data(rng, B, m.x_dim, m.likelihood == "bernoulli")
+    eps = rng.standard_normal((B, m.z_dim)).astype(np.float32)
+    z = (rng.standard_normal((B, m.z_dim)) * 2).astype(np.float32)
+    y = rng.integers(0, getattr(m, "num_classes", 1), B).astype(np.int64)
+    lab = {"y": y} if label else {}
+    g = onnx_graphs(m)
+    args = (x, y) if label else (x,)
+
+    enc = _run(g["encode"], x=x, **lab)
+    mu, logvar = m.encode(*args)
+    _close(enc["mu"], mu)
+    _close(enc["logvar"], logvar)
+
+    dec = _run(g["decode"], z=z, **lab)
+    out = m._decode_raw(z, y) if label else m._decode_raw(z)
+    if m.likelihood == "bernoulli":
+        _close(dec["logits"], out)
+        _close(dec["probs"], sigmoid_forward(out))
+    else:
+        _close(dec["mean"], out)
+
+    elbo = _run(g["elbo"], x=x, eps=eps, **lab)
+    if m.kind == "m2":
+        _close(elbo["nelbo"], m.nelbo(x, y, eps))
+    else:
+        _, terms = m.loss(*args, eps[None])
+        for k in ("recon", "kl", "nelbo"):
+            _close(elbo[k].mean(keepdims=True), np.asarray(terms[k]).reshape(1))
+    if getattr(m, "flow", None) is None:
+        zz = reparameterize_forward(mu, logvar, eps)
+        recon = rec_rows(m, m._decode_raw(zz, y) if label else m._decode_raw(zz), x)
+        _close(elbo["recon"], recon)
+        _close(elbo["kl"], kl_std_normal_forward(mu, logvar))
+    return g
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "tanh", "sigmoid", "softplus", "elu", "identity"])
+def test_vae_mlp_graphs_match_npdgm(activation):
+    g = _check_vae(_perturb(VAE(x_dim=12, hidden=(9, 7), z_dim=3, activation=activation, seed=1)))
+    assert sorted(g) == ["decode", "elbo", "encode"]
+    assert {i.name for i in g["encode"].graph.initializer} >= {"encoder.0.W", "encoder.0.b", "encoder.2.W"}
+    assert g["encode"].opset_import[0].version == 17
+
+
+@pytest.mark.parametrize("sigma", [0.3, None])
+def test_vae_gaussian_likelihoods(sigma):
+    m = _perturb(VAE(x_dim=10, hidden=(8,), z_dim=2, likelihood="gaussian", sigma=sigma, seed=2))
+    g = _check_vae(m)
+    assert [o.name for o in g["decode"].graph.output] == ["mean"]
+
+
+def test_vae_large_logits():
+    """Logits of +-hundreds: the BCE-from-logits form (softplus) stays finite and agrees."""
+    m = _perturb(VAE(x_dim=10, hidden=(8,), z_dim=2, seed=3))
+    m.decoder.layers[-1].W.data[...] *= 400
+    g = _check_vae(m)
+    z = np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)
+    assert np.abs(_run(g["decode"], z=z)["logits"]).max() > 100
+
+
+def test_vae_conv_graphs_match_npdgm():
+    m = _perturb(VAE(x_dim=64, hidden=(), z_dim=3, arch="conv", channels=(2, 3), image_shape=(1, 8, 8),
+                     activation="leaky_relu", seed=4), 0.1)
+    g = _check_vae(m, B=3)
+    ops = {n.op_type for n in g["decode"].graph.node}
+    assert {"ConvTranspose", "Reshape"} <= ops and "Conv" in {n.op_type for n in g["encode"].graph.node}
+
+
+def test_vae_iaf_posterior_elbo():
+    m = _perturb(VAE(x_dim=10, hidden=(8,), z_dim=3, posterior="iaf:2", iaf_hidden=(6,), seed=5), 0.1)
+    g = _check_vae(m)
+    assert any(i.name.endswith(".made.0.W.masked") for i in g["elbo"].graph.initializer)
+
+
+def test_cvae_graphs_take_the_label():
+    m = _perturb(CVAE(x_dim=11, num_classes=4, hidden=(7,), z_dim=2, seed=6))
+    g = _check_vae(m, label=True)
+    assert [(i.name, i.type.tensor_type.elem_type) for i in g["encode"].graph.input] == [("x", 1), ("y", 7)]
+
+
+def test_m2_graphs_and_classifier():
+    m = _perturb(M2(x_dim=11, num_classes=3, hidden=(7,), z_dim=2, seed=7))
+    g = _check_vae(m, label=True)
+    x = _data(np.random.default_rng(8), 4, 11)
+    out = _run(g["classify"], x=x)
+    _close(out["logits"], m.logits(x))
+    _close(out["probs"], softmax_forward(m.logits(x)))
+
+
+# -- flows -------------------------------------------------------------------------------------------------
+def _check_flow(flow, x, B=6):
+    g = onnx_graphs(flow)
+    assert sorted(g) == ["log_prob", "sample"]
+    lp = _run(g["log_prob"], x=x)
+    z, logdet = flow.forward(x)
+    _close(lp["logdet"], logdet)
+    _close(lp["log_prob"], flow.log_prob(x))
+    zs = np.random.default_rng(9).standard_normal((B, flow.dim)).astype(np.float32) * 0.7
+    xs, ld = flow.inverse(zs, logdet=True)
+    sm = _run(g["sample"], z=zs)
+    _close(sm["x"], xs)
+    _close(sm["logdet"], ld)
+    # sampling inverts the density pass, to a float32 inverse's precision (a spline's root loses digits)
+    _close(_run(g["sample"], z=z)["x"], x, rtol=1e-4)
+    return g
+
+
+def test_nice_with_logit_and_scaling():
+    flow = _perturb(F.nice(dim=6, n_couplings=3, hidden=8, n_hidden=2, logit=True, seed=1), 0.1)
+    _check_flow(flow, _data(np.random.default_rng(1), 5, 6))
+
+
+@pytest.mark.parametrize("scale", ["tanh", "atan", "none"])
+def test_realnvp_checkerboard_actnorm(scale):
+    flow = F.realnvp(dim=16, n_couplings=3, hidden=(10,), image_shape=(4, 4), scale=scale, seed=2)
+    x = _data(np.random.default_rng(2), 7, 16)
+    flow.forward(x)                                    # ActNorm's data-dependent init
+    _check_flow(_perturb(flow, 0.05), x)
+
+
+def test_realnvp2d_logistic_prior_and_invertible_linear():
+    # InvertibleLinear(seed=2): perm [1 2 0 3], not its own inverse
+    layers = [F.InvertibleLinear(4, seed=2), F.AffineCoupling(4, "alternate", 0, (6,), "tanh", seed=3),
+              F.Permutation(4, "random", seed=4), F.Scaling(4), F.AdditiveCoupling(4, "half", 1, (5,), seed=5)]
+    flow = _perturb(F.Flow(layers, prior="logistic"), 0.1)
+    _check_flow(flow, _data(np.random.default_rng(3), 5, 4, unit=False))
+
+
+def test_maf_density_and_sampling_loop():
+    flow = _perturb(F.maf(dim=5, n_layers=2, hidden=(12,), ordering="random", logit=True, seed=3), 0.1)
+    g = _check_flow(flow, _data(np.random.default_rng(4), 6, 5))
+    assert "Loop" in {n.op_type for n in g["sample"].graph.node}
+
+
+def test_iaf_flow_layer_density_is_the_loop():
+    flow = _perturb(F.Flow([F.IAF(4, hidden=(9,), seed=1), F.Permutation(4), F.IAF(4, hidden=(9,), seed=2)]), 0.1)
+    g = _check_flow(flow, _data(np.random.default_rng(5), 5, 4, unit=False))
+    assert "Loop" in {n.op_type for n in g["log_prob"].graph.node}
+
+
+def test_spline_coupling_with_tails():
+    flow = _perturb(F.spline2d(n_couplings=3, hidden=(8,), bins=5, bound=2.0, seed=1), 0.3)
+    x = np.random.default_rng(6).standard_normal((40, 2)).astype(np.float32) * 1.5     # some beyond the bound
+    assert (np.abs(x) > 2).any()
+    _check_flow(flow, x)
+
+
+# -- the command -------------------------------------------------------------------------------------------
+def test_cli_writes_the_directory_and_manifest(tmp_path, capsys):
+    m = _perturb(VAE(x_dim=12, hidden=(9,), z_dim=3, seed=2))
+    m.save(tmp_path / "m.npz")
+    out = tmp_path / "onnx"
+    assert cli.main(["export", str(tmp_path / "m.npz"), str(out), "--format", "onnx"]) == 0
+    assert "3 graphs" in capsys.readouterr().out
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["opset"] == 17 and man["kind"] == "vae" and man["dtype"] == "float32"
+    assert sorted(man["graphs"]) == ["decode", "elbo", "encode"]
+    assert man["graphs"]["elbo"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 12]},
+                                               {"name": "eps", "dtype": "float32", "shape": ["batch", 3]}]
+    assert [o["name"] for o in man["graphs"]["decode"]["outputs"]] == ["logits", "probs"]
+    for name, g in man["graphs"].items():
+        proto = onnx.load(str(out / g["file"]))
+        onnx.checker.check_model(proto, full_check=True)
+    x = _data(np.random.default_rng(0), 4, 12)
+    sess = ort.InferenceSession(str(out / "encode.onnx"), providers=["CPUExecutionProvider"])
+    _close(sess.run(["mu"], {"x": x})[0], m.encode(x)[0])
+
+
+def test_refused_cases_are_one_line(tmp_path, capsys):
+    from npdgm.models.gmm import GaussianMixture
+
+    g = GaussianMixture(n_components=2)
+    with pytest.raises(ExportError, match="a gmm model has no ONNX graphs"):
+        onnx_graphs(g)
+    flow = F.realnvp(dim=4, n_couplings=1, hidden=(3,), mask="half", logit=False)
+    flow.save(tmp_path / "f.npz")
+    assert cli.main(["export", str(tmp_path / "f.npz"), str(tmp_path / "o"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ActNorm layer was never initialized" in err and "\n" not in err
+    (tmp_path / "file").write_text("")
+    m = VAE(x_dim=4, hidden=(3,), z_dim=2)
+    with pytest.raises(ExportError, match="is a file"):
+        export_onnx(m, tmp_path / "file")
