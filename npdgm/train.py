@@ -228,7 +228,8 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     step(xb, yb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
                      (the loop zeroes them before and runs ``optimizer.step()`` after); yb is None
                      without train_y.
-    evaluate(epoch) -> dict of floats (test metrics), optional; called on every rank (each may take its
+    evaluate(epoch) -> dict of floats (test metrics, logged as test_<key>; a key "val_..." (validation metrics)
+                     is logged as it is), optional; called on every rank (each may take its
                      share of the test set, npdgm.distributed.rows / mean_over_rows, and reduce).
     comm: a communicator of npdgm.distributed (None: one process). With N > 1 ranks each rank runs
           ``step(xb, yb, rng, shard=slice(lo, hi))`` on its shard of the same global batch (the step draws the
@@ -280,7 +281,8 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
             rec = {"epoch": epoch, "step": epoch * nb, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
             rec["train_seconds"] = round(time.perf_counter() - t0, 3)
             if evaluate is not None:  # on every rank: it may split the test set over the ranks and reduce
-                rec.update({f"test_{k}": float(v) for k, v in evaluate(epoch).items()})
+                rec.update({k if k.startswith("val_") else f"test_{k}": float(v)
+                            for k, v in evaluate(epoch).items()})
             if not root:  # the other ranks write nothing
                 records.append(rec)
                 continue

@@ -109,6 +109,32 @@ def balanced_labels(y, n, num_classes=10, seed=0):
     return np.sort(np.concatenate(out))
 
 
+def validation_size(n_train, val=None):
+    """The --val count for ``n_train`` training images: ``val`` (0: no split), or by default a sixth of them
+    (10000 of MNIST's 60000). ValueError when it leaves fewer than 10 training images."""
+    val = n_train // 6 if val is None else val
+    if val and n_train - val < 10:
+        raise ValueError(f"--val {val} leaves {n_train - val} of the {n_train} training images for training; "
+                         f"lower --val")
+    return val
+
+
+def validation_split(n_train, val, seed=0):
+    """(train indices, validation indices) of ``n_train`` training examples: ``val`` of them drawn without
+    replacement (seeded), disjoint from the rest; both sorted. The labelled subset (:func:`balanced_labels`)
+    is then drawn from the training part, and the epoch (m2) is chosen on the validation part."""
+    held = np.sort(np.random.default_rng([seed, 17]).choice(n_train, val, replace=False))
+    keep = np.ones(n_train, bool)
+    keep[held] = False
+    return np.flatnonzero(keep), held
+
+
+def chosen_epoch(records, key="val_error"):
+    """The record of the epoch with the lowest ``key`` (the earliest of ties); None when no record has it."""
+    have = [r for r in records if r.get(key) is not None]
+    return min(have, key=lambda r: (r[key], r["epoch"])) if have else None
+
+
 # -- the link from an M1 run to its VAE: path + checksum ------------------------------------------
 def vae_checkpoint(path):
     """The checkpoint file of a VAE run directory or checkpoint path (ValueError when absent)."""
