@@ -180,20 +180,22 @@ class _Autoregressive(FlowLayer):
         bs = [m.b.data for m in lin]
         w_out = xp.ascontiguousarray(xp.stack([Ws[-1][:, :D].T, Ws[-1][:, D:].T], axis=2))  # (D, H_last, 2)
         b_out = xp.stack([bs[-1][:D], bs[-1][D:]], axis=1)                                   # (D, 2)
-        counts = [np.searchsorted(deg, np.arange(D), side="right") for deg in made_degrees(D, self._spec["hidden"])[1:]]
+        degrees = made_degrees(D, self._spec["hidden"])[1:]
+        counts = [np.searchsorted(deg, np.arange(D), side="right") for deg in degrees]   # units of degree <= d
         x = xp.zeros_like(z)
         h1 = xp.repeat(bs[0][None, :], B, axis=0)           # x = 0: the first pre-activation is its bias
-        for d in range(D):
-            n = [int(c[d]) for c in counts]
-            a = acts[0](h1[:, :n[0]])
-            for i in range(1, len(n)):
-                a = acts[i](a @ Ws[i][:n[i - 1], :n[i]] + bs[i][:n[i]])
-            out = a @ w_out[d, :n[-1]] + b_out[d]            # (B, 2): [raw_d | mu_d]
-            alpha = C.scale_clamp_forward(out[:, :1], self.scale, self.scale_bound)
-            x[:, d:d + 1] = C.affine_coupling_forward(z[:, d:d + 1], alpha, out[:, 1:])[0]
-            h1 += x[:, d:d + 1] * Ws[0][d]
-            if self.progress is not None:
-                self.progress(1)
+        with backend.one_blas_thread():                     # D tiny GEMMs: two BLAS threads only wait on each other
+            for d in range(D):
+                n = [int(c[d]) for c in counts]
+                a = acts[0](h1[:, :n[0]])
+                for i in range(1, len(n)):
+                    a = acts[i](a @ Ws[i][:n[i - 1], :n[i]] + bs[i][:n[i]])
+                out = a @ w_out[d, :n[-1]] + b_out[d]        # (B, 2): [raw_d | mu_d]
+                alpha = C.scale_clamp_forward(out[:, :1], self.scale, self.scale_bound)
+                x[:, d:d + 1] = C.affine_coupling_forward(z[:, d:d + 1], alpha, out[:, 1:])[0]
+                h1 += x[:, d:d + 1] * Ws[0][d]
+                if self.progress is not None:
+                    self.progress(1)
         return x
 
     def _d_pass(self, z, reference=False):
