@@ -312,7 +312,7 @@ def _label_accuracy(model, predict, n_per_class=50, seed=1):
 
 
 def test_cvae_cli_defaults_follow_the_label(tmp_path):
-    """npdgm train cvae at its defaults (z 20, 400 hidden, label scale 5) for 30 steps: a classifier trained on
+    """npdgm train cvae at its defaults (z 20, 400 hidden, label scale 10) for 30 steps: a classifier trained on
     real digits labels >= 90% of its class-conditional samples as their class (measured 99%; with the plain
     one-hot, --label-scale 1, the same run gives ~12%: z carries the class and the label is ignored)."""
     from npdgm.cli import main
@@ -321,7 +321,7 @@ def test_cvae_cli_defaults_follow_the_label(tmp_path):
     assert main(["train", "cvae", "--train-limit", "1920", "--batch-size", "64", "--test-limit", "100", "--epochs", "1",
                  "--no-plots", "--no-progress", "--out", str(out)]) == 0
     model = npdgm.load(out)
-    assert model.z_dim == 20 and model.label_scale == 5.0
+    assert model.z_dim == 20 and model.label_scale == 10.0
     assert _label_accuracy(model, _digit_classifier()) >= 0.9
 
 

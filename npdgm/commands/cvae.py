@@ -21,7 +21,7 @@ from .common import add_train_args, positive_float, positive_int, setup_backend
 from .vae import _load_data, add_vae_model_args
 
 DEFAULT_EPOCHS = 10
-DEFAULT_LABEL_SCALE = 5.0   # ~sqrt(z_dim 20): the label path learns as fast as z's (npdgm.models.cvae docstring)
+DEFAULT_LABEL_SCALE = 10.0  # ~2 sqrt(z_dim 20): the label path learns faster than z's (npdgm.models.cvae docstring)
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init", "label_scale")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype")
 

@@ -19,10 +19,11 @@ piece is the first layer of each network, ``[x | s e_y] @ W + b = x @ W[:D] + s 
 Why a label scale s: with s = 1 the label adds one weight to a decoder unit's pre-activation while z adds
 z_dim weights times N(0, 1) inputs, and Adam moves every weight by about lr a step, so the z path learns
 ~sqrt(z_dim) times faster. z then carries the digit's class, the label becomes redundant, and the KL term frees z
-of it only slowly (at most log C nats per image). At z_dim 20 on the 10k bundled images, 10 epochs, the samples
-of one z under the ten labels were then the same digit; s = 5 (~sqrt 20; ``npdgm train cvae --label-scale``,
-its default) makes the label path as quick and the class follows the label (tests/test_cvae.py measures it
-with a classifier trained on real digits). s = 1 is the plain one-hot (the constructor's default).
+of it only slowly (at most log C nats per image). Measured with ``npdgm train cvae`` (z_dim 20, the 10k bundled
+images) and softmax regression trained on real digits labelling 1000 class-conditional samples: s = 1, 5 epochs:
+38 % get their own label (the rows of classes.png are the same digits); s = 5: 97.5 % (10 epochs: 93.4 %);
+s = 10: 99.6 % (10 epochs: 96.4 %, test -ELBO 113.6 against s = 5's 113.8). s = 10 (about 2 sqrt(z_dim)) is
+``npdgm train cvae --label-scale``'s default; s = 1 is the plain one-hot (the constructor's default).
 """
 from __future__ import annotations
 
