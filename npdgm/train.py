@@ -340,7 +340,8 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
     step(xb, yb, rng) -> dict of scalar arrays including "loss"; it must fill the model's grads
                      (the loop zeroes them before and runs ``optimizer.step()`` after); yb is None
                      without train_y.
-    evaluate(epoch) -> dict of floats (test metrics), optional; called on every rank (each may take its
+    evaluate(epoch) -> dict of floats (test metrics, logged as test_<key>; a key "val_..." (validation metrics)
+                     is logged as it is), optional; called on every rank (each may take its
                      share of the test set, npdgm.distributed.rows / mean_over_rows, and reduce).
     comm: a communicator of npdgm.distributed (None: one process). With N > 1 ranks each rank runs
           ``step(xb, yb, rng, shard=slice(lo, hi))`` on its shard of the same global batch (the step draws the
@@ -405,7 +406,7 @@ def fit(model, optimizer, train_x, train_y=None, *, epochs, batch_size, out, rng
                     bar = None
             rec = {"epoch": epoch, "step": epoch * nb, **{f"train_{k}": float(v) / nb for k, v in sums.items()}}
             rec["train_seconds"] = train_seconds
-            rec.update({f"test_{k}": float(v) for k, v in evaluated.items()})
+            rec.update({k if k.startswith("val_") else f"test_{k}": float(v) for k, v in evaluated.items()})
             # the record is the same on every rank (evaluate reduces): every rank stops on a non-finite one,
             # rank 0 alone writes it (logged with null + "nonfinite", not checkpointed) and says so
             bad = log_record(out, rec, logged) if root else dumps(rec)[1]

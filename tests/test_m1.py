@@ -111,6 +111,13 @@ def test_train_m1_with_vae(vae_run, tmp_path):
     pred = (((mu[:, keep] - c["mean"]) / c["scale"]) @ c["W"] + c["b"]).argmax(1)
     assert s["test_error"] == pytest.approx(float((pred != y_te).mean()))
     assert 0 <= s["baseline_test_error"] < 0.9 and s["baseline_train_error"] == 0   # 50 images in 784 dims: separable
+    from npdgm.commands.m1 import validation_split
+
+    x_tr, y_tr = load_images(None, "train", 600, "none", 0)
+    tr, va = validation_split(600, 100, 0)                    # the default --val: a sixth of the 600
+    assert s["val_n"] == 100 and s["train_n"] == 500 and not set(tr) & set(va)
+    pred = (((vae_features(vae, x_tr[va])[:, keep] - c["mean"]) / c["scale"]) @ c["W"] + c["b"]).argmax(1)
+    assert s["val_error"] == pytest.approx(float((pred != y_tr[va]).mean())) and 0 <= s["baseline_val_error"] <= 1
 
 
 def test_train_m1_trains_its_vae_first(tmp_path):

@@ -204,9 +204,10 @@ def test_cli_train_m2(tmp_path, capsys):
               "style_transfer.png", "curves.png"):
         assert os.path.exists(os.path.join(out, f)), f
     summ = json.load(open(os.path.join(out, "summary.json")))
-    lam = 2 * 20 / 200                                       # label boost K N_labels / N
+    n = 200 - 200 // 6                                       # the default --val holds out a sixth
+    lam = 2 * 20 / n                                         # label boost K N_labels / N
     assert summ["labelled_weight"] == pytest.approx(lam)
-    assert summ["alpha_step"] == pytest.approx(0.1 * 200 / 20 * lam)    # paper's ratio 0.1 N / N_labels
+    assert summ["alpha_step"] == pytest.approx(0.1 * n / 20 * lam)      # paper's ratio 0.1 N / N_labels
     assert 0 <= summ["test_error"] <= 1 and 0 <= summ["baseline_test_error"] <= 1
     rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"test_error", "test_nelbo_xy", "test_nelbo_x", "train_unlabelled", "train_ce"} <= set(rec)
@@ -219,7 +220,45 @@ def test_cli_train_m2(tmp_path, capsys):
     assert main(["train", "m2", "--labels", "25", "--train-limit", "200", "--out", str(tmp_path / "b")]) == 2
     assert "cannot be balanced over 10 classes" in capsys.readouterr().err
     assert main(["train", "m2", "--labels", "300", "--train-limit", "200", "--out", str(tmp_path / "b")]) == 2
-    assert "exceeds the 200 training images" in capsys.readouterr().err
+    assert "exceeds the 167 training images" in capsys.readouterr().err
+    assert main(["train", "m2", "--val", "195", "--train-limit", "200", "--out", str(tmp_path / "b")]) == 2
+    assert "--val 195 leaves 5 of the 200 training images" in capsys.readouterr().err
+
+
+def test_validation_split_is_disjoint_and_chooses_the_epoch(tmp_path, capsys):
+    """--val N holds N training images out (disjoint from the unlabelled and labelled training images); each
+    epoch logs val_error, and summary.json reports the test error of the epoch with the lowest val_error."""
+    from npdgm.cli import main
+    from npdgm.commands import m2 as M2C
+    from npdgm.commands.m1 import chosen_epoch, validation_size, validation_split
+
+    tr, va = validation_split(600, 100, seed=3)
+    assert len(va) == 100 and len(tr) == 500 and not set(tr) & set(va) and sorted({*tr, *va}) == list(range(600))
+    assert validation_size(60000) == 10000 and validation_size(600, 0) == 0
+    run = {"seed": 3, "data": None, "train_limit": 600, "test_limit": 50, "labels": 20, "binarize": "dynamic",
+           "val": 100}
+    x_tr, y_tr, lab, _, _, x_va, y_va = M2C._images(run, {})
+    x_all, y_all = npdgm.data.load_mnist("train", None, limit=600)
+    np.testing.assert_array_equal(y_all[tr], y_tr)
+    np.testing.assert_array_equal(y_all[va], y_va)
+    np.testing.assert_array_equal(x_all[tr], x_tr)                  # the training part itself, unbinarized
+    assert set(tr[lab]) <= set(tr) and not set(tr[lab]) & set(va)  # labelled images are training images
+    assert set(np.unique(x_va)) <= {0, 1}                           # drawn once, as the test set
+    recs = [{"epoch": 1, "val_error": 0.5, "test_error": 0.4}, {"epoch": 2, "val_error": 0.3, "test_error": 0.35},
+            {"epoch": 3, "val_error": 0.3, "test_error": 0.2}, {"epoch": 4, "val_error": 0.4, "test_error": 0.1}]
+    assert chosen_epoch(recs)["epoch"] == 2 and chosen_epoch([{"epoch": 1}]) is None
+
+    out = str(tmp_path / "run")
+    assert main(["train", "m2", "--train-limit", "300", "--test-limit", "60", "--hidden", "16", "--z-dim", "2",
+                 "--labels", "20", "--val", "50", "--batch-size", "50", "--eval-n", "0", "--baseline-steps", "0",
+                 "--epochs", "3", "--no-progress", "--no-plots", "--out", out]) == 0
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    summ = json.load(open(os.path.join(out, "summary.json")))
+    assert all(0 <= r["val_error"] <= 1 for r in recs) and "test_val_error" not in recs[0]
+    best = min(recs, key=lambda r: (r["val_error"], r["epoch"]))
+    assert summ["chosen_epoch"] == best["epoch"] and summ["val_error"] == best["val_error"]
+    assert summ["test_error_at_chosen_epoch"] == best["test_error"] and summ["val_n"] == 50
+    assert "chosen on validation" in capsys.readouterr().out
 
 
 def test_beta_weights_kl_in_training_loss_only(f64, rng):

@@ -413,8 +413,9 @@ def _elbo_rows(P, cfg, x, e, eps):
 
 
 def cvae_terms(P, cfg, x, y, eps):
-    """CVAE.loss_and_grad: the VAE loss with [x | e_y] into the encoder and [z | e_y] into the decoder."""
-    rec, kl = _elbo_rows(P, cfg, x, one_hot(y, cfg["num_classes"], x.dtype), eps)
+    """CVAE.loss_and_grad: the VAE loss with [x | s e_y] into the encoder and [z | s e_y] into the decoder
+    (s = label_scale)."""
+    rec, kl = _elbo_rows(P, cfg, x, cfg.get("label_scale", 1.0) * one_hot(y, cfg["num_classes"], x.dtype), eps)
     recon, kl = rec.mean(), kl.mean()
     return {"loss": recon + cfg["beta"] * kl, "recon": recon, "kl": kl, "nelbo": recon + kl}
 

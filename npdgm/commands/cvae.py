@@ -17,11 +17,12 @@ import numpy as np
 
 from .. import backend
 from . import common
-from .common import add_train_args, positive_int, setup_backend
+from .common import add_train_args, positive_float, positive_int, setup_backend
 from .vae import _load_data, add_vae_model_args, check_sigma
 
 DEFAULT_EPOCHS = 10
-MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init")
+DEFAULT_LABEL_SCALE = 10.0  # ~2 sqrt(z_dim 20): the label path learns faster than z's (npdgm.models.cvae docstring)
+MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init", "label_scale")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype")
 
 
@@ -43,6 +44,10 @@ def register(commands, train_commands):
                     "enters both networks as a one-hot vector. Loss = -ELBO of log p(x|y) in nats per image.")
     g = add_vae_model_args(p, decoder="p(x|z,y)")
     g.add_argument("--init", default="torch", help="weight init (default torch)")
+    g.add_argument("--label-scale", type=positive_float, default=DEFAULT_LABEL_SCALE, metavar="S",
+                   help="the label enters both networks as S times its one-hot vector; 1 = the plain one-hot, with "
+                        "which a 20-latent CVAE learns to ignore the label (its z carries the class) "
+                        f"(default {DEFAULT_LABEL_SCALE:g})")
     add_data_args(p)
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)

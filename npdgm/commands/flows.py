@@ -21,8 +21,10 @@ fresh noise every batch (the test set once, with a fixed seed), so the NLL is th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -325,6 +327,28 @@ def evaluate(flow, x_test, image, comm=None):
 
 
 # -- npdgm train nice | realnvp | maf | glow | flow2d ------------------------------------------------------------
+@contextlib.contextmanager
+def sampling_progress(flow, passes=1, desc="sampling", enabled=None):
+    """A tqdm bar on stderr (``enabled`` None: only when stderr is a terminal) counting the coordinates that the
+    MAF layers of ``flow`` solve one by one while sampling (D per MAF layer per sampling pass; ``passes``: how many
+    sampling calls follow). Flows without MAF layers sample in one pass and get no bar."""
+    from tqdm import tqdm
+
+    from ..models.autoregressive import MAF
+
+    mafs = [layer for layer in getattr(flow, "layers", ()) if isinstance(layer, MAF)]
+    total = passes * sum(layer.dim for layer in mafs)
+    with tqdm(total=total, desc=desc, unit="dim", leave=False, file=sys.stderr,
+              disable=not (mafs and (sys.stderr.isatty() if enabled is None else enabled))) as bar:
+        for layer in mafs:
+            layer.progress = bar.update
+        try:
+            yield bar
+        finally:
+            for layer in mafs:
+                layer.progress = None
+
+
 def make_step(model, image):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`Flow.train_step`, one NLL gradient (images:
     dequantized with fresh noise first, and bits/dim reported); logged as train_loss and train_nll."""
@@ -392,7 +416,8 @@ def _figures(model, run, out, records, summary, x_te, image):
     from ..plots import flows as P
 
     if image:
-        P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
+        with sampling_progress(model):
+            P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
     else:
         P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),

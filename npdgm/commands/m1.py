@@ -13,12 +13,13 @@ and ``--features m1:OUT`` gives M2 these units alone), centers the codes and
 divides them by one scale (the root mean variance over all training images; one scale, not one per
 dimension, so inactive latent units stay near 0: :func:`npdgm.models.m1.standardizer`), and fits softmax
 regression with an L2 penalty (:mod:`npdgm.models.m1`, which says why not an SVM) on the --labels labelled
-images (balanced, chosen by --seed: :func:`balanced_labels`, which ``npdgm train m2`` uses too). --l2 cv
+images (balanced, chosen by --seed: :func:`balanced_labels`, which ``npdgm train m2`` uses too) among the
+training images that ``--val`` leaves (:func:`validation_split`; the held-out ones give val_error). --l2 cv
 (the default) picks the penalty by 5-fold cross-validation on the labelled images alone. The labelled-only
 baseline is the same classifier, penalty chosen the same way, on the raw pixels of the same labelled images.
 
 OUT gets m1.json (the VAE checkpoint and its sha256: what ``--features m1:OUT`` loads and checks) and
-summary.json (test_error, baseline_test_error, the penalties and their cross-validated errors).
+summary.json (test_error, val_error, baseline_test_error, the penalties and their cross-validated errors).
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def register(commands, train_commands):
                    help="a trained VAE run directory or checkpoint (default: train one into OUT/vae first)")
     m.add_argument("--labels", type=common.positive_int, default=100,
                    help="labelled training images, balanced over the 10 classes (default 100)")
+    m.add_argument("--val", type=common.nonneg_int, default=None, metavar="N",
+                   help="validation images held out of the labelled pool; the classifier's error on them is "
+                        "reported as val_error (default: a sixth of the training images, 10000 of MNIST's 60000; "
+                        "0: none)")
     m.add_argument("--l2", default="cv", type=_l2_type,
                    help="L2 penalty of the classifier, or cv: the best of 1e-6 .. 1 by 5-fold cross-validation "
                         "on the labelled images (default cv)")
@@ -107,6 +112,32 @@ def balanced_labels(y, n, num_classes=10, seed=0):
             raise ValueError(f"--labels {n} needs {per} images of class {c} but the training set has {len(pool)}")
         out.append(rng.choice(pool, per, replace=False))
     return np.sort(np.concatenate(out))
+
+
+def validation_size(n_train, val=None):
+    """The --val count for ``n_train`` training images: ``val`` (0: no split), or by default a sixth of them
+    (10000 of MNIST's 60000). ValueError when it leaves fewer than 10 training images."""
+    val = n_train // 6 if val is None else val
+    if val and n_train - val < 10:
+        raise ValueError(f"--val {val} leaves {n_train - val} of the {n_train} training images for training; "
+                         f"lower --val")
+    return val
+
+
+def validation_split(n_train, val, seed=0):
+    """(train indices, validation indices) of ``n_train`` training examples: ``val`` of them drawn without
+    replacement (seeded), disjoint from the rest; both sorted. The labelled subset (:func:`balanced_labels`)
+    is then drawn from the training part, and the epoch (m2) is chosen on the validation part."""
+    held = np.sort(np.random.default_rng([seed, 17]).choice(n_train, val, replace=False))
+    keep = np.ones(n_train, bool)
+    keep[held] = False
+    return np.flatnonzero(keep), held
+
+
+def chosen_epoch(records, key="val_error"):
+    """The record of the epoch with the lowest ``key`` (the earliest of ties); None when no record has it."""
+    have = [r for r in records if r.get(key) is not None]
+    return min(have, key=lambda r: (r[key], r["epoch"])) if have else None
 
 
 # -- the link from an M1 run to its VAE: path + checksum ------------------------------------------
@@ -252,30 +283,37 @@ def cmd_train(args):
     data, binz, tr_lim, te_lim, vseed = vae_run_data(meta, args.data if args.vae else None)
     x_tr, y_tr = load_images(data, "train", tr_lim, binz, vseed)
     x_te, y_te = load_images(data, "test", te_lim, binz, vseed)
-    lab = balanced_labels(y_tr, args.labels, 10, args.seed)
+    val = validation_size(len(y_tr), args.val)
+    tr, va = validation_split(len(y_tr), val, args.seed)
+    lab = tr[balanced_labels(y_tr[tr], args.labels, 10, args.seed)]   # labelled images from the training part
     t0 = time.perf_counter()
     f_tr, f_te, keep, mean, scale = m1_features(model, x_tr, x_te, args.active_std, path)
     print(f"m1: features mu(x) of {len(x_tr)} training and {len(x_te)} test images from {path} (z_dim "
           f"{model.z_dim}, {len(keep)} active: std > {args.active_std:g}, {time.perf_counter() - t0:.1f} s); "
           f"classifier on {len(lab)} labelled images", flush=True)
     res, clf = fit_m1(f_tr[lab], y_tr[lab], f_te, y_te, args.l2, args.seed, "")
-    base, _ = fit_m1(np.asarray(x_tr[lab], np.float64), y_tr[lab], np.asarray(x_te, np.float64), y_te, args.l2,
-                     args.seed, "baseline_")
+    base, base_clf = fit_m1(np.asarray(x_tr[lab], np.float64), y_tr[lab], np.asarray(x_te, np.float64), y_te,
+                            args.l2, args.seed, "baseline_")
+    if val:
+        res["val_error"] = clf.error_rate(f_tr[va], y_tr[va])
+        base["baseline_val_error"] = base_clf.error_rate(np.asarray(x_tr[va], np.float64), y_tr[va])
     rel = os.path.relpath(path, out)
     link = {"vae": rel if not rel.startswith("..") else os.path.abspath(path), "vae_sha256": sha,
-            "labels": args.labels, "seed": args.seed, "data": data, "binarize": binz, "active_std": args.active_std,
+            "labels": args.labels, "val": val, "seed": args.seed, "data": data, "binarize": binz, "active_std": args.active_std,
             "keep": [int(k) for k in keep]}
     common.write_json(os.path.join(out, "m1.json"), link)
     summary = {"classifier": "softmax regression, L2 (npdgm.models.m1)", "features": "VAE posterior mean mu(x) of the "
                "active units, centered, one scale", "feature_dim": int(len(keep)), "z_dim": int(model.z_dim),
                "active_std": args.active_std, "vae": link["vae"], "vae_sha256": sha,
-               "labels": args.labels, "seed": args.seed, "test_n": len(x_te), "train_n": len(x_tr), **res, **base,
+               "labels": args.labels, "seed": args.seed, "test_n": len(x_te), "train_n": len(tr), "val_n": val,
+               **res, **base,
                "baseline_input": "raw pixels"}
     common.write_summary(out, summary)
     from ..io import atomic_write_bytes
 
     atomic_write_bytes(os.path.join(out, "classifier.npz"),   # logits: ((mu - mean) / scale) W + b
                        lambda f: np.savez(f, W=clf.W, b=clf.b, mean=mean, scale=scale))
-    print(f"M1 test error {res['test_error']:.4f} (l2 {res['l2']:g})  vs labelled-only baseline on pixels "
+    print(f"M1 test error {res['test_error']:.4f} (l2 {res['l2']:g}" +
+          (f", validation error {res['val_error']:.4f}" if val else "") + ")  vs labelled-only baseline on pixels "
           f"{base['baseline_test_error']:.4f} (l2 {base['baseline_l2']:g})  -> {out}", flush=True)
     return 0

@@ -19,12 +19,11 @@ K = 1 is the paper's objective (the data-set sum divided by N, every image count
 alpha = 0.1 N on the mean cross-entropy); K = N / N_l weighs the labelled and unlabelled batches alike.
 --beta weighs the KL term inside -ELBO while training (reported bounds use beta = 1).
 
-Measured on full MNIST, 100 labels, seed 0 (labelled-only baseline: 26.2% test error; the paper's M2:
-11.97%): K = 100, beta = 3 (the defaults) reaches 13.8% after 11 epochs, 8.6% after 22 and 6.4% after
-40 (~35-50 s per epoch on one CPU thread). beta = 1 learns far slower: K = 100 is at 18.5% after 16
-epochs (beta = 3: 11.1%); K = 600 stays at 25-29% and K = 1 (the paper's weighting) at 37-42% over the
-first epochs, where the decoder hardly uses y (the true label lowers -ELBO(x, y) by < 3 nats; with
-beta = 3 by ~30). K = 10, beta = 3: 12.8% after 40 epochs. ``--beta 1 --label-boost 1`` is M2 as published.
+``--val N`` (default: a sixth of the training images, 10000 of MNIST's 60000; 0: none) holds N training images
+out, neither labelled nor unlabelled data; each epoch logs their classification error (val_error), and
+summary.json reports the epoch with the lowest one (chosen_epoch) and its test error (test_error_at_chosen_epoch)
+beside the last epoch's. ``--beta 1 --label-boost 1`` is M2 as published; --beta 3 (the default) makes class
+information dearer in z than in y, so the decoder uses y, and --label-boost 100 weighs the labelled batch.
 
 M1+M2 (``--features m1:RUN``, RUN an ``npdgm train m1`` run or a VAE run): M2 learns on the latent codes of
 the M1 VAE instead of pixels, on the active units the M1 run kept. ``--m1-codes fixed`` (the default, as Kingma
@@ -57,12 +56,13 @@ from .common import add_train_args, nonneg_float, nonneg_int, positive_float, po
 from .cvae import add_data_args, conditional_figures
 from .vae import _load_data
 from .m1 import balanced_labels  # noqa: F401  (npdgm.commands.m2.balanced_labels: the labelled subset of m1 and m2)
+from .m1 import chosen_epoch, validation_size, validation_split
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LABEL_BOOST = 100.0
 DEFAULT_BETA = 3.0
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed", "dtype",
-            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr", "features", "m1_codes")
+            "labels", "labelled_batch", "eval_n", "baseline_steps", "baseline_lr", "features", "m1_codes", "val")
 
 
 def register(commands, train_commands):
@@ -106,6 +106,10 @@ def register(commands, train_commands):
     g.add_argument("--labelled-batch", type=positive_int, default=None,
                    help="labelled images per step, drawn with replacement (default: the --batch-size value)")
     e = common.group(p, "evaluation")
+    e.add_argument("--val", type=nonneg_int, default=None, metavar="N",
+                   help="validation images held out of the training set (neither labelled nor unlabelled data); "
+                        "their error each epoch chooses the epoch whose test error is reported (default: a sixth "
+                        "of the training images, 10000 of MNIST's 60000; 0: no split, the last epoch)")
     e.add_argument("--eval-n", type=nonneg_int, default=2000,
                    help="test images for the per-epoch ELBO terms (default 2000; the error uses all)")
     e.add_argument("--baseline-steps", type=nonneg_int, default=1000,
@@ -185,15 +189,17 @@ def _build(args, loaded):
     N, --labels, --alpha and --label-boost); the training set it loads is kept in ``loaded``."""
     def build(run):
         x_tr, y_tr = loaded["train"] = _load_data(args.data, "train", args.train_limit, "none", args.seed)
-        balanced_labels(y_tr, args.labels, 10, args.seed)            # the errors before any work
+        run["val"] = validation_size(len(y_tr), args.val)
+        tr, _ = validation_split(len(y_tr), run["val"], args.seed)
+        balanced_labels(y_tr[tr], args.labels, 10, args.seed)        # the errors before any work
         x_dim, lik = 784, {}
         if args.features:                                            # M1+M2: the M1 VAE's codes
             vae, _, path, sha = loaded["m1"] = load_features(args.features)
             run.update(features="m1:" + os.path.abspath(args.features[3:]), features_vae=os.path.abspath(path),
                        features_sha256=sha)
             x_dim, lik = vae.z_dim, {"likelihood": "gaussian"}
-        ratio = 0.1 * len(x_tr) / args.labels if args.alpha is None else args.alpha   # CE : -ELBO per labelled image
-        lam = min(1.0, args.label_boost * args.labels / len(x_tr))                     # lambda_l
+        ratio = 0.1 * len(tr) / args.labels if args.alpha is None else args.alpha   # CE : -ELBO per labelled image
+        lam = min(1.0, args.label_boost * args.labels / len(tr))                     # lambda_l
         from ..models.m2 import M2
 
         return M2(x_dim=x_dim, num_classes=10, hidden=args.hidden, z_dim=args.z_dim,
@@ -220,32 +226,40 @@ def feature_encoder(vae):
 
 
 def _data(model, run, loaded):
-    """(train_x, x_lab, y_lab, test_x, x_te, y_te) of an M2 run: all training images (unlabelled), the
-    --labels balanced labelled ones, the test set (host x_te for the figures). M1+M2: the images stay
-    images (each step encodes them); test_x and x_te are the test codes mu(x)."""
+    """(train_x, x_lab, y_lab, test_x, x_te, y_te, val_x, y_val) of an M2 run: the training images less the
+    --val held out (unlabelled), the --labels balanced labelled ones among them, the test set (host x_te for
+    the figures), the validation set. M1+M2: the training images stay images (each step encodes them);
+    test_x, x_te and val_x are codes mu(x)."""
     if run.get("features"):
         return _feature_data(model, run, loaded)
-    x_tr, y_tr, lab, x_te, y_te = _images(run, loaded)
+    x_tr, y_tr, lab, x_te, y_te, x_va, y_va = _images(run, loaded)
     train_x = model.check_x(x_tr, "training images")
     test_x = model.check_x(x_te, "test images")
     y_te = model.check_y(y_te, len(x_te), "test labels")
     y_lab = model.check_y(y_tr[lab], len(lab), "labels")
     x_lab = train_x[model.xp.asarray(lab)] if model.xp is not np else train_x[lab]
-    return train_x, x_lab, y_lab, test_x, x_te, y_te
+    return (train_x, x_lab, y_lab, test_x, x_te, y_te, model.check_x(x_va, "validation images"),
+            model.check_y(y_va, len(x_va), "validation labels"))
 
 
 def _images(run, loaded):
-    """(x_tr, y_tr, labelled indices, x_te, y_te) of an M2 run: the training images (binarized once when
-    --binarize static), the --labels balanced indices, the test images."""
+    """(x_tr, y_tr, labelled indices, x_te, y_te, x_val, y_val) of an M2 run: the training images less the
+    run's --val validation images (:func:`npdgm.commands.m1.validation_split`; runs from before --val: none),
+    binarized once when --binarize static; the --labels balanced indices among them; the test images; the
+    validation images (binarized like the test set: dynamic draws them once)."""
+    from ..data import binarize
+
     seed = run["seed"]
-    x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
+    x_all, y_all = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
+    tr, va = validation_split(len(y_all), run.get("val", 0), seed)
+    x_tr, y_tr, x_va, y_va = x_all[tr], y_all[tr], x_all[va], y_all[va]
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
     if run["binarize"] == "static":
-        from ..data import binarize
-
-        x_tr = binarize(x_tr)
+        x_tr, x_va = binarize(x_tr), binarize(x_va)
+    elif run["binarize"] == "dynamic":
+        x_va = binarize(x_va, np.random.default_rng([seed, 8]))  # drawn once, as the test set
     x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
-    return x_tr, y_tr, lab, x_te, y_te
+    return x_tr, y_tr, lab, x_te, y_te, x_va, y_va
 
 
 def code_sampler(z_dim):
@@ -271,9 +285,10 @@ def _feature_data(model, run, loaded):
 
     vae = (loaded.get("m1") or load_features(run["features"], run.get("features_sha256")))[0]
     loaded["m1"] = (vae,)
-    x_tr, y_tr, lab, x_te, y_te = _images(run, loaded)
+    x_tr, y_tr, lab, x_te, y_te, x_va, y_va = _images(run, loaded)
     if run.get("m1_codes", "step") == "fixed":   # the training images' q(z1|x) once: one fixed binarization
         x_fix, _ = load_images(run["data"], "train", run["train_limit"], run["binarize"], run["seed"])
+        x_fix = x_fix[validation_split(len(x_fix), run.get("val", 0), run["seed"])[0]]
         x_tr = posterior_codes(vae, vae.check_x(x_fix, "training images"))
         train_x = x_tr
     else:
@@ -283,7 +298,8 @@ def _feature_data(model, run, loaded):
     y_te = model.check_y(y_te, len(x_te), "test labels")
     y_lab = model.check_y(y_tr[lab], len(lab), "labels")
     x_lab = train_x[model.xp.asarray(lab)] if model.xp is not np else train_x[lab]
-    return train_x, x_lab, y_lab, test_x, f_te, y_te
+    val_x = model.check_x(vae_features(vae, vae.check_x(x_va, "validation images")), "validation codes")
+    return train_x, x_lab, y_lab, test_x, f_te, y_te, val_x, model.check_y(y_va, len(x_va), "validation labels")
 
 
 def _baseline(out, run, model, x_lab, y_lab, test_x, y_te):
@@ -347,12 +363,19 @@ def shard_step(model, x_l, y_l, x_u, rng, rl, ru):
     return {k: t[k] for k in ("loss", "labelled", "ce", "unlabelled", "entropy", "acc_l")}
 
 
-def make_evaluate(model, test_x, y_te, n_eval, seed, baseline):
-    """evaluate(epoch) of :func:`npdgm.train.fit`: :func:`evaluate_m2`, printed beside the baseline."""
+def make_evaluate(model, test_x, y_te, n_eval, seed, baseline, val_x=None, y_val=None):
+    """evaluate(epoch) of :func:`npdgm.train.fit`: :func:`evaluate_m2`, and with a validation set its
+    classification error (logged as val_error), printed beside the baseline."""
+    from .. import distributed
+
     def evaluate(epoch):
         r = evaluate_m2(model, test_x, y_te, n_eval, seed, comm=common.world())
+        if val_x is not None and len(val_x):
+            r["val_error"] = distributed.mean_over_rows(len(val_x), lambda s: model.error_rate(val_x[s], y_val[s]),
+                                                        common.world())
         if common.is_root():
-            print(f"epoch {epoch}: test error {r['error']:.4f}" +
+            print(f"epoch {epoch}: " + (f"validation error {r['val_error']:.4f}  " if "val_error" in r else "") +
+                  f"test error {r['error']:.4f}" +
                   (f"  (baseline {baseline['baseline_test_error']:.4f})" if baseline else "") +
                   (f"  test -ELBO(x,y) {r['nelbo_xy']:.2f}  U(x) {r['nelbo_x']:.2f}" if n_eval else ""), flush=True)
         return r
@@ -382,22 +405,22 @@ def cmd_train(args):
         args.labelled_batch = args.batch_size
     loaded = {}
     r = common.resume_or_new(args, "m2", RUN_KEYS, DEFAULT_EPOCHS, _build(args, loaded), derived=("alpha",),
-                             upgrade=lambda run: {"m1_codes": "step", **run})   # runs from before --m1-codes
+                             upgrade=lambda run: {"m1_codes": "step", "val": 0, **run})   # before --m1-codes, --val
     if r is None:
         return 0
     model, run, out = r
-    train_x, x_lab, y_lab, test_x, x_te, y_te = _data(model, run, loaded)
+    train_x, x_lab, y_lab, test_x, x_te, y_te, val_x, y_val = _data(model, run, loaded)
     n_eval = min(run["eval_n"], len(test_x))
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(y_lab)} "
-          f"({len(y_lab) // 10}/class)  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
+          f"({len(y_lab) // 10}/class)  validation {len(y_val)}  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
           flush=True)
     encode, base_x = _m1_inputs(model, run, loaded, x_lab)
     baseline = _baseline(out, run, model, base_x, y_lab, test_x, y_te)
     step = make_step(model, x_lab, y_lab, run["labelled_batch"],
                      "none" if run.get("features") and run["m1_codes"] == "fixed" else run["binarize"], encode)
     records = common.fit(model, opt, rng, start, run, out, args, step,
-                         make_evaluate(model, test_x, y_te, n_eval, run["seed"], baseline), train_x)
+                         make_evaluate(model, test_x, y_te, n_eval, run["seed"], baseline, val_x, y_val), train_x)
     if not common.is_root():
         return 0
     summary = {"epochs": run["epochs"], "labels": run["labels"], "alpha_step": model.alpha,
@@ -410,7 +433,13 @@ def cmd_train(args):
         summary.update(test_error=last.get("test_error"), test_nelbo_xy=last.get("test_nelbo_xy"),
                        test_nelbo_x=last.get("test_nelbo_x"), eval_n=n_eval,
                        seconds_per_epoch=float(np.median([r["train_seconds"] for r in records])))
-        print(f"M2 test error {summary['test_error']:.4f}" +
+        best = chosen_epoch(records)
+        if best is not None:          # the epoch chosen on the validation set, and its test error
+            summary.update(val_n=len(y_val), chosen_epoch=best["epoch"], val_error=best["val_error"],
+                           test_error_at_chosen_epoch=best.get("test_error"))
+        print(f"M2 test error {summary['test_error']:.4f} (last epoch)" +
+              (f"; {best.get('test_error'):.4f} at epoch {best['epoch']}, chosen on validation (error "
+               f"{best['val_error']:.4f})" if best else "") +
               (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
     common.write_summary(out, summary)
     if not args.no_plots:

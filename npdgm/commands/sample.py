@@ -13,6 +13,7 @@ last temperature), generated and written ``SAMPLE_CHUNK`` at a time, so memory s
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import numpy as np
@@ -149,11 +150,14 @@ def cmd_sample(args):
         _scatter(model, kind, meta, args, f, temps, out)
     elif kind == "flow":
         from ..plots import flows as P
+        from .flows import sampling_progress
 
-        train.stage(f"sampling {args.n or 12} images per temperature from the flow -> {out}")  # MAF: 784 passes each
-        P.sample_grids(model, out, temperatures=temps, n_per_row=args.n or 12, seed=args.seed)
-        if args.npy:
-            save_npy(args.npy, args.n or 12, f, args.seed)
+        n = args.n or 12
+        train.stage(f"sampling {n} images per temperature from the flow -> {out}")
+        with sampling_progress(model, 1 + (math.ceil(n / SAMPLE_CHUNK) if args.npy else 0)):
+            P.sample_grids(model, out, temperatures=temps, n_per_row=n, seed=args.seed)
+            if args.npy:
+                save_npy(args.npy, n, f, args.seed)
     else:
         _grid(kind, args, f, out)
     print(out)

@@ -22,10 +22,9 @@ until max |grad| < tol.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
+from ..backend import one_blas_thread
 from ..kernels import softmax_ce_backward, softmax_ce_forward, softmax_forward
 from ..validate import check_float, check_int
 
@@ -44,16 +43,6 @@ def softmax_regression_loss_and_grad(W, b, X, y, l2):
     J = float(softmax_ce_forward(S, y).mean()) + 0.5 * l2 * float((W * W).sum())
     dS = softmax_ce_backward(np.full(N, 1.0 / N), S, y)
     return J, X.T @ dS + l2 * W, dS.sum(axis=0)
-
-
-def one_blas_thread():
-    """A context with BLAS on one thread when threadpoolctl is installed (else nothing): these GEMMs are
-    tiny (100 x 784 x 10), and two OpenBLAS threads waiting on each other made them ~10x slower here."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def fit_softmax_regression(X, y, num_classes, l2, max_iter=2000, tol=1e-6, init=None, memory=10):
