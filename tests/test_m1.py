@@ -134,7 +134,7 @@ def test_train_m1_trains_its_vae_first(tmp_path):
 def test_train_m1_paper_defaults_in_help(capsys):
     assert main(["train", "m1", "-h"]) == 0
     h = " ".join(capsys.readouterr().out.split())
-    assert "default 600 600 for M1" in h and "default 50 for M1" in h and "default softplus for M1" in h
+    assert "default: 600 600 for M1" in h and "default: 50 for M1" in h and "default: softplus for M1" in h
 
 
 def test_train_m1_refusals(vae_run, tmp_path, capsys):

@@ -105,6 +105,14 @@ def register(commands, train_commands):
                         "in every step, ~1/3 of its time) (default fixed)")
     g.add_argument("--labelled-batch", type=positive_int, default=None,
                    help="labelled images per step, drawn with replacement (default: the --batch-size value)")
+    _add_evaluation_args(p)
+    add_data_args(p, binarize="dynamic")
+    add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=100, lr=1e-3)
+    p.set_defaults(func=cmd_train, epochs=None)
+
+
+def _add_evaluation_args(p):
+    """The validation split, the per-epoch test terms and the labelled-only baseline classifier."""
     e = common.group(p, "evaluation")
     e.add_argument("--val", type=nonneg_int, default=None, metavar="N",
                    help="validation images held out of the training set (neither labelled nor unlabelled data); "
@@ -115,9 +123,6 @@ def register(commands, train_commands):
     e.add_argument("--baseline-steps", type=nonneg_int, default=1000,
                    help="full-batch Adam steps of the labelled-only classifier (default 1000; 0 skips it)")
     e.add_argument("--baseline-lr", type=positive_float, default=1e-3, help="its learning rate (default 1e-3)")
-    add_data_args(p, binarize="dynamic")
-    add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=100, lr=1e-3)
-    p.set_defaults(func=cmd_train, epochs=None)
 
 
 def _binarizer(kind, dtype):
@@ -399,6 +404,22 @@ def _m1_inputs(model, run, loaded, x_lab):
     return feature_encoder(vae), model.check_x(vae_features(vae, x_lab), "labelled codes")
 
 
+def _summarize(summary, records, n_eval, n_val, baseline):
+    """Add the last epoch's test numbers and the epoch chosen on the validation set to ``summary``; print them."""
+    last = records[-1]
+    summary.update(test_error=last.get("test_error"), test_nelbo_xy=last.get("test_nelbo_xy"),
+                   test_nelbo_x=last.get("test_nelbo_x"), eval_n=n_eval,
+                   seconds_per_epoch=float(np.median([r["train_seconds"] for r in records])))
+    best = chosen_epoch(records)
+    if best is not None:          # the epoch chosen on the validation set, and its test error
+        summary.update(val_n=n_val, chosen_epoch=best["epoch"], val_error=best["val_error"],
+                       test_error_at_chosen_epoch=best.get("test_error"))
+    print(f"M2 test error {summary['test_error']:.4f} (last epoch)" +
+          (f"; {best.get('test_error'):.4f} at epoch {best['epoch']}, chosen on validation (error "
+           f"{best['val_error']:.4f})" if best else "") +
+          (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
+
+
 def cmd_train(args):
     setup_backend(args)
     if not args.resume and args.labelled_batch is None:  # data-dependent default, fixed into the run
@@ -413,8 +434,8 @@ def cmd_train(args):
     n_eval = min(run["eval_n"], len(test_x))
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"m2 {model.config}  {model.num_parameters()} parameters  unlabelled {len(train_x)}  labelled {len(y_lab)} "
-          f"({len(y_lab) // 10}/class)  validation {len(y_val)}  test {len(test_x)}  backend {backend.get_backend()} {model.dtype}  -> {out}",
-          flush=True)
+          f"({len(y_lab) // 10}/class)  validation {len(y_val)}  test {len(test_x)}  backend {backend.get_backend()} "
+          f"{model.dtype}  -> {out}", flush=True)
     encode, base_x = _m1_inputs(model, run, loaded, x_lab)
     baseline = _baseline(out, run, model, base_x, y_lab, test_x, y_te)
     step = make_step(model, x_lab, y_lab, run["labelled_batch"],
@@ -429,18 +450,7 @@ def cmd_train(args):
         summary.update(features=run["features"], features_vae=run["features_vae"],
                        features_sha256=run["features_sha256"], baseline_input="M1 codes mu(x)")
     if records:
-        last = records[-1]
-        summary.update(test_error=last.get("test_error"), test_nelbo_xy=last.get("test_nelbo_xy"),
-                       test_nelbo_x=last.get("test_nelbo_x"), eval_n=n_eval,
-                       seconds_per_epoch=float(np.median([r["train_seconds"] for r in records])))
-        best = chosen_epoch(records)
-        if best is not None:          # the epoch chosen on the validation set, and its test error
-            summary.update(val_n=len(y_val), chosen_epoch=best["epoch"], val_error=best["val_error"],
-                           test_error_at_chosen_epoch=best.get("test_error"))
-        print(f"M2 test error {summary['test_error']:.4f} (last epoch)" +
-              (f"; {best.get('test_error'):.4f} at epoch {best['epoch']}, chosen on validation (error "
-               f"{best['val_error']:.4f})" if best else "") +
-              (f"  vs labelled-only baseline {baseline['baseline_test_error']:.4f}" if baseline else ""), flush=True)
+        _summarize(summary, records, n_eval, len(y_val), baseline)
     common.write_summary(out, summary)
     if not args.no_plots:
         common.stage_figures(out, args)

@@ -204,7 +204,7 @@ def _scatter(model, kind, meta, args, f, temps, out):
                                                                              n_show, args.seed)))))
     else:
         panels.append((f"samples of the {kind} model", np.concatenate(list(chunks(f, n_show, args.seed)))))
-    shown = f"{n:,}" if n == n_show else f"the first {n_show:,} of {n:,}"
+    shown = f"{n}" if n == n_show else f"the first {n_show} of {n}"
     scatter_panels(panels, out, title=f"{shown} samples per temperature (seed {args.seed})" if kind == "flow"
                    else f"{shown} samples (seed {args.seed})")
     if args.npy:

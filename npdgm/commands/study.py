@@ -25,7 +25,7 @@ def register(commands, train_commands):
             ("elbo-gap", _cmd_elbo_gap,
              "log p(x) - ELBO = KL(q || posterior): a linear-Gaussian VAE and a 1-D latent VAE")):
         s = sub.add_parser(name, help=about, description=about)
-        group(s, "output").add_argument("--png", default=f"study-{name}.png", help="the figure to write")
+        group(s, "output").add_argument("--png", default=f"study-{name}.png", help=f"the figure to write (default study-{name}.png)")
         s.set_defaults(func=func)
 
 
