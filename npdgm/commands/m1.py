@@ -262,8 +262,9 @@ def m1_features(model, x_tr, x_te, active_std, path):
     return (f_tr - mean) / scale, (f_te - mean) / scale, keep, mean, scale
 
 
-def cmd_train(args):
-    setup_backend(args)
+def _check_args(args):
+    """Refuse what m1 cannot do before its run directory is made: --resume, VAE options beside --vae, a missing
+    --vae run."""
     if args.resume:
         raise ValueError("npdgm train m1 has no --resume: continue its VAE with npdgm train vae --resume OUT/vae, "
                          "then run npdgm train m1 --vae OUT/vae")
@@ -273,7 +274,12 @@ def cmd_train(args):
         raise ValueError(f"{opt} applies to the VAE that m1 trains without --vae; with --vae {args.vae} the VAE run's "
                          f"options and data are used (drop {opt})")
     if args.vae:
-        resolve_m1(args.vae)                          # a missing run: refused before the run directory is made
+        resolve_m1(args.vae)
+
+
+def cmd_train(args):
+    setup_backend(args)
+    _check_args(args)
     out = common.new_run_dir(args.out or common.default_out("m1"), args.overwrite, "m1")
     common.track(out, {}, 0)
     vae_dir = args.vae or _train_vae(args, out)
@@ -299,8 +305,8 @@ def cmd_train(args):
         base["baseline_val_error"] = base_clf.error_rate(np.asarray(x_tr[va], np.float64), y_tr[va])
     rel = os.path.relpath(path, out)
     link = {"vae": rel if not rel.startswith("..") else os.path.abspath(path), "vae_sha256": sha,
-            "labels": args.labels, "val": val, "seed": args.seed, "data": data, "binarize": binz, "active_std": args.active_std,
-            "keep": [int(k) for k in keep]}
+            "labels": args.labels, "val": val, "seed": args.seed, "data": data, "binarize": binz,
+            "active_std": args.active_std, "keep": [int(k) for k in keep]}
     common.write_json(os.path.join(out, "m1.json"), link)
     summary = {"classifier": "softmax regression, L2 (npdgm.models.m1)", "features": "VAE posterior mean mu(x) of the "
                "active units, centered, one scale", "feature_dim": int(len(keep)), "z_dim": int(model.z_dim),
