@@ -161,3 +161,20 @@ def test_conv_vae_saves_loads_and_refuses_bad_shapes(tmp_path, rng):
     with pytest.raises(ValueError, match="arch must be"):
         VAE(arch="resnet")
     assert "arch" not in VAE(x_dim=6, hidden=(4,), z_dim=2).config      # MLP checkpoints keep their config
+
+
+def test_train_vae_arch_conv_runs_records_and_resumes(tmp_path, run_cli):
+    import npdgm
+
+    out = tmp_path / "r"
+    argv = ["train", "vae", "--arch", "conv", "--channels", "4", "8", "--z-dim", "4", "--train-limit", "64",
+            "--test-limit", "32", "--batch-size", "32", "--iwae-n", "0", "--impute-k", "0", "--no-plots",
+            "--no-progress", "--out", out]
+    code, _, err = run_cli(*argv, "--epochs", "1")
+    assert code == 0, err
+    m = npdgm.load(out)
+    assert m.config["arch"] == "conv" and m.config["channels"] == [4, 8] and m.params["encoder.1.W"].shape == (4, 1, 4, 4)
+    code, _, err = run_cli("train", "vae", "--resume", out, "--epochs", "2", "--no-plots", "--no-progress")
+    assert code == 0, err
+    code, _, err = run_cli("train", "vae", "--resume", out, "--epochs", "3", "--channels", "4", "16")
+    assert code == 2 and "--channels" in err

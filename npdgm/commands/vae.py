@@ -27,7 +27,7 @@ from .common import add_train_args, nonneg_float, nonneg_int, positive_float, po
 DEFAULT_EPOCHS = 10
 IWAE_BATCH = 100  # test images per IWAE block: its log-weights are (k, IWAE_BATCH) float64
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init", "free_bits",
-              "posterior", "iaf_hidden")
+              "posterior", "iaf_hidden", "arch", "channels")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
             "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype", "objective", "k",
             "kl_warmup")
@@ -83,6 +83,11 @@ def _add_model_args(p):
     g.add_argument("--iaf-hidden", type=positive_int, nargs="+", default=[200, 200], metavar="H",
                    help="--posterior iaf:K: hidden sizes of each step's MADE (default 200 200)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
+    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                   help="mlp: --hidden Linear layers; conv: 4x4 stride-2 convolutions with --channels, transposed "
+                        "ones in the decoder (DCGAN-style; docs/convolution.md) (default mlp)")
+    g.add_argument("--channels", type=positive_int, nargs="+", default=[32, 64], metavar="C",
+                   help="--arch conv: channels of the encoder's convolutions, the decoder's reversed (default 32 64)")
     d = common.group(p, "data")
     common.add_data_arg(d)
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
