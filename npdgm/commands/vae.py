@@ -64,7 +64,7 @@ def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)
 
 
 def _add_model_args(p):
-    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures)")
+    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures, 3 the 3-D latent scatter)")
     g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="training loss: elbo (-ELBO, --n-samples, --beta) or iwae (the k-sample importance-"
                         "weighted bound, Burda et al. 2016) (default elbo)")
@@ -364,6 +364,8 @@ def _figures(model, run, out, records, summary, x_te, y_te, imp):
     if model.z_dim == 2:
         P.latent_scatter(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent.png"))
         P.manifold(model, os.path.join(out, "manifold.png"))
+    elif model.z_dim == 3:
+        P.latent_scatter_3d(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent3d.png"))
     print(f"figures in {out}", flush=True)
 
 

@@ -1,5 +1,6 @@
 """VAE figures (PNG, Agg): reconstructions, prior samples, curves, interpolation, 2-D latent
-scatter and the decoded manifold of a 2-D latent grid, imputation rows (observed / missing / imputed pixels).
+scatter and the decoded manifold of a 2-D latent grid, the 3-D latent scatter of a 3-D latent, imputation
+rows (observed / missing / imputed pixels).
 
 Every function takes a trained :class:`npdgm.VAE` and host or device arrays and returns the path.
 """
@@ -61,6 +62,33 @@ def latent_scatter(model, x, labels, path, title="encoded test digits: mu(x)"):
     ax.set_ylabel("z2")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def latent_scatter_3d(model, x, labels, path, title="encoded test digits: mu(x), 3-D latent", views=((25, -60),
+                                                                                                        (25, 30))):
+    """3-D latent (z_dim 3): mu(x) as a 3-D scatter (mpl_toolkits.mplot3d) coloured by digit label, one panel per
+    (elevation, azimuth) in ``views`` (two by default: a single projection of a 3-D cloud hides its depth)."""
+    if model.z_dim != 3:
+        raise ValueError(f"latent_scatter_3d needs a 3-D latent, this VAE has z_dim={model.z_dim}")
+    from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection on old matplotlib)
+
+    plt = pyplot()
+    mu = _h(model.encode(x)[0])
+    labels = np.asarray(labels)
+    fig = plt.figure(figsize=(5.6 * len(views) + 0.8, 5.4))
+    for i, (elev, azim) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), i + 1, projection="3d")
+        for c in np.unique(labels):   # one scatter per digit: a legend, not a colorbar (no extra axes)
+            m = labels == c
+            ax.scatter(mu[m, 0], mu[m, 1], mu[m, 2], color=plt.cm.tab10(int(c) % 10), s=3, alpha=0.7, label=str(c))
+        ax.view_init(elev=elev, azim=azim)
+        ax.set_xlabel("z1")
+        ax.set_ylabel("z2")
+        ax.set_zlabel("z3")
+        ax.set_title(f"view: elevation {elev}, azimuth {azim}", fontsize=9)
+    fig.axes[-1].legend(title="digit", markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.05, 0.5))
+    fig.suptitle(title)
     return _save(fig, path)
 
 
