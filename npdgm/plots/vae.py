@@ -34,6 +34,22 @@ def samples(model, path, n=100, nrow=10, rng=0, mean=True):
     return save_image_grid(x, path, nrow=nrow, title=title)
 
 
+def mean_and_std(model, path, n=10, rng=0):
+    """A Gaussian decoder at n prior draws z ~ N(0, I), one column each: its mean E[x|z], its standard deviation
+    sigma(z) per pixel (grey = sigma / max sigma over the figure: white where the decoder is least sure) and a draw
+    x = mean + sigma eps. With a variance head (sigma="learned-z") the std changes from column to column."""
+    from ..models.elbo import draw, generator
+
+    rng = generator(model, rng)
+    z = draw(model, (n, model.z_dim), rng)
+    m, s = _h(model.decode(z)), _h(model.decode_std(z))
+    x = m + s * _h(draw(model, (n, model.x_dim), rng))
+    top = float(s.max()) or 1.0
+    return save_image_grid(np.concatenate([m, s / top, x]), path, nrow=n,
+                           row_labels=["mean", "sigma(z)", "mean+sigma eps"],
+                           title=f"Gaussian decoder at z ~ N(0, I): mean, std (white = {top:.3g}), a draw")
+
+
 def interpolation(model, xa, xb, path, steps=10):
     """For each pair (xa[i], xb[i]): the input a, decodings of (1-t) mu(a) + t mu(b) for t in
     [0, 1] (``steps`` values), the input b; one row per pair."""
