@@ -145,6 +145,43 @@ for _tag, _kw in [
     register(f"model.vae.grad_z[{_tag}]")(lambda rng, _kw=_kw: _grad_z_check(rng, **_kw))
 
 
+# -- the notes' other models: a Gaussian-mixture prior VAE and the (denoising) autoencoder ------------------
+def _gmvae_check(rng, K=1, **kw):
+    from .models.gmvae import GMVAE
+    model = GMVAE(**{"x_dim": 7, "hidden": (6,), "z_dim": 3, "components": 4, **kw}, n_samples=K,
+                  seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x, eps = rng.uniform(0, 1, (5, 7)), rng.standard_normal((K, 5, 3))
+    model.loss_and_grad(x, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, eps)[0]), model.params, analytic)
+
+
+for _tag, _kw in [
+    ("uniform weights,tanh", dict(activation="tanh")),
+    ("learned weights,softplus,K=2,beta=0.7", dict(activation="softplus", weights="learned", K=2, beta=0.7)),
+    ("learned weights,relu,2 hidden,1 component", dict(activation="relu", weights="learned", hidden=(6, 5),
+                                                       components=1)),
+]:
+    register(f"model.gmvae[{_tag}]")(lambda rng, _kw=_kw: _gmvae_check(rng, **_kw))
+
+
+def _ae_check(rng, denoise):
+    from .models.autoencoder import Autoencoder
+    model = Autoencoder(x_dim=7, hidden=(6, 5), z_dim=3, activation="tanh", denoise=denoise,
+                        seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x = rng.uniform(0, 1, (5, 7))
+    keep = rng.random(x.shape) >= denoise if denoise else None
+    model.loss_and_grad(x, keep)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, keep)[0]), model.params, analytic)
+
+
+for _p in (0.0, 0.4):
+    register(f"model.ae[denoise={_p:g}]")(lambda rng, _p=_p: _ae_check(rng, _p))
+
+
 # -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------
 def _cvae_check(rng, K=1, **kw):
     model = CVAE(**{"x_dim": 7, "num_classes": 3, "hidden": (6,), "z_dim": 3, **kw}, n_samples=K,
