@@ -72,8 +72,9 @@ def cmd_train(args):
     from ..models.gmvae import GMVAE
 
     setup_backend(args)
+    cfg = {k: getattr(args, k) for k in MODEL_KEYS}
     r = common.resume_or_new(args, "gmvae", RUN_KEYS, DEFAULT_EPOCHS,
-                             lambda run: GMVAE(x_dim=784, seed=run["seed"], **{k: getattr(args, k) for k in MODEL_KEYS}))
+                             lambda run: GMVAE(x_dim=784, seed=run["seed"], **cfg))
     if r is None:
         return 0
     model, run, out = r

@@ -70,7 +70,7 @@ def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)
 
 
 def _add_model_args(p):
-    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures, 3 the 3-D latent scatter)")
+    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures, 3 the 3-D scatter)")
     g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="training loss: elbo (-ELBO, --n-samples, --beta) or iwae (the k-sample importance-"
                         "weighted bound, Burda et al. 2016) (default elbo)")

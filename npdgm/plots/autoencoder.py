@@ -32,9 +32,8 @@ def reconstructions(model, x, keep, path):
         labels.append("corrupted")
     rows.append(_h(model.reconstruct(x, keep)))
     labels.append("output")
-    return save_image_grid(np.concatenate(rows), path, nrow=len(x), row_labels=labels,
-                           title="autoencoder reconstructions" + (f" (denoising, P={model.denoise:g})"
-                                                                 if model.denoise else ""))
+    title = "autoencoder reconstructions" + (f" (denoising, P={model.denoise:g})" if model.denoise else "")
+    return save_image_grid(np.concatenate(rows), path, nrow=len(x), row_labels=labels, title=title)
 
 
 def codes_vs_prior(model, x, path, vae=None, n=10, rng=0):

@@ -81,8 +81,8 @@ def latent_scatter(model, x, labels, path, title="encoded test digits: mu(x)"):
     return _save(fig, path)
 
 
-def latent_scatter_3d(model, x, labels, path, title="encoded test digits: mu(x), 3-D latent", views=((25, -60),
-                                                                                                        (25, 30))):
+def latent_scatter_3d(model, x, labels, path, title="encoded test digits: mu(x), 3-D latent",
+                      views=((25, -60), (25, 30))):
     """3-D latent (z_dim 3): mu(x) as a 3-D scatter (mpl_toolkits.mplot3d) coloured by digit label, one panel per
     (elevation, azimuth) in ``views`` (two by default: a single projection of a 3-D cloud hides its depth)."""
     if model.z_dim != 3:
