@@ -78,6 +78,9 @@ for _tag, _kw in [
                                       K=2)),
     ("gaussian,learned,tanh,iaf:1,beta=0.5", dict(activation="tanh", likelihood="gaussian", posterior="iaf:1",
                                                   iaf_hidden=(7, 6), beta=0.5)),
+    ("gaussian,learned-z,tanh,K=2", dict(activation="tanh", likelihood="gaussian", sigma="learned-z", K=2)),
+    ("gaussian,learned-z,elu,2 hidden,beta=0.5", dict(activation="elu", likelihood="gaussian", sigma="learned-z",
+                                                      hidden=(6, 5), beta=0.5)),
 ]:
     register(f"model.vae[{_tag}]")(lambda rng, _kw=_kw: _vae_check(rng, **_kw))
 
@@ -94,6 +97,30 @@ def _(rng):
     analytic = {n: g.copy() for n, g in model.grads.items()}
     loss = lambda: -float(iwae_forward(model, x, model.encoder.forward(x), eps, model.decoder.forward)[0].mean())
     return check(loss, model.params, analytic)
+
+
+@register("model.vae.iwae[gaussian,learned-z,tanh,k=3]")
+def _(rng):
+    """The k-sample IWAE loss with a decoder variance head sigma_theta(z) (both halves of [mean | raw] in log w)."""
+    from .models.elbo import iwae_forward
+    model = VAE(x_dim=7, hidden=(6,), z_dim=3, activation="tanh", likelihood="gaussian", sigma="learned-z",
+                seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x, eps = rng.standard_normal((5, 7)), rng.standard_normal((3, 5, 3))
+    model.iwae_loss_and_grad(x, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    loss = lambda: -float(iwae_forward(model, x, model.encoder.forward(x), eps, model.decoder.forward)[0].mean())
+    return check(loss, model.params, analytic)
+
+
+@register("model.vae.head_nll[learned-z]")
+def _(rng):
+    """The variance head's likelihood on its own: out = [mean | raw] (raw up to |7|, near the tanh bound)."""
+    from .models.elbo import head_nll_backward, head_nll_forward
+    out = np.concatenate([rng.standard_normal((6, 4)), rng.uniform(-12, 12, (6, 4))], axis=1)
+    x, w = rng.standard_normal((6, 4)), rng.standard_normal(6)
+    return check(lambda: float(np.sum(head_nll_forward(out, x) * w)), {"out": out},
+                 {"out": head_nll_backward(w, out, x)})
 
 
 # -- d/dz log p(x, z) (the samplers' gradient, npdgm.inference): every likelihood, one and several chains --
@@ -113,8 +140,46 @@ for _tag, _kw in [
     ("bernoulli,softplus,3 chains", dict(activation="softplus", likelihood="bernoulli", C=3)),
     ("gaussian,sigma=0.7,elu", dict(activation="elu", likelihood="gaussian", sigma=0.7)),
     ("gaussian,learned,tanh,2 chains", dict(activation="tanh", likelihood="gaussian", C=2)),
+    ("gaussian,learned-z,tanh,2 chains", dict(activation="tanh", likelihood="gaussian", sigma="learned-z", C=2)),
 ]:
     register(f"model.vae.grad_z[{_tag}]")(lambda rng, _kw=_kw: _grad_z_check(rng, **_kw))
+
+
+# -- the notes' other models: a Gaussian-mixture prior VAE and the (denoising) autoencoder ------------------
+def _gmvae_check(rng, K=1, **kw):
+    from .models.gmvae import GMVAE
+    model = GMVAE(**{"x_dim": 7, "hidden": (6,), "z_dim": 3, "components": 4, **kw}, n_samples=K,
+                  seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x, eps = rng.uniform(0, 1, (5, 7)), rng.standard_normal((K, 5, 3))
+    model.loss_and_grad(x, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, eps)[0]), model.params, analytic)
+
+
+for _tag, _kw in [
+    ("uniform weights,tanh", dict(activation="tanh")),
+    ("learned weights,softplus,K=2,beta=0.7", dict(activation="softplus", weights="learned", K=2, beta=0.7)),
+    ("learned weights,relu,2 hidden,1 component", dict(activation="relu", weights="learned", hidden=(6, 5),
+                                                       components=1)),
+]:
+    register(f"model.gmvae[{_tag}]")(lambda rng, _kw=_kw: _gmvae_check(rng, **_kw))
+
+
+def _ae_check(rng, denoise):
+    from .models.autoencoder import Autoencoder
+    model = Autoencoder(x_dim=7, hidden=(6, 5), z_dim=3, activation="tanh", denoise=denoise,
+                        seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x = rng.uniform(0, 1, (5, 7))
+    keep = rng.random(x.shape) >= denoise if denoise else None
+    model.loss_and_grad(x, keep)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+    return check(lambda: float(model.loss(x, keep)[0]), model.params, analytic)
+
+
+for _p in (0.0, 0.4):
+    register(f"model.ae[denoise={_p:g}]")(lambda rng, _p=_p: _ae_check(rng, _p))
 
 
 # -- finite-difference checks of the whole loss (npdgm gradcheck) ---------------------------------

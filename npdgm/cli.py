@@ -22,13 +22,13 @@ import numpy as np
 
 from . import __version__, accel, backend, distributed
 from .bench import run as bench_run
-from .commands import cvae, data, evaluate, export, flows, gmm, m1, m2, sample, study, vae
+from .commands import autoencoder, cvae, data, evaluate, export, flows, gmm, gmvae, m1, m2, sample, study, vae
 from .commands.common import (ArgumentParser, add_train_args, config_argv, default_out, format_config,  # noqa: F401
                               group, interrupt_note, nonneg_int, read_config, release_locks, setup_backend,
                               typed_options)
 from .train import Interrupted, progress
 
-COMMAND_MODULES = (vae, flows, gmm, cvae, m1, m2, sample, data, evaluate, export, study)
+COMMAND_MODULES = (vae, flows, gmm, gmvae, autoencoder, cvae, m1, m2, sample, data, evaluate, export, study)
 
 
 def _cmd_gradcheck(args):

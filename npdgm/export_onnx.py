@@ -580,6 +580,8 @@ def onnx_graphs(model):
     onnx = _onnx()
     names = {id(p): n for n, p in model.named_parameters()}
     kind = getattr(model, "kind", type(model).__name__)
+    if getattr(model, "sigma", None) == "learned-z":
+        raise ExportError("a VAE with a decoder variance head (sigma='learned-z') has no ONNX graphs yet")
     if kind in ("vae", "cvae", "m2"):
         return _vae_family(onnx, model, names)
     if kind == "flow":

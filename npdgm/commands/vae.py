@@ -45,6 +45,11 @@ def _posterior(spec):
     return spec
 
 
+def sigma_arg(spec):
+    """argparse type of --sigma: a positive float (fixed decoder std) or "learned-z" (a variance head)."""
+    return spec if spec == "learned-z" else positive_float(spec)
+
+
 def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)"):
     """The model options the VAE and the CVAE share; returns the "model" group for more."""
     g = common.group(p, "model")
@@ -56,15 +61,16 @@ def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)
                    help="hidden-layer nonlinearity (default relu)")
     g.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli",
                    help=f"decoder {decoder}: bernoulli (BCE from logits) or gaussian (default bernoulli)")
-    g.add_argument("--sigma", type=positive_float, default=None,
-                   help="gaussian: fixed decoder std (the MSE form) (default: learn a per-pixel log-variance)")
+    g.add_argument("--sigma", type=sigma_arg, default=None, metavar="{SIGMA,learned-z}",
+                   help="gaussian: fixed decoder std (the MSE form), or learned-z: a variance head sigma_theta(z), "
+                        "one variance per pixel and image (vae only) (default: learn a per-pixel log-variance)")
     g.add_argument("--n-samples", type=positive_int, default=1, help="noise samples per image in the loss (default 1)")
     g.add_argument("--beta", type=nonneg_float, default=1.0, help="weight of the KL term (default 1)")
     return g
 
 
 def _add_model_args(p):
-    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures)")
+    g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures, 3 the 3-D scatter)")
     g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="training loss: elbo (-ELBO, --n-samples, --beta) or iwae (the k-sample importance-"
                         "weighted bound, Burda et al. 2016) (default elbo)")
@@ -231,7 +237,7 @@ def check_sigma(sigma, dtype, x_dim=784):
     """ValueError naming --sigma when the fixed decoder std is so small that the Gaussian loss and its gradient,
     of size x_dim / sigma^2, or Adam's square of the gradient overflow ``dtype`` before any update: sigma must be
     >= sqrt(x_dim / sqrt(max)) (float32: 6.6e-09). None (a learned variance) passes."""
-    if sigma is None:
+    if sigma is None or isinstance(sigma, str):   # learned: per pixel, or a variance head ("learned-z")
         return
     lo = math.sqrt(x_dim / math.sqrt(float(np.finfo(dtype).max)))
     if sigma < lo:
@@ -366,9 +372,13 @@ def _figures(model, run, out, records, summary, x_te, y_te, imp):
                  cond_mean=None if cond is None else cond[:10],
                  title=f"imputation of rows {run['impute_rows'][0]}-{run['impute_rows'][1] - 1} "
                        f"({run['impute_steps']} encode/decode steps)")
+    if model.likelihood == "gaussian":
+        P.mean_and_std(model, os.path.join(out, "decoder_std.png"), rng=run["seed"])
     if model.z_dim == 2:
         P.latent_scatter(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent.png"))
         P.manifold(model, os.path.join(out, "manifold.png"))
+    elif model.z_dim == 3:
+        P.latent_scatter_3d(model, x_te[:5000], y_te[:5000], os.path.join(out, "latent3d.png"))
     print(f"figures in {out}", flush=True)
 
 

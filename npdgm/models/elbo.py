@@ -9,7 +9,8 @@ ELBO (per-row weights ``d_rec`` (K B,) on -log p(x|z) and ``d_kl`` (B,) on KL(q(
     L       = sum_n d_rec_n (-log p(x_n | z_n)) + sum_b d_kl_b KL_b
     dout    = likelihood backward(d_rec)              Bernoulli: d_rec (sigmoid(out) - x)
                                                       Gaussian:  d_rec (out - x) exp(-logvar_x)
-                                                      (+ d logvar_x with a learned sigma)
+                                                      (+ d logvar_x with a learned sigma; a variance head
+                                                      sigma="learned-z": out = [mean | raw], see head_nll_backward)
     dz      = decoder.backward(dout)                  (K, B, Z)
     dmu     = sum_k dz_k                  + d_kl mu
     dlogvar = sum_k dz_k eps_k e^(logvar/2) / 2 + d_kl (e^logvar - 1) / 2
@@ -48,6 +49,7 @@ import math
 import numpy as np
 
 from .. import backend
+from ..kernels.activations import tanh_backward, tanh_forward
 from ..kernels.gaussian import kl_free_bits_backward
 from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_nll_backward, gaussian_nll_forward,
                        kl_std_normal_backward, logsumexp_backward, logsumexp_forward, reparameterize_backward,
@@ -55,7 +57,8 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_n
 from ..validate import as_rng
 from .iaf_posterior import flow_backward, flow_forward
 
-__all__ = ["ELBOMixin", "posterior_sample", "logvar_x", "rec_rows", "rec_backward", "elbo_backward", "log_weights",
+__all__ = ["ELBOMixin", "posterior_sample", "logvar_x", "variance_head", "head_split", "head_nll_forward",
+           "head_nll_backward", "rec_rows", "rec_backward", "elbo_backward", "log_weights",
            "iwae_estimate", "iwae_forward", "iwae_backward", "generator", "draw", "as_noise"]
 
 
@@ -95,29 +98,69 @@ def as_noise(model, eps, shape, name="eps", finite=True):
 
 
 # -- the likelihood p(x|z), one row per decoder output row -------------------------------------------
+SIGMA_HEAD = "learned-z"   # sigma= value of a decoder with its own variance head sigma_theta(z) (heteroscedastic)
+LOGVAR_BOUND = 7.0         # the head's log-variance v = b tanh(raw / b) lies in (-b, b): sigma in (0.030, 33)
+
+
 def learned_sigma(model):
     return getattr(model, "likelihood", "bernoulli") == "gaussian" and model.sigma is None
 
 
+def variance_head(model):
+    """True for a Gaussian decoder whose output row is [mean | raw log-variance] (N, 2D): sigma="learned-z"."""
+    return getattr(model, "sigma", None) == SIGMA_HEAD
+
+
 def logvar_x(model):
     """The Gaussian decoder log-variance: the learned (D,) parameter or the fixed scalar 2 log sigma."""
+    if variance_head(model):
+        raise ValueError("this decoder's variance is a function of z (sigma='learned-z'): its log-variance is "
+                         "head_split(decoder output)[1], one per row, not one array for the model")
     if learned_sigma(model):
         return model.logvar_x.data
     return model.xp.asarray(2 * math.log(model.sigma), dtype=model.dtype)
 
 
+def head_split(out):
+    """A variance-head decoder output [mean | raw] (N, 2D) -> (mean, v), both (N, D), with the bounded
+    log-variance v = b tanh(raw / b), b = LOGVAR_BOUND (so sigma^2 = e^v can neither vanish nor explode)."""
+    D = out.shape[1] // 2
+    return out[:, :D], LOGVAR_BOUND * tanh_forward(out[:, D:] / LOGVAR_BOUND)
+
+
+def head_nll_forward(out, xt):
+    """-log N(x; mean(z), diag e^v(z)) per row for out = [mean | raw] (N, 2D), xt (N, D) -> (N,): the
+    per-element log-variance form of :func:`npdgm.kernels.losses.gaussian_nll_forward` on :func:`head_split`."""
+    mean, v = head_split(out)
+    return gaussian_nll_forward(mean, xt, v)
+
+
+def head_nll_backward(d_rows, out, xt):
+    """d L / d out = [dmean | draw] (N, 2D) for L = sum_n d_rows_n head_nll_n:
+
+        dmean = d (mean - x) e^-v,   dv = d (1 - (x - mean)^2 e^-v) / 2     (gaussian_nll_backward, per element)
+        draw  = dv (1 - tanh^2(raw / b)) = dv (1 - (v / b)^2)               (tanh_backward of v / b = tanh(raw / b))"""
+    mean, v = head_split(out)
+    dmean, dv = gaussian_nll_backward(d_rows, mean, xt, v)
+    return backend.array_module(out).concatenate([dmean, tanh_backward(dv, v / LOGVAR_BOUND)], axis=1)
+
+
 def rec_rows(model, out, xt):
-    """-log p(x|z) per decoder row (summed over pixels): out, xt (N, D) -> (N,)."""
+    """-log p(x|z) per decoder row (summed over pixels): out (N, D) (a variance head: (N, 2D)), xt (N, D) -> (N,)."""
     if model.likelihood == "bernoulli":
         return bernoulli_nll_forward(out, xt)
+    if variance_head(model):
+        return head_nll_forward(out, xt)
     return gaussian_nll_forward(out, xt, logvar_x(model))
 
 
 def rec_backward(model, d_rows, out, xt):
-    """d L / d out (N, D) for L = sum_n d_rows_n (-log p(x_n | z_n)); with a learned sigma it also adds
-    d L / d logvar_x into ``model.logvar_x.grad``."""
+    """d L / d out (N, D) (a variance head: (N, 2D)) for L = sum_n d_rows_n (-log p(x_n | z_n)); with a learned
+    sigma it also adds d L / d logvar_x into ``model.logvar_x.grad``."""
     if model.likelihood == "bernoulli":
         return bernoulli_nll_backward(d_rows, out, xt)
+    if variance_head(model):
+        return head_nll_backward(d_rows, out, xt)
     dout, dlv_x = gaussian_nll_backward(d_rows, out, xt, logvar_x(model))
     if learned_sigma(model):
         model.logvar_x.grad += dlv_x
@@ -190,7 +233,8 @@ def log_weights(model, x, mu, logvar, eps, decode, observed=None):
         nll = rec_rows(model, out, xt)
     else:
         keep = xp.broadcast_to(observed, (K,) + x.shape).reshape(K * B, -1)
-        nll = rec_rows(model, xp.where(keep, out, 0), xp.where(keep, xt, 0))
+        keep_out = keep if out.shape == keep.shape else xp.concatenate([keep, keep], axis=1)   # [mean | raw]
+        nll = rec_rows(model, xp.where(keep_out, out, 0), xp.where(keep, xt, 0))
     logw = -nll.reshape(K, B) - 0.5 * (z * z - eps * eps - logvar).sum(axis=2)
     if ld is not None:
         logw = logw + ld

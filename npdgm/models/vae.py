@@ -8,6 +8,8 @@ Model
            = N(f(z), sigma^2 I)                  likelihood="gaussian", sigma=<float> (fixed; the MSE form)
            = N(f(z), diag exp(logvar_x))         likelihood="gaussian", sigma=None (learned per-pixel
                                                  log-variance ``logvar_x``, shape (x_dim,), starts at 0)
+           = N(m(z), diag exp(v(z)))             likelihood="gaussian", sigma="learned-z" (heteroscedastic: the
+                                                 decoder outputs [m | raw], 2 x_dim columns, v = 7 tanh(raw / 7))
     decoder MLP z_dim -> reversed(hidden) -> x_dim, no output activation (logits / means).
 
 Loss (what :meth:`VAE.loss_and_grad` returns), with K = n_samples and eps_k ~ N(0, I):
@@ -61,7 +63,8 @@ from ..nn import INITS, MLP, Parameter
 from ..nn.conv import conv_decoder, conv_encoder
 from ..validate import check_float, check_int
 from .base import Model
-from .elbo import ELBOMixin, iwae_backward, iwae_estimate, iwae_forward, log_weights, posterior_sample
+from .elbo import (SIGMA_HEAD, ELBOMixin, head_nll_backward, head_nll_forward, head_split, iwae_backward,
+                   iwae_estimate, iwae_forward, log_weights, posterior_sample, variance_head)
 from .iaf_posterior import build_iaf_posterior, flow_forward, parse_posterior
 from ..kernels.gaussian import kl_free_bits_forward
 from .elbo import draw as _draw, generator as _generator
@@ -71,18 +74,27 @@ __all__ = ["VAE"]
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-def check_likelihood(likelihood, sigma):
-    """The decoder likelihood's name and its fixed sigma (None: learned, Gaussian only); returns sigma."""
+def check_likelihood(likelihood, sigma, head=False):
+    """The decoder likelihood's name and its fixed sigma (None: learned per pixel, "learned-z": a variance head
+    sigma_theta(z), only where ``head``; Gaussian only); returns sigma."""
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
     if sigma is not None:
         if likelihood != "gaussian":
             raise ValueError("sigma applies to the Gaussian likelihood only (got likelihood='bernoulli')")
+        if sigma == SIGMA_HEAD:
+            if not head:
+                raise ValueError(f"sigma={SIGMA_HEAD!r} (a decoder variance head) is available in the VAE only; "
+                                 f"give a float or None (learned per pixel)")
+            return sigma
+        if isinstance(sigma, str):
+            raise ValueError(f"sigma must be a float, None (learned per pixel) or {SIGMA_HEAD!r} (a variance head "
+                             f"sigma_theta(z)), got {sigma!r}")
         sigma = check_float(sigma, "sigma (None: learned)", lo=0, strict_lo=True)
     return sigma
 
 
-def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init):
+def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init, head=False):
     """Validate the constructor options shared by VAE and CVAE; returns the normalised
     (x_dim, hidden list, z_dim, sigma, n_samples, beta, seed) or raises ValueError naming the option."""
     x_dim = check_int(x_dim, "x_dim", lo=1)
@@ -91,7 +103,7 @@ def check_vae_options(x_dim, hidden, z_dim, activation, likelihood, sigma, n_sam
         hidden = (hidden,)
     hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
     get_activation(activation)
-    sigma = check_likelihood(likelihood, sigma)
+    sigma = check_likelihood(likelihood, sigma, head)
     n_samples = check_int(n_samples, "n_samples", lo=1)
     beta = check_float(beta, "beta", lo=0)
     if init not in INITS:
@@ -158,8 +170,9 @@ class VAE(ELBOMixin, Model):
         z_dim       latent size
         activation  hidden activation: relu, tanh, leaky_relu, elu, softplus, sigmoid
         likelihood  "bernoulli" (pixels in [0, 1], logits decoder, BCE from logits) or "gaussian"
-        sigma       Gaussian only: fixed standard deviation (float), or None to learn a per-pixel
-                    log-variance ``logvar_x`` of shape (x_dim,)
+        sigma       Gaussian only: fixed standard deviation (float), None to learn a per-pixel
+                    log-variance ``logvar_x`` of shape (x_dim,), or "learned-z": a variance head, the
+                    decoder's last layer outputs [mean | raw] and v(z) = 7 tanh(raw / 7) per pixel (MLP only)
         n_samples   noise samples per data point in the training loss (K)
         beta        weight of the KL term (1 = the ELBO)
         seed        seed of the weight initialization (and of the default noise generator)
@@ -193,7 +206,10 @@ class VAE(ELBOMixin, Model):
                 raise ValueError(f"arch='conv' sizes its nets by channels={channels}, not hidden={hidden}")
             hidden = ()
         x_dim, hidden, z_dim, sigma, n_samples, beta, seed = check_vae_options(
-            x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init)
+            x_dim, hidden, z_dim, activation, likelihood, sigma, n_samples, beta, seed, init, head=True)
+        if arch == "conv" and sigma == SIGMA_HEAD:
+            raise ValueError(f"sigma={SIGMA_HEAD!r} (a decoder variance head) needs arch='mlp'; the conv decoder "
+                             f"outputs the image only")
         free_bits = check_float(free_bits, "free_bits", lo=0)
         steps = parse_posterior(posterior)
         if isinstance(iaf_hidden, (int, np.integer)):
@@ -221,7 +237,8 @@ class VAE(ELBOMixin, Model):
             self.decoder = conv_decoder(z_dim, channels, image_shape, activation, rng=host, dtype=dtype)
         else:
             self.encoder = MLP(x_dim, hidden, 2 * z_dim, activation=activation, init=init, rng=host, dtype=dtype)
-            self.decoder = MLP(z_dim, hidden[::-1], x_dim, activation=activation, init=init, rng=host, dtype=dtype)
+            out_dim = 2 * x_dim if sigma == SIGMA_HEAD else x_dim          # a variance head: [mean | raw]
+            self.decoder = MLP(z_dim, hidden[::-1], out_dim, activation=activation, init=init, rng=host, dtype=dtype)
         if likelihood == "gaussian" and sigma is None:
             self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
         self.flow = build_iaf_posterior(z_dim, steps, iaf_hidden, activation, seed + 1) if steps else None
@@ -354,21 +371,38 @@ class VAE(ELBOMixin, Model):
 
     def decode(self, z):
         """E[x|z]: Bernoulli probabilities sigmoid(logits), or the Gaussian mean; (n, x_dim)."""
+        return self._mean(self._decode_raw(z))
+
+    def _mean(self, out):
+        """E[x|z] from the decoder output: sigmoid(logits), the Gaussian mean, or a variance head's mean half."""
+        if self.likelihood == "bernoulli":
+            return sigmoid_forward(out)
+        return head_split(out)[0] if variance_head(self) else out
+
+    def decode_std(self, z):
+        """The decoder's standard deviation sigma(z) per pixel, (n, x_dim): exp(v(z) / 2) for a variance head
+        (sigma="learned-z"), exp(logvar_x / 2) or the fixed sigma broadcast otherwise (Gaussian only)."""
+        if self.likelihood != "gaussian":
+            raise ValueError("decode_std: a Bernoulli decoder has no standard deviation (its variance is m (1 - m))")
         out = self._decode_raw(z)
-        return sigmoid_forward(out) if self.likelihood == "bernoulli" else out
+        if variance_head(self):
+            return self.xp.exp(0.5 * head_split(out)[1])
+        return self.xp.broadcast_to(self.xp.exp(0.5 * self._logvar_x()), (out.shape[0], self.x_dim)).copy()
 
     def sample(self, n, rng=None, mean=True):
         """n images from the model: z ~ N(0, I), then E[x|z] (``mean=True``, what is usually shown)
         or a draw x ~ p(x|z) (``mean=False``). ``rng``: NumPy/CuPy Generator or int seed."""
         n = check_int(n, "n", lo=1)
         rng = _generator(self, rng)
-        m = self.decode(_draw(self, (n, self.z_dim), rng))
+        out = self._decode_raw(_draw(self, (n, self.z_dim), rng))
+        m = self._mean(out)
         if mean:
             return m
         if self.likelihood == "bernoulli":
             u = self.xp.asarray(rng.random(m.shape, dtype=np.float32)).astype(self.dtype, copy=False)
             return (u < m).astype(self.dtype)
-        return m + self.xp.exp(0.5 * self._logvar_x()) * _draw(self, (n, self.x_dim), rng)
+        lv = head_split(out)[1] if variance_head(self) else self._logvar_x()
+        return m + self.xp.exp(0.5 * lv) * _draw(self, (n, self.x_dim), rng)
 
     def reconstruct(self, x):
         """E[x | z = mu(x)]: decode the posterior mean (deterministic); with an IAF posterior z = flow(mu(x)),
@@ -397,20 +431,23 @@ class VAE(ELBOMixin, Model):
                              f"got {tuple(z.shape)}")
         zz = xp.asarray(z).astype(self.dtype, copy=False).reshape(-1, Z)
         out = self.decoder.forward(zz)
-        xt = xp.broadcast_to(x, (zz.shape[0] // x.shape[0],) + x.shape).reshape(out.shape)
+        xt = xp.broadcast_to(x, (zz.shape[0] // x.shape[0],) + x.shape).reshape(out.shape[0], -1)
         ones = xp.ones(out.shape[0], dtype=self.dtype)
         if observed is not None:
             keep = xp.broadcast_to(xp.asarray(observed, dtype=bool), (zz.shape[0] // x.shape[0],) + x.shape)
-            keep = keep.reshape(out.shape)
-            out, xt = xp.where(keep, out, 0).astype(self.dtype, copy=False), xp.where(keep, xt, 0)
+            keep = keep.reshape(xt.shape)
+            keep_out = keep if out.shape == keep.shape else xp.concatenate([keep, keep], axis=1)   # [mean | raw]
+            out, xt = xp.where(keep_out, out, 0).astype(self.dtype, copy=False), xp.where(keep, xt, 0)
         if self.likelihood == "bernoulli":
             nll, dout = bernoulli_nll_forward(out, xt), bernoulli_nll_backward(ones, out, xt)
+        elif variance_head(self):
+            nll, dout = head_nll_forward(out, xt), head_nll_backward(ones, out, xt)
         else:
             lv = self._logvar_x()
             nll, dout = gaussian_nll_forward(out, xt, lv), gaussian_nll_backward(ones, out, xt, lv)[0]
         logp = gaussian_logprob_forward(zz).astype(np.float64) - nll.astype(np.float64)
         if observed is not None:
-            dout = xp.where(keep, dout, 0)
+            dout = xp.where(keep_out, dout, 0)
         grad = gaussian_logprob_backward(ones, zz) - input_backward(self.decoder, dout)
         return logp.reshape(z.shape[:-1]), grad.reshape(z.shape)
 
@@ -496,8 +533,7 @@ class VAE(ELBOMixin, Model):
             eps = _draw(self, (c, B, Z), rng)
             # log p(x_o | z) + log p(z) - log q(z | x~), up to a per-row constant that the weights cancel
             logw, (_, out, _) = log_weights(self, x_obs, mu, logvar, eps, self.decoder.forward, observed=~mask)
-            out = out.reshape(c, B, -1)
-            mean = sigmoid_forward(out) if self.likelihood == "bernoulli" else out          # E[x | z_i]
+            mean = self._mean(out).reshape(c, B, -1)                                        # E[x | z_i]
             logw = logw.astype(np.float64)                                                    # (c, B)
             m_new = xp.maximum(m_run, logw.max(axis=0))
             scale = xp.exp(m_run - m_new)

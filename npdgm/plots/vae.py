@@ -1,5 +1,6 @@
 """VAE figures (PNG, Agg): reconstructions, prior samples, curves, interpolation, 2-D latent
-scatter and the decoded manifold of a 2-D latent grid, imputation rows (observed / missing / imputed pixels).
+scatter and the decoded manifold of a 2-D latent grid, the 3-D latent scatter of a 3-D latent, imputation
+rows (observed / missing / imputed pixels).
 
 Every function takes a trained :class:`npdgm.VAE` and host or device arrays and returns the path.
 """
@@ -33,6 +34,22 @@ def samples(model, path, n=100, nrow=10, rng=0, mean=True):
     return save_image_grid(x, path, nrow=nrow, title=title)
 
 
+def mean_and_std(model, path, n=10, rng=0):
+    """A Gaussian decoder at n prior draws z ~ N(0, I), one column each: its mean E[x|z], its standard deviation
+    sigma(z) per pixel (grey = sigma / max sigma over the figure: white where the decoder is least sure) and a draw
+    x = mean + sigma eps. With a variance head (sigma="learned-z") the std changes from column to column."""
+    from ..models.elbo import draw, generator
+
+    rng = generator(model, rng)
+    z = draw(model, (n, model.z_dim), rng)
+    m, s = _h(model.decode(z)), _h(model.decode_std(z))
+    x = m + s * _h(draw(model, (n, model.x_dim), rng))
+    top = float(s.max()) or 1.0
+    return save_image_grid(np.concatenate([m, s / top, x]), path, nrow=n,
+                           row_labels=["mean", "sigma(z)", "mean+sigma eps"],
+                           title=f"Gaussian decoder at z ~ N(0, I): mean, std (white = {top:.3g}), a draw")
+
+
 def interpolation(model, xa, xb, path, steps=10):
     """For each pair (xa[i], xb[i]): the input a, decodings of (1-t) mu(a) + t mu(b) for t in
     [0, 1] (``steps`` values), the input b; one row per pair."""
@@ -61,6 +78,33 @@ def latent_scatter(model, x, labels, path, title="encoded test digits: mu(x)"):
     ax.set_ylabel("z2")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def latent_scatter_3d(model, x, labels, path, title="encoded test digits: mu(x), 3-D latent",
+                      views=((25, -60), (25, 30))):
+    """3-D latent (z_dim 3): mu(x) as a 3-D scatter (mpl_toolkits.mplot3d) coloured by digit label, one panel per
+    (elevation, azimuth) in ``views`` (two by default: a single projection of a 3-D cloud hides its depth)."""
+    if model.z_dim != 3:
+        raise ValueError(f"latent_scatter_3d needs a 3-D latent, this VAE has z_dim={model.z_dim}")
+    from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection on old matplotlib)
+
+    plt = pyplot()
+    mu = _h(model.encode(x)[0])
+    labels = np.asarray(labels)
+    fig = plt.figure(figsize=(5.6 * len(views) + 0.8, 5.4))
+    for i, (elev, azim) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), i + 1, projection="3d")
+        for c in np.unique(labels):   # one scatter per digit: a legend, not a colorbar (no extra axes)
+            m = labels == c
+            ax.scatter(mu[m, 0], mu[m, 1], mu[m, 2], color=plt.cm.tab10(int(c) % 10), s=3, alpha=0.7, label=str(c))
+        ax.view_init(elev=elev, azim=azim)
+        ax.set_xlabel("z1")
+        ax.set_ylabel("z2")
+        ax.set_zlabel("z3")
+        ax.set_title(f"view: elevation {elev}, azimuth {azim}", fontsize=9)
+    fig.axes[-1].legend(title="digit", markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.05, 0.5))
+    fig.suptitle(title)
     return _save(fig, path)
 
 
