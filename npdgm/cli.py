@@ -20,7 +20,8 @@ import warnings
 
 import numpy as np
 
-from . import __version__, accel, backend, distributed
+from . import accel, backend, distributed
+from ._version import __version__
 from .bench import run as bench_run
 from .commands import cvae, data, evaluate, export, flows, gmm, m1, m2, sample, study, vae
 from .commands.common import (ArgumentParser, add_train_args, config_argv, default_out, format_config,  # noqa: F401

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._filelock import wait_lock
+from ._version import __version__
 
 BUNDLED = os.path.join(os.path.dirname(__file__), "bundled", "mnist_subset.npz")
 FILES = {
@@ -422,8 +423,6 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
     without one is cut one byte past the end (and the ``part`` removed)."""
     import urllib.error
     import urllib.request
-
-    from . import __version__
 
     for _ in range(attempts):
         have = os.path.getsize(part) if os.path.exists(part) else 0
