@@ -23,7 +23,6 @@ import numpy as np
 
 from . import backend
 from .kernels.losses import bernoulli_nll_backward, bernoulli_nll_forward
-from .models.vae import input_backward
 from .validate import as_rng, check_float, check_int
 
 __all__ = ["logmeanexp", "posterior_target", "impute_hmc", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
@@ -126,7 +125,7 @@ def _bernoulli_loglik(model, x):
 
     def grad_z(logits, xx, z):
         dl = bernoulli_nll_backward(xp.ones(logits.shape[0], dtype=logits.dtype), logits, xx)  # sigmoid(l) - x
-        return -input_backward(model.decoder, dl).reshape(z.shape)
+        return -model.decoder.input_vjp(dl).reshape(z.shape)
 
     def grad(z):
         logits, xx = logits_and_x(z)
