@@ -147,6 +147,29 @@ def test_io_and_kernels_import_no_model():
         assert not any(t.startswith(("npdgm.models", "npdgm.commands", "npdgm.cli")) for t in g[low]), (low, g[low])
 
 
+def test_command_families_import_no_private_name_of_each_other():
+    """A command module takes what another family also needs from commands/common.py or a public name:
+    no ``from .vae import _load_data`` (or ``vae._load_data``) between the modules of npdgm/commands/."""
+    folder = os.path.join(ROOT, "commands")
+    families = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
+    bad = []
+    for fam in sorted(families):
+        with open(os.path.join(folder, fam + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module in families:
+                    bad += [f"{fam}: from .{node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+                elif node.module is None:
+                    aliases.update({a.asname or a.name: a.name for a in node.names if a.name in families})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{fam}: {aliases[node.value.id]}.{node.attr}")
+    assert not bad, bad
+
+
 REFERENCE_WING = ("npdgm.backend", "npdgm.kernels", "npdgm.nn", "npdgm.models", "npdgm.optim", "npdgm.train",
                   "npdgm.inference")
 

@@ -55,7 +55,6 @@ from .. import backend
 from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 from .cvae import add_data_args, conditional_figures
-from .vae import _load_data
 from .m1 import balanced_labels  # noqa: F401  (npdgm.commands.m2.balanced_labels: the labelled subset of m1 and m2)
 
 DEFAULT_EPOCHS = 10
@@ -184,7 +183,7 @@ def _build(args, loaded):
     """build(run) for :func:`common.resume_or_new`: a new M2 (alpha and the labelled weight follow from
     N, --labels, --alpha and --label-boost); the training set it loads is kept in ``loaded``."""
     def build(run):
-        x_tr, y_tr = loaded["train"] = _load_data(args.data, "train", args.train_limit, "none", args.seed)
+        x_tr, y_tr = loaded["train"] = common.load_image_data(args.data, "train", args.train_limit, "none", args.seed)
         balanced_labels(y_tr, args.labels, 10, args.seed)            # the errors before any work
         x_dim, lik = 784, {}
         if args.features:                                            # M1+M2: the M1 VAE's codes
@@ -238,13 +237,13 @@ def _images(run, loaded):
     """(x_tr, y_tr, labelled indices, x_te, y_te) of an M2 run: the training images (binarized once when
     --binarize static), the --labels balanced indices, the test images."""
     seed = run["seed"]
-    x_tr, y_tr = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
+    x_tr, y_tr = loaded.get("train") or common.load_image_data(run["data"], "train", run["train_limit"], "none", seed)
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
     if run["binarize"] == "static":
         from ..data import binarize
 
         x_tr = binarize(x_tr)
-    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     return x_tr, y_tr, lab, x_te, y_te
 
 
