@@ -7,10 +7,9 @@
 Importing npdgm changes nothing in the process (no environment variable, no allocator setting): the
 fast wing, :mod:`npdgm.accel`, makes its settings when it is switched on.
 """
-__version__ = "0.1.0"
-
-from . import backend, kernels, nn, optim  # noqa: E402
-from .backend import get_backend, set_backend, set_dtype  # noqa: E402
-from .models.registry import load  # noqa: E402
-from .train import fit_model as fit  # noqa: E402
-from .models import *  # noqa: E402,F401,F403
+from . import backend, kernels, nn, optim  # noqa: F401
+from ._version import __version__  # noqa: F401
+from .backend import get_backend, set_backend, set_dtype  # noqa: F401
+from .models.registry import load  # noqa: F401
+from .train import fit_model as fit  # noqa: F401
+from .models import *  # noqa: F401,F403

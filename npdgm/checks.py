@@ -46,8 +46,10 @@ for _name in ("relu", "tanh", "elu", "softplus"):
 # Each perturbs a small float64 model off its initial values and compares loss_and_grad's gradient
 # with central differences of the forward-only loss.
 from .models.cvae import CVAE  # noqa: E402
+from .models.elbo import iwae_forward  # noqa: E402
 from .models.flows import (IAF, MAF, ActNorm, AdditiveCoupling, AffineCoupling, Flow,  # noqa: E402
                            InvertibleLinear, LogitTransform, Permutation, Scaling, SplineCoupling, glow)
+from .models.m1 import softmax_regression_loss_and_grad  # noqa: E402
 from .models.m2 import M2  # noqa: E402
 from .models.vae import VAE  # noqa: E402
 
@@ -88,7 +90,6 @@ for _tag, _kw in [
 @register("model.vae.iwae[bernoulli,tanh,iaf:2,k=4]")
 def _(rng):
     """The k-sample IWAE loss through an IAF posterior (the IAF log-dets enter log q, so log w)."""
-    from .models.elbo import iwae_forward
     model = VAE(x_dim=7, hidden=(6,), z_dim=3, activation="tanh", posterior="iaf:2", iaf_hidden=(8,),
                 seed=int(rng.integers(1 << 30)))
     model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
@@ -241,8 +242,7 @@ for _tag, _kw in [
 
 # -- M1's classifier: L2 softmax regression (npdgm/models/m1.py) -----------------------------------
 def _m1_check(rng, l2):
-    from .models.m1 import softmax_regression_loss_and_grad as f
-
+    f = softmax_regression_loss_and_grad
     X, y = rng.standard_normal((9, 5)) * 3, np.array([0, 1, 2, 3, 0, 1, 2, 3, 3])
     W, b = rng.standard_normal((5, 4)), rng.standard_normal(4)
     _, dW, db = f(W, b, X, y, l2)

@@ -20,7 +20,8 @@ import warnings
 
 import numpy as np
 
-from . import __version__, accel, backend, distributed
+from . import accel, backend, distributed
+from ._version import __version__
 from .bench import run as bench_run
 from .commands import autoencoder, cvae, data, evaluate, export, flows, gmm, gmvae, m1, m2, sample, study, vae
 from .commands.common import (ArgumentParser, add_train_args, config_argv, default_out, format_config,  # noqa: F401
@@ -210,8 +211,6 @@ def main(argv=None):
     if getattr(args, "print_config", None):
         print(format_config(_leaf_parser(build_parser(), args), args, args.print_config))
         return 0
-    from .io import CheckpointError
-
     wing = accel.state()   # a command's --accel ends with it, as its --backend / --dtype do
     try:
         with backend.use(), quiet_numpy():  # a command's --backend / --dtype end with it (called from Python)
@@ -229,8 +228,9 @@ def main(argv=None):
             comm.part()
             os._exit(130)
         return 130
-    except (ValueError, TypeError, KeyError, backend.BackendError, CheckpointError, FloatingPointError,
-            OSError, MemoryError) as e:
+    except (ValueError, backend.BackendError, FloatingPointError, OSError, MemoryError) as e:
+        # user errors (bad options, files, checkpoints: ValueError and its kin CheckpointError, DataError...);
+        # a KeyError / TypeError / AttributeError is a bug in npdgm and keeps its traceback
         if os.environ.get("NPDGM_DEBUG"):
             raise
         if getattr(e, "rank0_reports", False) and distributed.world().rank != 0:

@@ -39,6 +39,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ._filelock import wait_lock
+from .backend import array_module, check_finite
+from ._version import __version__
 
 BUNDLED = os.path.join(os.path.dirname(__file__), "bundled", "mnist_subset.npz")
 FILES = {
@@ -281,8 +283,6 @@ load_mnist_uint8 = load_uint8
 
 def check_unit_interval(name, x):
     """ValueError unless every value of ``x`` is finite and in [0, 1]."""
-    from .backend import array_module, check_finite
-
     check_finite(name, x)
     xp = array_module(x)
     lo, hi = float(xp.min(x)), float(xp.max(x))
@@ -305,8 +305,6 @@ def dequantize(x, rng, levels=256):
     and u ~ U(0, 1), clipped below 1 against float rounding. A density on y then bounds the discrete
     likelihood: log P(k) >= log p(y) - D log 256."""
     check_unit_interval("x", x)
-    from .backend import array_module
-
     xp = array_module(x)
     u = xp.asarray(rng.random(x.shape, dtype=np.float32), dtype=x.dtype)
     y = (xp.rint(x * (levels - 1)) + u) / levels
@@ -422,8 +420,6 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
     without one is cut one byte past the end (and the ``part`` removed)."""
     import urllib.error
     import urllib.request
-
-    from . import __version__
 
     for _ in range(attempts):
         have = os.path.getsize(part) if os.path.exists(part) else 0

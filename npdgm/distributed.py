@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from .backend import to_host
+
 #: seconds a collective may wait for the other ranks before the job is aborted (env NPDGM_DIST_TIMEOUT)
 DEFAULT_TIMEOUT = 120.0
 #: elements per chunk of the shared-memory reduction: N input chunks and the sum stay in L2 (256 KB in float32)
@@ -79,8 +81,6 @@ def timeout_from_env(environ=None):
 
 def checksum(buf):
     """sha256 (hex, 16 digits) of the bytes of a (host or device) array."""
-    from .backend import to_host
-
     return hashlib.sha256(np.ascontiguousarray(to_host(buf)).tobytes()).hexdigest()[:16]
 
 

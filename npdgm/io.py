@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._version import __version__
 from .backend import DTYPES
 from .runfiles import note_written
 from .validate import check_int
@@ -347,8 +348,6 @@ def model_arrays(model):
 
 def save_model(model, path, extra_arrays=None, extra_meta=None):
     """Save a model (and optionally trainer state) to ``path`` atomically."""
-    from . import __version__
-
     arrays, meta = model_arrays(model)
     arrays.update(extra_arrays or {})
     save_arrays(path, arrays, {"version": __version__, **meta, **(extra_meta or {})})
@@ -442,8 +441,6 @@ def load_safetensors(path):
 def model_to_safetensors(model, path):
     """Write a model's parameters by name (``encoder.0.W``, ...) with its manifest (kind, config, layout,
     dtype, version) as the JSON string ``__metadata__["npdgm"]``."""
-    from . import __version__
-
     arrays, meta = model_arrays(model)
     save_safetensors(path, {k[len("param/"):]: v for k, v in arrays.items()},
                      {"npdgm": json.dumps({"format": FORMAT, "version": __version__, **meta}, default=_json_scalar)})

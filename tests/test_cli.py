@@ -245,3 +245,24 @@ def test_toml_config_without_tomllib_says_to_use_json(tmp_path, capsys, monkeypa
     assert "TOML needs Python >= 3.11" in capsys.readouterr().err
     assert cli.main(["train", "vae", "--config", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bug", [KeyError("scale"), TypeError("unsupported operand"), AttributeError("shape")])
+def test_an_internal_bug_keeps_its_traceback(monkeypatch, capsys, bug):
+    """A KeyError / TypeError raised inside a command is a bug in npdgm, not bad input: cli.main lets it
+    through (a traceback, exit 1) instead of printing it as a one-line ``npdgm: error`` with exit 2."""
+    def broken(*a, **k):
+        raise bug
+    monkeypatch.setattr(cli, "package_versions", broken)
+    with pytest.raises(type(bug)):
+        cli.main(["info"])
+    assert "npdgm: error" not in capsys.readouterr().err
+
+
+def test_a_user_error_stays_one_line(tmp_path, capsys):
+    """Bad input (here a checkpoint that is not one) is still one line and exit 2."""
+    bad = tmp_path / "checkpoint.npz"
+    bad.write_bytes(b"not a zip")
+    assert cli.main(["sample", str(bad), "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("npdgm: error:") and str(bad) in err and "\n" not in err, err

@@ -404,7 +404,7 @@ def test_cli_steps_sets_epochs(tmp_path):
 
 
 def test_cli_nice_and_realnvp_mnist(tmp_path, capsys):
-    assert _cli("train", "nice", "--train-limit", 128, "--test-limit", 64, "--hidden", 16, "--n-hidden", 1,
+    assert _cli("train", "nice", "--train-limit", 128, "--test-limit", 64, "--hidden", 16,
                 "--epochs", 1, "--out", tmp_path / "n", "--no-progress") == 0
     s = json.load(open(tmp_path / "n" / "summary.json"))
     assert s["test_bpd"] == pytest.approx(F.bits_per_dim(s["test_nll"], 784))

@@ -3,9 +3,9 @@ the package import graph is built, and a cycle fails the test, naming it.
 
 Edges: ``from .x import name`` goes to the submodule ``x.name`` when there is one, else to ``x``;
 ``importlib.import_module(f".commands.{name}", ...)`` goes to every module under that prefix (this is
-how cli.py loads the commands). ``from . import __version__`` reads the constant that npdgm/__init__.py
-sets on its first line, before it imports anything; it is an edge to that constant, not to the package
-facade (which imports every layer). Run this file as a script to print the graph.
+how cli.py loads the commands). The version lives in npdgm/_version.py: ``from . import __version__`` in a
+module that the package facade imports is an edge back up to the facade, a cycle. Run this file as a script to
+print the graph.
 """
 import ast
 import os
@@ -14,7 +14,6 @@ import sys
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "npdgm")
-VERSION = "npdgm.__version__"
 
 
 def _modules():
@@ -68,18 +67,15 @@ def import_graph():
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, path, node.level, node.module or "")
                 for a in node.names:
-                    if base == "npdgm" and a.name == "__version__":
-                        targets.append(VERSION)
-                    else:
-                        targets.append(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base)
+                    targets.append(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base)
             elif isinstance(node, ast.Call):
                 prefix = _dynamic_prefix(node, module, path)
                 if prefix and prefix.startswith("npdgm"):
                     targets = [m for m in mods if m.startswith(prefix) and m != prefix.rstrip(".")]
             for t in targets:
-                while t not in mods and t != VERSION and "." in t:  # import npdgm.x.y.name -> npdgm.x.y
+                while t not in mods and "." in t:  # import npdgm.x.y.name -> npdgm.x.y
                     t = t.rpartition(".")[0]
-                if (t in mods or t == VERSION) and t != module:
+                if t in mods and t != module:
                     graph[module].add(t)
     return graph
 
@@ -136,6 +132,7 @@ def test_the_graph_sees_relative_function_level_and_dynamic_imports():
     assert "npdgm.models.registry" in g["npdgm.models.vae"]             # from .registry import
     assert {"npdgm.commands.vae", "npdgm.commands.flows"} <= g["npdgm.cli"]  # importlib.import_module(f"...")
     assert "npdgm.kernels.table" in g["npdgm.checks"]
+    assert "npdgm._version" in g["npdgm.io"] and "npdgm" not in g["npdgm.io"]  # the version, not the facade
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
@@ -148,6 +145,29 @@ def test_io_and_kernels_import_no_model():
     g = import_graph()
     for low in ("npdgm.io", "npdgm.backend", *(m for m in g if m.startswith("npdgm.kernels"))):
         assert not any(t.startswith(("npdgm.models", "npdgm.commands", "npdgm.cli")) for t in g[low]), (low, g[low])
+
+
+def test_command_families_import_no_private_name_of_each_other():
+    """A command module takes what another family also needs from commands/common.py or a public name:
+    no ``from .vae import _load_data`` (or ``vae._load_data``) between the modules of npdgm/commands/."""
+    folder = os.path.join(ROOT, "commands")
+    families = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
+    bad = []
+    for fam in sorted(families):
+        with open(os.path.join(folder, fam + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module in families:
+                    bad += [f"{fam}: from .{node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+                elif node.module is None:
+                    aliases.update({a.asname or a.name: a.name for a in node.names if a.name in families})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{fam}: {aliases[node.value.id]}.{node.attr}")
+    assert not bad, bad
 
 
 REFERENCE_WING = ("npdgm.backend", "npdgm.kernels", "npdgm.nn", "npdgm.models", "npdgm.optim", "npdgm.train",

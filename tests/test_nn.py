@@ -183,3 +183,61 @@ def test_conditional_mlp_lives_in_nn_and_matches_the_concatenated_mlp(f64, rng):
     np.testing.assert_allclose(dx, dxe[:, :3], rtol=1e-12)
     for k in full.grads:
         np.testing.assert_allclose(cm.grads[k], full.grads[k], rtol=1e-12, atol=1e-15)
+
+
+def _input_vjp_cases(rng):
+    """(name, module, forward) with forward(module) -> output, for every module kind with an input_vjp."""
+    from npdgm.models.autoregressive import MADE, MaskedLinear, made_masks
+    from npdgm.nn import ConditionalMLP
+    from npdgm.nn.conv import conv_decoder, conv_encoder
+
+    x, e = rng.standard_normal((4, 6)), np.eye(3)[[0, 2, 1, 1]]
+    img = rng.standard_normal((4, 16))
+    return [("Linear", Linear(6, 5, rng=0), lambda m: m.forward(x)),
+            ("MLP", MLP(6, [7, 5], 4, activation="tanh", rng=1), lambda m: m.forward(x)),
+            ("ConditionalMLP", ConditionalMLP(6, 3, [5], 4, rng=2), lambda m: m.forward(x, e)),
+            ("ConditionalMLP.forward_all", ConditionalMLP(6, 3, [5], 4, rng=2), lambda m: m.forward_all(x)),
+            ("MaskedLinear", MaskedLinear(made_masks(6, [8], 2)[0], rng=3), lambda m: m.forward(x)),
+            ("MADE", MADE(6, [8, 8], seed=4), lambda m: m.forward(x)),
+            ("conv_decoder", conv_decoder(6, [2, 3], (1, 4, 4), rng=5), lambda m: m.forward(x)),
+            ("conv_encoder", conv_encoder((1, 4, 4), [2, 3], 5, rng=6), lambda m: m.forward(img))]
+
+
+def test_input_vjp_is_the_backward_dx_without_parameter_gradients(f64, rng):
+    """One input-VJP on nn (Module.input_vjp): the dx of backward, and no parameter gradient is touched."""
+    for name, m, forward in _input_vjp_cases(rng):
+        y = forward(m)
+        dy = rng.standard_normal(y.shape)
+        m.zero_grad()
+        dx = m.input_vjp(dy)
+        assert not any(np.any(g) for g in m.grads.values()), name
+        forward(m)
+        np.testing.assert_allclose(dx, m.backward(dy), rtol=1e-12, atol=1e-12, err_msg=name)
+        assert any(np.any(g) for g in m.grads.values()), name
+
+
+def test_a_module_with_parameters_and_no_input_vjp_says_so():
+    class Scale(Module):
+        def __init__(self):
+            super().__init__()
+            self.s = Parameter(np.ones(3))
+    with pytest.raises(NotImplementedError, match="Scale has parameters and no input_vjp"):
+        Scale().input_vjp(np.ones((2, 3)))
+    a = Activation("tanh")
+    a.forward(np.zeros((2, 3)))
+    np.testing.assert_array_equal(a.input_vjp(np.ones((2, 3))), np.ones((2, 3)))   # parameter-free: its backward
+
+
+def test_conv_vae_posterior_gradient_matches_central_differences(f64, rng):
+    """log_joint_and_grad_z of a conv VAE (the HMC/AIS target) went through dy @ W.T of every layer with a W,
+    a conv kernel's included, and crashed; the decoder's input_vjp gives d/dz log p(x, z)."""
+    from npdgm.models.vae import VAE
+
+    m = VAE(x_dim=64, z_dim=3, channels=(2, 3), arch="conv", image_shape=(1, 8, 8), seed=0)
+    x, z = (rng.random((2, 64)) < 0.5).astype(np.float64), rng.standard_normal((2, 3))
+    g, h = m.log_joint_and_grad_z(x, z)[1], 1e-6
+    for j in range(3):
+        dz = np.zeros_like(z)
+        dz[:, j] = h
+        fd = (m.log_joint_and_grad_z(x, z + dz)[0] - m.log_joint_and_grad_z(x, z - dz)[0]) / (2 * h)
+        np.testing.assert_allclose(g[:, j], fd, rtol=1e-6, atol=1e-7)

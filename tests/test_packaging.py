@@ -119,3 +119,12 @@ def test_import_npdgm_leaves_openblas_thread_timeout_alone(preset, first, want):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == want
+
+
+def test_the_dynamic_version_is_read_from_its_own_module():
+    """pyproject reads the version from npdgm/_version.py (the module io.py and cli.py import), not the facade."""
+    import npdgm
+    from npdgm import _version
+
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "npdgm._version.__version__"}
+    assert npdgm.__version__ == _version.__version__

@@ -167,3 +167,18 @@ def test_crafted_model_case_is_refused_before_building(tmp_path, capsys, monkeyp
     line = _one_line_error(capsys, ["check-reference", str(tmp_path)])
     assert line.startswith(f"npdgm: error: {p}: case 'vae_bernoulli' cannot run on the stored inputs")
     assert "config hidden[0]=1000000000000 does not fit the stored parameters" in line
+
+
+def test_a_model_case_of_an_unknown_kind_is_one_error_line(tmp_path, capsys):
+    """A reference file naming a model kind this npdgm lacks is bad input (one line), not a KeyError traceback."""
+    export_reference(tmp_path, names=["vae_bernoulli"])
+    p = tmp_path / "vae_bernoulli.npz"
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    desc = json.loads(arrays["input/model"].tobytes().decode())
+    desc["kind"] = "nosuch"
+    arrays["input/model"] = np.frombuffer(json.dumps(desc).encode(), dtype=np.uint8)
+    np.savez(p, **arrays)
+    line = _one_line_error(capsys, ["check-reference", str(tmp_path)])
+    assert line.startswith(f"npdgm: error: {p}: case 'vae_bernoulli' cannot run on the stored inputs")
+    assert "model kind 'nosuch'" in line

@@ -18,7 +18,6 @@ from .. import backend
 from . import common
 from .common import add_train_args, positive_int, setup_backend
 from .cvae import add_data_args
-from .vae import _load_data
 
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "activation", "denoise", "init")
@@ -102,8 +101,8 @@ def cmd_train(args):
         return 0
     model, run, out = r
     seed = run["seed"]
-    x_tr, _ = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
-    x_te, _ = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_tr, _ = common.load_image_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
+    x_te, _ = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     train_x, test_x = model.check_x(x_tr, "training images"), model.check_x(x_te, "test images")
     opt, rng, start = common.start_training(model, run, out, args.resume)
     kind = f"denoising autoencoder (P={model.denoise:g})" if model.denoise else "autoencoder"

@@ -19,8 +19,14 @@ import os
 import re
 import shutil
 
+import numpy as np
+
 from .. import accel, backend, runfiles, tensorboard
 from .._filelock import try_lock
+from ..data import binarize as binarize_images
+from ..data import load_mnist
+from ..io import load_arrays
+from ..models.registry import model_from_arrays
 
 # -- option types: argparse calls them on what the user typed; the message names the option ----------
 
@@ -508,6 +514,26 @@ def interrupt_note():
         return (f"training finished (the checkpoint in {out} holds epoch {done}) but its summary was not written; "
                 f"--resume {out} writes it")
     return f"the checkpoint in {out} holds epoch {done}; continue with --resume {out}"
+
+
+def load_image_data(data, split, limit, binarize, seed):
+    """(x, y) of the ``split`` ("train" | "test") of the image data set ``data`` (a name or directory), its
+    first ``limit`` rows; ``binarize`` "static": x > 0.5; "dynamic": the test set drawn once from Bernoulli(x)
+    with ``seed`` (the training batches are drawn per step by the train loop); "none": grey levels."""
+    x, y = load_mnist(split, data, limit=limit)
+    if binarize == "static":
+        x = binarize_images(x)
+    elif binarize == "dynamic" and split == "test":
+        x = binarize_images(x, np.random.default_rng([seed, 7]))  # test set drawn once, fixed
+    return x, y
+
+
+def load_vae(path):
+    """(model, meta) of the VAE checkpoint or run directory ``path``; ValueError naming it for another kind."""
+    arrays, meta = load_arrays(path)
+    if meta.get("kind") != "vae":
+        raise ValueError(f"{path} holds a {meta.get('kind')!r} model; this command handles vae runs")
+    return model_from_arrays(arrays, meta, os.fspath(path)), meta
 
 
 def run_args(meta):

@@ -18,7 +18,7 @@ import numpy as np
 from .. import backend
 from . import common
 from .common import add_train_args, positive_float, positive_int, setup_backend
-from .vae import _load_data, add_vae_model_args, check_sigma
+from .vae import add_vae_model_args, check_sigma
 
 DEFAULT_EPOCHS = 10
 DEFAULT_LABEL_SCALE = 10.0  # ~2 sqrt(z_dim 20): the label path learns faster than z's (npdgm.models.cvae docstring)
@@ -114,8 +114,8 @@ def cmd_train(args):
         return 0
     model, run, out = r
     seed = run["seed"]
-    x_tr, y_tr = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
-    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_tr, y_tr = common.load_image_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
+    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     train_x = model.check_x(x_tr, "training images")
     test_x = model.check_x(x_te, "test images")
     y_tr = model.check_y(y_tr, len(x_tr), "training labels")

@@ -102,12 +102,11 @@ def _setting(method, args):
 
 
 def _load(args):
-    from .vae import _load_data, _load_vae
 
-    model, meta = _load_vae(args.rundir)
+    model, meta = common.load_vae(args.rundir)
     run = common.run_args(meta)
     data = args.data or run.get("data")
-    x, _ = _load_data(data, "test", args.n_images, run.get("binarize", "none"), run.get("seed", 0))
+    x, _ = common.load_image_data(data, "test", args.n_images, run.get("binarize", "none"), run.get("seed", 0))
     if len(x) < args.n_images and common.is_root():
         print(f"note: the test set holds {len(x)} images; --n-images {args.n_images} lowered to {len(x)}")
     return model, x
@@ -216,7 +215,6 @@ def _classify(args):
     """--method classify: the test error of a cvae (Bayes rule, IWAE log p(x|y)) or m2 run (q(y|x))."""
     from ..io import load_arrays
     from ..models.registry import model_from_arrays
-    from .vae import _load_data
 
     if args.method != ["classify"]:
         raise ValueError("--method classify is for cvae and m2 runs: give it alone")
@@ -226,7 +224,7 @@ def _classify(args):
         raise ValueError(f"{args.rundir} holds a {kind!r} model; --method classify needs a cvae or m2 run")
     run = common.run_args(meta)
     model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
-    x, y = _load_data(args.data or run.get("data"), "test", args.n_images, run.get("binarize", "none"),
+    x, y = common.load_image_data(args.data or run.get("data"), "test", args.n_images, run.get("binarize", "none"),
                       run.get("seed", 0))
     t0 = time.perf_counter()
     if kind == "m2" and run.get("features"):                 # M1+M2: the codes of the stored M1 VAE

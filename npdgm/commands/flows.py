@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import backend
 from . import common
-from .common import add_train_args, default_out, nonneg_int, positive_float, positive_int, setup_backend
+from .common import add_train_args, default_out, positive_float, positive_int, setup_backend
 
 from ..data import TOYS
 
@@ -77,8 +77,6 @@ def _register_nice(train_commands):
     g.add_argument("--couplings", type=positive_int, default=4, help="additive coupling layers (default 4)")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=None, metavar="H",
                    help="hidden sizes of each coupling MLP, one width repeated (default 1000 1000 1000 1000 1000)")
-    g.add_argument("--n-hidden", type=nonneg_int, default=None,
-                   help="deprecated: --hidden H --n-hidden N is --hidden H repeated N times (default: not used)")
     g.add_argument("--prior", choices=["logistic", "gaussian"], default="logistic", help="default logistic")
     g.add_argument("--logit", action="store_true", help="logit-transform the pixels first (off in the paper)")
     _data_args(p, image=True, toy=False)
@@ -189,13 +187,8 @@ def _is_image(run):
 
 
 def _nice_hidden(args):
-    """nice's --hidden list (from the deprecated --n-hidden too), checked to be one width repeated."""
+    """nice's --hidden list, checked to be one width repeated."""
     hidden = args.hidden or NICE_HIDDEN
-    if args.n_hidden is not None:
-        if args.hidden is not None and len(args.hidden) != 1:
-            raise ValueError(f"--n-hidden (deprecated) repeats one --hidden width; got --hidden "
-                             f"{' '.join(map(str, args.hidden))}: give the list alone")
-        hidden = [hidden[0]] * args.n_hidden
     if len(set(hidden)) > 1:
         raise ValueError(f"--hidden {' '.join(map(str, hidden))}: nice's coupling MLPs use one width for every "
                          f"hidden layer (e.g. --hidden 500 500 500)")

@@ -19,7 +19,7 @@ from .. import backend
 from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_int, setup_backend
 from .cvae import add_data_args
-from .vae import _load_data, evaluate_nelbo
+from .vae import evaluate_nelbo
 
 DEFAULT_EPOCHS = 10
 MODEL_KEYS = ("z_dim", "hidden", "components", "activation", "weights", "prior_scale", "n_samples", "beta", "init")
@@ -79,8 +79,8 @@ def cmd_train(args):
         return 0
     model, run, out = r
     seed = run["seed"]
-    x_tr, _ = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
-    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_tr, _ = common.load_image_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
+    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     train_x, test_x = model.check_x(x_tr, "training images"), model.check_x(x_te, "test images")
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"gmvae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "

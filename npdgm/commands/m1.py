@@ -42,7 +42,7 @@ _NOT_VAE_ONLY = {"data", "seed", "out", "overwrite", "resume", "backend", "no_pr
 
 
 def register(commands, train_commands):
-    from .vae import _add_model_args
+    from .vae import add_vae_options
 
     p = train_commands.add_parser(
         "m1", help="M1: a VAE's latent means as features for a classifier trained on a few labels",
@@ -66,7 +66,7 @@ def register(commands, train_commands):
                         "training images above S (the active units; Kingma et al.'s code: 0.1) as the features, "
                         "here and for M1+M2 (npdgm train m2 --features m1:OUT); 0 keeps every unit (default 0.1)")
     before = {a.dest for a in p._actions}
-    _add_model_args(p)
+    add_vae_options(p)
     common.add_train_args(p, epochs=10, batch_size=128, lr=1e-3)
     _VAE_ONLY.update({a.dest for a in p._actions} - before - _NOT_VAE_ONLY)
     for a in p._actions:   # the paper's VAE for M1 (600-600 softplus, 50 latent, binarized MNIST)
@@ -176,7 +176,6 @@ def load_m1_vae(run, expect_sha256=None, prune=True):
     False. ValueError when its checkpoint is missing, differs from the checksum recorded in m1.json, or from
     ``expect_sha256`` (the one an M1+M2 run stored when it started): the codes M2 learned on would not be these."""
     from ..models.m1 import prune_latents
-    from .vae import _load_vae
 
     path, sha, keep = resolve_m1(run)
     if not os.path.isfile(path):
@@ -189,7 +188,7 @@ def load_m1_vae(run, expect_sha256=None, prune=True):
         raise ValueError(f"M1 run {run}: its VAE checkpoint {path} is not the one this run was trained on (sha256 "
                          f"{now[:12]}.. != {expect_sha256[:12]}..); the features would differ: restore it, or "
                          f"start a new run")
-    model, meta = _load_vae(path)
+    model, meta = common.load_vae(path)
     if prune and keep is not None and len(keep) < model.z_dim:
         model = prune_latents(model, keep)
     return model, meta, path, now
@@ -206,9 +205,8 @@ def load_images(data, split, limit, binarize, seed):
     """Images for M1 features: as the VAE run saw them, ``dynamic`` binarization as one fixed draw per image
     (the test set's is the one every command uses; the training set's is seeded [seed, 8])."""
     from ..data import binarize as _binarize
-    from .vae import _load_data
 
-    x, y = _load_data(data, split, limit, binarize, seed)
+    x, y = common.load_image_data(data, split, limit, binarize, seed)
     if binarize == "dynamic" and split == "train":
         x = _binarize(x, np.random.default_rng([seed, 8]))
     return x, y

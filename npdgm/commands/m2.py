@@ -54,7 +54,6 @@ from .. import backend
 from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 from .cvae import add_data_args, conditional_figures
-from .vae import _load_data
 from .m1 import balanced_labels  # noqa: F401  (npdgm.commands.m2.balanced_labels: the labelled subset of m1 and m2)
 from .m1 import chosen_epoch, validation_size, validation_split
 
@@ -193,7 +192,7 @@ def _build(args, loaded):
     """build(run) for :func:`common.resume_or_new`: a new M2 (alpha and the labelled weight follow from
     N, --labels, --alpha and --label-boost); the training set it loads is kept in ``loaded``."""
     def build(run):
-        x_tr, y_tr = loaded["train"] = _load_data(args.data, "train", args.train_limit, "none", args.seed)
+        x_tr, y_tr = loaded["train"] = common.load_image_data(args.data, "train", args.train_limit, "none", args.seed)
         run["val"] = validation_size(len(y_tr), args.val)
         tr, _ = validation_split(len(y_tr), run["val"], args.seed)
         balanced_labels(y_tr[tr], args.labels, 10, args.seed)        # the errors before any work
@@ -255,7 +254,7 @@ def _images(run, loaded):
     from ..data import binarize
 
     seed = run["seed"]
-    x_all, y_all = loaded.get("train") or _load_data(run["data"], "train", run["train_limit"], "none", seed)
+    x_all, y_all = loaded.get("train") or common.load_image_data(run["data"], "train", run["train_limit"], "none", seed)
     tr, va = validation_split(len(y_all), run.get("val", 0), seed)
     x_tr, y_tr, x_va, y_va = x_all[tr], y_all[tr], x_all[va], y_all[va]
     lab = balanced_labels(y_tr, run["labels"], 10, seed)
@@ -263,7 +262,7 @@ def _images(run, loaded):
         x_tr, x_va = binarize(x_tr), binarize(x_va)
     elif run["binarize"] == "dynamic":
         x_va = binarize(x_va, np.random.default_rng([seed, 8]))  # drawn once, as the test set
-    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     return x_tr, y_tr, lab, x_te, y_te, x_va, y_va
 
 

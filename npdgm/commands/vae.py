@@ -69,7 +69,9 @@ def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)
     return g
 
 
-def _add_model_args(p):
+def add_vae_options(p):
+    """Every ``npdgm train vae`` option but the training loop's: model, data and evaluation (``train m1`` takes
+    them for the VAE it trains)."""
     g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures, 3 the 3-D scatter)")
     g.add_argument("--objective", choices=["elbo", "iwae"], default="elbo",
                    help="training loss: elbo (-ELBO, --n-samples, --beta) or iwae (the k-sample importance-"
@@ -121,7 +123,7 @@ def register(commands, train_commands):
         "vae", help="variational autoencoder on MNIST",
         description="Train a VAE (Gaussian encoder, Bernoulli or Gaussian decoder) on MNIST with hand-written "
                     "gradients. Loss = -ELBO in nats per image (summed over pixels, averaged over the batch).")
-    _add_model_args(p)
+    add_vae_options(p)
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)  # None: DEFAULT_EPOCHS, or the stored value on --resume
 
@@ -188,18 +190,6 @@ def _imputation_line(m):
     return (f"imputation of rows {m['impute_rows'][0]}..{m['impute_rows'][1] - 1} on {m['impute_n']} test images, "
             f"MSE per missing pixel:  VAE {m['impute_steps']} steps {m['impute_mse_vae']:.4f}{cm}  "
             f"mean image {m['impute_mse_mean_image']:.4f}  zero fill {m['impute_mse_zero_fill']:.4f}")
-
-
-def _load_data(data, split, limit, binarize, seed):
-    from ..data import binarize as _binarize
-    from ..data import load_mnist
-
-    x, y = load_mnist(split, data, limit=limit)
-    if binarize == "static":
-        x = _binarize(x)
-    elif binarize == "dynamic" and split == "test":
-        x = _binarize(x, np.random.default_rng([seed, 7]))  # test set drawn once, fixed
-    return x, y
 
 
 def evaluate_nelbo(model, x, seed, batch=1000, comm=None):
@@ -300,8 +290,8 @@ def cmd_train(args):
     check_eval_sizes(run)
     row_mask(1, run["impute_rows"])
     seed = run["seed"]
-    x_tr, _ = _load_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
-    x_te, y_te = _load_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_tr, _ = common.load_image_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
+    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
     train_x = model.check_x(x_tr, "training images")   # validated once, before any training
     test_x = model.check_x(x_te, "test images")
     opt, rng, start = common.start_training(model, run, out, args.resume)
@@ -396,16 +386,6 @@ def _pairs(labels, n=5):
 
 
 # -- npdgm impute --------------------------------------------------------------------------------
-def _load_vae(path):
-    from ..io import load_arrays
-    from ..models.registry import model_from_arrays
-
-    arrays, meta = load_arrays(path)
-    if meta.get("kind") != "vae":
-        raise ValueError(f"{path} holds a {meta.get('kind')!r} model; this command handles vae runs")
-    return model_from_arrays(arrays, meta, os.fspath(path)), meta
-
-
 def _rundir(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
@@ -415,12 +395,12 @@ def cmd_impute(args):
     if args.out:
         common.check_out_file(args.out, "--out")
     row_mask(1, args.rows)
-    model, meta = _load_vae(args.rundir)
+    model, meta = common.load_vae(args.rundir)
     run = common.run_args(meta)
     data = args.data or run.get("data")
     binz, seed = run.get("binarize", "none"), run.get("seed", 0)
-    x_tr, _ = _load_data(data, "train", run.get("train_limit"), binz, seed)
-    x_te, _ = _load_data(data, "test", None, binz, seed)
+    x_tr, _ = common.load_image_data(data, "train", run.get("train_limit"), binz, seed)
+    x_te, _ = common.load_image_data(data, "test", None, binz, seed)
     x = x_te[:args.n]
     m, masked, imputed, cond = imputation_errors(model, x, x_tr.mean(axis=0), args.rows, args.steps, args.k, seed)
     print(_imputation_line(m))

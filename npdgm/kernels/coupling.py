@@ -17,6 +17,7 @@ import math
 
 from ..backend import array_module
 from ._check import check_same_shape
+from .activations import sigmoid_forward, softplus_forward
 from .dispatch import twinnable
 
 LOG_2PI = math.log(2 * math.pi)
@@ -169,8 +170,6 @@ def logit_backward(dy, dlogdet, x, alpha=0.05):
 def logit_inverse(y, alpha=0.05):
     """x = (sigmoid(y) - alpha) / (1 - 2 alpha);  logdet_inv = sum_d [log p + log(1 - p) - log(1 - 2 alpha)],
     p = sigmoid(y)."""
-    from .activations import sigmoid_forward, softplus_forward
-
     p = sigmoid_forward(y)
     # log p + log(1 - p) = -softplus(-y) - softplus(y), stable for large |y|
     ld = (-softplus_forward(-y) - softplus_forward(y) - math.log(1 - 2 * alpha)).sum(axis=1)
@@ -179,8 +178,6 @@ def logit_inverse(y, alpha=0.05):
 
 def logit_inverse_backward(dx, dlogdet_inv, y, alpha=0.05):
     """dy = dx * p (1 - p) / (1 - 2a) + dlogdet_inv[:, None] * (1 - 2 p),  p = sigmoid(y)."""
-    from .activations import sigmoid_forward
-
     check_same_shape("dx", dx, "y", y)
     p = sigmoid_forward(y)
     dy = dx * (p * (1 - p) / (1 - 2 * alpha))

@@ -105,12 +105,6 @@ class MADE(Sequential):
                 mods.append(Activation(activation))
         super().__init__(*mods)
 
-    def input_vjp(self, dy):
-        """J^T dy of the cached forward: (B, blocks D) -> (B, D); no parameter gradients."""
-        for m in reversed(self.layers):
-            dy = m.input_vjp(dy) if isinstance(m, MaskedLinear) else m.backward(dy)
-        return dy
-
 
 class _Autoregressive(FlowLayer):
     """The shared MAF/IAF map F: z = (x - mu(x)) exp(-alpha(x)) (one pass) and its D-pass inverse."""

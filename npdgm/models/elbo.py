@@ -191,27 +191,45 @@ def elbo_backward(model, d_rec, d_kl, cache):
     """Backward of  L = sum_n d_rec_n (-log p(x_n|z_n)) + sum_b d_kl_b KL(q(z|x_b) || N(0, I))  through
     decoder, reparameterization, KL and encoder (see the module docstring); accumulates into the
     model's gradients. cache = (xt, mu, logvar, eps, out) of the forward (+ z_K with an IAF posterior);
-    d_rec (N,) with N = the decoder rows (K B), d_kl (B,) or None (beta = 0: no KL term); with free bits
-    d_kl is the 0-d weight of sum_j max(L, mean_b KL_bj), with an IAF posterior (N,) on the Monte Carlo KL rows."""
+    d_rec (N,) with N = the decoder rows (K B), d_kl (B,) or None (beta = 0: no KL term).
+    Two options change the KL's backward only: free bits (:func:`_kl_backward`, d_kl the 0-d weight of
+    sum_j max(L, mean_b KL_bj)) and an IAF posterior (:func:`_iaf_backward`, d_kl (N,) on the Monte Carlo
+    KL rows)."""
     xt, mu, logvar, eps, out = cache[:5]
-    dz = model.decoder.backward(rec_backward(model, d_rec, out, xt)).reshape(eps.shape)
-    if getattr(model, "flow", None) is not None:
-        if d_kl is not None:
-            d_kl = d_kl.reshape(eps.shape[:2])
-            dz += d_kl[:, :, None] * cache[5]
-        dz = _flow_back(model, dz, model.xp.zeros(eps.shape[:2], dz.dtype) if d_kl is None else -d_kl, eps)
+    dz = model.decoder.backward(rec_backward(model, d_rec, out, xt)).reshape(eps.shape)     # (K, B, Z)
+    if getattr(model, "flow", None) is None:
         dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
         if d_kl is not None:
-            dlogvar -= 0.5 * d_kl.sum(axis=0)[:, None]
-    else:
-        dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
-        if d_kl is not None:
-            fb = getattr(model, "free_bits", 0.0)
-            dmu_kl, dlv_kl = (kl_free_bits_backward(d_kl, mu, logvar, fb) if fb else
-                              kl_std_normal_backward(d_kl, mu, logvar))
+            dmu_kl, dlogvar_kl = _kl_backward(model, d_kl, mu, logvar)
             dmu += dmu_kl
-            dlogvar += dlv_kl
+            dlogvar += dlogvar_kl
+    else:
+        dmu, dlogvar = _iaf_backward(model, dz, d_kl, cache)
     model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+
+
+def _kl_backward(model, d_kl, mu, logvar):
+    """(dmu, dlogvar) of the closed-form KL term: d_kl (B,) (e^logvar - 1) / 2 and d_kl mu; with free bits
+    (``model.free_bits`` = L > 0) of sum_j max(L, mean_b KL_bj), d_kl 0-d, no gradient for a dimension under L."""
+    free_bits = getattr(model, "free_bits", 0.0)
+    if free_bits:
+        return kl_free_bits_backward(d_kl, mu, logvar, free_bits)
+    return kl_std_normal_backward(d_kl, mu, logvar)
+
+
+def _iaf_backward(model, dz, d_kl, cache):
+    """(dmu, dlogvar) with an IAF posterior, from dz = dL/dz_K (K, B, Z) and d_kl (N,) or None on the Monte
+    Carlo KL_n = 0.5 sum_j (z_K^2 - eps^2 - logvar) - LD_n (eps held fixed): dz_K += d_kl z_K, back through
+    the steps with dLD = -d_kl, the reparameterization backward, then dlogvar -= 0.5 sum_k d_kl."""
+    logvar, eps, z_K = cache[2], cache[3], cache[5]
+    if d_kl is None:
+        dz = _flow_back(model, dz, model.xp.zeros(eps.shape[:2], dz.dtype), eps)
+        return reparameterize_backward(dz, logvar, eps)
+    d_kl = d_kl.reshape(eps.shape[:2])
+    dz = _flow_back(model, dz + d_kl[:, :, None] * z_K, -d_kl, eps)
+    dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
+    dlogvar -= 0.5 * d_kl.sum(axis=0)[:, None]
+    return dmu, dlogvar
 
 
 # -- IWAE ----------------------------------------------------------------------------------------------

@@ -151,15 +151,6 @@ def _check_fill(model, fill, x_shape):
     return fill
 
 
-def input_backward(mlp, dy):
-    """d out / d input of an MLP applied to dy (the vector-Jacobian product J^T dy): the ``dx = dy @ W.T``
-    line of every Linear backward and the activation backwards, in reverse order; the parameter
-    gradients (dW, db) are neither computed nor accumulated. Uses the caches of the last ``forward``."""
-    for layer in reversed(mlp.layers):
-        dy = dy @ layer.W.data.T if hasattr(layer, "W") else layer.backward(dy)
-    return dy
-
-
 @register_model
 class VAE(ELBOMixin, Model):
     """Variational autoencoder with a Gaussian encoder and a Bernoulli or Gaussian decoder.
@@ -418,7 +409,7 @@ class VAE(ELBOMixin, Model):
             dnll/dout = sigmoid(out) - x                         Bernoulli
                       = (out - x) exp(-logvar_x)                 Gaussian (fixed or learned logvar_x)
 
-        J_f^T is the decoder's backward to its input (:func:`input_backward`: the dx lines of the layer
+        J_f^T is the decoder's backward to its input (``decoder.input_vjp``: the dx lines of the layer
         backwards, no parameter gradient is touched). x (B, x_dim); z (B, z_dim) or (C, B, z_dim) (C chains
         per image). Returns (logp of shape z.shape[:-1], float64; dlogp/dz of z's shape, model dtype);
         the normalizing constants are included (log p(x, z) is a density, not up to a constant).
@@ -448,7 +439,7 @@ class VAE(ELBOMixin, Model):
         logp = gaussian_logprob_forward(zz).astype(np.float64) - nll.astype(np.float64)
         if observed is not None:
             dout = xp.where(keep_out, dout, 0)
-        grad = gaussian_logprob_backward(ones, zz) - input_backward(self.decoder, dout)
+        grad = gaussian_logprob_backward(ones, zz) - self.decoder.input_vjp(dout)
         return logp.reshape(z.shape[:-1]), grad.reshape(z.shape)
 
     def log_likelihood(self, x, k=1000, rng=None, chunk=1 << 15):

@@ -84,3 +84,13 @@ class ConditionalMLP(MLP):
         lin.W.accumulate(dW, slice(None, D))
         lin.b.accumulate(db)
         return dx
+
+    def input_vjp(self, dy):
+        """dx of :meth:`backward` alone: the rest's input_vjp, then dx = dA W[:D]^T (forward_all: dA summed
+        over the classes first); no parameter gradient."""
+        for m in self.layers[:0:-1]:
+            dy = m.input_vjp(dy)
+        x, e = self._c
+        if e is None:
+            dy = dy.reshape(self.num_classes, x.shape[0], -1).sum(axis=0)
+        return dy @ self.layers[0].W.data[:self.d_in].T

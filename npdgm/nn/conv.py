@@ -62,6 +62,10 @@ class Conv2d(_Conv):
         self.b.grad += db
         return dx
 
+    def input_vjp(self, dy):
+        """The dx of the backward alone (dW and db are not accumulated)."""
+        return conv2d_backward(dy, self._x, self.W.data, self.stride, self.padding, self.dilation)[0]
+
 
 class ConvTranspose2d(_Conv):
     """y = conv_transpose2d(x, W, b), W (in, out, kh, kw) as in PyTorch; ``output_padding`` adds rows and
@@ -85,6 +89,10 @@ class ConvTranspose2d(_Conv):
         self.W.grad += dW
         self.b.grad += db
         return dx
+
+    def input_vjp(self, dy):
+        """The dx of the backward alone (dW and db are not accumulated)."""
+        return conv_transpose2d_backward(dy, self._x, self.W.data, self.stride, self.padding, self.dilation)[0]
 
 
 class Reshape(Module):

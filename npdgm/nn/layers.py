@@ -76,6 +76,10 @@ class Linear(Module):
         self.b.grad += db
         return dx
 
+    def input_vjp(self, dy):
+        """dx = dy @ W.T (the dx line of the backward; no parameter gradient)."""
+        return dy @ self.W.data.T
+
 
 class Activation(Module):
     """Elementwise activation by name (relu, leaky_relu, tanh, sigmoid, softplus, elu, identity)."""
@@ -118,6 +122,12 @@ class Sequential(Module):
     def backward(self, dy, need_dx=True):
         for i in range(len(self.layers) - 1, -1, -1):
             dy = self.layers[i].backward(dy, need_dx=need_dx or i > 0)
+        return dy
+
+    def input_vjp(self, dy):
+        """J^T dy through the layers in reverse order, each one's input_vjp (no parameter gradient)."""
+        for m in reversed(self.layers):
+            dy = m.input_vjp(dy)
         return dy
 
 

@@ -1,9 +1,9 @@
 """Parameter and Module: named parameters, a forward cache, a backward that accumulates grads.
 
 A module's ``forward(x)`` stores what its ``backward`` needs; ``backward(dy)`` returns dx
-and adds the parameter gradients into ``p.grad``. After :meth:`Module.flatten` every
-parameter (and every gradient) is a view into one contiguous buffer, ``flat_params`` /
-``flat_grads``: the optimizer updates one array, a checkpoint is one array plus
+and adds the parameter gradients into ``p.grad`` (``input_vjp(dy)``: the same dx alone). After
+:meth:`Module.flatten` every parameter (and every gradient) is a view into one contiguous buffer,
+``flat_params`` / ``flat_grads``: the optimizer updates one array, a checkpoint is one array plus
 :meth:`Module.layout`, and zero_grad is one fill.
 """
 from __future__ import annotations
@@ -146,6 +146,14 @@ class Module:
 
     def backward(self, dy, need_dx=True):
         raise NotImplementedError
+
+    def input_vjp(self, dy):
+        """J^T dy: the gradient with respect to the input of the last ``forward``, with no parameter gradient
+        computed or accumulated (what a sampler needs from a decoder, d/dz log p(x|z), or a MADE its Jacobi
+        steps). A module without parameters gives its backward; a module with parameters overrides this."""
+        if self._params or self._modules:
+            raise NotImplementedError(f"{type(self).__name__} has parameters and no input_vjp of its own")
+        return self.backward(dy)
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)

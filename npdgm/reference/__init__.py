@@ -26,7 +26,8 @@ import zlib
 
 import numpy as np
 
-from .. import __version__, backend
+from .. import backend
+from .._version import __version__
 from ..validate import check_int
 from . import kernels, models  # noqa: F401  (register the kernel and the model cases)
 from .cases import CASES, register  # noqa: F401  (register: for cases added from outside)

@@ -4,6 +4,8 @@ The committed float64 set is ``tests/reference/kernels-f64`` (:data:`KERNEL_CASE
 formula is the entry's forward and backward docstrings.
 """
 from ..kernels.table import TABLE
+from ..nn.module import Parameter
+from ..optim import Adam
 from .cases import register
 
 for _k in TABLE:
@@ -22,9 +24,6 @@ def _adam(rng, dt):
                        "p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps);  "
                        "3 steps, lr=1e-2, betas=(0.9, 0.999)", _adam)
 def _(i):
-    from ..nn.module import Parameter
-    from ..optim import Adam
-
     p = Parameter(i["p"].copy())
     opt = Adam([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
     for g in (i["g1"], i["g2"], i["g3"]):

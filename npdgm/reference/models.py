@@ -21,7 +21,11 @@ import json
 import numpy as np
 
 from .. import backend
+from ..models.cvae import CVAE
+from ..models.flows import build_layer, nice, realnvp2d
+from ..models.m2 import M2
 from ..models.registry import MODELS, check_config_size
+from ..models.vae import VAE
 from .cases import CASES, register
 
 _BEFORE = set(CASES)
@@ -48,12 +52,10 @@ def _build(desc):
         raise ValueError("input/model: layout must be a list of [name, shape, offset]")
     check_config_size(config, d["layout"], "input/model", kind)  # before building: no hidden=[10**12]
     if kind == "flow_layer":
-        from ..models.flows import build_layer
-
         model = build_layer(config).flatten()
     else:
         if kind not in MODELS:
-            raise KeyError(f"reference case needs model kind {kind!r}, which this npdgm does not have")
+            raise ValueError(f"reference case needs model kind {kind!r}, which this npdgm does not have")
         model = MODELS[kind].from_config(config)
     got = [[n, list(s), int(o)] for n, s, o in model.layout()]
     if got != d["layout"]:
@@ -97,8 +99,6 @@ VAE_FORMULA = ("h = encoder(x) (MLP, W (in,out)); mu, logvar = h[:, :Z], h[:, Z:
 
 def _vae_make(cfg, B=4, K=2):
     def make(rng, dt):
-        from ..models.vae import VAE
-
         model, p = _make_model(lambda: VAE(**cfg), dt, rng)
         xd = cfg["x_dim"]
         if cfg.get("likelihood", "bernoulli") == "bernoulli":
@@ -167,14 +167,10 @@ def _flow_run(i):
 
 
 def _nice():
-    from ..models.flows import nice
-
     return nice(dim=4, n_couplings=3, hidden=5, n_hidden=2, prior="logistic", seed=4)
 
 
 def _realnvp2d():
-    from ..models.flows import realnvp2d
-
     return realnvp2d(n_couplings=4, hidden=(6, 6), seed=5)
 
 
@@ -187,8 +183,6 @@ register("realnvp2d", FLOW_FORMULA + ";  RealNVP-2d: affine couplings y_b = x_b 
 # -- single flow layers, forward and inverse ----------------------------------------------------------------
 def _layer_make(spec, direction, B=5):
     def make(rng, dt):
-        from ..models.flows import build_layer
-
         model, p = _make_model(lambda: build_layer(spec).flatten(), dt, rng)
         D = spec["dim"]
         a = rng.uniform(0.05, 0.95, (B, D)) if spec["type"] == "LogitTransform" and direction == "forward" \
@@ -276,8 +270,6 @@ M2_CFG = dict(x_dim=6, num_classes=3, hidden=[5], z_dim=2, classifier_hidden=[4]
 
 
 def _cvae_make(rng, dt):
-    from ..models.cvae import CVAE
-
     model, p = _make_model(lambda: CVAE(**CVAE_CFG), dt, rng)
     B, K = 4, 2
     return {"model": describe("cvae", model.config, model), "params": p,
@@ -292,8 +284,6 @@ def _cvae_run(i):
 
 
 def _m2_make(rng, dt):
-    from ..models.m2 import M2
-
     model, p = _make_model(lambda: M2(**M2_CFG), dt, rng)
     C, Z, D = M2_CFG["num_classes"], M2_CFG["z_dim"], M2_CFG["x_dim"]
     return {"model": describe("m2", model.config, model), "params": p,
