@@ -343,53 +343,58 @@ def nice(dim=784, n_couplings=4, hidden=1000, n_hidden=5, prior="logistic", acti
 
 
 def realnvp2d(n_couplings=8, hidden=(256, 256), scale="tanh", scale_bound=1.0, prior="gaussian",
-              activation="relu", actnorm=False, seed=0, checked="loss"):
+              activation="relu", actnorm=False, seed=0, checked="loss", context_dim=0):
     """RealNVP on R^2: ``n_couplings`` affine couplings, coupling i conditions on coordinate i % 2;
     (raw, t) = MLP 1 -> hidden -> 2, s = clamp(raw) (tanh: s = tanh(raw) for bound 1). Gaussian prior.
-    Same model as ``npdgm.bench.torch_models.RealNVP2d`` (without ``actnorm``)."""
+    Same model as ``npdgm.bench.torch_models.RealNVP2d`` (without ``actnorm``). ``context_dim`` C > 0: p(x | c),
+    every coupling net sees [x_a | c] (MLP 1 + C -> hidden -> 2)."""
     layers = []
     for i in range(n_couplings):
         if actnorm:
             layers.append(ActNorm(2))
-        layers.append(AffineCoupling(2, "half", i % 2, hidden, activation, scale, scale_bound, seed=seed * 1000 + i))
+        layers.append(AffineCoupling(2, "half", i % 2, hidden, activation, scale, scale_bound, seed=seed * 1000 + i,
+                                     context_dim=context_dim))
     return Flow(layers, prior=prior, checked=checked)
 
 
 def realnvp(dim=784, n_couplings=8, hidden=(512, 512), mask="checkerboard", image_shape=(28, 28), scale="tanh",
             scale_bound=2.0, actnorm=True, logit=True, alpha=0.05, prior="gaussian", activation="relu", seed=0,
-            checked="loss", actnorm_eps=1.0):
+            checked="loss", actnorm_eps=1.0, context_dim=0):
     """Affine-coupling flow for flattened images: [LogitTransform] then ``n_couplings`` x
     ([ActNorm] + AffineCoupling with ``mask`` alternating parity). MLP coupling nets (no convolutions).
 
     ``actnorm_eps`` floors the ActNorm init, log_scale = -log(std + eps): per-pixel ActNorm on MNIST sees
     border pixels that are (nearly) constant in the init batch; with a tiny eps they get scales ~60x per
     layer and the first batches where they light up give losses of 1e6-1e8 nats (measured); eps = 1 keeps
-    the init close to Glow's on informative pixels (std ~ 2-3 in logit space) and stable elsewhere."""
+    the init close to Glow's on informative pixels (std ~ 2-3 in logit space) and stable elsewhere.
+    ``context_dim`` C > 0: p(x | c) (e.g. c the one-hot class), every coupling net sees [x_a | c]."""
     layers = [LogitTransform(dim, alpha)] if logit else []
     for i in range(n_couplings):
         if actnorm:
             layers.append(ActNorm(dim, eps=actnorm_eps))
         shape = image_shape if mask in ("checkerboard", "channel") else None
         layers.append(AffineCoupling(dim, mask, i % 2, hidden, activation, scale, scale_bound, image_shape=shape,
-                                     seed=seed * 1000 + i))
+                                     seed=seed * 1000 + i, context_dim=context_dim))
     return Flow(layers, prior=prior, checked=checked)
 
 
 def maf2d(n_layers=8, hidden=(256, 256), scale="tanh", scale_bound=1.0, prior="gaussian", activation="relu", seed=0,
-          checked="loss"):
+          checked="loss", context_dim=0):
     """MAF on R^2: ``n_layers`` MAF layers (MADE 2 -> hidden -> 4, z = (x - mu) e^-alpha, alpha = clamp(raw))
     with a reversing Permutation between consecutive layers. Gaussian prior. On R^2 each layer is an affine
     map of x_0 and an affine transform of x_1 conditioned on x_0 (MADE's hidden units all have degree 1)."""
     return maf(2, n_layers, hidden, "reverse", logit=False, scale=scale, scale_bound=scale_bound, prior=prior,
-               activation=activation, seed=seed, checked=checked)
+               activation=activation, seed=seed, checked=checked, context_dim=context_dim)
 
 
 def maf(dim=784, n_layers=5, hidden=(512, 512), ordering="reverse", logit=True, alpha=0.05, scale="tanh",
-        scale_bound=2.0, prior="gaussian", activation="relu", seed=0, checked="loss", actnorm=False, actnorm_eps=1.0):
+        scale_bound=2.0, prior="gaussian", activation="relu", seed=0, checked="loss", actnorm=False, actnorm_eps=1.0,
+        context_dim=0):
     """Masked autoregressive flow (Papamakarios et al. 2017): [LogitTransform] then ``n_layers`` MAF layers with
     a Permutation (``ordering`` "reverse" or "random", seeded per layer) between consecutive ones, and with
     ``actnorm`` an ActNorm before each MAF layer (the paper's batch norm between layers, as data-dependent init;
-    ``actnorm_eps`` as in :func:`realnvp`). Density in one MADE pass per layer, sampling in D passes per layer."""
+    ``actnorm_eps`` as in :func:`realnvp`). Density in one MADE pass per layer, sampling in D passes per layer.
+    ``context_dim`` C > 0: p(x | c), every MADE sees [x | c]."""
     if ordering not in ("reverse", "random"):
         raise ValueError(f"unknown ordering {ordering!r}; expected 'reverse' or 'random'")
     layers = [LogitTransform(dim, alpha)] if logit else []
@@ -398,18 +403,19 @@ def maf(dim=784, n_layers=5, hidden=(512, 512), ordering="reverse", logit=True, 
             layers.append(Permutation(dim, ordering, seed=seed * 1000 + i))
         if actnorm:
             layers.append(ActNorm(dim, eps=actnorm_eps))
-        layers.append(MAF(dim, hidden, activation, scale, scale_bound, seed=seed * 1000 + i))
+        layers.append(MAF(dim, hidden, activation, scale, scale_bound, seed=seed * 1000 + i, context_dim=context_dim))
     return Flow(layers, prior=prior, checked=checked)
 
 
 def spline2d(n_couplings=8, hidden=(64, 64), bins=8, bound=5.0, prior="gaussian", activation="relu", seed=0,
-             checked="loss", min_width=1e-3, min_height=1e-3, min_derivative=1e-3, identity_init=True):
+             checked="loss", min_width=1e-3, min_height=1e-3, min_derivative=1e-3, identity_init=True, context_dim=0):
     """Rational-quadratic spline flow on R^2 (Durkan et al. 2019): ``n_couplings`` SplineCoupling layers,
     coupling i conditioning on coordinate i % 2, ``bins`` bins on [-bound, bound], identity tails;
     ``identity_init``: every coupling starts as the identity (last net layer 0). The bound must cover the data:
     a point beyond it stays in the identity tail through every layer (the toy sets reach |x| ~ 3.4)."""
     return Flow([SplineCoupling(2, "half", i % 2, hidden, activation, bins, bound, min_width, min_height,
-                                min_derivative, seed=seed * 1000 + i, identity_init=identity_init)
+                                min_derivative, seed=seed * 1000 + i, identity_init=identity_init,
+                                context_dim=context_dim)
                  for i in range(n_couplings)], prior=prior, checked=checked)
 
 
