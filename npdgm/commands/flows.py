@@ -106,6 +106,10 @@ def _register_realnvp(train_commands):
     g.add_argument("--no-actnorm", action="store_true", help="MNIST: no ActNorm before each coupling")
     g.add_argument("--actnorm", action="store_true", help="2-D: ActNorm before each coupling")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
+    g.add_argument("--condition", action="store_true",
+                   help="class-conditional p(x | y), the one-hot label concatenated into every coupling net; "
+                        "samples per class, and `npdgm evaluate RUN --method classify` (Bayes' rule); "
+                        "2-D: as flow2d --condition")
     _data_args(p, image=True, toy=True)
     add_train_args(p, epochs=10, batch_size=None, lr=1e-3, batch_help="default 64 on MNIST, 512 in 2-D")
     p.set_defaults(func=cmd_train, family="realnvp", epochs=None, batch_size=None)
@@ -131,6 +135,9 @@ def _register_maf(train_commands):
     g.add_argument("--no-actnorm", action="store_true",
                    help="no ActNorm (data-dependent init, as realnvp's) before each MAF layer")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
+    g.add_argument("--condition", action="store_true",
+                   help="MNIST: class-conditional p(x | y), the one-hot label concatenated into every MADE; "
+                        "samples per class, and `npdgm evaluate RUN --method classify` (Bayes' rule)")
     _data_args(p, image=True, toy=False)
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train, family="maf", epochs=None)
@@ -251,6 +258,10 @@ def _run_from_args(args):
             raise ValueError("--dataset rings is a conditional density (a ring of radius c): add --condition")
     if _is_image(run):
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
+        if getattr(args, "condition", False):
+            if fam not in ("realnvp", "maf"):
+                raise ValueError(f"--condition goes with realnvp and maf, not {fam}")
+            run.update(condition=True, context_dim=10)
     return run
 
 
@@ -277,10 +288,11 @@ def build_model(run):
     if run["family"] == "realnvp":
         return flows.realnvp(784, run["couplings"], run["hidden"], mask=run["mask"], image_shape=(28, 28),
                              scale=run["scale"], scale_bound=run["scale_bound"], actnorm=run["actnorm"],
-                             alpha=run["alpha"], seed=seed)
+                             alpha=run["alpha"], seed=seed, context_dim=run.get("context_dim", 0))
     if run["family"] == "maf":
         return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
-                         scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed)
+                         scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed,
+                         context_dim=run.get("context_dim", 0))
     if run["family"] == "glow":
         return flows.glow((1, 28, 28), run["levels"], run["depth"], run["hidden"], seed=seed)
     ctx = run.get("context_dim", 0)  # flow2d --condition
@@ -327,7 +339,13 @@ def conditional_toy(run, n, rng):
 
 
 def load_contexts(run):
-    """(train, test) contexts of a flow2d --condition run, row for row with :func:`load_data` (same draws)."""
+    """(train, test) contexts of a --condition run, row for row with :func:`load_data`: MNIST's one-hot labels,
+    or those of the 2-D toy (same draws)."""
+    if _is_image(run):
+        from ..data import load_mnist
+
+        return tuple(np.eye(10)[load_mnist(split, run["data"], limit=run[f"{split}_limit"])[1]]
+                     for split in ("train", "test"))
     seed = run["seed"]
     return tuple(conditional_toy(run, n, np.random.default_rng([seed, k]))[1]
                  for n, k in ((run["train_limit"], 11), (run["test_limit"], 12)))
@@ -372,7 +390,7 @@ def make_step(model, image):
     def step(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows; images are dequantized whole, then sliced
         if not image:  # yb: the contexts of a conditional flow (None otherwise)
             return model.train_step(xb, rng, shard, context=yb)
-        t = model.train_step(dequantize(xb, rng), rng, shard)
+        t = model.train_step(dequantize(xb, rng), rng, shard, context=yb)
         return dict(t, bpd=bits_per_dim(t["loss"], model.dim))
     step.shardable = True
     return step
@@ -441,7 +459,10 @@ def conditional_grid(run):
 def _figures(model, run, out, records, summary, x_te, image):
     from ..plots import flows as P
 
-    if image:
+    if image and run.get("condition"):
+        P.class_sample_grid(model, os.path.join(out, "samples.png"), seed=run["seed"])
+        P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"class-conditional {run['family']} on MNIST")
+    elif image:
         P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
     elif run.get("condition"):

@@ -323,6 +323,37 @@ class Flow(Model):
             context = backend.to_device(context, self._dtype()) if context.ndim == 2 else context
         return self.inverse(z, context=context)
 
+    def classify(self, x, log_prior=None, batch_size=1000):
+        """Bayes' rule with a class-conditional flow (its context the one-hot e_y of C = context_dim classes):
+        log p(y|x) (B, C), host float64, per row
+
+            log p(y|x) = log p(x|e_y) + log p(y) - logsumexp_c [log p(x|e_c) + log p(c)],
+
+        log p(x|e_y) exact (one flow pass per class), log p(y) = ``log_prior`` (C,) (default uniform).
+        The predicted class is the argmax (:meth:`predict`)."""
+        if not self.context_dim:
+            raise ValueError("classify needs a class-conditional flow (built with context_dim = the number of "
+                             "classes, trained on one-hot labels); this flow takes no context")
+        self._validate("x", x)
+        C = self.context_dim
+        lp = np.full(C, -np.log(C)) if log_prior is None else np.asarray(log_prior, np.float64)
+        if lp.shape != (C,) or not np.isfinite(lp).all():
+            raise ValueError(f"log_prior must be {C} finite log-probabilities, got {lp!r:.80}")
+        batch_size = check_int(batch_size, "batch_size", lo=1)
+        xp, eye = backend.array_module(x), np.eye(C)
+        rows = []
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s:s + batch_size]
+            rows.append(np.stack([np.asarray(backend.to_host(self.log_prob(xb, xp.asarray(
+                np.broadcast_to(eye[k], (xb.shape[0], C)), dtype=xb.dtype))), np.float64) for k in range(C)], 1))
+        joint = np.concatenate(rows) + lp
+        m = joint.max(axis=1, keepdims=True)
+        return joint - (m + np.log(np.exp(joint - m).sum(axis=1, keepdims=True)))
+
+    def predict(self, x, log_prior=None, batch_size=1000):
+        """argmax_y p(y|x) of :meth:`classify`, (B,) host integers."""
+        return self.classify(x, log_prior, batch_size).argmax(axis=1)
+
     def __repr__(self):
         return (f"Flow({len(self.layers)} layers: "
                 f"{', '.join(type(layer).__name__ for layer in self.layers)}; prior={self.prior}; "

@@ -99,6 +99,19 @@ def sample_grids(flow, path, temperatures=(0.5, 0.7, 0.85, 1.0), n_per_row=12, s
                            row_labels=[f"T={t:g}" for t in temperatures])
 
 
+def class_sample_grid(flow, path, n_per_class=10, temperature=0.7, seed=0, shape=(28, 28)):
+    """Samples of a class-conditional flow, one row per class y (context e_y), the same noise in every row."""
+    from ..kernels.coupling import prior_noise
+
+    C = flow.context_dim
+    noise = prior_noise(flow.prior, np.random.default_rng(seed), (n_per_class, flow.dim), np.float64)
+    rows = [np.clip(_host(flow.sample(n_per_class, temperature=temperature, noise=noise, context=np.eye(C)[y])), 0, 1)
+            for y in range(C)]
+    return save_image_grid(np.concatenate(rows), path, nrow=n_per_class, shape=shape,
+                           title=f"samples of p(x | y), one row per class (T={temperature:g})",
+                           row_labels=[f"y={y}" for y in range(C)])
+
+
 def bpd_curves(records, path, title="flow training"):
     """train/test bits per dimension per epoch."""
     return training_curves(records, path, keys=[k for k in ("train_bpd", "test_bpd") if any(k in r for r in records)],
