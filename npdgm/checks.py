@@ -256,34 +256,45 @@ for _l2 in (0.0, 0.7):
 # -- flows: the loss and the inverse pass of small stacks, and the prior / scale-clamp kernels ---------
 def _flow_grad_report(flow, x, rng):
     """Finite differences of loss_and_grad (every parameter and x) and of the inverse pass
-    L = sum(f^-1(z) * w) + sum(logdet_inv * v) (every parameter and z)."""
-    flow.forward(x)  # ActNorm data-dependent init happens here, before the check
+    L = sum(f^-1(z) * w) + sum(logdet_inv * v) (every parameter and z); for a conditional flow also of the
+    context c in both (rows "loss:c", "inverse:c")."""
+    c = rng.standard_normal((x.shape[0], flow.context_dim)) if flow.context_dim else None
+    flow.forward(x, c)  # ActNorm data-dependent init happens here, before the check
     for layer in flow.layers:  # move the parameters off their initial values
         for p in layer.parameters():
             if p.data.ndim == 1 and not isinstance(layer, (AdditiveCoupling, AffineCoupling, SplineCoupling)):
                 p.data += 0.3 * rng.standard_normal(p.data.shape)
-    flow.loss_and_grad(x)
+    flow.loss_and_grad(x, context=c)
     analytic = {n: g.copy() for n, g in flow.grads.items()}
-    z, ld = flow.forward(x)
+    z, ld = flow.forward(x, c)
     dlp = np.full(x.shape[0], -1.0 / x.shape[0])
     flow.zero_grad()
-    analytic["x"] = flow.backward(flow._prior_b(dlp, z), dlp)
-    rep = check(lambda: -flow.log_prob(x).mean(), {**flow.params, "x": x}, analytic)
+    out = flow.backward(flow._prior_b(dlp, z), dlp)
+    inputs = {**flow.params, "x": x}
+    if c is None:
+        analytic["x"] = out
+    else:
+        (analytic["x"], analytic["c"]), inputs["c"] = out, c
+    rep = check(lambda: -flow.log_prob(x, c).mean(), inputs, analytic)
     rep = {f"loss:{k}": v for k, v in rep.items()}
 
     zz = rng.standard_normal(x.shape) * 0.8
     w, v = rng.standard_normal(x.shape), rng.standard_normal(x.shape[0])
     flow.zero_grad()
-    flow.inverse(zz, logdet=True)
-    dz = flow.inverse_backward(w, v)
+    flow.inverse(zz, logdet=True, context=c)
+    out = flow.inverse_backward(w, v)
     analytic = {n: g.copy() for n, g in flow.grads.items()}
-    analytic["z"] = dz
+    inputs = {**flow.params, "z": zz}
+    if c is None:
+        analytic["z"] = out
+    else:
+        (analytic["z"], analytic["c"]), inputs["c"] = out, c
 
     def inv_loss():
-        xx, ldi = flow.inverse(zz, logdet=True)
+        xx, ldi = flow.inverse(zz, logdet=True, context=c)
         return np.sum(xx * w) + np.sum(ldi * v)
 
-    rep.update({f"inverse:{k}": val for k, val in check(inv_loss, {**flow.params, "z": zz}, analytic).items()})
+    rep.update({f"inverse:{k}": val for k, val in check(inv_loss, inputs, analytic).items()})
     return rep
 
 
@@ -329,6 +340,27 @@ def _register_flow_checks():
         "spline": lambda rng: (Flow([SplineCoupling(4, "half", 0, [6], "tanh", bins=4, bound=2.0, seed=6),
                                      SplineCoupling(4, "alternate", 1, [5], "softplus", bins=3, bound=2.5, seed=7)]),
                                rng.standard_normal((6, 4)) * 1.5),
+        # conditional layers: a context c (B, 2 or 3) concatenated into every conditioner, passed by the others
+        "cond-couplings": lambda rng: (Flow([AffineCoupling(4, "half", 0, [6], "tanh", "tanh", 1.5, seed=3,
+                                                            context_dim=3),
+                                             ActNorm(4), Permutation(4, "random", 2),
+                                             AdditiveCoupling(4, "alternate", 1, [5], "softplus", seed=4,
+                                                              context_dim=3),
+                                             InvertibleLinear(4, seed=5),
+                                             AffineCoupling(4, "half", 1, [5], "elu", "atan", 2.0, seed=6,
+                                                            context_dim=3)]), rng.standard_normal((5, 4))),
+        "cond-maf": lambda rng: (Flow([MAF(4, [7, 6], "tanh", "tanh", 1.5, seed=1, context_dim=2),
+                                       Permutation(4, "reverse"), MAF(4, [5], "softplus", "atan", 2.0, seed=2,
+                                                                      context_dim=2)]),
+                                 rng.standard_normal((5, 4))),
+        "cond-iaf": lambda rng: (Flow([IAF(3, [6], "tanh", seed=3, context_dim=2), Permutation(3, "random", 4),
+                                       IAF(3, [5, 5], "elu", "tanh", 2.0, seed=5, context_dim=2)]),
+                                 rng.standard_normal((5, 3))),
+        "cond-spline": lambda rng: (Flow([SplineCoupling(4, "half", 0, [6], "tanh", bins=4, bound=2.0, seed=6,
+                                                         context_dim=2),
+                                          SplineCoupling(4, "alternate", 1, [5], "softplus", bins=3, bound=2.5,
+                                                         seed=7, context_dim=2)]),
+                                    rng.standard_normal((6, 4)) * 1.5),
         # Glow on 2x4x4 images, 2 levels (squeeze, split), parameters moved off their (zero) init
         "glow": lambda rng: (_moved(glow((2, 4, 4), levels=2, depth=2, hidden=4, seed=1), rng, (5, 32)),
                              rng.uniform(0, 1, (5, 32))),

@@ -315,8 +315,14 @@ def dequantize(x, rng, levels=256):
 TOYS = ("moons", "circles", "8gaussians", "checkerboard", "spirals")
 
 
-def make_toy2d(name, n, rng):
-    """n points (n, 2) float64 of a 2-D toy density, roughly centered with unit-ish scale."""
+# classes of the labelled toys (make_toy2d_labelled): moons upper 0 / lower 1, circles r = 1 -> 0 / r = 2 -> 1,
+# 8gaussians the mode k, spirals the arm (+ 0 / - 1); checkerboard has none
+TOY_CLASSES = {"moons": 2, "circles": 2, "8gaussians": 8, "spirals": 2}
+RING_RADII = (0.5, 2.5)  # make_rings: the radius c ~ U(0.5, 2.5)
+
+
+def _toy2d(name, n, rng):
+    """(points (n, 2), class labels (n,) int64 or None) of a toy (one draw for both)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if name == "moons":
@@ -325,25 +331,50 @@ def make_toy2d(name, n, rng):
         x = np.where(upper, np.cos(t), 1 - np.cos(t))
         y = np.where(upper, np.sin(t), 0.5 - np.sin(t))
         p = np.stack([x, y], 1) + rng.normal(0, 0.05, (n, 2))
-        return (p - [0.5, 0.25]) * 2
+        return (p - [0.5, 0.25]) * 2, (~upper).astype(np.int64)
     if name == "circles":
-        r = np.where(rng.random(n) < 0.5, 1.0, 2.0)
+        inner = rng.random(n) < 0.5
+        r = np.where(inner, 1.0, 2.0)
         t = rng.uniform(0, 2 * np.pi, n)
-        return np.stack([r * np.cos(t), r * np.sin(t)], 1) + rng.normal(0, 0.08, (n, 2))
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1) + rng.normal(0, 0.08, (n, 2)), (~inner).astype(np.int64)
     if name == "8gaussians":
         k = rng.integers(0, 8, n)
         c = np.stack([np.cos(k * np.pi / 4), np.sin(k * np.pi / 4)], 1) * 2
-        return c + rng.normal(0, 0.2, (n, 2))
+        return c + rng.normal(0, 0.2, (n, 2)), k.astype(np.int64)
     if name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) + rng.integers(0, 2, n) * 2 - 2 + (np.floor(x1) % 2)
-        return np.stack([x1, x2], 1)
+        return np.stack([x1, x2], 1), None
     if name == "spirals":
         t = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi
-        sign = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+        minus = rng.random(n) >= 0.5
+        sign = np.where(minus, -1.0, 1.0)
         p = sign[:, None] * np.stack([t * np.cos(t), t * np.sin(t)], 1) / 3
-        return p + rng.normal(0, 0.1, (n, 2))
+        return p + rng.normal(0, 0.1, (n, 2)), minus.astype(np.int64)
     raise ValueError(f"unknown 2-D dataset {name!r}; expected one of {TOYS}")
+
+
+def make_toy2d(name, n, rng):
+    """n points (n, 2) float64 of a 2-D toy density, roughly centered with unit-ish scale."""
+    return _toy2d(name, n, rng)[0]
+
+
+def make_toy2d_labelled(name, n, rng):
+    """(points (n, 2), labels (n,) int64) of a toy with classes (:data:`TOY_CLASSES`): the same points as
+    :func:`make_toy2d` with the same generator; ValueError for a toy without classes."""
+    if name not in TOY_CLASSES:
+        raise ValueError(f"the 2-D dataset {name!r} has no classes; class-conditional toys: {sorted(TOY_CLASSES)}")
+    return _toy2d(name, n, rng)
+
+
+def make_rings(n, rng, radii=RING_RADII, noise=0.05):
+    """(points (n, 2), radius c (n, 1)) of the continuous-context toy: c ~ U(radii), x on the circle of radius c
+    at a uniform angle, plus N(0, noise^2) per coordinate. p(x | c) is a ring whose size is c."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    c = rng.uniform(radii[0], radii[1], n)
+    t = rng.uniform(0, 2 * np.pi, n)
+    return np.stack([c * np.cos(t), c * np.sin(t)], 1) + rng.normal(0, noise, (n, 2)), c[:, None]
 
 
 # -- the bundled subset -----------------------------------------------------------------------

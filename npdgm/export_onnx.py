@@ -456,6 +456,9 @@ def _flow_layer(b, layer, x, inverse):
 
 
 def _flow_graphs(onnx, model, names):
+    if getattr(model, "context_dim", 0):
+        raise ExportError(f"a conditional flow (context_dim={model.context_dim}) has no ONNX export yet: its graphs "
+                          f"would need a context input")
     from .kernels.coupling import PRIORS
 
     if model.prior not in PRIORS:

@@ -222,6 +222,8 @@ def test_refused_cases_are_one_line(tmp_path, capsys):
     g = GaussianMixture(n_components=2)
     with pytest.raises(ExportError, match="a gmm model has no ONNX graphs"):
         onnx_graphs(g)
+    with pytest.raises(ExportError, match=r"conditional flow \(context_dim=2\) has no ONNX export"):
+        onnx_graphs(F.realnvp2d(1, (3,), context_dim=2))
     flow = F.realnvp(dim=4, n_couplings=1, hidden=(3,), mask="half", logit=False)
     flow.save(tmp_path / "f.npz")
     assert cli.main(["export", str(tmp_path / "f.npz"), str(tmp_path / "o"), "--format", "onnx"]) == 2

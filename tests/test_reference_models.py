@@ -131,3 +131,28 @@ def test_layer_cases_match_central_differences(f64):
         np.testing.assert_allclose(f(), np.sum(outs[out] * i[up]) + np.sum(outs[ld] * i["dlogdet"]))
         rep = gradcheck.check(f, arr, {k: grads[k] for k in arr})
         assert max(r for _, r in rep.values()) < 1e-6, (name, rep)
+
+
+@pytest.mark.parametrize("name", ["affine_coupling_context", "affine_coupling_context_inverse", "maf_context",
+                                  "maf_context_inverse", "spline_coupling_context",
+                                  "spline_coupling_context_inverse"])
+def test_conditional_layer_cases_store_c_and_its_gradient(f64, tmp_path, name):
+    """input/c and grad/c = dL/dc (central differences), and the case checks against its own export."""
+    i = CASES[name]["make"](np.random.default_rng(2), np.float64)
+    outs, grads = CASES[name]["run"](i)
+    inverse = name.endswith("_inverse")
+    inp, up, out, ld = ("y", "dx", "x", "logdet_inv") if inverse else ("x", "dy", "y", "logdet")
+    layer = R._build(i["model"])
+    R._load_params(layer, i["params"])
+    arr = {inp: i[inp].copy(), "c": i["c"].copy()}
+
+    def f():
+        o = layer.inverse(arr[inp], True, arr["c"]) if inverse else layer.forward(arr[inp], arr["c"])
+        return np.sum(o[0] * i[up]) + np.sum(o[1] * i["dlogdet"])
+
+    np.testing.assert_allclose(f(), np.sum(outs[out] * i[up]) + np.sum(outs[ld] * i["dlogdet"]))
+    rep = gradcheck.check(f, arr, {k: grads[k] for k in arr})
+    assert max(r for _, r in rep.values()) < 1e-6, (name, rep)
+    export_reference(tmp_path, names=[name])
+    rows = check_reference(tmp_path)
+    assert any(r[1] == "grad/c" for r in rows) and all(r[3] for r in rows), rows

@@ -10,9 +10,9 @@ looks like; tests/mirror rebuilds every saved model with it and checks loss and 
     vae_terms(P, config, x, eps)    -> {"loss", "recon", "kl", "nelbo"}   VAE.loss_and_grad
     vae_iwae(P, config, x, eps)     -> (B,) log p(x) estimates             VAE.log_likelihood
     vae_decode(P, config, z)        -> E[x|z]                               VAE.decode
-    flow_forward(P, config, x)      -> (z, logdet)                          Flow.forward
-    flow_log_prob(P, config, x)     -> (B,)                                 Flow.log_prob (loss = -mean)
-    flow_inverse(P, config, z)      -> (x, logdet_inv)                      Flow.inverse(z, logdet=True)
+    flow_forward(P, config, x, c)   -> (z, logdet)                          Flow.forward (c: context or None)
+    flow_log_prob(P, config, x, c)  -> (B,)                                 Flow.log_prob (loss = -mean)
+    flow_inverse(P, config, z, c)   -> (x, logdet_inv)                      Flow.inverse(z, logdet=True)
     cvae_terms, m2_terms                                                    CVAE / M2 .loss_and_grad
 
 The benchmark peers (``npdgm bench``'s torch backend) are the same functions wrapped as ``torch.nn.Module``s
@@ -197,23 +197,28 @@ def _clamp(raw, spec):
     return raw
 
 
-def _coupling_st(P, pre, spec, sp, a):
-    h = mlp(P, pre + "net", spec["activation"], a)
+def _cond(spec, a, c):
+    """A conditioner's input: a, or [a | c] for a layer built with context_dim > 0 (conditional flows)."""
+    return torch.cat([a, c], dim=1) if spec.get("context_dim") else a
+
+
+def _coupling_st(P, pre, spec, sp, a, c=None):
+    h = mlp(P, pre + "net", spec["activation"], _cond(spec, a, c))
     return _clamp(h[:, :sp.nb], spec), h[:, sp.nb:]
 
 
-def layer_forward(P, pre, spec, x):
-    """One layer x -> (y, log|det dy/dx| per row)."""
+def layer_forward(P, pre, spec, x, c=None):
+    """One layer x -> (y, log|det dy/dx| per row); c the context of a conditional layer."""
     t = spec["type"]
     zero = x.new_zeros(x.shape[0])
     if t == "AdditiveCoupling":
         sp = _Split(spec)
         a, b = sp.split(x)
-        return sp.merge(a, b + mlp(P, pre + "net", spec["activation"], a)), zero
+        return sp.merge(a, b + mlp(P, pre + "net", spec["activation"], _cond(spec, a, c))), zero
     if t == "AffineCoupling":
         sp = _Split(spec)
         a, b = sp.split(x)
-        s, sh = _coupling_st(P, pre, spec, sp, a)
+        s, sh = _coupling_st(P, pre, spec, sp, a, c)
         return sp.merge(a, b * torch.exp(s) + sh), s.sum(dim=1)
     if t == "Permutation":
         return x[:, torch.from_numpy(_perm(spec))], zero
@@ -227,7 +232,7 @@ def layer_forward(P, pre, spec, x):
         W, ls = _lu_weight(P, pre, spec)
         return x @ W, zero + ls.sum()
     if t in AUTOREGRESSIVE:
-        return AUTOREGRESSIVE[t][0](P, pre, spec, x)
+        return AUTOREGRESSIVE[t][0](P, pre, spec, x, c)
     if t == "LogitTransform":
         a = spec["alpha"]
         p = a + (1 - 2 * a) * x
@@ -236,18 +241,18 @@ def layer_forward(P, pre, spec, x):
     raise ValueError(f"unknown layer type {t!r}")
 
 
-def layer_inverse(P, pre, spec, y):
-    """One layer y -> (x, log|det dx/dy| per row)."""
+def layer_inverse(P, pre, spec, y, c=None):
+    """One layer y -> (x, log|det dx/dy| per row); c the context of a conditional layer."""
     t = spec["type"]
     zero = y.new_zeros(y.shape[0])
     if t == "AdditiveCoupling":
         sp = _Split(spec)
         a, b = sp.split(y)
-        return sp.merge(a, b - mlp(P, pre + "net", spec["activation"], a)), zero
+        return sp.merge(a, b - mlp(P, pre + "net", spec["activation"], _cond(spec, a, c))), zero
     if t == "AffineCoupling":
         sp = _Split(spec)
         a, b = sp.split(y)
-        s, sh = _coupling_st(P, pre, spec, sp, a)
+        s, sh = _coupling_st(P, pre, spec, sp, a, c)
         return sp.merge(a, (b - sh) * torch.exp(-s)), -s.sum(dim=1)
     if t == "Permutation":
         return y[:, torch.from_numpy(np.argsort(_perm(spec)))], zero
@@ -261,7 +266,7 @@ def layer_inverse(P, pre, spec, y):
         W, ls = _lu_weight(P, pre, spec)
         return torch.linalg.solve(W.T, y.T).T, zero - ls.sum()
     if t in AUTOREGRESSIVE:
-        return AUTOREGRESSIVE[t][1](P, pre, spec, y)
+        return AUTOREGRESSIVE[t][1](P, pre, spec, y, c)
     if t == "LogitTransform":
         a = spec["alpha"]
         ld = (F.logsigmoid(y) + F.logsigmoid(-y) - math.log(1 - 2 * a)).sum(dim=1)
@@ -290,9 +295,13 @@ def made_masks(dim, hidden):
     return [torch.from_numpy(m.astype(np.float64)) for m in masks]
 
 
-def _made(P, pre, spec, x):
-    """(alpha, mu) of a MAF/IAF layer: the masked MLP, then the scale clamp on the first D outputs."""
+def _made(P, pre, spec, x, c=None):
+    """(alpha, mu) of a MAF/IAF layer: the masked MLP, then the scale clamp on the first D outputs. A conditional
+    layer's input is [x | c], the context rows of the first mask all ones."""
     masks, act = made_masks(spec["dim"], spec["hidden"]), ACTIVATIONS[spec["activation"]]
+    if spec.get("context_dim"):
+        masks[0] = torch.cat([masks[0], torch.ones(spec["context_dim"], masks[0].shape[1], dtype=masks[0].dtype)])
+        x = torch.cat([x, c], dim=1)
     for k, m in enumerate(masks):
         x = x @ (P[f"{pre}made.{2 * k}.W"] * m.to(x)) + P[f"{pre}made.{2 * k}.b"]
         if k < len(masks) - 1:
@@ -301,24 +310,25 @@ def _made(P, pre, spec, x):
     return _clamp(x[:, :D], spec), x[:, D:]
 
 
-def _one_pass(P, pre, spec, x):
+def _one_pass(P, pre, spec, x, c=None):
     """z = (x - mu(x)) e^-alpha(x), logdet = -sum alpha (MAF forward, IAF inverse)."""
-    alpha, mu = _made(P, pre, spec, x)
+    alpha, mu = _made(P, pre, spec, x, c)
     return (x - mu) * torch.exp(-alpha), -alpha.sum(dim=1)
 
 
-def _d_pass(P, pre, spec, z):
+def _d_pass(P, pre, spec, z, c=None):
     """x with z = (x - mu(x)) e^-alpha(x), coordinate by coordinate (MAF inverse, IAF forward); logdet = +sum alpha.
     Autograd differentiates through all D passes (no implicit-function shortcut)."""
     x = torch.zeros_like(z)
     for _ in range(spec["dim"]):
-        alpha, mu = _made(P, pre, spec, x)
+        alpha, mu = _made(P, pre, spec, x, c)
         x = z * torch.exp(alpha) + mu
-    return x, _made(P, pre, spec, x)[0].sum(dim=1)
+    return x, _made(P, pre, spec, x, c)[0].sum(dim=1)
 
 
 def _rq_spline(P, pre, spec, sp, a, v, inverse):
-    """SplineCoupling on the transformed half v given the conditioning half a: (out, log g' per row (forward map)).
+    """SplineCoupling on the transformed half v given the conditioner's input a (the conditioning half, with the
+    context of a conditional layer): (out, log g' per row (forward map)).
     Knots from net(a) as (B, nb, 3K-1); the bin by counting interior knots <= v; the inverse by the stable root
     of the bin's quadratic; identity outside [-bound, bound]."""
     K, B0 = spec["bins"], spec["bound"]
@@ -353,10 +363,10 @@ def _rq_spline(P, pre, spec, sp, a, v, inverse):
 
 
 def _spline(inverse):
-    def run(P, pre, spec, x):
+    def run(P, pre, spec, x, c=None):
         sp = _Split(spec)
         a, b = sp.split(x)
-        out, logd = _rq_spline(P, pre, spec, sp, a, b, inverse)
+        out, logd = _rq_spline(P, pre, spec, sp, _cond(spec, a, c), b, inverse)
         return sp.merge(a, out), (-logd if inverse else logd)
     return run
 
@@ -373,23 +383,23 @@ def prior_log_prob(name, z):
     raise ValueError(f"unknown prior {name!r}")
 
 
-def flow_forward(P, cfg, x):
+def flow_forward(P, cfg, x, c=None):
     logdet = x.new_zeros(x.shape[0])
     for i, spec in enumerate(cfg["layers"]):
-        x, ld = layer_forward(P, f"{i}.", spec, x)
+        x, ld = layer_forward(P, f"{i}.", spec, x, c)
         logdet = logdet + ld
     return x, logdet
 
 
-def flow_log_prob(P, cfg, x):
-    z, logdet = flow_forward(P, cfg, x)
+def flow_log_prob(P, cfg, x, c=None):
+    z, logdet = flow_forward(P, cfg, x, c)
     return prior_log_prob(cfg["prior"], z) + logdet
 
 
-def flow_inverse(P, cfg, z):
+def flow_inverse(P, cfg, z, c=None):
     total = z.new_zeros(z.shape[0])
     for i in range(len(cfg["layers"]) - 1, -1, -1):
-        z, ld = layer_inverse(P, f"{i}.", cfg["layers"][i], z)
+        z, ld = layer_inverse(P, f"{i}.", cfg["layers"][i], z, c)
         total = total + ld
     return z, total
 

@@ -17,7 +17,9 @@ images. The estimators are in :mod:`npdgm.inference`; the math is in docs/infere
 classify (cvae and m2 runs; alone): the test error on the first N test images. A cvae classifies by Bayes'
 rule, argmax_y log p(x|y) + log p(y) with uniform p(y) and log p(x|y) the IWAE estimate with --k samples
 per class (:meth:`npdgm.CVAE.classify`); an m2 run by its q(y|x) (M1+M2: on the codes of the stored M1 VAE,
-refused when that checkpoint is missing or changed).
+refused when that checkpoint is missing or changed); a class-conditional flow run (``npdgm train realnvp | maf
+--condition``) by Bayes' rule with its exact log p(x|y) (:meth:`npdgm.models.flows.Flow.classify`, the test images
+dequantized once with the run's seed, as its test NLL).
 """
 from __future__ import annotations
 
@@ -211,19 +213,44 @@ def cmd_evaluate(args):
     return 0
 
 
+def _classify_flow(args, model, run):
+    """--method classify of a class-conditional MNIST flow: argmax_y log p(x|y) + log p(y), uniform p(y)."""
+    from ..data import dequantize, load_mnist
+
+    if not run.get("condition") or model.context_dim != 10 or model.dim != 784:
+        raise ValueError(f"{args.rundir} holds a flow without classes; --method classify needs a class-conditional "
+                         f"MNIST flow (npdgm train realnvp | maf --condition)")
+    x, y = load_mnist("test", args.data or run.get("data"), limit=args.n_images)
+    x = backend.to_device(dequantize(x, np.random.default_rng([run.get("seed", 0), 5])), model.flat_params.dtype)
+    t0 = time.perf_counter()
+    pred = model.predict(x, batch_size=args.batch)
+    wrong = pred != y
+    r = {"error": float(wrong.mean()), "n_images": len(x), "seconds": time.perf_counter() - t0,
+         "rule": "Bayes rule, exact log p(x|y) of the flow", "predictions": pred.tolist()}
+    print(f"classify flow test error = {r['error']:.4f}  ({int(wrong.sum())} of {len(x)} test images, "
+          f"{r['seconds']:.1f} s)")
+    if args.json:
+        common.write_json(args.json, {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed,
+                                      "methods": {"classify": r}})
+    return 0
+
+
 def _classify(args):
     """--method classify: the test error of a cvae (Bayes rule, IWAE log p(x|y)) or m2 run (q(y|x))."""
     from ..io import load_arrays
     from ..models.registry import model_from_arrays
 
     if args.method != ["classify"]:
-        raise ValueError("--method classify is for cvae and m2 runs: give it alone")
+        raise ValueError("--method classify is for cvae, m2 and class-conditional flow runs: give it alone")
     arrays, meta = load_arrays(args.rundir)
     kind = meta.get("kind")
-    if kind not in ("cvae", "m2"):
-        raise ValueError(f"{args.rundir} holds a {kind!r} model; --method classify needs a cvae or m2 run")
+    if kind not in ("cvae", "m2", "flow"):
+        raise ValueError(f"{args.rundir} holds a {kind!r} model; --method classify needs a cvae, m2 or "
+                         f"class-conditional flow run")
     run = common.run_args(meta)
     model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
+    if kind == "flow":
+        return _classify_flow(args, model, run)
     x, y = common.load_image_data(args.data or run.get("data"), "test", args.n_images, run.get("binarize", "none"),
                       run.get("seed", 0))
     t0 = time.perf_counter()

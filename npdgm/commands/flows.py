@@ -5,6 +5,8 @@ draws from them).
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
     npdgm train flow2d --flow maf --dataset moons         # 8 MAF layers (MADE), reversed order between them
     npdgm train flow2d --flow spline --dataset moons      # 8 rational-quadratic spline couplings
+    npdgm train flow2d --condition --dataset moons        # p(x | class): the two moons' halves as classes
+    npdgm train flow2d --condition --dataset rings        # p(x | c): a ring of radius c, c ~ U(0.5, 2.5)
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
@@ -32,7 +34,7 @@ from .. import backend
 from . import common
 from .common import add_train_args, default_out, positive_float, positive_int, setup_backend
 
-from ..data import TOYS
+from ..data import RING_RADII, TOY_CLASSES, TOYS
 
 NICE_HIDDEN = [1000] * 5          # NICE's coupling MLP: 5 hidden layers of 1000 (Dinh et al. 2014)
 TOY_TRAIN, TOY_TEST = 51200, 10000
@@ -104,6 +106,10 @@ def _register_realnvp(train_commands):
     g.add_argument("--no-actnorm", action="store_true", help="MNIST: no ActNorm before each coupling")
     g.add_argument("--actnorm", action="store_true", help="2-D: ActNorm before each coupling")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
+    g.add_argument("--condition", action="store_true",
+                   help="class-conditional p(x | y), the one-hot label concatenated into every coupling net; "
+                        "samples per class, and `npdgm evaluate RUN --method classify` (Bayes' rule); "
+                        "2-D: as flow2d --condition")
     _data_args(p, image=True, toy=True)
     add_train_args(p, epochs=10, batch_size=None, lr=1e-3, batch_help="default 64 on MNIST, 512 in 2-D")
     p.set_defaults(func=cmd_train, family="realnvp", epochs=None, batch_size=None)
@@ -129,6 +135,9 @@ def _register_maf(train_commands):
     g.add_argument("--no-actnorm", action="store_true",
                    help="no ActNorm (data-dependent init, as realnvp's) before each MAF layer")
     g.add_argument("--alpha", type=positive_float, default=0.05, help="logit transform alpha (default 0.05)")
+    g.add_argument("--condition", action="store_true",
+                   help="MNIST: class-conditional p(x | y), the one-hot label concatenated into every MADE; "
+                        "samples per class, and `npdgm evaluate RUN --method classify` (Bayes' rule)")
     _data_args(p, image=True, toy=False)
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train, family="maf", epochs=None)
@@ -161,8 +170,13 @@ def _register_flow2d(train_commands):
                     "layers), or with --flow spline rational-quadratic spline couplings (--bins on [-B, B], "
                     "--tail-bound B, identity outside; each starts as the identity); standard Gaussian prior, "
                     "trained on points drawn once from a seeded toy set.")
-    common.group(p, "data").add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
+    common.group(p, "data").add_argument("--dataset", choices=TOYS + ("rings",), default="moons",
+                                         help="default moons; rings (a ring of radius c) needs --condition")
     g = common.group(p, "model")
+    g.add_argument("--condition", action="store_true",
+                   help=f"a conditional flow p(x | c), c concatenated into every conditioner: c = the one-hot class "
+                        f"on {', '.join(sorted(TOY_CLASSES))} (e.g. the moons' two halves), c = the radius on rings "
+                        f"(c ~ U{tuple(RING_RADII)}); figure of p(x | c) per class / radius")
     g.add_argument("--flow", choices=["realnvp", "maf", "spline"], default="realnvp",
                    help="affine couplings (realnvp), masked autoregressive layers (maf) or rational-quadratic "
                         "spline couplings (spline: --bins, --tail-bound) (default realnvp)")
@@ -230,8 +244,19 @@ def _run_from_args(args):
             raise ValueError(f"--bins / --tail-bound go with --flow spline, not --flow {run['flow']}")
         if run["flow"] == "spline":
             run.update({**SPLINE2D, **spline_opts})
+        if getattr(args, "condition", False):
+            if args.dataset not in TOY_CLASSES and args.dataset != "rings":
+                raise ValueError(f"--condition needs a toy with classes ({', '.join(sorted(TOY_CLASSES))}) or "
+                                 f"rings; {args.dataset} has none")
+            run.update(condition=True, context_dim=TOY_CLASSES.get(args.dataset, 1))
+        elif run["dataset"] == "rings":
+            raise ValueError("--dataset rings is a conditional density (a ring of radius c): add --condition")
     if _is_image(run):
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
+        if getattr(args, "condition", False):
+            if fam not in ("realnvp", "maf"):
+                raise ValueError(f"--condition goes with realnvp and maf, not {fam}")
+            run.update(condition=True, context_dim=10)
     return run
 
 
@@ -258,20 +283,22 @@ def build_model(run):
     if run["family"] == "realnvp":
         return flows.realnvp(784, run["couplings"], run["hidden"], mask=run["mask"], image_shape=(28, 28),
                              scale=run["scale"], scale_bound=run["scale_bound"], actnorm=run["actnorm"],
-                             alpha=run["alpha"], seed=seed)
+                             alpha=run["alpha"], seed=seed, context_dim=run.get("context_dim", 0))
     if run["family"] == "maf":
         return flows.maf(784, run["layers"], run["hidden"], run["ordering"], alpha=run["alpha"], scale=run["scale"],
-                         scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed)
+                         scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed,
+                         context_dim=run.get("context_dim", 0))
     if run["family"] == "glow":
         return flows.glow((1, 28, 28), run["levels"], run["depth"], run["hidden"], seed=seed)
+    ctx = run.get("context_dim", 0)  # flow2d --condition
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
-                           seed=seed)
+                           seed=seed, context_dim=ctx)
     if run.get("flow") == "spline":  # runs of older versions stored no bins / bound: theirs were 8 on [-3, 3]
         return flows.spline2d(run["couplings"], run["hidden"], bins=run.get("bins", 8), bound=run.get("bound", 3.0),
-                              identity_init=run.get("identity_init", False), seed=seed)
+                              identity_init=run.get("identity_init", False), seed=seed, context_dim=ctx)
     return flows.realnvp2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
-                           actnorm=run["actnorm"], seed=seed)
+                           actnorm=run["actnorm"], seed=seed, context_dim=ctx)
 
 
 def load_data(run):
@@ -288,11 +315,38 @@ def load_data(run):
     for k in ("train_limit", "test_limit"):
         if run[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {run[k]}")
+    if run.get("condition"):
+        return tuple(conditional_toy(run, n, np.random.default_rng([seed, k]))[0]
+                     for n, k in ((run["train_limit"], 11), (run["test_limit"], 12)))
     return (make_toy2d(run["dataset"], run["train_limit"], np.random.default_rng([seed, 11])),
             make_toy2d(run["dataset"], run["test_limit"], np.random.default_rng([seed, 12])))
 
 
-def init_actnorm(flow, train_x, image, seed, n=1000):
+def conditional_toy(run, n, rng):
+    """(points (n, 2), context (n, C)) of a flow2d --condition run: the one-hot class of a labelled toy, or the
+    radius (n, 1) of rings."""
+    from ..data import make_rings, make_toy2d_labelled
+
+    if run["dataset"] == "rings":
+        return make_rings(n, rng)
+    x, y = make_toy2d_labelled(run["dataset"], n, rng)
+    return x, np.eye(run["context_dim"])[y]
+
+
+def load_contexts(run):
+    """(train, test) contexts of a --condition run, row for row with :func:`load_data`: MNIST's one-hot labels,
+    or those of the 2-D toy (same draws)."""
+    if _is_image(run):
+        from ..data import load_mnist
+
+        return tuple(np.eye(10)[load_mnist(split, run["data"], limit=run[f"{split}_limit"])[1]]
+                     for split in ("train", "test"))
+    seed = run["seed"]
+    return tuple(conditional_toy(run, n, np.random.default_rng([seed, k]))[1]
+                 for n, k in ((run["train_limit"], 11), (run["test_limit"], 12)))
+
+
+def init_actnorm(flow, train_x, image, seed, n=1000, context=None):
     """Data-dependent ActNorm init on the first ``n`` training examples (dequantized with their own seeded
     noise, so the training RNG stream and hence resume are unaffected) instead of the first minibatch:
     per-pixel statistics of 64 images are too noisy for MNIST's nearly constant border pixels."""
@@ -303,16 +357,18 @@ def init_actnorm(flow, train_x, image, seed, n=1000):
         from ..data import dequantize
 
         x = dequantize(x, np.random.default_rng([seed, 9]))
-    flow.log_prob(x)
+    flow.log_prob(x, None if context is None else context[:n])
 
 
-def evaluate(flow, x_test, image, comm=None):
+def evaluate(flow, x_test, image, comm=None, c_test=None):
     """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images (``comm``, of npdgm.distributed:
-    each rank takes its rows of the test set and the means are reduced, mean_over_rows; None: one process)."""
+    each rank takes its rows of the test set and the means are reduced, mean_over_rows; None: one process);
+    ``c_test``: the contexts of a conditional flow (the NLL is then -mean log p(x | c))."""
     from ..distributed import mean_over_rows
     from ..models.flows import bits_per_dim
 
-    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000), comm)
+    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000,
+                                                         context=None if c_test is None else c_test[r]), comm)
     out = {"nll": nll, "ll": -nll}
     if image:
         out["bpd"] = bits_per_dim(nll, flow.dim)
@@ -349,9 +405,9 @@ def make_step(model, image):
     from ..models.flows import bits_per_dim
 
     def step(xb, yb, rng, shard=slice(None)):  # shard: this rank's rows; images are dequantized whole, then sliced
-        if not image:
-            return model.train_step(xb, rng, shard)
-        t = model.train_step(dequantize(xb, rng), rng, shard)
+        if not image:  # yb: the contexts of a conditional flow (None otherwise)
+            return model.train_step(xb, rng, shard, context=yb)
+        t = model.train_step(dequantize(xb, rng), rng, shard, context=yb)
         return dict(t, bpd=bits_per_dim(t["loss"], model.dim))
     step.shardable = True
     return step
@@ -379,14 +435,17 @@ def cmd_train(args):
     _epochs(run, getattr(args, "steps", None), len(x_tr), image)
     dtype = model.flat_params.dtype
     train_x, test_x = backend.to_device(x_tr, dtype), backend.to_device(x_te, dtype)
+    train_c = test_c = None
+    if run.get("condition"):
+        train_c, test_c = (backend.to_device(c, dtype) for c in load_contexts(run))
     opt, rng, start = common.start_training(model, run, out, args.resume)
     if not args.resume:
-        init_actnorm(model, train_x, image, run["seed"])
+        init_actnorm(model, train_x, image, run["seed"], context=train_c)
     print(f"{run['family']} on {run['dataset']}: {model!r}  train {len(train_x)}  test {len(test_x)}  "
           f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
           f"-> {out}", flush=True)
     records = common.fit(model, opt, rng, start, run, out, args, make_step(model, image),
-                         lambda e: evaluate(model, test_x, image, common.world()), train_x)
+                         lambda e: evaluate(model, test_x, image, common.world(), test_c), train_x, train_c)
     if not common.is_root():
         return 0
     summary = {"family": run["family"], "dataset": run["dataset"], "epochs": run["epochs"],
@@ -405,13 +464,33 @@ def cmd_train(args):
     return 0
 
 
+def conditional_grid(run):
+    """(contexts (K, C), names) shown in the p(x | c) figure: every class, or 5 radii across RING_RADII."""
+    if run["dataset"] == "rings":
+        radii = np.linspace(RING_RADII[0], RING_RADII[1], 5)
+        return radii[:, None], [f"c = {r:g}" for r in radii]
+    C = run["context_dim"]
+    return np.eye(C), [f"class {k}" for k in range(C)]
+
+
 def _figures(model, run, out, records, summary, x_te, image):
     from ..plots import flows as P
 
-    if image:
+    if image and run.get("condition"):
+        P.class_sample_grid(model, os.path.join(out, "samples.png"), seed=run["seed"])
+        P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"class-conditional {run['family']} on MNIST")
+    elif image:
         with sampling_progress(model):
             P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
+    elif run.get("condition"):
+        contexts, names = conditional_grid(run)
+        P.conditional_panels(model, contexts, names, os.path.join(out, "density.png"), lim=4.0 if
+                             run["dataset"] != "rings" else RING_RADII[1] + 0.8, seed=run["seed"],
+                             title=f"{run.get('flow', 'realnvp')} flow p(x | c) on {run['dataset']}: test NLL "
+                                   f"{summary.get('test_nll', float('nan')):.3f} nats")
+        P.nll_curves(records, os.path.join(out, "curves.png"),
+                     title=f"conditional {run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
     else:
         P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),
                         title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}: "

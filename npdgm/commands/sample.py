@@ -142,6 +142,10 @@ def cmd_sample(args):
     model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
     dim = getattr(model, "x_dim", None) or getattr(model, "dim", None)
     _check_options(args, kind, dim)
+    if getattr(model, "context_dim", 0):
+        raise ValueError(f"{args.rundir} holds a conditional flow p(x | c) (context_dim={model.context_dim}); npdgm "
+                         f"sample draws unconditional models: its run has density.png (p(x | c) per class or "
+                         f"radius), and Flow.sample(n, context=c) draws from it")
     rundir = args.rundir if os.path.isdir(args.rundir) else os.path.dirname(os.path.abspath(args.rundir))
     out = args.out or os.path.join(rundir, f"{'flow-' if kind == 'flow' else ''}samples-seed{args.seed}.png")
     temps = args.temperatures or FLOW_TEMPERATURES

@@ -19,6 +19,12 @@ direction, x = F^-1(z), needs w = dL/dz = J_F^-T g (g = dL/dx): J_F^T = diag(e^-
 lower triangular, so the Jacobi iteration  w <- e^alpha (g - N^T w - c)  is exact after D steps (c: the
 log-det's x-path), each step one input-VJP of the MADE. The parameters then get -(dF/dtheta)^T w (and the
 log-det's term), one more MADE backward. Derivations: docs/autoregressive-flows.md.
+
+Context (``context_dim=C > 0``, p(x | c)): the MADE's input is [x | c] and the c rows of its first mask are all
+ones (c reaches every unit, the autoregressive order among the x stays), so mu and alpha are functions of
+(x_<d, c); the backwards return (dx, dc). In the D-pass direction c enters like a parameter: dc is the c-part
+of the same final MADE backward with (-w, -dlogdet) that gives the parameters theirs
+(docs/conditional-flows.md).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from ..kernels import masked as KM
 from ..nn.layers import Activation, Sequential, _host_rng, init_weight
 from ..nn.module import Module, Parameter
 from ..validate import check_int
-from .flow_layers import FlowLayer, _layer, check_scale_net
+from .flow_layers import FlowLayer, _layer, check_context, check_scale_net
 
 __all__ = ["made_degrees", "made_masks", "MaskedLinear", "MADE", "MAF", "IAF"]
 
@@ -93,11 +99,14 @@ class MaskedLinear(Module):
 
 class MADE(Sequential):
     """Masked MLP D -> hidden... -> blocks * D (activation between layers); output block j, unit d is a
-    function of x_<d only (:func:`made_masks`). Parameters "0.W", "0.b", "2.W", ... as in npdgm.nn.MLP."""
+    function of x_<d only (:func:`made_masks`). Parameters "0.W", "0.b", "2.W", ... as in npdgm.nn.MLP.
+    ``context_dim`` C > 0: the input is [x | c] (B, D + C), the C context rows of the first mask all ones."""
 
-    def __init__(self, dim, hidden, blocks=2, activation="relu", init="torch", seed=0):
+    def __init__(self, dim, hidden, blocks=2, activation="relu", init="torch", seed=0, context_dim=0):
         rng = _host_rng(seed)
         masks = made_masks(dim, hidden, blocks)
+        if context_dim:
+            masks[0] = np.concatenate([masks[0], np.ones((context_dim, masks[0].shape[1]))], axis=0)
         mods = []
         for i, m in enumerate(masks):
             mods.append(MaskedLinear(m, init, rng))
@@ -110,34 +119,48 @@ class _Autoregressive(FlowLayer):
     """The shared MAF/IAF map F: z = (x - mu(x)) exp(-alpha(x)) (one pass) and its D-pass inverse."""
 
     def __init__(self, dim, hidden=(64, 64), activation="relu", scale="tanh", scale_bound=1.0, init="torch",
-                 seed=0):
+                 seed=0, context_dim=0):
         super().__init__(dim)
         if self.dim < 2:
             raise ValueError(f"an autoregressive layer needs dim >= 2, got {self.dim}")
         scale, scale_bound, hidden, seed = check_scale_net(scale, scale_bound, hidden, seed)
         self.scale, self.scale_bound = scale, scale_bound
-        self.made = MADE(self.dim, hidden, 2, activation, init, seed)
+        self.context_dim = check_int(context_dim, "context_dim", lo=0)
+        self.made = MADE(self.dim, hidden, 2, activation, init, seed, self.context_dim)
         self._spec = dict(dim=self.dim, hidden=hidden, activation=activation, scale=scale,
                           scale_bound=scale_bound, init=init, seed=seed)
+        if self.context_dim:
+            self._spec["context_dim"] = self.context_dim
+        self._context = None
 
     def spec(self):
         """The dict that rebuilds this layer: {"type": class name, dim, hidden, activation, scale, ...}."""
         return {"type": type(self).__name__, **self._spec}
 
+    def _set_context(self, context, rows):
+        self._context = check_context(type(self).__name__, context, self.context_dim, rows)
+
     def _made(self, x):
-        h = self.made.forward(x)
+        """(raw, alpha, mu) of MADE(x) (MADE([x | c]) with the context set by the pass)."""
+        inp = x if self._context is None else backend.array_module(x).concatenate([x, self._context], axis=1)
+        h = self.made.forward(inp)
         raw, mu = h[:, :self.dim], h[:, self.dim:]
         return raw, C.scale_clamp_forward(raw, self.scale, self.scale_bound), mu
 
-    def _one_pass(self, x):
+    def _out(self, dx, dm):
+        """What a backward returns: dx, or (dx, dc) with dc = the context columns of the MADE input gradient."""
+        return (dx, dm[:, self.dim:]) if self.context_dim else dx
+
+    def _one_pass(self, x, context):
         """z = (x - mu) e^-alpha, logdet = -sum alpha; caches (z, raw, alpha)."""
+        self._set_context(context, x.shape[0])
         raw, alpha, mu = self._made(x)
         z, ld = C.affine_coupling_inverse(x, alpha, mu)
         self._cache = (z, raw, alpha)
         return z, ld
 
     def _made_back(self, dz, dlogdet, params):
-        """(direct dx, MADE part of dx) for the cotangent (dz, dlogdet) of the one-pass map."""
+        """(direct dx, MADE input gradient (B, D [+ C])) for the cotangent (dz, dlogdet) of the one-pass map."""
         z, raw, alpha = self._cache
         dx, dalpha, dmu = C.affine_coupling_inverse_backward(dz, dlogdet, z, alpha)
         dh = backend.array_module(dz).concatenate(
@@ -146,7 +169,7 @@ class _Autoregressive(FlowLayer):
 
     def _one_pass_backward(self, dz, dlogdet):
         dx, dm = self._made_back(dz, dlogdet, True)
-        return dx + dm
+        return self._out(dx + dm[:, :self.dim], dm)
 
     progress = None  # a callable given the number of coordinates each D-pass solve has just fixed (a tqdm update)
 
@@ -177,7 +200,9 @@ class _Autoregressive(FlowLayer):
         degrees = made_degrees(D, self._spec["hidden"])[1:]
         counts = [np.searchsorted(deg, np.arange(D), side="right") for deg in degrees]   # units of degree <= d
         x = xp.zeros_like(z)
-        h1 = xp.repeat(bs[0][None, :], B, axis=0)           # x = 0: the first pre-activation is its bias
+        h1 = xp.repeat(bs[0][None, :], B, axis=0)           # x = 0: the first pre-activation is its bias,
+        if self._context is not None:                        # plus the context's rows (fixed over the solve)
+            h1 += self._context @ Ws[0][D:]
         with backend.one_blas_thread():                     # D tiny GEMMs: two BLAS threads only wait on each other
             for d in range(D):
                 n = [int(c[d]) for c in counts]
@@ -192,9 +217,11 @@ class _Autoregressive(FlowLayer):
                     self.progress(1)
         return x
 
-    def _d_pass(self, z, reference=False):
-        """x = F^-1(z) (:meth:`_solve`, or :meth:`_solve_reference` with ``reference``); logdet = +sum alpha;
-        caches (z, raw, alpha) from one whole MADE pass at the solution (the backward's cache)."""
+    def _d_pass(self, z, context=None, reference=False):
+        """x = F^-1(z) (:meth:`_solve`, or :meth:`_solve_reference` with ``reference``) given the context;
+        logdet = +sum alpha; caches (z, raw, alpha) from one whole MADE pass at the solution (the backward's
+        cache)."""
+        self._set_context(context, z.shape[0])
         x = self._solve_reference(z) if reference else self._solve(z)
         raw, alpha, _ = self._made(x)
         self._cache = (z, raw, alpha)
@@ -208,9 +235,9 @@ class _Autoregressive(FlowLayer):
         ea = xp.exp(self._cache[2])
         w = dx * ea
         for _ in range(self.dim - 1):
-            w = ea * (dx - self._made_back(w, dlogdet, False)[1])
-        self._made_back(-w, None if dlogdet is None else -dlogdet, True)
-        return w
+            w = ea * (dx - self._made_back(w, dlogdet, False)[1][:, :self.dim])
+        dm = self._made_back(-w, None if dlogdet is None else -dlogdet, True)[1]
+        return self._out(w, dm)
 
 
 @_layer
@@ -219,10 +246,10 @@ class MAF(_Autoregressive):
     log|det dz/dx| = -sum_d alpha_d (one MADE pass); the inverse (sampling) x_d = z_d e^alpha_d + mu_d takes D
     passes. Put a Permutation between layers so every coordinate gets conditioned on every other."""
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         """z = (x - mu(x)) e^-alpha(x);  logdet = -sum_d alpha_d.   x (B, D) -> (z (B, D), logdet (B,))."""
         self._mode = "forward"
-        return self._one_pass(x)
+        return self._one_pass(x, context)
 
     def backward(self, dy, dlogdet=None, need_dx=True):
         """dx = dz e^-alpha + J_MADE^T [d raw | d mu],  d alpha = -dz z - dlogdet,  d mu = -dz e^-alpha,
@@ -230,11 +257,11 @@ class MAF(_Autoregressive):
         self._need("forward")
         return self._one_pass_backward(dy, dlogdet)
 
-    def inverse(self, y, logdet=False):
+    def inverse(self, y, logdet=False, context=None):
         """x = z e^alpha(x) + mu(x) solved in D MADE passes;  logdet_inv = +sum_d alpha_d(x).
         y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
         self._mode = "inverse"
-        x, ld = self._d_pass(y)
+        x, ld = self._d_pass(y, context)
         return (x, ld) if logdet else x
 
     def inverse_backward(self, dx, dlogdet=None):
@@ -251,11 +278,11 @@ class IAF(_Autoregressive):
     x = (z - mu(z)) e^-alpha(z) with logdet_inv = -sum alpha; the density direction (``forward``) solves that
     map for z coordinate by coordinate in D passes, z = x e^alpha(z) + mu(z), logdet = +sum alpha(z)."""
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         """y with x = (y - mu(y)) e^-alpha(y), D MADE passes;  logdet = +sum_d alpha_d(y).
         x (B, D) -> (y (B, D), logdet (B,))."""
         self._mode = "forward"
-        return self._d_pass(x)
+        return self._d_pass(x, context)
 
     def backward(self, dy, dlogdet=None, need_dx=True):
         """dx = J^-T (dy + dlogdet d(sum alpha)/dy) by D Jacobi steps, J = d x / d y of the one-pass map; then
@@ -264,11 +291,11 @@ class IAF(_Autoregressive):
         self._need("forward")
         return self._d_pass_backward(dy, dlogdet)
 
-    def inverse(self, y, logdet=False):
+    def inverse(self, y, logdet=False, context=None):
         """x = (y - mu(y)) e^-alpha(y) (one MADE pass);  logdet_inv = -sum_d alpha_d.
         y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
         self._mode = "inverse"
-        x, ld = self._one_pass(y)
+        x, ld = self._one_pass(y, context)
         return (x, ld) if logdet else x
 
     def inverse_backward(self, dx, dlogdet=None):

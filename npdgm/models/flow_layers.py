@@ -10,6 +10,14 @@ Every layer is a :class:`~npdgm.nn.Module` with, for a batch of B rows of D feat
                              through the inverse (sampling-side losses)
     spec()                   -> JSON dict that rebuilds the layer (masks, permutation seeds included)
 
+Context (conditional flows, p(x | c)): a coupling, MAF or IAF built with ``context_dim=C > 0`` takes a context
+c (B, C) in ``forward(x, c)`` / ``inverse(y, logdet, c)``; c is concatenated to the conditioner's input (the
+coupling net sees [x_a | c], the MADE [x | c] with c connected to every first-layer unit), and its
+``backward`` / ``inverse_backward`` return (dx, dc) instead of dx (dc = the c-columns of the conditioner's
+input gradient). Layers without a conditioner (ActNorm, Permutation, InvertibleLinear, ...) have
+``context_dim = 0`` and never see c: the container :class:`~npdgm.models.flows.Flow` passes c to the
+conditional layers only. Derivation: docs/conditional-flows.md.
+
 A backward pairs with the latest forward (``backward``) or inverse (``inverse_backward``) call of
 the same layer: the layer caches what it needs there.
 
@@ -31,7 +39,8 @@ from ..nn.module import Module, Parameter
 from ..validate import check_float, check_int
 
 __all__ = ["FlowLayer", "AdditiveCoupling", "AffineCoupling", "Permutation", "Scaling", "ActNorm",
-           "LogitTransform", "InvertibleLinear", "SplineCoupling", "make_mask", "build_layer", "FLOW_LAYERS", "MASKS"]
+           "LogitTransform", "InvertibleLinear", "SplineCoupling", "make_mask", "build_layer", "check_context",
+           "FLOW_LAYERS", "MASKS"]
 
 MASKS = ("half", "alternate", "checkerboard", "channel")
 FLOW_LAYERS = {}
@@ -128,6 +137,25 @@ def check_scale_net(scale, scale_bound, hidden, seed):
             [check_int(h, "hidden size", lo=1) for h in hidden], check_int(seed, "seed", lo=0))
 
 
+def check_context(owner, context, context_dim, rows):
+    """A context c for a layer or flow ``owner`` (its name) built with ``context_dim``: (rows, context_dim) float
+    array, or None when ``context_dim`` is 0; ValueError / TypeError naming what is wrong."""
+    if not context_dim:
+        if context is not None:
+            raise ValueError(f"{owner} takes no context (built with context_dim=0), got one of shape "
+                             f"{getattr(context, 'shape', type(context))}")
+        return None
+    if context is None:
+        raise ValueError(f"{owner} is conditional (context_dim={context_dim}): pass a context of shape "
+                         f"(batch, {context_dim})")
+    if getattr(context, "ndim", None) != 2 or context.shape != (rows, context_dim):
+        raise ValueError(f"context must have shape ({rows}, {context_dim}) (a row per example, "
+                         f"context_dim={context_dim}), got {getattr(context, 'shape', type(context))}")
+    if context.dtype.kind != "f":
+        raise TypeError(f"context must be a float array, got dtype {context.dtype}")
+    return context
+
+
 def _check_input(name, x, dim):
     if getattr(x, "ndim", None) != 2:
         raise ValueError(f"{name} must be a 2-D array (batch, {dim}), got shape {getattr(x, 'shape', type(x))}")
@@ -140,6 +168,8 @@ def _check_input(name, x, dim):
 # -- layers ----------------------------------------------------------------------------------------
 class FlowLayer(Module):
     """Base of the invertible layers (see the module docstring for the protocol)."""
+
+    context_dim = 0  # > 0: a conditional layer (forward/inverse take c, the backwards return (dx, dc))
 
     def __init__(self, dim):
         super().__init__()
@@ -167,16 +197,39 @@ class FlowLayer(Module):
 
 
 class _Coupling(FlowLayer):
-    """Shared mask handling: x_a = x[:, mask], x_b = x[:, ~mask]."""
+    """Shared mask handling: x_a = x[:, mask], x_b = x[:, ~mask]; and the conditioner's input, x_a or with a
+    context [x_a | c] (net input size na + context_dim)."""
 
-    def __init__(self, dim, mask, parity, image_shape):
+    def __init__(self, dim, mask, parity, image_shape, context_dim=0):
         super().__init__(dim)
         m = make_mask(dim, mask, parity, image_shape)
         self.mask_bool = m
         self.ia, self.ib = _index(m), _index(~m)
         self.na, self.nb = int(m.sum()), int((~m).sum())
+        self.context_dim = check_int(context_dim, "context_dim", lo=0)
         self._mask_spec = dict(mask=mask if isinstance(mask, str) else [int(v) for v in mask], parity=int(parity),
                                image_shape=None if image_shape is None else [int(s) for s in image_shape])
+
+    def _context_spec(self):
+        """{"context_dim": C} for a conditional layer, {} otherwise (context-free specs stay as they were)."""
+        return {"context_dim": self.context_dim} if self.context_dim else {}
+
+    def _net_in(self, a, context):
+        """The conditioner's input: x_a (B, na), or [x_a | c] (B, na + C) for a conditional layer."""
+        context = check_context(type(self).__name__, context, self.context_dim, a.shape[0])
+        return a if context is None else backend.array_module(a).concatenate([a, context], axis=1)
+
+    def _net_back(self, dh, need_dx=True):
+        """net's backward for the output gradient dh: (d x_a or None, dc or None); a conditional layer always
+        needs the input gradient, whose last C columns are dc."""
+        if not self.context_dim:
+            return self.net.backward(dh, need_dx=need_dx), None
+        dn = self.net.backward(dh, need_dx=True)
+        return dn[:, :self.na], dn[:, self.na:]
+
+    def _out(self, dx, dc):
+        """What a backward returns: dx, or (dx, dc) for a conditional layer."""
+        return (dx, dc) if self.context_dim else dx
 
     def _split(self, x):
         return x[:, _dev_index(self.ia, x)], x[:, _dev_index(self.ib, x)]
@@ -198,48 +251,50 @@ class AdditiveCoupling(_Coupling):
     """
 
     def __init__(self, dim, mask="half", parity=0, hidden=(1000, 1000, 1000, 1000, 1000), activation="relu",
-                 image_shape=None, init="torch", seed=0):
-        super().__init__(dim, mask, parity, image_shape)
+                 image_shape=None, init="torch", seed=0, context_dim=0):
+        super().__init__(dim, mask, parity, image_shape, context_dim)
         hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
         seed = check_int(seed, "seed", lo=0)
-        self.net = MLP(self.na, hidden, self.nb, activation=activation, init=init, rng=seed)
+        self.net = MLP(self.na + self.context_dim, hidden, self.nb, activation=activation, init=init, rng=seed)
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, init=init,
-                          seed=seed)
+                          seed=seed, **self._context_spec())
 
     def spec(self):
         """The dict that rebuilds this coupling: {"type": "AdditiveCoupling", dim, mask, parity, hidden, ...}."""
         return {"type": "AdditiveCoupling", **self._spec}
 
-    def forward(self, x):
-        """y_a = x_a,  y_b = x_b + m(x_a);  logdet = 0.   x (B, D) -> (y (B, D), logdet (B,) zeros)."""
+    def forward(self, x, context=None):
+        """y_a = x_a,  y_b = x_b + m(x_a [| c]);  logdet = 0.   x (B, D) -> (y (B, D), logdet (B,) zeros)."""
         xa, xb = self._split(x)
-        yb = xb + self.net.forward(xa)
+        yb = xb + self.net.forward(self._net_in(xa, context))
         self._mode = "forward"
         return self._merge(xa, yb), backend.array_module(x).zeros(x.shape[0], dtype=x.dtype)
 
     def backward(self, dy, dlogdet=None, need_dx=True):
         """dx_b = dy_b;  dx_a = dy_a + m'(x_a)^T dy_b  (log-det is constant: dlogdet is unused).
-        dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with need_dx=False); m's gradients accumulate."""
+        dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with need_dx=False); m's gradients accumulate.
+        Conditional: (dx, dc), dc = m'(c)^T dy_b."""
         self._need("forward")
         dya, dyb = self._split(dy)
-        dm = self.net.backward(dyb, need_dx=need_dx)
-        return self._merge(dya + dm, dyb) if need_dx else None
+        dm, dc = self._net_back(dyb, need_dx)
+        return self._out(self._merge(dya + dm, dyb) if need_dx else None, dc)
 
-    def inverse(self, y, logdet=False):
-        """x_a = y_a,  x_b = y_b - m(y_a).   y (B, D) -> x (B, D), or (x, logdet_inv (B,) zeros) with ``logdet``."""
+    def inverse(self, y, logdet=False, context=None):
+        """x_a = y_a,  x_b = y_b - m(y_a [| c]).   y (B, D) -> x (B, D), or (x, logdet_inv (B,) zeros) with
+        ``logdet``."""
         ya, yb = self._split(y)
-        xb = yb - self.net.forward(ya)
+        xb = yb - self.net.forward(self._net_in(ya, context))
         self._mode = "inverse"
         x = self._merge(ya, xb)
         return (x, backend.array_module(y).zeros(y.shape[0], dtype=y.dtype)) if logdet else x
 
     def inverse_backward(self, dx, dlogdet=None):
         """dy_b = dx_b;  dy_a = dx_a + m'(y_a)^T (-dx_b)  (m's parameters receive the upstream gradient -dx_b).
-        dx (B, D), dlogdet_inv (B,) or None (unused) -> dy (B, D)."""
+        dx (B, D), dlogdet_inv (B,) or None (unused) -> dy (B, D) (conditional: (dy, dc), dc = m'(c)^T (-dx_b))."""
         self._need("inverse")
         dxa, dxb = self._split(dx)
-        dya = dxa + self.net.backward(-dxb)
-        return self._merge(dya, dxb)
+        dm, dc = self._net_back(-dxb)
+        return self._out(self._merge(dxa + dm, dxb), dc)
 
 
 @_layer
@@ -255,33 +310,34 @@ class AffineCoupling(_Coupling):
     """
 
     def __init__(self, dim, mask="half", parity=0, hidden=(256, 256), activation="relu", scale="tanh",
-                 scale_bound=1.0, image_shape=None, init="torch", seed=0):
-        super().__init__(dim, mask, parity, image_shape)
+                 scale_bound=1.0, image_shape=None, init="torch", seed=0, context_dim=0):
+        super().__init__(dim, mask, parity, image_shape, context_dim)
         scale, scale_bound, hidden, seed = check_scale_net(scale, scale_bound, hidden, seed)
         self.scale, self.scale_bound = scale, scale_bound
-        self.net = MLP(self.na, hidden, 2 * self.nb, activation=activation, init=init, rng=seed)
+        self.net = MLP(self.na + self.context_dim, hidden, 2 * self.nb, activation=activation, init=init, rng=seed)
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, scale=scale,
-                          scale_bound=self.scale_bound, init=init, seed=seed)
+                          scale_bound=self.scale_bound, init=init, seed=seed, **self._context_spec())
 
     def spec(self):
         """The dict that rebuilds this coupling: {"type": "AffineCoupling", dim, mask, parity, hidden, scale, ...}."""
         return {"type": "AffineCoupling", **self._spec}
 
-    def _st(self, a):
-        h = self.net.forward(a)
+    def _st(self, a, context):
+        h = self.net.forward(self._net_in(a, context))
         raw, t = h[:, :self.nb], h[:, self.nb:]
         return raw, C.scale_clamp_forward(raw, self.scale, self.scale_bound), t
 
     def _dnet(self, ds, dt, raw, s, need_dx=True):
+        """(d x_a, dc) through the net from (ds, dt): d raw = ds clamp'(raw), [d raw | dt] into the net."""
         xp = backend.array_module(ds)
         draw = C.scale_clamp_backward(ds, raw, s, self.scale, self.scale_bound)
-        return self.net.backward(xp.concatenate([draw, dt], axis=1), need_dx=need_dx)
+        return self._net_back(xp.concatenate([draw, dt], axis=1), need_dx)
 
-    def forward(self, x):
-        """(raw, t) = net(x_a), s = clamp(raw);  y_a = x_a,  y_b = x_b exp(s) + t;  logdet = sum_j s_j.
+    def forward(self, x, context=None):
+        """(raw, t) = net(x_a [| c]), s = clamp(raw);  y_a = x_a,  y_b = x_b exp(s) + t;  logdet = sum_j s_j.
         x (B, D) -> (y (B, D), logdet (B,))."""
         xa, xb = self._split(x)
-        raw, s, t = self._st(xa)
+        raw, s, t = self._st(xa, context)
         yb, ld = C.affine_coupling_forward(xb, s, t)
         self._cache = (xb, raw, s)
         self._mode = "forward"
@@ -290,19 +346,19 @@ class AffineCoupling(_Coupling):
     def backward(self, dy, dlogdet=None, need_dx=True):
         """dx_b = dy_b exp(s);  ds = dy_b x_b exp(s) + dlogdet;  dt = dy_b;  d raw = ds clamp'(raw);
         dx_a = dy_a + J_net^T [d raw | dt].   dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with
-        need_dx=False); net's gradients accumulate."""
+        need_dx=False); net's gradients accumulate. Conditional: (dx, dc), dc the c-columns of J_net^T [d raw | dt]."""
         self._need("forward")
         xb, raw, s = self._cache
         dya, dyb = self._split(dy)
         dxb, ds, dt = C.affine_coupling_backward(dyb, dlogdet, xb, s)
-        dm = self._dnet(ds, dt, raw, s, need_dx)
-        return self._merge(dya + dm, dxb) if need_dx else None
+        dm, dc = self._dnet(ds, dt, raw, s, need_dx)
+        return self._out(self._merge(dya + dm, dxb) if need_dx else None, dc)
 
-    def inverse(self, y, logdet=False):
-        """(raw, t) = net(y_a);  x_a = y_a,  x_b = (y_b - t) exp(-s);  logdet_inv = -sum_j s_j.
+    def inverse(self, y, logdet=False, context=None):
+        """(raw, t) = net(y_a [| c]);  x_a = y_a,  x_b = (y_b - t) exp(-s);  logdet_inv = -sum_j s_j.
         y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
         ya, yb = self._split(y)
-        raw, s, t = self._st(ya)
+        raw, s, t = self._st(ya, context)
         xb, ld = C.affine_coupling_inverse(yb, s, t)
         self._cache = (xb, raw, s)
         self._mode = "inverse"
@@ -311,12 +367,13 @@ class AffineCoupling(_Coupling):
 
     def inverse_backward(self, dx, dlogdet=None):
         """dy_b = dx_b exp(-s);  dt = -dy_b;  ds = -dx_b x_b - dlogdet_inv;  dy_a = dx_a + J_net^T [d raw | dt].
-        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate."""
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate (conditional: (dy, dc))."""
         self._need("inverse")
         xb, raw, s = self._cache
         dxa, dxb = self._split(dx)
         dyb, ds, dt = C.affine_coupling_inverse_backward(dxb, dlogdet, xb, s)
-        return self._merge(dxa + self._dnet(ds, dt, raw, s), dyb)
+        dm, dc = self._dnet(ds, dt, raw, s)
+        return self._out(self._merge(dxa + dm, dyb), dc)
 
 
 @_layer
@@ -666,8 +723,8 @@ class SplineCoupling(_Coupling):
 
     def __init__(self, dim, mask="half", parity=0, hidden=(64, 64), activation="relu", bins=8, bound=3.0,
                  min_width=1e-3, min_height=1e-3, min_derivative=1e-3, image_shape=None, init="torch", seed=0,
-                 identity_init=False):
-        super().__init__(dim, mask, parity, image_shape)
+                 identity_init=False, context_dim=0):
+        super().__init__(dim, mask, parity, image_shape, context_dim)
         self.bins = check_int(bins, "bins", lo=2)
         self.bound = check_float(bound, "bound", lo=0, strict_lo=True)
         self.min_width = check_float(min_width, "min_width", lo=0)
@@ -680,13 +737,14 @@ class SplineCoupling(_Coupling):
                              f"min_width={self.min_width}, min_height={self.min_height}")
         hidden = [check_int(h, "hidden size", lo=1) for h in hidden]
         seed = check_int(seed, "seed", lo=0)
-        self.net = MLP(self.na, hidden, self.nb * (3 * self.bins - 1), activation=activation, init=init, rng=seed)
+        self.net = MLP(self.na + self.context_dim, hidden, self.nb * (3 * self.bins - 1), activation=activation,
+                       init=init, rng=seed)
         if identity_init:  # the last layer starts at 0: u = 0, the identity spline (Glow's zero-initialized output)
             last = self.net.layers[-1]
             last.W.data[...], last.b.data[...] = 0, 0
         self._spec = dict(dim=self.dim, **self._mask_spec, hidden=hidden, activation=activation, bins=self.bins,
                           bound=self.bound, min_width=self.min_width, min_height=self.min_height,
-                          min_derivative=self.min_derivative, init=init, seed=seed)
+                          min_derivative=self.min_derivative, init=init, seed=seed, **self._context_spec())
         if identity_init:
             self._spec["identity_init"] = True
 
@@ -694,25 +752,26 @@ class SplineCoupling(_Coupling):
         """The dict that rebuilds this coupling: {"type": "SplineCoupling", dim, mask, parity, hidden, bins, ...}."""
         return {"type": "SplineCoupling", **self._spec}
 
-    def _knots(self, a):
-        """(u (B, nb, 3K - 1), knots (xk, yk, d)) of the conditioning half a."""
-        u = self.net.forward(a).reshape(a.shape[0], self.nb, 3 * self.bins - 1)
+    def _knots(self, a, context):
+        """(u (B, nb, 3K - 1), knots (xk, yk, d)) of the conditioning half a (and the context c)."""
+        u = self.net.forward(self._net_in(a, context)).reshape(a.shape[0], self.nb, 3 * self.bins - 1)
         return u, S.rq_knots_forward(u, self.bound, self.min_width, self.min_height, self.min_derivative)
 
     def _dnet(self, u, dknots, need_dx=True):
+        """(d x_a, dc) through the knot map and the net."""
         du = S.rq_knots_backward(*dknots, u, self.bound, self.min_width, self.min_height, self.min_derivative)
-        return self.net.backward(du.reshape(du.shape[0], -1), need_dx=need_dx)
+        return self._net_back(du.reshape(du.shape[0], -1), need_dx)
 
     def _dlog(self, dlogdet, like):
         """dL/dlog g' per element (B, nb) from dL/dlogdet (B,) (zeros for None)."""
         xp = backend.array_module(like)
         return xp.zeros_like(like) if dlogdet is None else xp.broadcast_to(dlogdet[:, None], like.shape)
 
-    def forward(self, x):
-        """knots = net(x_a);  y_a = x_a,  y_b = g(x_b);  logdet = sum_j log g'(x_b,j).
+    def forward(self, x, context=None):
+        """knots = net(x_a [| c]);  y_a = x_a,  y_b = g(x_b);  logdet = sum_j log g'(x_b,j).
         x (B, D) -> (y (B, D), logdet (B,))."""
         xa, xb = self._split(x)
-        u, knots = self._knots(xa)
+        u, knots = self._knots(xa, context)
         yb, logg = S.rq_spline_forward(xb, *knots)
         self._cache, self._mode = (xb, u, knots), "forward"
         return self._merge(xa, yb), logg.sum(axis=1)
@@ -720,19 +779,20 @@ class SplineCoupling(_Coupling):
     def backward(self, dy, dlogdet=None, need_dx=True):
         """dx_b = dy_b g' + dlogdet d log g'/dx_b (identity in the tails);  the knots' gradients from
         :func:`~npdgm.kernels.spline.rq_spline_backward` -> knot map backward -> net:  dx_a = dy_a + J_net^T du.
-        dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with need_dx=False); net's gradients accumulate."""
+        dy (B, D), dlogdet (B,) or None -> dx (B, D) (None with need_dx=False); net's gradients accumulate.
+        Conditional: (dx, dc)."""
         self._need("forward")
         xb, u, knots = self._cache
         dya, dyb = self._split(dy)
         dxb, *dknots = S.rq_spline_backward(dyb, self._dlog(dlogdet, dyb), xb, *knots)
-        dm = self._dnet(u, dknots, need_dx)
-        return self._merge(dya + dm, dxb) if need_dx else None
+        dm, dc = self._dnet(u, dknots, need_dx)
+        return self._out(self._merge(dya + dm, dxb) if need_dx else None, dc)
 
-    def inverse(self, y, logdet=False):
-        """knots = net(y_a);  x_a = y_a,  x_b = g^-1(y_b) (the quadratic's stable root);  logdet_inv =
+    def inverse(self, y, logdet=False, context=None):
+        """knots = net(y_a [| c]);  x_a = y_a,  x_b = g^-1(y_b) (the quadratic's stable root);  logdet_inv =
         -sum_j log g'(x_b,j).   y (B, D) -> x (B, D), or (x, logdet_inv (B,)) with ``logdet``."""
         ya, yb = self._split(y)
-        u, knots = self._knots(ya)
+        u, knots = self._knots(ya, context)
         xb, ldi = S.rq_spline_inverse(yb, *knots)
         self._cache, self._mode = (xb, u, knots), "inverse"
         x = self._merge(ya, xb)
@@ -742,9 +802,10 @@ class SplineCoupling(_Coupling):
         """x_b = g^-1(y_b), logdet_inv = -sum_j log g'(x_b):  dy_b = (dx_b - dlogdet_inv d log g'/dx) / g';
         the knots get the forward backward's gradients with (-dy_b, -dlogdet_inv)
         (:func:`~npdgm.kernels.spline.rq_spline_inverse_backward`);  dy_a = dx_a + J_net^T du.
-        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate."""
+        dx (B, D), dlogdet_inv (B,) or None -> dy (B, D); net's gradients accumulate (conditional: (dy, dc))."""
         self._need("inverse")
         xb, u, knots = self._cache
         dxa, dxb = self._split(dx)
         dyb, *dknots = S.rq_spline_inverse_backward(dxb, self._dlog(dlogdet, dxb), xb, *knots)
-        return self._merge(dxa + self._dnet(u, dknots), dyb)
+        dm, dc = self._dnet(u, dknots)
+        return self._out(self._merge(dxa + dm, dyb), dc)

@@ -12,15 +12,38 @@ def _host(a):
     return np.asarray(backend.to_host(a), dtype=np.float64)
 
 
-def density_grid(flow, lim, n=200):
-    """(xs, ys, density (n, n)) of exp(log p) on the square [-lim, lim]^2."""
+def density_grid(flow, lim, n=200, context=None):
+    """(xs, ys, density (n, n)) of exp(log p) on the square [-lim, lim]^2 (p(x | c) for one context row
+    ``context`` (C,) of a conditional flow)."""
     xs = np.linspace(-lim, lim, n)
     gx, gy = np.meshgrid(xs, xs)
     pts = np.stack([gx.ravel(), gy.ravel()], 1)
     dt = flow.flat_params.dtype if flow.flat_params is not None else backend.get_dtype()
-    lp = np.concatenate([_host(flow.log_prob(backend.to_device(pts[s:s + 10000], dt)))
+
+    def ctx(rows):
+        return None if context is None else backend.to_device(np.broadcast_to(context, (rows, len(context))), dt)
+
+    lp = np.concatenate([_host(flow.log_prob(backend.to_device(pts[s:s + 10000], dt), ctx(len(pts[s:s + 10000]))))
                          for s in range(0, len(pts), 10000)])
     return xs, xs, np.exp(lp).reshape(n, n)
+
+
+def conditional_panels(flow, contexts, names, path, lim, title=None, n_samples=400, seed=0):
+    """One panel per context row c of ``contexts`` (K, C): the learned density p(x | c) as a heat map, with
+    ``n_samples`` samples of p(x | c) on top (the check that a conditional flow follows its context)."""
+    plt = pyplot()
+    contexts = np.asarray(contexts, dtype=np.float64)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(3.3 * len(contexts), 3.6), squeeze=False)
+    for ax, c, name in zip(axes[0], contexts, names):
+        xs, ys, dens = density_grid(flow, lim, 150, c)
+        ax.imshow(dens, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
+        smp = _host(flow.sample(n_samples, rng=seed, context=c))
+        ax.scatter(smp[:, 0], smp[:, 1], s=1.5, c="cyan", alpha=0.6)
+        ax.set_title(f"p(x | {name})")
+    square_axes(axes[0], lim)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
 def flow2d_panels(flow, data, path, title=None, n_samples=None, seed=0, temperature=1.0):
@@ -76,6 +99,19 @@ def sample_grids(flow, path, temperatures=(0.5, 0.7, 0.85, 1.0), n_per_row=12, s
     return save_image_grid(rows, path, nrow=n_per_row, shape=shape,
                            title="samples, one row per temperature T",
                            row_labels=[f"T={t:g}" for t in temperatures])
+
+
+def class_sample_grid(flow, path, n_per_class=10, temperature=0.7, seed=0, shape=(28, 28)):
+    """Samples of a class-conditional flow, one row per class y (context e_y), the same noise in every row."""
+    from ..kernels.coupling import prior_noise
+
+    C = flow.context_dim
+    noise = prior_noise(flow.prior, np.random.default_rng(seed), (n_per_class, flow.dim), np.float64)
+    rows = [np.clip(_host(flow.sample(n_per_class, temperature=temperature, noise=noise, context=np.eye(C)[y])), 0, 1)
+            for y in range(C)]
+    return save_image_grid(np.concatenate(rows), path, nrow=n_per_class, shape=shape,
+                           title=f"samples of p(x | y), one row per class (T={temperature:g})",
+                           row_labels=[f"y={y}" for y in range(C)])
 
 
 def bpd_curves(records, path, title="flow training"):

@@ -191,6 +191,8 @@ def _layer_make(spec, direction, B=5):
         up = "dy" if direction == "forward" else "dx"
         out = {"model": describe("flow_layer", model.spec(), model), name: a.astype(dt),
                up: rng.standard_normal((B, D)).astype(dt), "dlogdet": rng.standard_normal(B).astype(dt)}
+        if spec.get("context_dim"):  # a conditional layer: its context c (B, C), and grad/c = dL/dc
+            out["c"] = rng.standard_normal((B, spec["context_dim"])).astype(dt)
         if p.size:
             out["params"] = p
         return out
@@ -201,20 +203,24 @@ def _layer_forward_run(i):
     layer = _build(i["model"])
     if "params" in i:
         _load_params(layer, i["params"])
-    y, ld = layer.forward(i["x"])
+    ctx = {"context": i["c"]} if "c" in i else {}
+    y, ld = layer.forward(i["x"], **ctx)
     layer.zero_grad()
     dx = layer.backward(i["dy"], i["dlogdet"])
-    return {"y": y, "logdet": ld}, {"x": dx, **_grads(layer)}
+    dx = dict(zip(("x", "c"), dx)) if ctx else {"x": dx}
+    return {"y": y, "logdet": ld}, {**dx, **_grads(layer)}
 
 
 def _layer_inverse_run(i):
     layer = _build(i["model"])
     if "params" in i:
         _load_params(layer, i["params"])
-    x, ld = layer.inverse(i["y"], logdet=True)
+    ctx = {"context": i["c"]} if "c" in i else {}
+    x, ld = layer.inverse(i["y"], logdet=True, **ctx)
     layer.zero_grad()
     dy = layer.inverse_backward(i["dx"], i["dlogdet"])
-    return {"x": x, "logdet_inv": ld}, {"y": dy, **_grads(layer)}
+    dy = dict(zip(("y", "c"), dy)) if ctx else {"y": dy}
+    return {"x": x, "logdet_inv": ld}, {**dy, **_grads(layer)}
 
 
 LAYERS = {
@@ -254,6 +260,22 @@ LAYERS = {
                         "u = net(x_a) (B, nb, 3K-1): widths, heights softmax, interior derivatives softplus; "
                         "y_b = rational-quadratic spline on [-bound, bound], identity outside; logdet = sum log g'",
                         "x_b = g^-1(y_b) (stable root of the bin's quadratic); logdet_inv = -sum log g'(x_b)"),
+    # conditional layers (context_dim C): the conditioner's input is [x_a | c] (MADE: [x | c], the c rows of the
+    # first mask all ones); input/c (B, C), grad/c = dL/dc
+    "affine_coupling_context": (dict(type="AffineCoupling", dim=4, mask="half", parity=1, hidden=[5],
+                                     activation="tanh", scale="tanh", scale_bound=1.5, image_shape=None, init="torch",
+                                     seed=12, context_dim=2),
+                                "(raw, t) = net([x_a | c]); s = b tanh(raw / b); y_b = x_b e^s + t; logdet = sum s",
+                                "x_b = (y_b - t) e^-s, (raw, t) = net([y_a | c]); logdet_inv = -sum s"),
+    "maf_context": (dict(type="MAF", dim=3, hidden=[6], activation="tanh", scale="tanh", scale_bound=1.5,
+                         init="torch", seed=13, context_dim=2),
+                    "(raw, mu) = MADE([x | c]); alpha = b tanh(raw / b); y = (x - mu) e^-alpha; logdet = -sum alpha",
+                    "x = y e^alpha + mu of MADE([x | c]) (D passes); logdet_inv = sum alpha(x)"),
+    "spline_coupling_context": (dict(type="SplineCoupling", dim=3, mask="half", parity=0, hidden=[5],
+                                     activation="tanh", bins=3, bound=2.0, min_width=1e-3, min_height=1e-3,
+                                     min_derivative=1e-3, image_shape=None, init="torch", seed=14, context_dim=2),
+                                "u = net([x_a | c]); y_b = rational-quadratic spline; logdet = sum log g'",
+                                "x_b = g^-1(y_b), knots from net([y_a | c]); logdet_inv = -sum log g'(x_b)"),
 }
 for _name, (_spec, _fwd, _inv) in LAYERS.items():
     register(_name, _fwd + ";  upstream dy, dlogdet;  grad/x = dL/dx, grad/<param> = dL/dparam for "
