@@ -81,7 +81,23 @@ def test_incremental_solve_matches_the_plain_d_passes(f64, rng, cls, d, hidden, 
     x_ref, ld_ref = layer._d_pass(z, reference=True)
     np.testing.assert_allclose(x, x_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ld, ld_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(layer._one_pass(x)[0], z, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(layer._one_pass(x, None)[0], z, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [AR.MAF, AR.IAF])
+def test_incremental_solve_with_a_context_matches_the_plain_d_passes(f64, rng, cls):
+    """With a context c the incremental solve adds c's rows of the first layer once, before the first coordinate:
+    the same x as D whole passes of MADE([x | c]), and the one pass at (x, c) gives z back."""
+    layer = cls(7, hidden=(12, 9), activation="tanh", seed=3, context_dim=3)
+    for p in layer.parameters():
+        p.data[...] += 0.3 * rng.standard_normal(p.shape)
+    z, c = rng.standard_normal((5, 7)), rng.standard_normal((5, 3))
+    x, ld = layer._d_pass(z, c)
+    x_ref, ld_ref = layer._d_pass(z, c, reference=True)
+    np.testing.assert_allclose(x, x_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ld, ld_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer._one_pass(x, c)[0], z, rtol=1e-10, atol=1e-10)
+    assert np.abs(layer._d_pass(z, c + 1.0)[0] - x).max() > 1e-3          # the context changes the solution
 
 
 def test_maf_flow_samples_match_the_reference_and_report_progress(f64, rng):
