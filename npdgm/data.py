@@ -306,11 +306,15 @@ def load_dataset(split="train", data=None, dtype=np.float32, limit=None):
 def load_mnist(split="train", data=None, dtype=np.float32, limit=None):
     """``load_dataset`` for the models of 28x28 grey images (784 pixels): CIFAR-10 is refused in one line
     naming the commands that take it."""
+    require_grey(data)
+    return load_dataset(split, data, dtype, limit)
+
+
+def require_grey(data, takes="npdgm train glow or npdgm train vae --arch conv"):
+    """DataError in one line unless ``data`` holds 28x28 grey images (for the commands that model 784 pixels)."""
     if image_shape(data) != MNIST_SHAPE:
         raise DataError(f"--data {data} is CIFAR-10 (32x32 colour, 3072 values per image); this command models "
-                        f"28x28 grey images (784 pixels): train CIFAR-10 with npdgm train glow or npdgm train vae "
-                        f"--arch conv")
-    return load_dataset(split, data, dtype, limit)
+                        f"28x28 grey images (784 pixels): train CIFAR-10 with {takes}")
 
 
 load_mnist_uint8 = load_uint8        # the historical name

@@ -84,11 +84,12 @@ def group(parser, title):
     return parser.add_argument_group(title)
 
 
-def add_data_arg(g, default=None):
-    """--data: a data set name or a directory (the names listed in the help)."""
-    from ..data import DATA_HELP
+def add_data_arg(g, default=None, colour=False):
+    """--data: a data set name or a directory (the names listed in the help; ``colour``: CIFAR-10 too)."""
+    from ..data import DATA_HELP, IMAGE_DATA_HELP
 
-    help = DATA_HELP if default is None else DATA_HELP.split(" (default")[0] + f" (default: {default})"
+    text = IMAGE_DATA_HELP if colour else DATA_HELP
+    help = text if default is None else text.split(" (default")[0] + f" (default: {default})"
     g.add_argument("--data", default=None, metavar="NAME|DIR", help=help)
 
 
