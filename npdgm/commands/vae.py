@@ -248,6 +248,17 @@ def _image_shape(args):
     return shape
 
 
+def _check_new_run(args):
+    """A new run's image shape (see ``_image_shape``), its sizes and scales checked before a run directory is
+    made; MNIST's on --resume (the stored model knows its own)."""
+    if args.resume:
+        return MNIST_SHAPE
+    shape = _image_shape(args)
+    check_sigma(args.sigma, args.dtype, math.prod(shape))
+    check_eval_sizes(vars(args))
+    return shape
+
+
 def check_sigma(sigma, dtype, x_dim=784):
     """ValueError naming --sigma when the fixed decoder std is so small that the Gaussian loss and its gradient,
     of size x_dim / sigma^2, or Adam's square of the gradient overflow ``dtype`` before any update: sigma must be
@@ -304,11 +315,7 @@ def cmd_train(args):
     from ..models.vae import VAE
 
     setup_backend(args)
-    shape = MNIST_SHAPE
-    if not args.resume:  # sizes and scales checked before a run directory is made
-        shape = _image_shape(args)
-        check_sigma(args.sigma, args.dtype, math.prod(shape))
-        check_eval_sizes(vars(args))
+    shape = _check_new_run(args)
     cfg = {k: getattr(args, k) for k in MODEL_KEYS}
     r = common.resume_or_new(args, "vae", RUN_KEYS, DEFAULT_EPOCHS,
                              lambda run: VAE(x_dim=math.prod(shape), image_shape=shape, seed=run["seed"], **cfg))

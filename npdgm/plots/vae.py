@@ -17,7 +17,7 @@ def _h(a):
 
 def _shape(model):
     """The (C, H, W) of a conv VAE's images (colour when C = 3), else MNIST's 28x28."""
-    return tuple(model.config.get("image_shape", (28, 28)))
+    return tuple(getattr(model, "config", {}).get("image_shape", (28, 28)))
 
 
 def reconstructions(model, x, path, n=10, pairs=2):
