@@ -388,7 +388,7 @@ def read_cifar_archive(path, names):
     extracted). Every member is checked before a byte of it is read: its name stays inside the archive (no
     absolute path, no ``..``), it is a regular file or a directory (no link, device or fifo), and it declares
     at most one batch file's size; a wanted member must hold whole 3073-byte records. Members are read as a
-    stream (one gzip pass), so a truncated archive fails with its name."""
+    stream, all of them (one gzip pass, whichever split is wanted), so a truncated archive fails with its name."""
     found = {}
     try:
         with tarfile.open(path, "r|gz") as tar:
@@ -409,8 +409,6 @@ def read_cifar_archive(path, names):
                     raise DataError(f"{path}: member {m.name} stops after {len(raw):,} of {m.size:,} bytes "
                                     f"(a truncated archive)")
                 found[base] = raw
-                if len(found) == len(names):
-                    break
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e or type(e).__name__} (a truncated or corrupt archive: delete it "
                         f"and run npdgm data download cifar10 again)") from e
