@@ -1,5 +1,5 @@
-"""Data: MNIST and Fashion-MNIST IDX files, the download cache, the bundled offline subset,
-binarization/dequantization, 2-D toy sets.
+"""Data: MNIST and Fashion-MNIST IDX files, CIFAR-10's binary version, the download cache, the bundled offline
+subset, binarization/dequantization, 2-D toy sets.
 
 Where the images come from (the ``data`` argument of ``load_dataset`` / ``load_mnist``, ``--data`` on the CLI):
     1. a data set name, ``mnist`` or ``fashion-mnist``: its directory in the cache, filled by
@@ -9,6 +9,8 @@ Where the images come from (the ``data`` argument of ``load_dataset`` / ``load_m
        else the subset bundled inside the package (10,000 train / 2,000 test real MNIST images),
        so the main job runs offline on a fresh machine.
 Pixels come back as floats in [0, 1], shape (N, 784). Fashion-MNIST is the same format (28x28, 10 classes).
+``cifar10`` (or a directory holding ``cifar-10-binary.tar.gz`` or its ``.bin`` batch files) gives (N, 3072):
+32x32 colour images flattened in (C, H, W) order, read straight from the archive (see ``read_cifar_archive``).
 
 The cache is ``$NPDGM_DATA`` or the platform's user cache directory (``$XDG_CACHE_HOME/npdgm`` or
 ``~/.cache/npdgm`` on Linux, ``~/Library/Caches/npdgm`` on macOS, ``%LOCALAPPDATA%/npdgm/Cache`` on Windows),
@@ -18,8 +20,9 @@ The downloader is ~100 lines of urllib rather than pooch + platformdirs: npdgm's
 matplotlib and tqdm only, and pooch would still need a custom downloader for what is asked here (trying mirrors
 in order, resuming a ``.part`` file with an HTTP Range request, restarting cleanly when a server ignores Range);
 the cache directory rule above is the three lines platformdirs would give. Each file is checked against its
-published sha256 (tensorflow_datasets' url_checksums, matching torchvision's md5 lists); a file that fails is
-deleted and the next mirror is tried.
+published checksum (MNIST's: the sha256 of tensorflow_datasets' url_checksums, matching torchvision's md5 lists;
+CIFAR-10's: the md5 its authors publish, the only one they do); a file that fails is deleted and the next mirror
+is tried.
 
 Rebuild the bundled subset (reproducible, seeded) from a directory of the full MNIST files:
     python -m npdgm.data build-subset MNIST_DIR npdgm/bundled/mnist_subset.npz
@@ -32,7 +35,9 @@ import gzip
 import hashlib
 import math
 import os
+import posixpath
 import sys
+import tarfile
 import zlib
 from typing import NamedTuple
 
@@ -52,15 +57,27 @@ FILES = {
 
 DATA_HELP = ("mnist or fashion-mnist (from the cache: npdgm data download NAME), bundled, or a directory of the four "
              "IDX files (default $NPDGM_DATA, else the bundled 10k/2k MNIST subset)")  # for the commands' --data
+IMAGE_DATA_HELP = DATA_HELP.replace("mnist or fashion-mnist", "mnist, fashion-mnist or cifar10").replace(
+    "IDX files", "IDX files or CIFAR-10's binary archive")  # for the commands that also take CIFAR-10
+
+MNIST_SHAPE = (1, 28, 28)
+CIFAR_SHAPE = (3, 32, 32)
+CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
+CIFAR_DIR = "cifar-10-batches-bin"                          # the archive's one directory
+CIFAR_RECORD = 1 + math.prod(CIFAR_SHAPE)                   # 3073 bytes: the label, then the R, G, B planes
+CIFAR_BATCH_RECORDS = 10_000                                # records per published batch file: a member's bound
+CIFAR_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
 
 
 class Source(NamedTuple):
-    """A downloadable IDX data set: its mirrors (base URLs ending in /, tried in order) and, per file,
-    (size in bytes, sha256 of the .gz as published)."""
+    """A downloadable data set: its mirrors (base URLs ending in /, tried in order) and, per file, (size in
+    bytes, checksum as published: a sha256 hex digest, or ``"md5:<hex>"`` for a source that publishes only an
+    md5). ``kind``: "idx" (the four IDX .gz files of a 28x28 grey set) or "cifar" (CIFAR-10's binary archive)."""
     title: str
     licence: str
     mirrors: tuple
     files: dict
+    kind: str = "idx"
 
 
 DATASETS = {
@@ -82,6 +99,11 @@ DATASETS = {
          "train-labels-idx1-ubyte.gz": (29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
          "t10k-images-idx3-ubyte.gz": (4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
          "t10k-labels-idx1-ubyte.gz": (5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5")}),
+    "cifar10": Source(
+        "CIFAR-10", "Alex Krizhevsky, Vinod Nair, Geoffrey Hinton (2009); no licence stated, cite the tech report",
+        ("https://www.cs.toronto.edu/~kriz/",                                            # the authors'
+         "https://storage.googleapis.com/s4tf-hosted-binaries/datasets/CIFAR10/"),       # Swift for TensorFlow's
+        {CIFAR_ARCHIVE: (170052171, "md5:c32a1d4ab5d03f1284b67883e8d87530")}, kind="cifar"),
 }
 
 
@@ -228,10 +250,13 @@ def resolve_data(data=None):
         return None
     if data in DATASETS:
         d = dataset_dir(data)
-        missing = _missing(d) if os.path.isdir(d) else list(FILES.values())
+        wanted = FILES.values() if DATASETS[data].kind == "idx" else [CIFAR_ARCHIVE]
+        missing = (_missing(d) if DATASETS[data].kind == "idx" else _cifar_missing(d)) if os.path.isdir(d) \
+            else list(wanted)
         if missing:
             here = (f"; for the directory ./{data} here write --data ./{data}" if os.path.isdir(data) else "")
-            state = "is not downloaded" if len(missing) == 4 else f"is incomplete (missing {', '.join(missing)})"
+            state = ("is not downloaded" if len(missing) == len(wanted)
+                     else f"is incomplete (missing {', '.join(missing)})")
             raise DataError(f"{DATASETS[data].title} {state} in the cache {d}: run `npdgm data download {data}` "
                             f"(the cache is $NPDGM_DATA or the user cache directory){here}")
         return d
@@ -249,10 +274,12 @@ def resolve_data(data=None):
 
 def load_uint8(split="train", data=None):
     """(images uint8 (N, 28, 28), labels uint8 (N,)) for ``split`` in {"train", "test"}; ``data`` as in
-    ``resolve_data``."""
+    ``resolve_data``. A CIFAR-10 directory gives images (N, 3, 32, 32) (see ``load_cifar_uint8``)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data_dir = resolve_data(data)
+    if data_dir is not None and is_cifar_dir(data_dir):
+        return load_cifar_uint8(split, data_dir)
     if data_dir is None:
         with np.load(BUNDLED) as z:
             images, labels = z[f"{split}_images"], z[f"{split}_labels"]
@@ -269,16 +296,163 @@ def load_uint8(split="train", data=None):
 
 
 def load_dataset(split="train", data=None, dtype=np.float32, limit=None):
-    """(x, labels) of MNIST, Fashion-MNIST or any 28x28 IDX set: x float (N, 784) in [0, 1] (pixel / 255),
-    labels int64 (N,). ``data`` as in ``resolve_data``; ``limit`` keeps the first ``limit`` examples."""
+    """(x, labels) of MNIST, Fashion-MNIST, any 28x28 IDX set or CIFAR-10: x float (N, C H W) in [0, 1]
+    (pixel / 255; (N, 784) grey, or (N, 3072) colour flattened in (C, H, W) order), labels int64 (N,).
+    ``data`` as in ``resolve_data``; ``limit`` keeps the first ``limit`` examples."""
     images, labels = load_uint8(split, data)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return images.reshape(len(images), 28 * 28).astype(dtype) / dtype(255), labels.astype(np.int64)
+    return images.reshape(len(images), -1).astype(dtype) / dtype(255), labels.astype(np.int64)
 
 
-load_mnist = load_dataset            # the historical names: every data set goes through the same IDX reader
-load_mnist_uint8 = load_uint8
+def load_mnist(split="train", data=None, dtype=np.float32, limit=None):
+    """``load_dataset`` for the models of 28x28 grey images (784 pixels): CIFAR-10 is refused in one line
+    naming the commands that take it."""
+    require_grey(data)
+    return load_dataset(split, data, dtype, limit)
+
+
+def require_grey(data, takes="npdgm train glow or npdgm train vae --arch conv"):
+    """DataError in one line unless ``data`` holds 28x28 grey images (for the commands that model 784 pixels)."""
+    if image_shape(data) != MNIST_SHAPE:
+        raise DataError(f"--data {data} is CIFAR-10 (32x32 colour, 3072 values per image); this command models "
+                        f"28x28 grey images (784 pixels): train CIFAR-10 with {takes}")
+
+
+load_mnist_uint8 = load_uint8        # the historical name
+
+
+def image_shape(data=None):
+    """(C, H, W) of the images ``data`` (as in ``resolve_data``) holds: (3, 32, 32) for CIFAR-10, else
+    (1, 28, 28). Resolves ``data``, so a missing data set fails here with its usual error."""
+    if data is not None and os.fspath(data) in DATASETS:
+        kind = DATASETS[os.fspath(data)].kind
+        resolve_data(data)
+        return CIFAR_SHAPE if kind == "cifar" else MNIST_SHAPE
+    d = resolve_data(data)
+    return CIFAR_SHAPE if d is not None and is_cifar_dir(d) else MNIST_SHAPE
+
+
+# -- CIFAR-10, binary version: records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32) -------------
+def is_cifar_dir(d):
+    """Whether directory ``d`` holds CIFAR-10: its archive, or the .bin batch files (in ``d`` or
+    ``d/cifar-10-batches-bin``)."""
+    return os.path.isfile(os.path.join(d, CIFAR_ARCHIVE)) or _cifar_bin_dir(d) is not None
+
+
+def _cifar_bin_dir(d):
+    """The directory (``d`` or ``d/cifar-10-batches-bin``) holding extracted batch files, else None."""
+    for cand in (d, os.path.join(d, CIFAR_DIR)):
+        if any(os.path.isfile(os.path.join(cand, f)) for names in CIFAR_FILES.values() for f in names):
+            return cand
+    return None
+
+
+def _cifar_missing(d):
+    """What the cache directory ``d`` of CIFAR-10 lacks: [] with the archive (or extracted batch files)."""
+    return [] if is_cifar_dir(d) else [CIFAR_ARCHIVE]
+
+
+def check_cifar_member_size(size, where):
+    """DataError naming ``where`` unless ``size`` bytes are 1 to CIFAR_BATCH_RECORDS whole 3073-byte records."""
+    if size > CIFAR_BATCH_RECORDS * CIFAR_RECORD:
+        raise DataError(f"{where} declares {size:,} bytes, more than a CIFAR-10 batch file's "
+                        f"{CIFAR_BATCH_RECORDS:,} records ({CIFAR_BATCH_RECORDS * CIFAR_RECORD:,} bytes): refused "
+                        f"before reading (a wrong or hostile file)")
+    if size <= 0 or size % CIFAR_RECORD:
+        raise DataError(f"{where} holds {size:,} bytes, not a whole number of {CIFAR_RECORD}-byte records "
+                        f"(1 label + 3x32x32 pixels): truncated or not a CIFAR-10 batch file")
+
+
+def cifar_records(raw, where):
+    """(images uint8 (N, 3, 32, 32), labels uint8 (N,)) from the bytes of one batch file: record i is
+    ``raw[3073 i]`` (the label 0..9) then 3072 pixel bytes, the R, G and B planes of 32x32 row-major."""
+    check_cifar_member_size(len(raw), where)
+    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = rec[:, 0].copy()
+    if labels.max() > 9:
+        raise DataError(f"{where}: labels must be classes 0..9, found {int(labels.max())} (not a CIFAR-10 batch)")
+    return rec[:, 1:].reshape(-1, *CIFAR_SHAPE).copy(), labels
+
+
+def _member_name(path, name):
+    """The batch file name of archive member ``name``, refusing names that leave the archive's directory."""
+    parts = name.split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or "\\" in name or (parts[0].endswith(":")):
+        raise DataError(f"{path} holds a member named {name!r}, outside the archive's directory: refused "
+                        f"(a broken or hostile archive)")
+    return posixpath.basename(posixpath.normpath(name)) if posixpath.dirname(posixpath.normpath(name)) in (
+        "", CIFAR_DIR) else None
+
+
+def read_cifar_archive(path, names):
+    """{name: bytes} of the batch files ``names`` read straight from CIFAR-10's ``.tar.gz`` (nothing is
+    extracted). Every member is checked before a byte of it is read: its name stays inside the archive (no
+    absolute path, no ``..``), it is a regular file or a directory (no link, device or fifo), and it declares
+    at most one batch file's size; a wanted member must hold whole 3073-byte records. Members are read as a
+    stream, all of them (one gzip pass, whichever split is wanted), so a truncated archive fails with its name."""
+    found = {}
+    try:
+        with tarfile.open(path, "r|gz") as tar:
+            for m in tar:
+                base = _member_name(path, m.name)
+                if not (m.isreg() or m.isdir()):
+                    raise DataError(f"{path}: member {m.name!r} is a {_tar_type(m)}, not a regular file: refused "
+                                    f"(the published archive holds regular files only)")
+                if m.size > CIFAR_BATCH_RECORDS * CIFAR_RECORD:  # any member, wanted or not
+                    check_cifar_member_size(m.size, f"{path}: member {m.name}")
+                if base not in names or m.isdir():
+                    continue
+                if base in found:
+                    raise DataError(f"{path} holds {base} twice: a broken or hostile archive")
+                check_cifar_member_size(m.size, f"{path}: member {m.name}")
+                raw = tar.extractfile(m).read(m.size)
+                if len(raw) != m.size:
+                    raise DataError(f"{path}: member {m.name} stops after {len(raw):,} of {m.size:,} bytes "
+                                    f"(a truncated archive)")
+                found[base] = raw
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {e or type(e).__name__} (a truncated or corrupt archive: delete it "
+                        f"and run npdgm data download cifar10 again)") from e
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(f"{path} has no {', '.join(missing)} (expected CIFAR-10's binary version, "
+                        f"{CIFAR_DIR}/data_batch_1..5.bin and test_batch.bin)")
+    return found
+
+
+def _tar_type(m):
+    return ("symbolic link" if m.issym() else "hard link" if m.islnk() else "device" if m.isdev()
+            else "fifo" if m.isfifo() else "special member")
+
+
+def _read_cifar_bin(path):
+    """The bytes of an extracted batch file, its size checked before it is read."""
+    try:
+        check_cifar_member_size(os.path.getsize(path), path)
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+
+
+def load_cifar_uint8(split, data_dir):
+    """(images uint8 (N, 3, 32, 32), labels uint8 (N,)) of CIFAR-10's ``split`` from ``data_dir``: its
+    ``cifar-10-binary.tar.gz`` (read in place), else the extracted ``.bin`` files; train = data_batch_1..5
+    in order, test = test_batch."""
+    names = CIFAR_FILES[split]
+    archive = os.path.join(data_dir, CIFAR_ARCHIVE)
+    if os.path.isfile(archive):
+        raw, where = read_cifar_archive(archive, names), archive
+    else:
+        d = _cifar_bin_dir(data_dir)
+        missing = [n for n in names if not os.path.isfile(os.path.join(d, n))]
+        if missing:
+            raise DataError(f"{d} has no {', '.join(missing)} (expected CIFAR-10's batch files data_batch_1..5.bin "
+                            f"and test_batch.bin, or {CIFAR_ARCHIVE})")
+        raw, where = {n: _read_cifar_bin(os.path.join(d, n)) for n in names}, d
+    parts = [cifar_records(raw[n], f"{where}: {n}") for n in names]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def check_unit_interval(name, x):
@@ -391,17 +565,34 @@ def build_subset(src_dir, out_path=BUNDLED, n_train=10_000, n_test=2_000, seed=0
     return out_path
 
 
-# -- download: mirrors in order, resumable .part files, sha256 ---------------------------------
+# -- download: mirrors in order, resumable .part files, checksums -----------------------------
 class DownloadError(DataError):
     """No mirror delivered a file with the published checksum."""
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
+def file_digest(path, algorithm="sha256"):
+    """The hex digest of ``path``'s bytes by ``algorithm`` (sha256, md5)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path):
+    return file_digest(path, "sha256")
+
+
+def parse_checksum(checksum):
+    """(algorithm, hex digest) of a registry checksum: ``"md5:<32 hex>"``, ``"sha256:<64 hex>"`` or a bare
+    sha256 hex digest. md5 is accepted only because some sources (CIFAR-10) publish nothing else: it still
+    tells a corrupt or truncated download, which is what the check is for."""
+    algorithm, _, digest = checksum.rpartition(":")
+    algorithm = algorithm or "sha256"
+    width = {"sha256": 64, "md5": 32}.get(algorithm)
+    if width is None or len(digest) != width or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"checksum {checksum!r}: expected a sha256 hex digest, 'sha256:<hex>' or 'md5:<hex>'")
+    return algorithm, digest
 
 
 def _reason(e):
@@ -489,14 +680,15 @@ def _fetch(url, part, size, bar, timeout, attempts=3):
 
 
 def download(name, root=None, progress=None, timeout=30.0, log=None, mirrors=()):
-    """Fetch the four IDX files of data set ``name`` into ``dataset_dir(name, root)``; return that directory.
+    """Fetch the files of data set ``name`` (MNIST's four IDX files, CIFAR-10's archive) into
+    ``dataset_dir(name, root)``; return that directory.
 
     Each file: mirrors in order, into ``FILE.part`` (resumed by a later call), checked against its published
-    sha256 (a mismatch deletes it and tries the next mirror), then renamed to ``FILE``. A file already there
-    is checked, never overwritten. One download at a time per data set directory: a second one waits for
-    the lock on ``DIR/.lock`` and then finds the files there. ``progress``: a tqdm bar per file (None: when
-    stderr is a terminal). ``log``: a function given one line per file. ``mirrors``: base URLs tried before
-    the built-in ones (a local or institutional copy)."""
+    checksum (sha256, or md5 where that is all a source publishes; a mismatch deletes it and tries the next
+    mirror), then renamed to ``FILE``. A file already there is checked, never overwritten. One download at a
+    time per data set directory: a second one waits for the lock on ``DIR/.lock`` and then finds the files
+    there. ``progress``: a tqdm bar per file (None: when stderr is a terminal). ``log``: a function given one
+    line per file. ``mirrors``: base URLs tried before the built-in ones (a local or institutional copy)."""
     src = _source(name)
     d = dataset_dir(name, root)
     try:
@@ -517,24 +709,25 @@ def download(name, root=None, progress=None, timeout=30.0, log=None, mirrors=())
     with lock:
         progress = sys.stderr.isatty() if progress is None else progress
         urls = (*(m if m.endswith("/") else m + "/" for m in mirrors), *src.mirrors)
-        for fname, (size, sha) in src.files.items():
-            _download_file(name, os.path.join(d, fname), size, sha, urls, progress, timeout, log)
+        for fname, (size, checksum) in src.files.items():
+            _download_file(name, os.path.join(d, fname), size, checksum, urls, progress, timeout, log)
     return d
 
 
-def _download_file(name, target, size, sha, mirrors, progress, timeout, log):
+def _download_file(name, target, size, checksum, mirrors, progress, timeout, log):
     """One file of ``download``: ``target`` checked if present, else fetched from the first good mirror."""
     import http.client
 
     from tqdm import tqdm
 
     fname = os.path.basename(target)
+    algo, sha = parse_checksum(checksum)
     if os.path.exists(target):
-        got = sha256_file(target)
+        got = file_digest(target, algo)
         if got != sha:
-            raise DataError(f"{target} is already there but is not the published file (sha256 {got}, expected "
+            raise DataError(f"{target} is already there but is not the published file ({algo} {got}, expected "
                             f"{sha}); delete it and run the download again")
-        log and log(f"{name}/{fname}: present, sha256 ok")
+        log and log(f"{name}/{fname}: present, {algo} ok")
         return
     part, tried = target + ".part", []
     for mirror in mirrors:
@@ -546,13 +739,13 @@ def _download_file(name, target, size, sha, mirrors, progress, timeout, log):
             except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, resets: OSError
                 tried.append(f"{url} ({_reason(e)})")
                 continue
-        got = sha256_file(part)
+        got = file_digest(part, algo)
         if got == sha:
             os.replace(part, target)
-            log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, sha256 ok")
+            log and log(f"{name}/{fname}: {size:,} bytes from {mirror}, {algo} ok")
             return
         os.remove(part)
-        tried.append(f"{url} (sha256 {got} instead of {sha}: file removed)")
+        tried.append(f"{url} ({algo} {got} instead of {sha}: file removed)")
     kept = f"; {os.path.getsize(part):,} bytes kept in {part} for the next try" if os.path.exists(part) else ""
     raise DownloadError(f"could not download {name} file {fname} from any mirror: {'; '.join(tried)}{kept}")
 

@@ -24,7 +24,7 @@ import numpy as np
 from .. import accel, backend, runfiles, tensorboard
 from .._filelock import try_lock
 from ..data import binarize as binarize_images
-from ..data import load_mnist
+from ..data import load_dataset, load_mnist
 from ..io import load_arrays
 from ..models.registry import model_from_arrays
 
@@ -90,11 +90,12 @@ def group(parser, title):
     return parser.add_argument_group(title)
 
 
-def add_data_arg(g, default=None):
-    """--data: a data set name or a directory (the names listed in the help)."""
-    from ..data import DATA_HELP
+def add_data_arg(g, default=None, colour=False):
+    """--data: a data set name or a directory (the names listed in the help; ``colour``: CIFAR-10 too)."""
+    from ..data import DATA_HELP, IMAGE_DATA_HELP
 
-    help = DATA_HELP if default is None else DATA_HELP.split(" (default")[0] + f" (default: {default})"
+    text = IMAGE_DATA_HELP if colour else DATA_HELP
+    help = text if default is None else text.split(" (default")[0] + f" (default: {default})"
     g.add_argument("--data", default=None, metavar="NAME|DIR", help=help)
 
 
@@ -516,11 +517,12 @@ def interrupt_note():
     return f"the checkpoint in {out} holds epoch {done}; continue with --resume {out}"
 
 
-def load_image_data(data, split, limit, binarize, seed):
+def load_image_data(data, split, limit, binarize, seed, colour=False):
     """(x, y) of the ``split`` ("train" | "test") of the image data set ``data`` (a name or directory), its
     first ``limit`` rows; ``binarize`` "static": x > 0.5; "dynamic": the test set drawn once from Bernoulli(x)
-    with ``seed`` (the training batches are drawn per step by the train loop); "none": grey levels."""
-    x, y = load_mnist(split, data, limit=limit)
+    with ``seed`` (the training batches are drawn per step by the train loop); "none": grey levels.
+    ``colour``: CIFAR-10 too (``load_dataset``), else 784-pixel images only (``load_mnist``)."""
+    x, y = (load_dataset if colour else load_mnist)(split, data, limit=limit)
     if binarize == "static":
         x = binarize_images(x)
     elif binarize == "dynamic" and split == "test":

@@ -1,12 +1,13 @@
-"""``npdgm data ...``: download MNIST / Fashion-MNIST into the cache and show what it holds.
+"""``npdgm data ...``: download MNIST / Fashion-MNIST / CIFAR-10 into the cache and show what it holds.
 
     npdgm data download mnist                   # into the cache ($NPDGM_DATA or ~/.cache/npdgm), then --data mnist
     npdgm data download fashion-mnist --dir D   # into D/fashion-mnist; NPDGM_DATA=D ... --data fashion-mnist
+    npdgm data download cifar10                 # CIFAR-10's binary archive (163 MiB, md5-checked), then --data cifar10
     npdgm data download mnist --mirror URL      # your own copy of the .gz files first, then the built-in mirrors
     npdgm data list                             # the cache directory and what is in it
     npdgm data path mnist                       # one directory, for scripts
 
-The work is done by ``npdgm.data.download`` (mirrors in order, resumable ``.part`` files, sha256 per file);
+The work is done by ``npdgm.data.download`` (mirrors in order, resumable ``.part`` files, a checksum per file);
 why it is plain urllib and not pooch is said in ``npdgm/data.py``.
 """
 from __future__ import annotations
@@ -20,21 +21,22 @@ def register(commands, train_commands):
     from ..data import DATASETS
 
     names = tuple(DATASETS)
-    p = commands.add_parser("data", help="download MNIST / Fashion-MNIST into the cache; list the cache",
+    p = commands.add_parser("data", help="download MNIST / Fashion-MNIST / CIFAR-10 into the cache; list the cache",
                             description="Data sets for --data NAME. The cache is $NPDGM_DATA, else the user cache "
                                         "directory (~/.cache/npdgm on Linux), one subdirectory per data set.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    d = sub.add_parser("download", help="fetch a data set's four IDX files (sha256-checked, resumable)",
-                       description="Fetch the four IDX .gz files of each named data set into DIR/NAME, trying the "
-                                   "mirrors in order. An interrupted download resumes from its .part file; a file "
-                                   "whose sha256 differs from the published one is deleted. Then train with "
-                                   "--data NAME.")
+    d = sub.add_parser("download", help="fetch a data set's files (checksum-checked, resumable)",
+                       description="Fetch the files of each named data set (the four IDX .gz files of MNIST or "
+                                   "Fashion-MNIST, CIFAR-10's binary .tar.gz) into DIR/NAME, trying the mirrors in "
+                                   "order. An interrupted download resumes from its .part file; a file whose "
+                                   "checksum (sha256; md5 for CIFAR-10, whose authors publish only that) differs "
+                                   "from the published one is deleted. Then train with --data NAME.")
     d.add_argument("names", nargs="*", default=["mnist"], metavar="NAME",  # choices + nargs="*" rejects a list default
                    help=f"data sets to fetch: {', '.join(names)} (default mnist)")
     g = group(d, "data")
     g.add_argument("--dir", default=None, help="cache directory (default $NPDGM_DATA or the user cache directory)")
     g.add_argument("--mirror", action="append", default=[], metavar="URL",
-                   help="a base URL holding the .gz files, tried before the built-in mirrors (repeatable; "
+                   help="a base URL holding the data set's files, tried before the built-in mirrors (repeatable; "
                         "default: only the built-in ones)")
     g.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a mirror is given up "
                                                                "(default 30)")
@@ -60,7 +62,7 @@ def _root(args):
 
 
 def _cmd_download(args):
-    from ..data import data_root, dataset_dir, download
+    from ..data import DATASETS, data_root, dataset_dir, download, parse_checksum
 
     root = _root(args)
     progress = False if args.no_progress else None
@@ -73,7 +75,9 @@ def _cmd_download(args):
             hint = f"--data {name}"
         else:
             hint = f"--data {d}  (or NPDGM_DATA={root} and --data {name})"
-        print(f"{name}: 4 files in {d}, sha256 checked; train with {hint}")
+        files = DATASETS[name].files
+        algos = "/".join(sorted({parse_checksum(c)[0] for _, c in files.values()}))
+        print(f"{name}: {len(files)} file{'s' if len(files) > 1 else ''} in {d}, {algos} checked; train with {hint}")
     return 0
 
 
@@ -105,4 +109,3 @@ def _cmd_path(args):
     root = _root(args)
     print(dataset_dir(args.name, root) if args.name else root)
     return 0
-

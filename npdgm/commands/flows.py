@@ -44,10 +44,10 @@ TOY_TRAIN, TOY_TEST = 51200, 10000
 SPLINE2D = {"bins": 8, "bound": 5.0, "identity_init": True}
 
 
-def _data_args(p, image=True, toy=True):
+def _data_args(p, image=True, toy=True, colour=False):
     d = common.group(p, "data")
     if image:
-        common.add_data_arg(d)
+        common.add_data_arg(d, colour=colour)
     # --n-train / --n-test: the 2-D spelling of older versions, still accepted
     mn, toy_n = ("MNIST: use the first N {} images (default: all)", "2-D: {} points drawn once (default {})")
     both = lambda what, n: "; ".join(([mn.format(what)] if image else []) + ([toy_n.format(what, n)] if toy else []))
@@ -145,19 +145,21 @@ def _register_maf(train_commands):
 
 def _register_glow(train_commands):
     p = train_commands.add_parser(
-        "glow", help="Glow (multi-scale, 1x1 convolutions, conv couplings) on MNIST",
-        description="Glow on dequantized MNIST: --levels levels of squeeze (space to depth) + --depth steps of "
-                    "(per-channel ActNorm, invertible 1x1 convolution with the LU parameterization, affine coupling "
-                    "on channels with a conv net 3x3 -> 1x1 -> 3x3 zero-initialized, scale sigmoid(r + 2)), half "
-                    "the channels factored out to the standard normal prior after every level but the last. "
+        "glow", help="Glow (multi-scale, 1x1 convolutions, conv couplings) on MNIST or CIFAR-10",
+        description="Glow on dequantized MNIST (or CIFAR-10: --data cifar10): --levels levels of squeeze (space "
+                    "to depth) + --depth steps of (per-channel ActNorm, invertible 1x1 convolution with the LU "
+                    "parameterization, affine coupling on channels with a conv net 3x3 -> 1x1 -> 3x3 "
+                    "zero-initialized, scale sigmoid(r + 2)), half the channels factored out to the standard normal "
+                    "prior after every level but the last. "
                     "Loss = mean NLL (nats/image), reported in bits/dim.")
     g = p.add_argument_group("model")
     g.add_argument("--levels", type=positive_int, default=2,
-                   help="levels (squeezes); 28x28 allows 1 or 2 (default 2: 28 -> 14 -> 7)")
+                   help="levels (squeezes); 28x28 allows 1 or 2 (default 2: 28 -> 14 -> 7), CIFAR-10's 32x32 "
+                        "1 to 5 (3: 32 -> 16 -> 8 -> 4)")
     g.add_argument("--depth", type=positive_int, default=4, help="flow steps per level (default 4)")
     g.add_argument("--hidden", type=positive_int, default=32, metavar="H",
                    help="channels of each coupling's conv net (default 32)")
-    _data_args(p, image=True, toy=False)
+    _data_args(p, image=True, toy=False, colour=True)
     add_train_args(p, epochs=10, batch_size=64, lr=1e-3)
     p.set_defaults(func=cmd_train, family="glow", epochs=None)
 
@@ -225,11 +227,15 @@ def _run_from_args(args):
                    scale=args.scale, scale_bound=args.scale_bound, actnorm=not args.no_actnorm, alpha=args.alpha,
                    batch_size=args.batch_size)
     elif fam == "glow":
-        if 28 % 2 ** args.levels:
-            raise ValueError(f"--levels {args.levels}: MNIST's 28x28 images allow --levels 1 or 2 (each level "
-                             f"halves H and W)")
-        run.update(dataset="mnist", levels=args.levels, depth=args.depth, hidden=args.hidden,
-                   batch_size=args.batch_size)
+        from ..data import CIFAR_SHAPE, image_shape
+
+        shape = image_shape(args.data)
+        name, most = ("cifar10", 5) if shape == CIFAR_SHAPE else ("mnist", 2)
+        if shape[1] % 2 ** args.levels:
+            raise ValueError(f"--levels {args.levels}: {name}'s {shape[1]}x{shape[2]} images allow --levels 1 to "
+                             f"{most} (each level halves H and W)")
+        run.update(dataset=name, levels=args.levels, depth=args.depth, hidden=args.hidden,
+                   batch_size=args.batch_size, image_shape=list(shape))
     else:  # flow2d, or realnvp on a toy set
         run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
                    hidden=args.hidden or [256, 256], scale=args.scale,
@@ -252,6 +258,10 @@ def _run_from_args(args):
         elif run["dataset"] == "rings":
             raise ValueError("--dataset rings is a conditional density (a ring of radius c): add --condition")
     if _is_image(run):
+        if fam != "glow":  # refused before a run directory is made
+            from ..data import require_grey
+
+            require_grey(args.data)
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
         if getattr(args, "condition", False):
             if fam not in ("realnvp", "maf"):
@@ -289,7 +299,8 @@ def build_model(run):
                          scale_bound=run["scale_bound"], actnorm=run.get("actnorm", False), seed=seed,
                          context_dim=run.get("context_dim", 0))
     if run["family"] == "glow":
-        return flows.glow((1, 28, 28), run["levels"], run["depth"], run["hidden"], seed=seed)
+        return flows.glow(tuple(run.get("image_shape", (1, 28, 28))), run["levels"], run["depth"], run["hidden"],
+                          seed=seed)
     ctx = run.get("context_dim", 0)  # flow2d --condition
     if run.get("flow", "realnvp") == "maf":
         return flows.maf2d(run["couplings"], run["hidden"], scale=run["scale"], scale_bound=run["scale_bound"],
@@ -301,14 +312,24 @@ def build_model(run):
                            actnorm=run["actnorm"], seed=seed, context_dim=ctx)
 
 
+def model_dim(run):
+    """Values per image of an image run's model: C H W of its stored image_shape (784 for the MNIST runs)."""
+    return math.prod(run.get("image_shape", (784,)))
+
+
 def load_data(run):
-    """(train, test) host arrays: MNIST pixels in [0, 1] (test dequantized once, seeded) or 2-D points."""
-    from ..data import check_unit_interval, dequantize, load_mnist, make_toy2d
+    """(train, test) host arrays: MNIST (glow: or CIFAR-10) pixels in [0, 1] (test dequantized once, seeded) or
+    2-D points."""
+    from ..data import check_unit_interval, dequantize, load_dataset, load_mnist, make_toy2d
 
     run, seed = upgrade_run(run), run["seed"]
     if _is_image(run):
-        x_tr, _ = load_mnist("train", run["data"], limit=run["train_limit"])
-        x_te, _ = load_mnist("test", run["data"], limit=run["test_limit"])
+        load = load_dataset if run["family"] == "glow" else load_mnist  # the others model 784 pixels
+        x_tr, _ = load("train", run["data"], limit=run["train_limit"])
+        x_te, _ = load("test", run["data"], limit=run["test_limit"])
+        if x_tr.shape[1] != model_dim(run):
+            raise ValueError(f"--data {run['data']} now holds {x_tr.shape[1]}-value images; this run's model was "
+                             f"built for {model_dim(run)} ({run['dataset']})")
         check_unit_interval("training images", x_tr)
         x_te = dequantize(x_te, np.random.default_rng([seed, 5]))
         return x_tr, x_te
@@ -481,8 +502,10 @@ def _figures(model, run, out, records, summary, x_te, image):
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"class-conditional {run['family']} on MNIST")
     elif image:
         with sampling_progress(model):
-            P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
-        P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
+            P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"],
+                           shape=tuple(run.get("image_shape", (28, 28))))
+        P.bpd_curves(records, os.path.join(out, "curves.png"),
+                     title=f"{run['family']} on {'CIFAR-10' if run['dataset'] == 'cifar10' else 'MNIST'}")
     elif run.get("condition"):
         contexts, names = conditional_grid(run)
         P.conditional_panels(model, contexts, names, os.path.join(out, "density.png"), lim=4.0 if

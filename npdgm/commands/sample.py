@@ -116,7 +116,13 @@ def save_npy(path, n, f, seed, keep=0, kept=None):
     write_npy_chunks(path, (n,) + first.shape[1:], first.dtype, itertools.chain([first], it))
 
 
-def _check_options(args, kind, dim):
+def image_shape_of(model, meta):
+    """(C, H, W) of the images a stored model draws: a conv VAE's image_shape, a glow run's, else (1, 28, 28)."""
+    shape = getattr(model, "config", {}).get("image_shape") or common.run_args(meta).get("image_shape")
+    return tuple(shape or (1, 28, 28))
+
+
+def _check_options(args, kind, dim, shape=(1, 28, 28)):
     if kind not in KINDS:
         raise ValueError(f"{args.rundir} holds a {kind!r} model; npdgm sample handles {', '.join(KINDS)} runs")
     if args.draw and kind != "vae":
@@ -124,9 +130,9 @@ def _check_options(args, kind, dim):
     if args.temperatures is not None and kind != "flow":
         raise ValueError(f"--temperatures applies to flow runs (nice, realnvp, flow2d); {args.rundir} holds a "
                          f"{kind} run")
-    if dim not in (2, 784):
-        raise ValueError(f"{args.rundir} holds a {dim}-D {kind} model; npdgm sample draws 784-pixel images or "
-                         f"2-D points")
+    if dim not in (2, math.prod(shape)):
+        raise ValueError(f"{args.rundir} holds a {dim}-D {kind} model; npdgm sample draws 784-pixel images, "
+                         f"32x32 colour images or 2-D points")
 
 
 def cmd_sample(args):
@@ -141,7 +147,8 @@ def cmd_sample(args):
     kind = meta.get("kind")
     model = model_from_arrays(arrays, meta, os.fspath(args.rundir))
     dim = getattr(model, "x_dim", None) or getattr(model, "dim", None)
-    _check_options(args, kind, dim)
+    shape = image_shape_of(model, meta)
+    _check_options(args, kind, dim, shape)
     if getattr(model, "context_dim", 0):
         raise ValueError(f"{args.rundir} holds a conditional flow p(x | c) (context_dim={model.context_dim}); npdgm "
                          f"sample draws unconditional models: its run has density.png (p(x | c) per class or "
@@ -159,16 +166,16 @@ def cmd_sample(args):
         n = args.n or 12
         train.stage(f"sampling {n} images per temperature from the flow -> {out}")
         with sampling_progress(model, 1 + (math.ceil(n / SAMPLE_CHUNK) if args.npy else 0)):
-            P.sample_grids(model, out, temperatures=temps, n_per_row=n, seed=args.seed)
+            P.sample_grids(model, out, temperatures=temps, n_per_row=n, seed=args.seed, shape=shape)
             if args.npy:
                 save_npy(args.npy, n, f, args.seed)
     else:
-        _grid(kind, args, f, out)
+        _grid(kind, args, f, out, shape)
     print(out)
     return 0
 
 
-def _grid(kind, args, f, out):
+def _grid(kind, args, f, out, shape=(28, 28)):
     """The PNG grid of the first GRID_MAX of n images (and all n in --npy)."""
     from ..plots import save_image_grid
 
@@ -183,7 +190,7 @@ def _grid(kind, args, f, out):
     title += {"vae": " (x ~ p(x|z))" if args.draw else " (E[x|z])", "cvae": " (column c: label c)",
               "m2": " (column c: label c)"}.get(kind, "")
     x = np.clip(np.asarray(np.concatenate(shown), np.float64), 0, 1)
-    save_image_grid(x, out, nrow=args.nrow, title=title)
+    save_image_grid(x, out, nrow=args.nrow, title=title, shape=shape)
 
 
 def _scatter(model, kind, meta, args, f, temps, out):

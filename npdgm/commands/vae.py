@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .. import backend
+from ..data import MNIST_SHAPE
 from . import common
 from .common import add_train_args, nonneg_float, nonneg_int, positive_float, positive_int, setup_backend
 
@@ -69,7 +70,7 @@ def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)
     return g
 
 
-def add_vae_options(p):
+def add_vae_options(p, colour=False):
     """Every ``npdgm train vae`` option but the training loop's: model, data and evaluation (``train m1`` takes
     them for the VAE it trains)."""
     g = add_vae_model_args(p, z_dim_help="latent size (default 20; 2 adds the latent figures, 3 the 3-D scatter)")
@@ -97,7 +98,7 @@ def add_vae_options(p):
     g.add_argument("--channels", type=positive_int, nargs="+", default=[32, 64], metavar="C",
                    help="--arch conv: channels of the encoder's convolutions, the decoder's reversed (default 32 64)")
     d = common.group(p, "data")
-    common.add_data_arg(d)
+    common.add_data_arg(d, colour=colour)
     d.add_argument("--binarize", choices=["none", "static", "dynamic"], default="none",
                    help="none: grey levels in [0, 1] (PyTorch example); static: x > 0.5; dynamic: a new "
                         "Bernoulli(x) draw per batch (test set drawn once) (default none)")
@@ -123,7 +124,7 @@ def register(commands, train_commands):
         "vae", help="variational autoencoder on MNIST",
         description="Train a VAE (Gaussian encoder, Bernoulli or Gaussian decoder) on MNIST with hand-written "
                     "gradients. Loss = -ELBO in nats per image (summed over pixels, averaged over the batch).")
-    add_vae_options(p)
+    add_vae_options(p, colour=True)
     add_train_args(p, epochs=DEFAULT_EPOCHS, batch_size=128, lr=1e-3)
     p.set_defaults(func=cmd_train, epochs=None)  # None: DEFAULT_EPOCHS, or the stored value on --resume
 
@@ -151,14 +152,21 @@ def register(commands, train_commands):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def row_mask(n, rows, side=28):
-    """(n, side*side) boolean mask, True on image rows [start, stop)."""
+def row_mask(n, rows, shape=MNIST_SHAPE):
+    """(n, C*H*W) boolean mask of images ``shape`` (C, H, W) flattened in that order, True on image rows
+    [start, stop) of every channel."""
     start, stop = rows
+    side = shape[1]
     if not (0 <= start < stop <= side):
         raise ValueError(f"rows must satisfy 0 <= START < STOP <= {side}, got {start} {stop}")
-    m = np.zeros((side, side), dtype=bool)
-    m[start:stop] = True
-    return np.broadcast_to(m.ravel(), (n, side * side)).copy()
+    m = np.zeros(shape, dtype=bool)
+    m[:, start:stop] = True
+    return np.broadcast_to(m.ravel(), (n, m.size)).copy()
+
+
+def model_image_shape(model):
+    """(C, H, W) of the images a VAE models: its conv arch's image_shape, else MNIST's (1, 28, 28)."""
+    return tuple(model.config.get("image_shape", MNIST_SHAPE))
 
 
 def imputation_errors(model, x, mean_image, rows, steps, k=100, seed=0):
@@ -167,7 +175,7 @@ def imputation_errors(model, x, mean_image, rows, steps, k=100, seed=0):
     (2) by the importance-sampled E[x_missing | x_observed] with k samples (:meth:`VAE.conditional_mean`;
     k = 0 skips it). Returns (metrics, masked, imputed, cond_mean) as host arrays; metrics holds the
     mean squared error per missing pixel of both and of the baselines (mean image, zeros)."""
-    mask = row_mask(len(x), rows)
+    mask = row_mask(len(x), rows, model_image_shape(model))
     xd, md = backend.to_device(x, model.dtype), backend.to_device(mask)
     fill = backend.to_device(mean_image, model.dtype)
     imputed = backend.to_host(model.impute(xd, md, steps=steps, fill=fill))
@@ -223,6 +231,29 @@ def iwae(model, x, k, seed, batch=IWAE_BATCH):
 
 
 # -- npdgm train vae ------------------------------------------------------------------------------
+def _image_shape(args):
+    """(C, H, W) of a new run's --data; CIFAR-10's colour images need --arch conv (the MLP VAE's figures and
+    imputation assume 28x28 grey)."""
+    from ..data import image_shape
+
+    shape = image_shape(args.data)
+    if shape != MNIST_SHAPE and args.arch != "conv":
+        raise ValueError(f"--data {args.data} holds {shape[1]}x{shape[2]} colour images: train them with --arch conv "
+                         f"(the MLP VAE models 28x28 grey images)")
+    return shape
+
+
+def _check_new_run(args):
+    """A new run's image shape (see ``_image_shape``), its sizes and scales checked before a run directory is
+    made; MNIST's on --resume (the stored model knows its own)."""
+    if args.resume:
+        return MNIST_SHAPE
+    shape = _image_shape(args)
+    check_sigma(args.sigma, args.dtype, math.prod(shape))
+    check_eval_sizes(vars(args))
+    return shape
+
+
 def check_sigma(sigma, dtype, x_dim=784):
     """ValueError naming --sigma when the fixed decoder std is so small that the Gaussian loss and its gradient,
     of size x_dim / sigma^2, or Adam's square of the gradient overflow ``dtype`` before any update: sigma must be
@@ -279,19 +310,18 @@ def cmd_train(args):
     from ..models.vae import VAE
 
     setup_backend(args)
-    if not args.resume:  # sizes and scales checked before a run directory is made
-        check_sigma(args.sigma, args.dtype)
-        check_eval_sizes(vars(args))
+    shape = _check_new_run(args)
     cfg = {k: getattr(args, k) for k in MODEL_KEYS}
-    r = common.resume_or_new(args, "vae", RUN_KEYS, DEFAULT_EPOCHS, lambda run: VAE(x_dim=784, seed=run["seed"], **cfg))
+    r = common.resume_or_new(args, "vae", RUN_KEYS, DEFAULT_EPOCHS,
+                             lambda run: VAE(x_dim=math.prod(shape), image_shape=shape, seed=run["seed"], **cfg))
     if r is None:
         return 0
     model, run, out = r
     check_eval_sizes(run)
-    row_mask(1, run["impute_rows"])
+    row_mask(1, run["impute_rows"], model_image_shape(model))
     seed = run["seed"]
-    x_tr, _ = common.load_image_data(run["data"], "train", run["train_limit"], run["binarize"], seed)
-    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed)
+    x_tr, _ = common.load_image_data(run["data"], "train", run["train_limit"], run["binarize"], seed, colour=True)
+    x_te, y_te = common.load_image_data(run["data"], "test", run["test_limit"], run["binarize"], seed, colour=True)
     train_x = model.check_x(x_tr, "training images")   # validated once, before any training
     test_x = model.check_x(x_te, "test images")
     opt, rng, start = common.start_training(model, run, out, args.resume)
@@ -361,7 +391,7 @@ def _figures(model, run, out, records, summary, x_te, y_te, imp):
     P.imputation(x_te[:10], masked[:10], imputed[:10], os.path.join(out, "imputation.png"),
                  cond_mean=None if cond is None else cond[:10],
                  title=f"imputation of rows {run['impute_rows'][0]}-{run['impute_rows'][1] - 1} "
-                       f"({run['impute_steps']} encode/decode steps)")
+                       f"({run['impute_steps']} encode/decode steps)", shape=model_image_shape(model))
     if model.likelihood == "gaussian":
         P.mean_and_std(model, os.path.join(out, "decoder_std.png"), rng=run["seed"])
     if model.z_dim == 2:
@@ -394,13 +424,16 @@ def cmd_impute(args):
     setup_backend(args)
     if args.out:
         common.check_out_file(args.out, "--out")
-    row_mask(1, args.rows)
     model, meta = common.load_vae(args.rundir)
+    row_mask(1, args.rows, model_image_shape(model))
     run = common.run_args(meta)
     data = args.data or run.get("data")
     binz, seed = run.get("binarize", "none"), run.get("seed", 0)
-    x_tr, _ = common.load_image_data(data, "train", run.get("train_limit"), binz, seed)
-    x_te, _ = common.load_image_data(data, "test", None, binz, seed)
+    x_tr, _ = common.load_image_data(data, "train", run.get("train_limit"), binz, seed, colour=True)
+    x_te, _ = common.load_image_data(data, "test", None, binz, seed, colour=True)
+    if x_te.shape[1] != model.x_dim:
+        raise ValueError(f"--data {data} holds {x_te.shape[1]}-value images; the VAE in {args.rundir} models "
+                         f"{model.x_dim} ({'x'.join(map(str, model_image_shape(model)))})")
     x = x_te[:args.n]
     m, masked, imputed, cond = imputation_errors(model, x, x_tr.mean(axis=0), args.rows, args.steps, args.k, seed)
     print(_imputation_line(m))
@@ -410,6 +443,7 @@ def cmd_impute(args):
         out = args.out or os.path.join(_rundir(args.rundir), "imputation.png")
         k = min(args.show, len(x))
         P.imputation(x[:k], masked[:k], imputed[:k], out, cond_mean=None if cond is None else cond[:k],
-                     title=f"imputation of rows {args.rows[0]}-{args.rows[1] - 1} ({args.steps} steps)")
+                     title=f"imputation of rows {args.rows[0]}-{args.rows[1] - 1} ({args.steps} steps)",
+                     shape=model_image_shape(model))
         print(out)
     return 0

@@ -20,15 +20,22 @@ def pyplot():
 
 
 def tile(images, nrow, shape=(28, 28), pad=1):
-    """Arrange (N, H*W) images in [0, 1] into one (rows*(H+pad), nrow*(W+pad)) array."""
+    """Arrange (N, H*W) images in [0, 1] into one (rows*(H+pad), nrow*(W+pad)) array; ``shape`` (C, H, W)
+    with C = 3: (N, C*H*W) colour images in (C, H, W) order into one (rows*(H+pad), nrow*(W+pad), 3) RGB array
+    (C = 1: grey, as (H, W))."""
     from ..backend import to_host
 
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
     images = np.asarray(to_host(images), dtype=np.float64).reshape(-1, *shape)
+    if len(shape) == 3:
+        images = images.transpose(0, 2, 3, 1)  # (N, H, W, C) for imshow
     n = len(images)
     ncol = nrow
     nrows = max(1, -(-n // ncol))
-    h, w = shape
-    out = np.ones((nrows * (h + pad) + pad, ncol * (w + pad) + pad))
+    h, w = shape[-2:]
+    out = np.ones((nrows * (h + pad) + pad, ncol * (w + pad) + pad, *shape[:-2]))
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
@@ -36,8 +43,9 @@ def tile(images, nrow, shape=(28, 28), pad=1):
 
 
 def save_image_grid(images, path, nrow=10, title=None, shape=(28, 28), row_labels=None, col_labels=None):
-    """Save (N, 784) images in [0, 1] as a grid PNG; returns the path. ``row_labels`` / ``col_labels``
-    name the rows (left) and columns (top); a title wider than the figure wraps onto more lines."""
+    """Save (N, 784) images in [0, 1] (``shape`` (3, H, W): colour, (C, H, W) order) as a grid PNG; returns
+    the path. ``row_labels`` / ``col_labels`` name the rows (left) and columns (top); a title wider than the
+    figure wraps onto more lines."""
     plt = pyplot()
     grid = tile(np.clip(np.asarray(images), 0, 1) if isinstance(images, np.ndarray) else images, nrow, shape)
     width = nrow * 0.6 + 0.8
@@ -47,12 +55,13 @@ def save_image_grid(images, path, nrow=10, title=None, shape=(28, 28), row_label
     ax.set_yticks([])
     for side in ax.spines.values():
         side.set_visible(False)
+    height, width_px = tuple(shape)[-2:]
     if row_labels:
-        h = shape[0] + 1
-        ax.set_yticks([1 + h * i + shape[0] / 2 for i in range(len(row_labels))], row_labels)
+        h = height + 1
+        ax.set_yticks([1 + h * i + height / 2 for i in range(len(row_labels))], row_labels)
     if col_labels:
-        w = shape[1] + 1
-        ax.set_xticks([1 + w * j + shape[1] / 2 for j in range(len(col_labels))], col_labels)
+        w = width_px + 1
+        ax.set_xticks([1 + w * j + width_px / 2 for j in range(len(col_labels))], col_labels)
         ax.xaxis.tick_top()
     ax.tick_params(length=0)
     if title:

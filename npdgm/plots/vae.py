@@ -16,6 +16,11 @@ def _h(a):
     return np.asarray(to_host(a), dtype=np.float64)
 
 
+def _shape(model):
+    """The (C, H, W) of a conv VAE's images (colour when C = 3), else MNIST's 28x28."""
+    return tuple(getattr(model, "config", {}).get("image_shape", (28, 28)))
+
+
 def reconstructions(model, x, path, n=10, pairs=2):
     """Rows alternate input / reconstruction E[x | z = mu(x)] for ``pairs`` rows of ``n`` images."""
     x = _h(x)[:n * pairs]
@@ -24,14 +29,15 @@ def reconstructions(model, x, path, n=10, pairs=2):
     for p in range(pairs):
         rows += [x[p * n:(p + 1) * n], rec[p * n:(p + 1) * n]]
         labels += ["input", "output"]
-    return save_image_grid(np.concatenate(rows), path, nrow=n, title="reconstructions", row_labels=labels)
+    return save_image_grid(np.concatenate(rows), path, nrow=n, title="reconstructions", row_labels=labels,
+                           shape=_shape(model))
 
 
 def samples(model, path, n=100, nrow=10, rng=0, mean=True):
     """A grid of images decoded from z ~ N(0, I) (E[x|z] when ``mean``, else draws x ~ p(x|z))."""
     x = _h(model.sample(n, rng=rng, mean=mean))
     title = "samples from the prior" + ("  (E[x|z])" if mean else "  (x ~ p(x|z))")
-    return save_image_grid(x, path, nrow=nrow, title=title)
+    return save_image_grid(x, path, nrow=nrow, title=title, shape=_shape(model))
 
 
 def mean_and_std(model, path, n=10, rng=0):
@@ -61,7 +67,7 @@ def interpolation(model, xa, xb, path, steps=10):
         z = (1 - t)[:, None] * mua[i] + t[:, None] * mub[i]
         rows += [xa[i:i + 1], _h(model.decode(z)), xb[i:i + 1]]
     return save_image_grid(np.concatenate(rows), path, nrow=steps + 2,
-                           title="latent interpolation (ends: the two inputs)")
+                           title="latent interpolation (ends: the two inputs)", shape=_shape(model))
 
 
 def latent_scatter(model, x, labels, path, title="encoded test digits: mu(x)"):
@@ -119,10 +125,11 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
     g = np.array([NormalDist().inv_cdf(u) for u in np.linspace(lo, hi, n)])
     z = np.array([[a, b] for b in g[::-1] for a in g])  # rows: z2 from high to low; cols: z1
     plt = pyplot()
-    grid = tile(np.clip(_h(model.decode(z)), 0, 1), n)
+    grid = tile(np.clip(_h(model.decode(z)), 0, 1), n, _shape(model))
     fig, ax = plt.subplots(figsize=(n * 0.45 + 1.2, n * 0.45 + 1.0))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    centre = [1 + 29 * i + 14 for i in range(n)]          # pixel centre of grid column / row i (28 + 1 pad)
+    side = _shape(model)[-1]
+    centre = [1 + (side + 1) * i + side // 2 for i in range(n)]  # pixel centre of grid column / row i (+ 1 pad)
     every = max(1, n // 5)
     cols = list(range(0, n, every)) + ([n - 1] if (n - 1) % every else [])
     ax.set_xticks([centre[i] for i in cols], [f"{g[i]:.2f}" for i in cols])
@@ -133,16 +140,17 @@ def manifold(model, path, n=20, lo=0.05, hi=0.95):
     return _save(fig, path)
 
 
-def imputation(original, masked, imputed, path, title="imputation", cond_mean=None):
+def imputation(original, masked, imputed, path, title="imputation", cond_mean=None, shape=(28, 28)):
     """Rows: original, masked (missing pixels shown mid-grey), imputed (encode/decode iterations)
-    and, when given, the importance-sampled E[x_missing | x_observed]."""
+    and, when given, the importance-sampled E[x_missing | x_observed] (``shape``: as save_image_grid's)."""
     rows = [_h(original), _h(masked), _h(imputed)]
     labels = ["original", "masked", "imputed"]
     if cond_mean is not None:
         rows.append(_h(cond_mean))
         labels.append("E[x_m | x_o]")
         title += "\nlast row: E[x_missing | x_observed], importance-sampled"
-    return save_image_grid(np.concatenate(rows), path, nrow=len(rows[0]), title=title, row_labels=labels)
+    return save_image_grid(np.concatenate(rows), path, nrow=len(rows[0]), title=title, row_labels=labels,
+                           shape=shape)
 
 
 def curves(records, path, summary=None):
