@@ -211,6 +211,30 @@ def _nice_hidden(args):
     return list(hidden)
 
 
+def _toy_run(args, run):
+    """``run`` completed for flow2d (or realnvp on a toy set): the flow, its nets, the data sizes, --condition."""
+    run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
+               hidden=args.hidden or [256, 256], scale=args.scale,
+               scale_bound=1.0 if args.scale_bound is None else args.scale_bound, actnorm=args.actnorm,
+               batch_size=args.batch_size or 512, train_limit=args.train_limit or TOY_TRAIN,
+               test_limit=args.test_limit or TOY_TEST, flow=getattr(args, "flow", "realnvp"))
+    if run["flow"] != "realnvp" and run["actnorm"]:
+        raise ValueError(f"--actnorm goes with --flow realnvp; the {run['flow']} stack has no ActNorm layers")
+    spline_opts = {k: v for k, v in (("bins", getattr(args, "bins", None)),
+                                     ("bound", getattr(args, "tail_bound", None))) if v is not None}
+    if spline_opts and run["flow"] != "spline":
+        raise ValueError(f"--bins / --tail-bound go with --flow spline, not --flow {run['flow']}")
+    if run["flow"] == "spline":
+        run.update({**SPLINE2D, **spline_opts})
+    if getattr(args, "condition", False):
+        if args.dataset not in TOY_CLASSES and args.dataset != "rings":
+            raise ValueError(f"--condition needs a toy with classes ({', '.join(sorted(TOY_CLASSES))}) or "
+                             f"rings; {args.dataset} has none")
+        run.update(condition=True, context_dim=TOY_CLASSES.get(args.dataset, 1))
+    elif run["dataset"] == "rings":
+        raise ValueError("--dataset rings is a conditional density (a ring of radius c): add --condition")
+
+
 def _run_from_args(args):
     """The JSON-able options that rebuild the model and the data (stored in the checkpoint)."""
     fam = args.family
@@ -237,26 +261,7 @@ def _run_from_args(args):
         run.update(dataset=name, levels=args.levels, depth=args.depth, hidden=args.hidden,
                    batch_size=args.batch_size, image_shape=list(shape))
     else:  # flow2d, or realnvp on a toy set
-        run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
-                   hidden=args.hidden or [256, 256], scale=args.scale,
-                   scale_bound=1.0 if args.scale_bound is None else args.scale_bound, actnorm=args.actnorm,
-                   batch_size=args.batch_size or 512, train_limit=args.train_limit or TOY_TRAIN,
-                   test_limit=args.test_limit or TOY_TEST, flow=getattr(args, "flow", "realnvp"))
-        if run["flow"] != "realnvp" and run["actnorm"]:
-            raise ValueError(f"--actnorm goes with --flow realnvp; the {run['flow']} stack has no ActNorm layers")
-        spline_opts = {k: v for k, v in (("bins", getattr(args, "bins", None)),
-                                         ("bound", getattr(args, "tail_bound", None))) if v is not None}
-        if spline_opts and run["flow"] != "spline":
-            raise ValueError(f"--bins / --tail-bound go with --flow spline, not --flow {run['flow']}")
-        if run["flow"] == "spline":
-            run.update({**SPLINE2D, **spline_opts})
-        if getattr(args, "condition", False):
-            if args.dataset not in TOY_CLASSES and args.dataset != "rings":
-                raise ValueError(f"--condition needs a toy with classes ({', '.join(sorted(TOY_CLASSES))}) or "
-                                 f"rings; {args.dataset} has none")
-            run.update(condition=True, context_dim=TOY_CLASSES.get(args.dataset, 1))
-        elif run["dataset"] == "rings":
-            raise ValueError("--dataset rings is a conditional density (a ring of radius c): add --condition")
+        _toy_run(args, run)
     if _is_image(run):
         if fam != "glow":  # refused before a run directory is made
             from ..data import require_grey

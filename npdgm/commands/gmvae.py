@@ -68,6 +68,34 @@ def cluster_scores(model, x, labels, batch=1000):
             "cluster_map": {str(k): v for k, v in sorted(mapping.items())}}, comp
 
 
+def _iwae_and_report(model, test_x, run, summary, scores):
+    """Add the IWAE -log p(x) of the first --iwae-n test images to ``summary``; print the run's last line."""
+    n_iw = min(run["iwae_n"], len(test_x))
+    if n_iw:
+        g = np.random.default_rng([run["seed"], 2])
+        ll = np.concatenate([np.asarray(backend.to_host(model.log_likelihood(test_x[s:min(s + 100, n_iw)],
+                                                                             run["iwae_k"], rng=g)))
+                             for s in range(0, n_iw, 100)])
+        summary.update(iwae_k=run["iwae_k"], iwae_n=n_iw, test_nll=-float(ll.mean()))
+    print(f"test -ELBO {summary.get('test_nelbo', float('nan')):.3f} nats/image   cluster accuracy "
+          f"{scores['cluster_acc']:.3f}  purity {scores['purity']:.3f} ({model.components} components, "
+          f"{len(test_x)} test digits)" + (f"   IWAE -log p(x) (k={run['iwae_k']}) {summary['test_nll']:.3f}"
+                                           if n_iw else ""), flush=True)
+
+
+def _figures(model, out, args, records, summary, x_te, y_te, comp, scores, seed):
+    """curves.png, clusters.png (latent means by label and by component), components.png."""
+    from ..plots import gmvae as PG
+    from ..plots import vae as PV
+
+    common.stage_figures(out, args)
+    PV.curves(records, os.path.join(out, "curves.png"), summary)
+    n = min(len(x_te), 5000)
+    PG.clusters(model, x_te[:n], y_te[:n], comp[:n], os.path.join(out, "clusters.png"), acc=scores["cluster_acc"])
+    PG.components(model, os.path.join(out, "components.png"), rng=seed)
+    print(f"figures in {out}", flush=True)
+
+
 def cmd_train(args):
     from ..models.gmvae import GMVAE
 
@@ -105,27 +133,8 @@ def cmd_train(args):
     summary = {"epochs": run["epochs"], "test_n": len(test_x), "components": model.components, **scores}
     if records:
         summary.update({k: records[-1][k] for k in ("test_nelbo", "test_recon", "test_kl") if k in records[-1]})
-    n_iw = min(run["iwae_n"], len(test_x))
-    if n_iw:
-        g = np.random.default_rng([seed, 2])
-        ll = np.concatenate([np.asarray(backend.to_host(model.log_likelihood(test_x[s:min(s + 100, n_iw)],
-                                                                             run["iwae_k"], rng=g)))
-                             for s in range(0, n_iw, 100)])
-        summary.update(iwae_k=run["iwae_k"], iwae_n=n_iw, test_nll=-float(ll.mean()))
-    print(f"test -ELBO {summary.get('test_nelbo', float('nan')):.3f} nats/image   cluster accuracy "
-          f"{scores['cluster_acc']:.3f}  purity {scores['purity']:.3f} ({model.components} components, "
-          f"{len(test_x)} test digits)" + (f"   IWAE -log p(x) (k={run['iwae_k']}) {summary['test_nll']:.3f}"
-                                           if n_iw else ""), flush=True)
+    _iwae_and_report(model, test_x, run, summary, scores)
     common.write_summary(out, summary)
     if not args.no_plots:
-        from ..plots import gmvae as PG
-        from ..plots import vae as PV
-
-        common.stage_figures(out, args)
-        PV.curves(records, os.path.join(out, "curves.png"), summary)
-        n = min(len(x_te), 5000)
-        PG.clusters(model, x_te[:n], y_te[:n], comp[:n], os.path.join(out, "clusters.png"),
-                    acc=scores["cluster_acc"])
-        PG.components(model, os.path.join(out, "components.png"), rng=seed)
-        print(f"figures in {out}", flush=True)
+        _figures(model, out, args, records, summary, x_te, y_te, comp, scores, seed)
     return 0
