@@ -14,9 +14,10 @@ draws from them).
     npdgm sample runs/nice-... --temperatures 0.5 0.8 1.0 # (flow-sample is its old name)
 
 A run directory gets checkpoint.npz, metrics.jsonl / metrics.csv (train_loss = mean NLL in nats per
-example over the epoch's batches; test_nll, test_ll = -test_nll, and for images train_bpd/test_bpd),
-summary.json and the figures (docs/metrics.md lists every key). Images are uniformly dequantized with
-fresh noise every batch (the test set once, with a fixed seed), so the NLL is that of a density on
+example over the epoch's batches; test_nll, test_ll = -test_nll, and for images train_bpd/test_bpd; the
+log-likelihood's two terms train_/test_logprior + train_/test_logdet = -nll), summary.json and the figures
+(curves.png, terms.png: the total beside its two terms; docs/metrics.md lists every key). Images are uniformly
+dequantized with fresh noise every batch (the test set once, with a fixed seed), so the NLL is that of a density on
 [0, 1]^784 and bits/dim = (NLL / 784 + log 256) / log 2 (:func:`npdgm.models.flows.bits_per_dim`).
 """
 from __future__ import annotations
@@ -312,13 +313,15 @@ def init_actnorm(flow, train_x, image, seed, n=1000):
 
 
 def evaluate(flow, x_test, image, comm=None):
-    """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images (``comm``, of npdgm.distributed:
-    each rank takes its rows of the test set and the means are reduced, mean_over_rows; None: one process)."""
+    """Test metrics: mean NLL (nats), log-likelihood and its two terms (logprior + logdet = ll, see
+    :meth:`Flow.nll_terms`), and bits/dim for images (``comm``, of npdgm.distributed: each rank takes its rows of
+    the test set and the means are reduced, mean_over_rows; None: one process)."""
     from ..distributed import mean_over_rows
     from ..models.flows import bits_per_dim
 
-    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000), comm)
-    out = {"nll": nll, "ll": -nll}
+    t = mean_over_rows(len(x_test), lambda r: flow.nll_terms(x_test[r], batch_size=1000), comm)
+    nll = t["nll"]
+    out = {"nll": nll, "ll": -nll, "logprior": t["logprior"], "logdet": t["logdet"]}
     if image:
         out["bpd"] = bits_per_dim(nll, flow.dim)
     return out
@@ -376,7 +379,8 @@ def cmd_train(args):
                "steps": records[-1]["step"] if records else 0, "test_n": len(x_te),
                "parameters": model.num_parameters()}
     if records:
-        summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd") if k in records[-1]})
+        summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd", "test_logprior", "test_logdet")
+                        if k in records[-1]})
     common.write_summary(out, summary)
     msg = f"test NLL {summary.get('test_nll', float('nan')):.4f} nats"
     if "test_bpd" in summary:
@@ -394,6 +398,7 @@ def _figures(model, run, out, records, summary, x_te, image):
     if image:
         P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"])
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"{run['family']} on MNIST")
+        P.likelihood_terms(records, os.path.join(out, "terms.png"), title=f"{run['family']} on MNIST")
     else:
         P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),
                         title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}: "
@@ -401,4 +406,6 @@ def _figures(model, run, out, records, summary, x_te, image):
                         seed=run["seed"])
         P.nll_curves(records, os.path.join(out, "curves.png"),
                      title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
+        P.likelihood_terms(records, os.path.join(out, "terms.png"),
+                           title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
     print(f"figures in {out}", flush=True)

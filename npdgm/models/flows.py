@@ -208,33 +208,53 @@ class Flow(Model):
     def nll(self, x, batch_size=1000):
         """Mean negative log-likelihood (nats, float) over ``x``, in batches (no gradients).
         ValueError for an empty or non-finite ``x``."""
+        return self.nll_terms(x, batch_size)["nll"]
+
+    def nll_terms(self, x, batch_size=1000):
+        """The mean NLL over ``x`` and its two terms, floats in nats, in batches (no gradients):
+
+            -nll = logprior + logdet,  logprior = mean_i log p_Z(f(x_i)),  logdet = mean_i log|det df/dx (x_i)|.
+
+        The prior term alone is largest when every z = f(x) is 0 (the prior's mode); the log-det term
+        rewards f for expanding space around the data: the tension the likelihood balances.
+        ValueError for an empty or non-finite ``x``."""
         self._validate("x", x)
         if x.shape[0] == 0:
             raise ValueError(f"x is empty (shape {tuple(x.shape)}): the mean NLL needs at least one row")
         backend.check_finite("x", x)
         batch_size = check_int(batch_size, "batch_size", lo=1)
-        total = 0.0
+        prior = logdet = 0.0
         for s in range(0, x.shape[0], batch_size):
-            total += float(-self.log_prob(x[s:s + batch_size]).sum())
-        return total / x.shape[0]
+            z, ld = self.forward(x[s:s + batch_size])
+            prior += float(self._prior_f(z).sum())
+            logdet += float(ld.sum())
+        n = x.shape[0]
+        return {"nll": -(prior + logdet) / n, "logprior": prior / n, "logdet": logdet / n}
 
     def train_step(self, x, rng=None, shard=slice(None)):
         """One training step's gradient, added into ``grads`` (the loop zeroes them): the rows ``shard`` of
         the batch x (B, dim) (one process's share of a data-parallel batch) through :meth:`loss_and_grad`.
         A flow's loss needs no noise (``rng`` is unused; images are dequantized before). Returns
-        {"loss", "nll"} (0-d arrays)."""
-        loss = self.loss_and_grad(x[shard], zero_grad=False)
-        return {"loss": loss, "nll": loss}
+        {"loss", "nll", "logprior", "logdet"} (0-d arrays; -nll = logprior + logdet,
+        see :meth:`loss_terms_and_grad`)."""
+        t = self.loss_terms_and_grad(x[shard], zero_grad=False)
+        return {"loss": t["nll"], **t}
 
     def loss_and_grad(self, x, zero_grad=True):
         """Mean NLL in nats over the batch (0-d array) and the gradient of every parameter in ``grads``.
 
         L = -(1/B) sum_i [log p_Z(z_i) + logdet_i]:  dL/dlogdet_i = -1/B,  dL/dz_i = -(1/B) d log p_Z / dz_i.
         """
+        return self.loss_terms_and_grad(x, zero_grad)["nll"]
+
+    def loss_terms_and_grad(self, x, zero_grad=True):
+        """:meth:`loss_and_grad` and the likelihood's two terms, 0-d arrays in nats:
+        {"nll": L, "logprior": (1/B) sum_i log p_Z(z_i), "logdet": (1/B) sum_i logdet_i}, -L = logprior + logdet."""
         if zero_grad:
             self.zero_grad()
         z, logdet = self.forward(x)
-        lp = self._prior_f(z) + logdet
+        prior = self._prior_f(z)
+        lp = prior + logdet
         loss = -lp.mean()
         if self.checked != "off" and not math.isfinite(float(loss)):
             self.diagnose(x)
@@ -244,7 +264,7 @@ class Flow(Model):
         xp = backend.array_module(x)
         dlp = xp.full(x.shape[0], -1.0 / x.shape[0], dtype=x.dtype)
         self.backward(self._prior_b(dlp, z), dlp, need_dx=False)
-        return loss
+        return {"nll": loss, "logprior": prior.mean(), "logdet": logdet.mean()}
 
     def diagnose(self, x):
         """Replay ``x`` layer by layer and raise FloatingPointError at the first non-finite layer

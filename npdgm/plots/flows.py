@@ -90,3 +90,28 @@ def nll_curves(records, path, title="flow training", x="epoch"):
     x = x if all(x in r for r in records) else "epoch"
     return training_curves(records, path, keys=[k for k in ("train_nll", "test_nll") if any(k in r for r in records)],
                            title=title, ylabel="negative log-likelihood (nats)", labels={"nll": "NLL"}, x=x)
+
+
+TERM_PANELS = (("ll", "log-likelihood (total)"), ("logprior", "prior term  log p_Z(f(x))"),
+               ("logdet", "log-det term  sum log|det df/dx|"))
+
+
+def likelihood_terms(records, path, title="flow training", x="epoch"):
+    """Three panels side by side, train (solid) and test (dashed) per epoch (or step): the log-likelihood and
+    its two terms, log p(x) = log p_Z(f(x)) + sum log|det df/dx| (nats, means over examples). The prior term
+    alone is largest with every z = f(x) at the prior's mode (f shrinking the data to 0); the log-det term rewards
+    f for expanding space; the total is what training balances. Records without the terms (older runs) leave
+    their panels empty."""
+    from . import finish_curves, paired_lines
+
+    plt = pyplot()
+    records = [{**r, "train_ll": -r.get("train_nll", r.get("train_loss"))} if "train_ll" not in r and
+               ("train_nll" in r or "train_loss" in r) else r for r in records]
+    x = x if all(x in r for r in records) else "epoch"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (name, label) in zip(axes, TERM_PANELS):
+        paired_lines(ax, records, [(label.split("  ")[0], f"train_{name}", f"test_{name}")], x=x)
+        finish_curves(ax, "nats per example", label, xlabel=x)
+    if title:
+        fig.suptitle(f"{title}: log p(x) = prior term + log-det term")
+    return _save(fig, path)
