@@ -5,6 +5,7 @@ draws from them).
     npdgm train flow2d --dataset moons                    # 8 affine couplings, 3000 steps of 512
     npdgm train flow2d --flow maf --dataset moons         # 8 MAF layers (MADE), reversed order between them
     npdgm train flow2d --flow spline --dataset moons      # 8 rational-quadratic spline couplings
+    npdgm train flow2d --target bimodal --objective reverse-kl   # fit an unnormalised density by its own samples
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
@@ -32,6 +33,7 @@ from . import common
 from .common import add_train_args, default_out, nonneg_int, positive_float, positive_int, setup_backend
 
 from ..data import TOYS
+from ..targets import TARGETS
 
 NICE_HIDDEN = [1000] * 5          # NICE's coupling MLP: 5 hidden layers of 1000 (Dinh et al. 2014)
 TOY_TRAIN, TOY_TEST = 51200, 10000
@@ -39,6 +41,7 @@ TOY_TRAIN, TOY_TEST = 51200, 10000
 # |x| ~ 3.4; a point beyond the bound stays in the identity tail through every layer), every coupling starting as
 # the identity (last net layer 0)
 SPLINE2D = {"bins": 8, "bound": 5.0, "identity_init": True}
+OBJECTIVES = ("forward-kl", "reverse-kl")
 
 
 def _data_args(p, image=True, toy=True):
@@ -161,8 +164,14 @@ def _register_flow2d(train_commands):
                     "bounded scale), with --flow maf MAF layers (MADE 2 -> hidden -> 4, reversed order between "
                     "layers), or with --flow spline rational-quadratic spline couplings (--bins on [-B, B], "
                     "--tail-bound B, identity outside; each starts as the identity); standard Gaussian prior, "
-                    "trained on points drawn once from a seeded toy set.")
-    common.group(p, "data").add_argument("--dataset", choices=TOYS, default="moons", help="default moons")
+                    "trained on points drawn once from a seeded toy set, or fitted to a named unnormalised "
+                    "density (--target) by either KL: forward (maximum likelihood on the target's samples) or "
+                    "reverse (the flow's own samples x = f^-1(z) and the target's log-density).")
+    d = common.group(p, "data")
+    d.add_argument("--dataset", choices=TOYS, default=None, help="default moons")
+    d.add_argument("--target", choices=list(TARGETS), default=None,
+                   help="instead of a data set, an unnormalised 2-D density p*(x) known by its log-density: "
+                        + "; ".join(f"{k}: {t.doc}" for k, t in TARGETS.items()))
     g = common.group(p, "model")
     g.add_argument("--flow", choices=["realnvp", "maf", "spline"], default="realnvp",
                    help="affine couplings (realnvp), masked autoregressive layers (maf) or rational-quadratic "
@@ -179,6 +188,12 @@ def _register_flow2d(train_commands):
                         "|x| ~ 3.4)")
     _data_args(p, image=False, toy=True)
     add_train_args(p, epochs=None, batch_size=512, lr=1e-3, epochs_help="default: from --steps")
+    common.group(p, "training").add_argument(
+        "--objective", choices=OBJECTIVES, default="forward-kl",
+        help="with --target: forward-kl = KL(p || q), maximum likelihood on --train-limit samples of the target "
+             "(mass-covering); reverse-kl = KL(q || p) - log Z = E_z[log q(f^-1(z)) - log p*(f^-1(z))] on fresh "
+             "prior draws, --train-limit of them per epoch (mode-seeking). Without --target only forward-kl "
+             "(default forward-kl)")
     p.set_defaults(func=cmd_train, family="flow2d", epochs=None, steps=3000)
 
 
@@ -223,7 +238,7 @@ def _run_from_args(args):
         run.update(dataset="mnist", levels=args.levels, depth=args.depth, hidden=args.hidden,
                    batch_size=args.batch_size)
     else:  # flow2d, or realnvp on a toy set
-        run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
+        run.update(family="flow2d", dataset=args.dataset or "moons", couplings=args.couplings or 8,
                    hidden=args.hidden or [256, 256], scale=args.scale,
                    scale_bound=1.0 if args.scale_bound is None else args.scale_bound, actnorm=args.actnorm,
                    batch_size=args.batch_size or 512, train_limit=args.train_limit or TOY_TRAIN,
@@ -236,9 +251,24 @@ def _run_from_args(args):
             raise ValueError(f"--bins / --tail-bound go with --flow spline, not --flow {run['flow']}")
         if run["flow"] == "spline":
             run.update({**SPLINE2D, **spline_opts})
+        run.update(_target_options(args))
     if _is_image(run):
         run.update(data=args.data, train_limit=args.train_limit, test_limit=args.test_limit)
     return run
+
+
+def _target_options(args):
+    """flow2d's --target / --objective as run options ({} for a data set and the default objective)."""
+    target, objective = getattr(args, "target", None), getattr(args, "objective", "forward-kl")
+    if target is None:
+        if objective != "forward-kl":
+            raise ValueError(f"--objective {objective} needs --target NAME (an unnormalised density known by its "
+                             f"log-density); a data set has only samples: train it by forward-kl")
+        return {}
+    if args.dataset is not None:
+        raise ValueError(f"--dataset {args.dataset} and --target {target}: give one (the target's samples are the "
+                         f"data of --objective forward-kl)")
+    return {"target": target, "objective": objective, "dataset": f"target-{target}"}
 
 
 def upgrade_run(run):
@@ -285,6 +315,12 @@ def load_data(run):
     from ..data import check_unit_interval, dequantize, load_mnist, make_toy2d
 
     run, seed = upgrade_run(run), run["seed"]
+    if run.get("target"):
+        from ..targets import get_target
+
+        t = get_target(run["target"])
+        return (t.sample(run["train_limit"], np.random.default_rng([seed, 11])),
+                t.sample(run["test_limit"], np.random.default_rng([seed, 12])))
     if _is_image(run):
         x_tr, _ = load_mnist("train", run["data"], limit=run["train_limit"])
         x_te, _ = load_mnist("test", run["data"], limit=run["test_limit"])
@@ -327,6 +363,38 @@ def evaluate(flow, x_test, image, comm=None):
     return out
 
 
+def evaluate_target(flow, target, x_test, z_test, comm=None):
+    """:func:`evaluate` on the target's samples ``x_test`` and both KLs in nats (log Z by quadrature):
+    kl_forward = KL(p || q) = E_p[log p*(x)] - log Z + NLL on ``x_test``, and kl_reverse = KL(q || p) =
+    E_z[log p_Z(z) - logdet_inv(z) - log p*(f^-1(z))] + log Z on the fixed prior draws ``z_test``."""
+    out = evaluate(flow, x_test, False, comm)
+    xp = backend.array_module(z_test)
+    ref = xp.asarray(x_test, dtype=np.float64)
+    logq_minus_logp = 0.0
+    for s in range(0, z_test.shape[0], 1000):
+        z = z_test[s:s + 1000]
+        x, ld_inv = flow.inverse(z, logdet=True)
+        logq_minus_logp += float((flow._prior_f(z) - ld_inv - target.log_prob(x.astype(np.float64))).sum())
+    out["kl_forward"] = float(target.log_prob(ref).mean()) - target.log_z + out["nll"]
+    out["kl_reverse"] = logq_minus_logp / z_test.shape[0] + target.log_z
+    return out
+
+
+def make_reverse_kl_step(model, target):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit` for ``--objective reverse-kl``: :meth:`Flow.reverse_kl_and_grad`
+    on len(xb) fresh prior draws from the training rng (xb are placeholders: the reverse KL needs no data).
+    Logged as train_loss (KL(q || p) - log Z), train_logprior, train_logdet, train_logtarget."""
+    from ..kernels.coupling import prior_noise
+
+    dtype = model.flat_params.dtype
+
+    def step(xb, yb, rng, shard=slice(None)):  # the noise of the whole batch, then this rank's rows
+        z = prior_noise(model.prior, rng, (int(xb.shape[0]), model.dim), np.float64)[shard]
+        return model.reverse_kl_and_grad(backend.to_device(z, dtype), target, zero_grad=False)
+    step.shardable = True
+    return step
+
+
 # -- npdgm train nice | realnvp | maf | glow | flow2d ------------------------------------------------------------
 def make_step(model, image):
     """step(xb, yb, rng) of :func:`npdgm.train.fit`: :meth:`Flow.train_step`, one NLL gradient (images:
@@ -365,26 +433,41 @@ def cmd_train(args):
     _epochs(run, getattr(args, "steps", None), len(x_tr), image)
     dtype = model.flat_params.dtype
     train_x, test_x = backend.to_device(x_tr, dtype), backend.to_device(x_te, dtype)
+    step, evaluate_epoch = make_step(model, image), lambda e: evaluate(model, test_x, image, common.world())
+    if run.get("target"):
+        from ..kernels.coupling import prior_noise
+        from ..targets import get_target
+
+        target = get_target(run["target"])
+        z_test = backend.to_device(prior_noise(model.prior, np.random.default_rng([run["seed"], 13]),
+                                               (len(x_te), model.dim), np.float64), dtype)
+        evaluate_epoch = lambda e: evaluate_target(model, target, test_x, z_test, common.world())  # noqa: E731
+        if run["objective"] == "reverse-kl":  # no data: an epoch is len(x_tr) prior draws
+            train_x, step = backend.to_device(np.zeros_like(x_tr), dtype), make_reverse_kl_step(model, target)
     opt, rng, start = common.start_training(model, run, out, args.resume)
     if not args.resume:
         init_actnorm(model, train_x, image, run["seed"])
     print(f"{run['family']} on {run['dataset']}: {model!r}  train {len(train_x)}  test {len(test_x)}  "
           f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
           f"-> {out}", flush=True)
-    records = common.fit(model, opt, rng, start, run, out, args, make_step(model, image),
-                         lambda e: evaluate(model, test_x, image, common.world()), train_x)
+    records = common.fit(model, opt, rng, start, run, out, args, step, evaluate_epoch, train_x)
     if not common.is_root():
         return 0
     summary = {"family": run["family"], "dataset": run["dataset"], "epochs": run["epochs"],
                "steps": records[-1]["step"] if records else 0, "test_n": len(x_te),
                "parameters": model.num_parameters()}
     if records:
-        summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd", "test_logprior", "test_logdet")
-                        if k in records[-1]})
+        summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd", "test_logprior", "test_logdet",
+                                                    "test_kl_forward", "test_kl_reverse") if k in records[-1]})
+    if run.get("target"):
+        summary.update(target=run["target"], objective=run["objective"], target_log_z=target.log_z)
     common.write_summary(out, summary)
     msg = f"test NLL {summary.get('test_nll', float('nan')):.4f} nats"
     if "test_bpd" in summary:
         msg += f"  ({summary['test_bpd']:.4f} bits/dim; log-likelihood {summary['test_ll']:.2f} nats)"
+    if "test_kl_reverse" in summary:
+        msg += (f"  KL(q || p) {summary['test_kl_reverse']:.4f}  KL(p || q) {summary['test_kl_forward']:.4f} nats "
+                f"({run['objective']})")
     print(msg, flush=True)
     if not args.no_plots:
         common.stage_figures(out, args)
@@ -408,4 +491,9 @@ def _figures(model, run, out, records, summary, x_te, image):
                      title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
         P.likelihood_terms(records, os.path.join(out, "terms.png"),
                            title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
+        if run.get("target"):
+            from ..targets import get_target
+
+            P.kl_directions(get_target(run["target"]), [(run["objective"], model, summary)],
+                            os.path.join(out, "fit.png"), seed=run["seed"])
     print(f"figures in {out}", flush=True)

@@ -266,6 +266,32 @@ class Flow(Model):
         self.backward(self._prior_b(dlp, z), dlp, need_dx=False)
         return {"nll": loss, "logprior": prior.mean(), "logdet": logdet.mean()}
 
+    def reverse_kl_and_grad(self, z, target, zero_grad=True):
+        """Reverse KL to an unnormalised target p* through the flow's own samples x_b = f^-1(z_b), z (B, D) drawn
+        from the prior and held fixed (the reparameterisation: the noise is an argument). ``target(x) -> (log p*,
+        d log p*/dx)`` (e.g. :mod:`npdgm.targets`). With log q(x_b) = log p_Z(z_b) - logdet_inv_b,
+
+            L = (1/B) sum_b [log q(x_b) - log p*(x_b)]  ~  KL(q || p*/Z) - log Z,
+            dL/dx_b = -(1/B) d log p*/dx (x_b),   dL/dlogdet_inv_b = -1/B   (log p_Z(z_b) holds no parameter),
+
+        which :meth:`inverse_backward` carries through the sampling direction into ``grads``. Returns 0-d arrays
+        {"loss": L, "logprior": mean log p_Z(z), "logdet": mean log|det df/dx| at x = -mean logdet_inv,
+        "logtarget": mean log p*(x)}: loss = logprior + logdet - logtarget."""
+        if zero_grad:
+            self.zero_grad()
+        x, logdet_inv = self.inverse(z, logdet=True)
+        logp, dlogp = target(x)
+        prior = self._prior_f(z)
+        loss = (prior - logdet_inv - logp).mean()
+        if self.checked != "off" and not math.isfinite(float(loss)):
+            raise FloatingPointError(f"the reverse KL is {float(loss)}: the target's log-density at the flow's "
+                                     f"samples is not finite (|x| up to {float(abs(x).max()):.4g})")
+        xp = backend.array_module(z)
+        b = z.shape[0]
+        self.inverse_backward((dlogp * (-1.0 / b)).astype(z.dtype, copy=False),
+                              xp.full(b, -1.0 / b, dtype=z.dtype))
+        return {"loss": loss, "logprior": prior.mean(), "logdet": -logdet_inv.mean(), "logtarget": logp.mean()}
+
     def diagnose(self, x):
         """Replay ``x`` layer by layer and raise FloatingPointError at the first non-finite layer
         (ValueError when ``x`` itself is not finite). Returns None when everything is finite."""

@@ -115,3 +115,40 @@ def likelihood_terms(records, path, title="flow training", x="epoch"):
     if title:
         fig.suptitle(f"{title}: log p(x) = prior term + log-det term")
     return _save(fig, path)
+
+
+FIT_NAMES = {"forward-kl": "forward KL(p || q): mass-covering", "reverse-kl": "reverse KL(q || p): mode-seeking"}
+
+
+def kl_directions(target, fits, path, title=None, n_samples=2000, seed=0):
+    """The target density p = p*/Z beside each fitted flow q: ``fits`` is a list of (objective, flow, summary)
+    (summary: a run's summary.json dict with test_kl_reverse / test_kl_forward, or None). Each fit's panel shows q
+    as a heat map, the target's contours in white and ``n_samples`` of the flow's samples as dots."""
+    plt = pyplot()
+    lim = target.box
+    xs = np.linspace(-lim, lim, 200)
+    gx, gy = np.meshgrid(xs, xs)
+    p = np.exp(target.log_prob(np.stack([gx.ravel(), gy.ravel()], 1)) - target.log_z).reshape(gx.shape)
+    fig, axes = plt.subplots(1, 1 + len(fits), figsize=(4.6 * (1 + len(fits)), 4.6), squeeze=False)
+    axes = axes[0]
+    levels = p.max() * np.array([0.05, 0.3, 0.7])
+    axes[0].imshow(p, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
+    axes[0].set_title(f"target p(x) = p*(x) / Z ({target.name})")
+    for ax, (objective, flow, summary) in zip(axes[1:], fits):
+        _, _, q = density_grid(flow, lim)
+        ax.imshow(q, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
+        ax.contour(xs, xs, p, levels=levels, colors="white", linewidths=0.7, alpha=0.8)
+        s = _host(flow.sample(n_samples, rng=seed))
+        ax.scatter(s[:, 0], s[:, 1], s=1, c="cyan", alpha=0.3)
+        name = FIT_NAMES.get(objective, objective)
+        if summary and "test_kl_reverse" in summary:
+            name += (f"\nKL(q || p) = {summary['test_kl_reverse']:.3f}, "
+                     f"KL(p || q) = {summary['test_kl_forward']:.3f} nats")
+        ax.set_title(name, fontsize=10)
+    square_axes(axes, lim)
+    for ax in axes:
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
