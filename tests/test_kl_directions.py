@@ -98,7 +98,8 @@ SMALL = ["--couplings", "2", "--hidden", "8", "--train-limit", "256", "--test-li
 @pytest.mark.parametrize("objective", ["reverse-kl", "forward-kl"])
 def test_cli_fits_a_target_by_either_kl(objective, tmp_path, capsys):
     out = tmp_path / objective
-    assert cli.main(["train", "flow2d", "--target", "bimodal", "--objective", objective, *SMALL, "--out", str(out)]) == 0
+    argv = ["train", "flow2d", "--target", "bimodal", "--objective", objective, *SMALL, "--out", str(out)]
+    assert cli.main(argv) == 0
     assert capsys.readouterr().err == ""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())

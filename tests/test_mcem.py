@@ -56,3 +56,18 @@ def test_mcem_fit_raises_the_likelihood_of_the_training_images():
     assert [h["epoch"] for h in hist] == list(range(1, 7))
     assert all(0 < h["accept"] <= 1 for h in hist)
     assert hist[-1]["loss"] < hist[0]["loss"] and after > before + 1.0, (before, after, hist)
+
+
+def test_mcem_vs_elbo_figure_is_labelled(monkeypatch, tmp_path):
+    from npdgm.plots import inference as PI
+
+    seen = []
+    monkeypatch.setattr(PI, "_save", lambda fig, path: seen.append(fig))
+    rows = lambda off, elbo: [{"epoch": e, "ais_test": -200.0 + off + e, **({"elbo_test": -210.0 + e} if elbo else {})}
+                              for e in (1, 2)]
+    PI.mcem_vs_elbo({"ELBO": rows(0, True), "MC-EM": rows(-3, False)}, tmp_path / "m.png")
+    fig, = seen
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["ELBO: AIS log p(x)", "ELBO: ELBO", "MC-EM: AIS log p(x)"]
+    assert ax.get_xlabel() == "epoch" and "log-likelihood" in ax.get_ylabel()
