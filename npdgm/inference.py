@@ -14,6 +14,7 @@ logp (or broadcast to it) and are adapted per chain/image during warm-up.
     langevin(target, z0, n, ...)    MALA (adjust=True) or the unadjusted Langevin algorithm
     ais(model, x, steps, chains)    annealed importance sampling p(z) -> p(z|x): a stochastic lower bound
     bdmc(model, n, steps, chains)   simulated data: AIS lower bound and reverse-AIS upper bound
+    mcem_fit(model, x, epochs, ...) Monte-Carlo EM: the decoder trained on HMC samples of p(z|x) in place of q
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import numpy as np
 
 from . import backend
 from .kernels.losses import bernoulli_nll_backward, bernoulli_nll_forward
+from .models.elbo import rec_backward, rec_rows
 from .validate import as_rng, check_float, check_int
 
 __all__ = ["logmeanexp", "posterior_target", "impute_hmc", "naive_log_px", "leapfrog", "hmc_step", "mala_step", "hmc",
-           "langevin", "elbo_estimate", "naive_curve", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc"]
+           "langevin", "elbo_estimate", "naive_curve", "effective_sample_size", "schedule", "ais_chains", "ais", "bdmc",
+           "mcem_decoder_loss_and_grad", "mcem_fit"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -453,3 +456,71 @@ def bdmc(model, n=10, steps=1000, chains=4, leapfrog=2, schedule_kind="sigmoid",
     zc = model.xp.broadcast_to(z, (chains,) + z.shape).copy()
     logw, _, acc = ais_chains(_loglik(model, x), zc, schedule(steps, schedule_kind)[::-1], leapfrog, step, rng=rng)
     return {"lower": fwd["est"], "upper": -logmeanexp(logw), "x": x, "accept": (fwd["accept"], acc)}
+
+
+# -- Monte-Carlo EM ---------------------------------------------------------------------------------------------
+def mcem_decoder_loss_and_grad(model, x, z, zero_grad=True):
+    """The M-step of Monte-Carlo EM at fixed samples z (C, B, Z) of p(z | x) (e.g. HMC states):
+
+        Q(theta) ~= (1/C) sum_c log p_theta(x, z_c),   L = -(1/(C B)) sum_{c,b} log p(x_b | z_cb)
+
+    (log N(z; 0, I) holds no parameter). dL/dout = the likelihood's backward with weight 1/(C B) per row, then the
+    decoder's backward to its weights (and logvar_x's gradient with a learned sigma): the Monte-Carlo gradient
+    of -log p(x, z). The encoder's gradients are left untouched (zero after ``zero_grad``). Returns L (0-d)."""
+    xp = model.xp
+    if zero_grad:
+        model.zero_grad()
+    zz = xp.asarray(z).astype(model.dtype, copy=False).reshape(-1, model.z_dim)
+    out = model.decoder.forward(zz)
+    xt = xp.broadcast_to(x, (zz.shape[0] // x.shape[0],) + x.shape).reshape(out.shape)
+    rows = rec_rows(model, out, xt)
+    d_rows = xp.full(rows.shape[0], 1.0 / rows.shape[0], dtype=model.dtype)
+    model.decoder.backward(rec_backward(model, d_rows, out, xt), need_dx=False)
+    return rows.mean()
+
+
+def mcem_fit(model, x, epochs=5, batch_size=100, lr=1e-3, hmc_steps=3, leapfrog=5, step=0.1, target_accept=0.65,
+             rng=0, optimizer=None, log=None):
+    """Monte-Carlo EM for a VAE's decoder (Wei & Tanner 1990), the E-step by HMC in place of q(z | x).
+
+    Every image keeps one persistent chain on p(z | x), started at the encoder mean mu(x) (the encoder is used
+    only there and is not trained). Per minibatch of ``batch_size`` images, in a shuffled order each epoch:
+      E: ``hmc_steps`` HMC transitions (``leapfrog`` steps each) of the batch's chains on the current p(z | x),
+         each chain's step size adapted toward ``target_accept`` (kept with the chain);
+      M: one Adam step (``lr``) on :func:`mcem_decoder_loss_and_grad` at the chains' new states.
+    x (N, x_dim) training images (checked). Returns a list of per-epoch dicts {"epoch", "loss" (mean -log p(x|z)
+    at the samples), "logjoint" (mean log p(x, z)), "accept", "seconds"}; the model is trained in place."""
+    import time
+
+    from .optim import Adam
+
+    x = model.check_x(x)
+    epochs, batch_size = check_int(epochs, "epochs", lo=1), check_int(batch_size, "batch_size", lo=1)
+    hmc_steps, leapfrog = check_int(hmc_steps, "hmc_steps", lo=1), check_int(leapfrog, "leapfrog", lo=1)
+    rng = _rng(model, rng)
+    opt = optimizer or Adam(model, lr=lr)
+    xp, n = model.xp, x.shape[0]
+    chains = xp.concatenate([model.encoder.forward(x[s:s + 1000])[:, :model.z_dim] for s in range(0, n, 1000)])
+    eps = xp.full(n, check_float(step, "step", lo=0, strict_lo=True), dtype=model.dtype)
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0, sums = time.perf_counter(), {"loss": 0.0, "logjoint": 0.0, "accept": 0.0}
+        perm = np.random.default_rng(int(rng.integers(1 << 31))).permutation(n)
+        for s in range(0, n, batch_size):
+            idx = xp.asarray(perm[s:s + batch_size])
+            xb, target = x[idx], posterior_target(model, x[idx])
+            state, e = (chains[idx],) + tuple(target(chains[idx])), eps[idx]
+            for _ in range(hmc_steps):  # E-step: a few transitions of p(z | x_b) under the current decoder
+                state, prob = hmc_step(target, state, e, leapfrog, rng)
+                e = _adapt(e, prob, target_accept, 0.5).astype(model.dtype)
+            chains[idx], eps[idx] = state[0], e
+            loss = mcem_decoder_loss_and_grad(model, xb, state[0][None])  # M-step
+            opt.step()
+            w = len(perm[s:s + batch_size]) / n
+            sums["loss"] += w * float(loss)
+            sums["logjoint"] += w * float(state[1].mean())
+            sums["accept"] += w * float(prob.mean())
+        history.append({"epoch": epoch, **sums, "seconds": round(time.perf_counter() - t0, 3)})
+        if log:
+            log(history[-1])
+    return history

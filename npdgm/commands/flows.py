@@ -7,6 +7,7 @@ draws from them).
     npdgm train flow2d --flow spline --dataset moons      # 8 rational-quadratic spline couplings
     npdgm train flow2d --condition --dataset moons        # p(x | class): the two moons' halves as classes
     npdgm train flow2d --condition --dataset rings        # p(x | c): a ring of radius c, c ~ U(0.5, 2.5)
+    npdgm train flow2d --target bimodal --objective reverse-kl   # fit an unnormalised density by its own samples
     npdgm train nice --data mnist --epochs 3
     npdgm train realnvp --dataset mnist --epochs 5        # MLP affine couplings, checkerboard masks
     npdgm train realnvp --dataset spirals                 # the same family on a 2-D toy
@@ -16,9 +17,10 @@ draws from them).
     npdgm sample runs/nice-... --temperatures 0.5 0.8 1.0 # (flow-sample is its old name)
 
 A run directory gets checkpoint.npz, metrics.jsonl / metrics.csv (train_loss = mean NLL in nats per
-example over the epoch's batches; test_nll, test_ll = -test_nll, and for images train_bpd/test_bpd),
-summary.json and the figures (docs/metrics.md lists every key). Images are uniformly dequantized with
-fresh noise every batch (the test set once, with a fixed seed), so the NLL is that of a density on
+example over the epoch's batches; test_nll, test_ll = -test_nll, and for images train_bpd/test_bpd; the
+log-likelihood's two terms train_/test_logprior + train_/test_logdet = -nll), summary.json and the figures
+(curves.png, terms.png: the total beside its two terms; docs/metrics.md lists every key). Images are uniformly
+dequantized with fresh noise every batch (the test set once, with a fixed seed), so the NLL is that of a density on
 [0, 1]^784 and bits/dim = (NLL / 784 + log 256) / log 2 (:func:`npdgm.models.flows.bits_per_dim`).
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from . import common
 from .common import add_train_args, default_out, positive_float, positive_int, setup_backend
 
 from ..data import RING_RADII, TOY_CLASSES, TOYS
+from ..targets import TARGETS
 
 NICE_HIDDEN = [1000] * 5          # NICE's coupling MLP: 5 hidden layers of 1000 (Dinh et al. 2014)
 TOY_TRAIN, TOY_TEST = 51200, 10000
@@ -42,6 +45,7 @@ TOY_TRAIN, TOY_TEST = 51200, 10000
 # |x| ~ 3.4; a point beyond the bound stays in the identity tail through every layer), every coupling starting as
 # the identity (last net layer 0)
 SPLINE2D = {"bins": 8, "bound": 5.0, "identity_init": True}
+OBJECTIVES = ("forward-kl", "reverse-kl")
 
 
 def _data_args(p, image=True, toy=True, colour=False):
@@ -171,9 +175,15 @@ def _register_flow2d(train_commands):
                     "bounded scale), with --flow maf MAF layers (MADE 2 -> hidden -> 4, reversed order between "
                     "layers), or with --flow spline rational-quadratic spline couplings (--bins on [-B, B], "
                     "--tail-bound B, identity outside; each starts as the identity); standard Gaussian prior, "
-                    "trained on points drawn once from a seeded toy set.")
-    common.group(p, "data").add_argument("--dataset", choices=TOYS + ("rings",), default="moons",
-                                         help="default moons; rings (a ring of radius c) needs --condition")
+                    "trained on points drawn once from a seeded toy set, or fitted to a named unnormalised "
+                    "density (--target) by either KL: forward (maximum likelihood on the target's samples) or "
+                    "reverse (the flow's own samples x = f^-1(z) and the target's log-density).")
+    d = common.group(p, "data")
+    d.add_argument("--dataset", choices=TOYS + ("rings",), default=None,
+                   help="default moons; rings (a ring of radius c) needs --condition")
+    d.add_argument("--target", choices=list(TARGETS), default=None,
+                   help="instead of a data set, an unnormalised 2-D density p*(x) known by its log-density: "
+                        + "; ".join(f"{k}: {t.doc}" for k, t in TARGETS.items()))
     g = common.group(p, "model")
     g.add_argument("--condition", action="store_true",
                    help=f"a conditional flow p(x | c), c concatenated into every conditioner: c = the one-hot class "
@@ -194,6 +204,12 @@ def _register_flow2d(train_commands):
                         "|x| ~ 3.4)")
     _data_args(p, image=False, toy=True)
     add_train_args(p, epochs=None, batch_size=512, lr=1e-3, epochs_help="default: from --steps")
+    common.group(p, "training").add_argument(
+        "--objective", choices=OBJECTIVES, default="forward-kl",
+        help="with --target: forward-kl = KL(p || q), maximum likelihood on --train-limit samples of the target "
+             "(mass-covering); reverse-kl = KL(q || p) - log Z = E_z[log q(f^-1(z)) - log p*(f^-1(z))] on fresh "
+             "prior draws, --train-limit of them per epoch (mode-seeking). Without --target only forward-kl "
+             "(default forward-kl)")
     p.set_defaults(func=cmd_train, family="flow2d", epochs=None, steps=3000)
 
 
@@ -213,7 +229,7 @@ def _nice_hidden(args):
 
 def _toy_run(args, run):
     """``run`` completed for flow2d (or realnvp on a toy set): the flow, its nets, the data sizes, --condition."""
-    run.update(family="flow2d", dataset=args.dataset, couplings=args.couplings or 8,
+    run.update(family="flow2d", dataset=args.dataset or "moons", couplings=args.couplings or 8,
                hidden=args.hidden or [256, 256], scale=args.scale,
                scale_bound=1.0 if args.scale_bound is None else args.scale_bound, actnorm=args.actnorm,
                batch_size=args.batch_size or 512, train_limit=args.train_limit or TOY_TRAIN,
@@ -233,6 +249,7 @@ def _toy_run(args, run):
         run.update(condition=True, context_dim=TOY_CLASSES.get(args.dataset, 1))
     elif run["dataset"] == "rings":
         raise ValueError("--dataset rings is a conditional density (a ring of radius c): add --condition")
+    run.update(_target_options(args))
 
 
 def _run_from_args(args):
@@ -273,6 +290,20 @@ def _run_from_args(args):
                 raise ValueError(f"--condition goes with realnvp and maf, not {fam}")
             run.update(condition=True, context_dim=10)
     return run
+
+
+def _target_options(args):
+    """flow2d's --target / --objective as run options ({} for a data set and the default objective)."""
+    target, objective = getattr(args, "target", None), getattr(args, "objective", "forward-kl")
+    if target is None:
+        if objective != "forward-kl":
+            raise ValueError(f"--objective {objective} needs --target NAME (an unnormalised density known by its "
+                             f"log-density); a data set has only samples: train it by forward-kl")
+        return {}
+    if args.dataset is not None:
+        raise ValueError(f"--dataset {args.dataset} and --target {target}: give one (the target's samples are the "
+                         f"data of --objective forward-kl)")
+    return {"target": target, "objective": objective, "dataset": f"target-{target}"}
 
 
 def upgrade_run(run):
@@ -328,6 +359,12 @@ def load_data(run):
     from ..data import check_unit_interval, dequantize, load_dataset, load_mnist, make_toy2d
 
     run, seed = upgrade_run(run), run["seed"]
+    if run.get("target"):
+        from ..targets import get_target
+
+        t = get_target(run["target"])
+        return (t.sample(run["train_limit"], np.random.default_rng([seed, 11])),
+                t.sample(run["test_limit"], np.random.default_rng([seed, 12])))
     if _is_image(run):
         load = load_dataset if run["family"] == "glow" else load_mnist  # the others model 784 pixels
         x_tr, _ = load("train", run["data"], limit=run["train_limit"])
@@ -387,18 +424,52 @@ def init_actnorm(flow, train_x, image, seed, n=1000, context=None):
 
 
 def evaluate(flow, x_test, image, comm=None, c_test=None):
-    """Test metrics: mean NLL (nats), log-likelihood, and bits/dim for images (``comm``, of npdgm.distributed:
-    each rank takes its rows of the test set and the means are reduced, mean_over_rows; None: one process);
-    ``c_test``: the contexts of a conditional flow (the NLL is then -mean log p(x | c))."""
+    """Test metrics: mean NLL (nats), log-likelihood and its two terms (logprior + logdet = ll, see
+    :meth:`Flow.nll_terms`), and bits/dim for images (``comm``, of npdgm.distributed: each rank takes its rows of
+    the test set and the means are reduced, mean_over_rows; None: one process); ``c_test``: the contexts of a
+    conditional flow (the NLL is then -mean log p(x | c))."""
     from ..distributed import mean_over_rows
     from ..models.flows import bits_per_dim
 
-    nll = mean_over_rows(len(x_test), lambda r: flow.nll(x_test[r], batch_size=1000,
-                                                         context=None if c_test is None else c_test[r]), comm)
-    out = {"nll": nll, "ll": -nll}
+    t = mean_over_rows(len(x_test), lambda r: flow.nll_terms(x_test[r], batch_size=1000,
+                                                             context=None if c_test is None else c_test[r]), comm)
+    nll = t["nll"]
+    out = {"nll": nll, "ll": -nll, "logprior": t["logprior"], "logdet": t["logdet"]}
     if image:
         out["bpd"] = bits_per_dim(nll, flow.dim)
     return out
+
+
+def evaluate_target(flow, target, x_test, z_test, comm=None):
+    """:func:`evaluate` on the target's samples ``x_test`` and both KLs in nats (log Z by quadrature):
+    kl_forward = KL(p || q) = E_p[log p*(x)] - log Z + NLL on ``x_test``, and kl_reverse = KL(q || p) =
+    E_z[log p_Z(z) - logdet_inv(z) - log p*(f^-1(z))] + log Z on the fixed prior draws ``z_test``."""
+    out = evaluate(flow, x_test, False, comm)
+    xp = backend.array_module(z_test)
+    ref = xp.asarray(x_test, dtype=np.float64)
+    logq_minus_logp = 0.0
+    for s in range(0, z_test.shape[0], 1000):
+        z = z_test[s:s + 1000]
+        x, ld_inv = flow.inverse(z, logdet=True)
+        logq_minus_logp += float((flow._prior_f(z) - ld_inv - target.log_prob(x.astype(np.float64))).sum())
+    out["kl_forward"] = float(target.log_prob(ref).mean()) - target.log_z + out["nll"]
+    out["kl_reverse"] = logq_minus_logp / z_test.shape[0] + target.log_z
+    return out
+
+
+def make_reverse_kl_step(model, target):
+    """step(xb, yb, rng) of :func:`npdgm.train.fit` for ``--objective reverse-kl``: :meth:`Flow.reverse_kl_and_grad`
+    on len(xb) fresh prior draws from the training rng (xb are placeholders: the reverse KL needs no data).
+    Logged as train_loss (KL(q || p) - log Z), train_logprior, train_logdet, train_logtarget."""
+    from ..kernels.coupling import prior_noise
+
+    dtype = model.flat_params.dtype
+
+    def step(xb, yb, rng, shard=slice(None)):  # the noise of the whole batch, then this rank's rows
+        z = prior_noise(model.prior, rng, (int(xb.shape[0]), model.dim), np.float64)[shard]
+        return model.reverse_kl_and_grad(backend.to_device(z, dtype), target, zero_grad=False)
+    step.shardable = True
+    return step
 
 
 # -- npdgm train nice | realnvp | maf | glow | flow2d ------------------------------------------------------------
@@ -464,25 +535,42 @@ def cmd_train(args):
     train_c = test_c = None
     if run.get("condition"):
         train_c, test_c = (backend.to_device(c, dtype) for c in load_contexts(run))
+    step = make_step(model, image)
+    evaluate_epoch = lambda e: evaluate(model, test_x, image, common.world(), test_c)  # noqa: E731
+    if run.get("target"):
+        from ..kernels.coupling import prior_noise
+        from ..targets import get_target
+
+        target = get_target(run["target"])
+        z_test = backend.to_device(prior_noise(model.prior, np.random.default_rng([run["seed"], 13]),
+                                               (len(x_te), model.dim), np.float64), dtype)
+        evaluate_epoch = lambda e: evaluate_target(model, target, test_x, z_test, common.world())  # noqa: E731
+        if run["objective"] == "reverse-kl":  # no data: an epoch is len(x_tr) prior draws
+            train_x, step = backend.to_device(np.zeros_like(x_tr), dtype), make_reverse_kl_step(model, target)
     opt, rng, start = common.start_training(model, run, out, args.resume)
     if not args.resume:
         init_actnorm(model, train_x, image, run["seed"], context=train_c)
     print(f"{run['family']} on {run['dataset']}: {model!r}  train {len(train_x)}  test {len(test_x)}  "
           f"{math.ceil(len(train_x) / run['batch_size'])} steps/epoch  backend {backend.get_backend()} {dtype}  "
           f"-> {out}", flush=True)
-    records = common.fit(model, opt, rng, start, run, out, args, make_step(model, image),
-                         lambda e: evaluate(model, test_x, image, common.world(), test_c), train_x, train_c)
+    records = common.fit(model, opt, rng, start, run, out, args, step, evaluate_epoch, train_x, train_c)
     if not common.is_root():
         return 0
     summary = {"family": run["family"], "dataset": run["dataset"], "epochs": run["epochs"],
                "steps": records[-1]["step"] if records else 0, "test_n": len(x_te),
                "parameters": model.num_parameters()}
     if records:
-        summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd") if k in records[-1]})
+        summary.update({k: records[-1][k] for k in ("test_nll", "test_ll", "test_bpd", "test_logprior", "test_logdet",
+                                                    "test_kl_forward", "test_kl_reverse") if k in records[-1]})
+    if run.get("target"):
+        summary.update(target=run["target"], objective=run["objective"], target_log_z=target.log_z)
     common.write_summary(out, summary)
     msg = f"test NLL {summary.get('test_nll', float('nan')):.4f} nats"
     if "test_bpd" in summary:
         msg += f"  ({summary['test_bpd']:.4f} bits/dim; log-likelihood {summary['test_ll']:.2f} nats)"
+    if "test_kl_reverse" in summary:
+        msg += (f"  KL(q || p) {summary['test_kl_reverse']:.4f}  KL(p || q) {summary['test_kl_forward']:.4f} nats "
+                f"({run['objective']})")
     print(msg, flush=True)
     if not args.no_plots:
         common.stage_figures(out, args)
@@ -505,12 +593,14 @@ def _figures(model, run, out, records, summary, x_te, image):
     if image and run.get("condition"):
         P.class_sample_grid(model, os.path.join(out, "samples.png"), seed=run["seed"])
         P.bpd_curves(records, os.path.join(out, "curves.png"), title=f"class-conditional {run['family']} on MNIST")
+        P.likelihood_terms(records, os.path.join(out, "terms.png"), title=f"class-conditional {run['family']}")
     elif image:
         with sampling_progress(model):
             P.sample_grids(model, os.path.join(out, "samples.png"), seed=run["seed"],
                            shape=tuple(run.get("image_shape", (28, 28))))
-        P.bpd_curves(records, os.path.join(out, "curves.png"),
-                     title=f"{run['family']} on {'CIFAR-10' if run['dataset'] == 'cifar10' else 'MNIST'}")
+        name = f"{run['family']} on {'CIFAR-10' if run['dataset'] == 'cifar10' else 'MNIST'}"
+        P.bpd_curves(records, os.path.join(out, "curves.png"), title=name)
+        P.likelihood_terms(records, os.path.join(out, "terms.png"), title=name)
     elif run.get("condition"):
         contexts, names = conditional_grid(run)
         P.conditional_panels(model, contexts, names, os.path.join(out, "density.png"), lim=4.0 if
@@ -519,6 +609,8 @@ def _figures(model, run, out, records, summary, x_te, image):
                                    f"{summary.get('test_nll', float('nan')):.3f} nats")
         P.nll_curves(records, os.path.join(out, "curves.png"),
                      title=f"conditional {run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
+        P.likelihood_terms(records, os.path.join(out, "terms.png"),
+                           title=f"conditional {run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
     else:
         P.flow2d_panels(model, x_te, os.path.join(out, "density.png"),
                         title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}: "
@@ -526,4 +618,11 @@ def _figures(model, run, out, records, summary, x_te, image):
                         seed=run["seed"])
         P.nll_curves(records, os.path.join(out, "curves.png"),
                      title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
+        P.likelihood_terms(records, os.path.join(out, "terms.png"),
+                           title=f"{run.get('flow', 'realnvp')} flow on {run['dataset']}", x="step")
+        if run.get("target"):
+            from ..targets import get_target
+
+            P.kl_directions(get_target(run["target"]), [(run["objective"], model, summary)],
+                            os.path.join(out, "fit.png"), seed=run["seed"])
     print(f"figures in {out}", flush=True)

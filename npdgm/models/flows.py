@@ -248,26 +248,40 @@ class Flow(Model):
     def nll(self, x, batch_size=1000, context=None):
         """Mean negative log-likelihood (nats, float) over ``x`` (given ``context``), in batches (no gradients).
         ValueError for an empty or non-finite ``x``."""
+        return self.nll_terms(x, batch_size, context)["nll"]
+
+    def nll_terms(self, x, batch_size=1000, context=None):
+        """The mean NLL over ``x`` and its two terms, floats in nats, in batches (no gradients):
+
+            -nll = logprior + logdet,  logprior = mean_i log p_Z(f(x_i)),  logdet = mean_i log|det df/dx (x_i)|.
+
+        The prior term alone is largest when every z = f(x) is 0 (the prior's mode); the log-det term
+        rewards f for expanding space around the data: the tension the likelihood balances.
+        ValueError for an empty or non-finite ``x``."""
         self._validate("x", x)
         if x.shape[0] == 0:
             raise ValueError(f"x is empty (shape {tuple(x.shape)}): the mean NLL needs at least one row")
         backend.check_finite("x", x)
         context = self._context(context, x.shape[0])
         batch_size = check_int(batch_size, "batch_size", lo=1)
-        total = 0.0
+        prior = logdet = 0.0
         for s in range(0, x.shape[0], batch_size):
             c = None if context is None else context[s:s + batch_size]
-            total += float(-self.log_prob(x[s:s + batch_size], c).sum())
-        return total / x.shape[0]
+            z, ld = self.forward(x[s:s + batch_size], c)
+            prior += float(self._prior_f(z).sum())
+            logdet += float(ld.sum())
+        n = x.shape[0]
+        return {"nll": -(prior + logdet) / n, "logprior": prior / n, "logdet": logdet / n}
 
     def train_step(self, x, rng=None, shard=slice(None), context=None):
         """One training step's gradient, added into ``grads`` (the loop zeroes them): the rows ``shard`` of
         the batch x (B, dim) (one process's share of a data-parallel batch) through :meth:`loss_and_grad`
         (and of ``context`` (B, context_dim) for a conditional flow).
         A flow's loss needs no noise (``rng`` is unused; images are dequantized before). Returns
-        {"loss", "nll"} (0-d arrays)."""
-        loss = self.loss_and_grad(x[shard], zero_grad=False, context=None if context is None else context[shard])
-        return {"loss": loss, "nll": loss}
+        {"loss", "nll", "logprior", "logdet"} (0-d arrays; -nll = logprior + logdet,
+        see :meth:`loss_terms_and_grad`)."""
+        t = self.loss_terms_and_grad(x[shard], zero_grad=False, context=None if context is None else context[shard])
+        return {"loss": t["nll"], **t}
 
     def loss_and_grad(self, x, zero_grad=True, context=None):
         """Mean NLL in nats over the batch (0-d array) and the gradient of every parameter in ``grads``
@@ -275,10 +289,16 @@ class Flow(Model):
 
         L = -(1/B) sum_i [log p_Z(z_i) + logdet_i]:  dL/dlogdet_i = -1/B,  dL/dz_i = -(1/B) d log p_Z / dz_i.
         """
+        return self.loss_terms_and_grad(x, zero_grad, context)["nll"]
+
+    def loss_terms_and_grad(self, x, zero_grad=True, context=None):
+        """:meth:`loss_and_grad` and the likelihood's two terms, 0-d arrays in nats:
+        {"nll": L, "logprior": (1/B) sum_i log p_Z(z_i), "logdet": (1/B) sum_i logdet_i}, -L = logprior + logdet."""
         if zero_grad:
             self.zero_grad()
         z, logdet = self.forward(x, context)
-        lp = self._prior_f(z) + logdet
+        prior = self._prior_f(z)
+        lp = prior + logdet
         loss = -lp.mean()
         if self.checked != "off" and not math.isfinite(float(loss)):
             self.diagnose(x, context)
@@ -288,7 +308,33 @@ class Flow(Model):
         xp = backend.array_module(x)
         dlp = xp.full(x.shape[0], -1.0 / x.shape[0], dtype=x.dtype)
         self.backward(self._prior_b(dlp, z), dlp, need_dx=False)
-        return loss
+        return {"nll": loss, "logprior": prior.mean(), "logdet": logdet.mean()}
+
+    def reverse_kl_and_grad(self, z, target, zero_grad=True):
+        """Reverse KL to an unnormalised target p* through the flow's own samples x_b = f^-1(z_b), z (B, D) drawn
+        from the prior and held fixed (the reparameterisation: the noise is an argument). ``target(x) -> (log p*,
+        d log p*/dx)`` (e.g. :mod:`npdgm.targets`). With log q(x_b) = log p_Z(z_b) - logdet_inv_b,
+
+            L = (1/B) sum_b [log q(x_b) - log p*(x_b)]  ~  KL(q || p*/Z) - log Z,
+            dL/dx_b = -(1/B) d log p*/dx (x_b),   dL/dlogdet_inv_b = -1/B   (log p_Z(z_b) holds no parameter),
+
+        which :meth:`inverse_backward` carries through the sampling direction into ``grads``. Returns 0-d arrays
+        {"loss": L, "logprior": mean log p_Z(z), "logdet": mean log|det df/dx| at x = -mean logdet_inv,
+        "logtarget": mean log p*(x)}: loss = logprior + logdet - logtarget."""
+        if zero_grad:
+            self.zero_grad()
+        x, logdet_inv = self.inverse(z, logdet=True)
+        logp, dlogp = target(x)
+        prior = self._prior_f(z)
+        loss = (prior - logdet_inv - logp).mean()
+        if self.checked != "off" and not math.isfinite(float(loss)):
+            raise FloatingPointError(f"the reverse KL is {float(loss)}: the target's log-density at the flow's "
+                                     f"samples is not finite (|x| up to {float(abs(x).max()):.4g})")
+        xp = backend.array_module(z)
+        b = z.shape[0]
+        self.inverse_backward((dlogp * (-1.0 / b)).astype(z.dtype, copy=False),
+                              xp.full(b, -1.0 / b, dtype=z.dtype))
+        return {"loss": loss, "logprior": prior.mean(), "logdet": -logdet_inv.mean(), "logtarget": logp.mean()}
 
     def diagnose(self, x, context=None):
         """Replay ``x`` layer by layer and raise FloatingPointError at the first non-finite layer

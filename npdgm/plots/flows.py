@@ -128,3 +128,65 @@ def nll_curves(records, path, title="flow training", x="epoch"):
     x = x if all(x in r for r in records) else "epoch"
     return training_curves(records, path, keys=[k for k in ("train_nll", "test_nll") if any(k in r for r in records)],
                            title=title, ylabel="negative log-likelihood (nats)", labels={"nll": "NLL"}, x=x)
+
+
+TERM_PANELS = (("ll", "log-likelihood (total)"), ("logprior", "prior term  log p_Z(f(x))"),
+               ("logdet", "log-det term  sum log|det df/dx|"))
+
+
+def likelihood_terms(records, path, title="flow training", x="epoch"):
+    """Three panels side by side, train (solid) and test (dashed) per epoch (or step): the log-likelihood and
+    its two terms, log p(x) = log p_Z(f(x)) + sum log|det df/dx| (nats, means over examples). The prior term
+    alone is largest with every z = f(x) at the prior's mode (f shrinking the data to 0); the log-det term rewards
+    f for expanding space; the total is what training balances. Records without the terms (older runs) leave
+    their panels empty."""
+    from . import finish_curves, paired_lines
+
+    plt = pyplot()
+    records = [{**r, "train_ll": -r.get("train_nll", r.get("train_loss"))} if "train_ll" not in r and
+               ("train_nll" in r or "train_loss" in r) else r for r in records]
+    x = x if all(x in r for r in records) else "epoch"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (name, label) in zip(axes, TERM_PANELS):
+        paired_lines(ax, records, [(label.split("  ")[0], f"train_{name}", f"test_{name}")], x=x)
+        finish_curves(ax, "nats per example", label, xlabel=x)
+    if title:
+        fig.suptitle(f"{title}: log p(x) = prior term + log-det term")
+    return _save(fig, path)
+
+
+FIT_NAMES = {"forward-kl": "forward KL(p || q): mass-covering", "reverse-kl": "reverse KL(q || p): mode-seeking"}
+
+
+def kl_directions(target, fits, path, title=None, n_samples=2000, seed=0):
+    """The target density p = p*/Z beside each fitted flow q: ``fits`` is a list of (objective, flow, summary)
+    (summary: a run's summary.json dict with test_kl_reverse / test_kl_forward, or None). Each fit's panel shows q
+    as a heat map, the target's contours in white and ``n_samples`` of the flow's samples as dots."""
+    plt = pyplot()
+    lim = target.box
+    xs = np.linspace(-lim, lim, 200)
+    gx, gy = np.meshgrid(xs, xs)
+    p = np.exp(target.log_prob(np.stack([gx.ravel(), gy.ravel()], 1)) - target.log_z).reshape(gx.shape)
+    fig, axes = plt.subplots(1, 1 + len(fits), figsize=(4.6 * (1 + len(fits)), 4.6), squeeze=False)
+    axes = axes[0]
+    levels = p.max() * np.array([0.05, 0.3, 0.7])
+    axes[0].imshow(p, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
+    axes[0].set_title(f"target p(x) = p*(x) / Z ({target.name})")
+    for ax, (objective, flow, summary) in zip(axes[1:], fits):
+        _, _, q = density_grid(flow, lim)
+        ax.imshow(q, origin="lower", extent=(-lim, lim, -lim, lim), cmap="magma", aspect="auto")
+        ax.contour(xs, xs, p, levels=levels, colors="white", linewidths=0.7, alpha=0.8)
+        s = _host(flow.sample(n_samples, rng=seed))
+        ax.scatter(s[:, 0], s[:, 1], s=1, c="cyan", alpha=0.3)
+        name = FIT_NAMES.get(objective, objective)
+        if summary and "test_kl_reverse" in summary:
+            name += (f"\nKL(q || p) = {summary['test_kl_reverse']:.3f}, "
+                     f"KL(p || q) = {summary['test_kl_forward']:.3f} nats")
+        ax.set_title(name, fontsize=10)
+    square_axes(axes, lim)
+    for ax in axes:
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -35,3 +35,21 @@ def naive_vs_iwae(curves, path, reference=None, title=None):
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "naive Monte Carlo vs IWAE: bias and spread against the sample count")
     return _save(fig, path)
+
+
+def mcem_vs_elbo(records, path, title=None):
+    """Monte-Carlo EM against ELBO training, per epoch: ``records`` maps a method name to a list of
+    {"epoch", "ais_test"} (AIS log p(x) on the same test images, nats per image) and, optionally, "elbo_test"
+    (the ELBO of the q-trained model; the gap to its AIS line is KL(q || p(z|x)) averaged)."""
+    from . import finish_curves
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (name, rows) in enumerate(records.items()):
+        ep = [r["epoch"] for r in rows]
+        ax.plot(ep, [r["ais_test"] for r in rows], marker="o", ms=4, color=f"C{i}", label=f"{name}: AIS log p(x)")
+        if any("elbo_test" in r for r in rows):
+            ax.plot(ep, [r["elbo_test"] for r in rows], marker="o", ms=4, ls="--", color=f"C{i}",
+                    label=f"{name}: ELBO")
+    finish_curves(ax, "test log-likelihood (nats per image)", title or "Monte-Carlo EM vs ELBO training")
+    return _save(fig, path)
