@@ -46,7 +46,7 @@ def test_grad_z_is_registered_in_gradcheck():
     from npdgm import gradcheck
 
     rows = gradcheck.run_all(["grad_z"], seed=0)
-    assert len(rows) == 4 and all(r[4] for r in rows), rows
+    assert len(rows) == 5 and all(r[4] for r in rows), rows          # 4 likelihoods x chains + the variance head
 
 
 def test_grad_z_rejects_bad_shape(rng):

@@ -183,7 +183,7 @@ def _register_flow2d(train_commands):
                    help="default moons; rings (a ring of radius c) needs --condition")
     d.add_argument("--target", choices=list(TARGETS), default=None,
                    help="instead of a data set, an unnormalised 2-D density p*(x) known by its log-density: "
-                        + "; ".join(f"{k}: {t.doc}" for k, t in TARGETS.items()))
+                        + "; ".join(f"{k}: {t.doc}" for k, t in TARGETS.items()) + " (default: none, --dataset)")
     g = common.group(p, "model")
     g.add_argument("--condition", action="store_true",
                    help=f"a conditional flow p(x | c), c concatenated into every conditioner: c = the one-hot class "
@@ -517,6 +517,25 @@ def _epochs(run, steps, n_train, image):
         run["epochs"] = max(1, math.ceil(steps / nb)) if steps is not None and not image else 10
 
 
+def _objective(model, run, train_x, test_x, test_c, image):
+    """(train_x, step, evaluate(epoch), target or None) of the run: maximum likelihood on the data, or with
+    --target the fit to an unnormalised density (reverse-kl: an epoch is len(train_x) prior draws, no data)."""
+    step = make_step(model, image)
+    evaluate_epoch = lambda e: evaluate(model, test_x, image, common.world(), test_c)  # noqa: E731
+    if not run.get("target"):
+        return train_x, step, evaluate_epoch, None
+    from ..kernels.coupling import prior_noise
+    from ..targets import get_target
+
+    target, dtype = get_target(run["target"]), model.flat_params.dtype
+    z_test = backend.to_device(prior_noise(model.prior, np.random.default_rng([run["seed"], 13]),
+                                           (len(test_x), model.dim), np.float64), dtype)
+    evaluate_epoch = lambda e: evaluate_target(model, target, test_x, z_test, common.world())  # noqa: E731
+    if run["objective"] == "reverse-kl":
+        train_x, step = backend.to_device(np.zeros(tuple(train_x.shape)), dtype), make_reverse_kl_step(model, target)
+    return train_x, step, evaluate_epoch, target
+
+
 def cmd_train(args):
     setup_backend(args)
     if not args.resume:
@@ -535,18 +554,7 @@ def cmd_train(args):
     train_c = test_c = None
     if run.get("condition"):
         train_c, test_c = (backend.to_device(c, dtype) for c in load_contexts(run))
-    step = make_step(model, image)
-    evaluate_epoch = lambda e: evaluate(model, test_x, image, common.world(), test_c)  # noqa: E731
-    if run.get("target"):
-        from ..kernels.coupling import prior_noise
-        from ..targets import get_target
-
-        target = get_target(run["target"])
-        z_test = backend.to_device(prior_noise(model.prior, np.random.default_rng([run["seed"], 13]),
-                                               (len(x_te), model.dim), np.float64), dtype)
-        evaluate_epoch = lambda e: evaluate_target(model, target, test_x, z_test, common.world())  # noqa: E731
-        if run["objective"] == "reverse-kl":  # no data: an epoch is len(x_tr) prior draws
-            train_x, step = backend.to_device(np.zeros_like(x_tr), dtype), make_reverse_kl_step(model, target)
+    train_x, step, evaluate_epoch, target = _objective(model, run, train_x, test_x, test_c, image)
     opt, rng, start = common.start_training(model, run, out, args.resume)
     if not args.resume:
         init_actnorm(model, train_x, image, run["seed"], context=train_c)
