@@ -151,3 +151,22 @@ def test_conv_vae_step_with_the_wing_on_and_off_again():
     assert fast[0] == pytest.approx(want[0], rel=1e-12)
     np.testing.assert_allclose(fast[1], want[1], rtol=1e-10, atol=1e-12)
     assert again[0] == want[0] and np.array_equal(again[1], want[1])
+
+
+@pytest.mark.skipif(not accel.engine_available("numba"), reason="numba absent")
+def test_numba_loops_walk_a_conv_twins_channel_major_views_flat_and_keep_their_layout(monkeypatch):
+    """The ReLU between two convolutions gets the (B, C, H, W) view of (C, H, W, B) memory: the numba loop
+    walks that memory flat (not the NumPy fallback) with the fallback's bits, and its output keeps the layout
+    so the next convolution reads it without a copy."""
+    from npdgm.accel import formulas as F
+
+    rng = np.random.default_rng(9)
+    y, dy = (rng.standard_normal((5, 7, 6, 4)).astype(np.float32).transpose(3, 0, 1, 2) for _ in range(2))
+    f = F.FORMULAS["relu_backward"]
+    want = f.numpy(dy=dy, y=y)["dx"]
+    monkeypatch.setattr(f, "numpy", lambda **v: pytest.fail("the NumPy fallback ran"))
+    got = f.numba(dy=dy, y=y)["dx"]
+    np.testing.assert_array_equal(got, want)
+    assert got.strides == y.strides
+    assert F._dense_order([y, dy], y.shape) == (1, 2, 3, 0)
+    assert F._dense_order([y, np.ascontiguousarray(dy)], y.shape) is None     # mixed layouts: the fallback

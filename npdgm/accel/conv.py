@@ -2,20 +2,20 @@
 GEMM, laid out channel-major so that neither the patch matrix nor the product is ever transposed and copied.
 
 The reference builds patch rows (B Ho Wo, C kh kw) and multiplies by W.T: its im2col ends in a 6-D transposed
-copy, its backward turns dy into rows (another copy) and its col2im adds from a transposed view. Here every
-image is held as (C, B, H, W) in memory and handed out as its (B, C, H, W) transposed view:
+copy, its backward turns dy into rows (another copy) and its col2im adds from a transposed view. Here an image
+is held as (C, H, W, B) in memory (the batch innermost) and handed out as its (B, C, H, W) transposed view:
 
-    cols (C kh kw, B Ho Wo) = one copy of a strided window view of x  (no transpose: the view is already in
-                              the (c, i, j, b, ho, wo) order),
-    y = W (O, C kh kw) @ cols                        -> (O, B Ho Wo), returned as the view (B, O, Ho, Wo),
-    dW = D @ cols.T,  dcols = W.T @ D                with D = dy as (O, B Ho Wo) (free for such a view),
-    dx = col2im(dcols): kh kw strided adds into a (C, B, Hp, Wp) buffer, each a run of contiguous rows,
+    cols (C kh kw, Ho Wo B) = one copy of a strided window view of the padded x, in runs of B contiguous
+                              values (the view is already in (c, i, j, ho, wo, b) order: no transpose),
+    y = W (O, C kh kw) @ cols                        -> (O, Ho Wo B), handed out as the (B, O, Ho, Wo) view,
+    dW = D @ cols.T,  dcols = W.T @ D                with D = dy as (O, Ho Wo B) (free for such a view),
+    dx = col2im(dcols): kh kw strided adds into a (C, H, W, B) array, each of runs of B contiguous values,
 
-and a 1x1 convolution (stride 1, no padding) is the plain product on the (C, B H W) pixel columns. NumPy's
-elementwise kernels keep an input's memory order, so the ReLU between two convolutions passes the channel-major
-layout on and the next convolution reads it without a copy. The results are the reference's up to the order of
-the sums (a few ulps of the values' scale: tests/test_accel_conv.py). Other arrays (CuPy, integer, mixed
-dtypes) return ``NotImplemented`` and the reference runs.
+and a 1x1 convolution (stride 1, no padding) is the plain product on the (C, H W B) pixel columns. NumPy's
+elementwise kernels (and the fast wing's numba loops) keep an input's memory order, so the ReLU between two
+convolutions passes the layout on and the next convolution reads it without a copy. The results are the
+reference's up to the order of the sums (a few ulps of the values' scale: tests/test_accel_conv.py). Other
+arrays (CuPy, integer, mixed dtypes) return ``NotImplemented`` and the reference runs.
 """
 from __future__ import annotations
 
@@ -77,19 +77,29 @@ def im2col_cm(x, kh, kw, s, p, d, Ho, Wo):
     return np.ascontiguousarray(win).reshape(C * kh * kw, Ho * Wo * B)
 
 
+def _valid(n_out, n_in, s, p, offset):
+    """(first, stop) of the output indices o with 0 <= o s - p + offset < n_in, and the first input index."""
+    first = max(0, -((offset - p) // s))                            # ceil((p - offset) / s)
+    stop = min(n_out, (n_in - 1 + p - offset) // s + 1)
+    return first, stop, first * s - p + offset
+
+
 def col2im_cm(cols, B, C, H, W, kh, kw, s, p, d, Ho, Wo):
-    """The adjoint of :func:`im2col_cm`: x as the (C, H, W, B) array with every entry of cols
-    (C kh kw, Ho Wo B) added at the pixel it was read from; per kernel offset (i, j) one strided add of
-    (C, Ho, Wo, B) blocks (B contiguous)."""
+    """The adjoint of :func:`im2col_cm`: x as a C-contiguous (C, H, W, B) array with every entry of cols
+    (C kh kw, Ho Wo B) added at the pixel it was read from (entries read from the padding dropped); per
+    kernel offset (i, j) one strided add of the (C, Ho', Wo', B) block that lands inside the image."""
     if _is_1x1(kh, kw, s, p):
         return cols.reshape(C, H, W, B)
     (sh, sw), (ph, pw), (dh, dw) = s, p, d
     c = cols.reshape(C, kh, kw, Ho, Wo, B)
-    xpad = np.zeros((C, H + 2 * ph, W + 2 * pw, B), dtype=cols.dtype)
+    x = np.zeros((C, H, W, B), dtype=cols.dtype)
     for i in range(kh):
+        h0, h1, h = _valid(Ho, H, sh, ph, i * dh)
         for j in range(kw):
-            xpad[:, i * dh:i * dh + sh * (Ho - 1) + 1:sh, j * dw:j * dw + sw * (Wo - 1) + 1:sw] += c[:, i, j]
-    return xpad[:, ph:ph + H, pw:pw + W]
+            w0, w1, w = _valid(Wo, W, sw, pw, j * dw)
+            if h1 > h0 and w1 > w0:
+                x[:, h:h + sh * (h1 - h0 - 1) + 1:sh, w:w + sw * (w1 - w0 - 1) + 1:sw] += c[:, i, j, h0:h1, w0:w1]
+    return x
 
 
 def conv2d_forward(x, W, b, stride=1, padding=0, dilation=1):
