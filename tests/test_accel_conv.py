@@ -170,3 +170,28 @@ def test_numba_loops_walk_a_conv_twins_channel_major_views_flat_and_keep_their_l
     assert got.strides == y.strides
     assert F._dense_order([y, dy], y.shape) == (1, 2, 3, 0)
     assert F._dense_order([y, np.ascontiguousarray(dy)], y.shape) is None     # mixed layouts: the fallback
+
+
+def test_glow_loss_and_gradients_with_the_conv_twins(f64):
+    """Glow's coupling nets (3x3, 1x1, 3x3 convolutions, then t = h[:, 0::2], r = h[:, 1::2] of a twin's view)
+    with the wing on: the loss and every gradient of the reference within float64 round-off."""
+    from npdgm import checks
+    from npdgm.models import flows
+
+    rng = np.random.default_rng(10)
+    x = rng.uniform(0, 1, (5, 2 * 8 * 8))
+
+    def grads():
+        fl = checks._moved(flows.glow((2, 8, 8), levels=2, depth=2, hidden=6, seed=2), np.random.default_rng(3),
+                           (6, 128))
+        loss = fl.loss_and_grad(x)
+        return float(loss[0] if isinstance(loss, tuple) else loss), fl.flat_grads.copy()
+
+    want = grads()
+    try:
+        accel.enable("numpy")
+        fast = grads()
+    finally:
+        accel.disable()
+    assert fast[0] == pytest.approx(want[0], rel=1e-12)
+    np.testing.assert_allclose(fast[1], want[1], rtol=1e-9, atol=1e-11)
