@@ -29,10 +29,11 @@ SMALL = {
     "vae": dict(x_dim=784, hidden=32, z_dim=4),
     "nice": dict(dim=784, hidden=24, n_hidden=2),
     "realnvp2d": dict(hidden=16),
+    "convvae": dict(image_shape=(2, 8, 4), channels=(3, 4), z_dim=2),
 }
 
 
-@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d"])
+@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d", "convvae"])
 def test_runner_step_is_library_loss_and_adam(name):
     """One benchmark step = the library model's loss on that batch, then exactly one Adam update."""
     w = small(name, **SMALL[name])
@@ -58,7 +59,7 @@ def test_runner_step_is_library_loss_and_adam(name):
     assert r.model.flat_params.dtype == np.float32
 
 
-@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d"])
+@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d", "convvae"])
 def test_torch_peer_is_the_same_model(name):
     """With npdgm's weights loaded by name, the PyTorch peer (the same functions tests/mirror checks against every
     saved model) gives the same loss and gradients (float64)."""
@@ -110,6 +111,29 @@ def test_gemm_products_and_floor():
     # VAE: the first layer's input is data, so it has no dx product
     vae = gemm.linear_products(128, workloads.get_workload("vae").layers())
     assert (128, 400, 784, "NT") not in vae and (128, 784, 400, "NN") in vae
+
+
+def test_convvae_floor_times_the_im2col_products_of_its_convolutions():
+    """Each convolution of the convvae step is one product on its im2col rows (B Ho Wo for a conv, B H W for a
+    transposed conv), forward, dx (not for the data) and dW; the Linear layers have one row per image."""
+    c = workloads.get_workload("convvae").products(128)
+    B = 128
+    assert c[(B * 196, 16, 32, "NN")] == 1 and (B * 196, 32, 16, "NT") not in c      # 1 -> 32, 28 -> 14
+    assert c[(B * 49, 512, 64, "NN")] == c[(B * 49, 64, 512, "NT")] == c[(512, B * 49, 64, "TN")] == 1
+    assert c[(B, 3136, 40, "NN")] == c[(B, 20, 3136, "NN")] == 1                        # the two Linears
+    assert c[(B * 49, 64, 512, "NN")] == 1 and c[(B * 196, 32, 16, "NN")] == 1          # transposed 64 -> 32 -> 1
+    assert sum(c.values()) == 3 * 6 - 1
+
+
+def test_convvae_bench_runs_with_the_reference_fast_and_torch_rows(tmp_path):
+    args = _tiny_args(tmp_path, "--no-isolate", "--backends", "numpy,numpy-fused,torch", "--threads", "1",
+                      "--no-floor")
+    args[1] = "convvae"
+    assert run.main(args) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    rows = {r["backend"]: r for r in out["results"]}
+    assert {"npdgm-numpy", "npdgm-numpy-fused"} <= set(rows) and all(r["workload"] == "convvae" for r in rows.values())
+    assert rows["npdgm-numpy-fused"]["loss"] == pytest.approx(rows["npdgm-numpy"]["loss"], rel=1e-4)
 
 
 def test_gemm_floor_times_an_inner_dimension_of_one_as_the_outer_product():

@@ -8,6 +8,8 @@ tests/test_optim.py):
     formulas.py   each fused elementwise chain written once, as text; engines.py runs it with numba,
                   numexpr or a generated CuPy ElementwiseKernel / ReductionKernel
     twins.py      the fused twins of the kernels (activations, Bernoulli NLL, Gaussian, coupling, Linear+ReLU)
+    conv.py       the convolutions' twins: im2col / col2im in a (C, H, W, B) layout feeding one GEMM, no
+                  transposed copies (NumPy arrays, any engine)
     layers.py     nn.Sequential.forward with every Linear + ReLU pair in one pass
     optim.py      Adam.step: chunked and threaded on NumPy, one fused pass with numba / numexpr, one
                   CUDA kernel with a device step counter on CuPy
@@ -26,7 +28,7 @@ from __future__ import annotations
 from ..kernels import dispatch
 from ..nn.layers import Sequential
 from ..optim import Adam
-from . import engines, process
+from . import conv, engines, process
 from .engines import CPU_MIN_SIZE, engine_available
 from .layers import sequential_forward
 from .optim import adam_step
@@ -38,7 +40,7 @@ AUTO_ORDER = ("numba", "numexpr")               # fastest first (measured: accel
 
 def _all_twins():
     """{reference name: twin} of every twin of the wing."""
-    table = {ref.twin_name: twin for ref, twin in TWINS}
+    table = {ref.twin_name: twin for ref, twin in TWINS + conv.TWINS}
     table[Sequential.forward.twin_name] = sequential_forward
     table[Adam.step.twin_name] = adam_step
     return table

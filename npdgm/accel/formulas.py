@@ -177,6 +177,16 @@ def _numba_layout(arrays, shape, rows):
     return tuple(kinds)
 
 
+def _dense_order(arrays, shape):
+    """The axis order in which every array of ``shape`` is C-contiguous (all share one permuted dense memory
+    layout, e.g. the (B, C, H, W) view of a (C, H, W, B) array), or None."""
+    a0 = arrays[0]
+    if a0.ndim < 2 or any(a.shape != shape for a in arrays):
+        return None
+    order = tuple(sorted(range(a0.ndim), key=lambda k: -a0.strides[k]))
+    return order if all(a.transpose(order).flags.c_contiguous for a in arrays) else None
+
+
 def _names(node):
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
@@ -390,6 +400,12 @@ class Formula:
         if any(a.shape != shape for a in arrays):
             shape = np.broadcast_shapes(*(a.shape for a in arrays))
         layout = _numba_layout(arrays, shape, bool(self.rows))
+        if layout is None and out is None and not self.rows:
+            order = _dense_order(arrays, shape)
+            if order is not None:       # one permuted dense layout (a conv twin's (C, H, W, B) memory): walk it flat
+                res = self.numba_call([a.transpose(order) for a in arrays], scalars, parallel)
+                back = tuple(np.argsort(order))
+                return tuple(r.transpose(back) for r in res)
         if layout is None:
             res = self.numpy(**dict(zip(self.arrays, arrays)), **{k: scalars[k] for k in self.scalars})
             return tuple(res[o] for o in self.outputs)

@@ -8,12 +8,19 @@ from __future__ import annotations
 import functools
 import inspect
 
+import numpy as np
+
 from npdgm.models import flows
 from npdgm.models.vae import VAE
 
 
 def build_vae(x_dim, hidden, z_dim, seed):
     return VAE(x_dim=x_dim, hidden=(hidden,), z_dim=z_dim, activation="relu", likelihood="bernoulli", seed=seed)
+
+
+def build_conv_vae(image_shape, channels, z_dim, seed):
+    return VAE(x_dim=int(np.prod(image_shape)), z_dim=z_dim, arch="conv", channels=channels,
+               image_shape=image_shape, activation="relu", likelihood="bernoulli", seed=seed)
 
 
 def build_nice(dim, n_couplings, hidden, n_hidden, seed):

@@ -16,8 +16,8 @@ looks like; tests/mirror rebuilds every saved model with it and checks loss and 
     cvae_terms, m2_terms                                                    CVAE / M2 .loss_and_grad
 
 The benchmark peers (``npdgm bench``'s torch backend) are the same functions wrapped as ``torch.nn.Module``s
-that own their parameters (:class:`VAE`, :class:`NICE`, :class:`RealNVP2d`; torch's default Linear init, noise
-as an argument as in npdgm, so the same inputs give the same loss).
+that own their parameters (:class:`VAE`, :class:`ConvVAE`, :class:`NICE`, :class:`RealNVP2d`; torch's default
+init, noise as an argument as in npdgm, so the same inputs give the same loss).
 """
 from __future__ import annotations
 
@@ -498,6 +498,36 @@ class VAE(Peer):
                               sigma=None, beta=1.0))
         self._add_linears("encoder.", [x_dim, *hidden, 2 * z_dim])
         self._add_linears("decoder.", [z_dim, *hidden[::-1], x_dim])
+
+    def loss(self, x, eps):
+        return vae_terms(self.P, self.config, x, eps[None])["loss"]
+
+
+class ConvVAE(Peer):
+    """:class:`VAE` with npdgm's ``arch="conv"`` nets (:func:`conv_encoder` / :func:`conv_decoder`): torch's
+    default Conv2d / ConvTranspose2d / Linear init, weights in PyTorch's layout (as npdgm stores them)."""
+
+    def __init__(self, image_shape=(1, 28, 28), channels=(32, 64), z_dim=20):
+        C, H, W = image_shape
+        n = len(channels)
+        super().__init__(dict(x_dim=C * H * W, z_dim=z_dim, arch="conv", channels=list(channels),
+                              image_shape=list(image_shape), activation="relu", likelihood="bernoulli", sigma=None,
+                              beta=1.0))
+        c = C
+        for k, ch in enumerate(channels):
+            self._add_module_params(f"encoder.{1 + 2 * k}.", nn.Conv2d(c, ch, 4, stride=2, padding=1))
+            c = ch
+        flat = c * (H >> n) * (W >> n)
+        self._add_module_params(f"encoder.{2 * n + 2}.", nn.Linear(flat, 2 * z_dim), transpose=True)
+        self._add_module_params("decoder.0.", nn.Linear(z_dim, flat), transpose=True)
+        for k, ch in enumerate([*channels[::-1][1:], C]):
+            self._add_module_params(f"decoder.{3 + 2 * k}.", nn.ConvTranspose2d(c, ch, 4, stride=2, padding=1))
+            c = ch
+
+    def _add_module_params(self, prefix, mod, transpose=False):
+        W = mod.weight.detach()
+        self._add(prefix + "W", (W.T if transpose else W).contiguous())
+        self._add(prefix + "b", mod.bias.detach().clone())
 
     def loss(self, x, eps):
         return vae_terms(self.P, self.config, x, eps[None])["loss"]

@@ -5,6 +5,8 @@
                scaling, logistic prior, batch 200
     realnvp2d  2-D, 8 affine couplings, s/t MLP 1-256-256-2, tanh-bounded scale, Gaussian prior,
                batch 512
+    convvae    VAE(arch="conv"): 1x28x28 -> 4x4 stride-2 convs 32, 64 -> Linear to 2 x 20; Linear, 4x4
+               stride-2 transposed convs 64 -> 32 -> 1; Bernoulli decoder + closed-form KL, batch 128
 
 A workload builds a *runner* per backend: ``runner.step()`` is one full training step
 (zero grads, forward, backward, Adam update) on the next pre-built batch; ``runner.loss()`` is
@@ -14,7 +16,11 @@ eager mirror in :mod:`npdgm.bench.torch_models` with ``torch.optim.Adam``.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+
+from .gemm import linear_products
 
 LR = 1e-3
 N_BATCHES = 4  # distinct batches cycled through (same data for every backend)
@@ -28,6 +34,10 @@ class Workload:
     def layers(self):
         """[(in, out, need_dx)] of every Linear layer in one step (for the GEMM floor)."""
         raise NotImplementedError
+
+    def products(self, batch):
+        """Counter of the (m, k, n, layout) matrix products of one step (the GEMM floor)."""
+        return linear_products(batch, self.layers())
 
     def data(self, n, seed=0):
         """(n, D) float32 host array of training data."""
@@ -146,7 +156,57 @@ class RealNVP2dWorkload(Workload):
         return RealNVP2d(self.n_couplings, self.hidden)
 
 
-WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload())}
+class ConvVAEWorkload(VAEWorkload):
+    name, batch = "convvae", 128
+    description = ("conv VAE 1x28x28, 4x4 stride-2 convs 32-64 / transposed convs 64-32-1 ReLU, Bernoulli "
+                   "decoder + closed-form KL")
+    image_shape, channels, z_dim = (1, 28, 28), (32, 64), 20
+
+    def conv_layers(self):
+        """[(rows per image, in, out, need_dx)]: each convolution as the one product of its im2col rows
+        (kernels.conv: a conv is rows (B Ho Wo, C kh kw) @ (C kh kw, O); a transposed conv (B H W, C) @
+        (C, O kh kw)), and the two Linear layers (one row per image)."""
+        C, H, W = self.image_shape
+        out, c, h, w = [], C, H, W
+        for k, ch in enumerate(self.channels):                   # encoder: H -> H / 2 (no dx for the data)
+            h, w = h // 2, w // 2
+            out.append((h * w, c * 16, ch, k > 0))
+            c = ch
+        out += [(1, c * h * w, 2 * self.z_dim, True), (1, self.z_dim, c * h * w, True)]
+        for ch in [*self.channels[::-1][1:], C]:                 # decoder: H -> 2 H
+            out.append((h * w, c, ch * 16, True))
+            c, h, w = ch, 2 * h, 2 * w
+        return out
+
+    def layers(self):
+        return [(fin, fout, dx) for _, fin, fout, dx in self.conv_layers()]
+
+    def products(self, batch):
+        c = Counter()
+        for rows, fin, fout, dx in self.conv_layers():
+            c.update(linear_products(batch * rows, [(fin, fout, dx)]))
+        return c
+
+    def data(self, n, seed=0):
+        """MNIST images, the top-left H x W crop repeated over C channels (a smaller image for tests)."""
+        C, H, W = self.image_shape
+        if H > 28 or W > 28:
+            raise ValueError(f"the convvae workload crops MNIST: image_shape {self.image_shape} exceeds 28x28")
+        x = _mnist(n, seed).reshape(-1, 1, 28, 28)[:, :, :H, :W]
+        return np.ascontiguousarray(np.repeat(x, C, axis=1).reshape(n, -1))
+
+    def build_npdgm(self, seed):
+        from .npdgm_models import build_conv_vae
+
+        return build_conv_vae(self.image_shape, self.channels, self.z_dim, seed)
+
+    def build_torch(self, seed):
+        from .torch_models import ConvVAE
+
+        return ConvVAE(self.image_shape, self.channels, self.z_dim)
+
+
+WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload(), ConvVAEWorkload())}
 
 
 def get_workload(name):

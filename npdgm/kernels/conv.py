@@ -11,6 +11,7 @@ so Ho = (H + 2p - d (kh - 1) - 1) // s + 1 and likewise Wo.
 """
 from ..backend import array_module
 from ._check import check_float, check_same_dtype
+from .dispatch import twinnable
 
 
 def _pair(v, name):
@@ -78,6 +79,7 @@ def _check_conv(x, W, b, in_axis):
         raise ValueError(f"b must have shape ({out},), got {b.shape}")
 
 
+@twinnable
 def conv2d_forward(x, W, b, stride=1, padding=0, dilation=1):
     """y[b, o, ho, wo] = b[o] + sum_{c, i, j} W[o, c, i, j] x[b, c, ho s - p + i d, wo s - p + j d].
     x (B, C, H, W), W (O, C, kh, kw), b (O,) or None -> y (B, O, Ho, Wo).
@@ -92,6 +94,7 @@ def conv2d_forward(x, W, b, stride=1, padding=0, dilation=1):
     return y.reshape(B, Ho, Wo, O).transpose(0, 3, 1, 2)
 
 
+@twinnable
 def conv2d_backward(dy, x, W, stride=1, padding=0, dilation=1):
     """dy (B, O, Ho, Wo) -> (dx, dW, db). With D = dy as rows (B Ho Wo, O) and X = im2col(x):
     dW = (D.T @ X).reshape(W.shape),  db = sum_{b, ho, wo} dy,  dx = col2im(D @ W.reshape(O, C kh kw))."""
@@ -108,6 +111,7 @@ def conv_transpose2d_output_size(size, k, stride, padding, dilation, output_padd
     return (size - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1
 
 
+@twinnable
 def conv_transpose2d_forward(x, W, b, stride=1, padding=0, dilation=1, output_padding=0):
     """The adjoint of conv2d in its input, plus a bias: x (B, C, H, W), W (C, O, kh, kw), b (O,) or None ->
     y (B, O, Hy, Wy), Hy = (H - 1) s - 2p + d (kh - 1) + output_padding + 1:
@@ -130,6 +134,7 @@ def conv_transpose2d_forward(x, W, b, stride=1, padding=0, dilation=1, output_pa
     return y
 
 
+@twinnable
 def conv_transpose2d_backward(dy, x, W, stride=1, padding=0, dilation=1):
     """dy (B, O, Hy, Wy) -> (dx, dW, db). With Y = im2col(dy) (B H W, O kh kw) and X = x as rows (B H W, C):
     dx = (Y @ W.reshape(C, O kh kw).T) back to NCHW,  dW = (X.T @ Y).reshape(W.shape),  db = sum dy."""
