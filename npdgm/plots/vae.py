@@ -93,9 +93,7 @@ def latent_scatter_3d(model, x, labels, path, title="encoded test digits: mu(x),
     (elevation, azimuth) in ``views`` (two by default: a single projection of a 3-D cloud hides its depth)."""
     if model.z_dim != 3:
         raise ValueError(f"latent_scatter_3d needs a 3-D latent, this VAE has z_dim={model.z_dim}")
-    from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection on old matplotlib)
-
-    plt = pyplot()
+    plt = pyplot()   # matplotlib >= 3.2 registers the "3d" projection itself
     mu = _h(model.encode(x)[0])
     labels = np.asarray(labels)
     fig = plt.figure(figsize=(5.6 * len(views) + 0.8, 5.4))
