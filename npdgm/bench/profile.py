@@ -101,13 +101,13 @@ def main(argv=None):
         harness.set_threads(a.threads)
     floor = None
     if a.floor:
-        from .gemm import gemm_floor, linear_products
+        from .gemm import gemm_floor
         from .workloads import get_workload
 
         import numpy
 
         w = get_workload(a.workload)
-        floor = gemm_floor(linear_products(a.batch or w.batch, w.layers()), numpy)["floor_ms"]
+        floor = gemm_floor(w.products(a.batch or w.batch), numpy)["floor_ms"]
     res = profile_step(a.workload, a.batch, a.backend, steps=a.steps, floor_ms=floor)
     for k, v in res.items():
         print(f"{k:18s} {v:.3f}" if isinstance(v, float) else f"{k:18s} {v}")

@@ -223,7 +223,6 @@ def run_group(spec):
     """``--interleave``: every CPU backend of one (workload, batch) and the CPU GEMM floor in one
     process, timed round-robin (block 1 of each, then block 2 of each, ...), so a machine whose load
     changes during the run slows all of them alike. Returns {"rows": [...], "floor": {...}}."""
-    from .gemm import linear_products
     from .workloads import get_workload
 
     import numpy
@@ -231,7 +230,7 @@ def run_group(spec):
     harness.set_threads(spec["threads"])
     harness.reset_peak_rss()
     built = [(b, *_build(spec, b)) for b in spec["backends"]]
-    prods = linear_products(spec["batch"], get_workload(spec["workload"]).layers())
+    prods = get_workload(spec["workload"]).products(spec["batch"])
     from .gemm import _operands, product
 
     rng = numpy.random.default_rng(0)
@@ -280,7 +279,7 @@ def run_group(spec):
 
 def run_floor(spec):
     """GEMM floor of one workload at one batch on one device (numpy or cupy)."""
-    from .gemm import gemm_floor, linear_products
+    from .gemm import gemm_floor
     from .workloads import get_workload
 
     harness.set_threads(spec["threads"])
@@ -296,7 +295,7 @@ def run_floor(spec):
         import numpy as xp
 
         sync = lambda: None  # noqa: E731
-    f = gemm_floor(linear_products(spec["batch"], w.layers()), xp, sync)
+    f = gemm_floor(w.products(spec["batch"]), xp, sync)
     return {"workload": w.name, "device": spec["device"], "batch": spec["batch"], "threads": spec["threads"], **f}
 
 

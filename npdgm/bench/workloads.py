@@ -5,6 +5,8 @@
                scaling, logistic prior, batch 200
     realnvp2d  2-D, 8 affine couplings, s/t MLP 1-256-256-2, tanh-bounded scale, Gaussian prior,
                batch 512
+    glow       Glow on 1x28x28 (``npdgm train glow``'s defaults): 2 levels x 4 steps of ActNorm, invertible
+               1x1 convolution (LU), affine coupling with conv net 3x3-1x1-3x3, 32 channels; batch 64
 
 A workload builds a *runner* per backend: ``runner.step()`` is one full training step
 (zero grads, forward, backward, Adam update) on the next pre-built batch; ``runner.loss()`` is
@@ -14,7 +16,11 @@ eager mirror in :mod:`npdgm.bench.torch_models` with ``torch.optim.Adam``.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+
+from .gemm import linear_products
 
 LR = 1e-3
 N_BATCHES = 4  # distinct batches cycled through (same data for every backend)
@@ -28,6 +34,10 @@ class Workload:
     def layers(self):
         """[(in, out, need_dx)] of every Linear layer in one step (for the GEMM floor)."""
         raise NotImplementedError
+
+    def products(self, batch):
+        """Counter of the (m, k, n, layout) matrix products of one step (the GEMM floor)."""
+        return linear_products(batch, self.layers())
 
     def data(self, n, seed=0):
         """(n, D) float32 host array of training data."""
@@ -60,6 +70,13 @@ def _mnist(n, seed):
     if x.shape[0] < n:
         x = np.concatenate([x] * (n // x.shape[0] + 1))[:n]
     return x.astype(np.float32)
+
+
+def _dequantized_mnist(n, seed):
+    """MNIST pixels (x 255 + u) / 256, u ~ U(0, 1) drawn once (seeded): the flows' training data."""
+    rng = np.random.default_rng(seed)
+    x = _mnist(n, seed)
+    return ((x * 255 + rng.uniform(0, 1, x.shape)) / 256).astype(np.float32)
 
 
 class VAEWorkload(Workload):
@@ -103,9 +120,7 @@ class NICEWorkload(Workload):
         return out
 
     def data(self, n, seed=0):
-        rng = np.random.default_rng(seed)
-        x = _mnist(n, seed)
-        return ((x * 255 + rng.uniform(0, 1, x.shape)) / 256).astype(np.float32)  # dequantized
+        return _dequantized_mnist(n, seed)
 
     def build_npdgm(self, seed):
         from .npdgm_models import build_nice
@@ -146,7 +161,60 @@ class RealNVP2dWorkload(Workload):
         return RealNVP2d(self.n_couplings, self.hidden)
 
 
-WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload())}
+class GlowWorkload(Workload):
+    name, batch = "glow", 64
+    description = ("Glow 1x28x28, 2 levels x 4 steps (ActNorm, 1x1 conv LU, affine coupling conv 3x3-1x1-3x3 "
+                   "32 ch), split, Gaussian prior")
+    image_shape, levels, depth, hidden = (1, 28, 28), 2, 4, 32
+
+    def conv_layers(self):
+        """[(rows per image, in, out, need_dx)]: the products of one step as Linear layers on pixel rows. A k x k
+        convolution is im2col rows (B H W, C k k) @ (C k k, O) (kernels.conv); the invertible 1x1 convolution is
+        InvertibleLinear on the pixel rows (B H W, C): two products, x @ L1 then @ U1. Every input needs its dx
+        (the first layer's input is ActNorm's output, which depends on parameters)."""
+        (C, H, W), hid, out = self.image_shape, self.hidden, []
+        for level in range(self.levels):
+            C, H, W = 4 * C, H // 2, W // 2                        # squeeze
+            ca, cb = C // 2, C - C // 2
+            for _ in range(self.depth):
+                out += [(H * W, C, C, True)] * 2                     # 1x1 conv: a = x L1, y = a U1
+                out += [(H * W, ca * 9, hid, True), (H * W, hid, hid, True), (H * W, hid * 9, 2 * cb, True)]
+            C //= 2                                                  # split: half the channels leave
+        return out
+
+    def layers(self):
+        return [(fin, fout, dx) for _, fin, fout, dx in self.conv_layers()]
+
+    def products(self, batch):
+        c = Counter()
+        for rows, fin, fout, dx in self.conv_layers():
+            c.update(linear_products(batch * rows, [(fin, fout, dx)]))
+        return c
+
+    def data(self, n, seed=0):
+        return _dequantized_mnist(n, seed)
+
+    def _flow(self, seed):
+        from .npdgm_models import build_glow
+
+        return build_glow(self.image_shape, self.levels, self.depth, self.hidden, seed)
+
+    def build_npdgm(self, seed):
+        return self._flow(seed)
+
+    def build_torch(self, seed):
+        """The PyTorch peer from npdgm's config (the 1x1 convolutions' permutations and signs) and npdgm's initial
+        weights (float32); ActNorm initialises on the first batch in both."""
+        from npdgm import backend
+
+        from .torch_models import Glow
+
+        with backend.use("numpy", "float32"):
+            flow = self._flow(seed)
+        return Glow(flow.config).load(flow.params, initialized=False)
+
+
+WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload(), GlowWorkload())}
 
 
 def get_workload(name):
