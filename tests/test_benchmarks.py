@@ -30,10 +30,11 @@ SMALL = {
     "nice": dict(dim=784, hidden=24, n_hidden=2),
     "realnvp2d": dict(hidden=16),
     "convvae": dict(image_shape=(2, 8, 4), channels=(3, 4), z_dim=2),
+    "glow": dict(depth=1, hidden=4),
 }
 
 
-@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d", "convvae"])
+@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d", "convvae", "glow"])
 def test_runner_step_is_library_loss_and_adam(name):
     """One benchmark step = the library model's loss on that batch, then exactly one Adam update."""
     w = small(name, **SMALL[name])
@@ -59,7 +60,7 @@ def test_runner_step_is_library_loss_and_adam(name):
     assert r.model.flat_params.dtype == np.float32
 
 
-@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d", "convvae"])
+@pytest.mark.parametrize("name", ["vae", "nice", "realnvp2d", "convvae", "glow"])
 def test_torch_peer_is_the_same_model(name):
     """With npdgm's weights loaded by name, the PyTorch peer (the same functions tests/mirror checks against every
     saved model) gives the same loss and gradients (float64)."""
@@ -199,6 +200,37 @@ def test_json_has_every_field(tmp_path, capsys):
     if not backend.cupy_available():
         assert any("cupy" in n for n in out["skipped"])
         assert not any("cupy" in b or "cuda" in b for b in backends)
+
+
+def test_glow_floor_is_the_im2col_gemms_of_every_convolution():
+    """glow's floor: per k x k convolution the products (B H W, C k k) x (C k k, O) forward, its two backward ones,
+    and InvertibleLinear's two (B H W, C) x (C, C) products per 1x1 convolution, at each level's pixel count."""
+    c = workloads.get_workload("glow").products(64)
+    rows0, rows1 = 64 * 14 * 14, 64 * 7 * 7                     # level 0: (4, 14, 14), level 1: (8, 7, 7)
+    assert c[(rows0, 2 * 9, 32, "NN")] == 4 and c[(rows0, 32, 2 * 9, "NT")] == 4 and c[(2 * 9, rows0, 32, "TN")] == 4
+    assert c[(rows0, 32 * 9, 2 * 2, "NN")] == 4 and c[(rows1, 32 * 9, 2 * 4, "NN")] == 4
+    assert c[(rows0, 4, 4, "NN")] == 8 and c[(rows1, 8, 8, "NN")] == 8 and c[(rows1, 4 * 9, 32, "NN")] == 4
+    assert sum(c.values()) == 2 * 4 * 5 * 3                     # 2 levels x 4 steps x 5 products x 3 (all need dx)
+
+
+def test_glow_bench_runs_beside_torch_from_the_same_start(tmp_path):
+    """``npdgm bench --workloads glow --backends numpy,numpy-fused,torch`` gives every row and the floor; the torch
+    peer starts from npdgm's weights with ActNorm initialised on the same first batch, so the first step's loss is
+    the same (float32; the runs above time different numbers of steps, so their last losses differ)."""
+    pytest.importorskip("torch")
+    args = _tiny_args(tmp_path, "--no-isolate", "--backends", "numpy,numpy-fused,torch", "--threads", "1")
+    args[args.index("realnvp2d")] = "glow"
+    args[args.index("--batch") + 1] = "4"
+    assert run.main(args) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    rows = {r["backend"]: r for r in out["results"]}
+    assert set(rows) == {"npdgm-numpy", "npdgm-numpy-fused", "torch-eager"}
+    assert all(r["floor_ms"] > 0 and r["x_torch"] > 0 and np.isfinite(r["loss"]) for r in rows.values())
+    w = small("glow", **SMALL["glow"])
+    ours, theirs = workloads.NpdgmRunner(w, batch=4, seed=2), workloads.TorchRunner(w, batch=4, seed=2)
+    ours.step()
+    theirs.step()
+    assert theirs.loss() == pytest.approx(ours.loss(), rel=1e-5)
 
 
 def test_isolated_point_and_sweep_plot(tmp_path):

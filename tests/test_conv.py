@@ -87,6 +87,20 @@ def test_conv_matches_torch(case, rng):
         np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("k,p,d", [(3, 1, 1), (3, 0, 1), (2, 0, 1), (3, 2, 2), (1, 0, 1)])
+def test_conv2d_dx_is_the_correlation_of_dy_with_the_flipped_kernel(k, p, d, rng):
+    """docs/convolution.md: for stride 1, dx = conv2d(dy, W flipped in both spatial axes with in/out channels
+    swapped, padding d (k - 1) - p, same dilation) -- the full correlation when p = 0 -- and col2im(D W_m) is it."""
+    x = rng.standard_normal((2, 3, 7, 6))
+    W = rng.standard_normal((4, 3, k, k))
+    y = K.conv2d_forward(x, W, None, padding=p, dilation=d)
+    dy = rng.standard_normal(y.shape)
+    dx, _, _ = K.conv2d_backward(dy, x, W, padding=p, dilation=d)
+    flipped = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).copy()          # W'[c, o, i, j] = W[o, c, k-1-i, k-1-j]
+    np.testing.assert_allclose(K.conv2d_forward(dy, flipped, None, padding=d * (k - 1) - p, dilation=d), dx,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_squeeze_is_a_permutation_with_its_inverse_and_pixel_unshuffle(rng):
     x = rng.standard_normal((2, 3, 4, 6))
     y = K.squeeze_forward(x)

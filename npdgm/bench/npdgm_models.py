@@ -1,6 +1,6 @@
 """The library models behind the benchmark workloads, and the one call a benchmark step makes.
 
-Every model is the library's own (``npdgm.VAE``, the ``nice`` / ``realnvp2d`` flow factories), built as
+Every model is the library's own (``npdgm.VAE``, the ``nice`` / ``realnvp2d`` / ``glow`` flow factories), built as
 the trainer builds it; :func:`loss_and_grad` calls it as the trainer does and returns the loss.
 """
 from __future__ import annotations
@@ -32,6 +32,10 @@ def build_nice(dim, n_couplings, hidden, n_hidden, seed):
 def build_realnvp2d(n_couplings, hidden, seed):
     return flows.realnvp2d(n_couplings=n_couplings, hidden=(hidden, hidden), scale="tanh", scale_bound=1.0,
                            prior="gaussian", seed=seed, checked="off")
+
+
+def build_glow(image_shape, levels, depth, hidden, seed):
+    return flows.glow(image_shape, levels=levels, depth=depth, hidden=hidden, seed=seed, checked="off")
 
 
 @functools.lru_cache(maxsize=None)

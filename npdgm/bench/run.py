@@ -1,6 +1,6 @@
 """Benchmark entry point: full training steps of the same models on npdgm (NumPy / CuPy) and PyTorch.
 
-    npdgm bench [--workloads vae,nice,realnvp2d] [--backends numpy,cupy,torch]
+    npdgm bench [--workloads vae,nice,realnvp2d,glow] [--backends numpy,cupy,torch]
                 [--batch N | --sweep] [--steps N] [--repeats R] [--threads T]
                 [--json out.json] [--md out.md] [--plot out.png] [--profile]
 
@@ -39,7 +39,8 @@ RESULT_FIELDS = ("machine", "config", "results", "floors", "skipped", "profile")
 def add_arguments(p):
     """The benchmark's options on parser ``p`` (``npdgm bench`` and ``python -m npdgm.bench.run`` share them)."""
     p.add_argument("--workloads", default="vae,nice,realnvp2d",
-                   help="comma list of vae, nice, realnvp2d, convvae (default: vae,nice,realnvp2d)")
+                   help="comma list of vae, nice, realnvp2d, convvae, glow (default: vae,nice,realnvp2d; convvae "
+                        "and glow are the slow ones: glow about 0.25 s a step of 64 on one CPU thread)")
     p.add_argument("--backends", default="numpy,torch",
                    help="comma list of numpy (the reference wing: --accel off), numpy-fused (the fast wing: "
                         "--accel auto, numba or numexpr), cupy, torch (default: numpy,torch)")

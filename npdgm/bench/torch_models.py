@@ -13,11 +13,12 @@ looks like; tests/mirror rebuilds every saved model with it and checks loss and 
     flow_forward(P, config, x, c)   -> (z, logdet)                          Flow.forward (c: context or None)
     flow_log_prob(P, config, x, c)  -> (B,)                                 Flow.log_prob (loss = -mean)
     flow_inverse(P, config, z, c)   -> (x, logdet_inv)                      Flow.inverse(z, logdet=True)
+                                       (every layer type, Glow's image layers included: glow_layer)
     cvae_terms, m2_terms                                                    CVAE / M2 .loss_and_grad
 
 The benchmark peers (``npdgm bench``'s torch backend) are the same functions wrapped as ``torch.nn.Module``s
-that own their parameters (:class:`VAE`, :class:`ConvVAE`, :class:`NICE`, :class:`RealNVP2d`; torch's default
-init, noise as an argument as in npdgm, so the same inputs give the same loss).
+that own their parameters (:class:`VAE`, :class:`ConvVAE`, :class:`NICE`, :class:`RealNVP2d`, :class:`Glow`;
+torch's default init, noise as an argument as in npdgm, so the same inputs give the same loss).
 """
 from __future__ import annotations
 
@@ -233,6 +234,8 @@ def layer_forward(P, pre, spec, x, c=None):
         return x @ W, zero + ls.sum()
     if t in AUTOREGRESSIVE:
         return AUTOREGRESSIVE[t][0](P, pre, spec, x, c)
+    if t in GLOW_TYPES:
+        return glow_layer(P, pre, spec, x)
     if t == "LogitTransform":
         a = spec["alpha"]
         p = a + (1 - 2 * a) * x
@@ -267,6 +270,8 @@ def layer_inverse(P, pre, spec, y, c=None):
         return torch.linalg.solve(W.T, y.T).T, zero - ls.sum()
     if t in AUTOREGRESSIVE:
         return AUTOREGRESSIVE[t][1](P, pre, spec, y, c)
+    if t in GLOW_TYPES:
+        return glow_layer(P, pre, spec, y, inverse=True)
     if t == "LogitTransform":
         a = spec["alpha"]
         ld = (F.logsigmoid(y) + F.logsigmoid(-y) - math.log(1 - 2 * a)).sum(dim=1)
@@ -373,6 +378,54 @@ def _spline(inverse):
 
 AUTOREGRESSIVE = {"MAF": (_one_pass, _d_pass), "IAF": (_d_pass, _one_pass),  # type -> (forward, inverse)
                   "SplineCoupling": (_spline(False), _spline(True))}
+
+
+# -- Glow's image layers (npdgm.models.glow_layers): the image is x[:, :C H W] in NCHW order, the rest passes ----
+GLOW_TYPES = ("Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvAffineCoupling")
+
+
+def _glow_coupling_net(P, pre, a):
+    """(t, s, log s) of a ConvAffineCoupling: h = conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3 (pad 1),
+    t = h[:, 0::2], s = sigmoid(h[:, 1::2] + 2)."""
+    h = F.relu(F.conv2d(a, P[pre + "net.0.W"], P[pre + "net.0.b"], padding=1))
+    h = F.relu(F.conv2d(h, P[pre + "net.2.W"], P[pre + "net.2.b"]))
+    h = F.conv2d(h, P[pre + "net.4.W"], P[pre + "net.4.b"], padding=1)
+    r = h[:, 1::2] + 2
+    return h[:, 0::2], torch.sigmoid(r), F.logsigmoid(r)
+
+
+def glow_layer(P, pre, spec, x, inverse=False):
+    """A layer of npdgm.models.glow_layers on rows x (B, D): the image x[:, :n] (n = C H W, NCHW) is mapped,
+    x[:, n:] (the factored-out channels of earlier levels) passes through. Returns (out, log|det| per row);
+    ``inverse``: the inverse map and its log-det.
+        Squeeze             pixel_unshuffle(x, 2)                                 log|det| = 0
+        ChannelActNorm      (x + loc_c) exp(ls_c)                                 H W sum ls
+        InvertibleConv1x1   conv2d(x, W^T as (C, C, 1, 1)), W = P L (U + diag s)  H W sum log|s|
+        ConvAffineCoupling  [x_a, (x_b + t) s], (t, s) from the conv net on x_a    sum log s"""
+    t, (C, H, W) = spec["type"], spec["image_shape"]
+    n, B = C * H * W, x.shape[0]
+    img = x[:, :n].reshape(B, C, H, W)
+    zero = x.new_zeros(B)
+    if t == "Squeeze":
+        out = F.pixel_shuffle(x[:, :n].reshape(B, 4 * C, H // 2, W // 2), 2) if inverse else F.pixel_unshuffle(img, 2)
+        ld = zero
+    elif t == "ChannelActNorm":
+        loc, ls = P[pre + "loc"][:, None, None], P[pre + "log_scale"]
+        out = img * torch.exp(-ls)[:, None, None] - loc if inverse else (img + loc) * torch.exp(ls)[:, None, None]
+        ld = zero + H * W * ls.sum()
+    elif t == "InvertibleConv1x1":
+        Wm, ls = _lu_weight(P, pre + "lin.", {"dim": C, "perm": spec["perm"], "sign": spec["sign"]})
+        out = F.conv2d(img, (torch.linalg.inv(Wm) if inverse else Wm).T[:, :, None, None])
+        ld = zero + H * W * ls.sum()
+    elif t == "ConvAffineCoupling":
+        ca = C // 2
+        a, b = img[:, :ca], img[:, ca:]
+        sh, s, logs = _glow_coupling_net(P, pre, a)
+        out = torch.cat([a, b / s - sh if inverse else (b + sh) * s], dim=1)
+        ld = logs.sum(dim=(1, 2, 3))
+    else:
+        raise ValueError(f"unknown Glow layer type {t!r}")
+    return torch.cat([out.reshape(B, n), x[:, n:]], dim=1), (-ld if inverse else ld)
 
 
 def prior_log_prob(name, z):
@@ -568,3 +621,58 @@ class RealNVP2d(_FlowPeer):
         super().__init__(dict(layers=layers, prior="gaussian"))
         for i in range(n_couplings):
             self._add_linears(f"{i}.net.", [1, *[hidden] * n_hidden, 2])
+
+
+class Glow(_FlowPeer):
+    """A Glow flow (npdgm.models.flows.glow) from its config {"layers": [layer specs], "prior"}: the specs fix the
+    image shapes, the 1x1 convolutions' permutations and signs and the coupling widths. Own init: every coupling's
+    first two convolutions torch.nn.Conv2d's default, the last one zero (openai/glow); each 1x1 convolution
+    starts as its signed permutation (L = U = 0, log s = 0; npdgm starts from a random rotation: :meth:`load` npdgm's
+    arrays to start from the same weights). ActNorm is initialised from the first batch the model sees (loc = -mean,
+    log_scale = -log(std + eps) per channel), as npdgm's, unless :meth:`load` gave it trained values."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.initialized = False
+        for i, spec in enumerate(config["layers"]):
+            t, C = spec["type"], spec["image_shape"][0]
+            if t == "ChannelActNorm":
+                self._add(f"{i}.loc", torch.zeros(C))
+                self._add(f"{i}.log_scale", torch.zeros(C))
+            elif t == "InvertibleConv1x1":
+                for name, value in (("L", torch.zeros(C, C)), ("U", torch.zeros(C, C)), ("log_s", torch.zeros(C))):
+                    self._add(f"{i}.lin.{name}", value)
+            elif t == "ConvAffineCoupling":
+                ca, cb, h = C // 2, C - C // 2, spec["hidden"]
+                for k, conv in ((0, nn.Conv2d(ca, h, 3, padding=1)), (2, nn.Conv2d(h, h, 1)),
+                                (4, nn.Conv2d(h, 2 * cb, 3, padding=1))):
+                    W, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+                    self._add(f"{i}.net.{k}.W", W.zero_() if k == 4 else W)
+                    self._add(f"{i}.net.{k}.b", b.zero_() if k == 4 else b)
+            elif t != "Squeeze":
+                raise ValueError(f"Glow's config holds a {t!r} layer; expected {', '.join(GLOW_TYPES)}")
+
+    def load(self, arrays, initialized=True):
+        """Copy npdgm's {name: array} in; ``initialized=False`` keeps ActNorm's data-dependent init to come."""
+        super().load(arrays)
+        self.initialized = initialized
+        return self
+
+    @torch.no_grad()
+    def initialize(self, x):
+        """ActNorm's data-dependent init on the batch x: each ChannelActNorm gets loc = -mean, log_scale =
+        -log(std + eps) over (batch, H, W) per channel of its input."""
+        P = self.P
+        for i, spec in enumerate(self.config["layers"]):
+            if spec["type"] == "ChannelActNorm":
+                C, H, W = spec["image_shape"]
+                img = x[:, :C * H * W].reshape(-1, C, H, W)
+                P[f"{i}.loc"].copy_(-img.mean(dim=(0, 2, 3)))
+                P[f"{i}.log_scale"].copy_(-torch.log(img.std(dim=(0, 2, 3), correction=0) + spec["eps"]))
+            x, _ = layer_forward(P, f"{i}.", spec, x)
+        self.initialized = True
+
+    def log_prob(self, x):
+        if not self.initialized:
+            self.initialize(x)
+        return super().log_prob(x)

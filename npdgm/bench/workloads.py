@@ -7,6 +7,8 @@
                batch 512
     convvae    VAE(arch="conv"): 1x28x28 -> 4x4 stride-2 convs 32, 64 -> Linear to 2 x 20; Linear, 4x4
                stride-2 transposed convs 64 -> 32 -> 1; Bernoulli decoder + closed-form KL, batch 128
+    glow       Glow on 1x28x28 (``npdgm train glow``'s defaults): 2 levels x 4 steps of ActNorm, invertible
+               1x1 convolution (LU), affine coupling with conv net 3x3-1x1-3x3, 32 channels; batch 64
 
 A workload builds a *runner* per backend: ``runner.step()`` is one full training step
 (zero grads, forward, backward, Adam update) on the next pre-built batch; ``runner.loss()`` is
@@ -72,6 +74,13 @@ def _mnist(n, seed):
     return x.astype(np.float32)
 
 
+def _dequantized_mnist(n, seed):
+    """MNIST pixels (x 255 + u) / 256, u ~ U(0, 1) drawn once (seeded): the flows' training data."""
+    rng = np.random.default_rng(seed)
+    x = _mnist(n, seed)
+    return ((x * 255 + rng.uniform(0, 1, x.shape)) / 256).astype(np.float32)
+
+
 class VAEWorkload(Workload):
     name, batch = "vae", 128
     description = "VAE 784-400-20 ReLU, Bernoulli decoder (BCE from logits) + closed-form KL"
@@ -113,9 +122,7 @@ class NICEWorkload(Workload):
         return out
 
     def data(self, n, seed=0):
-        rng = np.random.default_rng(seed)
-        x = _mnist(n, seed)
-        return ((x * 255 + rng.uniform(0, 1, x.shape)) / 256).astype(np.float32)  # dequantized
+        return _dequantized_mnist(n, seed)
 
     def build_npdgm(self, seed):
         from .npdgm_models import build_nice
@@ -156,7 +163,21 @@ class RealNVP2dWorkload(Workload):
         return RealNVP2d(self.n_couplings, self.hidden)
 
 
-class ConvVAEWorkload(VAEWorkload):
+class _ConvRows:
+    """A workload whose products are convolutions taken as im2col rows: ``conv_layers()`` ->
+    [(rows per image, in, out, need_dx)], each one GEMM of (batch rows, in) @ (in, out) and its backward."""
+
+    def layers(self):
+        return [(fin, fout, dx) for _, fin, fout, dx in self.conv_layers()]
+
+    def products(self, batch):
+        c = Counter()
+        for rows, fin, fout, dx in self.conv_layers():
+            c.update(linear_products(batch * rows, [(fin, fout, dx)]))
+        return c
+
+
+class ConvVAEWorkload(_ConvRows, VAEWorkload):
     name, batch = "convvae", 128
     description = ("conv VAE 1x28x28, 4x4 stride-2 convs 32-64 / transposed convs 64-32-1 ReLU, Bernoulli "
                    "decoder + closed-form KL")
@@ -178,15 +199,6 @@ class ConvVAEWorkload(VAEWorkload):
             c, h, w = ch, 2 * h, 2 * w
         return out
 
-    def layers(self):
-        return [(fin, fout, dx) for _, fin, fout, dx in self.conv_layers()]
-
-    def products(self, batch):
-        c = Counter()
-        for rows, fin, fout, dx in self.conv_layers():
-            c.update(linear_products(batch * rows, [(fin, fout, dx)]))
-        return c
-
     def data(self, n, seed=0):
         """MNIST images, the top-left H x W crop repeated over C channels (a smaller image for tests)."""
         C, H, W = self.image_shape
@@ -206,7 +218,52 @@ class ConvVAEWorkload(VAEWorkload):
         return ConvVAE(self.image_shape, self.channels, self.z_dim)
 
 
-WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload(), ConvVAEWorkload())}
+class GlowWorkload(_ConvRows, Workload):
+    name, batch = "glow", 64
+    description = ("Glow 1x28x28, 2 levels x 4 steps (ActNorm, 1x1 conv LU, affine coupling conv 3x3-1x1-3x3 "
+                   "32 ch), split, Gaussian prior")
+    image_shape, levels, depth, hidden = (1, 28, 28), 2, 4, 32
+
+    def conv_layers(self):
+        """[(rows per image, in, out, need_dx)]: the products of one step as Linear layers on pixel rows. A k x k
+        convolution is im2col rows (B H W, C k k) @ (C k k, O) (kernels.conv); the invertible 1x1 convolution is
+        InvertibleLinear on the pixel rows (B H W, C): two products, x @ L1 then @ U1. Every input needs its dx
+        (the first layer's input is ActNorm's output, which depends on parameters)."""
+        (C, H, W), hid, out = self.image_shape, self.hidden, []
+        for level in range(self.levels):
+            C, H, W = 4 * C, H // 2, W // 2                        # squeeze
+            ca, cb = C // 2, C - C // 2
+            for _ in range(self.depth):
+                out += [(H * W, C, C, True)] * 2                     # 1x1 conv: a = x L1, y = a U1
+                out += [(H * W, ca * 9, hid, True), (H * W, hid, hid, True), (H * W, hid * 9, 2 * cb, True)]
+            C //= 2                                                  # split: half the channels leave
+        return out
+
+    def data(self, n, seed=0):
+        return _dequantized_mnist(n, seed)
+
+    def _flow(self, seed):
+        from .npdgm_models import build_glow
+
+        return build_glow(self.image_shape, self.levels, self.depth, self.hidden, seed)
+
+    def build_npdgm(self, seed):
+        return self._flow(seed)
+
+    def build_torch(self, seed):
+        """The PyTorch peer from npdgm's config (the 1x1 convolutions' permutations and signs) and npdgm's initial
+        weights (float32); ActNorm initialises on the first batch in both."""
+        from npdgm import backend
+
+        from .torch_models import Glow
+
+        with backend.use("numpy", "float32"):
+            flow = self._flow(seed)
+        return Glow(flow.config).load(flow.params, initialized=False)
+
+
+WORKLOADS = {w.name: w for w in (VAEWorkload(), NICEWorkload(), RealNVP2dWorkload(), ConvVAEWorkload(),
+                                  GlowWorkload())}
 
 
 def get_workload(name):
