@@ -107,6 +107,10 @@ step bench 200 "$PY" -m npdgm.bench.run --workloads vae,nice,realnvp2d --backend
     --json "$DEST/bench.json" --md "$DEST/bench.md"
 step bench_graph 60 "$PY" -m npdgm.bench.run --workloads vae,nice,realnvp2d --backends cupy --cuda-graph \
     --repeats 3 --json "$DEST/bench_graph.json" --md "$DEST/bench_graph.md"
+# the convolutional workloads (the reference im2col convolution on CuPy: the conv twins of npdgm.accel are
+# NumPy-only, so the GPU runs the reference lines) in a step of their own, so a failure there spares the rest
+step bench_conv 80 "$PY" -m npdgm.bench.run --workloads convvae,glow --backends cupy,torch --repeats 2 \
+    --json "$DEST/bench_conv.json" --md "$DEST/bench_conv.md"
 
 # the report: gpu_check.json + gpu_check.md
 "$PY" - "$DEST" "$STATUS" <<'EOF'
@@ -118,7 +122,7 @@ def load(name):
 steps = [dict(zip(("step", "exit", "seconds"), ln.split("\t"))) for ln in open(os.path.join(dest, "steps.tsv")).read().split("\n") if ln]
 compare = load("fused_compare.json") or []
 rows = []
-for name, impl in (("bench.json", None), ("bench_graph.json", "graph")):
+for name, impl in (("bench.json", None), ("bench_graph.json", "graph"), ("bench_conv.json", None)):
     b = load(name)
     for r in (b or {}).get("results", []):
         if impl and r["backend"] != "npdgm-cupy":
