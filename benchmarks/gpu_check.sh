@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of npdgm, in one go (< 8 minutes; every step has its own timeout):
+# GPU check of npdgm, in one go (< 10 minutes; every step has its own timeout):
 #   1. pytest -m gpu                       (the CuPy tests: the fast wing's kernels, fused Adam, CUDA graphs)
 #   1b. the NCCL test (mpiexec + NCCL through CuPy, one rank per GPU); -rs says why if it skips
 #       (it needs mpi4py and an mpiexec: pip install ".[mpi]" where there is a network)
