@@ -138,20 +138,23 @@ def test_m2_graphs_and_classifier():
 
 
 # -- flows -------------------------------------------------------------------------------------------------
-def _check_flow(flow, x, B=6):
+def _check_flow(flow, x, B=6, context=None):
+    """log_prob and sample (given base noise, and the context of a conditional flow) against npdgm."""
     g = onnx_graphs(flow)
     assert sorted(g) == ["log_prob", "sample"]
-    lp = _run(g["log_prob"], x=x)
-    z, logdet = flow.forward(x)
+    cx = {} if context is None else {"context": context}
+    lp = _run(g["log_prob"], x=x, **cx)
+    z, logdet = flow.forward(x, context)
     _close(lp["logdet"], logdet)
-    _close(lp["log_prob"], flow.log_prob(x))
+    _close(lp["log_prob"], flow.log_prob(x, context))
     zs = np.random.default_rng(9).standard_normal((B, flow.dim)).astype(np.float32) * 0.7
-    xs, ld = flow.inverse(zs, logdet=True)
-    sm = _run(g["sample"], z=zs)
+    cs = None if context is None else context[np.arange(B) % len(context)]
+    xs, ld = flow.inverse(zs, logdet=True, context=cs)
+    sm = _run(g["sample"], z=zs, **({} if cs is None else {"context": cs}))
     _close(sm["x"], xs)
     _close(sm["logdet"], ld)
     # sampling inverts the density pass, to a float32 inverse's precision (a spline's root loses digits)
-    _close(_run(g["sample"], z=z)["x"], x, rtol=1e-4)
+    _close(_run(g["sample"], z=z, **cx)["x"], x, rtol=1e-4)
     return g
 
 
@@ -195,6 +198,79 @@ def test_spline_coupling_with_tails():
     _check_flow(flow, x)
 
 
+# -- Glow and conditional flows ----------------------------------------------------------------------------
+def _glow(**kw):
+    flow = F.glow(**kw)
+    C, H, W = kw["image_shape"]
+    x = _data(np.random.default_rng(10), 4, C * H * W)
+    flow.forward(x)                                    # ChannelActNorm's data-dependent init
+    return _perturb(flow, 0.05, seed=11), x
+
+
+def test_onnx_space_to_depth_is_not_npdgms_squeeze():
+    """Why the squeeze is Reshape/Transpose: ONNX SpaceToDepth orders the output channels (i, j, c), npdgm's
+    pixel_unshuffle (c, i, j) (they agree only for one channel)."""
+    from npdgm.kernels.conv import squeeze_forward
+
+    x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
+    h = onnx.helper
+    node = h.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2)
+    graph = h.make_graph([node], "s2d", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 2, 2])])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    assert not np.array_equal(_run(proto, x=x)["y"], squeeze_forward(x))
+
+
+def test_glow_two_levels_with_split():
+    """Squeeze, ChannelActNorm, InvertibleConv1x1, ConvAffineCoupling; the second level sees half the channels
+    (its layers pass the factored-out features through)."""
+    flow, x = _glow(image_shape=(2, 4, 4), levels=2, depth=2, hidden=5, seed=1)
+    assert any(layer.n < layer.dim for layer in flow.layers)
+    g = _check_flow(flow, x)
+    ops = {n.op_type for n in g["log_prob"].graph.node}
+    assert {"Conv", "Transpose"} <= ops and "SpaceToDepth" not in ops
+    assert "DepthToSpace" in {n.op_type for n in g["sample"].graph.node}
+    assert any(i.name.endswith(".lin.log_s") for i in g["log_prob"].graph.initializer)
+
+
+def test_glow_one_channel_with_logit():
+    flow, x = _glow(image_shape=(1, 4, 4), levels=1, depth=2, hidden=4, logit=True, seed=2)
+    _check_flow(flow, x)
+
+
+def test_glow_uninitialized_actnorm_is_refused():
+    with pytest.raises(ExportError, match="ChannelActNorm layer was never initialized"):
+        onnx_graphs(F.glow(image_shape=(1, 4, 4), levels=1, depth=1, hidden=3))
+
+
+def _context(B, C, seed=12):
+    return np.random.default_rng(seed).standard_normal((B, C)).astype(np.float32)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: F.realnvp2d(2, (6,), context_dim=3, seed=1),
+    lambda: F.maf2d(2, (8,), context_dim=3, seed=2),
+    lambda: F.spline2d(2, (6,), bins=4, bound=2.0, context_dim=3, seed=3),
+], ids=["realnvp2d", "maf2d", "spline2d"])
+def test_conditional_flows_take_the_context(build):
+    flow = _perturb(build(), 0.2)
+    x = np.random.default_rng(13).standard_normal((6, 2)).astype(np.float32)
+    g = _check_flow(flow, x, context=_context(6, 3))
+    for name in ("log_prob", "sample"):
+        assert [(i.name, i.type.tensor_type.shape.dim[1].dim_value) for i in g[name].graph.input][1] == ("context", 3)
+    # the context matters: another context gives another density
+    other = _run(g["log_prob"], x=x, context=_context(6, 3, seed=14))["log_prob"]
+    assert np.abs(other - flow.log_prob(x, _context(6, 3))).max() > 1e-3
+
+
+def test_conditional_realnvp_on_images():
+    flow = F.realnvp(dim=16, n_couplings=2, hidden=(6,), image_shape=(4, 4), context_dim=2, seed=4)
+    x = _data(np.random.default_rng(15), 5, 16)
+    flow.forward(x, _context(5, 2))
+    _check_flow(_perturb(flow, 0.05), x, context=_context(5, 2))
+
+
 # -- the command -------------------------------------------------------------------------------------------
 def test_cli_writes_the_directory_and_manifest(tmp_path, capsys):
     m = _perturb(VAE(x_dim=12, hidden=(9,), z_dim=3, seed=2))
@@ -222,8 +298,6 @@ def test_refused_cases_are_one_line(tmp_path, capsys):
     g = GaussianMixture(n_components=2)
     with pytest.raises(ExportError, match="a gmm model has no ONNX graphs"):
         onnx_graphs(g)
-    with pytest.raises(ExportError, match=r"conditional flow \(context_dim=2\) has no ONNX export"):
-        onnx_graphs(F.realnvp2d(1, (3,), context_dim=2))
     flow = F.realnvp(dim=4, n_couplings=1, hidden=(3,), mask="half", logit=False)
     flow.save(tmp_path / "f.npz")
     assert cli.main(["export", str(tmp_path / "f.npz"), str(tmp_path / "o"), "--format", "onnx"]) == 2
