@@ -29,6 +29,7 @@ import numpy as np
 
 from . import backend
 from .io import atomic_write_bytes
+from .models.elbo import LOGVAR_BOUND, variance_head
 
 __all__ = ["OPSET", "IR_VERSION", "ExportError", "onnx_graphs", "export_onnx"]
 
@@ -225,11 +226,20 @@ def _decoder(b, model, z, label):
     return _module(b, model.decoder, _labelled(b, model, z) if label else z)
 
 
+def _head_split(b, model, out):
+    """A variance head's output [mean | raw] (B, 2D) -> mean, v = b tanh(raw / b) (npdgm.models.elbo.head_split)."""
+    D = model.x_dim
+    return b.cols(out, 0, D), b.scale(b.op("Tanh", b.scale(b.cols(out, D, 2 * D), 1.0 / LOGVAR_BOUND)), LOGVAR_BOUND)
+
+
 def _nll_rows(b, model, out, x):
-    """-log p(x|z) per row: Bernoulli sum softplus(l) - x l;  Gaussian 0.5 sum (x - m)^2 e^-lv + lv + log 2 pi."""
+    """-log p(x|z) per row: Bernoulli sum softplus(l) - x l;  Gaussian 0.5 sum (x - m)^2 e^-lv + lv + log 2 pi
+    with lv the fixed 2 log sigma, the learned logvar_x, or a variance head's per-pixel v(z)."""
     if model.likelihood == "bernoulli":
         return b.rowsum(b.sub(b.op("Softplus", out), b.mul(x, out)))
-    if model.sigma is None:
+    if variance_head(model):
+        out, lv = _head_split(b, model, out)
+    elif model.sigma is None:
         lv = b.param(model.logvar_x)
     else:
         lv = b.const(2 * math.log(model.sigma))
@@ -280,6 +290,11 @@ def _vae_family(onnx, model, names):
         b.rename(out, "logits")
         b.rename(b.op("Sigmoid", out), "probs")
         outs, doc = [("logits", _vec(D), "FLOAT"), ("probs", _vec(D), "FLOAT")], "p(x|z) = Bernoulli(sigmoid(logits))"
+    elif variance_head(model):
+        mean, v = _head_split(b, model, out)
+        b.rename(mean, "mean"), b.rename(v, "logvar"), b.rename(b.exp(b.scale(v, 0.5)), "std")
+        outs = [(n, _vec(D), "FLOAT") for n in ("mean", "logvar", "std")]
+        doc = "p(x|z) = N(mean, diag exp(logvar)), std = exp(logvar / 2) per pixel (a variance head)"
     else:
         b.rename(out, "mean")
         outs, doc = [("mean", _vec(D), "FLOAT")], "p(x|z) = N(mean, sigma^2)"
@@ -676,8 +691,6 @@ def onnx_graphs(model):
     onnx = _onnx()
     names = {id(p): n for n, p in model.named_parameters()}
     kind = getattr(model, "kind", type(model).__name__)
-    if getattr(model, "sigma", None) == "learned-z":
-        raise ExportError("a VAE with a decoder variance head (sigma='learned-z') has no ONNX graphs yet")
     if kind in ("vae", "cvae", "m2"):
         return _vae_family(onnx, model, names)
     if kind == "flow":

@@ -10,7 +10,7 @@ from npdgm import cli
 from npdgm.kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward, softmax_forward
 from npdgm.models import flows as F
 from npdgm.models.cvae import CVAE
-from npdgm.models.elbo import rec_rows
+from npdgm.models.elbo import head_split, rec_rows
 from npdgm.models.m2 import M2
 from npdgm.models.vae import VAE
 
@@ -66,6 +66,11 @@ def _check_vae(m, label=False, B=5):
     if m.likelihood == "bernoulli":
         _close(dec["logits"], out)
         _close(dec["probs"], sigmoid_forward(out))
+    elif m.sigma == "learned-z":
+        mean, v = head_split(out)
+        _close(dec["mean"], mean)
+        _close(dec["logvar"], v)
+        _close(dec["std"], m.decode_std(z))
     else:
         _close(dec["mean"], out)
 
@@ -97,6 +102,15 @@ def test_vae_gaussian_likelihoods(sigma):
     m = _perturb(VAE(x_dim=10, hidden=(8,), z_dim=2, likelihood="gaussian", sigma=sigma, seed=2))
     g = _check_vae(m)
     assert [o.name for o in g["decode"].graph.output] == ["mean"]
+
+
+def test_vae_variance_head_decodes_std_and_elbo_uses_it():
+    """sigma="learned-z": decode gives mean, logvar = 7 tanh(raw / 7), std per pixel; the ELBO's recon uses them."""
+    m = _perturb(VAE(x_dim=10, hidden=(8,), z_dim=2, likelihood="gaussian", sigma="learned-z", seed=2), 0.5)
+    g = _check_vae(m)
+    assert [o.name for o in g["decode"].graph.output] == ["mean", "logvar", "std"]
+    z = np.random.default_rng(1).standard_normal((3, 2)).astype(np.float32)
+    assert np.ptp(_run(g["decode"], z=z)["std"]) > 1e-3          # per pixel and per row, not one sigma
 
 
 def test_vae_large_logits():
