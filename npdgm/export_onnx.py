@@ -253,7 +253,10 @@ def _elbo_graph(b, model, label, prior_term=0.0):
     mu, logvar = _encoder(b, model, "x", label)
     z = b.add(mu, b.mul(b.exp(b.scale(logvar, 0.5)), "eps"))
     flow = getattr(model, "flow", None)
-    if flow is None:
+    if model.kind == "gmvae":   # one-sample KL to the mixture: log q(z|x) - log p(z)
+        log_q = b.scale(b.rowsum(b.add(b.add(b.mul("eps", "eps"), logvar), b.const(LOG_2PI))), -0.5)
+        kl = b.sub(log_q, _logsumexp_rows(b, _mixture_terms(b, model, z)))
+    elif flow is None:
         kl = b.scale(b.rowsum(b.sub(b.sub(b.add(b.mul(mu, mu), b.exp(logvar)), b.const(1.0)), logvar)), 0.5)
     else:   # one-sample KL: log q(z_K|x) - log N(z_K) = 0.5 sum (z_K^2 - eps^2 - logvar) - LD
         ld = None
@@ -267,6 +270,26 @@ def _elbo_graph(b, model, label, prior_term=0.0):
     if prior_term:
         nelbo = b.add(nelbo, b.const(prior_term))
     return b.rename(nelbo, "nelbo"), b.rename(recon, "recon"), b.rename(kl, "kl")
+
+
+def _logsumexp_rows(b, a):
+    """logsumexp over axis 1 with the row max taken out first: m + log sum exp(a - m), finite for any a."""
+    m = b.op("ReduceMax", a, axes=[1], keepdims=1)
+    return b.add(b.log(b.rowsum(b.exp(b.sub(a, m)))), b.op("Squeeze", m, b.ints([1])))
+
+
+def _mixture_terms(b, model, z):
+    """a (B, C) = log pi_c - 0.5 sum_j ((z_j - m_cj)^2 e^-s_cj + s_cj + log 2 pi): the GMVAE's prior terms,
+    log p(z) = logsumexp_c a_c, p(c|z) = softmax_c a_c (npdgm.models.gmvae._component_terms)."""
+    C = model.components
+    if model.weights == "learned":
+        log_pi = b.op("LogSoftmax", b.param(model.prior_logits), axis=0)
+    else:
+        log_pi = b.const(np.full(C, -math.log(C)))
+    m, s = b.param(model.prior_mean), b.param(model.prior_logvar)
+    r = b.sub(b.op("Unsqueeze", z, b.ints([1])), m)                          # (B, C, Z)
+    nll = b.scale(b.rowsum(b.add(b.add(b.mul(b.mul(r, r), b.exp(b.op("Neg", s))), s), b.const(LOG_2PI)), 2), 0.5)
+    return b.sub(log_pi, nll)
 
 
 def _vae_family(onnx, model, names):
@@ -308,6 +331,15 @@ def _vae_family(onnx, model, names):
                              f"-ELBO(x{ys}) per row for the noise eps: nelbo = recon + kl"
                              + (" + log C" if prior else ""))
 
+    if model.kind == "gmvae":
+        b = _Builder(onnx, names)
+        a = _mixture_terms(b, model, _encoder(b, model, "x", False)[0])
+        b.rename(b.op("Softmax", a, axis=1), "probs")
+        b.rename(b.op("ArgMax", a, axis=1, keepdims=0), "component")
+        C = model.components
+        graphs["cluster"] = b.graph("cluster", [("x", _vec(D), "FLOAT")],
+                                    [("probs", _vec(C), "FLOAT"), ("component", [BATCH], "INT64")],
+                                    "p(c | z = mu(x)) per mixture component and its argmax (VaDE's q(c|x))")
     if model.kind == "m2":
         b = _Builder(onnx, names)
         s = _module(b, model.classifier, "x")
@@ -317,6 +349,27 @@ def _vae_family(onnx, model, names):
         graphs["classify"] = b.graph("classify", [("x", _vec(D), "FLOAT")],
                                      [("logits", _vec(C), "FLOAT"), ("probs", _vec(C), "FLOAT")],
                                      "q(y|x) = softmax(logits)")
+    return graphs
+
+
+def _autoencoder(onnx, model, names):
+    """encode(x) -> z;  decode(z) -> logits, probs;  recon(x) -> recon, the BCE of x given its code (the
+    training loss per row; a denoising autoencoder's masking noise belongs to training only)."""
+    D, Z = model.x_dim, model.z_dim
+    graphs = {}
+    b = _Builder(onnx, names)
+    b.rename(_module(b, model.encoder, "x"), "z")
+    graphs["encode"] = b.graph("encode", [("x", _vec(D), "FLOAT")], [("z", _vec(Z), "FLOAT")], "the code z = g(x)")
+    b = _Builder(onnx, names)
+    out = _module(b, model.decoder, "z")
+    b.rename(out, "logits"), b.rename(b.op("Sigmoid", out), "probs")
+    graphs["decode"] = b.graph("decode", [("z", _vec(Z), "FLOAT")],
+                               [("logits", _vec(D), "FLOAT"), ("probs", _vec(D), "FLOAT")],
+                               "x = sigmoid(logits), logits = f(z)")
+    b = _Builder(onnx, names)
+    b.rename(_nll_rows(b, model, _module(b, model.decoder, _module(b, model.encoder, "x")), "x"), "recon")
+    graphs["recon"] = b.graph("recon", [("x", _vec(D), "FLOAT")], [("recon", [BATCH], "FLOAT")],
+                              "sum_d softplus(l_d) - x_d l_d per row, l = f(g(x))")
     return graphs
 
 
@@ -691,11 +744,13 @@ def onnx_graphs(model):
     onnx = _onnx()
     names = {id(p): n for n, p in model.named_parameters()}
     kind = getattr(model, "kind", type(model).__name__)
-    if kind in ("vae", "cvae", "m2"):
+    if kind in ("vae", "cvae", "m2", "gmvae"):
         return _vae_family(onnx, model, names)
+    if kind == "ae":
+        return _autoencoder(onnx, model, names)
     if kind == "flow":
         return _flow_graphs(onnx, model, names)
-    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, flow)")
+    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, gmvae, ae, flow)")
 
 
 def _io(values):

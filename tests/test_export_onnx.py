@@ -9,8 +9,10 @@ import pytest
 from npdgm import cli
 from npdgm.kernels import kl_std_normal_forward, reparameterize_forward, sigmoid_forward, softmax_forward
 from npdgm.models import flows as F
+from npdgm.models.autoencoder import Autoencoder
 from npdgm.models.cvae import CVAE
 from npdgm.models.elbo import head_split, rec_rows
+from npdgm.models.gmvae import GMVAE
 from npdgm.models.m2 import M2
 from npdgm.models.vae import VAE
 
@@ -46,6 +48,13 @@ def _data(rng, B, D, unit=True):
 
 
 # -- the VAE family ----------------------------------------------------------------------------------------
+def _raw(m, z, y, label):
+    """The decoder's output (logits / mean / [mean | raw]) at z (and y)."""
+    if label:
+        return m._decode_raw(z, y)
+    return m._decode_raw(z) if hasattr(m, "_decode_raw") else m.decoder.forward(z)
+
+
 def _check_vae(m, label=False, B=5):
     rng = np.random.default_rng(3)
     x = _data(rng, B, m.x_dim, m.likelihood == "bernoulli")
@@ -62,7 +71,7 @@ def _check_vae(m, label=False, B=5):
     _close(enc["logvar"], logvar)
 
     dec = _run(g["decode"], z=z, **lab)
-    out = m._decode_raw(z, y) if label else m._decode_raw(z)
+    out = _raw(m, z, y, label)
     if m.likelihood == "bernoulli":
         _close(dec["logits"], out)
         _close(dec["probs"], sigmoid_forward(out))
@@ -83,9 +92,13 @@ def _check_vae(m, label=False, B=5):
             _close(elbo[k].mean(keepdims=True), np.asarray(terms[k]).reshape(1))
     if getattr(m, "flow", None) is None:
         zz = reparameterize_forward(mu, logvar, eps)
-        recon = rec_rows(m, m._decode_raw(zz, y) if label else m._decode_raw(zz), x)
+        recon = rec_rows(m, _raw(m, zz, y, label), x)
         _close(elbo["recon"], recon)
-        _close(elbo["kl"], kl_std_normal_forward(mu, logvar))
+        if m.kind == "gmvae":     # one-sample KL to the mixture prior
+            log_q = -0.5 * (eps * eps + logvar + np.log(2 * np.pi)).sum(axis=1)
+            _close(elbo["kl"], log_q - m.log_prior(zz))
+        else:
+            _close(elbo["kl"], kl_std_normal_forward(mu, logvar))
     return g
 
 
@@ -149,6 +162,37 @@ def test_m2_graphs_and_classifier():
     out = _run(g["classify"], x=x)
     _close(out["logits"], m.logits(x))
     _close(out["probs"], softmax_forward(m.logits(x)))
+
+
+@pytest.mark.parametrize("weights", ["uniform", "learned"])
+def test_gmvae_graphs_and_clusters(weights):
+    """encode / decode / elbo (the one-sample KL log q(z|x) - log p(z) to the mixture, a deterministic function
+    of eps) and cluster = p(c | z = mu(x)); components far from every z (log-weights of -hundreds) keep the
+    logsumexp finite."""
+    m = _perturb(GMVAE(x_dim=11, hidden=(7,), z_dim=3, components=4, weights=weights, seed=8), 0.3)
+    m.prior_mean.data[...] += 30 * np.arange(1, 5)[:, None]       # every component far from z
+    g = _check_vae(m)
+    assert sorted(g) == ["cluster", "decode", "elbo", "encode"]
+    x = _data(np.random.default_rng(9), 6, 11)
+    out = _run(g["cluster"], x=x)
+    _close(out["probs"], m.responsibilities(m.encode(x)[0]))
+    np.testing.assert_array_equal(out["component"], m.predict(x))
+
+
+@pytest.mark.parametrize("denoise", [0.0, 0.3])
+def test_autoencoder_graphs(denoise):
+    m = _perturb(Autoencoder(x_dim=12, hidden=(9, 5), z_dim=3, denoise=denoise, seed=9))
+    g = onnx_graphs(m)
+    assert sorted(g) == ["decode", "encode", "recon"]
+    rng = np.random.default_rng(10)
+    x, z = _data(rng, 5, 12), rng.standard_normal((5, 3)).astype(np.float32)
+    _close(_run(g["encode"], x=x)["z"], m.encode(x))
+    dec = _run(g["decode"], z=z)
+    _close(dec["probs"], m.decode(z))
+    _close(dec["logits"], m.decoder.forward(z))
+    recon = _run(g["recon"], x=x)["recon"]
+    _close(recon, rec_rows(m, m.decoder.forward(m.encode(x)), x))
+    _close(recon.mean(keepdims=True), np.reshape(m.loss(x)[0], 1))
 
 
 # -- flows -------------------------------------------------------------------------------------------------
