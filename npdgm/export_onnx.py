@@ -11,10 +11,16 @@ parameter an initializer under its documented name (``encoder.0.W``, (in, out); 
                 the KL is the one-sample Monte Carlo estimate, as in training)
     CVAE, M2    the same with a label input y (int64 (B,), one-hot inside the graph); M2 also
                 classify(x) -> logits, probs = q(y|x), and its nelbo is -ELBO(x, y) + log C (the -log p(y) term)
+                A variance head (sigma="learned-z"): decode -> mean, logvar, std per pixel; the elbo uses them
+    GMVAE       encode, decode, elbo (KL = log q(z|x) - log p(z), the one-sample estimate to the mixture);
+                cluster(x) -> probs = p(c | z = mu(x)), component (its argmax)
+    AE          encode(x) -> z;  decode(z) -> logits, probs;  recon(x) -> the BCE per row
     Flow        log_prob(x) -> log_prob, logdet;  sample(z) -> x, logdet (log|det dx/dz|), z the base noise
                 (scale it by a temperature outside); MAF's sampling and IAF's density are an ONNX Loop of D
                 MADE passes; InvertibleLinear's inverse uses W^-1 computed on the host in float64; a spline
-                coupling's bin lookup is a comparison count and one-hot gathers (elementwise ops only)
+                coupling's bin lookup is a comparison count and one-hot gathers (elementwise ops only); Glow's
+                image layers reshape rows to NCHW (squeeze as Reshape/Transpose: SpaceToDepth's channel order
+                is not pixel_unshuffle's); a conditional flow's graphs take context (B, context_dim) too
 
 :func:`onnx_graphs` returns the ``onnx.ModelProto`` of each graph, :func:`export_onnx` writes them and
 ``manifest.json`` (inputs, outputs, shapes, opset). A model or layer without graphs raises :class:`ExportError`.
@@ -740,7 +746,8 @@ def _spline_coupling(b, layer, x, inverse):
 
 # -- entry points ------------------------------------------------------------------------------------------
 def onnx_graphs(model):
-    """{graph name: onnx.ModelProto} of a VAE, CVAE, M2 or Flow (module docstring); ExportError otherwise."""
+    """{graph name: onnx.ModelProto} of a VAE, CVAE, M2, GMVAE, autoencoder or Flow (module docstring);
+    ExportError otherwise."""
     onnx = _onnx()
     names = {id(p): n for n, p in model.named_parameters()}
     kind = getattr(model, "kind", type(model).__name__)

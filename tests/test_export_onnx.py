@@ -350,6 +350,22 @@ def test_cli_writes_the_directory_and_manifest(tmp_path, capsys):
     _close(sess.run(["mu"], {"x": x})[0], m.encode(x)[0])
 
 
+def test_cli_exports_a_saved_glow_and_a_conditional_flow(tmp_path, capsys):
+    """Through the checkpoint: ChannelActNorm's init flag survives the save, a conditional flow's graphs list
+    the context input in the manifest."""
+    glow, x = _glow(image_shape=(2, 4, 4), levels=2, depth=1, hidden=3, seed=5)
+    cond = _perturb(F.maf2d(2, (6,), context_dim=3, seed=6))
+    for name, flow in (("glow", glow), ("cond", cond)):
+        flow.save(tmp_path / f"{name}.npz")
+        assert cli.main(["export", str(tmp_path / f"{name}.npz"), str(tmp_path / name), "--format", "onnx"]) == 0
+    assert "2 graphs" in capsys.readouterr().out
+    man = json.loads((tmp_path / "cond" / "manifest.json").read_text())
+    assert man["graphs"]["sample"]["inputs"] == [{"name": "z", "dtype": "float32", "shape": ["batch", 2]},
+                                                 {"name": "context", "dtype": "float32", "shape": ["batch", 3]}]
+    sess = ort.InferenceSession(str(tmp_path / "glow" / "log_prob.onnx"), providers=["CPUExecutionProvider"])
+    _close(sess.run(["log_prob"], {"x": x})[0], glow.log_prob(x))
+
+
 def test_refused_cases_are_one_line(tmp_path, capsys):
     from npdgm.models.gmm import GaussianMixture
 
