@@ -11,10 +11,16 @@ parameter an initializer under its documented name (``encoder.0.W``, (in, out); 
                 the KL is the one-sample Monte Carlo estimate, as in training)
     CVAE, M2    the same with a label input y (int64 (B,), one-hot inside the graph); M2 also
                 classify(x) -> logits, probs = q(y|x), and its nelbo is -ELBO(x, y) + log C (the -log p(y) term)
+                A variance head (sigma="learned-z"): decode -> mean, logvar, std per pixel; the elbo uses them
+    GMVAE       encode, decode, elbo (KL = log q(z|x) - log p(z), the one-sample estimate to the mixture);
+                cluster(x) -> probs = p(c | z = mu(x)), component (its argmax)
+    AE          encode(x) -> z;  decode(z) -> logits, probs;  recon(x) -> the BCE per row
     Flow        log_prob(x) -> log_prob, logdet;  sample(z) -> x, logdet (log|det dx/dz|), z the base noise
                 (scale it by a temperature outside); MAF's sampling and IAF's density are an ONNX Loop of D
                 MADE passes; InvertibleLinear's inverse uses W^-1 computed on the host in float64; a spline
-                coupling's bin lookup is a comparison count and one-hot gathers (elementwise ops only)
+                coupling's bin lookup is a comparison count and one-hot gathers (elementwise ops only); Glow's
+                image layers reshape rows to NCHW (squeeze as Reshape/Transpose: SpaceToDepth's channel order
+                is not pixel_unshuffle's); a conditional flow's graphs take context (B, context_dim) too
 
 :func:`onnx_graphs` returns the ``onnx.ModelProto`` of each graph, :func:`export_onnx` writes them and
 ``manifest.json`` (inputs, outputs, shapes, opset). A model or layer without graphs raises :class:`ExportError`.
@@ -29,6 +35,7 @@ import numpy as np
 
 from . import backend
 from .io import atomic_write_bytes
+from .models.elbo import LOGVAR_BOUND, variance_head
 
 __all__ = ["OPSET", "IR_VERSION", "ExportError", "onnx_graphs", "export_onnx"]
 
@@ -117,12 +124,17 @@ class _Builder:
         """x[:, start:stop] (on ``axis``)."""
         return self.op("Slice", x, self.ints([start]), self.ints([stop]), self.ints([axis]))
 
-    def take(self, x, idx):
-        """x[:, idx] for a host index array."""
-        return self.op("Gather", x, self.ints(np.asarray(idx, dtype=np.int64)), axis=1)
+    def take(self, x, idx, axis=1):
+        """x[:, idx] (on ``axis``) for a host index array."""
+        return self.op("Gather", x, self.ints(np.asarray(idx, dtype=np.int64)), axis=axis)
+
+    def every_other(self, x, start, stop, axis=1):
+        """x[:, start:stop:2] (on ``axis``)."""
+        return self.op("Slice", x, self.ints([start]), self.ints([stop]), self.ints([axis]), self.ints([2]))
 
     def rowsum(self, a, axis=1):
-        return self.op("ReduceSum", a, self.ints([axis]), keepdims=0)
+        """Sum over ``axis`` (an int or a list of axes), dropping it."""
+        return self.op("ReduceSum", a, self.ints(np.atleast_1d(axis)), keepdims=0)
 
     def per_row(self, scalar, like):
         """A (B,) vector holding the 0-d ``scalar``, B = like's batch size."""
@@ -220,11 +232,20 @@ def _decoder(b, model, z, label):
     return _module(b, model.decoder, _labelled(b, model, z) if label else z)
 
 
+def _head_split(b, model, out):
+    """A variance head's output [mean | raw] (B, 2D) -> mean, v = b tanh(raw / b) (npdgm.models.elbo.head_split)."""
+    D = model.x_dim
+    return b.cols(out, 0, D), b.scale(b.op("Tanh", b.scale(b.cols(out, D, 2 * D), 1.0 / LOGVAR_BOUND)), LOGVAR_BOUND)
+
+
 def _nll_rows(b, model, out, x):
-    """-log p(x|z) per row: Bernoulli sum softplus(l) - x l;  Gaussian 0.5 sum (x - m)^2 e^-lv + lv + log 2 pi."""
+    """-log p(x|z) per row: Bernoulli sum softplus(l) - x l;  Gaussian 0.5 sum (x - m)^2 e^-lv + lv + log 2 pi
+    with lv the fixed 2 log sigma, the learned logvar_x, or a variance head's per-pixel v(z)."""
     if model.likelihood == "bernoulli":
         return b.rowsum(b.sub(b.op("Softplus", out), b.mul(x, out)))
-    if model.sigma is None:
+    if variance_head(model):
+        out, lv = _head_split(b, model, out)
+    elif model.sigma is None:
         lv = b.param(model.logvar_x)
     else:
         lv = b.const(2 * math.log(model.sigma))
@@ -238,7 +259,10 @@ def _elbo_graph(b, model, label, prior_term=0.0):
     mu, logvar = _encoder(b, model, "x", label)
     z = b.add(mu, b.mul(b.exp(b.scale(logvar, 0.5)), "eps"))
     flow = getattr(model, "flow", None)
-    if flow is None:
+    if model.kind == "gmvae":   # one-sample KL to the mixture: log q(z|x) - log p(z)
+        log_q = b.scale(b.rowsum(b.add(b.add(b.mul("eps", "eps"), logvar), b.const(LOG_2PI))), -0.5)
+        kl = b.sub(log_q, _logsumexp_rows(b, _mixture_terms(b, model, z)))
+    elif flow is None:
         kl = b.scale(b.rowsum(b.sub(b.sub(b.add(b.mul(mu, mu), b.exp(logvar)), b.const(1.0)), logvar)), 0.5)
     else:   # one-sample KL: log q(z_K|x) - log N(z_K) = 0.5 sum (z_K^2 - eps^2 - logvar) - LD
         ld = None
@@ -252,6 +276,26 @@ def _elbo_graph(b, model, label, prior_term=0.0):
     if prior_term:
         nelbo = b.add(nelbo, b.const(prior_term))
     return b.rename(nelbo, "nelbo"), b.rename(recon, "recon"), b.rename(kl, "kl")
+
+
+def _logsumexp_rows(b, a):
+    """logsumexp over axis 1 with the row max taken out first: m + log sum exp(a - m), finite for any a."""
+    m = b.op("ReduceMax", a, axes=[1], keepdims=1)
+    return b.add(b.log(b.rowsum(b.exp(b.sub(a, m)))), b.op("Squeeze", m, b.ints([1])))
+
+
+def _mixture_terms(b, model, z):
+    """a (B, C) = log pi_c - 0.5 sum_j ((z_j - m_cj)^2 e^-s_cj + s_cj + log 2 pi): the GMVAE's prior terms,
+    log p(z) = logsumexp_c a_c, p(c|z) = softmax_c a_c (npdgm.models.gmvae._component_terms)."""
+    C = model.components
+    if model.weights == "learned":
+        log_pi = b.op("LogSoftmax", b.param(model.prior_logits), axis=0)
+    else:
+        log_pi = b.const(np.full(C, -math.log(C)))
+    m, s = b.param(model.prior_mean), b.param(model.prior_logvar)
+    r = b.sub(b.op("Unsqueeze", z, b.ints([1])), m)                          # (B, C, Z)
+    nll = b.scale(b.rowsum(b.add(b.add(b.mul(b.mul(r, r), b.exp(b.op("Neg", s))), s), b.const(LOG_2PI)), 2), 0.5)
+    return b.sub(log_pi, nll)
 
 
 def _vae_family(onnx, model, names):
@@ -275,6 +319,11 @@ def _vae_family(onnx, model, names):
         b.rename(out, "logits")
         b.rename(b.op("Sigmoid", out), "probs")
         outs, doc = [("logits", _vec(D), "FLOAT"), ("probs", _vec(D), "FLOAT")], "p(x|z) = Bernoulli(sigmoid(logits))"
+    elif variance_head(model):
+        mean, v = _head_split(b, model, out)
+        b.rename(mean, "mean"), b.rename(v, "logvar"), b.rename(b.exp(b.scale(v, 0.5)), "std")
+        outs = [(n, _vec(D), "FLOAT") for n in ("mean", "logvar", "std")]
+        doc = "p(x|z) = N(mean, diag exp(logvar)), std = exp(logvar / 2) per pixel (a variance head)"
     else:
         b.rename(out, "mean")
         outs, doc = [("mean", _vec(D), "FLOAT")], "p(x|z) = N(mean, sigma^2)"
@@ -288,6 +337,15 @@ def _vae_family(onnx, model, names):
                              f"-ELBO(x{ys}) per row for the noise eps: nelbo = recon + kl"
                              + (" + log C" if prior else ""))
 
+    if model.kind == "gmvae":
+        b = _Builder(onnx, names)
+        a = _mixture_terms(b, model, _encoder(b, model, "x", False)[0])
+        b.rename(b.op("Softmax", a, axis=1), "probs")
+        b.rename(b.op("ArgMax", a, axis=1, keepdims=0), "component")
+        C = model.components
+        graphs["cluster"] = b.graph("cluster", [("x", _vec(D), "FLOAT")],
+                                    [("probs", _vec(C), "FLOAT"), ("component", [BATCH], "INT64")],
+                                    "p(c | z = mu(x)) per mixture component and its argmax (VaDE's q(c|x))")
     if model.kind == "m2":
         b = _Builder(onnx, names)
         s = _module(b, model.classifier, "x")
@@ -297,6 +355,27 @@ def _vae_family(onnx, model, names):
         graphs["classify"] = b.graph("classify", [("x", _vec(D), "FLOAT")],
                                      [("logits", _vec(C), "FLOAT"), ("probs", _vec(C), "FLOAT")],
                                      "q(y|x) = softmax(logits)")
+    return graphs
+
+
+def _autoencoder(onnx, model, names):
+    """encode(x) -> z;  decode(z) -> logits, probs;  recon(x) -> recon, the BCE of x given its code (the
+    training loss per row; a denoising autoencoder's masking noise belongs to training only)."""
+    D, Z = model.x_dim, model.z_dim
+    graphs = {}
+    b = _Builder(onnx, names)
+    b.rename(_module(b, model.encoder, "x"), "z")
+    graphs["encode"] = b.graph("encode", [("x", _vec(D), "FLOAT")], [("z", _vec(Z), "FLOAT")], "the code z = g(x)")
+    b = _Builder(onnx, names)
+    out = _module(b, model.decoder, "z")
+    b.rename(out, "logits"), b.rename(b.op("Sigmoid", out), "probs")
+    graphs["decode"] = b.graph("decode", [("z", _vec(Z), "FLOAT")],
+                               [("logits", _vec(D), "FLOAT"), ("probs", _vec(D), "FLOAT")],
+                               "x = sigmoid(logits), logits = f(z)")
+    b = _Builder(onnx, names)
+    b.rename(_nll_rows(b, model, _module(b, model.decoder, _module(b, model.encoder, "x")), "x"), "recon")
+    graphs["recon"] = b.graph("recon", [("x", _vec(D), "FLOAT")], [("recon", [BATCH], "FLOAT")],
+                              "sum_d softplus(l_d) - x_d l_d per row, l = f(g(x))")
     return graphs
 
 
@@ -319,12 +398,18 @@ def _merge(b, layer, a, c):
     return b.take(b.op("Concat", a, c, axis=1), np.argsort(order))
 
 
+def _with_context(b, layer, a):
+    """[a | c] for a conditional layer (c the graph input "context" (B, context_dim)), a otherwise."""
+    return b.op("Concat", a, "context", axis=1) if layer.context_dim else a
+
+
 def _coupling(b, layer, x, inverse):
-    """Additive (y_b = x_b + m(x_a)) and affine (y_b = x_b e^s + t, logdet sum s) couplings and inverses."""
+    """Additive (y_b = x_b + m(x_a)) and affine (y_b = x_b e^s + t, logdet sum s) couplings and inverses
+    (a conditional one's net sees [x_a | c])."""
     from .models.flow_layers import AdditiveCoupling
 
     xa, xb = _split(b, layer, x)
-    h = _module(b, layer.net, xa)
+    h = _module(b, layer.net, _with_context(b, layer, xa))
     if isinstance(layer, AdditiveCoupling):
         return _merge(b, layer, xa, b.sub(xb, h) if inverse else b.add(xb, h)), None
     nb = layer.nb
@@ -338,8 +423,9 @@ def _coupling(b, layer, x, inverse):
 
 
 def _made(b, layer, x):
-    """(alpha, mu) = (clamp(raw), mu) of the layer's MADE at x."""
-    h = _module(b, layer.made, x)
+    """(alpha, mu) = (clamp(raw), mu) of the layer's MADE at x (at [x | c] for a conditional layer; inside the
+    sampling Loop's body "context" is an outer-scope value)."""
+    h = _module(b, layer.made, _with_context(b, layer, x))
     D = layer.dim
     return _clamp(b, b.cols(h, 0, D), layer.scale, layer.scale_bound), b.cols(h, D, 2 * D)
 
@@ -394,25 +480,95 @@ def _logit(b, layer, x, inverse):
     return b.sub(lp, l1p), ld
 
 
-def _invertible_linear(b, layer, x, inverse):
-    """y = x[:, perm] L1 U1 (L1 = tril(L, -1) + I, U1 = triu(U, 1) + diag(sign e^log_s)), logdet sum log_s;
-    the inverse x = (y W^-1)[:, perm^-1] with W^-1 = (L1 U1)^-1 from the host in float64."""
+def _invertible_linear(b, layer, x, inverse, copies=1):
+    """y = x[..., perm] L1 U1 on the last axis (L1 = tril(L, -1) + I, U1 = triu(U, 1) + diag(sign e^log_s)),
+    logdet = copies sum log_s per row (``copies`` = H W pixels for Glow's 1x1 convolution); the inverse
+    x = (y W^-1)[..., perm^-1] with W^-1 = (L1 U1)^-1 from the host in float64."""
     L = backend.to_host(layer.L.data).astype(np.float64)
     U = backend.to_host(layer.U.data).astype(np.float64)
     ls = backend.to_host(layer.log_s.data).astype(np.float64)
     n = layer.dim
-    total = b.op("ReduceSum", b.param(layer.log_s), keepdims=0)
+    total = b.scale(b.op("ReduceSum", b.param(layer.log_s), keepdims=0), float(copies))
     if inverse:
         W = (np.tril(L, -1) + np.eye(n)) @ (np.triu(U, 1) + np.diag(layer.sign_host * np.exp(ls)))
         y = b.op("MatMul", x, b.const(np.linalg.inv(W)))
-        return b.take(y, layer.inv), b.per_row(b.op("Neg", total), x)
+        return b.take(y, layer.inv, axis=-1), b.per_row(b.op("Neg", total), x)
     lo, up = b.const(np.tril(np.ones((n, n)), -1)), b.const(np.triu(np.ones((n, n)), 1))
     eye = b.const(np.eye(n))
     L1 = b.add(b.mul(b.param(layer.L), lo), eye)
     s = b.mul(b.const(layer.sign_host), b.exp(b.param(layer.log_s)))
     U1 = b.add(b.mul(b.param(layer.U), up), b.mul(s, eye))
-    y = b.op("MatMul", b.op("MatMul", b.take(x, layer.perm), L1), U1)
+    y = b.op("MatMul", b.op("MatMul", b.take(x, layer.perm, axis=-1), L1), U1)
     return y, b.per_row(total, x)
+
+
+# -- Glow's image layers (npdgm.models.glow_layers) --------------------------------------------------------
+def _on_image(b, layer, x, shape_in, shape_out, f):
+    """Apply f: image (B, C, H, W) -> (image, logdet) to x[:, :n] viewed in NCHW order as ``shape_in``; the
+    features n.. pass through. Returns rows (B, D) (image flattened, then the pass-through part) and logdet."""
+    n, D = layer.n, layer.dim
+    img = b.op("Reshape", x if n == D else b.cols(x, 0, n), b.ints([0, *shape_in]))
+    img, ld = f(img)
+    flat = b.op("Reshape", img, b.ints([0, n]))
+    return (flat if n == D else b.op("Concat", flat, b.cols(x, n, D), axis=1)), ld
+
+
+def _squeeze(b, layer, x, inverse):
+    """Space to depth in pixel_unshuffle order, y[c 4 + 2 i + j, h, w] = x[c, 2 h + i, 2 w + j]: Reshape to
+    (C, H/2, 2, W/2, 2), Transpose (0, 1, 3, 5, 2, 4), Reshape (ONNX's SpaceToDepth orders the channels
+    (i, j, c), not (c, i, j)); its inverse is DepthToSpace in CRD mode, which is pixel_shuffle. log|det| = 0."""
+    C, H, W = layer.image_shape
+    if inverse:
+        return _on_image(b, layer, x, layer.out_shape, layer.out_shape,
+                         lambda img: (b.op("DepthToSpace", img, blocksize=2, mode="CRD"), None))
+
+    def space_to_depth(img):
+        six = b.op("Reshape", img, b.ints([0, C, H // 2, 2, W // 2, 2]))
+        return b.op("Reshape", b.op("Transpose", six, perm=[0, 1, 3, 5, 2, 4]), b.ints([0, *layer.out_shape])), None
+    return _on_image(b, layer, x, layer.image_shape, layer.out_shape, space_to_depth)
+
+
+def _channel_actnorm(b, layer, x, inverse):
+    """y = (x + loc_c) e^ls_c per channel, logdet = H W sum ls (inverse: x = y e^-ls - loc, -H W sum ls)."""
+    if not layer.initialized:
+        raise ExportError("a ChannelActNorm layer was never initialized (its first forward pass sets loc and "
+                          "log_scale from the data): train the flow or run log_prob on data before exporting")
+    chan = b.ints([-1, 1, 1])
+    loc = b.op("Reshape", b.param(layer.loc), chan)
+    ls = b.param(layer.log_scale)
+    total = b.scale(b.op("ReduceSum", ls, keepdims=0), float(layer.hw))
+    ls = b.op("Reshape", ls, chan)
+
+    def f(img):
+        if inverse:
+            return b.sub(b.mul(img, b.exp(b.op("Neg", ls))), loc), b.per_row(b.op("Neg", total), img)
+        return b.mul(b.add(img, loc), b.exp(ls)), b.per_row(total, img)
+    return _on_image(b, layer, x, layer.image_shape, layer.image_shape, f)
+
+
+def _invertible_conv1x1(b, layer, x, inverse):
+    """InvertibleLinear's map on the channels of every pixel (NHWC rows), logdet H W sum log_s."""
+    def f(img):
+        y, ld = _invertible_linear(b, layer.lin, b.op("Transpose", img, perm=[0, 2, 3, 1]), inverse, layer.hw)
+        return b.op("Transpose", y, perm=[0, 3, 1, 2]), ld
+    return _on_image(b, layer, x, layer.image_shape, layer.image_shape, f)
+
+
+def _conv_affine_coupling(b, layer, x, inverse):
+    """h = NN(x_a), t = h[:, 0::2], s = sigmoid(h[:, 1::2] + 2): y_b = (x_b + t) s, logdet = sum log s with
+    log s = -softplus(-(r + 2)) (inverse: x_b = y_b / s - t, -sum log s)."""
+    ca, cb = layer.ca, layer.cb
+
+    def f(img):
+        xa, xb = b.cols(img, 0, ca), b.cols(img, ca, ca + cb)
+        h = _module(b, layer.net, xa)
+        t, r2 = b.every_other(h, 0, 2 * cb), b.add(b.every_other(h, 1, 2 * cb), b.const(2.0))
+        s, logs = b.op("Sigmoid", r2), b.op("Neg", b.op("Softplus", b.op("Neg", r2)))
+        total = b.rowsum(logs, [1, 2, 3])
+        if inverse:
+            return b.op("Concat", xa, b.sub(b.div(xb, s), t), axis=1), b.op("Neg", total)
+        return b.op("Concat", xa, b.mul(b.add(xb, t), s), axis=1), total
+    return _on_image(b, layer, x, layer.image_shape, layer.image_shape, f)
 
 
 def _layer_forward(b, layer, x):
@@ -427,6 +583,7 @@ def _layer_inverse(b, layer, y):
 
 def _flow_layer(b, layer, x, inverse):
     from .models import flow_layers as F
+    from .models import glow_layers as G
     from .models.autoregressive import IAF, MAF
 
     if isinstance(layer, (F.AdditiveCoupling, F.AffineCoupling)):
@@ -449,6 +606,14 @@ def _flow_layer(b, layer, x, inverse):
         return _logit(b, layer, x, inverse)
     if isinstance(layer, F.InvertibleLinear):
         return _invertible_linear(b, layer, x, inverse)
+    if isinstance(layer, G.Squeeze):
+        return _squeeze(b, layer, x, inverse)
+    if isinstance(layer, G.ChannelActNorm):
+        return _channel_actnorm(b, layer, x, inverse)
+    if isinstance(layer, G.InvertibleConv1x1):
+        return _invertible_conv1x1(b, layer, x, inverse)
+    if isinstance(layer, G.ConvAffineCoupling):
+        return _conv_affine_coupling(b, layer, x, inverse)
     if isinstance(layer, (MAF, IAF)):
         one_pass = isinstance(layer, MAF) != inverse
         return _one_pass(b, layer, x) if one_pass else _d_pass(b, layer, x)
@@ -456,14 +621,14 @@ def _flow_layer(b, layer, x, inverse):
 
 
 def _flow_graphs(onnx, model, names):
-    if getattr(model, "context_dim", 0):
-        raise ExportError(f"a conditional flow (context_dim={model.context_dim}) has no ONNX export yet: its graphs "
-                          f"would need a context input")
+    """log_prob(x[, context]) and sample(z[, context]) of a Flow (a conditional one takes context (B, C))."""
     from .kernels.coupling import PRIORS
 
     if model.prior not in PRIORS:
         raise ExportError(f"prior {model.prior!r} has no ONNX export")
-    D = model.dim
+    D, C = model.dim, model.context_dim
+    ctx_in = [("context", _vec(C), "FLOAT")] if C else []
+    given = " | context" if C else ""
     graphs = {}
     for direction in ("log_prob", "sample"):
         b = _Builder(onnx, names)
@@ -478,14 +643,16 @@ def _flow_graphs(onnx, model, names):
         if inverse:
             b.rename(h, "x"), b.rename(total, "logdet")
             graphs["sample"] = b.graph(
-                "sample", [("z", _vec(D), "FLOAT")], [("x", _vec(D), "FLOAT"), ("logdet", [BATCH], "FLOAT")],
-                "x = f^-1(z) for base noise z; logdet = log|det dx/dz| per row")
+                "sample", [("z", _vec(D), "FLOAT")] + ctx_in,
+                [("x", _vec(D), "FLOAT"), ("logdet", [BATCH], "FLOAT")],
+                f"x = f^-1(z{given}) for base noise z; logdet = log|det dx/dz| per row")
             continue
         b.rename(b.add(_prior_logprob(b, model.prior, h, D), total), "log_prob")
         b.rename(total, "logdet")
         graphs["log_prob"] = b.graph(
-            "log_prob", [("x", _vec(D), "FLOAT")], [("log_prob", [BATCH], "FLOAT"), ("logdet", [BATCH], "FLOAT")],
-            f"log p(x) = log p_Z(f(x)) + logdet per row ({model.prior} prior); logdet = log|det df/dx|")
+            "log_prob", [("x", _vec(D), "FLOAT")] + ctx_in,
+            [("log_prob", [BATCH], "FLOAT"), ("logdet", [BATCH], "FLOAT")],
+            f"log p(x{given}) = log p_Z(f(x)) + logdet per row ({model.prior} prior); logdet = log|det df/dx|")
     return graphs
 
 
@@ -544,7 +711,7 @@ def _spline_coupling(b, layer, x, inverse):
 
     K, nb, bound = layer.bins, layer.nb, layer.bound
     xa, xb = _split(b, layer, x)
-    u = b.op("Reshape", _module(b, layer.net, xa), b.ints([0, nb, 3 * K - 1]))
+    u = b.op("Reshape", _module(b, layer.net, _with_context(b, layer, xa)), b.ints([0, nb, 3 * K - 1]))
     xk = _knots(b, b.cols(u, 0, K, axis=2), K, bound, layer.min_width)
     yk = _knots(b, b.cols(u, K, 2 * K, axis=2), K, bound, layer.min_height)
     one = b.add(b.scale(b.cols(u, 0, 1, axis=2), 0.0), b.const(1.0))
@@ -579,17 +746,18 @@ def _spline_coupling(b, layer, x, inverse):
 
 # -- entry points ------------------------------------------------------------------------------------------
 def onnx_graphs(model):
-    """{graph name: onnx.ModelProto} of a VAE, CVAE, M2 or Flow (module docstring); ExportError otherwise."""
+    """{graph name: onnx.ModelProto} of a VAE, CVAE, M2, GMVAE, autoencoder or Flow (module docstring);
+    ExportError otherwise."""
     onnx = _onnx()
     names = {id(p): n for n, p in model.named_parameters()}
     kind = getattr(model, "kind", type(model).__name__)
-    if getattr(model, "sigma", None) == "learned-z":
-        raise ExportError("a VAE with a decoder variance head (sigma='learned-z') has no ONNX graphs yet")
-    if kind in ("vae", "cvae", "m2"):
+    if kind in ("vae", "cvae", "m2", "gmvae"):
         return _vae_family(onnx, model, names)
+    if kind == "ae":
+        return _autoencoder(onnx, model, names)
     if kind == "flow":
         return _flow_graphs(onnx, model, names)
-    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, flow)")
+    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, gmvae, ae, flow)")
 
 
 def _io(values):
