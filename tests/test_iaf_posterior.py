@@ -221,6 +221,11 @@ def test_context_checkpoint_round_trip(tmp_path):
     assert float(back.loss(x, eps)[0]) == float(m.loss(x, eps)[0])
     np.testing.assert_array_equal(back.log_likelihood(x, k=5, rng=1), m.log_likelihood(x, k=5, rng=1))
     np.testing.assert_array_equal(back.reconstruct(x), m.reconstruct(x))
+    mask = np.zeros(x.shape, bool)
+    mask[:, :3] = True
+    cm = m.conditional_mean(x, mask, k=6, rng=2)                  # the importance weights use h too
+    np.testing.assert_array_equal(cm, back.conditional_mean(x, mask, k=6, rng=2))
+    assert np.isfinite(cm).all() and np.array_equal(cm[:, 3:], x[:, 3:])
 
 
 def test_cli_iaf_context_train_resume_evaluate(tmp_path, capsys):
