@@ -80,6 +80,11 @@ for _tag, _kw in [
                                       K=2)),
     ("gaussian,learned,tanh,iaf:1,beta=0.5", dict(activation="tanh", likelihood="gaussian", posterior="iaf:1",
                                                   iaf_hidden=(7, 6), beta=0.5)),
+    ("bernoulli,relu,iaf:2,context,K=2", dict(activation="relu", likelihood="bernoulli", posterior="iaf:2",
+                                              iaf_hidden=(8,), iaf_context=True, K=2)),
+    ("gaussian,learned,tanh,iaf:1,context,2 hidden,beta=0.5", dict(activation="tanh", likelihood="gaussian",
+                                                                   posterior="iaf:1", iaf_hidden=(7, 6),
+                                                                   iaf_context=True, hidden=(6, 4), beta=0.5)),
     ("gaussian,learned-z,tanh,K=2", dict(activation="tanh", likelihood="gaussian", sigma="learned-z", K=2)),
     ("gaussian,learned-z,elu,2 hidden,beta=0.5", dict(activation="elu", likelihood="gaussian", sigma="learned-z",
                                                       hidden=(6, 5), beta=0.5)),
@@ -97,6 +102,23 @@ def _(rng):
     model.iwae_loss_and_grad(x, eps)
     analytic = {n: g.copy() for n, g in model.grads.items()}
     loss = lambda: -float(iwae_forward(model, x, model.encoder.forward(x), eps, model.decoder.forward)[0].mean())
+    return check(loss, model.params, analytic)
+
+
+@register("model.vae.iwae[bernoulli,tanh,iaf:2,context,k=4]")
+def _(rng):
+    """The k-sample IWAE loss through an IAF posterior whose steps see the encoder's last hidden layer h (dh from
+    every step's dc joins the encoder's backward at its last Linear)."""
+    model = VAE(x_dim=7, hidden=(6, 5), z_dim=3, activation="tanh", posterior="iaf:2", iaf_hidden=(8,),
+                iaf_context=True, seed=int(rng.integers(1 << 30)))
+    model.flat_params[...] += rng.standard_normal(model.flat_params.shape) * 0.3
+    x, eps = rng.uniform(0, 1, (5, 7)), rng.standard_normal((4, 5, 3))
+    model.iwae_loss_and_grad(x, eps)
+    analytic = {n: g.copy() for n, g in model.grads.items()}
+
+    def loss():
+        h, ctx = model._encode_raw(x)
+        return -float(iwae_forward(model, x, h, eps, model.decoder.forward, context=ctx)[0].mean())
     return check(loss, model.params, analytic)
 
 

@@ -213,11 +213,11 @@ def elbo_estimate(model, x, k, rng=None, chunk=1 << 15):
     x = model.check_x(x)
     k, chunk = check_int(k, "k", lo=1), check_int(chunk, "chunk", lo=1)
     rng = _rng(model, rng)
-    mu, logvar = model.encode(x)
+    mu, logvar, ctx = model.encode_posterior(x) if hasattr(model, "encode_posterior") else (*model.encode(x), None)
     tot, per = model.xp.zeros(x.shape[0]), max(1, chunk // x.shape[0])
     for s in range(0, k, per):
         eps = _normal(model.xp.empty((min(per, k - s),) + mu.shape, dtype=model.dtype), rng)
-        tot += log_weights(model, x, mu, logvar, eps, model.decoder.forward)[0].astype(np.float64).sum(0)
+        tot += log_weights(model, x, mu, logvar, eps, model.decoder.forward, context=ctx)[0].astype(np.float64).sum(0)
     return tot / k
 
 

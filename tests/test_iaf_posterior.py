@@ -156,3 +156,90 @@ def test_iaf_steps_are_separated_by_the_reversing_permutation():
     J = np.stack([(flow_forward(flow, z0 + h * e)[0] - flow_forward(flow, z0 - h * e)[0])[0] / (2 * h)
                   for e in np.eye(4)], axis=1)                          # J[i, j] = dz_K,i / dz_0,j
     assert np.abs(np.triu(J, 1)).max() > 1e-3 and np.abs(np.tril(J, -1)).max() > 1e-3, J
+
+
+# -- the steps fed the encoder's hidden state h (iaf_context=True, Kingma et al. 2016) --------------------------
+def test_context_gradchecks_pass():
+    """float64 central differences of the whole loss with h as every step's context: the encoder's layers below
+    its last Linear get dh from every step's dc (ELBO with 1 and 2 hidden layers, IWAE)."""
+    from npdgm import checks  # noqa: F401
+
+    names = ["model.vae[bernoulli,relu,iaf:2,context,K=2]",
+             "model.vae[gaussian,learned,tanh,iaf:1,context,2 hidden,beta=0.5]",
+             "model.vae.iwae[bernoulli,tanh,iaf:2,context,k=4]"]
+    rows = gradcheck.run_all(names)
+    assert {r[0] for r in rows} == set(names)
+    assert any(r[1] == "encoder.0.W" for r in rows) and all(r[-1] for r in rows), [r for r in rows if not r[-1]]
+
+
+def test_context_is_the_last_hidden_layer_and_moves_q():
+    """The steps' context is the input of the encoder's last Linear (its MADE's first weight has those H rows
+    last); q(z|x) then depends on h: the same z_0 with another h gives another z_K."""
+    m = _model(hidden=(5, 4), iaf_context=True)
+    assert m.config["iaf_context"] is True and m.params["flow.0.made.0.W"].shape == (3 + 4, 8)
+    x = np.random.default_rng(0).uniform(0, 1, (4, 6))
+    mu, logvar, h = m.encode_posterior(x)
+    act = np.maximum(np.maximum(x @ m.params["encoder.0.W"] + m.params["encoder.0.b"], 0) @ m.params["encoder.2.W"]
+                     + m.params["encoder.2.b"], 0)
+    np.testing.assert_allclose(h, act, rtol=1e-12)
+    eps = np.random.default_rng(1).standard_normal((1, 4, 3))
+    z, ld = posterior_sample(m, mu, logvar, eps, h)
+    z2, ld2 = posterior_sample(m, mu, logvar, eps, h[::-1].copy())
+    assert np.abs(z - z2).max() > 1e-3 and np.abs(ld - ld2).max() > 1e-3
+
+
+def test_context_log_q_matches_brute_force_and_elbo_terms():
+    """With a context, LD is still log|det dz_K/dz_0| (h fixed): slogdet of a finite-difference Jacobian; and
+    the loss's -ELBO is -log w of the same noise and h."""
+    m = _model(iaf_context=True)
+    rng = np.random.default_rng(2)
+    x, eps = rng.uniform(0, 1, (4, 6)), rng.standard_normal((1, 4, 3))
+    mu, logvar, h = m.encode_posterior(x)
+    z, ld = posterior_sample(m, mu, logvar, eps, h)
+    brute = gradcheck.numerical_logdet(lambda e: posterior_sample(m, mu, logvar, e[None], h)[0][0], eps[0])
+    np.testing.assert_allclose(0.5 * logvar.sum(1) + ld[0], brute, rtol=1e-7, atol=1e-8)
+    logw = log_weights(m, x, mu, logvar, eps, m.decoder.forward, context=h)[0]
+    np.testing.assert_allclose(float(m.loss(x, eps)[1]["nelbo"]), -logw.mean(), rtol=1e-12)
+
+
+def test_context_option_checked():
+    with pytest.raises(ValueError, match="iaf_context .* needs posterior='iaf:K'"):
+        VAE(x_dim=6, hidden=(5,), z_dim=3, iaf_context=True)
+    with pytest.raises(TypeError, match="iaf_context must be True or False"):
+        _model(iaf_context="yes")
+    assert "iaf_context" not in _model().config           # off: the config (and old checkpoints) unchanged
+
+
+def test_context_checkpoint_round_trip(tmp_path):
+    m = _model(iaf_context=True)
+    p = str(tmp_path / "m.npz")
+    m.save(p)
+    with backend.use(dtype="float64"):
+        back = npdgm.load(p)
+    assert back.iaf_context and back.config["iaf_context"] is True
+    x, eps = np.random.default_rng(4).uniform(0, 1, (3, 6)), np.random.default_rng(5).standard_normal((2, 3, 3))
+    assert float(back.loss(x, eps)[0]) == float(m.loss(x, eps)[0])
+    np.testing.assert_array_equal(back.log_likelihood(x, k=5, rng=1), m.log_likelihood(x, k=5, rng=1))
+    np.testing.assert_array_equal(back.reconstruct(x), m.reconstruct(x))
+    mask = np.zeros(x.shape, bool)
+    mask[:, :3] = True
+    cm = m.conditional_mean(x, mask, k=6, rng=2)                  # the importance weights use h too
+    np.testing.assert_array_equal(cm, back.conditional_mean(x, mask, k=6, rng=2))
+    assert np.isfinite(cm).all() and np.array_equal(cm[:, 3:], x[:, 3:])
+
+
+def test_cli_iaf_context_train_resume_evaluate(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "vae", *TINY, "--epochs", "1", "--posterior", "iaf:2", "--iaf-hidden", "12",
+                     "--iaf-context", "--out", out]) == 0
+    m = npdgm.load(out)
+    assert m.config["iaf_context"] is True and m.params["flow.0.made.0.W"].shape == (4 + 16, 12)
+    assert cli.main(["train", "vae", "--resume", out, "--epochs", "2", "--no-progress", "--no-plots"]) == 0
+    capsys.readouterr()
+    js = str(tmp_path / "ev.json")
+    assert cli.main(["evaluate", out, "--method", "elbo", "iwae", "--n-images", "4", "--k", "20", "--json", js]) == 0
+    r = json.load(open(js))["methods"]
+    assert r["iwae"]["mean"] >= r["elbo"]["mean"] - 1.0 and all(np.isfinite(v["mean"]) for v in r.values())
+    assert cli.main(["train", "vae", *TINY, "--iaf-context", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "needs posterior='iaf:K' (--posterior iaf:K)" in err and "Traceback" not in err

@@ -5,6 +5,7 @@
     npdgm train vae --resume runs/vae-full --epochs 20 # continue bit-for-bit to epoch 20
     npdgm train vae --data mnist --z-dim 50 --free-bits 0.25     # free bits: 0.25 nats per latent dimension
     npdgm train vae --data mnist --posterior iaf:2               # q(z|x) = Gaussian then 2 IAF steps
+    npdgm train vae --posterior iaf:2 --iaf-context              # ... each step also sees the encoder's h
     npdgm sample runs/vae-full --n 100
     npdgm impute runs/vae-full --rows 10 18
 
@@ -28,7 +29,7 @@ from .common import add_train_args, nonneg_float, nonneg_int, positive_float, po
 DEFAULT_EPOCHS = 10
 IWAE_BATCH = 100  # test images per IWAE block: its log-weights are (k, IWAE_BATCH) float64
 MODEL_KEYS = ("z_dim", "hidden", "activation", "likelihood", "sigma", "n_samples", "beta", "init", "free_bits",
-              "posterior", "iaf_hidden", "arch", "channels")
+              "posterior", "iaf_hidden", "iaf_context", "arch", "channels")
 RUN_KEYS = ("data", "binarize", "train_limit", "test_limit", "epochs", "batch_size", "lr", "clip", "seed",
             "iwae_k", "iwae_n", "impute_rows", "impute_steps", "impute_k", "impute_n", "dtype", "objective", "k",
             "kl_warmup")
@@ -91,6 +92,9 @@ def add_vae_options(p, colour=False):
                         "(Kingma et al. 2016; KL by Monte Carlo) (default gaussian)")
     g.add_argument("--iaf-hidden", type=positive_int, nargs="+", default=[200, 200], metavar="H",
                    help="--posterior iaf:K: hidden sizes of each step's MADE (default 200 200)")
+    g.add_argument("--iaf-context", action="store_true",
+                   help="--posterior iaf:K: feed the encoder's last hidden layer h to every IAF step as its context "
+                        "(Kingma et al. 2016; default: the steps see z only)")
     g.add_argument("--init", default="torch", help="weight init (default torch = PyTorch's Linear default)")
     g.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
                    help="mlp: --hidden Linear layers; conv: 4x4 stride-2 convolutions with --channels, transposed "

@@ -38,6 +38,9 @@ docs/iaf-posterior.md): the decoder sees z_K = flow(z_0) and the KL is the one-s
 
 with LD = sum of the steps' log-dets, so d_kl is (K B,); log w_n = -nll_n - KL_n and the backward adds
 dz_K += d_kl z_K, goes through the steps with dLD = -d_kl, and dlogvar -= 0.5 sum_k d_kl (eps held fixed).
+With ``model.iaf_context`` the steps also see the encoder's last hidden layer h (B, H) (``context``, repeated
+for the K samples); their dc summed over k is dh, added at the input of the encoder's last Linear
+(:func:`npdgm.models.iaf_posterior.encoder_backward`).
 
 The model provides ``encoder`` and ``decoder`` modules (``backward(dy, need_dx)``), ``likelihood``
 ("bernoulli" | "gaussian"), ``sigma`` / ``logvar_x`` for the Gaussian, ``xp`` and ``dtype``.
@@ -55,7 +58,7 @@ from ..kernels import (bernoulli_nll_backward, bernoulli_nll_forward, gaussian_n
                        kl_std_normal_backward, logsumexp_backward, logsumexp_forward, reparameterize_backward,
                        reparameterize_forward)
 from ..validate import as_rng
-from .iaf_posterior import flow_backward, flow_forward
+from .iaf_posterior import encoder_backward, flow_backward, flow_forward
 
 __all__ = ["ELBOMixin", "posterior_sample", "logvar_x", "variance_head", "head_split", "head_nll_forward",
            "head_nll_backward", "rec_rows", "rec_backward", "elbo_backward", "log_weights",
@@ -168,22 +171,27 @@ def rec_backward(model, d_rows, out, xt):
 
 
 # -- the posterior sample --------------------------------------------------------------------------
-def posterior_sample(model, mu, logvar, eps):
+def posterior_sample(model, mu, logvar, eps, context=None):
     """z (K, B, Z) ~ q(z|x) for noise eps (K, B, Z) and the log-det sum LD (K, B) of the IAF steps (None
-    without ``model.flow``): z_0 = mu + exp(logvar / 2) eps, then z = flow(z_0) with an IAF posterior."""
+    without ``model.flow``): z_0 = mu + exp(logvar / 2) eps, then z = flow(z_0; h) with an IAF posterior,
+    ``context`` h (B, H) the steps' context (``model.iaf_context``; row b's h for all K samples of row b)."""
     z = reparameterize_forward(mu, logvar, eps)
     flow = getattr(model, "flow", None)
     if flow is None:
         return z, None
     K, B, Z = eps.shape
-    z, ld = flow_forward(flow, z.reshape(K * B, Z))
+    if context is not None:
+        context = model.xp.broadcast_to(context, (K,) + context.shape).reshape(K * B, -1)
+    z, ld = flow_forward(flow, z.reshape(K * B, Z), context)
     return z.reshape(K, B, Z), ld.reshape(K, B)
 
 
 def _flow_back(model, dz, dld, eps):
-    """dz_0 (K, B, Z) from dz_K (K, B, Z) and dLD (K, B) through the IAF steps of ``model.flow``."""
+    """(dz_0 (K, B, Z), dh (B, H) or None) from dz_K (K, B, Z) and dLD (K, B) through the IAF steps of
+    ``model.flow``; dh = sum_k of the steps' dc (h is shared by the K samples of a row), None without context."""
     K, B, Z = eps.shape
-    return flow_backward(model.flow, dz.reshape(K * B, Z), dld.reshape(K * B)).reshape(K, B, Z)
+    dz, dc = flow_backward(model.flow, dz.reshape(K * B, Z), dld.reshape(K * B))
+    return dz.reshape(K, B, Z), (None if dc is None else dc.reshape(K, B, -1).sum(axis=0))
 
 
 # -- the ELBO backward ------------------------------------------------------------------------------
@@ -197,6 +205,7 @@ def elbo_backward(model, d_rec, d_kl, cache):
     KL rows)."""
     xt, mu, logvar, eps, out = cache[:5]
     dz = model.decoder.backward(rec_backward(model, d_rec, out, xt)).reshape(eps.shape)     # (K, B, Z)
+    dh = None
     if getattr(model, "flow", None) is None:
         dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
         if d_kl is not None:
@@ -204,8 +213,8 @@ def elbo_backward(model, d_rec, d_kl, cache):
             dmu += dmu_kl
             dlogvar += dlogvar_kl
     else:
-        dmu, dlogvar = _iaf_backward(model, dz, d_kl, cache)
-    model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+        dmu, dlogvar, dh = _iaf_backward(model, dz, d_kl, cache)
+    encoder_backward(model.encoder, model.xp.concatenate([dmu, dlogvar], axis=1), dh)
 
 
 def _kl_backward(model, d_kl, mu, logvar):
@@ -218,25 +227,27 @@ def _kl_backward(model, d_kl, mu, logvar):
 
 
 def _iaf_backward(model, dz, d_kl, cache):
-    """(dmu, dlogvar) with an IAF posterior, from dz = dL/dz_K (K, B, Z) and d_kl (N,) or None on the Monte
+    """(dmu, dlogvar, dh) with an IAF posterior, from dz = dL/dz_K (K, B, Z) and d_kl (N,) or None on the Monte
     Carlo KL_n = 0.5 sum_j (z_K^2 - eps^2 - logvar) - LD_n (eps held fixed): dz_K += d_kl z_K, back through
-    the steps with dLD = -d_kl, the reparameterization backward, then dlogvar -= 0.5 sum_k d_kl."""
+    the steps with dLD = -d_kl, the reparameterization backward, then dlogvar -= 0.5 sum_k d_kl. dh (B, H):
+    the context's gradient, sum over the steps and the K samples of dc (None without ``model.iaf_context``)."""
     logvar, eps, z_K = cache[2], cache[3], cache[5]
     if d_kl is None:
-        dz = _flow_back(model, dz, model.xp.zeros(eps.shape[:2], dz.dtype), eps)
-        return reparameterize_backward(dz, logvar, eps)
+        dz, dh = _flow_back(model, dz, model.xp.zeros(eps.shape[:2], dz.dtype), eps)
+        return (*reparameterize_backward(dz, logvar, eps), dh)
     d_kl = d_kl.reshape(eps.shape[:2])
-    dz = _flow_back(model, dz + d_kl[:, :, None] * z_K, -d_kl, eps)
+    dz, dh = _flow_back(model, dz + d_kl[:, :, None] * z_K, -d_kl, eps)
     dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
     dlogvar -= 0.5 * d_kl.sum(axis=0)[:, None]
-    return dmu, dlogvar
+    return dmu, dlogvar, dh
 
 
 # -- IWAE ----------------------------------------------------------------------------------------------
-def log_weights(model, x, mu, logvar, eps, decode, observed=None):
+def log_weights(model, x, mu, logvar, eps, decode, observed=None, context=None):
     """log w (K, B) = log p(x|z) + log N(z; 0, I) - log q(z|x) = -nll - 0.5 sum_j (z^2 - eps^2 - logvar)
     for z = reparameterize(mu, logvar, eps), x (B, D), mu/logvar (B, Z), eps (K, B, Z); with an IAF
-    posterior z = z_K = flow(z_0) and log q has the steps' log-dets: log w = ... + LD (:func:`posterior_sample`);
+    posterior z = z_K = flow(z_0) and log q has the steps' log-dets: log w = ... + LD (:func:`posterior_sample`;
+    ``context`` h (B, H): the steps' context when they take one);
     ``decode(z (K B, Z)) -> out (K B, D)`` runs the decoder. Returns (logw, (z, out, xt)).
 
     ``observed`` (B, D) bool: the likelihood of those pixels only, log p(x_o|z). The rows are the same
@@ -244,7 +255,7 @@ def log_weights(model, x, mu, logvar, eps, decode, observed=None):
     (log 2 Bernoulli, (logvar_x + log 2 pi)/2 Gaussian) that does not depend on z: the same for all
     K samples of a row, so it cancels in the normalized weights softmax_k log w (not in log w itself)."""
     xp, B, Z, K = model.xp, x.shape[0], mu.shape[1], eps.shape[0]
-    z, ld = posterior_sample(model, mu, logvar, eps)                                # (K, B, Z)
+    z, ld = posterior_sample(model, mu, logvar, eps, context)                       # (K, B, Z)
     out = decode(z.reshape(K * B, Z))
     xt = xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
     if observed is None:
@@ -259,21 +270,22 @@ def log_weights(model, x, mu, logvar, eps, decode, observed=None):
     return logw, (z, out, xt)
 
 
-def iwae_forward(model, x, h, eps, decode):
+def iwae_forward(model, x, h, eps, decode, context=None):
     """IWAE bound per row from the encoder output h = [mu | logvar] (B, 2Z) and noise eps (K, B, Z);
-    ``decode(z (K B, Z)) -> out (K B, D)`` runs the decoder. Returns (iwae (B,), cache)."""
+    ``decode(z (K B, Z)) -> out (K B, D)`` runs the decoder; ``context`` (B, H): the IAF steps' context
+    (``model.iaf_context``). Returns (iwae (B,), cache)."""
     Z, K = h.shape[1] // 2, eps.shape[0]
     mu, logvar = h[:, :Z], h[:, Z:]
-    logw, (z, out, xt) = log_weights(model, x, mu, logvar, eps, decode)
+    logw, (z, out, xt) = log_weights(model, x, mu, logvar, eps, decode, context=context)
     lse = logsumexp_forward(logw, axis=0)
     return lse - math.log(K), (xt, mu, logvar, eps, out, z, logw, lse)
 
 
-def iwae_estimate(model, x, mu, logvar, k, rng, chunk, decode, noise=None):
+def iwae_estimate(model, x, mu, logvar, k, rng, chunk, decode, noise=None, context=None):
     """log p(x) ~= logsumexp_k log w_k - log k per row (B,), float64, for z_k ~ q(z|x) = N(mu, e^logvar):
     the k samples in blocks of at most ``chunk`` decoder rows; ``decode(z (c B, Z), c)`` -> out (c B, D)
     (c samples of the batch, sample-major). The log-weights are reduced in float64. ``noise(model,
-    shape, rng)`` draws each block (default :func:`draw`)."""
+    shape, rng)`` draws each block (default :func:`draw`); ``context`` (B, H): the IAF steps' context."""
     draw_block = draw if noise is None else noise
     xp, B, Z = model.xp, x.shape[0], mu.shape[1]
     rng = generator(model, rng)                                         # one stream for all blocks
@@ -282,7 +294,7 @@ def iwae_estimate(model, x, mu, logvar, k, rng, chunk, decode, noise=None):
     for s in range(0, k, per):
         c = min(per, k - s)
         eps = draw_block(model, (c, B, Z), rng)
-        logw[s:s + c] = log_weights(model, x, mu, logvar, eps, lambda z, c=c: decode(z, c))[0]
+        logw[s:s + c] = log_weights(model, x, mu, logvar, eps, lambda z, c=c: decode(z, c), context=context)[0]
     m = logw.max(axis=0)
     return m + xp.log(xp.exp(logw - m).sum(axis=0)) - math.log(k)
 
@@ -295,11 +307,12 @@ def iwae_backward(model, d_neg_iwae, cache):
     dlogw = logsumexp_backward(-d_neg_iwae, logw, lse, axis=0)                     # (K, B) = -d a_kb
     d_nll = -dlogw.reshape(K * B)                                                   # d L / d nll rows
     dz = model.decoder.backward(rec_backward(model, d_nll, out, xt)).reshape(K, B, Z) - dlogw[:, :, None] * z
+    dh = None
     if getattr(model, "flow", None) is not None:
-        dz = _flow_back(model, dz, dlogw, eps)                                      # dLD = d L / d log w
+        dz, dh = _flow_back(model, dz, dlogw, eps)                                  # dLD = d L / d log w
     dmu, dlogvar = reparameterize_backward(dz, logvar, eps)
     dlogvar += 0.5 * dlogw.sum(axis=0)[:, None]
-    model.encoder.backward(model.xp.concatenate([dmu, dlogvar], axis=1), need_dx=False)
+    encoder_backward(model.encoder, model.xp.concatenate([dmu, dlogvar], axis=1), dh)
 
 
 class ELBOMixin:

@@ -65,7 +65,7 @@ from ..validate import check_float, check_int
 from .base import Model
 from .elbo import (SIGMA_HEAD, ELBOMixin, head_nll_backward, head_nll_forward, head_split, iwae_backward,
                    iwae_estimate, iwae_forward, log_weights, posterior_sample, variance_head)
-from .iaf_posterior import build_iaf_posterior, flow_forward, parse_posterior
+from .iaf_posterior import build_iaf_posterior, context_width, encoder_forward, flow_forward, parse_posterior
 from ..kernels.gaussian import kl_free_bits_forward
 from .elbo import draw as _draw, generator as _generator
 
@@ -174,17 +174,20 @@ class VAE(ELBOMixin, Model):
         posterior   "gaussian" (q(z|x) = N(mu, sigma^2)) or "iaf:K": that Gaussian, then K IAF steps
                     (:mod:`npdgm.models.iaf_posterior`; the KL is then a Monte Carlo estimate)
         iaf_hidden  hidden sizes of each IAF step's MADE (posterior "iaf:K" only)
+        iaf_context posterior "iaf:K" only: feed the encoder's last hidden layer h (the input of its last Linear)
+                    to every IAF step as its context (Kingma et al. 2016); stored in the config only when True
 
     Parameter names: ``encoder.{0,2,..}.W/b`` (W is (in, out)), ``decoder.{0,2,..}.W/b``, with a
     learned sigma ``logvar_x``, with an IAF posterior ``flow.<i>.made.<j>.W/b`` (i = 0, 2, ..: the steps,
-    a reversing Permutation between two); all are views into :attr:`flat_params`.
+    a reversing Permutation between two; with ``iaf_context`` each ``made.0.W`` has the H rows of h last);
+    all are views into :attr:`flat_params`.
     """
 
     kind = "vae"
 
     def __init__(self, x_dim=784, hidden=(400,), z_dim=20, activation="relu", likelihood="bernoulli",
                  sigma=None, n_samples=1, beta=1.0, seed=0, init="torch", free_bits=0.0, posterior="gaussian",
-                 iaf_hidden=(200, 200), arch="mlp", channels=(32, 64), image_shape=(1, 28, 28)):
+                 iaf_hidden=(200, 200), arch="mlp", channels=(32, 64), image_shape=(1, 28, 28), iaf_context=False):
         if arch not in ("mlp", "conv"):
             raise ValueError(f"arch must be 'mlp' or 'conv', got {arch!r}")
         if arch == "conv":
@@ -210,9 +213,16 @@ class VAE(ELBOMixin, Model):
             raise ValueError(f"free_bits applies to the Gaussian posterior (its closed-form KL per latent "
                              f"dimension); with posterior={posterior!r} the KL is a Monte Carlo estimate of the "
                              f"whole vector")
+        if not isinstance(iaf_context, (bool, np.bool_)):
+            raise TypeError(f"iaf_context must be True or False, got {iaf_context!r}")
+        if iaf_context and not steps:
+            raise ValueError(f"iaf_context (--iaf-context) feeds the encoder's hidden state to the IAF steps: it "
+                             f"needs posterior='iaf:K' (--posterior iaf:K), got posterior={posterior!r}")
         extra = {} if not free_bits else {"free_bits": float(free_bits)}
         if steps:
             extra.update(posterior=posterior, iaf_hidden=list(iaf_hidden))
+        if iaf_context:
+            extra.update(iaf_context=True)
         if arch == "conv":
             extra.update(arch=arch, channels=list(channels), image_shape=list(image_shape))
         super().__init__(x_dim=x_dim, hidden=list(hidden), z_dim=z_dim, activation=activation,
@@ -232,7 +242,9 @@ class VAE(ELBOMixin, Model):
             self.decoder = MLP(z_dim, hidden[::-1], out_dim, activation=activation, init=init, rng=host, dtype=dtype)
         if likelihood == "gaussian" and sigma is None:
             self.logvar_x = Parameter(backend.to_device(np.zeros(x_dim), dtype))
-        self.flow = build_iaf_posterior(z_dim, steps, iaf_hidden, activation, seed + 1) if steps else None
+        self.iaf_context = bool(iaf_context)
+        width = context_width(self.encoder) if self.iaf_context else 0
+        self.flow = build_iaf_posterior(z_dim, steps, iaf_hidden, activation, seed + 1, width) if steps else None
         object.__setattr__(self, "_noise", backend.rng(seed))
         self.flatten()
 
@@ -247,12 +259,12 @@ class VAE(ELBOMixin, Model):
     def _forward(self, x, eps):
         """Forward pass; returns (loss, terms, cache). x validated, eps (K, B, Z)."""
         B, Z, K = x.shape[0], self.z_dim, eps.shape[0]
-        h = self.encoder.forward(x)
+        h, ctx = encoder_forward(self.encoder, x, self.iaf_context)    # ctx: the last hidden layer, or None
         mu, logvar = h[:, :Z], h[:, Z:]
         if self.flow is None:
             z = reparameterize_forward(mu, logvar, eps)                # (K, B, Z)
         else:
-            z, ld = posterior_sample(self, mu, logvar, eps)            # z_K of the IAF steps, LD (K, B)
+            z, ld = posterior_sample(self, mu, logvar, eps, ctx)       # z_K of the IAF steps, LD (K, B)
         out = self.decoder.forward(z.reshape(K * B, Z))                 # (K B, D)
         xt = x if K == 1 else self.xp.broadcast_to(x, (K,) + x.shape).reshape(K * B, -1)
         recon = self._rec_rows(out, xt).mean()
@@ -335,7 +347,8 @@ class VAE(ELBOMixin, Model):
             eps = self._eps(eps, B, None)
             if k is not None and check_int(k, "k", lo=1) != eps.shape[0]:
                 raise ValueError(f"k={k} but eps holds {eps.shape[0]} samples; give one of them")
-        iwae, cache = iwae_forward(self, x, self.encoder.forward(x), eps, self.decoder.forward)
+        h, ctx = self._encode_raw(x)
+        iwae, cache = iwae_forward(self, x, h, eps, self.decoder.forward, context=ctx)
         loss = -iwae.mean()
         if zero_grad:
             self.zero_grad()
@@ -347,11 +360,20 @@ class VAE(ELBOMixin, Model):
                         f"for the training loss, log_prob(x, k) for log p(x), encode(x) / decode(z), or sample(n)")
 
     # -- what a VAE is used for ----------------------------------------------------------------
+    def _encode_raw(self, x):
+        """(encoder output [mu | logvar] (B, 2Z), the IAF steps' context h (B, H) or None) for a checked x."""
+        return encoder_forward(self.encoder, x, self.iaf_context)
+
     def encode(self, x):
         """(mu, logvar) of q(z|x), each (B, z_dim); with an IAF posterior those of its Gaussian q(z_0|x)."""
+        return self.encode_posterior(x)[:2]
+
+    def encode_posterior(self, x):
+        """Everything q(z|x) needs: (mu, logvar, h), h (B, H) the IAF steps' context (the encoder's last hidden
+        layer) with ``iaf_context``, else None; hand h to :func:`npdgm.models.elbo.log_weights` as ``context``."""
         x = self.check_x(x)
-        h = self.encoder.forward(x)
-        return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy()
+        h, ctx = self._encode_raw(x)
+        return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy(), (None if ctx is None else ctx.copy())
 
     def _decode_raw(self, z):
         if z.ndim != 2 or z.shape[1] != self.z_dim:
@@ -398,8 +420,8 @@ class VAE(ELBOMixin, Model):
     def reconstruct(self, x):
         """E[x | z = mu(x)]: decode the posterior mean (deterministic); with an IAF posterior z = flow(mu(x)),
         the steps applied to the Gaussian's mean (a point of q, not its exact mean)."""
-        mu = self.encode(x)[0]
-        return self.decode(mu if self.flow is None else flow_forward(self.flow, mu)[0])
+        mu, _, ctx = self.encode_posterior(x)
+        return self.decode(mu if self.flow is None else flow_forward(self.flow, mu, ctx)[0])
 
     def log_joint_and_grad_z(self, x, z, check=True, observed=None):
         """log p(x, z) = log p(x|z) + log N(z; 0, I) per row and its gradient with respect to z, the
@@ -455,8 +477,9 @@ class VAE(ELBOMixin, Model):
         x = self.check_x(x)
         k = check_int(k, "k", lo=1)
         chunk = check_int(chunk, "chunk", lo=1)
-        mu, logvar = self.encode(x)
-        return iwae_estimate(self, x, mu, logvar, k, rng, chunk, lambda z, c: self.decoder.forward(z), noise=_draw)
+        mu, logvar, ctx = self.encode_posterior(x)
+        return iwae_estimate(self, x, mu, logvar, k, rng, chunk, lambda z, c: self.decoder.forward(z), noise=_draw,
+                             context=ctx)
 
     def log_prob(self, x, k=1000, rng=None, chunk=1 << 15):
         """log p(x) per row (B,), nats: the IWAE estimate with k importance samples. The same method as
@@ -513,7 +536,7 @@ class VAE(ELBOMixin, Model):
         chunk = check_int(chunk, "chunk", lo=1)
         rng = _generator(self, rng)                              # one stream for all chunks
         x_fill = xp.where(mask, _check_fill(self, fill, x_obs.shape), x_obs).astype(self.dtype, copy=False)
-        mu, logvar = self.encode(x_fill)
+        mu, logvar, ctx = self.encode_posterior(x_fill)
         B, Z = x_obs.shape[0], self.z_dim
         per = max(1, chunk // B)
         m_run = xp.full(B, -np.inf)                              # running max of log w (float64)
@@ -523,7 +546,8 @@ class VAE(ELBOMixin, Model):
             c = min(per, k - s)
             eps = _draw(self, (c, B, Z), rng)
             # log p(x_o | z) + log p(z) - log q(z | x~), up to a per-row constant that the weights cancel
-            logw, (_, out, _) = log_weights(self, x_obs, mu, logvar, eps, self.decoder.forward, observed=~mask)
+            logw, (_, out, _) = log_weights(self, x_obs, mu, logvar, eps, self.decoder.forward, observed=~mask,
+                                            context=ctx)
             mean = self._mean(out).reshape(c, B, -1)                                        # E[x | z_i]
             logw = logw.astype(np.float64)                                                    # (c, B)
             m_new = xp.maximum(m_run, logw.max(axis=0))
