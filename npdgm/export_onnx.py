@@ -752,6 +752,9 @@ def onnx_graphs(model):
     names = {id(p): n for n, p in model.named_parameters()}
     kind = getattr(model, "kind", type(model).__name__)
     if kind in ("vae", "cvae", "m2", "gmvae"):
+        if model.config.get("iaf_context"):
+            raise ExportError("a VAE whose IAF posterior takes the encoder's hidden state as context (iaf_context) "
+                              "has no ONNX export yet")
         return _vae_family(onnx, model, names)
     if kind == "ae":
         return _autoencoder(onnx, model, names)

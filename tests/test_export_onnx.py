@@ -381,3 +381,11 @@ def test_refused_cases_are_one_line(tmp_path, capsys):
     m = VAE(x_dim=4, hidden=(3,), z_dim=2)
     with pytest.raises(ExportError, match="is a file"):
         export_onnx(m, tmp_path / "file")
+
+
+def test_a_vae_with_an_iaf_context_posterior_is_refused_in_one_line():
+    from npdgm.export_onnx import ExportError, onnx_graphs
+
+    m = VAE(x_dim=6, hidden=(5,), z_dim=2, posterior="iaf:1", iaf_hidden=(4,), iaf_context=True, seed=0)
+    with pytest.raises(ExportError, match="iaf_context"):
+        onnx_graphs(m)
