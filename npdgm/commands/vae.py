@@ -71,6 +71,22 @@ def add_vae_model_args(p, decoder="p(x|z)", z_dim_help="latent size (default 20)
     return g
 
 
+def _add_evaluation_options(p):
+    """The end-of-training estimates: IWAE log p(x) and the imputation check."""
+    d = common.group(p, "evaluation")   # a stage's settings carry its name: --iwae-k, --impute-steps, ...
+    d.add_argument("--iwae-k", type=positive_int, default=100,
+                   help="importance samples for log p(x) at the end (default 100)")
+    d.add_argument("--iwae-n", type=nonneg_int, default=1000,
+                   help="test images for the IWAE estimate (default 1000; 0 skips it)")
+    d.add_argument("--impute-rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
+                   help="image rows [START, STOP) hidden for the imputation check (default 10 18)")
+    d.add_argument("--impute-steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
+    d.add_argument("--impute-k", type=nonneg_int, default=100,
+                   help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
+    d.add_argument("--impute-n", type=positive_int, default=500,
+                   help="test images for the imputation errors (default 500)")
+
+
 def add_vae_options(p, colour=False):
     """Every ``npdgm train vae`` option but the training loop's: model, data and evaluation (``train m1`` takes
     them for the VAE it trains)."""
@@ -109,18 +125,7 @@ def add_vae_options(p, colour=False):
     d.add_argument("--train-limit", type=positive_int, default=None,
                    help="use the first N training images (default: all)")
     d.add_argument("--test-limit", type=positive_int, default=None, help="use the first N test images (default: all)")
-    d = common.group(p, "evaluation")   # a stage's settings carry its name: --iwae-k, --impute-steps, ...
-    d.add_argument("--iwae-k", type=positive_int, default=100,
-                   help="importance samples for log p(x) at the end (default 100)")
-    d.add_argument("--iwae-n", type=nonneg_int, default=1000,
-                   help="test images for the IWAE estimate (default 1000; 0 skips it)")
-    d.add_argument("--impute-rows", type=nonneg_int, nargs=2, default=[10, 18], metavar=("START", "STOP"),
-                   help="image rows [START, STOP) hidden for the imputation check (default 10 18)")
-    d.add_argument("--impute-steps", type=nonneg_int, default=50, help="encode/decode iterations (default 50)")
-    d.add_argument("--impute-k", type=nonneg_int, default=100,
-                   help="importance samples for E[x_missing | x_observed] (default 100; 0 skips it)")
-    d.add_argument("--impute-n", type=positive_int, default=500,
-                   help="test images for the imputation errors (default 500)")
+    _add_evaluation_options(p)
 
 
 def register(commands, train_commands):
