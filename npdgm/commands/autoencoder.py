@@ -108,13 +108,7 @@ def cmd_train(args):
     kind = f"denoising autoencoder (P={model.denoise:g})" if model.denoise else "autoencoder"
     print(f"{kind} {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
-    dynamic = run["binarize"] == "dynamic"
-
-    def step(xb, yb, rng_, shard=slice(None)):
-        if dynamic:
-            xb = (backend.to_device(rng_.random(xb.shape, dtype=np.float32)) < xb).astype(model.dtype)
-        return model.train_step(xb, rng_, shard)
-    step.shardable = True
+    step = common.binarizing_step(model, run["binarize"] == "dynamic")
     records = common.fit(model, opt, rng, start, run, out, args, step, lambda e: evaluate_ae(model, test_x), train_x)
     if not common.is_root():
         return 0

@@ -530,6 +530,18 @@ def load_image_data(data, split, limit, binarize, seed, colour=False):
     return x, y
 
 
+def binarizing_step(model, dynamic):
+    """step(xb, yb, rng, shard) of :func:`npdgm.train.fit`: ``model.train_step`` on the batch, binarized afresh
+    (pixel ~ Bernoulli(grey level), from the run's rng) when ``dynamic``; data-parallel ready (the batch is
+    binarized whole, then the model takes its shard)."""
+    def step(xb, yb, rng, shard=slice(None)):
+        if dynamic:
+            xb = (backend.to_device(rng.random(xb.shape, dtype=np.float32)) < xb).astype(model.dtype)
+        return model.train_step(xb, rng, shard)
+    step.shardable = True
+    return step
+
+
 def load_vae(path):
     """(model, meta) of the VAE checkpoint or run directory ``path``; ValueError naming it for another kind."""
     arrays, meta = load_arrays(path)

@@ -113,13 +113,7 @@ def cmd_train(args):
     opt, rng, start = common.start_training(model, run, out, args.resume)
     print(f"gmvae {model.config}  {model.num_parameters()} parameters  train {len(train_x)}  test {len(test_x)}  "
           f"backend {backend.get_backend()} {model.dtype}  -> {out}", flush=True)
-    dynamic = run["binarize"] == "dynamic"
-
-    def step(xb, yb, rng_, shard=slice(None)):
-        if dynamic:
-            xb = (backend.to_device(rng_.random(xb.shape, dtype=np.float32)) < xb).astype(model.dtype)
-        return model.train_step(xb, rng_, shard)
-    step.shardable = True
+    step = common.binarizing_step(model, run["binarize"] == "dynamic")
 
     def evaluate(epoch):
         m = evaluate_nelbo(model, test_x, seed, comm=common.world())

@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 
-from .. import backend
 from ..data import sha256_file
 from . import common
 from .common import setup_backend
