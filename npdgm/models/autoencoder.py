@@ -109,11 +109,7 @@ class Autoencoder(Model):
 
     def decode(self, z):
         """sigmoid(f(z)), (n, x_dim)."""
-        xp = self.xp
-        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(z.shape)}")
-        return sigmoid_forward(self.decoder.forward(z))
+        return sigmoid_forward(self.decoder.forward(self.check_z(z)))
 
     def reconstruct(self, x, keep=None):
         """decode(g(x * keep)): the reconstruction (of a corrupted input, for a denoising AE's figure)."""

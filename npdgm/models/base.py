@@ -30,6 +30,14 @@ class Model(Module):
     def from_config(cls, config):
         return cls(**config)
 
+    def check_z(self, z):
+        """Latents z (n, z_dim) of a latent-variable model as a model-dtype array on its backend; ValueError
+        naming the expected shape otherwise."""
+        if getattr(z, "ndim", None) != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(getattr(z, 'shape', ()))}")
+        xp = self.xp
+        return (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
+
     def save(self, path):
         """Write weights, config and parameter layout to ``path`` (.npz) atomically."""
         save_model(self, path)

@@ -105,10 +105,7 @@ class LabelConditioned(Model):
 
     def _decode_raw(self, z, y):
         """Decoder output (logits / means) for latents z (n, z_dim) under labels y (n,)."""
-        xp = self.xp
-        if getattr(z, "ndim", None) != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(getattr(z, 'shape', ()))}")
-        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
+        z = self.check_z(z)
         return self.decoder.forward(z, self._onehot(self.check_y(y, z.shape[0])))
 
 

@@ -376,11 +376,7 @@ class VAE(ELBOMixin, Model):
         return h[:, :self.z_dim].copy(), h[:, self.z_dim:].copy(), (None if ctx is None else ctx.copy())
 
     def _decode_raw(self, z):
-        if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must have shape (n, {self.z_dim}), got {tuple(z.shape)}")
-        xp = self.xp
-        z = (xp.asarray(z) if backend.array_module(z) is not xp else z).astype(self.dtype, copy=False)
-        return self.decoder.forward(z)
+        return self.decoder.forward(self.check_z(z))
 
     def decode(self, z):
         """E[x|z]: Bernoulli probabilities sigmoid(logits), or the Gaussian mean; (n, x_dim)."""
