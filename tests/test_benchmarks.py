@@ -133,7 +133,11 @@ def test_convvae_bench_runs_with_the_reference_fast_and_torch_rows(tmp_path):
     assert run.main(args) == 0
     out = json.loads((tmp_path / "out.json").read_text())
     rows = {r["backend"]: r for r in out["results"]}
-    assert {"npdgm-numpy", "npdgm-numpy-fused"} <= set(rows) and all(r["workload"] == "convvae" for r in rows.values())
+    assert "npdgm-numpy" in rows and all(r["workload"] == "convvae" for r in rows.values())
+    from npdgm.accel import engines
+
+    if not (engines.engine_available("numba") or engines.engine_available("numexpr")):
+        return                                   # the bare install: bench skips the fused row (it says so)
     assert rows["npdgm-numpy-fused"]["loss"] == pytest.approx(rows["npdgm-numpy"]["loss"], rel=1e-4)
 
 
