@@ -105,9 +105,10 @@ _OPT_MEMBER = re.compile(r"opt/[A-Za-z_]+\.[0-9]+")   # optimizer state: opt/m.0
 
 
 class Header(NamedTuple):
-    """What an .npy member declares before its data: shape, dtype, and the data's byte offset in the member."""
+    """What an .npy member declares before its data: shape, dtype (a numpy.dtype), and the data's byte offset
+    in the member."""
     shape: tuple
-    dtype: np.dtype
+    dtype: object
     fortran: bool
     offset: int
 
