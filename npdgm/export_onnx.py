@@ -379,6 +379,74 @@ def _autoencoder(onnx, model, names):
     return graphs
 
 
+# -- Gaussian mixtures -------------------------------------------------------------------------------------
+def _mixture_joint(b, gmm, x):
+    """(B, K) log pi_k + log N(x; mu_k, Sigma_k) = log pi_k - 1/2 [D log 2 pi + |(x - mu_k) P_k^T|^2] + half_logdet_k
+    (P_k = L_k^-1 for full covariances, diag(1 / sigma_k) otherwise), as one product with the K maps side by
+    side: Y = x A - c, A = [P_1^T | ... | P_K^T] (D, K D), c = [mu_1 P_1^T | ...], computed on the host in float64."""
+    K, D = gmm.n_components, gmm.dim
+    f = gmm._factor()
+    mu = np.asarray(backend.to_host(gmm.means.data), dtype=np.float64)
+    if gmm.covariance_type == "full":
+        PT = np.asarray(backend.to_host(f["P"]), dtype=np.float64).transpose(0, 2, 1)
+    else:
+        prec = np.asarray(backend.to_host(f["prec"]), dtype=np.float64)
+        PT = np.stack([np.eye(D) * np.sqrt(np.broadcast_to(prec[k], (D,))) for k in range(K)])
+    A = np.concatenate(list(PT), axis=1)                                    # (D, K D)
+    c = np.concatenate([mu[k] @ PT[k] for k in range(K)])                   # (K D,)
+    with np.errstate(divide="ignore"):
+        logw = np.log(np.asarray(backend.to_host(gmm.weights.data), dtype=np.float64))
+    const = logw + np.asarray(backend.to_host(f["half_logdet"]), dtype=np.float64) - 0.5 * D * math.log(2 * math.pi)
+    y = b.op("Reshape", b.sub(b.op("MatMul", x, b.const(A)), b.const(c)), b.ints([0, K, D]))
+    return b.add(b.scale(b.rowsum(b.mul(y, y), 2), -0.5), b.const(const))
+
+
+def _gmm_graphs(b_new, model):
+    """log_prob(x) -> log_prob (B,) and proba(x) -> proba (B, K) = p(k | x), the E-step's responsibilities; for a
+    PCA mixture the mixture acts on z = (x - m) V and log_prob adds the residual Gaussian on the discarded
+    directions (npdgm.models.gmm.PCAGaussianMixture)."""
+    gmm = model.gmm if model.kind == "pca_gmm" else model
+    D, K = model.dim, gmm.n_components
+    graphs = {}
+    for name in ("log_prob", "proba"):
+        b = b_new()
+        x = z = "x"
+        if model.kind == "pca_gmm":
+            x = b.sub("x", b.const(backend.to_host(model.mean.data)))
+            z = b.op("MatMul", x, b.const(backend.to_host(model.components.data)))
+        joint = _mixture_joint(b, gmm, z)
+        if name == "proba":
+            b.rename(b.op("Softmax", joint, axis=1), "proba")
+            graphs[name] = b.graph(name, [("x", _vec(D), "FLOAT")], [("proba", _vec(K), "FLOAT")],
+                                   "p(k | x) = softmax_k(log pi_k + log N(z; mu_k, Sigma_k))")
+            continue
+        top = b.op("ReduceMax", joint, axes=[1], keepdims=1)         # stable: max + log sum exp(joint - max)
+        lp = b.add(b.log(b.rowsum(b.exp(b.sub(joint, top)))), b.op("Squeeze", top, b.ints([1])))
+        if model.kind == "pca_gmm":
+            lp = b.add(lp, _pca_residual(b, model, x))
+        b.rename(lp, "log_prob")
+        graphs[name] = b.graph(name, [("x", _vec(D), "FLOAT")], [("log_prob", [BATCH], "FLOAT")],
+                               "log p(x) = logsumexp_k(log pi_k + log N(z; mu_k, Sigma_k)) [+ the residual Gaussian]")
+    return graphs
+
+
+def _pca_residual(b, model, xc):
+    """log p_res of the centred x: "full" -1/2 [k log 2 pi + sum log lambda + sum_j c_j^2 / lambda_j], c = xc U;
+    "isotropic" -k/2 (log 2 pi + log s2) - |xc - xc V V^T|^2 / (2 s2)."""
+    k = model.dim - model.pca_dim
+    if k == 0:
+        return b.scale(b.rowsum(xc), 0.0)
+    lam = np.asarray(backend.to_host(model.residual_var.data), dtype=np.float64)
+    if model.residual == "full":
+        c = b.op("MatMul", xc, b.const(backend.to_host(model.complement.data)))
+        q = b.rowsum(b.div(b.mul(c, c), b.const(lam)))
+        return b.add(b.scale(q, -0.5), b.const(-0.5 * (k * math.log(2 * math.pi) + np.log(lam).sum())))
+    V = np.asarray(backend.to_host(model.components.data), dtype=np.float64)
+    r = b.sub(xc, b.op("MatMul", b.op("MatMul", xc, b.const(V)), b.const(V.T)))
+    q = b.rowsum(b.mul(r, r))
+    return b.add(b.scale(q, -0.5 / lam[0]), b.const(-0.5 * k * (math.log(2 * math.pi) + math.log(lam[0]))))
+
+
 # -- flows -------------------------------------------------------------------------------------------------
 def _clamp(b, raw, kind, bound):
     """s = b tanh(raw / b) | (2 b / pi) atan(raw / b) | raw (npdgm.kernels.coupling.scale_clamp_forward)."""
@@ -760,7 +828,11 @@ def onnx_graphs(model):
         return _autoencoder(onnx, model, names)
     if kind == "flow":
         return _flow_graphs(onnx, model, names)
-    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, gmvae, ae, flow)")
+    if kind in ("gmm", "pca_gmm"):
+        if not getattr(model, "fitted", True) or (kind == "pca_gmm" and not getattr(model.gmm, "fitted", True)):
+            raise ExportError(f"this {kind} was never fitted: fit it (npdgm train gmm) before exporting")
+        return _gmm_graphs(lambda: _Builder(onnx, names), model)
+    raise ExportError(f"a {kind} model has no ONNX graphs (supported: vae, cvae, m2, gmvae, ae, flow, gmm, pca_gmm)")
 
 
 def _io(values):

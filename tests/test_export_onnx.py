@@ -370,7 +370,7 @@ def test_refused_cases_are_one_line(tmp_path, capsys):
     from npdgm.models.gmm import GaussianMixture
 
     g = GaussianMixture(n_components=2)
-    with pytest.raises(ExportError, match="a gmm model has no ONNX graphs"):
+    with pytest.raises(ExportError, match="this gmm was never fitted"):
         onnx_graphs(g)
     flow = F.realnvp(dim=4, n_couplings=1, hidden=(3,), mask="half", logit=False)
     flow.save(tmp_path / "f.npz")
@@ -389,3 +389,30 @@ def test_a_vae_with_an_iaf_context_posterior_is_refused_in_one_line():
     m = VAE(x_dim=6, hidden=(5,), z_dim=2, posterior="iaf:1", iaf_hidden=(4,), iaf_context=True, seed=0)
     with pytest.raises(ExportError, match="iaf_context"):
         onnx_graphs(m)
+
+
+@pytest.mark.parametrize("cov", ["full", "diag", "spherical"])
+def test_gaussian_mixture_log_prob_and_proba(cov):
+    """log p(x) = logsumexp_k (log pi_k + log N(x; mu_k, Sigma_k)) and p(k | x) as npdgm's score_samples and
+    predict_proba (the K maps (x - mu_k) P_k^T side by side in one product)."""
+    from npdgm.models.gmm import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((200, 3)) @ rng.standard_normal((3, 3)) + 4 * rng.standard_normal(3)
+                        for _ in range(3)])
+    g = GaussianMixture(n_components=3, covariance_type=cov, seed=0).fit(x)
+    graphs = onnx_graphs(g)
+    xt = np.concatenate([x[::7], x[:3] + 60]).astype(np.float32)     # and points far from every component
+    _close(_run(graphs["log_prob"], x=xt)["log_prob"], g.score_samples(xt.astype(np.float64)))
+    _close(_run(graphs["proba"], x=xt)["proba"], g.predict_proba(xt.astype(np.float64)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("residual", ["full", "isotropic"])
+def test_pca_mixture_log_prob_adds_the_residual_gaussian(residual):
+    from npdgm.models.gmm import PCAGaussianMixture
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8)) @ rng.standard_normal((8, 8)) * 0.5 + rng.standard_normal(8)
+    m = PCAGaussianMixture(8, pca_dim=3, n_components=2, residual=residual, seed=0).fit(x)
+    xt = x[::9].astype(np.float32)
+    _close(_run(onnx_graphs(m)["log_prob"], x=xt)["log_prob"], m.score_samples(x[::9]))
