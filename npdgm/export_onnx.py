@@ -15,6 +15,7 @@ parameter an initializer under its documented name (``encoder.0.W``, (in, out); 
     GMVAE       encode, decode, elbo (KL = log q(z|x) - log p(z), the one-sample estimate to the mixture);
                 cluster(x) -> probs = p(c | z = mu(x)), component (its argmax)
     AE          encode(x) -> z;  decode(z) -> logits, probs;  recon(x) -> the BCE per row
+    GMM         log_prob(x) -> log p(x);  proba(x) -> p(k | x) (PCA-GMM: on (x - m) V, plus the residual)
     Flow        log_prob(x) -> log_prob, logdet;  sample(z) -> x, logdet (log|det dx/dz|), z the base noise
                 (scale it by a temperature outside); MAF's sampling and IAF's density are an ONNX Loop of D
                 MADE passes; InvertibleLinear's inverse uses W^-1 computed on the host in float64; a spline
@@ -420,8 +421,7 @@ def _gmm_graphs(b_new, model):
             graphs[name] = b.graph(name, [("x", _vec(D), "FLOAT")], [("proba", _vec(K), "FLOAT")],
                                    "p(k | x) = softmax_k(log pi_k + log N(z; mu_k, Sigma_k))")
             continue
-        top = b.op("ReduceMax", joint, axes=[1], keepdims=1)         # stable: max + log sum exp(joint - max)
-        lp = b.add(b.log(b.rowsum(b.exp(b.sub(joint, top)))), b.op("Squeeze", top, b.ints([1])))
+        lp = _logsumexp_rows(b, joint)
         if model.kind == "pca_gmm":
             lp = b.add(lp, _pca_residual(b, model, x))
         b.rename(lp, "log_prob")
