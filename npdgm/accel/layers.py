@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import weakref
 
+from numpy import ndarray as _ndarray
+
 from ..backend import array_module
 from ..kernels.linear import _matmul, linear_relu_forward
 from ..nn.layers import Activation, Linear
 from ..nn.module import Module
+from .optim import fill_zero
 
 
 def _relu_pair(m, nxt, x):
@@ -69,8 +72,12 @@ def _linear_layers(module):
 
 def zero_grad(module):
     """Twin of ``Module.zero_grad``: the reference's fill, then every Linear layer of the tree recorded as
-    holding zero gradients."""
-    Module.zero_grad.reference(module)
+    holding zero gradients. A flat NumPy gradient buffer is filled over threads."""
+    flat = module.flat_grads
+    if type(flat) is _ndarray and flat.ndim == 1:
+        fill_zero(flat)
+    else:
+        Module.zero_grad.reference(module)
     for lin in _linear_layers(module):
         _zero_grads[lin] = (lin.W.grad, lin.b.grad)
 
