@@ -639,3 +639,21 @@ def test_grad_twins_skip_replaced_buffers_and_shared_parameters():
     finally:
         dispatch.set_twins({})
     np.testing.assert_array_equal(lin.W.grad, 1.0 + x.T @ dy)
+
+
+def test_threaded_zero_fill_on_a_fresh_thread_setting_fills_and_returns(monkeypatch):
+    """fill_zero (the zero_grad twin's threaded fill) zeroes the whole buffer, also as the first user of the
+    thread pool (it used to wait forever on the lock that sets the thread count)."""
+    import threading
+
+    from npdgm.accel import optim as wing_optim
+
+    monkeypatch.setattr(wing_optim, "_threads", {"n": None, "pool": None})
+    monkeypatch.setenv("NPDGM_NUM_THREADS", "2")
+    buf = np.ones(wing_optim.FILL_THREADED_MIN + 5, np.float32)
+    worker = threading.Thread(target=wing_optim.fill_zero, args=(buf,), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "fill_zero did not return"
+    assert not buf.any()
+    wing_optim.set_num_threads(None)

@@ -89,10 +89,14 @@ def _spans(n, chunk, parts):
     return [(s * chunk, min(n, (s + per) * chunk)) for s in range(0, nchunks, per)]
 
 
+FILL_THREADED_MIN = 1 << 22     # a zero fill splits over threads from 16 MB of float32 on (see fill_zero)
+
+
 def fill_zero(buf):
-    """buf[...] = 0 for a 1-D NumPy buffer, split over :func:`get_num_threads` threads from 4 chunks on
-    (measured, 2 cores: a 77 MB fill 5.1-8.1 -> 1.9-2.4 ms)."""
-    threads = get_num_threads() if buf.size >= 4 * CHUNK else 1
+    """buf[...] = 0 for a 1-D NumPy buffer, split over :func:`get_num_threads` threads from
+    :data:`FILL_THREADED_MIN` elements on (measured, 2 cores: a 77 MB fill 5.1-8.1 -> 1.9-2.4 ms, the NICE
+    step -4 %; below, the hand-off to the pool costs more than it saves: vae, realnvp2d steps +2..3 %)."""
+    threads = get_num_threads() if buf.size >= FILL_THREADED_MIN else 1
     _parallel(lambda k, se: buf[se[0]:se[1]].fill(0), _spans(buf.size, CHUNK, threads))
 
 
