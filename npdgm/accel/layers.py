@@ -50,9 +50,12 @@ def sequential_forward(seq, x):
 # buffers hold the zeros of the last zero_grad and nothing else yet. The first backward of such a layer
 # writes the products straight into its gradients (``out=``: one pass, no temporary) and leaves the record;
 # any later backward of it (a layer called twice per step, gradient accumulation with zero_grad=False) adds,
-# as the reference does. Only Linear.backward writes a recorded layer's gradients: every other backward
-# (ActNorm, logvar_x, conditional layers, MaskedLinear) adds into the filled zeros, so the fill stays
-# whole. A gradient buffer replaced since the zero_grad (``distributed.move_grads``) takes the reference.
+# as the reference does. The fill stays whole, so every other backward (ActNorm, logvar_x, MaskedLinear,
+# ConditionalMLP's split first layer) adds into zeros and every reader (optimizers, checks, all-reduce)
+# sees zeros where no backward wrote. The one contract: code that adds into a Linear layer's gradient by
+# hand between zero_grad and that layer's backward in the same step would see its addition overwritten
+# (no module of the library does; a gradient buffer replaced since the zero_grad, as
+# ``distributed.move_grads`` does, and layers sharing a Parameter take the reference).
 _zero_grads = weakref.WeakKeyDictionary()   # Linear -> (W.grad, b.grad) as they were when zeroed
 
 
@@ -72,14 +75,28 @@ def _linear_layers(module):
 
 def zero_grad(module):
     """Twin of ``Module.zero_grad``: the reference's fill, then every Linear layer of the tree recorded as
-    holding zero gradients. A flat NumPy gradient buffer is filled over threads."""
+    holding zero gradients (a flat NumPy gradient buffer: :func:`npdgm.accel.optim.fill_zero`)."""
     flat = module.flat_grads
     if type(flat) is _ndarray and flat.ndim == 1:
         fill_zero(flat)
     else:
         Module.zero_grad.reference(module)
-    for lin in _linear_layers(module):
+    for lin in _flat_linear_layers(module, flat):
         _zero_grads[lin] = (lin.W.grad, lin.b.grad)
+
+
+_layers_of = weakref.WeakKeyDictionary()    # flattened module -> (its flat_grads, its _linear_layers)
+
+
+def _flat_linear_layers(module, flat):
+    """:func:`_linear_layers`, kept per flattened module while its gradient buffer stays the same (a
+    flattened model's layers are fixed: its buffers hold their layout)."""
+    if flat is None:
+        return _linear_layers(module)
+    kept = _layers_of.get(module)
+    if kept is None or kept[0] is not flat:
+        kept = _layers_of[module] = (flat, _linear_layers(module))
+    return kept[1]
 
 
 def linear_backward(lin, dy, need_dx=True):
