@@ -223,7 +223,7 @@ def test_temporaries_are_inlined_and_a_stale_read_is_refused():
 
 def test_every_twinnable_reference_has_a_twin_of_its_name_and_the_docstring_tells_the_choice():
     """Every ``@twinnable`` kernel gets a twin of the same name at switch-on (and Sequential.forward,
-    Adam.step theirs); switching off removes them all."""
+    Module.zero_grad, Linear.backward, Adam.step theirs); switching off removes them all."""
     import inspect
 
     from npdgm.accel import conv as conv_twins
@@ -235,7 +235,8 @@ def test_every_twinnable_reference_has_a_twin_of_its_name_and_the_docstring_tell
     assert len(refs) == 25
     try:
         accel.enable("numpy")
-        assert set(dispatch.twins()) == refs | {"npdgm.nn.layers.Sequential.forward", "npdgm.optim.Adam.step"}
+        assert set(dispatch.twins()) == refs | {"npdgm.nn.layers.Sequential.forward", "npdgm.optim.Adam.step",
+                                                "npdgm.nn.module.Module.zero_grad", "npdgm.nn.layers.Linear.backward"}
     finally:
         accel.disable()
     assert dispatch.twins() == {}
@@ -495,3 +496,165 @@ def test_train_accel_option_is_recorded_and_off_gives_the_reference_bits(tmp_pat
     for k, a in runs["ref"][0].items():
         if k.startswith("param"):
             np.testing.assert_array_equal(runs["off"][0][k], a, err_msg=k)
+
+
+# -- zero_grad + Linear.backward: gradients written straight into zeroed buffers ----------------------------
+def _grad_twins_only():
+    """Only the wing's zero_grad and Linear.backward twins (every other function the reference): what
+    they compute must then equal the reference's gradients exactly."""
+    from npdgm.accel import layers as wing_layers
+    from npdgm.nn.layers import Linear
+    from npdgm.nn.module import Module
+
+    dispatch.set_twins({Module.zero_grad.twin_name: wing_layers.zero_grad,
+                        Linear.backward.twin_name: wing_layers.linear_backward})
+
+
+def _model_grads(build, run, wing):
+    """Flat gradients after ``run(model)`` (twice: a second step reuses the record) with the grad twins on
+    (``wing``) or the reference."""
+    old = backend.get_dtype()
+    backend.set_dtype("float32")
+    try:
+        model = build()
+        if wing:
+            _grad_twins_only()
+        out = []
+        for _ in range(2):
+            run(model)
+            out.append(model.flat_grads.copy())
+        return out
+    finally:
+        dispatch.set_twins({})
+        backend.set_dtype(old)
+
+
+def _same_grads(build, run):
+    ref, fast = _model_grads(build, run, False), _model_grads(build, run, True)
+    for r, f in zip(ref, fast):
+        assert np.any(r != 0)
+        np.testing.assert_array_equal(f, r)     # equal values (a -0.0 may read +0.0 in the reference)
+
+
+def test_linear_backward_twin_writes_zeroed_gradients_and_adds_otherwise():
+    """Right after zero_grad the twin writes dW, db into the gradients (the reference's values); a second
+    backward of the same layer without zero_grad adds, as the reference does; switched off, nothing stays."""
+    from npdgm.nn import Linear
+
+    rng = np.random.default_rng(3)
+    x, dy = rng.standard_normal((16, 6)).astype(np.float32), rng.standard_normal((16, 4)).astype(np.float32)
+
+    def run(lin):
+        lin.zero_grad()
+        lin.forward(x)
+        dx = lin.backward(dy)
+        lin.backward(dy, need_dx=False)         # no zero_grad in between: accumulates
+        return dx
+
+    def build():
+        return Linear(6, 4, rng=0, dtype=np.float32).flatten()
+
+    _same_grads(build, run)
+    lin = build()
+    _grad_twins_only()
+    try:
+        lin.zero_grad()
+        lin.forward(x)
+        dx_fast = lin.backward(dy)
+        assert np.array_equal(lin.W.grad, x.T @ dy) and np.array_equal(lin.b.grad, dy.sum(axis=0))
+    finally:
+        dispatch.set_twins({})
+    np.testing.assert_array_equal(dx_fast, dy @ lin.W.data.T)
+
+
+def test_grad_twins_give_the_reference_gradients_of_the_benchmark_models():
+    """vae, nice (small), realnvp2d: the whole-model gradients with the grad twins on equal the reference's."""
+    from npdgm.bench.npdgm_models import build_nice, build_realnvp2d, build_vae, loss_and_grad
+
+    rng = np.random.default_rng(4)
+    xv = (rng.random((16, 30)) > 0.5).astype(np.float32)
+    eps = rng.standard_normal((16, 4)).astype(np.float32)
+    xn = rng.random((16, 12)).astype(np.float32)
+    x2 = rng.standard_normal((32, 2)).astype(np.float32)
+    _same_grads(lambda: build_vae(30, 20, 4, 0), lambda m: loss_and_grad(m, xv, eps))
+    _same_grads(lambda: build_nice(12, 4, 16, 2, 0), lambda m: loss_and_grad(m, xn))
+    _same_grads(lambda: build_realnvp2d(4, 16, 0), lambda m: loss_and_grad(m, x2))
+
+
+def test_grad_twins_with_non_linear_parameters_and_a_layer_called_twice():
+    """A VAE with a learned logvar_x, a RealNVP with ActNorm (parameters other backwards add into: the fill
+    must stay whole), a Sequential that runs one Linear twice per step (second backward adds), and
+    gradient accumulation over two loss_and_grad calls (zero_grad=False): the reference's gradients."""
+    from npdgm import VAE
+    from npdgm.models import flows
+    from npdgm.nn import Activation, Linear, Sequential
+
+    rng = np.random.default_rng(5)
+    x = rng.random((16, 10)).astype(np.float32)
+    eps = rng.standard_normal((16, 3)).astype(np.float32)
+    x2 = rng.standard_normal((32, 2)).astype(np.float32)
+    dy = rng.standard_normal((16, 10)).astype(np.float32)
+
+    def gaussian_vae():
+        return VAE(x_dim=10, hidden=(8,), z_dim=3, likelihood="gaussian", seed=0)
+
+    def vae_accumulated(m):
+        m.loss_and_grad(x, eps)
+        m.loss_and_grad(x[::-1].copy(), eps, zero_grad=False)
+
+    _same_grads(gaussian_vae, lambda m: m.loss_and_grad(x, eps))
+    _same_grads(gaussian_vae, vae_accumulated)
+    _same_grads(lambda: flows.realnvp2d(n_couplings=2, hidden=(8, 8), actnorm=True, seed=0, checked="off"),
+                lambda m: m.loss_and_grad(x2))
+
+    def twice():
+        lin = Linear(10, 10, rng=1)
+        return Sequential(lin, Activation("tanh"), lin).flatten()
+
+    def run_twice(m):
+        m.zero_grad()
+        m.forward(x)
+        m.backward(dy)
+
+    _same_grads(twice, run_twice)
+
+
+def test_grad_twins_skip_replaced_buffers_and_shared_parameters():
+    """A gradient buffer replaced after zero_grad (as distributed.move_grads does), and two Linear layers
+    sharing a weight, take the reference's adding backward."""
+    from npdgm.accel import layers as wing_layers
+    from npdgm.nn import Linear, Sequential
+
+    a = Linear(3, 3, rng=0)
+    b = Linear(3, 3, rng=1)
+    b.W = a.W
+    assert wing_layers._linear_layers(Sequential(a, b)) == []
+    lin = Linear(3, 2, rng=0, dtype=np.float32)
+    x, dy = np.ones((4, 3), np.float32), np.ones((4, 2), np.float32)
+    _grad_twins_only()
+    try:
+        lin.zero_grad()
+        lin.W.grad = np.full_like(lin.W.grad, 1.0)
+        lin.forward(x)
+        lin.backward(dy)
+    finally:
+        dispatch.set_twins({})
+    np.testing.assert_array_equal(lin.W.grad, 1.0 + x.T @ dy)
+
+
+def test_threaded_zero_fill_on_a_fresh_thread_setting_fills_and_returns(monkeypatch):
+    """fill_zero (the zero_grad twin's threaded fill) zeroes the whole buffer, also as the first user of the
+    thread pool (it used to wait forever on the lock that sets the thread count)."""
+    import threading
+
+    from npdgm.accel import optim as wing_optim
+
+    monkeypatch.setattr(wing_optim, "_threads", {"n": None, "pool": None})
+    monkeypatch.setenv("NPDGM_NUM_THREADS", "2")
+    buf = np.ones(wing_optim.FILL_THREADED_MIN + 5, np.float32)
+    worker = threading.Thread(target=wing_optim.fill_zero, args=(buf,), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "fill_zero did not return"
+    assert not buf.any()
+    wing_optim.set_num_threads(None)

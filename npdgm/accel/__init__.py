@@ -10,7 +10,8 @@ tests/test_optim.py):
     twins.py      the fused twins of the kernels (activations, Bernoulli NLL, Gaussian, coupling, Linear+ReLU)
     conv.py       the convolutions' twins: im2col / col2im in a (C, H, W, B) layout feeding one GEMM, no
                   transposed copies (NumPy arrays, any engine)
-    layers.py     nn.Sequential.forward with every Linear + ReLU pair in one pass
+    layers.py     nn.Sequential.forward with every Linear + ReLU pair in one pass; Module.zero_grad and
+                  Linear.backward: a layer's first backward after zero_grad writes its gradients (out=)
     optim.py      Adam.step: chunked and threaded on NumPy, one fused pass with numba / numexpr, one
                   CUDA kernel with a device step counter on CuPy
     cuda.py       TF32 opt-in, CUDA-graph capture of a training step
@@ -26,11 +27,12 @@ what ran).
 from __future__ import annotations
 
 from ..kernels import dispatch
-from ..nn.layers import Sequential
+from ..nn.layers import Linear, Sequential
+from ..nn.module import Module
 from ..optim import Adam
 from . import conv, engines, process
 from .engines import CPU_MIN_SIZE, engine_available
-from .layers import sequential_forward
+from .layers import linear_backward, sequential_forward, zero_grad
 from .optim import adam_step
 from .twins import TWINS
 
@@ -42,6 +44,8 @@ def _all_twins():
     """{reference name: twin} of every twin of the wing."""
     table = {ref.twin_name: twin for ref, twin in TWINS + conv.TWINS}
     table[Sequential.forward.twin_name] = sequential_forward
+    table[Module.zero_grad.twin_name] = zero_grad
+    table[Linear.backward.twin_name] = linear_backward
     table[Adam.step.twin_name] = adam_step
     return table
 

@@ -69,6 +69,7 @@ class Linear(Module):
         self._x = x
         return linear_forward(x, self.W.data, self.b.data)
 
+    @twinnable
     def backward(self, dy, need_dx=True):
         """dx = dy @ W.T;  W.grad += x.T @ dy;  b.grad += sum_B dy."""
         dx, dW, db = linear_backward(dy, self._x, self.W.data, need_dx)

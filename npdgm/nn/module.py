@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy
 
 from .. import backend
+from ..kernels.dispatch import twinnable
 
 
 class Parameter:
@@ -77,6 +78,7 @@ class Module:
     def num_parameters(self) -> int:
         return sum(int(p.data.size) for p in self.parameters())
 
+    @twinnable
     def zero_grad(self):
         """Every gradient to zero (flattened: one fill of ``flat_grads``)."""
         if self.flat_grads is not None:
