@@ -224,13 +224,19 @@ def _classify_flow(args, model, run):
     x = backend.to_device(dequantize(x, np.random.default_rng([run.get("seed", 0), 5])), model.flat_params.dtype)
     t0 = time.perf_counter()
     pred = model.predict(x, batch_size=args.batch)
-    wrong = pred != y
-    r = {"error": float(wrong.mean()), "n_images": len(x), "seconds": time.perf_counter() - t0,
-         "rule": "Bayes rule, exact log p(x|y) of the flow", "predictions": pred.tolist()}
-    print(f"classify flow test error = {r['error']:.4f}  ({int(wrong.sum())} of {len(x)} test images, "
+    return _classify_report(args, "classify flow", pred, y, t0, "Bayes rule, exact log p(x|y) of the flow")
+
+
+def _classify_report(args, label, pred, y, t0, rule, setting=None):
+    """Print ``label`` with the test error of the predictions ``pred`` against ``y``; --json writes the record
+    {"error", "n_images", "seconds", setting..., "rule", "predictions"}."""
+    wrong = np.asarray(pred) != np.asarray(y)
+    r = {"error": float(wrong.mean()), "n_images": len(y), "seconds": time.perf_counter() - t0, **(setting or {}),
+         "rule": rule, "predictions": np.asarray(pred).tolist()}
+    print(f"{label} test error = {r['error']:.4f}  ({int(wrong.sum())} of {len(y)} test images, "
           f"{r['seconds']:.1f} s)")
     if args.json:
-        common.write_json(args.json, {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed,
+        common.write_json(args.json, {"run": os.fspath(args.rundir), "n_images": len(y), "seed": args.seed,
                                       "methods": {"classify": r}})
     return 0
 
@@ -252,7 +258,7 @@ def _classify(args):
     if kind == "flow":
         return _classify_flow(args, model, run)
     x, y = common.load_image_data(args.data or run.get("data"), "test", args.n_images, run.get("binarize", "none"),
-                      run.get("seed", 0))
+                                  run.get("seed", 0))
     t0 = time.perf_counter()
     if kind == "m2" and run.get("features"):                 # M1+M2: the codes of the stored M1 VAE
         from ..models.m1 import vae_features
@@ -268,12 +274,5 @@ def _classify(args):
         pred = np.concatenate([model.classify(x[s:s + args.batch], args.k, rng).argmax(axis=1)
                                for s in range(0, len(x), args.batch)])
         setting = {"k": args.k}
-    wrong = np.asarray(pred) != np.asarray(y)
-    r = {"error": float(wrong.mean()), "n_images": len(x), "seconds": time.perf_counter() - t0, **setting,
-         "rule": "q(y|x)" if kind == "m2" else "Bayes rule, IWAE log p(x|y)", "predictions": np.asarray(pred).tolist()}
-    print(f"classify {kind} {' '.join(f'{k}={v}' for k, v in setting.items()):<8} test error = {r['error']:.4f}  "
-          f"({int(wrong.sum())} of {len(x)} test images, {r['seconds']:.1f} s)")
-    if args.json:
-        common.write_json(args.json, {"run": os.fspath(args.rundir), "n_images": len(x), "seed": args.seed,
-                                      "methods": {"classify": r}})
-    return 0
+    return _classify_report(args, f"classify {kind} {' '.join(f'{k}={v}' for k, v in setting.items()):<8}", pred, y,
+                            t0, "q(y|x)" if kind == "m2" else "Bayes rule, IWAE log p(x|y)", setting)
