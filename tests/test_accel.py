@@ -223,7 +223,7 @@ def test_temporaries_are_inlined_and_a_stale_read_is_refused():
 
 def test_every_twinnable_reference_has_a_twin_of_its_name_and_the_docstring_tells_the_choice():
     """Every ``@twinnable`` kernel gets a twin of the same name at switch-on (and Sequential.forward,
-    Module.zero_grad, Linear.backward, Adam.step theirs); switching off removes them all."""
+    Module.zero_grad, Linear.backward, Adam.step, the MAF solve theirs); switching off removes them all."""
     import inspect
 
     from npdgm.accel import conv as conv_twins
@@ -236,7 +236,8 @@ def test_every_twinnable_reference_has_a_twin_of_its_name_and_the_docstring_tell
     try:
         accel.enable("numpy")
         assert set(dispatch.twins()) == refs | {"npdgm.nn.layers.Sequential.forward", "npdgm.optim.Adam.step",
-                                                "npdgm.nn.module.Module.zero_grad", "npdgm.nn.layers.Linear.backward"}
+                                                "npdgm.nn.module.Module.zero_grad", "npdgm.nn.layers.Linear.backward",
+                                                "npdgm.models.autoregressive._Autoregressive._solve"}
     finally:
         accel.disable()
     assert dispatch.twins() == {}
@@ -658,3 +659,24 @@ def test_threaded_zero_fill_on_a_fresh_thread_setting_fills_and_returns(monkeypa
     assert not worker.is_alive(), "fill_zero did not return"
     assert not buf.any()
     wing_optim.set_num_threads(None)
+
+
+def test_autoregressive_solve_twin_is_the_reference_on_one_blas_thread(monkeypatch):
+    """The MAF solve's twin runs the reference lines (the same bits) inside backend.one_blas_thread."""
+    from npdgm import backend
+    from npdgm.models import autoregressive as AR
+
+    entered = []
+    real = backend.one_blas_thread
+    monkeypatch.setattr(backend, "one_blas_thread", lambda: (entered.append(1), real())[1])
+    layer = AR.MAF(6, hidden=(8,), seed=1)
+    z = np.random.default_rng(0).standard_normal((4, 6)).astype(layer.made.layers[0].W.data.dtype)
+    want = layer._solve(z)
+    assert not entered
+    try:
+        accel.enable("numpy")
+        got = layer._solve(z)
+    finally:
+        accel.disable()
+    assert entered == [1]
+    np.testing.assert_array_equal(got, want)

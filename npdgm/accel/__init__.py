@@ -27,12 +27,13 @@ what ran).
 from __future__ import annotations
 
 from ..kernels import dispatch
+from ..models.autoregressive import _Autoregressive
 from ..nn.layers import Linear, Sequential
 from ..nn.module import Module
 from ..optim import Adam
 from . import conv, engines, process
 from .engines import CPU_MIN_SIZE, engine_available
-from .layers import linear_backward, sequential_forward, zero_grad
+from .layers import autoregressive_solve, linear_backward, sequential_forward, zero_grad
 from .optim import adam_step
 from .twins import TWINS
 
@@ -47,6 +48,7 @@ def _all_twins():
     table[Module.zero_grad.twin_name] = zero_grad
     table[Linear.backward.twin_name] = linear_backward
     table[Adam.step.twin_name] = adam_step
+    table[_Autoregressive._solve.twin_name] = autoregressive_solve
     return table
 
 

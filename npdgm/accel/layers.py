@@ -14,9 +14,11 @@ import weakref
 
 from numpy import ndarray as _ndarray
 
+from .. import backend
 from ..backend import array_module
 from ..kernels.linear import _matmul, linear_relu_forward
 from ..nn.layers import Activation, Linear
+from ..models.autoregressive import _Autoregressive
 from ..nn.module import Module
 from .optim import fill_zero
 
@@ -115,3 +117,11 @@ def linear_backward(lin, dy, need_dx=True):
     xp.matmul(x.T, dy, out=W.grad)
     dy.sum(axis=0, out=b.grad)
     return dx
+
+
+def autoregressive_solve(layer, z):
+    """The MAF/IAF incremental D-pass solve (``_Autoregressive._solve``, the same lines) on one BLAS thread: its D
+    tiny GEMMs per layer only wait on each other with two (measured on a loaded 2-core machine: 18 s of CPU
+    against 0.66 s for a 784-dimensional layer)."""
+    with backend.one_blas_thread():
+        return _Autoregressive._solve.reference(layer, z)

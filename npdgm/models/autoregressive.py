@@ -33,6 +33,7 @@ import numpy as np
 from .. import backend
 from ..kernels import coupling as C
 from ..kernels import masked as KM
+from ..kernels.dispatch import twinnable
 from ..nn.layers import Activation, Sequential, _host_rng, init_weight
 from ..nn.module import Module, Parameter
 from ..validate import check_int
@@ -182,6 +183,7 @@ class _Autoregressive(FlowLayer):
             x = C.affine_coupling_forward(z, alpha, mu)[0]
         return x
 
+    @twinnable
     def _solve(self, z):
         """x = F^-1(z) coordinate by coordinate, each step doing only the work that coordinate d needs:
         x_d = z_d e^alpha_d + mu_d with (raw_d, mu_d) from x_<d.  Setting x_d changes the first layer's
@@ -203,18 +205,17 @@ class _Autoregressive(FlowLayer):
         h1 = xp.repeat(bs[0][None, :], B, axis=0)           # x = 0: the first pre-activation is its bias,
         if self._context is not None:                        # plus the context's rows (fixed over the solve)
             h1 += self._context @ Ws[0][D:]
-        with backend.one_blas_thread():                     # D tiny GEMMs: two BLAS threads only wait on each other
-            for d in range(D):
-                n = [int(c[d]) for c in counts]
-                a = acts[0](h1[:, :n[0]])
-                for i in range(1, len(n)):
-                    a = acts[i](a @ Ws[i][:n[i - 1], :n[i]] + bs[i][:n[i]])
-                out = a @ w_out[d, :n[-1]] + b_out[d]        # (B, 2): [raw_d | mu_d]
-                alpha = C.scale_clamp_forward(out[:, :1], self.scale, self.scale_bound)
-                x[:, d:d + 1] = C.affine_coupling_forward(z[:, d:d + 1], alpha, out[:, 1:])[0]
-                h1 += x[:, d:d + 1] * Ws[0][d]
-                if self.progress is not None:
-                    self.progress(1)
+        for d in range(D):
+            n = [int(c[d]) for c in counts]
+            a = acts[0](h1[:, :n[0]])
+            for i in range(1, len(n)):
+                a = acts[i](a @ Ws[i][:n[i - 1], :n[i]] + bs[i][:n[i]])
+            out = a @ w_out[d, :n[-1]] + b_out[d]            # (B, 2): [raw_d | mu_d]
+            alpha = C.scale_clamp_forward(out[:, :1], self.scale, self.scale_bound)
+            x[:, d:d + 1] = C.affine_coupling_forward(z[:, d:d + 1], alpha, out[:, 1:])[0]
+            h1 += x[:, d:d + 1] * Ws[0][d]
+            if self.progress is not None:
+                self.progress(1)
         return x
 
     def _d_pass(self, z, context=None, reference=False):
